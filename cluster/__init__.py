@@ -1,0 +1,1 @@
+"""etcd implementation of the mta Coordinator (membership, election, shard ownership)."""

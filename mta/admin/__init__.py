@@ -1,0 +1,1 @@
+"""Admin HTTP API: status, health checks, Prometheus metrics."""

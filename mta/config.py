@@ -1,0 +1,364 @@
+"""Typed node configuration loaded from TOML and validated before anything starts.
+
+Every field declares a parser; a bad value or unknown key raises :class:`ConfigError` naming
+the file, the dotted key and what was expected, so the daemon can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "AdminConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "NodeConfig",
+    "SmtpConfig",
+    "SpoolConfig",
+    "load_config",
+    "parse_duration",
+    "parse_listen",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator: file, key, what is expected."""
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + message)
+
+
+class _Invalid(ValueError):
+    """Raised by field parsers; the loader adds file and key."""
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(value: Any) -> int:
+    """A byte count: an integer, or a string like ``"25M"``, ``"64MiB"``, ``"512k"``."""
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a size in bytes such as 26214400 or \"25M\", got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise _Invalid(f"expected a positive size in bytes, got {value}")
+        return value
+    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if size > 0:
+            return size
+    raise _Invalid(f"expected a size in bytes such as 26214400 or \"25M\", got {value!r}")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds: a number, or a string like ``"300ms"``, ``"5s"``, ``"5m"``, ``"4h"``, ``"3d"``."""
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a duration such as 30 or \"5m\", got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise _Invalid(f"expected a duration such as 30 or \"5m\", got {value!r}")
+    if seconds <= 0:
+        raise _Invalid(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"``; port 0 picks a free port (tests)."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected \"host:port\", got {value!r}")
+    host, sep, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise _Invalid(f"expected \"host:port\" with a port 0-65535, got {value!r}")
+    return host, int(port_s)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Invalid(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r}")
+    return value
+
+
+def _nonempty_string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a path string, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of networks such as [\"127.0.0.0/8\"], got {value!r}")
+    nets = []
+    for item in value:
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise _Invalid(f"expected a network such as \"10.0.0.0/8\", got {item!r}") from None
+    return tuple(nets)
+
+
+def _endpoints(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of \"host:port\" etcd endpoints, got {value!r}")
+    for item in value:
+        parse_listen(item)
+    return tuple(value)
+
+
+def _node_id(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+        raise _Invalid(
+            "expected 1-63 characters of letters, digits, '.', '_' or '-' "
+            f"starting with a letter or digit, got {value!r}"
+        )
+    return value
+
+
+def _opt(parser: Callable[[Any], Any], default: Any) -> Any:
+    """A field with a parser; ``default`` may be a zero-argument callable."""
+    meta = {"parse": parser}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: identity and process-level settings."""
+
+    id: str = _opt(_node_id, lambda: re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63])
+    loop: str = _opt(_choice("auto", "asyncio", "uvloop"), "auto")
+    log_format: str = _opt(_choice("auto", "json", "console"), "auto")
+    log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info")
+
+
+_LOOPBACK_NETS = ["127.0.0.0/8", "::1/128"]
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """``[smtp]``: the submission listener and its limits."""
+
+    listen: tuple[str, int] = _opt(parse_listen, ("127.0.0.1", 2525))
+    hostname: str = _opt(_nonempty_string, socket.getfqdn)
+    max_message_size: int = _opt(parse_size, 25 * 1024 * 1024)
+    max_recipients: int = _opt(_positive_int, 1000)
+    relay_networks: tuple[Any, ...] = _opt(_networks, lambda: _networks(_LOOPBACK_NETS))
+    tls_cert: str = _opt(_path, "")
+    tls_key: str = _opt(_path, "")
+    users_file: str = _opt(_path, "")
+    auth_allow_insecure: bool = _opt(_boolean, False)
+    max_connections: int = _opt(_positive_int, 1000)
+    max_connections_per_ip: int = _opt(_positive_int, 100)
+    command_timeout: float = _opt(parse_duration, 300.0)
+    data_timeout: float = _opt(parse_duration, 600.0)
+    shutdown_grace: float = _opt(parse_duration, 30.0)
+    reuse_port: bool = _opt(_boolean, False)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """``[spool]``: where and how messages are stored durably."""
+
+    path: str = _opt(_path, "./var/spool")
+    shards: int = _opt(_positive_int, 64)
+    segment_size: int = _opt(parse_size, 64 * 1024 * 1024)
+    compact_interval: float = _opt(parse_duration, 60.0)
+    # A sealed segment is rewritten when its live share falls below this ratio.
+    compact_live_ratio: float = _opt(lambda v: _ratio(v), 0.25)  # noqa: PLW0108 (defined below)
+    max_batch_bytes: int = _opt(parse_size, 8 * 1024 * 1024)
+
+
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise _Invalid(f"expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """``[admin]``: the operator HTTP API."""
+
+    listen: tuple[str, int] = _opt(parse_listen, ("127.0.0.1", 8025))
+    token: str = _opt(_string, "")
+    enabled: bool = _opt(_boolean, True)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: the outbound engine (filled in by the delivery issue)."""
+
+    enabled: bool = _opt(_boolean, True)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: etcd coordination; empty ``etcd`` means standalone."""
+
+    etcd: tuple[str, ...] = _opt(_endpoints, tuple)
+    name: str = _opt(_node_id, "mta")
+    lease_ttl: float = _opt(parse_duration, 5.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole node configuration."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: str = "<defaults>"
+
+    @property
+    def standalone(self) -> bool:
+        return not self.cluster.etcd
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "smtp": SmtpConfig,
+    "spool": SpoolConfig,
+    "admin": AdminConfig,
+    "delivery": DeliveryConfig,
+    "cluster": ClusterConfig,
+}
+
+
+def _build_section(cls: type, raw: Any, path: str, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"[{section}]", "expected a table")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                path, f"[{section}] {key}",
+                f"unknown key; known keys are {', '.join(sorted(known))}",
+            )
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        try:
+            values[name] = f.metadata["parse"](raw[name])
+        except _Invalid as exc:
+            raise ConfigError(path, f"[{section}] {name}", str(exc)) from None
+    return cls(**values)
+
+
+def _check_consistency(cfg: Config, path: str) -> None:
+    smtp = cfg.smtp
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        key = "tls_key" if smtp.tls_cert else "tls_cert"
+        raise ConfigError(path, f"[smtp] {key}", "tls_cert and tls_key must be set together")
+    for key in ("tls_cert", "tls_key", "users_file"):
+        value = getattr(smtp, key)
+        if value and not os.path.isfile(value):
+            raise ConfigError(path, f"[smtp] {key}", f"file {value!r} does not exist")
+    if cfg.spool.shards > 4096:
+        raise ConfigError(path, "[spool] shards", "expected at most 4096 shards")
+    if cfg.spool.segment_size < 64 * 1024:
+        raise ConfigError(path, "[spool] segment_size", "expected at least 64K")
+
+
+def _expand_home(cfg_dict: dict[str, Any]) -> None:
+    """Paths stay relative to the working directory (as the quick start expects); ``~`` expands."""
+    for section in ("smtp", "spool"):
+        table = cfg_dict.get(section)
+        if isinstance(table, dict):
+            for key in ("tls_cert", "tls_key", "users_file", "path"):
+                if isinstance(table.get(key), str) and table[key].startswith("~"):
+                    table[key] = os.path.expanduser(table[key])
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a TOML config file; raise :class:`ConfigError` on any problem."""
+    spath = str(path)
+    try:
+        with open(spath, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(spath, "", "file not found; pass --config PATH to an existing file"
+                          ) from None
+    except PermissionError:
+        raise ConfigError(spath, "", "permission denied reading the config file") from None
+    except IsADirectoryError:
+        raise ConfigError(spath, "", "is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(spath, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(spath, "", "not valid UTF-8 text") from None
+    return config_from_dict(raw, spath)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from an already-parsed TOML document."""
+    for key in raw:
+        if key not in _SECTIONS:
+            raise ConfigError(
+                source, f"[{key}]", f"unknown section; known sections are {', '.join(_SECTIONS)}"
+            )
+    _expand_home(raw)
+    sections = {
+        name: _build_section(cls, raw.get(name, {}), source, name)
+        for name, cls in _SECTIONS.items()
+    }
+    cfg = Config(**sections, source=source)
+    _check_consistency(cfg, source)
+    return cfg

@@ -1,0 +1,97 @@
+"""The contract between a node and its cluster.
+
+``mta`` defines what it needs here and never imports ``cluster``; ``cluster.EtcdCoordinator``
+implements the same protocol on etcd. Standalone nodes use :class:`LocalCoordinator`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Coordinator", "LocalCoordinator", "ShardHost"]
+
+
+@runtime_checkable
+class ShardHost(Protocol):
+    """What a coordinator drives on its node. Implemented by :class:`mta.node.Node`."""
+
+    async def acquire_shard(self, shard: int, token: int) -> None:
+        """Open ``shard`` for writing under fencing ``token`` and start working on it.
+
+        Must recover the shard from the spool before returning; raises if it cannot.
+        """
+
+    async def release_shard(self, shard: int) -> None:
+        """Stop new work on ``shard``, settle in-flight work (bounded), close it."""
+
+    def fence(self, reason: str) -> None:
+        """Stop writing and delivering for every owned shard now (lease lost or unknown)."""
+
+    def unfence(self) -> None:
+        """Lease is provably held again: writes may resume."""
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """Ownership of spool shards and the share of cluster-wide limits for one node.
+
+    Contract: a shard is handed to the host with :meth:`ShardHost.acquire_shard` only after
+    this node owns it in the coordination store, with a fencing token larger than any earlier
+    owner's; it is taken away with :meth:`ShardHost.release_shard` before anyone else may own
+    it, or, if this node cannot know (lease lost), the host is fenced first.
+    """
+
+    node_id: str
+
+    async def start(self, host: ShardHost) -> None:
+        """Join, and hand the host the shards it owns. Returns once the node may serve."""
+
+    async def stop(self) -> None:
+        """Hand every owned shard back (releasing it on the host first) and leave."""
+
+    def owned_shards(self) -> frozenset[int]:
+        """Shards this node owns right now."""
+
+    def rate_share(self) -> float:
+        """Fraction (0..1] of every cluster-wide rate limit this node may use."""
+
+    @property
+    def healthy(self) -> bool:
+        """True while this node may write and deliver (lease held, or standalone)."""
+
+
+class LocalCoordinator:
+    """Standalone: this node owns every shard, always."""
+
+    def __init__(self, node_id: str, total_shards: int) -> None:
+        self.node_id = node_id
+        self.total_shards = total_shards
+        self._owned: frozenset[int] = frozenset()
+        self._host: ShardHost | None = None
+
+    async def start(self, host: ShardHost) -> None:
+        self._host = host
+        # Wall-clock nanoseconds only grow across restarts, so a newer run always fences an
+        # older one (only one standalone process can hold the spool lock anyway).
+        token = time.time_ns()
+        for shard in range(self.total_shards):
+            await host.acquire_shard(shard, token)
+            self._owned = self._owned | {shard}
+
+    async def stop(self) -> None:
+        if self._host is None:
+            return
+        for shard in sorted(self._owned):
+            await self._host.release_shard(shard)
+        self._owned = frozenset()
+
+    def owned_shards(self) -> frozenset[int]:
+        return self._owned
+
+    def rate_share(self) -> float:
+        return 1.0
+
+    @property
+    def healthy(self) -> bool:
+        return True

@@ -1,0 +1,109 @@
+"""Envelope and message ids: what the spool stores besides the message body."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Envelope", "InvalidMessageId", "new_message_id", "shard_of"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
+_ID_LEN = 26
+
+
+class InvalidMessageId(ValueError):
+    """A string that is not a message id produced by :func:`new_message_id`."""
+
+
+class _IdState:
+    """Monotonic within a millisecond so ids from one process sort by submission order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_ms = 0
+        self.seq = 0
+
+
+_state = _IdState()
+
+
+def new_message_id(shard: int) -> str:
+    """A cluster-unique, time-ordered id (ULID layout: 48-bit ms, 16-bit shard, 64-bit random)."""
+    with _state.lock:
+        now = time.time_ns() // 1_000_000
+        if now <= _state.last_ms:
+            now = _state.last_ms
+            _state.seq += 1
+        else:
+            _state.last_ms = now
+            # Random start per ms keeps ids unique across processes; the low 24 bits count up.
+            _state.seq = int.from_bytes(os.urandom(8)) & ~0xFFFFFF
+        low = _state.seq & 0xFFFFFFFFFFFFFFFF
+    value = (now << 80) | ((shard & 0xFFFF) << 64) | low
+    chars = []
+    for _ in range(_ID_LEN):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def _decode(message_id: str) -> int:
+    if len(message_id) != _ID_LEN:
+        raise InvalidMessageId(f"message id must be {_ID_LEN} characters, got {message_id!r}")
+    value = 0
+    try:
+        for ch in message_id.upper():
+            value = (value << 5) | _DECODE[ch]
+    except KeyError:
+        raise InvalidMessageId(f"not a message id: {message_id!r}") from None
+    if value >> 128:
+        raise InvalidMessageId(f"not a message id: {message_id!r}")
+    return value
+
+
+def shard_of(message_id: str) -> int:
+    """The shard number encoded in a message id."""
+    return (_decode(message_id) >> 64) & 0xFFFF
+
+
+@dataclass(slots=True)
+class Envelope:
+    """The SMTP envelope of one accepted message plus where it came from."""
+
+    sender: str
+    recipients: list[str]
+    smtputf8: bool = False
+    body_8bit: bool = False
+    client_ip: str = ""
+    helo: str = ""
+    auth_user: str = ""
+    received_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from": self.sender,
+            "to": self.recipients,
+            "utf8": self.smtputf8,
+            "8bit": self.body_8bit,
+            "ip": self.client_ip,
+            "helo": self.helo,
+            "user": self.auth_user,
+            "at": self.received_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Envelope:
+        return cls(
+            sender=d["from"],
+            recipients=list(d["to"]),
+            smtputf8=bool(d.get("utf8", False)),
+            body_8bit=bool(d.get("8bit", False)),
+            client_ip=d.get("ip", ""),
+            helo=d.get("helo", ""),
+            auth_user=d.get("user", ""),
+            received_at=float(d.get("at", 0.0)),
+        )

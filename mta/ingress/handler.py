@@ -1,0 +1,120 @@
+"""aiosmtpd handler hooks: relay policy, address checks, limits, and the durable DATA."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session
+
+from mta.envelope import Envelope
+from mta.ingress.headers import prepare_content, received_header
+from mta.ingress.policy import address_problem, in_networks
+from mta.spool import NoShardsOwned, SpoolError, SpoolWriteError
+
+if TYPE_CHECKING:
+    from mta.ingress.server import IngressServer
+    from mta.ingress.session import IngressSession
+
+__all__ = ["IngressHandler"]
+
+log = structlog.get_logger("mta.ingress")
+
+_EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
+
+
+class IngressHandler:
+    """Decides every MAIL, RCPT and DATA; a ``250`` to DATA means the message is fsynced."""
+
+    def __init__(self, server: IngressServer) -> None:
+        self._server = server
+
+    async def handle_EHLO(self, server: IngressSession, session: Session,
+                          envelope: SmtpEnvelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [responses[0], *_EXTRA_EHLO]
+        for line in responses[1:]:
+            if line.startswith("250-AUTH") and self._server.users is None:
+                continue  # no users configured: do not offer AUTH at all
+            out.append(line)
+        return out
+
+    async def handle_MAIL(self, server: IngressSession, session: Session,
+                          envelope: SmtpEnvelope, address: str,
+                          mail_options: list[str]) -> str:
+        if address == "<>":
+            address = ""
+        elif problem := address_problem(address, envelope.smtp_utf8):
+            return f"501 5.1.7 Bad sender address syntax: {problem}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: IngressSession, session: Session,
+                          envelope: SmtpEnvelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        cfg = self._server.cfg
+        if not session.authenticated and not in_networks(server.client_ip, cfg.relay_networks):
+            log.info("smtp.relay_denied", client_ip=server.client_ip, rcpt=address)
+            return "554 5.7.1 Relay access denied: authenticate first"
+        if problem := address_problem(address, envelope.smtp_utf8):
+            return f"501 5.1.3 Bad recipient address syntax: {problem}"
+        if len(envelope.rcpt_tos) >= cfg.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {cfg.max_recipients} per message)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: IngressSession, session: Session,
+                          envelope: SmtpEnvelope) -> str:
+        srv = self._server
+        spool = srv.spool
+        if not srv.accepting_writes:
+            return "451 4.3.2 Not accepting mail right now, try again later"
+        started = time.perf_counter()
+        sender = envelope.mail_from or ""
+        if sender == "<>":
+            sender = ""
+        body_8bit = "BODY=8BITMIME" in envelope.mail_options
+        env = Envelope(
+            sender=sender,
+            recipients=list(envelope.rcpt_tos),
+            smtputf8=bool(envelope.smtp_utf8),
+            body_8bit=body_8bit,
+            client_ip=server.client_ip,
+            helo=session.host_name or "",
+            auth_user=str(session.auth_data) if session.authenticated else "",
+        )
+        try:
+            message_id = spool.allocate_id()
+        except NoShardsOwned:
+            return "451 4.3.0 No spool shard available on this node, try again later"
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            protocol += "S"
+        if session.authenticated:
+            protocol += "A"
+        raw: Any = envelope.original_content or b""
+        content = prepare_content(
+            raw,
+            received_header(helo=env.helo, ip=env.client_ip, hostname=srv.cfg.hostname,
+                            protocol=protocol, message_id=message_id,
+                            recipient=env.recipients[0] if len(env.recipients) == 1 else None),
+            message_id=message_id, hostname=srv.cfg.hostname,
+        )
+        try:
+            await spool.submit(env, content, message_id)
+        except SpoolWriteError as exc:
+            srv.count_spool_error(exc.errno)
+            log.error("smtp.spool_write_failed", message_id=message_id, error=str(exc))
+            return "452 4.3.1 Insufficient system storage, try again later"
+        except SpoolError as exc:
+            log.warning("smtp.spool_unavailable", message_id=message_id, error=str(exc))
+            return "451 4.3.0 Spool not available, try again later"
+        srv.count_received(len(content), time.perf_counter() - started)
+        log.info("smtp.received", message_id=message_id, sender=sender,
+                 recipients=len(env.recipients), size=len(content), client_ip=env.client_ip)
+        return f"250 2.0.0 Ok: queued as {message_id}"

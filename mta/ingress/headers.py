@@ -1,0 +1,63 @@
+"""Trace and submission headers added to accepted messages (RFC 5321 4.4, RFC 6409 8)."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+__all__ = ["prepare_content", "received_header"]
+
+_NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+def _split_headers(content: bytes) -> tuple[int, set[bytes]]:
+    """Where the header section ends (offset after its last CRLF) and the names it holds.
+
+    The section ends at the first line that is neither a header field nor a folded
+    continuation, so a message without headers gets new ones in front of its text.
+    """
+    names: set[bytes] = set()
+    pos = 0
+    size = len(content)
+    while pos < size:
+        eol = content.find(b"\r\n", pos)
+        line_end = size if eol < 0 else eol + 2
+        line = content[pos:line_end]
+        if line[:1] in (b" ", b"\t") and names:
+            pos = line_end
+            continue
+        m = _NAME_RE.match(line)
+        if m is None:
+            break
+        names.add(m.group(1).lower())
+        pos = line_end
+    return pos, names
+
+
+def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message_id: str,
+                    recipient: str | None) -> bytes:
+    """A ``Received:`` trace line; names the recipient only when there is exactly one."""
+    for_clause = f"\r\n\tfor <{recipient}>" if recipient else ""
+    date = email.utils.formatdate(localtime=True)
+    helo = helo.replace("\r", "").replace("\n", "")[:255]
+    return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (mta) with {protocol}"
+            f" id {message_id}{for_clause};\r\n\t{date}\r\n").encode("utf-8", "surrogateescape")
+
+
+def prepare_content(content: bytes, received: bytes, *, message_id: str, hostname: str) -> bytes:
+    """Prepend ``received``; add ``Message-ID:`` and ``Date:`` when the client left them out."""
+    end, present = _split_headers(content)
+    extra = []
+    if b"message-id" not in present:
+        extra.append(f"Message-ID: <{message_id}@{hostname}>\r\n".encode())
+    if b"date" not in present:
+        extra.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
+    if not extra:
+        return received + content
+    head = content[:end]
+    if head and not head.endswith(b"\r\n"):
+        head += b"\r\n"  # headers-only message without a final line break
+    rest = content[end:]
+    if rest and not rest.startswith(b"\r\n"):
+        rest = b"\r\n" + rest  # the text had no header section: separate it from ours
+    return b"".join((received, head, *extra, rest))

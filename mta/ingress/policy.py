@@ -1,0 +1,106 @@
+"""Who may submit, how many may connect, and what counts as an address."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+__all__ = ["ConnectionLimiter", "address_problem", "in_networks", "is_loopback"]
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ATEXT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+_IPV6_TAG = "ipv6:"
+
+
+def in_networks(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def _domain_problem(domain: str, smtputf8: bool) -> str | None:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal.lower().startswith(_IPV6_TAG):
+                ipaddress.IPv6Address(literal[len(_IPV6_TAG):])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            return "bad address literal"
+        return None
+    if not domain or len(domain) > 253:
+        return "bad domain length"
+    if not domain.isascii():
+        if not smtputf8:
+            return "non-ASCII domain without SMTPUTF8"
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "bad internationalised domain"
+    labels = domain.rstrip(".").split(".")
+    if len(labels) < 2 and domain.lower() != "localhost":
+        return "domain must be fully qualified"
+    if not all(_LABEL_RE.match(label) for label in labels):
+        return "bad domain"
+    return None
+
+
+def address_problem(address: str, smtputf8: bool) -> str | None:
+    """Why ``address`` is not a deliverable ``local@domain`` mailbox, or None if it is."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return "expected local@domain"
+    if len(local.encode("utf-8", "surrogateescape")) > 64:
+        return "local part longer than 64 octets"
+    if not local.isascii() and not smtputf8:
+        return "non-ASCII local part without SMTPUTF8"
+    if not (local.startswith('"') and local.endswith('"') and len(local) >= 2):
+        ascii_local = local.encode("ascii", "ignore").decode() if smtputf8 else local
+        if ascii_local and not _ATEXT_RE.match(ascii_local):
+            return "bad local part"
+        if local.startswith(".") or local.endswith(".") or ".." in local:
+            return "bad dots in local part"
+    return _domain_problem(domain, smtputf8)
+
+
+class ConnectionLimiter:
+    """Counts open sessions in total and per client address."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._per_ip: Counter[str] = Counter()
+
+    def acquire(self, ip: str) -> str | None:
+        """Take a slot for ``ip``; return the refusal reason when over a limit."""
+        if self.total >= self.max_total:
+            return "total"
+        if self._per_ip[ip] >= self.max_per_ip:
+            return "per_ip"
+        self.total += 1
+        self._per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]

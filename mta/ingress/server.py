@@ -1,0 +1,153 @@
+"""The SMTP listener: sessions, limits, TLS, and the graceful-shutdown drain."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+
+import structlog
+
+from mta.config import SmtpConfig
+from mta.ingress.auth import UsersFile
+from mta.ingress.handler import IngressHandler
+from mta.ingress.policy import ConnectionLimiter, is_loopback
+from mta.ingress.session import IngressSession
+from mta.metrics import NodeMetrics
+from mta.spool import Spool
+
+__all__ = ["IngressServer", "load_tls_context"]
+
+log = structlog.get_logger("mta.ingress")
+
+
+def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """Server context for STARTTLS; raises ``ssl.SSLError``/``OSError`` on a bad pair."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class IngressServer:
+    """Accepts SMTP submissions into the spool."""
+
+    def __init__(self, cfg: SmtpConfig, spool: Spool, metrics: NodeMetrics,
+                 users: UsersFile | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.metrics = metrics
+        self.users = users
+        self.tls = tls
+        self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip)
+        self.sessions: set[IngressSession] = set()
+        self.draining = False
+        self.closing_reply = "421 4.3.2 Service shutting down, try again later"
+        # Cleared while the node is fenced (cluster lease lost): sessions get 421.
+        self.accepting_writes = True
+        self._handler = IngressHandler(self)
+        self._server: asyncio.base_events.Server | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _make_session(self) -> IngressSession:
+        return IngressSession(
+            self._handler,
+            server=self,
+            data_size_limit=self.cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.cfg.hostname,
+            ident="mta ESMTP",
+            tls_context=self.tls,
+            timeout=self.cfg.command_timeout,
+            auth_require_tls=True,
+            auth_exclude_mechanism=[] if self.users is not None else ["PLAIN", "LOGIN"],
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> None:
+        host, port = self.cfg.listen
+        self._server = await asyncio.get_running_loop().create_server(
+            self._make_session, host=host, port=port, backlog=1024,
+            reuse_address=True, reuse_port=self.cfg.reuse_port or None,
+        )
+        log.info("smtp.listening", address=f"{host}:{self.port}", tls=self.tls is not None,
+                 auth=self.users is not None)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting: new sessions get 421, idle ones are told and closed, and sessions
+        in DATA may finish (up to ``grace`` seconds) so their 250 can still be sent."""
+        self.draining = True
+        for sess in list(self.sessions):
+            if not sess.in_data:
+                sess.close_for_shutdown(self.closing_reply)
+        deadline = time.monotonic() + grace
+        while any(s.in_data for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        busy = sum(1 for s in self.sessions if s.in_data)
+        log.info("smtp.drained", cut_in_data=busy)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for sess in list(self.sessions):
+            if sess.transport is not None:
+                sess.transport.close()
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            except TimeoutError:
+                pass
+            self._server = None
+
+    # --- called by sessions ----------------------------------------------------------------
+
+    def admit(self, session: IngressSession, ip: str) -> str | None:
+        """None to serve the session, or the 421 reply to close it with."""
+        if self.draining:
+            self.metrics.connections_refused.labels("shutdown").inc()
+            return self.closing_reply
+        if not self.accepting_writes:
+            self.metrics.connections_refused.labels("fenced").inc()
+            return "421 4.3.2 Not accepting mail right now, try again later"
+        reason = self.limiter.acquire(ip)
+        if reason is not None:
+            self.metrics.connections_refused.labels(reason).inc()
+            log.warning("smtp.connection_refused", client_ip=ip, reason=reason)
+            if reason == "per_ip":
+                return "421 4.7.0 Too many connections from your address, try again later"
+            return "421 4.7.0 Too many connections, try again later"
+        self.sessions.add(session)
+        self.metrics.connections.set(self.limiter.total)
+        return None
+
+    def release(self, session: IngressSession, ip: str) -> None:
+        self.sessions.discard(session)
+        self.limiter.release(ip)
+        self.metrics.connections.set(self.limiter.total)
+
+    def auth_without_tls(self, ip: str) -> bool:
+        """AUTH before STARTTLS only from loopback, or when explicitly allowed."""
+        return self.cfg.auth_allow_insecure or is_loopback(ip)
+
+    def count_rejection(self, code: str) -> None:
+        self.metrics.rejected.labels(code).inc()
+
+    def count_auth_failure(self, ip: str, user: str) -> None:
+        self.metrics.auth_failures.inc()
+        log.warning("smtp.auth_failed", client_ip=ip, user=user)
+
+    def count_spool_error(self, err: int) -> None:
+        self.metrics.spool_errors.labels(str(err)).inc()
+
+    def count_received(self, size: int, seconds: float) -> None:
+        self.metrics.received.inc()
+        self.metrics.received_bytes.inc(size)
+        self.metrics.submit_latency.observe(seconds)
+

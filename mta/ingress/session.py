@@ -1,0 +1,147 @@
+"""One SMTP session: aiosmtpd's protocol with our admission, timeouts, AUTH and replies."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+if TYPE_CHECKING:
+    from mta.ingress.server import IngressServer
+
+__all__ = ["IngressSession"]
+
+# aiosmtpd's fixed replies, mapped to the codes RFC 3463/5321 ask for (we advertise
+# ENHANCEDSTATUSCODES, so every reply to a transaction command carries one).
+_REWRITES: dict[str, str] = {
+    "250 OK": "250 2.0.0 OK",
+    "553 5.1.3 Error: malformed address": "501 5.1.3 Bad address syntax",
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed limit",
+    "500 Line too long (see RFC5321 4.5.3.1.6)":
+        "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
+    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
+    "503 Error: send HELO first": "503 5.5.1 Send HELO/EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Send EHLO first",
+    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
+    "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]":
+        "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]",
+    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
+    "501 Syntax: RCPT TO: <address> [SP <mail-parameters>]":
+        "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]",
+    "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 SMTPUTF8 takes no arguments",
+    "501 Error: BODY can only be one of 7BIT, 8BITMIME":
+        "501 5.5.4 BODY must be 7BIT or 8BITMIME",
+    "555 MAIL FROM parameters not recognized or not implemented":
+        "555 5.5.4 MAIL FROM parameters not recognized",
+    "555 RCPT TO parameters not recognized or not implemented":
+        "555 5.5.4 RCPT TO parameters not recognized",
+    "500 Error: strict ASCII mode": "500 5.5.2 Non-ASCII input without SMTPUTF8",
+    "538 5.7.11 Encryption required for requested authentication mechanism":
+        "538 5.7.11 Encryption required: use STARTTLS before AUTH",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS failed",
+}
+_CODE_RE = re.compile(r"^(\d)\d\d")
+
+
+class IngressSession(SMTP):
+    """aiosmtpd ``SMTP`` with connection limits, drain, DATA timeout and async AUTH."""
+
+    def __init__(self, handler: Any, server: IngressServer, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._server = server
+        self._client_ip = ""
+        self._admitted = False
+        self.in_data = False
+        self._pending_login: LoginPassword | None = None
+
+    # --- connection admission and life -----------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None and self.transport is not None
+        peer = self.session.peer
+        self._client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        refusal = self._server.admit(self, self._client_ip)
+        if refusal is not None:
+            await self.push(refusal)
+            self.transport.close()
+            return
+        self._admitted = True
+        if self._server.auth_without_tls(self._client_ip):
+            self._auth_require_tls = False
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._server.release(self, self._client_ip)
+        super().connection_lost(error)
+
+    def close_for_shutdown(self, reply: str) -> None:
+        """Tell an idle client we are going away (RFC 5321 3.8) and close the connection."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(reply.encode() + b"\r\n")
+        self.transport.close()
+
+    # --- DATA ------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd resets its idle timer per command only, so this bounds the whole DATA phase
+        # (slow-drip clients) instead of each line.
+        self.in_data = True
+        self._reset_timeout(self._server.cfg.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+            self._reset_timeout()
+            if self._server.draining and self.transport is not None:
+                self.close_for_shutdown(self._server.closing_reply)
+
+    # --- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _REWRITES.get(status, status)
+            if (m := _CODE_RE.match(status)) and m.group(1) in "45":
+                self._server.count_rejection(status[:3])
+        await super().push(status)
+
+    # --- AUTH: hashing runs in a thread, never on the loop ---------------------------------
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # aiosmtpd calls this synchronously; remember the credentials and let the async
+        # auth_* wrappers below verify them off the event loop.
+        self._pending_login = auth_data
+        return AuthResult(success=False, handled=False)
+
+    async def _finish_auth(self, result: AuthResult) -> AuthResult:
+        login, self._pending_login = self._pending_login, None
+        if login is None or not isinstance(login, LoginPassword):
+            return result  # aiosmtpd already answered (bad base64, aborted...)
+        users = self._server.users
+        user = login.login.decode("utf-8", "replace")
+        if users is not None and await users.verify(user, login.password):
+            return AuthResult(success=True, auth_data=user)
+        self._server.count_auth_failure(self._client_ip, user)
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Authentication credentials invalid")
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._finish_auth(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._finish_auth(await super().auth_LOGIN(_, args))
+
+    @property
+    def client_ip(self) -> str:
+        return self._client_ip
+

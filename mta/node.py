@@ -1,0 +1,183 @@
+"""A node: startup, main loop and shutdown of spool, coordinator, SMTP and admin listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+import structlog
+
+from mta.config import Config
+from mta.coordinator import Coordinator, LocalCoordinator
+from mta.ingress import IngressServer, load_tls_context
+from mta.ingress.auth import UsersFile, UsersFileError
+from mta.metrics import NodeMetrics
+from mta.spool import RecoveryReport, Spool
+
+__all__ = ["Node", "StartupError"]
+
+log = structlog.get_logger("mta.node")
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says what to fix. ``exit_code`` 2 = configuration."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _load_users(cfg: Config) -> UsersFile | None:
+    if not cfg.smtp.users_file:
+        return None
+    try:
+        return UsersFile.load(cfg.smtp.users_file)
+    except UsersFileError as exc:
+        raise StartupError(f"{cfg.source}: [smtp] users_file: {exc}", 2) from None
+
+
+def _load_tls(cfg: Config) -> ssl.SSLContext | None:
+    if not cfg.smtp.tls_cert:
+        return None
+    try:
+        return load_tls_context(cfg.smtp.tls_cert, cfg.smtp.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"{cfg.source}: [smtp] tls_cert/tls_key: cannot load the pair: "
+                           f"{exc}", 2) from None
+
+
+class Node:
+    """One mta node. ``start`` brings it up; ``stop`` takes it down without losing mail."""
+
+    def __init__(self, cfg: Config, coordinator: Coordinator | None = None) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node.id
+        self.metrics = NodeMetrics()
+        self.spool = Spool(
+            cfg.spool.path, self.node_id,
+            shards=cfg.spool.shards,
+            segment_size=cfg.spool.segment_size,
+            max_batch_bytes=cfg.spool.max_batch_bytes,
+            exclusive=cfg.standalone,
+            observe_batch=self.metrics.observe_batch,
+            on_recovered=self._on_recovered,
+        )
+        self.coordinator: Coordinator = coordinator or LocalCoordinator(
+            self.node_id, cfg.spool.shards)
+        self.ingress: IngressServer | None = None
+        self.admin = None
+        self.fenced = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    # --- startup ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        users = _load_users(cfg)
+        tls = _load_tls(cfg)
+        try:
+            await self.spool.start()
+        except OSError as exc:
+            raise StartupError(f"{cfg.source}: [spool] path: cannot use {cfg.spool.path!r}: "
+                               f"{exc.strerror}") from None
+        await self.coordinator.start(self)
+        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
+        try:
+            await self.ingress.start()
+        except OSError as exc:
+            await self.spool.close()
+            host, port = cfg.smtp.listen
+            raise StartupError(f"{cfg.source}: [smtp] listen: cannot listen on {host}:{port}: "
+                               f"{exc.strerror}") from None
+        if cfg.admin.enabled:
+            from mta.admin.server import AdminServer
+
+            self.admin = AdminServer(self)
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                await self.ingress.close()
+                await self.spool.close()
+                host, port = cfg.admin.listen
+                raise StartupError(f"{cfg.source}: [admin] listen: cannot listen on "
+                                   f"{host}:{port}: {exc.strerror}") from None
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        log.info("node.started", node_id=self.node_id, shards=len(self.spool.owned),
+                 live=self.spool.live_count(), smtp_port=self.ingress.port,
+                 admin_port=self.admin.port if self.admin else None)
+
+    def _on_recovered(self, report: RecoveryReport) -> None:
+        self.metrics.corrupt_records.inc(len(report.corrupt))
+        self.metrics.torn_tails.inc(len(report.truncated))
+
+    # --- ShardHost (driven by the coordinator) ---------------------------------------------
+
+    async def acquire_shard(self, shard: int, token: int) -> None:
+        await self.spool.acquire_shard(shard, token)
+        self.metrics.shards_owned.set(len(self.spool.owned))
+
+    async def release_shard(self, shard: int) -> None:
+        await self.spool.release_shard(shard)
+        self.metrics.shards_owned.set(len(self.spool.owned))
+
+    def fence(self, reason: str) -> None:
+        self.fenced = True
+        if self.ingress is not None:
+            self.ingress.accepting_writes = False
+        log.warning("node.fenced", reason=reason)
+
+    def unfence(self) -> None:
+        self.fenced = False
+        if self.ingress is not None:
+            self.ingress.accepting_writes = True
+        log.info("node.unfenced")
+
+    # --- main loop -------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        interval = self.cfg.spool.compact_interval
+        while True:
+            await asyncio.sleep(min(interval, 5.0))
+            self.metrics.queue_live.set(self.spool.live_count())
+            self.metrics.spool_segments.set(self.spool.segment_count())
+            if not self.fenced:
+                await self.spool.maintain(self.cfg.spool.compact_live_ratio)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read users and TLS certificates; keep the old ones on any error."""
+        if self.ingress is None:
+            return
+        try:
+            users = _load_users(self.cfg)
+            tls = _load_tls(self.cfg)
+        except StartupError as exc:
+            log.error("node.reload_failed", error=str(exc))
+            return
+        self.ingress.users = users
+        self.ingress.tls = tls
+        log.info("node.reloaded", users=len(users) if users else 0, tls=tls is not None)
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Graceful: refuse new sessions, let DATA finish, hand shards back, flush the spool."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("node.stopping", node_id=self.node_id)
+        if self.ingress is not None:
+            await self.ingress.drain(self.cfg.smtp.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.ingress is not None:
+            await self.ingress.close()
+        await self.coordinator.stop()
+        await self.spool.close()
+        if self.admin is not None:
+            await self.admin.close()
+        log.info("node.stopped", node_id=self.node_id)

@@ -1,0 +1,136 @@
+"""In-memory index of one shard: live messages and which segments still hold needed records.
+
+Kept small on purpose (no envelope, no body) so a large backlog costs little memory; the
+envelope and body are read back from the segment when needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MessageRef", "SegmentUsage", "ShardIndex"]
+
+
+@dataclass(slots=True)
+class MessageRef:
+    """Where a live message's records are, and its latest delivery state."""
+
+    id: str
+    seq: int  # segment of the MSG record
+    offset: int
+    size: int
+    state: dict[str, Any] | None = None
+    state_seq: int = -1  # segment of the latest STATE record; -1 if none or embedded in MSG
+    state_size: int = 0
+
+
+@dataclass(slots=True)
+class SegmentUsage:
+    """How much of a segment is still needed."""
+
+    refs: int = 0
+    live_bytes: int = 0
+    end: int = 0  # highest byte known to be used
+
+
+class ShardIndex:
+    """Live messages of a shard plus per-segment reference counts.
+
+    Applying records in log order gives the same index whether they come from a recovery
+    scan or from appends made durable at run time.
+    """
+
+    def __init__(self) -> None:
+        self.messages: dict[str, MessageRef] = {}
+        self.segments: dict[int, SegmentUsage] = {}
+        # Every segment below this is sealed and all its records are applied here. Records
+        # are applied in log order, so seeing a record in segment N proves N-1 is complete.
+        self.sealed_below = 0
+
+    def _usage(self, seq: int) -> SegmentUsage:
+        usage = self.segments.get(seq)
+        if usage is None:
+            usage = self.segments[seq] = SegmentUsage()
+        return usage
+
+    def note(self, seq: int, offset: int, size: int) -> None:
+        """Account for a record's bytes whatever its kind."""
+        usage = self._usage(seq)
+        usage.end = max(usage.end, offset + size)
+        self.sealed_below = max(self.sealed_below, seq)
+
+    def _ref(self, seq: int, size: int) -> None:
+        usage = self._usage(seq)
+        usage.refs += 1
+        usage.live_bytes += size
+
+    def _unref(self, seq: int, size: int) -> None:
+        usage = self.segments.get(seq)
+        if usage is not None:
+            usage.refs -= 1
+            usage.live_bytes -= size
+
+    def _drop_state(self, ref: MessageRef) -> None:
+        if ref.state_seq >= 0:
+            self._unref(ref.state_seq, ref.state_size)
+            ref.state_seq, ref.state_size = -1, 0
+
+    def on_msg(self, message_id: str, seq: int, offset: int, size: int,
+               state: dict[str, Any] | None) -> None:
+        """A MSG record; a later copy (from compaction) replaces the earlier one."""
+        self.note(seq, offset, size)
+        old = self.messages.get(message_id)
+        if old is not None:
+            self._unref(old.seq, old.size)
+            self._drop_state(old)
+        self.messages[message_id] = MessageRef(message_id, seq, offset, size, state)
+        self._ref(seq, size)
+
+    def on_state(self, message_id: str, seq: int, offset: int, size: int,
+                 state: dict[str, Any]) -> bool:
+        """A STATE record; ignored (False) when the message is not live."""
+        self.note(seq, offset, size)
+        ref = self.messages.get(message_id)
+        if ref is None:
+            return False
+        self._drop_state(ref)
+        ref.state, ref.state_seq, ref.state_size = state, seq, size
+        self._ref(seq, size)
+        return True
+
+    def on_done(self, message_id: str, seq: int, offset: int, size: int) -> bool:
+        """A DONE record; the message stops being live."""
+        self.note(seq, offset, size)
+        ref = self.messages.pop(message_id, None)
+        if ref is None:
+            return False
+        self._unref(ref.seq, ref.size)
+        self._drop_state(ref)
+        return True
+
+    def dead_head(self) -> list[int]:
+        """Oldest sealed segments with nothing live, in order, stopping at the first live one.
+
+        Deleting only from the head keeps every DONE record until the MSG it cancels is gone,
+        so a deleted message can never come back on recovery.
+        """
+        dead = []
+        for seq in sorted(self.segments):
+            if seq >= self.sealed_below or self.segments[seq].refs > 0:
+                break
+            dead.append(seq)
+        return dead
+
+    def forget_segment(self, seq: int) -> None:
+        self.segments.pop(seq, None)
+
+    def referencing(self, seq: int) -> tuple[list[MessageRef], list[MessageRef]]:
+        """Live messages whose MSG record, or latest STATE record, is in segment ``seq``."""
+        msgs, states = [], []
+        for ref in self.messages.values():
+            if ref.seq == seq:
+                msgs.append(ref)
+            elif ref.state_seq == seq:
+                states.append(ref)
+        return msgs, states

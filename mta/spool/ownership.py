@@ -1,0 +1,62 @@
+"""The ``shard.owner`` file: which node may write a shard, under which fencing token.
+
+A node claims a shard by writing its (node, token) here; the writer re-reads the file before
+each append, so a node that lost the shard (a newer token was written) stops writing at once.
+Tokens only grow: in a cluster they are etcd revisions, standalone they count restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mta.spool.errors import FencedError
+from mta.spool.segment import fsync_dir
+
+__all__ = ["OWNER_FILE", "OwnerToken", "claim", "read_owner", "verify"]
+
+OWNER_FILE = "shard.owner"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerToken:
+    """Who writes a shard, and the fencing token that proves it."""
+
+    node: str
+    token: int
+
+
+def read_owner(shard_dir: Path) -> OwnerToken | None:
+    try:
+        with open(shard_dir / OWNER_FILE, "rb") as fh:
+            raw = json.loads(fh.read())
+        return OwnerToken(str(raw["node"]), int(raw["token"]))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        # A torn or foreign file: treat as unowned, claim will overwrite it atomically.
+        return None
+
+
+def claim(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
+    """Record ``owner`` as the shard's writer; refuse if a newer token is already there."""
+    current = read_owner(shard_dir)
+    if current is not None and current.token > owner.token:
+        raise FencedError(shard, f"{current.node} holds newer token {current.token} "
+                                 f"> {owner.token}")
+    tmp = shard_dir / f"{OWNER_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(json.dumps({"node": owner.node, "token": owner.token}).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, shard_dir / OWNER_FILE)
+    fsync_dir(shard_dir)
+
+
+def verify(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
+    """Raise :class:`FencedError` unless ``owner`` is still the shard's recorded writer."""
+    current = read_owner(shard_dir)
+    if current != owner:
+        raise FencedError(shard, f"owner file says {current}, we are {owner}")

@@ -1,0 +1,155 @@
+"""On-disk record format of the segment log.
+
+A record is ``magic | total_len | meta_len | crc32`` (little-endian u32 each), then ``meta``
+(msgpack) and ``body`` (raw bytes, only for MSG). The crc covers both lengths, meta and body,
+so a corrupt length is caught too; the magic lets a scan resynchronise after a bad region.
+Keeping the body outside msgpack lets recovery verify a record without decoding its body.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "HEADER",
+    "MAGIC",
+    "MAX_RECORD",
+    "Kind",
+    "ScanIssue",
+    "ScannedRecord",
+    "encode",
+    "encode_done",
+    "encode_msg",
+    "encode_segment_header",
+    "encode_state",
+    "scan",
+]
+
+MAGIC = 0x7253544D  # b"MTSr" little-endian
+HEADER = struct.Struct("<IIII")
+_LENS = struct.Struct("<II")
+# A record larger than this is treated as a corrupt length (max message size is far below).
+MAX_RECORD = 1 << 30
+
+
+class Kind(enum.IntEnum):
+    """Record kinds; SEGMENT opens every segment and names the owner that wrote it."""
+
+    SEGMENT = 0
+    MSG = 1
+    STATE = 2
+    DONE = 3
+
+
+def encode(meta: list[Any], body: bytes = b"") -> bytes:
+    """Frame one record."""
+    meta_b = msgpack.packb(meta, use_bin_type=True)
+    total = len(meta_b) + len(body)
+    lens = _LENS.pack(total, len(meta_b))
+    crc = zlib.crc32(body, zlib.crc32(meta_b, zlib.crc32(lens)))
+    return b"".join((HEADER.pack(MAGIC, total, len(meta_b), crc), meta_b, body))
+
+
+def encode_msg(
+    message_id: str, envelope: dict[str, Any], body: bytes, state: dict[str, Any] | None = None
+) -> bytes:
+    return encode([Kind.MSG, message_id, envelope, state], body)
+
+
+def encode_state(message_id: str, state: dict[str, Any]) -> bytes:
+    return encode([Kind.STATE, message_id, state])
+
+
+def encode_done(message_id: str) -> bytes:
+    return encode([Kind.DONE, message_id])
+
+
+def encode_segment_header(shard: int, seq: int, node: str, token: int) -> bytes:
+    return encode([Kind.SEGMENT, {"v": 1, "shard": shard, "seq": seq, "node": node,
+                                  "token": token}])
+
+
+@dataclass(slots=True)
+class ScannedRecord:
+    """A verified record found by :func:`scan`; ``body`` is only the slice's bounds."""
+
+    offset: int
+    size: int
+    meta: list[Any]
+    body_offset: int
+    body_len: int
+
+
+@dataclass(slots=True)
+class ScanIssue:
+    """A region of the buffer that holds no valid record."""
+
+    offset: int
+    length: int
+    reason: str
+
+
+def _check_at(buf: memoryview, pos: int, end: int) -> tuple[int, int, int] | str:
+    """Validate the record at ``pos``: (total, meta_len, size) or a reason it is not one."""
+    if end - pos < HEADER.size:
+        return "short header"
+    magic, total, meta_len, crc = HEADER.unpack_from(buf, pos)
+    if magic != MAGIC:
+        return "bad magic"
+    if total > MAX_RECORD or meta_len > total:
+        return "bad length"
+    size = HEADER.size + total
+    if pos + size > end:
+        return "truncated"
+    start = pos + HEADER.size
+    if zlib.crc32(buf[start:start + total], zlib.crc32(buf[pos + 4:pos + 12])) != crc:
+        return "crc mismatch"
+    return total, meta_len, size
+
+
+def scan(data: bytes, base: int = 0) -> Iterator[ScannedRecord | ScanIssue]:
+    """Yield every valid record in ``data`` in order, and an issue for each bad region.
+
+    A bad region ends at the next offset holding a valid record; if none follows, the issue
+    runs to the end of the buffer (a torn tail when this is the newest segment).
+    """
+    buf = memoryview(data)
+    end = len(data)
+    pos = 0
+    magic_bytes = HEADER.pack(MAGIC, 0, 0, 0)[:4]
+    while pos < end:
+        checked = _check_at(buf, pos, end)
+        if isinstance(checked, tuple):
+            total, meta_len, size = checked
+            start = pos + HEADER.size
+            try:
+                meta = msgpack.unpackb(buf[start:start + meta_len], raw=False,
+                                       strict_map_key=False)
+            except Exception:
+                meta = None
+            if isinstance(meta, list) and meta:
+                yield ScannedRecord(base + pos, size, meta, base + start + meta_len,
+                                    total - meta_len)
+                pos += size
+                continue
+            checked = "undecodable meta"
+        reason = checked
+        bad_start = pos
+        nxt = pos + 1
+        while True:
+            nxt = data.find(magic_bytes, nxt)
+            if nxt < 0:
+                nxt = end
+                break
+            if isinstance(_check_at(buf, nxt, end), tuple):
+                break
+            nxt += 1
+        yield ScanIssue(base + bad_start, nxt - bad_start, reason)
+        pos = nxt

@@ -1,0 +1,276 @@
+"""One spool shard as the event loop sees it: appends, reads, segment deletion, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mta.envelope import Envelope
+from mta.spool import ownership
+from mta.spool.errors import MessageNotFound, SpoolError, SpoolWriteError
+from mta.spool.index import MessageRef, ShardIndex
+from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
+from mta.spool.recovery import RecoveryReport, recover_shard
+from mta.spool.segment import fsync_dir, read_range, segment_path
+from mta.spool.shardlog import ShardLog
+from mta.spool.writer import GroupCommitWriter, Position
+
+__all__ = ["Shard", "ShardClosed", "StoredMessage", "shard_dir"]
+
+log = structlog.get_logger("mta.spool.shard")
+
+
+class ShardClosed(SpoolError):
+    """The shard is being released or was released; the caller must not use it."""
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A message read back from the spool."""
+
+    id: str
+    envelope: Envelope
+    body: bytes
+    state: dict[str, Any] | None
+
+
+def shard_dir(root: Path, number: int) -> Path:
+    return root / f"shard-{number:03d}"
+
+
+class Shard:
+    """A shard this node owns. Create with :meth:`open`; all methods run on the event loop."""
+
+    def __init__(self, number: int, root: Path, writer: GroupCommitWriter,
+                 owner: ownership.OwnerToken, segment_size: int) -> None:
+        self.number = number
+        self.dir = shard_dir(root, number)
+        self.owner = owner
+        self._writer = writer
+        self._segment_size = segment_size
+        self.index = ShardIndex()
+        self._log: ShardLog | None = None
+        self._closing = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Messages with a STATE or DONE on its way to disk: compaction leaves them alone, or
+        # its copy could land after a DONE (resurrecting the message) or revert a state.
+        self._pending: dict[str, int] = {}
+
+    async def open(self) -> RecoveryReport:
+        """Claim the shard's owner file, then recover its index from the segments."""
+        report = await asyncio.to_thread(self._open_blocking)
+        return report
+
+    def _open_blocking(self) -> RecoveryReport:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Claim before scanning: a previous owner still running sees the new token and stops
+        # appending, so nothing can land behind the scan.
+        ownership.claim(self.dir, self.number, self.owner)
+        self.index, report = recover_shard(self.dir, self.number)
+        self._log = ShardLog(self.dir, self.number, report.last_seq + 1, self.owner,
+                             self._segment_size)
+        return report
+
+    # --- appends ---------------------------------------------------------------------------
+
+    def _append(self, data: bytes, on_durable: Any) -> asyncio.Future[Position]:
+        if self._closing or self._log is None:
+            raise ShardClosed(f"shard {self.number} is not open for writing")
+        fut = self._writer.append(self._log, data, on_durable)
+        self._inflight += 1
+        self._idle.clear()
+        fut.add_done_callback(self._append_done)
+        return fut
+
+    def _append_done(self, _fut: asyncio.Future[Position]) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def add(self, message_id: str, envelope: dict[str, Any], body: bytes) -> None:
+        """Append a new message; returns once it is durable."""
+        data = encode_msg(message_id, envelope, body)
+        size = len(data)
+        index = self.index
+
+        def durable(pos: Position) -> None:
+            index.on_msg(message_id, pos[0], pos[1], size, None)
+
+        await self._append(data, durable)
+
+    async def _append_tracked(self, message_id: str, data: bytes, durable: Any) -> None:
+        self._pending[message_id] = self._pending.get(message_id, 0) + 1
+        try:
+            fut = self._append(data, durable)
+        except BaseException:
+            self._unpend(message_id)
+            raise
+        fut.add_done_callback(lambda _f: self._unpend(message_id))
+        await fut
+
+    def _unpend(self, message_id: str) -> None:
+        left = self._pending.get(message_id, 0) - 1
+        if left > 0:
+            self._pending[message_id] = left
+        else:
+            self._pending.pop(message_id, None)
+
+    async def set_state(self, message_id: str, state: dict[str, Any]) -> None:
+        """Durably record a live message's new delivery state."""
+        if message_id not in self.index.messages:
+            raise MessageNotFound(message_id)
+        data = encode_state(message_id, state)
+        size = len(data)
+        index = self.index
+
+        def durable(pos: Position) -> None:
+            index.on_state(message_id, pos[0], pos[1], size, state)
+
+        await self._append_tracked(message_id, data, durable)
+
+    async def done(self, message_id: str) -> None:
+        """Durably mark a message finished; it is no longer live."""
+        if message_id not in self.index.messages:
+            raise MessageNotFound(message_id)
+        data = encode_done(message_id)
+        size = len(data)
+        index = self.index
+
+        def durable(pos: Position) -> None:
+            index.on_done(message_id, pos[0], pos[1], size)
+
+        await self._append_tracked(message_id, data, durable)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def load(self, message_id: str) -> StoredMessage:
+        """Read a live message's envelope and body back from its segment."""
+        for _ in range(3):
+            ref = self.index.messages.get(message_id)
+            if ref is None:
+                raise MessageNotFound(message_id)
+            try:
+                raw = await asyncio.to_thread(read_range, self.dir, ref.seq, ref.offset,
+                                              ref.size)
+            except FileNotFoundError:
+                continue  # compaction moved it between lookup and read: look again
+            rec = _single_record(raw, ref)
+            meta = rec.meta
+            body = raw[rec.body_offset:rec.body_offset + rec.body_len]
+            return StoredMessage(message_id, Envelope.from_dict(meta[2]), body, ref.state)
+        raise MessageNotFound(message_id)
+
+    # --- housekeeping ----------------------------------------------------------------------
+
+    async def collect(self) -> int:
+        """Delete the dead sealed segments at the head of the log; return how many."""
+        dead = self.index.dead_head()
+        if not dead:
+            return 0
+        await asyncio.to_thread(self._unlink_segments, dead)
+        for seq in dead:
+            self.index.forget_segment(seq)
+        log.debug("spool.segments_deleted", shard=self.number, segments=dead)
+        return len(dead)
+
+    def _unlink_segments(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            try:
+                os.unlink(segment_path(self.dir, seq))
+            except FileNotFoundError:
+                pass
+        # Durable before any later segment goes, so no DONE disappears while the MSG it
+        # cancels could still come back after a crash.
+        fsync_dir(self.dir)
+
+    async def compact(self, live_ratio: float) -> int:
+        """Rewrite the live records of the oldest sealed segment when that frees enough space.
+
+        The head is rewritten when its live bytes are under ``live_ratio`` of the bytes it
+        keeps on disk (itself plus the dead segments queued behind it). Returns messages moved.
+        """
+        if self._closing:
+            return 0
+        index = self.index
+        sealed = sorted(s for s in index.segments if s < index.sealed_below)
+        if not sealed or index.segments[sealed[0]].refs == 0:
+            return 0
+        head = sealed[0]
+        blocked = index.segments[head].end
+        for seq in sealed[1:]:
+            if index.segments[seq].refs > 0:
+                break
+            blocked += index.segments[seq].end
+        if index.segments[head].live_bytes > live_ratio * blocked:
+            return 0
+        msgs, states = index.referencing(head)
+        moved = 0
+        for ref in msgs:
+            if ref.id in self._pending or self._closing:
+                continue
+            moved += await self._move_message(ref, head)
+        for ref in states:
+            if ref.id in self._pending or self._closing or ref.state is None:
+                continue
+            if index.messages.get(ref.id) is ref and ref.state_seq == head:
+                await self.set_state(ref.id, ref.state)
+                moved += 1
+        if moved:
+            log.info("spool.compacted", shard=self.number, segment=head, moved=moved)
+        return moved
+
+    async def _move_message(self, ref: MessageRef, head: int) -> int:
+        try:
+            raw = await asyncio.to_thread(read_range, self.dir, ref.seq, ref.offset, ref.size)
+        except OSError as exc:
+            log.error("spool.compact.read_failed", shard=self.number, message_id=ref.id,
+                      error=str(exc))
+            return 0
+        rec = _single_record(raw, ref)
+        # Re-check after the read: a DONE or STATE may have been queued meanwhile.
+        if self.index.messages.get(ref.id) is not ref or ref.id in self._pending \
+                or ref.seq != head:
+            return 0
+        body = raw[rec.body_offset:rec.body_offset + rec.body_len]
+        data = encode_msg(ref.id, rec.meta[2], body, ref.state)
+        size = len(data)
+        index = self.index
+        message_id, state = ref.id, ref.state
+
+        def durable(pos: Position) -> None:
+            if message_id in index.messages:
+                index.on_msg(message_id, pos[0], pos[1], size, state)
+
+        try:
+            await self._append_tracked(message_id, data, durable)
+        except SpoolWriteError as exc:
+            log.warning("spool.compact.write_failed", shard=self.number, error=str(exc))
+            return 0
+        return 1
+
+    # --- release ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop taking appends, wait for those in flight, and close the active segment."""
+        self._closing = True
+        await self._idle.wait()
+        if self._log is not None:
+            log_ = self._log
+            self._log = None
+            await asyncio.to_thread(log_.close)
+
+
+def _single_record(raw: bytes, ref: MessageRef) -> ScannedRecord:
+    for item in scan(raw):
+        if isinstance(item, ScannedRecord) and item.meta[0] == Kind.MSG and item.meta[1] == ref.id:
+            return item
+        break
+    raise SpoolError(f"record of message {ref.id} at segment {ref.seq} offset {ref.offset} "
+                     "failed verification")

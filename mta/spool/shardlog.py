@@ -1,0 +1,91 @@
+"""A shard's append side: the active segment, rotation and the fencing check.
+
+Used only from the writer thread (the spool's group-commit thread).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from mta.spool import ownership
+from mta.spool.errors import SpoolWriteError
+from mta.spool.record import encode_segment_header
+from mta.spool.segment import ActiveSegment
+from mta.spool.writer import Position
+
+__all__ = ["ShardLog"]
+
+
+class ShardLog:
+    """Appends to ``shard_dir`` as ``owner``, opening a fresh segment when one fills up."""
+
+    def __init__(self, shard_dir: Path, shard: int, next_seq: int,
+                 owner: ownership.OwnerToken, segment_size: int) -> None:
+        self.shard_dir = shard_dir
+        self.shard = shard
+        self.owner = owner
+        self.segment_size = segment_size
+        self.next_seq = next_seq
+        self.active: ActiveSegment | None = None
+
+    @property
+    def active_seq(self) -> int:
+        """The segment appends go to now; every lower-numbered segment is sealed."""
+        return self.active.seq if self.active is not None else self.next_seq
+
+    def _rotate(self) -> None:
+        old = self.active
+        self.active = None
+        if old is not None:
+            old.close()
+        try:
+            seg = ActiveSegment(self.shard_dir, self.next_seq)
+        except FileExistsError as exc:
+            # Left by an attempt whose cleanup failed: never append to a file we did not open.
+            self.next_seq += 1
+            raise SpoolWriteError(errno.EEXIST, f"creating segment: {exc}") from exc
+        except OSError as exc:
+            raise SpoolWriteError(exc.errno or errno.EIO, f"creating segment: {exc}") from exc
+        try:
+            seg.write(encode_segment_header(self.shard, seg.seq, self.owner.node,
+                                            self.owner.token))
+        except SpoolWriteError:
+            # Disk full: do not leave an empty segment behind for every failed attempt.
+            seg.close()
+            try:
+                os.unlink(seg.path)
+            except OSError:
+                pass
+            raise
+        self.next_seq += 1
+        self.active = seg
+
+    def append_many(self, chunks: list[bytes]) -> list[Position]:
+        # Fencing: a node that lost the shard must not write one more byte into it.
+        try:
+            ownership.verify(self.shard_dir, self.shard, self.owner)
+        except OSError as exc:
+            raise SpoolWriteError(exc.errno or errno.EIO, f"reading owner file: {exc}") from exc
+        total = sum(len(c) for c in chunks)
+        seg = self.active
+        if seg is None or seg.broken or (seg.size + total > self.segment_size and seg.size > 64):
+            self._rotate()
+            seg = self.active
+            assert seg is not None
+        base = seg.write(b"".join(chunks))
+        positions = []
+        for chunk in chunks:
+            positions.append((seg.seq, base))
+            base += len(chunk)
+        return positions
+
+    def sync(self) -> None:
+        if self.active is not None:
+            self.active.sync()
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.close()
+            self.active = None

@@ -1,0 +1,169 @@
+"""Group commit: one thread takes every pending append, writes it, syncs once per file.
+
+Callers on the event loop get a future per append; the thread resolves a whole batch with a
+single ``call_soon_threadsafe``. Each append also carries an ``on_durable`` callback that runs
+on the loop even if the caller stopped waiting, so the in-memory index never misses a record
+that reached the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from mta.spool.errors import SpoolWriteError
+
+__all__ = ["AppendLog", "BatchObserver", "GroupCommitWriter", "Position"]
+
+log = structlog.get_logger("mta.spool.writer")
+
+Position = tuple[int, int]  # (segment seq, offset)
+
+
+class AppendLog(Protocol):
+    """What the writer needs from a shard's log; called only from the writer thread."""
+
+    def append_many(self, chunks: list[bytes]) -> list[Position]:
+        """Write ``chunks`` contiguously (not yet durable) and return where each landed."""
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+
+
+class BatchObserver(Protocol):
+    def __call__(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None: ...
+
+
+class _Item:
+    __slots__ = ("data", "future", "log", "on_durable")
+
+    def __init__(
+        self,
+        log: AppendLog,
+        data: bytes,
+        future: asyncio.Future[Position],
+        on_durable: Callable[[Position], None] | None,
+    ) -> None:
+        self.log = log
+        self.data = data
+        self.future = future
+        self.on_durable = on_durable
+
+
+_Outcome = tuple[list[_Item], list[Position] | None, SpoolWriteError | None]
+
+
+class GroupCommitWriter:
+    """The spool's dedicated writer thread."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_batch_bytes: int = 8 * 1024 * 1024,
+        observe: BatchObserver | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._max_batch_bytes = max_batch_bytes
+        self._observe = observe
+        self._on_batch = on_batch
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def append(
+        self,
+        log: AppendLog,
+        data: bytes,
+        on_durable: Callable[[Position], None] | None = None,
+    ) -> asyncio.Future[Position]:
+        """Queue ``data`` for ``log``; the future resolves once it is on disk (fdatasync)."""
+        fut: asyncio.Future[Position] = self._loop.create_future()
+        if self._stopping:
+            fut.set_exception(SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down"))
+            return fut
+        item = _Item(log, data, fut, on_durable)
+        with self._cond:
+            self._pending.append(item)
+            if len(self._pending) == 1:
+                self._cond.notify()
+        return fut
+
+    async def close(self) -> None:
+        """Write out everything queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    # --- writer thread ---------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._pending:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            batch = [self._pending.popleft()]
+            nbytes = len(batch[0].data)
+            while self._pending and nbytes < self._max_batch_bytes:
+                item = self._pending.popleft()
+                nbytes += len(item.data)
+                batch.append(item)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            by_log: dict[int, tuple[AppendLog, list[_Item]]] = {}
+            for item in batch:
+                by_log.setdefault(id(item.log), (item.log, []))[1].append(item)
+            outcomes: list[_Outcome] = []
+            written: list[tuple[AppendLog, list[_Item], list[Position]]] = []
+            for append_log, items in by_log.values():
+                try:
+                    positions = append_log.append_many([it.data for it in items])
+                    written.append((append_log, items, positions))
+                except SpoolWriteError as exc:
+                    outcomes.append((items, None, exc))
+                except Exception as exc:  # a bug must not kill the writer and hang callers
+                    log.exception("spool.writer.append_failed")
+                    outcomes.append((items, None, SpoolWriteError(errno.EIO, repr(exc))))
+            t0 = time.perf_counter()
+            for append_log, items, positions in written:
+                try:
+                    append_log.sync()
+                    outcomes.append((items, positions, None))
+                except SpoolWriteError as exc:
+                    outcomes.append((items, None, exc))
+            sync_seconds = time.perf_counter() - t0
+            if self._observe is not None:
+                self._observe(len(batch), sum(len(i.data) for i in batch), len(written),
+                              sync_seconds)
+            try:
+                self._loop.call_soon_threadsafe(self._resolve, outcomes)
+            except RuntimeError:
+                return  # the loop is closed: nobody is waiting any more
+
+    # --- event loop ----------------------------------------------------------------------
+
+    def _resolve(self, outcomes: list[_Outcome]) -> None:
+        for items, positions, exc in outcomes:
+            for i, item in enumerate(items):
+                if positions is not None:
+                    if item.on_durable is not None:
+                        item.on_durable(positions[i])
+                    if not item.future.done():
+                        item.future.set_result(positions[i])
+                elif not item.future.done():
+                    item.future.set_exception(exc or SpoolWriteError(errno.EIO))
+        if self._on_batch is not None:
+            self._on_batch()
