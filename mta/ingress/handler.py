@@ -45,9 +45,8 @@ class IngressHandler:
     async def handle_MAIL(self, server: IngressSession, session: Session,
                           envelope: SmtpEnvelope, address: str,
                           mail_options: list[str]) -> str:
-        if address == "<>":
-            address = ""
-        elif problem := address_problem(address, envelope.smtp_utf8):
+        # The null sender stays "<>" here: aiosmtpd reads an empty mail_from as "no MAIL yet".
+        if address != "<>" and (problem := address_problem(address, envelope.smtp_utf8)):
             return f"501 5.1.7 Bad sender address syntax: {problem}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -75,9 +74,7 @@ class IngressHandler:
         if not srv.accepting_writes:
             return "451 4.3.2 Not accepting mail right now, try again later"
         started = time.perf_counter()
-        sender = envelope.mail_from or ""
-        if sender == "<>":
-            sender = ""
+        sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         body_8bit = "BODY=8BITMIME" in envelope.mail_options
         env = Envelope(
             sender=sender,

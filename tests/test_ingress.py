@@ -1,0 +1,409 @@
+"""SMTP submission end to end: real sockets, real clients, the real spool."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import socket
+import ssl
+from email import message_from_bytes
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mta.node import Node
+from tests.helpers import message
+
+
+def port(node: Node) -> int:
+    assert node.ingress is not None
+    return node.ingress.port
+
+
+async def stored(node: Node) -> dict[str, Any]:
+    out = {}
+    for n in node.spool.owned:
+        for ref in node.spool.live_messages(n):
+            out[ref.id] = await node.spool.load(ref.id)
+    return out
+
+
+def queued_id(reply: bytes | str) -> str:
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    assert "queued as " in text, text
+    return text.rsplit("queued as ", 1)[1].strip()
+
+
+class Raw:
+    """A line-level SMTP client for replies the libraries would hide."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1", source: str | None = None) -> Raw:
+        r, w = await asyncio.open_connection(
+            host, port, local_addr=(source, 0) if source else None)
+        return cls(r, w)
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
+            if not line:
+                break
+            lines.append(line.rstrip("\r\n"))
+            if len(line) < 4 or line[3] != "-":
+                break
+        return "\n".join(lines)
+
+    async def cmd(self, line: str | bytes) -> str:
+        self.writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def test_ehlo_advertises_extensions(start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    assert (await c.reply()).startswith("220 ")
+    ehlo = await c.cmd("EHLO client.example")
+    for ext in ("PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"):
+        assert f"250-{ext}" in ehlo or f"250 {ext}" in ehlo, ehlo
+    assert "STARTTLS" not in ehlo and "AUTH" not in ehlo  # no cert, no users configured
+    await c.close()
+
+
+async def test_plain_submission_with_smtplib_is_stored_byte_for_byte(start_node: Any) -> None:
+    node = await start_node()
+    body = message(1, 5000)
+
+    def send() -> Any:
+        with smtplib.SMTP("127.0.0.1", port(node)) as s:
+            s.ehlo("client.example")
+            s.mail("sender@example.com")
+            s.rcpt("rcpt@example.org")
+            return s.data(body)
+
+    code, reply = await asyncio.to_thread(send)
+    assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as ")
+    mid = queued_id(reply)
+    msg = (await stored(node))[mid]
+    assert msg.envelope.sender == "sender@example.com"
+    assert msg.envelope.recipients == ["rcpt@example.org"]
+    assert msg.body.startswith(b"Received: from client.example ([127.0.0.1])")
+    assert f"id {mid}".encode() in msg.body.split(b"\r\n\r\n")[0]
+    # Client headers carried Message-ID and Date: only the trace header is added.
+    assert msg.body.endswith(body)
+    assert msg.body.count(b"Message-ID:") == 1 and msg.body.count(b"\r\nDate:") == 1
+
+
+async def test_missing_message_id_and_date_are_added(start_node: Any) -> None:
+    node = await start_node()
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port(node))
+    await smtp.connect()
+    _, reply = await smtp.sendmail("a@example.com", ["b@example.org"],
+                                   b"Subject: bare\r\n\r\nhello\r\n")
+    await smtp.quit()
+    msg = (await stored(node))[queued_id(reply)]
+    parsed = message_from_bytes(msg.body)
+    assert parsed["Message-ID"].endswith("@mx.test.example>")
+    assert parsed["Date"]
+    assert parsed.get_payload() == "hello\r\n"
+
+
+async def test_pipelined_transactions_over_one_connection(start_node: Any) -> None:
+    node = await start_node()
+    r, w = await asyncio.open_connection("127.0.0.1", port(node))
+    await r.readline()
+    w.write(b"EHLO pipe.example\r\n")
+    await w.drain()
+    while not (await r.readline()).startswith(b"250 "):
+        pass
+    # Three whole transactions written in one go, without waiting for replies.
+    batch = b""
+    for i in range(3):
+        batch += (b"MAIL FROM:<p@example.com>\r\nRCPT TO:<x@example.org>\r\n"
+                  b"RCPT TO:<y@example.net>\r\nDATA\r\n")
+        batch += message(i, 300).replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    batch += b"QUIT\r\n"
+    w.write(batch)
+    await w.drain()
+    replies = (await asyncio.wait_for(r.read(), 10)).decode().splitlines()
+    w.close()
+    assert [x[:3] for x in replies] == ["250", "250", "250", "354", "250"] * 3 + ["221"]
+    assert len(await stored(node)) == 3
+
+
+async def test_8bitmime_and_smtputf8(start_node: Any) -> None:
+    node = await start_node()
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port(node))
+    await smtp.connect()
+    await smtp.ehlo()
+    body = "Subject: café\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nnaïve ☃\r\n"
+    _, r1 = await smtp.sendmail("a@example.com", ["b@example.org"], body.encode(),
+                                mail_options=["BODY=8BITMIME"])
+    _, r2 = await smtp.sendmail("jörg@exämple.com", ["用户@例子.广告"], body.encode(),
+                                mail_options=["BODY=8BITMIME", "SMTPUTF8"])
+    await smtp.quit()
+    msgs = await stored(node)
+    m1, m2 = msgs[queued_id(r1)], msgs[queued_id(r2)]
+    assert m1.envelope.body_8bit and not m1.envelope.smtputf8
+    assert m2.envelope.smtputf8
+    assert m2.envelope.sender == "jörg@exämple.com"
+    assert m2.envelope.recipients == ["用户@例子.广告"]
+    assert "Subject: café\r\nContent-Type: text/plain; charset=utf-8\r\n".encode() in m2.body
+    assert m2.body.endswith("\r\n\r\nnaïve ☃\r\n".encode())
+
+
+async def test_non_ascii_address_without_smtputf8_is_refused(start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    assert (await c.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+    reply = await c.cmd("RCPT TO:<jörg@example.org>".encode())
+    assert reply.startswith("500 5.5.2") or reply.startswith("501 5.1.3"), reply
+    await c.close()
+
+
+async def test_starttls_then_auth_plain(start_node: Any, tls_files: Any, tls_ca: Any,
+                                        users_file: str) -> None:
+    cert, key = tls_files
+    node = await start_node(smtp={"tls_cert": cert, "tls_key": key, "users_file": users_file,
+                                  "relay_networks": ["10.0.0.0/8"]})
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port(node), tls_context=ctx,
+                           start_tls=False)
+    await smtp.connect()
+    await smtp.ehlo()
+    assert smtp.supports_extension("starttls")
+    await smtp.starttls()
+    await smtp.ehlo()
+    assert {"plain", "login"} <= set(smtp.server_auth_methods)
+    # Not in relay_networks: relaying needs AUTH.
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+        await smtp.sendmail("a@example.com", ["b@example.org"], b"Subject: x\r\n\r\nx\r\n")
+    assert refused.value.recipients[0].code == 554
+    assert "5.7.1" in refused.value.recipients[0].message
+    await smtp.login("alice", "s3cret")
+    _, reply = await smtp.sendmail("a@example.com", ["b@example.org"], b"Subject: x\r\n\r\nx\r\n")
+    await smtp.quit()
+    msg = (await stored(node))[queued_id(reply)]
+    assert msg.envelope.auth_user == "alice"
+    assert b"with ESMTPSA id" in msg.body
+
+
+async def test_auth_login_and_wrong_password(start_node: Any, users_file: str) -> None:
+    node = await start_node(smtp={"users_file": users_file, "relay_networks": []})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    ehlo = await c.cmd("EHLO c.example")
+    assert "AUTH LOGIN PLAIN" in ehlo  # loopback may AUTH before STARTTLS
+    assert (await c.cmd("AUTH LOGIN")).startswith("334 ")
+    assert (await c.cmd(base64.b64encode(b"alice").decode())).startswith("334 ")
+    assert (await c.cmd(base64.b64encode(b"wrong").decode())).startswith("535 5.7.8")
+    plain = base64.b64encode(b"\0alice\0s3cret").decode()
+    assert (await c.cmd(f"AUTH PLAIN {plain}")).startswith("235 2.7.0")
+    assert (await c.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+    assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("250")
+    await c.close()
+    assert node.metrics.auth_failures._value.get() == 1
+
+
+def _non_loopback_ip() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.254", 9))
+            ip = str(s.getsockname()[0])
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+async def test_auth_not_offered_before_starttls_off_loopback(
+        start_node: Any, tls_files: Any, users_file: str) -> None:
+    ip = _non_loopback_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    cert, key = tls_files
+    node = await start_node(smtp={"listen": f"{ip}:0", "tls_cert": cert, "tls_key": key,
+                                  "users_file": users_file})
+    c = await Raw.connect(port(node), host=ip)
+    await c.reply()
+    ehlo = await c.cmd("EHLO c.example")
+    assert "STARTTLS" in ehlo and "AUTH" not in ehlo
+    plain = base64.b64encode(b"\0alice\0s3cret").decode()
+    assert (await c.cmd(f"AUTH PLAIN {plain}")).startswith("538 5.7.11")
+    # And an address outside relay_networks may not relay.
+    await c.cmd("MAIL FROM:<a@example.com>")
+    assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("554 5.7.1")
+    await c.close()
+
+
+async def test_size_limits(start_node: Any) -> None:
+    node = await start_node(smtp={"max_message_size": 10_000})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    assert "SIZE 10000" in await c.cmd("EHLO c.example")
+    assert (await c.cmd("MAIL FROM:<a@example.com> SIZE=20000")).startswith("552 5.3.4")
+    assert (await c.cmd("MAIL FROM:<a@example.com> SIZE=5000")).startswith("250")
+    await c.cmd("RCPT TO:<b@example.org>")
+    assert (await c.cmd("DATA")).startswith("354")
+    c.writer.write(message(1, 20_000) + b".\r\n")
+    assert (await c.reply()).startswith("552 5.3.4")
+    # The session is still usable and nothing was stored.
+    assert (await c.cmd("RSET")).startswith("250")
+    await c.close()
+    assert await stored(node) == {}
+
+
+async def test_recipient_limit_and_address_syntax(start_node: Any) -> None:
+    node = await start_node(smtp={"max_recipients": 3})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    assert (await c.cmd("MAIL FROM:<not an address>")).startswith("501 5.1.")
+    assert (await c.cmd("MAIL FROM:<a@example.com>")).startswith("250 2.1.0")
+    assert (await c.cmd("RCPT TO:<no-domain>")).startswith("501 5.1.3")
+    assert (await c.cmd("RCPT TO:<a@@b.example>")).startswith("501 5.1.3")
+    assert (await c.cmd("RCPT TO:<x@bad_domain.example>")).startswith("501 5.1.3")
+    for i in range(3):
+        assert (await c.cmd(f"RCPT TO:<r{i}@example.org>")).startswith("250 2.1.5")
+    assert (await c.cmd("RCPT TO:<r4@example.org>")).startswith("452 4.5.3")
+    await c.close()
+
+
+async def test_null_sender_is_accepted(start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    assert (await c.cmd("MAIL FROM:<>")).startswith("250")
+    await c.cmd("RCPT TO:<b@example.org>")
+    await c.cmd("DATA")
+    reply = await c.cmd(b"Subject: dsn\r\n\r\nbounce\r\n.")
+    await c.close()
+    assert (await stored(node))[queued_id(reply)].envelope.sender == ""
+
+
+async def test_overlong_lines(start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    assert (await c.cmd("NOOP " + "x" * 2000)).startswith("500 5.5.2")
+    await c.cmd("MAIL FROM:<a@example.com>")
+    await c.cmd("RCPT TO:<b@example.org>")
+    await c.cmd("DATA")
+    reply = await c.cmd(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\n.")
+    assert reply.startswith("500 5.5.2")
+    await c.close()
+    assert await stored(node) == {}
+
+
+async def test_disconnect_mid_data_stores_nothing(start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    await c.cmd("MAIL FROM:<a@example.com>")
+    await c.cmd("RCPT TO:<b@example.org>")
+    await c.cmd("DATA")
+    c.writer.write(message(1, 4000)[:2500])
+    await c.writer.drain()
+    c.writer.transport.abort()
+    await asyncio.sleep(0.2)
+    assert await stored(node) == {}
+    assert node.spool.live_count() == 0
+
+
+async def test_connection_limits_total_and_per_ip(start_node: Any) -> None:
+    node = await start_node(smtp={"max_connections": 3, "max_connections_per_ip": 2})
+    a = await Raw.connect(port(node))
+    b = await Raw.connect(port(node))
+    assert (await a.reply()).startswith("220") and (await b.reply()).startswith("220")
+    c = await Raw.connect(port(node))
+    assert (await c.reply()).startswith("421 4.7.0")
+    await c.close()
+    # Another client address still fits under the total limit.
+    d = await Raw.connect(port(node), source="127.0.0.2") if _has_127_0_0_2() else None
+    if d is not None:
+        assert (await d.reply()).startswith("220")
+        e = await Raw.connect(port(node), source="127.0.0.3")
+        assert (await e.reply()).startswith("421 4.7.0")  # total limit of 3 reached
+        await e.close()
+        await d.close()
+    await a.close()
+    await asyncio.sleep(0.1)
+    f = await Raw.connect(port(node))
+    assert (await f.reply()).startswith("220")  # a freed slot is reusable
+    await f.close()
+    await b.close()
+
+
+def _has_127_0_0_2() -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+            return True
+        except OSError:
+            return False
+
+
+async def test_idle_and_data_timeouts_close_the_session(start_node: Any) -> None:
+    node = await start_node(smtp={"command_timeout": 0.3, "data_timeout": 0.5})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    assert await asyncio.wait_for(c.reader.read(), 5) == b""  # idle: closed by the server
+    d = await Raw.connect(port(node))
+    await d.reply()
+    await d.cmd("EHLO c.example")
+    await d.cmd("MAIL FROM:<a@example.com>")
+    await d.cmd("RCPT TO:<b@example.org>")
+    await d.cmd("DATA")
+    for _ in range(10):  # a byte-dripping client keeps sending but never finishes
+        d.writer.write(b"x")
+        await asyncio.sleep(0.1)
+        if d.reader.at_eof():
+            break
+    assert await asyncio.wait_for(d.reader.read(), 5) == b""
+    assert await stored(node) == {}
+
+
+async def test_disk_error_answers_452_and_the_node_keeps_accepting(
+        start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected ENOSPC on the append path (the real-limit variants run in test_faults)."""
+    import errno
+
+    from mta.spool import segment
+
+    node = await start_node()
+    real_write = segment.os.write
+    failing = {"on": True}
+
+    def write(fd: int, data: Any) -> int:
+        if failing["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segment.os, "write", write)
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port(node))
+    await smtp.connect()
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await smtp.sendmail("a@example.com", ["b@example.org"], message(1))
+    assert err.value.code == 452 and "4.3.1" in err.value.message
+    failing["on"] = False
+    _, reply = await smtp.sendmail("a@example.com", ["b@example.org"], message(2))
+    await smtp.quit()
+    assert list(await stored(node)) == [queued_id(reply)]
