@@ -24,7 +24,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def node_config(spool: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def node_config(spool: Path, /, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config dict for a test node on free loopback ports; ``sections`` override keys."""
     raw: dict[str, Any] = {
         "node": {"id": "test-node", "log_format": "json", "log_level": "warning"},
@@ -37,7 +37,7 @@ def node_config(spool: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def make_config(spool: Path, **sections: dict[str, Any]) -> Config:
+def make_config(spool: Path, /, **sections: dict[str, Any]) -> Config:
     return config_from_dict(node_config(spool, **sections), "<test>")
 
 
@@ -94,7 +94,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mta", "--config", str(self.config_path)],
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-            preexec_fn=self.preexec,
+            preexec_fn=self.preexec,  # noqa: PLW1509 (only setrlimit, before exec)
         )
         log.close()
         deadline = time.monotonic() + timeout

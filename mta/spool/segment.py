@@ -56,8 +56,8 @@ class ActiveSegment:
         self.path = segment_path(shard_dir, seq)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
         self.size = 0
-        # Set after a failed write or sync: the file's tail can no longer be trusted
-        # (fsyncgate), so the next append opens a fresh segment.
+        # Set after a failed write or sync (EFBIG, EIO, fsyncgate): the next append opens a
+        # fresh segment instead of trusting this file's tail.
         self.broken = False
         fsync_dir(shard_dir)
 
@@ -70,10 +70,13 @@ class ActiveSegment:
                 n = os.write(self.fd, view)
                 view = view[n:]
         except OSError as exc:
+            # Cut the partial record off, and retire the file either way: EFBIG will not go
+            # away for this file, and after EIO its tail cannot be trusted.
+            self.broken = True
             try:
                 os.ftruncate(self.fd, offset)
             except OSError:
-                self.broken = True
+                pass
             raise SpoolWriteError(exc.errno or errno.EIO, str(exc)) from exc
         self.size += len(data)
         return offset
