@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
@@ -49,6 +50,13 @@ _REWRITES: dict[str, str] = {
     "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS failed",
 }
 _CODE_RE = re.compile(r"^(\d)\d\d")
+# The common "<local@domain> [params]" form; anything else goes to aiosmtpd's full parser.
+_SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"]+)>(.*)$", re.S)
+# Replies that may wait in our buffer while more pipelined commands are already read in;
+# anything else (greeting, 221, 421, 334 challenges, 220 before TLS) is flushed at once.
+_DEFERRABLE = frozenset({"250", "251", "252", "354", "451", "452", "500", "501", "502",
+                         "503", "550", "552", "553", "554", "555"})
+_DOT_LINE = b".\r\n"
 
 
 class IngressSession(SMTP):
@@ -61,6 +69,7 @@ class IngressSession(SMTP):
         self._admitted = False
         self.in_data = False
         self._pending_login: LoginPassword | None = None
+        self._out: list[bytes] = []
 
     # --- connection admission and life -----------------------------------------------------
 
@@ -88,7 +97,8 @@ class IngressSession(SMTP):
         """Tell an idle client we are going away (RFC 5321 3.8) and close the connection."""
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(reply.encode() + b"\r\n")
+        pending, self._out = b"".join(self._out), []
+        self.transport.write(pending + reply.encode() + b"\r\n")
         self.transport.close()
 
     # --- DATA ------------------------------------------------------------------------------
@@ -99,21 +109,124 @@ class IngressSession(SMTP):
         self.in_data = True
         self._reset_timeout(self._server.cfg.data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self.in_data = False
             self._reset_timeout()
             if self._server.draining and self.transport is not None:
+                await self._flush()
                 self.close_for_shutdown(self._server.closing_reply)
+
+    async def _data(self, arg: str) -> None:
+        """DATA with the same replies as aiosmtpd's, reading the body in one ``readuntil``
+        instead of line by line (the per-line loop was the top cost of ingress)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, error = await self._read_body()
+        if error is not None:
+            await self.push(error)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_body(self) -> tuple[bytes, str | None]:
+        """Read up to the ``.`` line; return (unstuffed body, None) or (b"", error reply)."""
+        reader = self._reader
+        limit = self.data_size_limit or (1 << 30)
+        # The reader's limit is the command-line length; lift it for the body (asyncio keeps
+        # it in ``_limit``, as aiosmtpd's own STARTTLS code relies on ``_buffer``).
+        saved = reader._limit  # type: ignore[attr-defined]
+        reader._limit = limit + 1024  # type: ignore[attr-defined]
+        parts: list[bytes] = []
+        size = 0
+        too_big = False
+        tail = b"\r\n"  # a "." as the very first line ends an empty body
+        try:
+            while True:
+                try:
+                    chunk = await reader.readuntil(_DOT_LINE)
+                except asyncio.LimitOverrunError as exc:
+                    dropped = await reader.readexactly(exc.consumed)
+                    too_big, parts = True, []
+                    tail = (tail + dropped)[-2:]
+                    continue
+                before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk)[-5:-3]
+                if before == b"\r\n":  # ".\r\n" starts a line: the end of DATA
+                    if not too_big:
+                        parts.append(chunk[:-3])
+                    break
+                tail = b"\r\n"
+                size += len(chunk)
+                if size > limit:
+                    too_big, parts = True, []
+                elif not too_big:
+                    parts.append(chunk)
+        finally:
+            reader._limit = saved  # type: ignore[attr-defined]
+        if too_big:
+            return b"", "552 5.3.4 Message size exceeds fixed limit"
+        body = b"".join(parts)
+        if len(body) > limit:
+            return b"", "552 5.3.4 Message size exceeds fixed limit"
+        if len(body) > self.line_length_limit - 2 and any(
+                len(line) > self.line_length_limit - 2 for line in body.split(b"\r\n")):
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if body.startswith(b".") or b"\r\n." in body:
+            # Undo dot-stuffing (RFC 5321 4.5.2) on every line, the first included.
+            body = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
+        return body, None
+
+    # --- addresses -------------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's version builds a typing.Protocol class and runs the RFC 5322 header
+        # parser on every MAIL and RCPT; the plain form needs neither.
+        m = _SIMPLE_ADDR_RE.match(arg) if arg else None
+        if m is not None:
+            return m.group(1), m.group(2)
+        return super()._getaddr(arg)
 
     # --- replies ---------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
-            if (m := _CODE_RE.match(status)) and m.group(1) in "45":
-                self._server.count_rejection(status[:3])
-        await super().push(status)
+            code = status[:3]
+            if code[:1] in "45" and _CODE_RE.match(status):
+                self._server.count_rejection(code)
+            data = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n"
+        else:
+            code = status[:3].decode("ascii", "replace")
+            data = status + b"\r\n"
+        self._out.append(data)
+        # Pipelining: while further complete commands already sit in the input buffer, keep
+        # replies back and send them in one write (RFC 2920 4). A multi-line reply's
+        # continuation lines always wait for its last line.
+        if data[3:4] == b"-" and code == "250":
+            return
+        buffered = getattr(self._reader, "_buffer", None)
+        if code in _DEFERRABLE and buffered and b"\n" in buffered:
+            return
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._writer.write(data)
+        await self._writer.drain()
 
     # --- AUTH: hashing runs in a thread, never on the loop ---------------------------------
 
