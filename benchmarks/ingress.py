@@ -138,7 +138,8 @@ def run_bench(messages: int, size_kb: float, concurrency: int, reuse: bool, proc
     cfg.write_text(
         f'[node]\nid = "bench"\nlog_format = "json"\nlog_level = "{log_level}"\n'
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "bench.example"\n'
-        f"max_connections = {concurrency * 2 + 10}\nmax_connections_per_ip = {concurrency * 2 + 10}\n"
+        f"max_connections = {concurrency * 2 + 10}\n"
+        f"max_connections_per_ip = {concurrency * 2 + 10}\n"
         f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n'
         f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
     )

@@ -407,3 +407,35 @@ async def test_disk_error_answers_452_and_the_node_keeps_accepting(
     _, reply = await smtp.sendmail("a@example.com", ["b@example.org"], message(2))
     await smtp.quit()
     assert list(await stored(node)) == [queued_id(reply)]
+
+
+async def test_session_init_matches_aiosmtpd(start_node: Any, users_file: str) -> None:
+    """IngressSession replaces SMTP.__init__ for speed: it must set what aiosmtpd sets."""
+    from aiosmtpd.smtp import SMTP
+
+    from mta.ingress.session import IngressSession
+
+    node = await start_node(smtp={"users_file": users_file})
+    srv = node.ingress
+    ours = srv._make_session()
+    theirs = IngressSession.__new__(IngressSession)
+    SMTP.__init__(theirs, srv._handler, data_size_limit=srv.cfg.max_message_size,
+                  enable_SMTPUTF8=True, decode_data=False, hostname=srv.cfg.hostname,
+                  ident="mta ESMTP", tls_context=None, timeout=srv.cfg.command_timeout,
+                  auth_require_tls=True, loop=asyncio.get_running_loop())
+    mine = set(vars(ours)) - {"_server", "_client_ip", "_admitted", "in_data",
+                              "_pending_login", "_out"}
+    assert mine == set(vars(theirs))
+    def func(value: Any) -> Any:  # a bound method, or aiosmtpd's (method, is_builtin) pair
+        if hasattr(value, "is_builtin"):
+            return (func(value.method), value.is_builtin)
+        return getattr(value, "__func__", value)
+
+    for name in ("_auth_methods", "_handle_hooks", "_smtp_methods"):
+        assert set(getattr(ours, name)) == set(getattr(theirs, name)), name
+        for key, value in getattr(ours, name).items():
+            assert func(value) == func(getattr(theirs, name)[key]), (name, key)
+    for name in ("data_size_limit", "enable_SMTPUTF8", "_decode_data", "hostname",
+                 "_timeout_duration", "_auth_require_tls", "_auth_required",
+                 "_enforce_call_limit", "_ehlo_hook_ver", "__ident__", "require_starttls"):
+        assert getattr(ours, name) == getattr(theirs, name), name

@@ -47,6 +47,7 @@ class IngressServer:
         self.accepting_writes = True
         self._handler = IngressHandler(self)
         self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -55,20 +56,17 @@ class IngressServer:
             self._handler,
             server=self,
             data_size_limit=self.cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
             hostname=self.cfg.hostname,
-            ident="mta ESMTP",
             tls_context=self.tls,
             timeout=self.cfg.command_timeout,
-            auth_require_tls=True,
-            auth_exclude_mechanism=[] if self.users is not None else ["PLAIN", "LOGIN"],
-            loop=asyncio.get_running_loop(),
+            auth=self.users is not None,
+            loop=self._loop,
         )
 
     async def start(self) -> None:
         host, port = self.cfg.listen
-        self._server = await asyncio.get_running_loop().create_server(
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
             self._make_session, host=host, port=port, backlog=1024,
             reuse_address=True, reuse_port=self.cfg.reuse_port or None,
         )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
+import ssl
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, _AuthMechAttr, login_always_fail
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
@@ -59,11 +62,87 @@ _DEFERRABLE = frozenset({"250", "251", "252", "354", "451", "452", "500", "501",
 _DOT_LINE = b".\r\n"
 
 
+@dataclass(frozen=True)
+class _Introspection:
+    """What aiosmtpd looks up by name on a session class and a handler class."""
+
+    auth: dict[str, tuple[str, bool]]  # mechanism -> (method name, defined on the session)
+    hooks: dict[str, str]  # hook -> handler method name
+    commands: dict[str, str]  # SMTP verb -> session method name
+    ehlo_hook_ver: str | None
+
+    @classmethod
+    def of(cls, session_cls: type, handler: Any) -> _Introspection:
+        auth: dict[str, tuple[str, bool]] = {}
+        for builtin, obj in ((True, session_cls), (False, handler)):
+            for name, func in inspect.getmembers(obj):
+                if name.startswith("auth_"):
+                    mech = getattr(func, "__auth_mechanism_name__",
+                                   name.replace("auth_", "").replace("__", "-"))
+                    auth[mech] = (name, builtin)
+        hooks = {m.replace("handle_", ""): m for m in dir(handler) if m.startswith("handle_")}
+        ehlo = getattr(handler, "handle_EHLO", None)
+        ehlo_ver = None
+        if ehlo is not None:
+            ehlo_ver = "new" if len(inspect.signature(ehlo).parameters) == 5 else "old"
+        commands = {m.replace("smtp_", ""): m for m in dir(session_cls) if m.startswith("smtp_")}
+        return cls(auth, hooks, commands, ehlo_ver)
+
+
 class IngressSession(SMTP):
     """aiosmtpd ``SMTP`` with connection limits, drain, DATA timeout and async AUTH."""
 
-    def __init__(self, handler: Any, server: IngressServer, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    _introspected: dict[tuple[type, int], _Introspection] = {}
+
+    def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
+                 hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
+                 auth: bool, loop: asyncio.AbstractEventLoop) -> None:
+        """``SMTP.__init__`` for our fixed options, with its introspection cached.
+
+        aiosmtpd runs ``inspect.getmembers``/``dir`` over the session and the handler on every
+        connection: 22% of the event loop at one connection per message. This sets the same
+        attributes (``test_session_init_matches_aiosmtpd`` compares them with the installed
+        aiosmtpd) and binds the cached method names per instance.
+        """
+        self.__ident__ = "mta ESMTP"
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        key = (type(handler), id(type(self)))
+        info = self._introspected.get(key)
+        if info is None:
+            info = self._introspected[key] = _Introspection.of(type(self), handler)
+        self._auth_methods = {
+            mech: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mech, (name, builtin) in info.auth.items()
+        } if auth else {}
+        self._handle_hooks = {hook: getattr(handler, name) for hook, name in info.hooks.items()}
+        self._ehlo_hook_ver = info.ehlo_hook_ver
+        self._smtp_methods = {cmd: getattr(self, name) for cmd, name in info.commands.items()}
+        self._enforce_call_limit = False
         self._server = server
         self._client_ip = ""
         self._admitted = False
