@@ -13,6 +13,7 @@ from mta.coordinator import Coordinator, LocalCoordinator
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
 from mta.metrics import NodeMetrics
+from mta.sdnotify import notify, watchdog_interval
 from mta.spool import RecoveryReport, Spool
 
 __all__ = ["Node", "StartupError"]
@@ -104,6 +105,9 @@ class Node:
                 raise StartupError(f"{cfg.source}: [admin] listen: cannot listen on "
                                    f"{host}:{port}: {exc.strerror}") from None
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if (interval := watchdog_interval()) is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        notify(f"READY=1\nSTATUS=accepting mail on port {self.ingress.port}")
         log.info("node.started", node_id=self.node_id, shards=len(self.spool.owned),
                  live=self.spool.live_count(), smtp_port=self.ingress.port,
                  admin_port=self.admin.port if self.admin else None)
@@ -145,6 +149,12 @@ class Node:
             if not self.fenced:
                 await self.spool.maintain(self.cfg.spool.compact_live_ratio)
 
+    async def _watchdog(self, interval: float) -> None:
+        # Pings only while the event loop runs: a wedged loop gets the node restarted.
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
     def reload(self) -> None:
         """SIGHUP: re-read users and TLS certificates; keep the old ones on any error."""
         if self.ingress is None:
@@ -154,6 +164,7 @@ class Node:
             tls = _load_tls(self.cfg)
         except StartupError as exc:
             log.error("node.reload_failed", error=str(exc))
+            notify("RELOADING=0\nSTATUS=reload failed, kept the previous users and TLS")
             return
         self.ingress.users = users
         self.ingress.tls = tls
@@ -166,6 +177,7 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        notify("STOPPING=1")
         log.info("node.stopping", node_id=self.node_id)
         if self.ingress is not None:
             await self.ingress.drain(self.cfg.smtp.shutdown_grace)
