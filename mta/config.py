@@ -21,12 +21,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "DomainPolicy",
     "NodeConfig",
     "SmtpConfig",
     "SpoolConfig",
     "load_config",
     "parse_duration",
     "parse_listen",
+    "parse_rate",
     "parse_size",
 ]
 
@@ -238,11 +240,100 @@ class AdminConfig:
     enabled: bool = _opt(_boolean, True)
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_rate(value: Any) -> float:
+    """A throttle spec like ``"100/s"``, ``"20/m"``, ``"5000/h"``; returns events per second."""
+    if isinstance(value, str) and (m := _RATE_RE.match(value)):
+        rate = float(m.group(1)) / _RATE_UNITS[m.group(2)]
+        if rate > 0:
+            return rate
+    raise _Invalid(f"expected a rate such as \"100/s\", \"20/m\" or \"5000/h\", got {value!r}")
+
+
+def _optional_rate(value: Any) -> float | None:
+    return None if value in ("", None) else parse_rate(value)
+
+
+def _optional_hostport(value: Any) -> tuple[str, int] | None:
+    return None if value in ("", None) else parse_listen(value)
+
+
+def _nameservers(value: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list such as [\"127.0.0.1:53\"], got {value!r}")
+    # A bare IPv4 address means port 53.
+    return tuple(parse_listen(f"{item}:53" if isinstance(item, str) and ":" not in item
+                              else item) for item in value)
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _Invalid(f"expected a port 1-65535, got {value!r}")
+    return value
+
+
+_TLS_MODES = ("opportunistic", "required", "disabled")
+
+
+@dataclass(frozen=True)
+class DomainPolicy:
+    """Per-destination overrides under ``[delivery.domains."<domain or *.suffix>"]``."""
+
+    rate: float | None = _opt(_optional_rate, None)
+    max_connections: int | None = _opt(_positive_int, None)
+    max_messages_per_connection: int | None = _opt(_positive_int, None)
+    tls: str | None = _opt(_choice(*_TLS_MODES), None)
+    smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
+
+
+def _domain_policies(value: Any) -> dict[str, DomainPolicy]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected tables like [delivery.domains.\"example.com\"], got {value!r}")
+    out = {}
+    known = {f.name: f for f in fields(DomainPolicy)}
+    for domain, table in value.items():
+        if not isinstance(table, dict):
+            raise _Invalid(f"{domain!r}: expected a table of settings")
+        values = {}
+        for key, raw in table.items():
+            if key not in known:
+                raise _Invalid(f"{domain!r}.{key}: unknown key; known keys are "
+                               f"{', '.join(sorted(known))}")
+            try:
+                values[key] = known[key].metadata["parse"](raw)
+            except _Invalid as exc:
+                raise _Invalid(f"{domain!r}.{key}: {exc}") from None
+        out[domain.lower()] = DomainPolicy(**values)
+    return out
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
-    """``[delivery]``: the outbound engine (filled in by the delivery issue)."""
+    """``[delivery]``: the outbound engine, with per-domain overrides in ``domains``."""
 
     enabled: bool = _opt(_boolean, True)
+    smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
+    nameservers: tuple[tuple[str, int], ...] = _opt(_nameservers, tuple)
+    mx_port: int = _opt(_port, 25)
+    helo: str = _opt(_string, "")
+    max_connections: int = _opt(_positive_int, 20)
+    max_messages_per_connection: int = _opt(_positive_int, 100)
+    rate: float | None = _opt(_optional_rate, None)
+    tls: str = _opt(_choice(*_TLS_MODES), "opportunistic")
+    connect_timeout: float = _opt(parse_duration, 30.0)
+    command_timeout: float = _opt(parse_duration, 300.0)
+    idle_timeout: float = _opt(parse_duration, 30.0)
+    retry_initial: float = _opt(parse_duration, 300.0)
+    retry_max: float = _opt(parse_duration, 4 * 3600.0)
+    max_age: float = _opt(parse_duration, 3 * 86400.0)
+    breaker_failures: int = _opt(_positive_int, 5)
+    breaker_cooldown: float = _opt(parse_duration, 60.0)
+    bounce_sender: str = _opt(_string, "")
+    accounting_log: str = _opt(_path, "./var/log/accounting.jsonl")
+    domains: dict[str, DomainPolicy] = _opt(_domain_policies, dict)  # noqa: RUF009
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,19 @@ implements the same protocol on etcd. Standalone nodes use :class:`LocalCoordina
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Coordinator", "LocalCoordinator", "ShardHost"]
+__all__ = ["Coordinator", "LocalCoordinator", "RuntimeSettings", "ShardHost"]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Settings an operator changes without a restart; cluster-wide in a cluster."""
+
+    throttles: dict[str, float] = field(default_factory=dict)  # domain or site -> msgs/s
+    suspended: frozenset[str] = frozenset()  # domains whose mail is held
 
 
 @runtime_checkable
@@ -60,6 +70,15 @@ class Coordinator(Protocol):
     def healthy(self) -> bool:
         """True while this node may write and deliver (lease held, or standalone)."""
 
+    def runtime(self) -> RuntimeSettings:
+        """Current runtime throttles and suspended domains."""
+
+    def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
+        """Call ``callback`` on the event loop whenever the runtime settings change."""
+
+    async def set_runtime(self, settings: RuntimeSettings) -> None:
+        """Replace the runtime settings (cluster-wide in a cluster)."""
+
 
 class LocalCoordinator:
     """Standalone: this node owns every shard, always."""
@@ -69,6 +88,8 @@ class LocalCoordinator:
         self.total_shards = total_shards
         self._owned: frozenset[int] = frozenset()
         self._host: ShardHost | None = None
+        self._runtime = RuntimeSettings()
+        self._watchers: list[Callable[[RuntimeSettings], None]] = []
 
     async def start(self, host: ShardHost) -> None:
         self._host = host
@@ -95,3 +116,14 @@ class LocalCoordinator:
     @property
     def healthy(self) -> bool:
         return True
+
+    def runtime(self) -> RuntimeSettings:
+        return self._runtime
+
+    def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
+        self._watchers.append(callback)
+
+    async def set_runtime(self, settings: RuntimeSettings) -> None:
+        self._runtime = settings
+        for callback in self._watchers:
+            callback(settings)

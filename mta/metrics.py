@@ -48,6 +48,21 @@ class NodeMetrics:
         self.torn_tails = Counter("mta_spool_torn_tails", "Torn tails cut by recovery",
                                   registry=r)
 
+        self.delivered = Counter("mta_delivered_recipients", "Recipients accepted remotely",
+                                 registry=r)
+        self.deferred = Counter("mta_deferred_recipients",
+                                "Recipient attempts that failed temporarily", registry=r)
+        self.bounced = Counter("mta_bounced_recipients", "Recipients bounced, by class",
+                               ["bounce_class"], registry=r)
+        self.expired = Counter("mta_expired_recipients", "Recipients expired (max_age)",
+                               registry=r)
+        self.delivery_latency = Histogram(
+            "mta_delivery_seconds", "Reception to remote acceptance, per recipient",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+            registry=r)
+        self.scheduled = Gauge("mta_queue_scheduled", "Messages waiting for their next attempt",
+                               registry=r)
+
     def observe_batch(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None:
         """Called from the writer thread after each group commit."""
         self.batch_records.observe(records)

@@ -8,8 +8,11 @@ import ssl
 
 import structlog
 
+from mta.accounting import AccountingLog
 from mta.config import Config
 from mta.coordinator import Coordinator, LocalCoordinator
+from mta.delivery.engine import DeliveryEngine
+from mta.envelope import Envelope
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
 from mta.metrics import NodeMetrics
@@ -66,6 +69,10 @@ class Node:
         )
         self.coordinator: Coordinator = coordinator or LocalCoordinator(
             self.node_id, cfg.spool.shards)
+        self.accounting = AccountingLog(cfg.delivery.accounting_log, self.node_id)
+        self.engine: DeliveryEngine | None = (
+            DeliveryEngine(cfg, self.spool, self.coordinator, self.metrics, self.accounting)
+            if cfg.delivery.enabled else None)
         self.ingress: IngressServer | None = None
         self.admin = None
         self.fenced = False
@@ -83,8 +90,16 @@ class Node:
         except OSError as exc:
             raise StartupError(f"{cfg.source}: [spool] path: cannot use {cfg.spool.path!r}: "
                                f"{exc.strerror}") from None
+        try:
+            await self.accounting.start()
+        except OSError as exc:
+            raise StartupError(f"{cfg.source}: [delivery] accounting_log: cannot open "
+                               f"{cfg.delivery.accounting_log!r}: {exc.strerror}") from None
+        if self.engine is not None:
+            await self.engine.start()
         await self.coordinator.start(self)
-        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
+        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls,
+                                     on_received=self._on_received)
         try:
             await self.ingress.start()
         except OSError as exc:
@@ -112,6 +127,12 @@ class Node:
                  live=self.spool.live_count(), smtp_port=self.ingress.port,
                  admin_port=self.admin.port if self.admin else None)
 
+    def _on_received(self, message_id: str, env: Envelope, size: int) -> None:
+        self.accounting.record("Reception", message_id, sender=env.sender,
+                               recipients=env.recipients, size=size, client_ip=env.client_ip)
+        if self.engine is not None:
+            self.engine.enqueue(message_id)
+
     def _on_recovered(self, report: RecoveryReport) -> None:
         self.metrics.corrupt_records.inc(len(report.corrupt))
         self.metrics.torn_tails.inc(len(report.truncated))
@@ -120,9 +141,13 @@ class Node:
 
     async def acquire_shard(self, shard: int, token: int) -> None:
         await self.spool.acquire_shard(shard, token)
+        if self.engine is not None:
+            self.engine.add_shard(shard)
         self.metrics.shards_owned.set(len(self.spool.owned))
 
     async def release_shard(self, shard: int) -> None:
+        if self.engine is not None:
+            await self.engine.remove_shard(shard)
         await self.spool.release_shard(shard)
         self.metrics.shards_owned.set(len(self.spool.owned))
 
@@ -146,6 +171,8 @@ class Node:
             await asyncio.sleep(min(interval, 5.0))
             self.metrics.queue_live.set(self.spool.live_count())
             self.metrics.spool_segments.set(self.spool.segment_count())
+            if self.engine is not None:
+                self.metrics.scheduled.set(len(self.engine.scheduler))
             if not self.fenced:
                 await self.spool.maintain(self.cfg.spool.compact_live_ratio)
 
@@ -188,8 +215,11 @@ class Node:
                 await task
         if self.ingress is not None:
             await self.ingress.close()
+        if self.engine is not None:
+            await self.engine.stop(self.cfg.smtp.shutdown_grace)
         await self.coordinator.stop()
         await self.spool.close()
+        await self.accounting.close()
         if self.admin is not None:
             await self.admin.close()
         log.info("node.stopped", node_id=self.node_id)

@@ -1,0 +1,1 @@
+"""Response classification and DSN (RFC 3464) generation."""

@@ -1,0 +1,365 @@
+"""The outbound engine: scheduled queue -> per-domain jobs -> site pools -> outcomes.
+
+Message state kept in the spool's STATE records::
+
+    {"att": attempts made, "next": epoch of the next attempt,
+     "r": {"<recipient index>": [status, reply, bounce class, remote]},  # final ones only
+     "last": last transient reply}
+
+status is "d" (delivered) or "b" (bounced or expired). A recipient with no entry is pending.
+Every new final outcome is made durable before the next attempt, so a restart (or a new
+owner of the shard) never sends again to a recipient the remote side already accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import structlog
+
+from mta.accounting import AccountingLog
+from mta.bounce.classify import classify
+from mta.bounce.dsn import FailedRecipient, build_dsn
+from mta.config import Config
+from mta.coordinator import Coordinator, RuntimeSettings
+from mta.delivery.breaker import Breaker
+from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
+from mta.delivery.routes import Route, Router, policy_for
+from mta.delivery.site import Job, RecipientResult, Site, SiteLimits
+from mta.delivery.throttle import Throttle
+from mta.envelope import Envelope, shard_of
+from mta.metrics import NodeMetrics
+from mta.queue import Scheduler
+from mta.spool import MessageNotFound, Spool, SpoolError, StoredMessage
+
+__all__ = ["DeliveryEngine"]
+
+log = structlog.get_logger("mta.delivery")
+
+_Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t", result)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _headers_of(body: bytes) -> bytes:
+    end = body.find(b"\r\n\r\n")
+    return body if end < 0 else body[:end + 2]
+
+
+class DeliveryEngine:
+    """Delivers the live messages of the shards this node owns."""
+
+    def __init__(self, cfg: Config, spool: Spool, coordinator: Coordinator,
+                 metrics: NodeMetrics, accounting: AccountingLog) -> None:
+        self.cfg = cfg
+        self.dcfg = cfg.delivery
+        self.node_id = cfg.node.id
+        self.spool = spool
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self.accounting = accounting
+        self.router = Router(cfg.delivery)
+        self.scheduler = Scheduler(self._on_due)
+        self.sites: dict[str, Site] = {}
+        self._domain_throttles: dict[str, Throttle] = {}
+        self._shards: set[int] = set()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._domains_of: dict[str, set[str]] = {}
+        self._runtime = RuntimeSettings()
+        self._closing = False
+        self.postmaster = cfg.delivery.bounce_sender or f"MAILER-DAEMON@{cfg.smtp.hostname}"
+        self.helo = cfg.delivery.helo or cfg.smtp.hostname
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._runtime = self.coordinator.runtime()
+        self.coordinator.watch_runtime(self._on_runtime)
+        self.scheduler.start()
+
+    async def stop(self, grace: float) -> None:
+        """Stop scheduling; let in-flight attempts finish for up to ``grace`` seconds."""
+        self._closing = True
+        await self.scheduler.stop()
+        await self._settle(list(self._inflight.values()), grace)
+        for site in self.sites.values():
+            await site.close()
+
+    async def _settle(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- shards ----------------------------------------------------------------------------
+
+    def add_shard(self, shard: int) -> int:
+        """Schedule every live message of a newly owned shard; returns how many."""
+        self._shards.add(shard)
+        now = time.time()
+        refs = self.spool.live_messages(shard)
+        for ref in refs:
+            due = float((ref.state or {}).get("next", 0.0))
+            self.scheduler.add(ref.id, min(due, now + self.dcfg.retry_max) if due else 0.0)
+        return len(refs)
+
+    async def remove_shard(self, shard: int, grace: float = 10.0) -> None:
+        """Stop new work on a shard and wait (bounded) for its attempts in flight."""
+        self._shards.discard(shard)
+        for mid in self.scheduler.ids():
+            if shard_of(mid) == shard:
+                self.scheduler.remove(mid)
+        tasks = [t for mid, t in self._inflight.items() if shard_of(mid) == shard]
+        await self._settle(tasks, grace)
+
+    def enqueue(self, message_id: str) -> None:
+        """A message just accepted: try it now."""
+        if shard_of(message_id) in self._shards and not self._closing:
+            self.scheduler.add(message_id, 0.0)
+
+    def flush(self, domain: str | None = None) -> int:
+        """Retry now every waiting message (for ``domain`` only, if given)."""
+        if domain is None:
+            return self.scheduler.reschedule_all(0.0)
+        domain = domain.lower()
+        return self.scheduler.reschedule_all(
+            0.0, lambda mid: domain in self._domains_of.get(mid, ()))
+
+    def _on_runtime(self, settings: RuntimeSettings) -> None:
+        resumed = self._runtime.suspended - settings.suspended
+        self._runtime = settings
+        for key, site in self.sites.items():
+            site.rate_override = settings.throttles.get(key)
+        self._domain_throttles.clear()
+        for domain in resumed:
+            self.flush(domain)
+
+    # --- attempts --------------------------------------------------------------------------
+
+    def _on_due(self, message_id: str) -> None:
+        if self._closing or message_id in self._inflight \
+                or shard_of(message_id) not in self._shards:
+            return
+        task = asyncio.create_task(self._attempt(message_id), name=f"attempt:{message_id}")
+        self._inflight[message_id] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(message_id, None))
+
+    async def _attempt(self, message_id: str) -> None:
+        try:
+            stored = await self.spool.load(message_id)
+        except MessageNotFound:
+            return
+        except (SpoolError, OSError) as exc:
+            log.error("delivery.load_failed", message_id=message_id, node_id=self.node_id,
+                      error=str(exc))
+            self.scheduler.add(message_id, time.time() + 60)
+            return
+        try:
+            await self._run_attempt(stored)
+        except SpoolError as exc:
+            # The outcome could not be made durable: retry from the last durable state.
+            log.error("delivery.state_write_failed", message_id=message_id,
+                      node_id=self.node_id, error=str(exc))
+            if not self._closing and shard_of(message_id) in self._shards:
+                self.scheduler.add(message_id, time.time() + 60)
+
+    async def _run_attempt(self, stored: StoredMessage) -> None:
+        mid, env = stored.id, stored.envelope
+        state: dict[str, Any] = dict(stored.state or {})
+        done: dict[str, list[Any]] = dict(state.get("r", {}))
+        pending = [i for i in range(len(env.recipients)) if str(i) not in done]
+        if not pending:
+            await self.spool.mark_done(mid)
+            return
+        attempt = int(state.get("att", 0)) + 1
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in pending:
+            groups[_domain(env.recipients[i])].append(i)
+        self._domains_of[mid] = set(groups)
+        held = {d for d in groups if d in self._runtime.suspended}
+        active = {d: idx for d, idx in groups.items() if d not in held}
+
+        outcomes: dict[int, _Outcome] = {}
+        tasks = {asyncio.create_task(self._deliver_group(stored, domain, idx)): domain
+                 for domain, idx in active.items()}
+        remaining = set(tasks)
+        while remaining:
+            finished, remaining = await asyncio.wait(remaining,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+            newly_final = False
+            for task in finished:
+                for i, outcome in task.result().items():
+                    outcomes[i] = outcome
+                    if outcome[0] != "t":
+                        newly_final = True
+                        done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
+            if newly_final and remaining:
+                # Other domains are still in flight: make these outcomes durable now, so a
+                # crash cannot send them again.
+                await self.spool.update_state(mid, {**state, "r": done})
+
+        now = time.time()
+        temp = [i for i, o in outcomes.items() if o[0] == "t"]
+        expired = bool(temp) and now - env.received_at >= self.dcfg.max_age
+        for i in temp:
+            result = outcomes[i][1]
+            if expired:
+                expired_result = RecipientResult(
+                    result.code if 400 <= result.code < 500 else 451,
+                    f"4.4.7 Message expired after {attempt} attempts; last error: "
+                    f"{result.reply}", result.remote)
+                outcomes[i] = ("x", expired_result)
+                done[str(i)] = self._final_record(mid, env, i, outcomes[i], attempt)
+            else:
+                self._record(mid, env, i, "TransientFailure", result, attempt)
+                self.metrics.deferred.inc()
+        bounced = [i for i, o in outcomes.items() if o[0] in ("b", "x")]
+        if bounced and env.sender:
+            await self._send_dsn(stored, [(i, outcomes[i][1]) for i in bounced], expired)
+        still = [i for i in range(len(env.recipients)) if str(i) not in done]
+        if not still:
+            await self.spool.mark_done(mid)
+            self._domains_of.pop(mid, None)
+            return
+        if temp:
+            delay = min(self.dcfg.retry_max, self.dcfg.retry_initial * 2 ** (attempt - 1))
+            due = now + delay * random.uniform(0.9, 1.1)
+            last = outcomes[temp[0]][1].reply
+        else:
+            # Only suspended domains are left: look again soon, without counting an attempt.
+            attempt -= 1
+            due = now + min(60.0, self.dcfg.retry_initial)
+            last = state.get("last", "")
+        await self.spool.update_state(mid, {"att": attempt, "next": due, "r": done,
+                                            "last": last})
+        if not self._closing and shard_of(mid) in self._shards:
+            self.scheduler.add(mid, due)
+
+    def _final_record(self, mid: str, env: Envelope, i: int, outcome: _Outcome,
+                      attempt: int) -> list[Any]:
+        status, result = outcome
+        if status == "d":
+            self._record(mid, env, i, "Delivery", result, attempt)
+            self.metrics.delivered.inc()
+            self.metrics.delivery_latency.observe(max(0.0, time.time() - env.received_at))
+            return ["d", result.reply, "", result.remote]
+        cls = classify(result.code, result.text)
+        kind = "Expiration" if status == "x" else "Bounce"
+        self._record(mid, env, i, kind, result, attempt, bounce_class=cls)
+        if status == "x":
+            self.metrics.expired.inc()
+        else:
+            self.metrics.bounced.labels(cls).inc()
+        return ["b", result.reply, cls, result.remote]
+
+    def _record(self, mid: str, env: Envelope, i: int, kind: str, result: RecipientResult,
+                attempt: int, **extra: Any) -> None:
+        rcpt = env.recipients[i]
+        self.accounting.record(kind, mid, recipient=rcpt, sender=env.sender,
+                               site=result.remote, response=result.reply, attempt=attempt,
+                               **extra)
+        log.info(f"delivery.{kind.lower()}", message_id=mid, node_id=self.node_id,
+                 recipient=rcpt, response=result.reply, remote=result.remote, attempt=attempt,
+                 **extra)
+
+    async def _deliver_group(self, stored: StoredMessage, domain: str, idx: list[int]
+                             ) -> dict[int, _Outcome]:
+        env = stored.envelope
+
+        def every(status: str, result: RecipientResult) -> dict[int, _Outcome]:
+            return {i: (status, result) for i in idx}
+
+        try:
+            route = await self.router.route(domain)
+        except DeliveryError as exc:
+            return every("b" if exc.permanent else "t", RecipientResult(exc.code, exc.text))
+        site = self._site_for(route, domain)
+        job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx], stored.body,
+                  env.smtputf8, env.body_8bit, throttle=self._domain_throttle(domain))
+        try:
+            results = await site.deliver(job)
+        except PermanentError as exc:
+            return every("b", RecipientResult(exc.code, exc.text, exc.remote))
+        except TemporaryError as exc:
+            return every("t", RecipientResult(exc.code, exc.text, exc.remote))
+        out: dict[int, _Outcome] = {}
+        for i, result in zip(idx, results, strict=True):
+            status = "d" if 200 <= result.code < 300 else "b" if result.code >= 500 else "t"
+            out[i] = (status, result)
+        return out
+
+    # --- sites and throttles ---------------------------------------------------------------
+
+    def _site_for(self, route: Route, domain: str) -> Site:
+        site = self.sites.get(route.site)
+        if site is not None:
+            site.route = route
+            return site
+        policy = policy_for(domain, self.dcfg.domains)
+        d = self.dcfg
+        limits = SiteLimits(
+            max_connections=(policy.max_connections if policy and policy.max_connections
+                             else d.max_connections),
+            max_messages_per_connection=(
+                policy.max_messages_per_connection
+                if policy and policy.max_messages_per_connection
+                else d.max_messages_per_connection),
+            rate=d.rate,
+            tls=policy.tls if policy and policy.tls else d.tls,
+            connect_timeout=d.connect_timeout,
+            command_timeout=d.command_timeout,
+            idle_timeout=d.idle_timeout,
+            helo=self.helo,
+        )
+        site = Site(route.site, route, limits, Breaker(d.breaker_failures, d.breaker_cooldown),
+                    self.coordinator.rate_share, self.node_id)
+        site.rate_override = self._runtime.throttles.get(route.site)
+        self.sites[route.site] = site
+        return site
+
+    def _domain_throttle(self, domain: str) -> Throttle | None:
+        rate = self._runtime.throttles.get(domain)
+        if rate is None:
+            policy = policy_for(domain, self.dcfg.domains)
+            rate = policy.rate if policy else None
+        if rate is None:
+            return None
+        throttle = self._domain_throttles.get(domain)
+        if throttle is None:
+            throttle = self._domain_throttles[domain] = Throttle(rate)
+        throttle.rate = rate * self.coordinator.rate_share()
+        return throttle
+
+    # --- bounces ---------------------------------------------------------------------------
+
+    async def _send_dsn(self, stored: StoredMessage, failed: list[tuple[int, RecipientResult]],
+                        expired: bool) -> None:
+        env = stored.envelope
+        dsn = build_dsn(
+            reporting_mta=self.cfg.smtp.hostname, postmaster=self.postmaster,
+            original_sender=env.sender, original_headers=_headers_of(stored.body),
+            arrival=env.received_at, expired=expired, message_id=stored.id,
+            recipients=[FailedRecipient(env.recipients[i], r.reply, r.remote)
+                        for i, r in failed],
+        )
+        # The DSN has the null sender, so its own failure can never cause another DSN.
+        bounce_env = Envelope(sender="", recipients=[env.sender],
+                              smtputf8=not env.sender.isascii(), helo=self.cfg.smtp.hostname)
+        dsn_id = await self.spool.submit(bounce_env, dsn)
+        self.accounting.record("Reception", dsn_id, sender="", recipients=[env.sender],
+                               size=len(dsn), dsn_for=stored.id)
+        log.info("delivery.dsn_queued", message_id=stored.id, dsn_id=dsn_id,
+                 node_id=self.node_id, recipients=len(failed), expired=expired)
+        self.enqueue(dsn_id)
+

@@ -1,0 +1,33 @@
+"""Delivery errors carrying the SMTP reply (or a synthesized one) that ends an attempt."""
+
+from __future__ import annotations
+
+__all__ = ["DeliveryError", "PermanentError", "TemporaryError"]
+
+
+class DeliveryError(Exception):
+    """An attempt failed with ``code`` and ``text`` (``text`` starts with the enhanced code)."""
+
+    permanent = False
+
+    def __init__(self, code: int, text: str, *, remote: str = "", connection: bool = False
+                 ) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.remote = remote
+        self.connection = connection  # failed to reach the host at all (breaker input)
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class TemporaryError(DeliveryError):
+    """Try again later (4xx, connection failure, timeout, DNS SERVFAIL)."""
+
+
+class PermanentError(DeliveryError):
+    """Give up on the recipients concerned (5xx, NXDOMAIN, null MX)."""
+
+    permanent = True

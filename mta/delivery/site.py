@@ -1,0 +1,346 @@
+"""A destination site: its ready queue, connection pool, throttle, back-off and breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import structlog
+
+from mta.delivery.breaker import Breaker
+from mta.delivery.errors import DeliveryError, TemporaryError
+from mta.delivery.routes import Route
+from mta.delivery.throttle import Backoff, Throttle
+
+__all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
+
+log = structlog.get_logger("mta.delivery")
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """How politely a site is treated."""
+
+    max_connections: int
+    max_messages_per_connection: int
+    rate: float | None
+    tls: str  # opportunistic | required | disabled
+    connect_timeout: float
+    command_timeout: float
+    idle_timeout: float
+    helo: str
+
+
+@dataclass(slots=True)
+class RecipientResult:
+    """The outcome for one recipient of one attempt."""
+
+    code: int
+    text: str
+    remote: str = ""
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+@dataclass
+class Job:
+    """One message's recipients at one domain, waiting in a site's ready queue."""
+
+    message_id: str
+    domain: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+    smtputf8: bool
+    body_8bit: bool
+    throttle: Throttle | None = None  # the domain's own throttle, if any
+    future: asyncio.Future[list[RecipientResult]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def finish(self, results: list[RecipientResult]) -> None:
+        if not self.future.done():
+            self.future.set_result(results)
+
+    def fail(self, exc: DeliveryError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    # Opportunistic STARTTLS (RFC 3207 as commonly deployed): encrypt whenever offered, do not
+    # reject on certificate problems; MTA-STS/DANE verification would go here.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+_TLS_CONTEXT = _opportunistic_context()
+
+
+class Site:
+    """Delivers jobs for one MX set over a bounded pool of reused connections."""
+
+    def __init__(self, key: str, route: Route, limits: SiteLimits, breaker: Breaker,
+                 share: Callable[[], float], node_id: str) -> None:
+        self.key = key
+        self.route = route
+        self.limits = limits
+        self.breaker = breaker
+        self.backoff = Backoff()
+        self._share = share
+        self.node_id = node_id
+        self.throttle = Throttle(limits.rate)
+        self.rate_override: float | None = None
+        self.ready: deque[Job] = deque()
+        self.connections = 0
+        self.sessions_opened = 0
+        self._workers: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.Event = asyncio.Event()
+        self._closed = False
+        self._idle = 0  # workers holding an open connection, waiting for a job
+
+    # --- limits that move at run time ------------------------------------------------------
+
+    def _effective_rate(self) -> float | None:
+        rate = self.rate_override if self.rate_override is not None else self.limits.rate
+        if rate is None:
+            return None
+        return rate * self._share() * self.backoff.factor
+
+    def _max_connections(self) -> int:
+        return max(1, int(self.limits.max_connections * self.backoff.factor))
+
+    # --- queueing --------------------------------------------------------------------------
+
+    async def deliver(self, job: Job) -> list[RecipientResult]:
+        """Queue ``job`` and wait for its per-recipient results (or a DeliveryError)."""
+        if self._closed:
+            raise TemporaryError(451, "4.3.2 Delivery engine shutting down")
+        # Breaker not closed: only one probe job may go (allow() admits it once per cooldown).
+        if self.breaker.state != "closed" and self.connections == 0 \
+                and not self.breaker.allow():
+            raise TemporaryError(451, f"4.4.1 Site {self.key} unreachable (circuit open, "
+                                      f"retry in {self.breaker.retry_in():.0f}s)",
+                                 connection=True)
+        self.ready.append(job)
+        self._wakeup.set()
+        self._spawn()
+        return await job.future
+
+    def _spawn(self) -> None:
+        """Open connections while queued jobs outnumber idle ones, up to the limit."""
+        while (self.ready and not self._closed and len(self.ready) > self._idle
+               and self.connections < self._max_connections()):
+            if self.breaker.state != "closed" and self.connections > 0:
+                return  # half-open: only the probe connection runs
+            self.connections += 1
+            task = asyncio.create_task(self._worker(self.ready.popleft()),
+                                       name=f"site:{self.key}")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _next_job(self, wait: float) -> Job | None:
+        while not self.ready:
+            if wait <= 0 or self._closed:
+                return None
+            self._wakeup.clear()
+            self._idle += 1
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            except TimeoutError:
+                return None
+            finally:
+                self._idle -= 1
+        return self.ready.popleft()
+
+    # --- a connection ----------------------------------------------------------------------
+
+    async def _worker(self, first: Job) -> None:
+        smtp: aiosmtplib.SMTP | None = None
+        remote = ""
+        sent = 0
+        job: Job | None = first
+        try:
+            while True:
+                if job is None:
+                    job = await self._next_job(self.limits.idle_timeout if smtp else 0.0)
+                    if job is None:
+                        return
+                if smtp is None:
+                    try:
+                        smtp, remote = await self._connect()
+                    except DeliveryError as exc:
+                        self._connection_failed(job, exc)
+                        job = None
+                        return
+                    sent = 0
+                    self._spawn()  # a probe that got through lets the pool grow again
+                await self.throttle_wait(job)
+                try:
+                    results = await self._send(smtp, job, remote)
+                except DeliveryError as exc:
+                    # The connection broke mid-transaction: this job is retried later.
+                    job.fail(exc)
+                    job = None
+                    await _quit(smtp)
+                    smtp = None
+                    continue
+                job.finish(results)
+                job = None
+                sent += 1
+                if sent >= self.limits.max_messages_per_connection:
+                    await _quit(smtp)
+                    smtp = None
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.connections -= 1
+            if job is not None:  # cancelled with a job in hand
+                job.fail(TemporaryError(451, "4.3.2 Delivery interrupted"))
+            if smtp is not None:
+                await _quit(smtp)
+            if self.ready and not self._closed:
+                self._spawn()
+
+    async def throttle_wait(self, job: Job) -> None:
+        if job.throttle is not None:
+            await job.throttle.acquire()
+        self.throttle.rate = self._effective_rate()
+        await self.throttle.acquire()
+
+    def _connection_failed(self, job: Job, exc: DeliveryError) -> None:
+        opened = self.breaker.on_failure()
+        job.fail(exc)
+        if opened:
+            log.warning("delivery.breaker_open", site=self.key, node_id=self.node_id,
+                        failures=self.breaker.failures, cooldown=self.breaker.cooldown,
+                        error=exc.reply)
+            # Everything queued behind it fails fast and is retried on its own schedule;
+            # the messages stay in the spool.
+            while self.ready:
+                self.ready.popleft().fail(TemporaryError(
+                    451, f"4.4.1 Site {self.key} unreachable (circuit open)", connection=True))
+
+    async def _connect(self) -> tuple[aiosmtplib.SMTP, str]:
+        last: DeliveryError | None = None
+        for addr, port, name in self.route.hosts:
+            smtp = aiosmtplib.SMTP(hostname=addr, port=port, local_hostname=self.limits.helo,
+                                   timeout=self.limits.command_timeout, start_tls=False,
+                                   validate_certs=False)
+            try:
+                await asyncio.wait_for(smtp.connect(timeout=self.limits.connect_timeout),
+                                       self.limits.connect_timeout + 1)
+                await smtp.ehlo()
+                if self.limits.tls != "disabled" and smtp.supports_extension("starttls"):
+                    await smtp.starttls(tls_context=_TLS_CONTEXT, server_hostname=name)
+                    await smtp.ehlo()
+                elif self.limits.tls == "required":
+                    await _quit(smtp)
+                    last = TemporaryError(451, f"4.7.5 {name} does not offer STARTTLS and TLS "
+                                               "is required for this domain", remote=name)
+                    continue
+            except aiosmtplib.SMTPResponseException as exc:
+                await _quit(smtp)
+                last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
+                                      exc.message or "4.4.2 refused at greeting", remote=name,
+                                      connection=True)
+                continue
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await _quit(smtp)
+                last = TemporaryError(451, f"4.4.1 Connection to {name} [{addr}]:{port} failed:"
+                                           f" {type(exc).__name__} {exc}".strip(), remote=name,
+                                      connection=True)
+                continue
+            self.breaker.on_success()
+            self.sessions_opened += 1
+            return smtp, name
+        assert last is not None
+        raise last
+
+    async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str
+                    ) -> list[RecipientResult]:
+        """One SMTP transaction; per-recipient results. Raises TemporaryError if the
+        connection fails mid-way (nothing can be known about that transaction)."""
+        options = []
+        encoding = "ascii"
+        if job.smtputf8 and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        elif job.smtputf8:
+            return [RecipientResult(553, "5.6.7 Remote server does not support SMTPUTF8 "
+                                         "and the addresses need it", remote)] * len(job.recipients)
+        if job.body_8bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        results: list[RecipientResult | None] = [None] * len(job.recipients)
+        try:
+            try:
+                await smtp.mail(job.sender, options=options, encoding=encoding)
+            except aiosmtplib.SMTPResponseException as exc:
+                self._note_reply(exc.code)
+                await _rset(smtp)
+                return [RecipientResult(exc.code, exc.message, remote)] * len(job.recipients)
+            accepted = []
+            for i, rcpt in enumerate(job.recipients):
+                try:
+                    await smtp.rcpt(rcpt, encoding=encoding)
+                    accepted.append(i)
+                except aiosmtplib.SMTPResponseException as exc:
+                    self._note_reply(exc.code)
+                    results[i] = RecipientResult(exc.code, exc.message, remote)
+            if not accepted:
+                await _rset(smtp)
+                return [r for r in results if r is not None]
+            try:
+                resp = await smtp.data(job.body)
+                final = RecipientResult(resp.code, resp.message, remote)
+                self.backoff.on_success()
+            except aiosmtplib.SMTPResponseException as exc:
+                self._note_reply(exc.code)
+                final = RecipientResult(exc.code, exc.message, remote)
+                await _rset(smtp)
+            for i in accepted:
+                results[i] = final
+            return [r for r in results if r is not None]
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
+                TimeoutError) as exc:
+            raise TemporaryError(451, f"4.4.2 Connection to {remote} lost: "
+                                      f"{type(exc).__name__}", remote=remote) from None
+
+    def _note_reply(self, code: int) -> None:
+        if 400 <= code < 500 and self.backoff.on_temp_failure(code):
+            log.warning("delivery.site_backoff", site=self.key, node_id=self.node_id,
+                        code=code, factor=self.backoff.factor)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        while self.ready:
+            self.ready.popleft().fail(TemporaryError(451, "4.3.2 Delivery engine shutting down"))
+        for task in list(self._workers):
+            task.cancel()
+        for task in list(self._workers):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _rset(smtp: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        await smtp.rset()
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError, RuntimeError):
+        if smtp.is_connected:
+            try:
+                await asyncio.wait_for(smtp.quit(), 5)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+

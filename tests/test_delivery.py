@@ -1,0 +1,384 @@
+"""The delivery engine against a real DNS server and scripted SMTP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mta.coordinator import RuntimeSettings
+from mta.node import Node
+from tests.helpers import message
+from tests.mailworld import DNSServer, Sink, SinkScript, wait_until
+
+
+def _free_port_on(*hosts: str) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ok = True
+        for host in hosts:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    ok = False
+        if ok:
+            return port
+    raise RuntimeError("no common free port")
+
+
+class World:
+    """DNS + sinks + one node, built per test."""
+
+    def __init__(self, start_node: Callable[..., Any], tmp_path: Path) -> None:
+        self._start_node = start_node
+        self.tmp_path = tmp_path
+        self.port = _free_port_on("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+        self.sinks: list[Sink] = []
+        self.dns: DNSServer | None = None
+        self.node: Node | None = None
+
+    def sink(self, host: str, script: SinkScript | None = None, start: bool = True,
+             **kw: Any) -> Sink:
+        sink = Sink(host, self.port, script, **kw)
+        if start:
+            sink.start()
+        self.sinks.append(sink)
+        return sink
+
+    def zone(self, zone: dict[str, Any]) -> DNSServer:
+        # The sender's domain always has a mailbox host, for DSNs.
+        zone = {"sender.test": {"MX": [(10, "mx.sender.test")]},
+                "mx.sender.test": {"A": ["127.0.0.5"]}, **zone}
+        self.dns = DNSServer(zone)
+        return self.dns
+
+    async def start(self, **delivery: Any) -> Node:
+        assert self.dns is not None
+        d = {"enabled": True, "nameservers": [f"127.0.0.1:{self.dns.port}"],
+             "mx_port": self.port, "retry_initial": "200ms", "retry_max": "1s",
+             "connect_timeout": "2s", "command_timeout": "5s", "idle_timeout": "1s",
+             "accounting_log": str(self.tmp_path / "acct.jsonl"), **delivery}
+        self.node = await self._start_node(delivery=d)
+        return self.node
+
+    async def submit(self, rcpts: list[str], body: bytes | None = None,
+                     sender: str = "app@sender.test", n: int = 0) -> str:
+        assert self.node is not None and self.node.ingress is not None
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.node.ingress.port)
+        await smtp.connect()
+        _, reply = await smtp.sendmail(sender, rcpts, body or message(n, 1500))
+        await smtp.quit()
+        return reply.rsplit(" ", 1)[1]
+
+    def accounting(self) -> list[dict[str, Any]]:
+        path = self.tmp_path / "acct.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    async def wait_records(self, kind: str, count: int, timeout: float = 10.0
+                           ) -> list[dict[str, Any]]:
+        def found() -> list[dict[str, Any]]:
+            return [r for r in self.accounting() if r["type"] == kind]
+
+        await wait_until(lambda: len(found()) >= count, timeout, f"{count} {kind} records")
+        return found()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.stop()
+            except (AssertionError, RuntimeError):
+                pass
+        if self.dns is not None:
+            self.dns.close()
+
+
+@pytest.fixture
+async def world(start_node: Any, tmp_path: Path) -> AsyncIterator[World]:
+    w = World(start_node, tmp_path)
+    yield w
+    if w.node is not None:
+        await w.node.stop()
+    w.close()
+
+
+def _mx(*hosts: tuple[int, str]) -> dict[str, Any]:
+    return {"MX": list(hosts)}
+
+
+async def test_mx_preference_then_fallback_to_next_mx(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx1.dest.test"), (20, "mx2.dest.test")),
+                "mx1.dest.test": {"A": ["127.0.0.2"]}, "mx2.dest.test": {"A": ["127.0.0.3"]}})
+    mx1 = world.sink("127.0.0.2")
+    mx2 = world.sink("127.0.0.3")
+    await world.start()
+    await world.submit(["a@dest.test"])
+    await mx1.wait_for(1)
+    assert mx2.messages == []
+    mx1.stop()  # the preferred MX goes away: the next one takes the mail
+    world.node.engine.sites.clear()
+    await world.submit(["b@dest.test"], n=1)
+    got = await mx2.wait_for(1)
+    assert got[0].recipients == ["b@dest.test"]
+    assert b"X-Test-Id: 1" in got[0].content
+    deliveries = await world.wait_records("Delivery", 2)
+    assert {d["site"] for d in deliveries} == {"mx1.dest.test", "mx2.dest.test"}
+    assert all(d["node"] == "test-node" and d["attempt"] == 1 for d in deliveries)
+
+
+async def test_no_mx_falls_back_to_address_record(world: World) -> None:
+    world.zone({"plain.test": {"A": ["127.0.0.4"]}})
+    sink = world.sink("127.0.0.4")
+    await world.start()
+    mid = await world.submit(["x@plain.test"])
+    await sink.wait_for(1)
+    await wait_until(lambda: world.node.spool.live_count() == 0, what="message done")
+    await world.wait_records("Delivery", 1)
+    recs = world.accounting()
+    assert [r["type"] for r in recs if r["message_id"] == mid] == ["Reception", "Delivery"]
+
+
+async def _dsn_for(world: World, sender_sink: Sink, count: int = 1) -> list[Any]:
+    got = await sender_sink.wait_for(count)
+    out = []
+    for rec in got:
+        assert rec.sender == "<>"  # DSNs use the null sender (aiosmtpd keeps it as "<>")
+        msg = email.message_from_bytes(rec.content, policy=email.policy.default)
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "delivery-status"
+        out.append(msg)
+    return out
+
+
+def _status_fields(dsn: Any) -> str:
+    part = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+    return "\n".join(str(block) for block in part.get_payload())
+
+
+async def test_5xx_bounces_with_a_dsn_to_the_sender(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    world.sink("127.0.0.2", SinkScript(rcpt={"gone@dest.test": "550 5.1.1 User unknown"}))
+    sender_box = world.sink("127.0.0.5")
+    await world.start()
+    mid = await world.submit(["gone@dest.test"])
+    [dsn] = await _dsn_for(world, sender_box)
+    assert sender_box.messages[0].recipients == ["app@sender.test"]
+    fields = _status_fields(dsn)
+    assert "Final-Recipient: rfc822; gone@dest.test" in fields
+    assert "Status: 5.1.1" in fields and "Action: failed" in fields
+    assert "550 5.1.1 User unknown" in fields
+    headers = next(p for p in dsn.walk() if p.get_content_type() == "text/rfc822-headers")
+    assert "X-Test-Id: 0" in headers.get_content()
+    [bounce] = await world.wait_records("Bounce", 1)
+    assert bounce["message_id"] == mid and bounce["bounce_class"] == "bad-mailbox"
+    await wait_until(lambda: world.node.spool.live_count() == 0, what="all done")
+
+
+async def test_null_mx_and_nxdomain_bounce_at_once_and_dsns_never_bounce(world: World) -> None:
+    world.zone({"nomail.test": _mx((0, ".")), "gone.test": "NXDOMAIN"})
+    sender_box = world.sink("127.0.0.5")
+    await world.start()
+    await world.submit(["a@nomail.test", "b@gone.test"])
+    [dsn] = await _dsn_for(world, sender_box)
+    fields = _status_fields(dsn)
+    assert "Status: 5.1.10" in fields and "Status: 5.1.2" in fields
+    bounces = await world.wait_records("Bounce", 2)
+    assert {b["bounce_class"] for b in bounces} == {"dns-failure"}
+    # A message from the null sender that bounces produces no DSN at all.
+    await world.submit(["c@gone.test"], sender="")
+    await world.wait_records("Bounce", 3)
+    await asyncio.sleep(0.3)
+    assert len(sender_box.messages) == 1
+    await wait_until(lambda: world.node.spool.live_count() == 0, what="all done")
+
+
+async def test_servfail_is_retried_not_bounced(world: World) -> None:
+    dns_server = world.zone({"flaky.test": "SERVFAIL", "mx.flaky.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2")
+    await world.start()
+    mid = await world.submit(["a@flaky.test"])
+    failures = await world.wait_records("TransientFailure", 1)
+    assert "4.4.3" in failures[0]["response"]
+    assert world.node.spool.live_count() == 1
+    dns_server.zone["flaky.test"] = _mx((10, "mx.flaky.test"))  # DNS recovers
+    world.node.engine.router._cache.clear()
+    await sink.wait_for(1)
+    [delivery] = await world.wait_records("Delivery", 1)
+    assert delivery["message_id"] == mid and delivery["attempt"] >= 2
+
+
+async def test_connection_reuse_follows_messages_per_connection(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", SinkScript(data_delay=0.02))
+    await world.start(max_connections=1, max_messages_per_connection=3)
+    for n in range(9):
+        await world.submit([f"r{n}@dest.test"], n=n)
+    got = await sink.wait_for(9)
+    per_session: dict[int, int] = {}
+    for rec in got:
+        per_session[rec.session] = per_session.get(rec.session, 0) + 1
+    assert sorted(per_session.values()) == [3, 3, 3], per_session
+    assert sink.max_active == 1
+
+
+async def test_connection_limit_is_never_exceeded(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", SinkScript(data_delay=0.15))
+    await world.start(max_connections=3)
+    await asyncio.gather(*(world.submit([f"r{n}@dest.test"], n=n) for n in range(15)))
+    await sink.wait_for(15)
+    assert sink.max_active == 3  # used the pool fully, never more
+
+
+async def test_domain_throttle_holds_at_the_sink(world: World) -> None:
+    world.zone({"slow.test": _mx((10, "mx.slow.test")), "mx.slow.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2")
+    await world.start(domains={"slow.test": {"rate": "10/s"}})
+    await asyncio.gather(*(world.submit([f"r{n}@slow.test"], n=n) for n in range(16)))
+    got = await sink.wait_for(16)
+    times = sorted(r.at for r in got)
+    # 16 messages at 10/s take at least 1.5 s; no 1-second window holds more than 10 (+1).
+    assert times[-1] - times[0] >= 1.4
+    for t in times:
+        assert sum(1 for u in times if t <= u < t + 1.0) <= 11
+
+
+async def test_retry_then_success_and_partial_success_across_recipients(world: World) -> None:
+    world.zone({"a.test": _mx((10, "mx.a.test")), "mx.a.test": {"A": ["127.0.0.2"]},
+                "b.test": _mx((10, "mx.b.test")), "mx.b.test": {"A": ["127.0.0.3"]}})
+    sink_a = world.sink("127.0.0.2", SinkScript(rcpt={
+        "bad@a.test": "550 5.1.1 No such user",
+        # Greylisting: the first attempt is deferred, the next accepted.
+        "grey@a.test": lambda addr, n: "450 4.2.0 Greylisted, try again" if n == 0 else None,
+    }))
+    sink_b = world.sink("127.0.0.3")
+    sender_box = world.sink("127.0.0.5")
+    await world.start()
+    mid = await world.submit(["ok@a.test", "bad@a.test", "grey@a.test", "ok@b.test"])
+    await sink_b.wait_for(1)
+    await wait_until(lambda: len(sink_a.messages) == 2, what="a.test deliveries")
+    assert sink_a.messages[0].recipients == ["ok@a.test"]
+    assert sink_a.messages[1].recipients == ["grey@a.test"]
+    [dsn] = await _dsn_for(world, sender_box)
+    fields = _status_fields(dsn)
+    assert "bad@a.test" in fields and "grey@a.test" not in fields and "ok@" not in fields
+    await wait_until(lambda: any(r["type"] == "Delivery" and r["recipient"] == "grey@a.test"
+                                 for r in world.accounting()), what="grey delivered")
+    recs = [r for r in world.accounting() if r["message_id"] == mid]
+    kinds = sorted((r["type"], r.get("recipient", "")) for r in recs)
+    assert kinds == sorted([("Reception", ""), ("Delivery", "ok@a.test"),
+                            ("Delivery", "ok@b.test"), ("Bounce", "bad@a.test"),
+                            ("TransientFailure", "grey@a.test"), ("Delivery", "grey@a.test")])
+    await wait_until(lambda: world.node.spool.live_count() == 0, what="message done")
+
+
+async def test_expiration_bounces_after_max_age(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    world.sink("127.0.0.2", SinkScript(rcpt={"full@dest.test": "452 4.2.2 Mailbox full"}))
+    sender_box = world.sink("127.0.0.5")
+    await world.start(max_age="1s")
+    await world.submit(["full@dest.test"])
+    [dsn] = await _dsn_for(world, sender_box)
+    assert "delivery time expired" in dsn["Subject"]
+    fields = _status_fields(dsn)
+    assert "Status: 5.2.2" in fields or "Status: 4.4.7" in fields or "Status: 5.4.7" in fields
+    [exp] = await world.wait_records("Expiration", 1)
+    assert exp["attempt"] >= 2
+    assert any(r["type"] == "TransientFailure" for r in world.accounting())
+
+
+async def test_circuit_breaker_opens_then_a_probe_recovers(world: World) -> None:
+    world.zone({"down.test": _mx((10, "mx.down.test")), "mx.down.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", start=False)  # nothing listens yet: connection refused
+    await world.start(breaker_failures=2, breaker_cooldown="500ms")
+    for n in range(3):
+        await world.submit([f"r{n}@down.test"], n=n)
+    await world.wait_records("TransientFailure", 3)
+    site = world.node.engine.sites["mx.down.test"]
+    await wait_until(lambda: site.breaker.state in ("open", "half-open"), what="breaker open")
+    assert world.node.spool.live_count() == 3  # nothing bounced, all still queued
+    sink.start()
+    await sink.wait_for(3, timeout=15)
+    assert site.breaker.state == "closed"
+
+
+async def test_421_makes_the_site_back_off(world: World) -> None:
+    world.zone({"busy.test": _mx((10, "mx.busy.test")), "mx.busy.test": {"A": ["127.0.0.2"]}})
+    world.sink("127.0.0.2", SinkScript(
+        data_reply=lambda rcpts, n: "421 4.7.0 Too many messages, slow down" if n < 1 else None))
+    await world.start(rate="50/s", retry_initial="30s")
+    await world.submit(["a@busy.test"])
+    await world.wait_records("TransientFailure", 1)
+    site = world.node.engine.sites["mx.busy.test"]
+    assert site.backoff.factor == 0.5
+    assert site._effective_rate() == pytest.approx(25.0)
+    assert world.node.engine.flush() == 1  # retry now instead of in 30 s
+    await world.wait_records("Delivery", 1)
+    assert site.backoff.factor > 0.5  # recovering after a success
+
+
+async def test_suspended_domain_holds_mail_until_resumed(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2")
+    node = await world.start()
+    await node.coordinator.set_runtime(RuntimeSettings(suspended=frozenset({"dest.test"})))
+    await world.submit(["a@dest.test"])
+    await asyncio.sleep(0.6)
+    assert sink.messages == [] and node.spool.live_count() == 1
+    assert not any(r["type"] == "TransientFailure" for r in world.accounting())
+    await node.coordinator.set_runtime(RuntimeSettings())
+    await sink.wait_for(1)
+
+
+async def test_runtime_throttle_override_applies_without_restart(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2")
+    node = await world.start()
+    await node.coordinator.set_runtime(RuntimeSettings(throttles={"dest.test": 5.0}))
+    await asyncio.gather(*(world.submit([f"r{n}@dest.test"], n=n) for n in range(6)))
+    got = await sink.wait_for(6)
+    times = sorted(r.at for r in got)
+    assert times[-1] - times[0] >= 0.9  # 6 at 5/s
+
+
+async def test_opportunistic_starttls_and_required_tls(world: World, tls_files: Any) -> None:
+    import ssl
+
+    cert, key = tls_files
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    world.zone({"tls.test": _mx((10, "mx.tls.test")), "mx.tls.test": {"A": ["127.0.0.2"]},
+                "plain.test": _mx((10, "mx.plain.test")), "mx.plain.test": {"A": ["127.0.0.3"]}})
+    tls_sink = world.sink("127.0.0.2", tls_context=ctx)
+    world.sink("127.0.0.3")
+    await world.start(domains={"plain.test": {"tls": "required"}})
+    await world.submit(["a@tls.test"])
+    await world.submit(["b@plain.test"], n=1)
+    await tls_sink.wait_for(1)
+    assert b"X-Test-Id: 0" in tls_sink.messages[0].content
+    fail = await world.wait_records("TransientFailure", 1)
+    assert "4.7.5" in fail[0]["response"]
+
+
+async def test_smarthost_routes_everything_to_one_relay(world: World) -> None:
+    world.zone({})
+    relay = world.sink("127.0.0.2")
+    await world.start(smarthost=f"127.0.0.2:{world.port}")
+    await world.submit(["a@anywhere.example", "b@elsewhere.example"])
+    got = await relay.wait_for(2)
+    assert sorted(r for m in got for r in m.recipients) == ["a@anywhere.example",
+                                                            "b@elsewhere.example"]
+    [site] = world.node.engine.sites
+    assert site.startswith("smarthost:")
