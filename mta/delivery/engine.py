@@ -191,6 +191,14 @@ class DeliveryEngine:
         active = {d: idx for d, idx in groups.items() if d not in held}
 
         outcomes: dict[int, _Outcome] = {}
+        if len(active) == 1:
+            # The common case (one destination domain): no task or wait() needed.
+            [(domain, idx)] = active.items()
+            for i, outcome in (await self._deliver_group(stored, domain, idx)).items():
+                outcomes[i] = outcome
+                if outcome[0] != "t":
+                    done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
+            active = {}
         tasks = {asyncio.create_task(self._deliver_group(stored, domain, idx)): domain
                  for domain, idx in active.items()}
         remaining = set(tasks)

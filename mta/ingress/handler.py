@@ -11,7 +11,7 @@ from aiosmtpd.smtp import Session
 
 from mta.envelope import Envelope
 from mta.ingress.headers import prepare_content, received_header
-from mta.ingress.policy import address_problem, in_networks
+from mta.ingress.policy import address_problem
 from mta.spool import NoShardsOwned, SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class IngressHandler:
                           envelope: SmtpEnvelope, address: str,
                           rcpt_options: list[str]) -> str:
         cfg = self._server.cfg
-        if not session.authenticated and not in_networks(server.client_ip, cfg.relay_networks):
+        if not session.authenticated and not server.relay_allowed:
             log.info("smtp.relay_denied", client_ip=server.client_ip, rcpt=address)
             return "554 5.7.1 Relay access denied: authenticate first"
         if problem := address_problem(address, envelope.smtp_utf8):

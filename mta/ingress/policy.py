@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter
@@ -34,6 +35,7 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
+@functools.lru_cache(maxsize=65536)
 def _domain_problem(domain: str, smtputf8: bool) -> str | None:
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, _AuthMechAttr, login_always_fail
 
+from mta.ingress.policy import in_networks
+
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
 
@@ -146,6 +148,7 @@ class IngressSession(SMTP):
         self._server = server
         self._client_ip = ""
         self._admitted = False
+        self.relay_allowed = False  # client address in relay_networks (decided at connect)
         self.in_data = False
         self._pending_login: LoginPassword | None = None
         self._out: list[bytes] = []
@@ -162,6 +165,7 @@ class IngressSession(SMTP):
             self.transport.close()
             return
         self._admitted = True
+        self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
         if self._server.auth_without_tls(self._client_ip):
             self._auth_require_tls = False
         await super()._handle_client()

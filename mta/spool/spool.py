@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Spool:
         exclusive: bool = True,
         observe_batch: BatchObserver | None = None,
         on_recovered: Callable[[RecoveryReport], None] | None = None,
+        hot_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.root = Path(root)
         self.node_id = node_id
@@ -58,6 +60,11 @@ class Spool:
         self._cursor = 0
         self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
+        # Messages just accepted, kept in memory for their first delivery attempt so the
+        # common path never reads back what it wrote a moment ago. Bounded by bytes.
+        self._hot: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._hot_bytes = 0
+        self._hot_limit = hot_cache_bytes
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -128,6 +135,8 @@ class Spool:
         """Stop writing a shard; returns when its in-flight appends are settled."""
         shard = self._shards.pop(number, None)
         self._order = sorted(self._shards)
+        for mid in [m for m in self._hot if shard_of(m) == number]:
+            self._unhot(mid)
         if shard is not None:
             await shard.close()
             log.debug("spool.shard_released", shard=number)
@@ -160,7 +169,17 @@ class Spool:
         if shard is None:
             raise ShardClosed(f"shard of {message_id} is not owned by this node")
         await shard.add(message_id, envelope.to_dict(), body)
+        if self._hot_limit:
+            self._hot[message_id] = (envelope, body)
+            self._hot_bytes += len(body)
+            while self._hot_bytes > self._hot_limit and self._hot:
+                self._unhot(next(iter(self._hot)))
         return message_id
+
+    def _unhot(self, message_id: str) -> None:
+        entry = self._hot.pop(message_id, None)
+        if entry is not None:
+            self._hot_bytes -= len(entry[1])
 
     def _shard_for(self, message_id: str) -> Shard:
         shard = self._shards.get(shard_of(message_id))
@@ -175,12 +194,18 @@ class Spool:
     async def mark_done(self, message_id: str) -> None:
         """Durably finish a message (every recipient has its final outcome)."""
         await self._shard_for(message_id).done(message_id)
+        self._unhot(message_id)
 
     # --- reads -----------------------------------------------------------------------------
 
     async def load(self, message_id: str) -> StoredMessage:
         """Envelope, body and state of a live message in an owned shard."""
-        return await self._shard_for(message_id).load(message_id)
+        shard = self._shard_for(message_id)
+        hot = self._hot.get(message_id)
+        ref = shard.index.messages.get(message_id)
+        if hot is not None and ref is not None:
+            return StoredMessage(message_id, hot[0], hot[1], ref.state)
+        return await shard.load(message_id)
 
     def live_messages(self, number: int) -> list[MessageRef]:
         """The live messages of an owned shard (index entries, no body)."""

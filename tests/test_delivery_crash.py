@@ -1,0 +1,65 @@
+"""kill -9 between deliveries: the restarted node resumes and sends nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import NodeProcess, message, node_config
+from tests.mailworld import DNSServer, Sink, SinkScript, wait_until
+from tests.test_delivery import _free_port_on
+
+
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # the node's loop is what varies here
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_sigkill_between_deliveries_never_resends_an_accepted_recipient(
+        tmp_path: Path, loop: str) -> None:
+    port = _free_port_on("127.0.0.2", "127.0.0.3")
+    dns_server = DNSServer({
+        "fast.test": {"MX": [(10, "mx.fast.test")]}, "mx.fast.test": {"A": ["127.0.0.2"]},
+        "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.3"]},
+    })
+    fast = Sink("127.0.0.2", port)
+    slow = Sink("127.0.0.3", port, SinkScript(data_delay=30))  # holds the DATA reply
+    fast.start()
+    slow.start()
+    acct = tmp_path / "acct.jsonl"
+    raw = node_config(tmp_path / "spool", node={"loop": loop}, delivery={
+        "enabled": True, "nameservers": [f"127.0.0.1:{dns_server.port}"], "mx_port": port,
+        "retry_initial": "200ms", "retry_max": "1s", "accounting_log": str(acct),
+        "command_timeout": "60s"})
+    node = NodeProcess(tmp_path, raw).start()
+    try:
+        body = message(1, 3000)
+        multi = smtplib.SMTP("127.0.0.1", node.smtp_port)
+        multi.sendmail("app@sender.test", ["one@fast.test", "two@slow.test"], body)
+        singles = [message(10 + n, 1000) for n in range(10)]
+        for n, single in enumerate(singles):
+            multi.sendmail("app@sender.test", [f"r{n}@fast.test"], single)
+        multi.quit()
+        await fast.wait_for(11)
+        await wait_until(lambda: slow.active >= 1, what="slow delivery in flight")
+        await asyncio.sleep(0.5)  # outcomes of the fast domain are durable by now
+        node.kill()  # SIGKILL with two@slow.test in the middle of DATA
+        slow.script.data_delay = 0
+        node = NodeProcess(tmp_path, raw).start()
+        got = await slow.wait_for(1, timeout=15)
+        assert got[0].recipients == ["two@slow.test"]
+        await asyncio.sleep(1.0)  # time for any wrong re-send to show up
+        fast_rcpts = [r for m in fast.messages for r in m.recipients]
+        assert sorted(fast_rcpts) == sorted(["one@fast.test"] + [f"r{n}@fast.test"
+                                                                 for n in range(10)])
+        assert len(slow.messages) == 1
+        recs = [json.loads(x) for x in acct.read_text().splitlines()]
+        deliveries = [r for r in recs if r["type"] == "Delivery"]
+        assert sorted(r["recipient"] for r in deliveries) == sorted([*fast_rcpts,
+                                                                     "two@slow.test"])
+    finally:
+        node.kill()
+        fast.stop()
+        slow.stop()
+        dns_server.close()
