@@ -142,6 +142,8 @@ def run_bench(messages: int, size_kb: float, concurrency: int, reuse: bool, proc
         f"max_connections_per_ip = {concurrency * 2 + 10}\n"
         f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n'
         f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        # Durable accept only; benchmarks/relay.py measures accept + delivery together.
+        f'[delivery]\nenabled = false\naccounting_log = "{work / "acct.jsonl"}"\n'
     )
     log = open(work / "node.log", "wb")  # noqa: SIM115
     node = subprocess.Popen([sys.executable, "-m", "mta", "--config", str(cfg)], stdout=log,

@@ -325,6 +325,7 @@ class DeliveryConfig:
     tls: str = _opt(_choice(*_TLS_MODES), "opportunistic")
     connect_timeout: float = _opt(parse_duration, 30.0)
     command_timeout: float = _opt(parse_duration, 300.0)
+    data_timeout: float = _opt(parse_duration, 600.0)
     idle_timeout: float = _opt(parse_duration, 30.0)
     retry_initial: float = _opt(parse_duration, 300.0)
     retry_max: float = _opt(parse_duration, 4 * 3600.0)

@@ -382,3 +382,18 @@ async def test_smarthost_routes_everything_to_one_relay(world: World) -> None:
                                                             "b@elsewhere.example"]
     [site] = world.node.engine.sites
     assert site.startswith("smarthost:")
+
+
+async def test_dropped_connection_is_retried_and_then_delivered(world: World) -> None:
+    world.zone({"drop.test": _mx((10, "mx.drop.test")), "mx.drop.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", SinkScript(drop_on_data=True))
+    await world.start()
+    mid = await world.submit(["a@drop.test"])
+    [fail] = await world.wait_records("TransientFailure", 1)
+    assert fail["message_id"] == mid and "4.4.2" in fail["response"]
+    assert sink.messages == []
+    sink.script.drop_on_data = False
+    got = await sink.wait_for(1)
+    assert got[0].recipients == ["a@drop.test"]
+    [delivery] = await world.wait_records("Delivery", 1)
+    assert delivery["attempt"] >= 2

@@ -327,6 +327,7 @@ class DeliveryEngine:
             tls=policy.tls if policy and policy.tls else d.tls,
             connect_timeout=d.connect_timeout,
             command_timeout=d.command_timeout,
+            data_timeout=d.data_timeout,
             idle_timeout=d.idle_timeout,
             helo=self.helo,
         )

@@ -32,6 +32,7 @@ class SiteLimits:
     tls: str  # opportunistic | required | disabled
     connect_timeout: float
     command_timeout: float
+    data_timeout: float
     idle_timeout: float
     helo: str
 
@@ -299,7 +300,7 @@ class Site:
                 await _rset(smtp)
                 return [r for r in results if r is not None]
             try:
-                resp = await smtp.data(job.body)
+                resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
                 final = RecipientResult(resp.code, resp.message, remote)
                 self.backoff.on_success()
             except aiosmtplib.SMTPResponseException as exc:
