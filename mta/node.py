@@ -97,7 +97,11 @@ class Node:
                                f"{cfg.delivery.accounting_log!r}: {exc.strerror}") from None
         if self.engine is not None:
             await self.engine.start()
-        await self.coordinator.start(self)
+        try:
+            await self.coordinator.start(self)
+        except RuntimeError as exc:
+            await self.spool.close()
+            raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
         self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls,
                                      on_received=self._on_received)
         try:
@@ -152,16 +156,28 @@ class Node:
         self.metrics.shards_owned.set(len(self.spool.owned))
 
     def fence(self, reason: str) -> None:
+        if self.fenced:
+            return
         self.fenced = True
+        self.spool.fence(True)
+        if self.engine is not None:
+            self.engine.pause(True)
         if self.ingress is not None:
             self.ingress.accepting_writes = False
-        log.warning("node.fenced", reason=reason)
+        notify("STATUS=fenced: " + reason)
+        log.warning("node.fenced", node_id=self.node_id, reason=reason)
 
     def unfence(self) -> None:
+        if not self.fenced:
+            return
         self.fenced = False
+        self.spool.fence(False)
+        if self.engine is not None:
+            self.engine.pause(False)
         if self.ingress is not None:
             self.ingress.accepting_writes = True
-        log.info("node.unfenced")
+        notify("STATUS=accepting mail")
+        log.info("node.unfenced", node_id=self.node_id)
 
     # --- main loop -------------------------------------------------------------------------
 

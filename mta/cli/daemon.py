@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 
 import structlog
 
@@ -32,12 +33,16 @@ def _fail(message: str, code: int) -> int:
 async def _serve(cfg: Config) -> int:
     from mta.node import Node, StartupError
 
+    coordinator = None
     if not cfg.standalone:
-        # The etcd coordinator lives in the cluster package (a later milestone); refuse
-        # clearly instead of silently running standalone on a shared spool.
-        return _fail(f"config error: {cfg.source}: [cluster] etcd: cluster mode is not "
-                     "available in this version; remove [cluster] etcd to run standalone", 2)
-    node = Node(cfg)
+        # The etcd coordinator is a plugin (entry point group "mta.coordinators"), so the
+        # node core never imports the cluster package.
+        found = entry_points(group="mta.coordinators", name="etcd")
+        if not found:
+            return _fail(f"config error: {cfg.source}: [cluster] etcd: the etcd coordinator "
+                         "is not installed (pip install -e . from the mta source tree)", 2)
+        coordinator = next(iter(found)).load()(cfg)
+    node = Node(cfg, coordinator)
     try:
         await node.start()
     except StartupError as exc:

@@ -102,6 +102,11 @@ class DeliveryEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    def pause(self, paused: bool) -> None:
+        """Fenced: start no attempt (those in flight cannot write their outcome anyway)."""
+        self.scheduler.paused = paused
+        self.scheduler.wake()
+
     # --- shards ----------------------------------------------------------------------------
 
     def add_shard(self, shard: int) -> int:

@@ -49,7 +49,12 @@ class Scheduler:
         moved = [mid for mid in self._due if match is None or match(mid)]
         for mid in moved:
             self.add(mid, due)
+        self._wake.set()
         return len(moved)
+
+    def wake(self) -> None:
+        """Re-check the heap now (after a pause ends)."""
+        self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")

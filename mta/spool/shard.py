@@ -12,7 +12,7 @@ import structlog
 
 from mta.envelope import Envelope
 from mta.spool import ownership
-from mta.spool.errors import MessageNotFound, SpoolError, SpoolWriteError
+from mta.spool.errors import FencedError, MessageNotFound, SpoolError, SpoolWriteError
 from mta.spool.index import MessageRef, ShardIndex
 from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
 from mta.spool.recovery import RecoveryReport, recover_shard
@@ -56,6 +56,8 @@ class Shard:
         self.index = ShardIndex()
         self._log: ShardLog | None = None
         self._closing = False
+        # Set when the node fences itself (cluster lease lost): no byte more into this shard.
+        self.fenced = False
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -81,6 +83,8 @@ class Shard:
     # --- appends ---------------------------------------------------------------------------
 
     def _append(self, data: bytes, on_durable: Any) -> asyncio.Future[Position]:
+        if self.fenced:
+            raise FencedError(self.number, "node is fenced (lease not provably held)")
         if self._closing or self._log is None:
             raise ShardClosed(f"shard {self.number} is not open for writing")
         fut = self._writer.append(self._log, data, on_durable)

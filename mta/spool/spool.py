@@ -65,6 +65,7 @@ class Spool:
         self._hot: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
         self._hot_bytes = 0
         self._hot_limit = hot_cache_bytes
+        self.fenced = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Spool:
                       ownership.OwnerToken(self.node_id, token), self._segment_size)
         t0 = time.perf_counter()
         report = await shard.open()
+        shard.fenced = self.fenced
         self._shards[number] = shard
         self._order = sorted(self._shards)
         log.debug("spool.shard_acquired", shard=number, token=token, live=report.live,
@@ -140,6 +142,12 @@ class Spool:
         if shard is not None:
             await shard.close()
             log.debug("spool.shard_released", shard=number)
+
+    def fence(self, fenced: bool) -> None:
+        """Refuse (or allow again) every append to the open shards, at once."""
+        self.fenced = fenced
+        for shard in self._shards.values():
+            shard.fenced = fenced
 
     @property
     def owned(self) -> list[int]:
