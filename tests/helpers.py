@@ -55,11 +55,21 @@ def toml_dumps(raw: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    out = []
-    for section, table in raw.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {value(v)}" for k, v in table.items())
+    def key(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+
+    out: list[str] = []
+
+    def table(path: str, tbl: dict[str, Any]) -> None:
+        out.append(f"[{path}]")
+        out.extend(f"{key(k)} = {value(v)}" for k, v in tbl.items() if not isinstance(v, dict))
         out.append("")
+        for k, v in tbl.items():
+            if isinstance(v, dict):
+                table(f"{path}.{key(k)}", v)
+
+    for section, tbl in raw.items():
+        table(section, tbl)
     return "\n".join(out)
 
 
@@ -77,9 +87,9 @@ class NodeProcess:
     """An ``mta`` daemon in a subprocess, on free ports, with its config file in ``workdir``."""
 
     def __init__(self, workdir: Path, raw: dict[str, Any], env: dict[str, str] | None = None,
-                 preexec: Any = None) -> None:
+                 preexec: Any = None, smtp_port: int | None = None) -> None:
         self.workdir = workdir
-        self.smtp_port = free_port()
+        self.smtp_port = smtp_port or free_port()
         self.admin_port = free_port()
         raw = {k: dict(v) for k, v in raw.items()}
         raw["smtp"]["listen"] = f"127.0.0.1:{self.smtp_port}"

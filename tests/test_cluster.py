@@ -42,15 +42,17 @@ class Cluster:
         self.delivery = delivery
         self.nodes: dict[str, NodeProcess] = {}
 
-    def start_node(self, node_id: str) -> NodeProcess:
+    def start_node(self, node_id: str, smtp_port: int | None = None,
+                   **smtp: Any) -> NodeProcess:
         work = self.tmp_path / node_id
         work.mkdir(exist_ok=True)
         raw = node_config(self.spool, node={"id": node_id}, spool={"shards": SHARDS},
+                          smtp=smtp,
                           cluster={"etcd": [self.etcd.endpoint], "name": self.name,
                                    "lease_ttl": TTL},
                           delivery={"accounting_log": str(work / "acct.jsonl"),
                                     **self.delivery})
-        node = NodeProcess(work, raw).start(timeout=30)
+        node = NodeProcess(work, raw, smtp_port=smtp_port).start(timeout=30)
         self.nodes[node_id] = node
         return node
 
@@ -321,3 +323,54 @@ def test_etcd_outage_fences_then_resumes_without_losing_mail(
         c.stop()
         sink.stop()
         own.stop()
+
+
+def test_cluster_wide_domain_throttle_holds_at_the_sink(tmp_path: Path, etcd: EtcdServer) -> None:
+    from tests.mailworld import Sink
+
+    sink = Sink("127.0.0.1", 0)
+    sink.start()
+    rate = 6.0
+    c = Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
+                domains={"slow.test": {"rate": f"{rate:g}/s"}})
+    try:
+        for n in ("n1", "n2", "n3"):
+            c.start_node(n)
+        c.wait(c.settled({"n1", "n2", "n3"}), 20, "settled")
+        total = 36
+        for i in range(total):
+            node = c.nodes[("n1", "n2", "n3")[i % 3]]
+            with smtplib.SMTP("127.0.0.1", node.smtp_port) as s:
+                s.sendmail("app@sender.test", [f"r{i}@slow.test"], message(i, 500))
+        deadline = time.monotonic() + 30
+        while len(sink.messages) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sink.messages) == total
+        times = sorted(m.at for m in sink.messages)
+        # Each node sends at rate x its share of shards: together at most `rate` per second
+        # (plus one first message per node, which GCRA lets through at once).
+        worst = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+        assert worst <= rate + 3, worst
+        assert times[-1] - times[0] >= (total - 3) / rate * 0.8
+    finally:
+        c.stop()
+        sink.stop()
+
+
+def test_two_node_processes_share_one_smtp_port(cluster: Cluster) -> None:
+    from tests.helpers import free_port
+
+    port = free_port()
+    a = cluster.start_node("n1", smtp_port=port, reuse_port=True)
+    b = cluster.start_node("n2", smtp_port=port, reuse_port=True)
+    assert a.smtp_port == b.smtp_port == port
+    cluster.wait(cluster.settled({"n1", "n2"}), 20, "settled")
+    for i in range(40):
+        with smtplib.SMTP("127.0.0.1", port) as s:
+            s.sendmail("app@sender.test", ["x@dest.test"], message(i, 300))
+    # The kernel spread the connections over both processes (SO_REUSEPORT).
+    received = {n: (cluster.tmp_path / n / "acct.jsonl") for n in ("n1", "n2")}
+    time.sleep(0.5)
+    counts = {n: p.read_text().count('"Reception"') if p.exists() else 0
+              for n, p in received.items()}
+    assert sum(counts.values()) == 40 and min(counts.values()) > 0, counts
