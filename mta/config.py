@@ -321,6 +321,9 @@ class DeliveryConfig:
     helo: str = _opt(_string, "")
     max_connections: int = _opt(_positive_int, 20)
     max_messages_per_connection: int = _opt(_positive_int, 100)
+    # Attempts in progress at once; further due messages wait in the scheduled queue, so a
+    # large backlog is neither a task per message nor one unbounded ready queue.
+    max_inflight: int = _opt(_positive_int, 1000)
     rate: float | None = _opt(_optional_rate, None)
     tls: str = _opt(_choice(*_TLS_MODES), "opportunistic")
     connect_timeout: float = _opt(parse_duration, 30.0)

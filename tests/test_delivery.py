@@ -397,3 +397,31 @@ async def test_dropped_connection_is_retried_and_then_delivered(world: World) ->
     assert got[0].recipients == ["a@drop.test"]
     [delivery] = await world.wait_records("Delivery", 1)
     assert delivery["attempt"] >= 2
+
+
+async def test_inflight_attempts_are_bounded_and_the_rest_wait_queued(world: World) -> None:
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", SinkScript(data_delay=0.1))
+    node = await world.start(max_connections=10, max_inflight=2)
+    await asyncio.gather(*(world.submit([f"r{n}@dest.test"], n=n) for n in range(12)))
+    peak = 0
+    while len(sink.messages) < 12:
+        peak = max(peak, len(node.engine._inflight))
+        assert len(node.engine.scheduler) + len(node.engine._inflight) + len(sink.messages) \
+            >= 12 - 1  # nothing dropped while held back
+        await asyncio.sleep(0.01)
+    assert peak == 2
+    assert sink.max_active <= 2
+
+
+async def test_a_throttled_domain_does_not_block_others_on_a_shared_site(world: World) -> None:
+    world.zone({})
+    relay = world.sink("127.0.0.2")
+    await world.start(smarthost=f"127.0.0.2:{world.port}", max_connections=1,
+                      domains={"slow.test": {"rate": "1/s"}})
+    for n in range(4):
+        await world.submit([f"s{n}@slow.test"], n=n)
+    await world.submit(["fast@quick.test"], n=99)
+    await wait_until(lambda: any(m.recipients == ["fast@quick.test"] for m in relay.messages),
+                     timeout=2.0, what="the unthrottled domain's message")
+    assert sum(1 for m in relay.messages if m.recipients[0].endswith("@slow.test")) <= 2

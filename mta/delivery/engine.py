@@ -66,7 +66,8 @@ class DeliveryEngine:
         self.metrics = metrics
         self.accounting = accounting
         self.router = Router(cfg.delivery)
-        self.scheduler = Scheduler(self._on_due)
+        self.scheduler = Scheduler(
+            self._on_due, can_dispatch=lambda: len(self._inflight) < self.dcfg.max_inflight)
         self.sites: dict[str, Site] = {}
         self._domain_throttles: dict[str, Throttle] = {}
         self._shards: set[int] = set()
@@ -158,7 +159,12 @@ class DeliveryEngine:
             return
         task = asyncio.create_task(self._attempt(message_id), name=f"attempt:{message_id}")
         self._inflight[message_id] = task
-        task.add_done_callback(lambda _t: self._inflight.pop(message_id, None))
+        task.add_done_callback(lambda _t: self._attempt_done(message_id))
+
+    def _attempt_done(self, message_id: str) -> None:
+        self._inflight.pop(message_id, None)
+        if len(self._inflight) == self.dcfg.max_inflight - 1:
+            self.scheduler.wake()  # room again for due messages held back
 
     async def _attempt(self, message_id: str) -> None:
         try:
@@ -298,8 +304,14 @@ class DeliveryEngine:
         except DeliveryError as exc:
             return every("b" if exc.permanent else "t", RecipientResult(exc.code, exc.text))
         site = self._site_for(route, domain)
+        # Wait for the domain's own throttle here, not on a pooled connection: a slow domain
+        # behind a shared site (a smarthost, a big provider's MX set) must not hold a
+        # connection that other domains' mail could use.
+        throttle = self._domain_throttle(domain)
+        if throttle is not None:
+            await throttle.acquire()
         job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx], stored.body,
-                  env.smtputf8, env.body_8bit, throttle=self._domain_throttle(domain))
+                  env.smtputf8, env.body_8bit)
         try:
             results = await site.deliver(job)
         except PermanentError as exc:

@@ -61,7 +61,6 @@ class Job:
     body: bytes
     smtputf8: bool
     body_8bit: bool
-    throttle: Throttle | None = None  # the domain's own throttle, if any
     future: asyncio.Future[list[RecipientResult]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -212,8 +211,6 @@ class Site:
                 self._spawn()
 
     async def throttle_wait(self, job: Job) -> None:
-        if job.throttle is not None:
-            await job.throttle.acquire()
         self.throttle.rate = self._effective_rate()
         await self.throttle.acquire()
 

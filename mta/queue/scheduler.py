@@ -13,10 +13,13 @@ __all__ = ["Scheduler"]
 class Scheduler:
     """A timer heap of (due, message id). Re-adding an id moves it; removal is lazy."""
 
-    def __init__(self, on_due: Callable[[str], None], clock: Callable[[], float] = time.time
-                 ) -> None:
+    def __init__(self, on_due: Callable[[str], None], clock: Callable[[], float] = time.time,
+                 can_dispatch: Callable[[], bool] | None = None) -> None:
         self._on_due = on_due
         self._clock = clock
+        # Back-pressure: while this says no, due messages wait in the heap (call wake() when
+        # it may say yes again).
+        self._can_dispatch = can_dispatch or (lambda: True)
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -72,7 +75,7 @@ class Scheduler:
         while True:
             self._wake.clear()
             now = self._clock()
-            while self._heap and not self.paused:
+            while self._heap and not self.paused and self._can_dispatch():
                 due, mid = self._heap[0]
                 if self._due.get(mid) != due:
                     heapq.heappop(self._heap)  # stale entry: moved or removed
