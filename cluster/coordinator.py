@@ -68,6 +68,7 @@ class EtcdCoordinator:
         self._endpoints = [tuple(e.rsplit(":", 1)) for e in cfg.cluster.etcd]
         self._endpoint = 0
         self._client: aetcd.Client | None = None
+        self._closing_clients: set[asyncio.Task[None]] = set()
         self._lease: Any = None
         self._last_refresh = 0.0
         self._host: ShardHost | None = None
@@ -99,14 +100,42 @@ class EtcdCoordinator:
         client, self._client = self._client, None
         self._endpoint += 1  # try the next endpoint next time
         if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+            # Closing a gRPC channel to a dead peer can hang: never make the caller (the
+            # keepalive loop, above all) wait for it.
+            task = asyncio.create_task(self._close_quietly(client))
+            self._closing_clients.add(task)
+            task.add_done_callback(self._closing_clients.discard)
+
+    @staticmethod
+    async def _close_quietly(client: aetcd.Client) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 2.0)
 
     async def _call(self, fn: Callable[[aetcd.Client], Any]) -> Any:
         client = await self._connect()
+        # A hard deadline: wait_for() would wait for a cancelled gRPC call to unwind, and a
+        # wedged channel may never do so. Abandon the call instead (cancelled, not awaited).
+        call = asyncio.ensure_future(fn(client))
         try:
-            return await asyncio.wait_for(fn(client), max(1.0, self.ttl / 3))
-        except (aetcd.exceptions.ClientError, TimeoutError, OSError) as exc:
+            done, _ = await asyncio.wait({call}, timeout=max(1.0, self.ttl / 3))
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if not done:
+            call.cancel()
+            call.add_done_callback(_retrieve)
+            await self._drop_client()
+            raise _EtcdDown("etcd call timed out")
+        try:
+            return call.result()
+        except (asyncio.CancelledError, Exception) as exc:
+            # We were not cancelled (the wait above returned), so a CancelledError here is
+            # the gRPC call's own (its channel closed under it): etcd trouble, not shutdown.
+            # Re-raising it would silently end the calling loop, and leave a fenced node
+            # fenced for good.
+            # aetcd lets raw gRPC errors and plain Exceptions through besides its ClientError
+            # family: whatever it is, etcd did not answer usefully. Never let it escape into a
+            # background loop (a dead keepalive task would leave the node fenced for good).
             await self._drop_client()
             raise _EtcdDown(str(exc) or type(exc).__name__) from None
 
@@ -216,6 +245,15 @@ class EtcdCoordinator:
     # --- keepalive and self-fencing --------------------------------------------------------
 
     async def _keepalive(self) -> None:
+        while True:
+            try:
+                await self._keepalive_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cluster.keepalive_error", node_id=self.node_id)
+
+    async def _keepalive_once(self) -> None:
         interval = self.ttl / 3
         while True:
             await asyncio.sleep(min(interval, 0.5) if self._fenced else interval / 2)
@@ -229,7 +267,9 @@ class EtcdCoordinator:
                     raise _EtcdDown("lease expired")
                 self._last_refresh = time.monotonic()
             except _EtcdDown as exc:
-                if time.monotonic() - self._last_refresh >= self.fence_after:
+                if self._fenced:
+                    log.info("cluster.rejoin_failed", node_id=self.node_id, error=str(exc)[:200])
+                elif time.monotonic() - self._last_refresh >= self.fence_after:
                     await self._fence(f"lease not refreshed for {self.fence_after:.1f}s: {exc}")
             if not self._fenced and time.monotonic() - self._last_refresh >= self.fence_after:
                 await self._fence("lease refresh overdue")
@@ -247,6 +287,7 @@ class EtcdCoordinator:
         """etcd answers again: drop every shard locally (others may own them by now), take a
         new lease, and let the reconcile loop acquire afresh with new fencing tokens."""
         lease = await self._call(lambda c: c.lease(int(max(1, round(self.ttl)))))
+        log.info("cluster.rejoining", node_id=self.node_id, shards=len(self._owned))
         assert self._host is not None
         for shard in sorted(self._owned):
             await self._release(shard, delete_key=False)
@@ -302,7 +343,10 @@ class EtcdCoordinator:
                 async for _event in watch:
                     self._kick.set()
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being stopped
+                await asyncio.sleep(0.2)  # the gRPC stream was cancelled under us: re-watch
             except Exception:  # compaction, disconnect: the reconcile loop re-reads anyway
                 await asyncio.sleep(0.2)
 
@@ -432,6 +476,12 @@ class EtcdCoordinator:
             log.info("cluster.shard_released", shard=shard, node_id=self.node_id)
         finally:
             self._busy.discard(shard)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume an abandoned call's outcome so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _EtcdDown(Exception):

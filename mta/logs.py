@@ -16,6 +16,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
     """Configure structlog (and stdlib logging of libraries) for the daemon."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    # One write per line even into a file or pipe: a crash (or SIGKILL) must not swallow
+    # the last events before it, which are the ones an incident needs.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json_out
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())

@@ -66,6 +66,7 @@ class Node:
             exclusive=cfg.standalone,
             observe_batch=self.metrics.observe_batch,
             on_recovered=self._on_recovered,
+            on_new_message=self._on_new_message,
         )
         self.coordinator: Coordinator = coordinator or LocalCoordinator(
             self.node_id, cfg.spool.shards)
@@ -102,8 +103,7 @@ class Node:
         except RuntimeError as exc:
             await self.spool.close()
             raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
-        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls,
-                                     on_received=self._on_received)
+        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
         try:
             await self.ingress.start()
         except OSError as exc:
@@ -131,7 +131,8 @@ class Node:
                  live=self.spool.live_count(), smtp_port=self.ingress.port,
                  admin_port=self.admin.port if self.admin else None)
 
-    def _on_received(self, message_id: str, env: Envelope, size: int) -> None:
+    def _on_new_message(self, message_id: str, env: Envelope, size: int) -> None:
+        """Every new durable message (SMTP, DSN, later HTTP): account for it, schedule it."""
         self.accounting.record("Reception", message_id, sender=env.sender,
                                recipients=env.recipients, size=size, client_ip=env.client_ip)
         if self.engine is not None:
@@ -152,6 +153,7 @@ class Node:
     async def release_shard(self, shard: int) -> None:
         if self.engine is not None:
             await self.engine.remove_shard(shard)
+        log.debug("node.shard_engine_released", shard=shard)
         await self.spool.release_shard(shard)
         self.metrics.shards_owned.set(len(self.spool.owned))
 
@@ -185,6 +187,8 @@ class Node:
         interval = self.cfg.spool.compact_interval
         while True:
             await asyncio.sleep(min(interval, 5.0))
+            if self.engine is not None and not self.fenced:
+                self.engine.sweep()
             self.metrics.queue_live.set(self.spool.live_count())
             self.metrics.spool_segments.set(self.spool.segment_count())
             if self.engine is not None:

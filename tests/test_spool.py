@@ -202,3 +202,43 @@ async def test_second_process_cannot_open_the_same_standalone_spool(spool_dir: P
             await other.start()
     finally:
         await first.close()
+
+
+async def test_cancelled_done_is_not_overtaken_by_a_compaction_copy(spool_dir: Path) -> None:
+    """Review finding: a cancelled mark_done caller must not let compaction copy the message
+    after its DONE (which would resurrect it on restart)."""
+    spool = await open_spool(spool_dir, shards=1, segment_size=64 * 1024)
+    ids = [await spool.submit(env(i), b"c" * 3000) for i in range(60)]
+    for i in ids[1:]:
+        await spool.mark_done(i)
+    await spool.submit(env(99), b"newest")  # seal the head
+    victim = ids[0]
+    task = asyncio.create_task(spool.mark_done(victim))
+    await asyncio.sleep(0)
+    task.cancel()
+    await spool.maintain(1.0)  # tries to compact the head that holds the victim
+    await asyncio.sleep(0.2)
+    await spool.close()
+    spool = await open_spool(spool_dir, shards=1, token=2)
+    try:
+        assert victim not in {r.id for r in spool.live_messages(0)}
+    finally:
+        await spool.close()
+
+
+async def test_new_message_is_announced_even_if_the_submitter_is_cancelled(
+        spool_dir: Path) -> None:
+    seen: list[str] = []
+    spool = Spool(spool_dir, "n1", shards=1, on_new_message=lambda mid, e, n: seen.append(mid))
+    await spool.start()
+    await spool.acquire_shard(0, 1)
+    try:
+        mid = spool.allocate_id()
+        task = asyncio.create_task(spool.submit(env(1), b"body", mid))
+        await asyncio.sleep(0)
+        task.cancel()  # the SMTP client went away during the fsync
+        await asyncio.sleep(0.2)
+        assert seen == [mid]
+        assert (await spool.load(mid)).body == b"body"
+    finally:
+        await spool.close()

@@ -18,6 +18,7 @@ import contextlib
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -42,6 +43,15 @@ __all__ = ["DeliveryEngine"]
 log = structlog.get_logger("mta.delivery")
 
 _Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t", result)
+
+
+@dataclass
+class _Unsaved:
+    """What an attempt settled that the spool has not confirmed yet."""
+
+    done: dict[str, list[Any]]
+    dsn: list[tuple[int, RecipientResult]]
+    expired: bool
 
 
 def _domain(address: str) -> str:
@@ -73,6 +83,8 @@ class DeliveryEngine:
         self._shards: set[int] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._domains_of: dict[str, set[str]] = {}
+        # Final outcomes (and DSNs still to queue) not yet durable, by message id.
+        self._unsaved: dict[str, _Unsaved] = {}
         self._runtime = RuntimeSettings()
         self._closing = False
         self.postmaster = cfg.delivery.bounce_sender or f"MAILER-DAEMON@{cfg.smtp.hostname}"
@@ -128,6 +140,28 @@ class DeliveryEngine:
                 self.scheduler.remove(mid)
         tasks = [t for mid, t in self._inflight.items() if shard_of(mid) == shard]
         await self._settle(tasks, grace)
+        for mid in [m for m in self._unsaved if shard_of(m) == shard]:
+            del self._unsaved[mid]  # the next owner starts from the spool's state
+
+    def sweep(self) -> int:
+        """Schedule every live message of an owned shard that is neither waiting in the
+        scheduler nor in flight; returns how many. A safety net (like a queue manager's
+        periodic scan): whatever path missed a message, it cannot sit idle for ever."""
+        if self._closing:
+            return 0
+        found = 0
+        now = time.time()
+        for shard in list(self._shards):
+            for ref in self.spool.live_messages(shard):
+                mid = ref.id
+                if mid in self.scheduler or mid in self._inflight:
+                    continue
+                due = float((ref.state or {}).get("next", 0.0))
+                self.scheduler.add(mid, due if due > now else 0.0)
+                found += 1
+        if found:
+            log.warning("delivery.sweep_rescheduled", node_id=self.node_id, messages=found)
+        return found
 
     def enqueue(self, message_id: str) -> None:
         """A message just accepted: try it now."""
@@ -154,8 +188,11 @@ class DeliveryEngine:
     # --- attempts --------------------------------------------------------------------------
 
     def _on_due(self, message_id: str) -> None:
-        if self._closing or message_id in self._inflight \
-                or shard_of(message_id) not in self._shards:
+        if self._closing or shard_of(message_id) not in self._shards:
+            return
+        if message_id in self._inflight:
+            # Re-added while its attempt is still finishing: look again shortly, never drop.
+            self.scheduler.add(message_id, time.time() + 0.5)
             return
         task = asyncio.create_task(self._attempt(message_id), name=f"attempt:{message_id}")
         self._inflight[message_id] = task
@@ -170,34 +207,53 @@ class DeliveryEngine:
         try:
             stored = await self.spool.load(message_id)
         except MessageNotFound:
+            self._unsaved.pop(message_id, None)
             return
-        except (SpoolError, OSError) as exc:
+        except Exception as exc:  # I/O error, a record failing verification...
             log.error("delivery.load_failed", message_id=message_id, node_id=self.node_id,
                       error=str(exc))
-            self.scheduler.add(message_id, time.time() + 60)
+            self._retry_later(message_id)
             return
         try:
             await self._run_attempt(stored)
+        except asyncio.CancelledError:
+            raise
         except SpoolError as exc:
-            # The outcome could not be made durable: retry from the last durable state.
+            # An outcome could not be made durable; what is final stays in _unsaved and is
+            # merged into the next attempt, so nobody is sent the message again meanwhile.
             log.error("delivery.state_write_failed", message_id=message_id,
                       node_id=self.node_id, error=str(exc))
-            if not self._closing and shard_of(message_id) in self._shards:
-                self.scheduler.add(message_id, time.time() + 60)
+            self._retry_later(message_id)
+        except Exception:
+            # A bug must not make a message silently stop being delivered.
+            log.exception("delivery.attempt_crashed", message_id=message_id,
+                          node_id=self.node_id)
+            self._retry_later(message_id)
+
+    def _retry_later(self, message_id: str, delay: float = 60.0) -> None:
+        if not self._closing and shard_of(message_id) in self._shards:
+            self.scheduler.add(message_id, time.time() + delay)
+
+    def _remember(self, mid: str, done: dict[str, list[Any]],
+                  dsn: list[tuple[int, RecipientResult]], expired: bool) -> None:
+        self._unsaved[mid] = _Unsaved(dict(done), list(dsn), expired)
 
     async def _run_attempt(self, stored: StoredMessage) -> None:
         mid, env = stored.id, stored.envelope
         state: dict[str, Any] = dict(stored.state or {})
         done: dict[str, list[Any]] = dict(state.get("r", {}))
-        pending = [i for i in range(len(env.recipients)) if str(i) not in done]
-        if not pending:
-            await self.spool.mark_done(mid)
-            return
+        dsn_todo: list[tuple[int, RecipientResult]] = []
+        expired_before = False
+        if (unsaved := self._unsaved.get(mid)) is not None:
+            done.update(unsaved.done)
+            dsn_todo, expired_before = list(unsaved.dsn), unsaved.expired
         attempt = int(state.get("att", 0)) + 1
+        pending = [i for i in range(len(env.recipients)) if str(i) not in done]
         groups: dict[str, list[int]] = defaultdict(list)
         for i in pending:
             groups[_domain(env.recipients[i])].append(i)
-        self._domains_of[mid] = set(groups)
+        if pending:
+            self._domains_of[mid] = set(groups)
         held = {d for d in groups if d in self._runtime.suspended}
         active = {d: idx for d, idx in groups.items() if d not in held}
 
@@ -210,23 +266,29 @@ class DeliveryEngine:
                 if outcome[0] != "t":
                     done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
             active = {}
-        tasks = {asyncio.create_task(self._deliver_group(stored, domain, idx)): domain
-                 for domain, idx in active.items()}
+        tasks = [asyncio.create_task(self._deliver_group(stored, domain, idx))
+                 for domain, idx in active.items()]
         remaining = set(tasks)
-        while remaining:
-            finished, remaining = await asyncio.wait(remaining,
-                                                     return_when=asyncio.FIRST_COMPLETED)
-            newly_final = False
-            for task in finished:
-                for i, outcome in task.result().items():
-                    outcomes[i] = outcome
-                    if outcome[0] != "t":
-                        newly_final = True
-                        done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
-            if newly_final and remaining:
-                # Other domains are still in flight: make these outcomes durable now, so a
-                # crash cannot send them again.
-                await self.spool.update_state(mid, {**state, "r": done})
+        try:
+            while remaining:
+                finished, remaining = await asyncio.wait(remaining,
+                                                         return_when=asyncio.FIRST_COMPLETED)
+                newly_final = False
+                for task in finished:
+                    for i, outcome in task.result().items():
+                        outcomes[i] = outcome
+                        if outcome[0] != "t":
+                            newly_final = True
+                            done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
+                if newly_final and remaining:
+                    # Other domains are still in flight: make these outcomes durable now, so
+                    # a crash cannot send them again.
+                    bounced = [(i, o[1]) for i, o in outcomes.items() if o[0] == "b"]
+                    self._remember(mid, done, dsn_todo + bounced, expired_before)
+                    await self.spool.update_state(mid, {**state, "r": dict(done)})
+        finally:
+            for task in tasks:
+                task.cancel()  # only matters if we were cancelled mid-way
 
         now = time.time()
         temp = [i for i, o in outcomes.items() if o[0] == "t"]
@@ -243,12 +305,17 @@ class DeliveryEngine:
             else:
                 self._record(mid, env, i, "TransientFailure", result, attempt)
                 self.metrics.deferred.inc()
-        bounced = [i for i, o in outcomes.items() if o[0] in ("b", "x")]
-        if bounced and env.sender:
-            await self._send_dsn(stored, [(i, outcomes[i][1]) for i in bounced], expired)
+        dsn = dsn_todo + [(i, o[1]) for i, o in outcomes.items() if o[0] in ("b", "x")]
+        expired = expired or expired_before
+        # From here on, what is final lives in _unsaved until it is on disk.
+        self._remember(mid, done, dsn, expired)
+        if dsn and env.sender:
+            await self._send_dsn(stored, dsn, expired)
+        self._unsaved[mid].dsn = []
         still = [i for i in range(len(env.recipients)) if str(i) not in done]
         if not still:
             await self.spool.mark_done(mid)
+            self._unsaved.pop(mid, None)
             self._domains_of.pop(mid, None)
             return
         if temp:
@@ -260,8 +327,9 @@ class DeliveryEngine:
             attempt -= 1
             due = now + min(60.0, self.dcfg.retry_initial)
             last = state.get("last", "")
-        await self.spool.update_state(mid, {"att": attempt, "next": due, "r": done,
+        await self.spool.update_state(mid, {"att": attempt, "next": due, "r": dict(done),
                                             "last": last})
+        self._unsaved.pop(mid, None)
         if not self._closing and shard_of(mid) in self._shards:
             self.scheduler.add(mid, due)
 
@@ -294,6 +362,19 @@ class DeliveryEngine:
 
     async def _deliver_group(self, stored: StoredMessage, domain: str, idx: list[int]
                              ) -> dict[int, _Outcome]:
+        try:
+            return await self._deliver_group_inner(stored, domain, idx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("delivery.group_crashed", message_id=stored.id, domain=domain,
+                          node_id=self.node_id)
+            result = RecipientResult(451, f"4.3.0 Internal error ({type(exc).__name__}), "
+                                          "will retry")
+            return {i: ("t", result) for i in idx}
+
+    async def _deliver_group_inner(self, stored: StoredMessage, domain: str, idx: list[int]
+                                   ) -> dict[int, _Outcome]:
         env = stored.envelope
 
         def every(status: str, result: RecipientResult) -> dict[int, _Outcome]:
@@ -382,10 +463,8 @@ class DeliveryEngine:
         # The DSN has the null sender, so its own failure can never cause another DSN.
         bounce_env = Envelope(sender="", recipients=[env.sender],
                               smtputf8=not env.sender.isascii(), helo=self.cfg.smtp.hostname)
+        # The spool reports it (Reception record, scheduling) like any new message.
         dsn_id = await self.spool.submit(bounce_env, dsn)
-        self.accounting.record("Reception", dsn_id, sender="", recipients=[env.sender],
-                               size=len(dsn), dsn_for=stored.id)
         log.info("delivery.dsn_queued", message_id=stored.id, dsn_id=dsn_id,
                  node_id=self.node_id, recipients=len(failed), expired=expired)
-        self.enqueue(dsn_id)
 

@@ -92,6 +92,10 @@ class Router:
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
             raise TemporaryError(451, f"4.4.3 DNS lookup of MX for {domain} failed: "
                                       f"{type(exc).__name__}") from None
+        except dns.exception.DNSException as exc:
+            # A name DNS itself refuses (IDNA2008 rules, label too long...): no retry helps.
+            raise PermanentError(550, f"5.1.2 Bad destination domain {domain}: {exc}"
+                                 ) from None
         if len(mxs) == 1 and mxs[0][1] in ("", "."):
             raise PermanentError(556, f"5.1.10 Domain {domain} accepts no mail (null MX)")
         names = [name for _, name in mxs] or [domain]
@@ -112,8 +116,6 @@ class Router:
             try:
                 answer = await self._resolver.resolve(name, rtype)
                 out.extend(r.to_text() for r in answer)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-                continue
-            except (dns.resolver.NoNameservers, dns.exception.Timeout):
-                continue
+            except dns.exception.DNSException:
+                continue  # none, SERVFAIL, timeout, bad name: no address of this type
         return out

@@ -124,31 +124,55 @@ class Site:
         """Queue ``job`` and wait for its per-recipient results (or a DeliveryError)."""
         if self._closed:
             raise TemporaryError(451, "4.3.2 Delivery engine shutting down")
-        # Breaker not closed: only one probe job may go (allow() admits it once per cooldown).
-        if self.breaker.state != "closed" and self.connections == 0 \
-                and not self.breaker.allow():
-            raise TemporaryError(451, f"4.4.1 Site {self.key} unreachable (circuit open, "
-                                      f"retry in {self.breaker.retry_in():.0f}s)",
-                                 connection=True)
         self.ready.append(job)
         self._wakeup.set()
         self._spawn()
         return await job.future
 
+    def _circuit_open_error(self) -> TemporaryError:
+        return TemporaryError(451, f"4.4.1 Site {self.key} unreachable (circuit open, retry "
+                                   f"in {self.breaker.retry_in():.0f}s)", connection=True)
+
+    def _pop_live(self) -> Job | None:
+        """The next queued job whose attempt still waits for it (cancelled ones are dropped:
+        their shard may belong to another node by now)."""
+        while self.ready:
+            job = self.ready.popleft()
+            if not job.future.done():
+                return job
+        return None
+
     def _spawn(self) -> None:
         """Open connections while queued jobs outnumber idle ones, up to the limit."""
-        while (self.ready and not self._closed and len(self.ready) > self._idle
+        if self._closed:
+            return
+        if self.breaker.state != "closed":
+            # Open or half-open: at most the one probe connection the breaker admits.
+            if self.connections == 0 and self.ready:
+                if self.breaker.allow():
+                    self._start_worker()
+                else:
+                    error = self._circuit_open_error()
+                    while self.ready:
+                        self.ready.popleft().fail(error)
+            return
+        while (self.ready and len(self.ready) > self._idle
                and self.connections < self._max_connections()):
-            if self.breaker.state != "closed" and self.connections > 0:
-                return  # half-open: only the probe connection runs
-            self.connections += 1
-            task = asyncio.create_task(self._worker(self.ready.popleft()),
-                                       name=f"site:{self.key}")
-            self._workers.add(task)
-            task.add_done_callback(self._workers.discard)
+            if not self._start_worker():
+                return
+
+    def _start_worker(self) -> bool:
+        job = self._pop_live()
+        if job is None:
+            return False
+        self.connections += 1
+        task = asyncio.create_task(self._worker(job), name=f"site:{self.key}")
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+        return True
 
     async def _next_job(self, wait: float) -> Job | None:
-        while not self.ready:
+        while not any(not j.future.done() for j in self.ready):
             if wait <= 0 or self._closed:
                 return None
             self._wakeup.clear()
@@ -159,7 +183,7 @@ class Site:
                 return None
             finally:
                 self._idle -= 1
-        return self.ready.popleft()
+        return self._pop_live()
 
     # --- a connection ----------------------------------------------------------------------
 
@@ -184,6 +208,9 @@ class Site:
                     sent = 0
                     self._spawn()  # a probe that got through lets the pool grow again
                 await self.throttle_wait(job)
+                if job.future.done():  # its attempt was cancelled while we waited
+                    job = None
+                    continue
                 try:
                     results = await self._send(smtp, job, remote)
                 except DeliveryError as exc:

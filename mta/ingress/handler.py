@@ -112,8 +112,6 @@ class IngressHandler:
             log.warning("smtp.spool_unavailable", message_id=message_id, error=str(exc))
             return "451 4.3.0 Spool not available, try again later"
         srv.count_received(len(content), time.perf_counter() - started)
-        if srv.on_received is not None:
-            srv.on_received(message_id, env, len(content))
         log.info("smtp.received", message_id=message_id, sender=sender,
                  recipients=len(env.recipients), size=len(content), client_ip=env.client_ip)
         return f"250 2.0.0 Ok: queued as {message_id}"

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
 
 import structlog
 
 from mta.config import SmtpConfig
-from mta.envelope import Envelope
 from mta.ingress.auth import UsersFile
 from mta.ingress.handler import IngressHandler
 from mta.ingress.policy import ConnectionLimiter, is_loopback
@@ -35,8 +33,7 @@ class IngressServer:
     """Accepts SMTP submissions into the spool."""
 
     def __init__(self, cfg: SmtpConfig, spool: Spool, metrics: NodeMetrics,
-                 users: UsersFile | None = None, tls: ssl.SSLContext | None = None,
-                 on_received: Callable[[str, Envelope, int], None] | None = None) -> None:
+                 users: UsersFile | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.metrics = metrics
@@ -48,8 +45,6 @@ class IngressServer:
         self.closing_reply = "421 4.3.2 Service shutting down, try again later"
         # Cleared while the node is fenced (cluster lease lost): sessions get 421.
         self.accepting_writes = True
-        # Called with (message id, envelope, size) once a message is durable.
-        self.on_received = on_received
         self._handler = IngressHandler(self)
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -85,8 +85,8 @@ class Scheduler:
                 heapq.heappop(self._heap)
                 del self._due[mid]
                 self._on_due(mid)
-            timeout = None
-            if self._heap and not self.paused:
+            timeout = None  # paused or held back: wait for wake()/add(), do not spin
+            if self._heap and not self.paused and self._can_dispatch():
                 timeout = max(0.0, self._heap[0][0] - now)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,9 @@ class Shard:
         fut = self._writer.append(self._log, data, on_durable)
         self._inflight += 1
         self._idle.clear()
+        # Bookkeeping hangs off the writer's own future, which only the writer completes:
+        # a cancelled caller must not mark the shard idle (close() would pull the fd from
+        # under the writer) or drop the pending mark compaction relies on.
         fut.add_done_callback(self._append_done)
         return fut
 
@@ -98,16 +102,20 @@ class Shard:
         if self._inflight == 0:
             self._idle.set()
 
-    async def add(self, message_id: str, envelope: dict[str, Any], body: bytes) -> None:
-        """Append a new message; returns once it is durable."""
+    async def add(self, message_id: str, envelope: dict[str, Any], body: bytes,
+                  after: Callable[[], None] | None = None) -> None:
+        """Append a new message; returns once it is durable. ``after`` runs on the loop once
+        it is, even if the caller was cancelled meanwhile (a client gone during the fsync)."""
         data = encode_msg(message_id, envelope, body)
         size = len(data)
         index = self.index
 
         def durable(pos: Position) -> None:
             index.on_msg(message_id, pos[0], pos[1], size, None)
+            if after is not None:
+                after()
 
-        await self._append(data, durable)
+        await asyncio.shield(self._append(data, durable))
 
     async def _append_tracked(self, message_id: str, data: bytes, durable: Any) -> None:
         self._pending[message_id] = self._pending.get(message_id, 0) + 1
@@ -117,7 +125,7 @@ class Shard:
             self._unpend(message_id)
             raise
         fut.add_done_callback(lambda _f: self._unpend(message_id))
-        await fut
+        await asyncio.shield(fut)
 
     def _unpend(self, message_id: str) -> None:
         left = self._pending.get(message_id, 0) - 1
@@ -190,9 +198,10 @@ class Shard:
                 os.unlink(segment_path(self.dir, seq))
             except FileNotFoundError:
                 pass
-        # Durable before any later segment goes, so no DONE disappears while the MSG it
-        # cancels could still come back after a crash.
-        fsync_dir(self.dir)
+            # Each deletion durable before the next (newer) one: no DONE may disappear while
+            # the MSG it cancels could still come back after a crash, whatever order the
+            # filesystem would otherwise persist unlinks in.
+            fsync_dir(self.dir)
 
     async def compact(self, live_ratio: float) -> int:
         """Rewrite the live records of the oldest sealed segment when that frees enough space.

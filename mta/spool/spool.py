@@ -46,6 +46,7 @@ class Spool:
         observe_batch: BatchObserver | None = None,
         on_recovered: Callable[[RecoveryReport], None] | None = None,
         hot_cache_bytes: int = 64 * 1024 * 1024,
+        on_new_message: Callable[[str, Envelope, int], None] | None = None,
     ) -> None:
         self.root = Path(root)
         self.node_id = node_id
@@ -66,6 +67,9 @@ class Spool:
         self._hot_bytes = 0
         self._hot_limit = hot_cache_bytes
         self.fenced = False
+        # Told about every new message once it is durable, even if the submitter went away
+        # meanwhile (so it is scheduled and accounted for, never orphaned until a restart).
+        self.on_new_message = on_new_message
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -176,13 +180,19 @@ class Spool:
         shard = self._shards.get(shard_of(message_id))
         if shard is None:
             raise ShardClosed(f"shard of {message_id} is not owned by this node")
-        await shard.add(message_id, envelope.to_dict(), body)
+        mid = message_id
+        await shard.add(mid, envelope.to_dict(), body,
+                        after=lambda: self._new_message(mid, envelope, body))
+        return message_id
+
+    def _new_message(self, message_id: str, envelope: Envelope, body: bytes) -> None:
         if self._hot_limit:
             self._hot[message_id] = (envelope, body)
             self._hot_bytes += len(body)
             while self._hot_bytes > self._hot_limit and self._hot:
                 self._unhot(next(iter(self._hot)))
-        return message_id
+        if self.on_new_message is not None:
+            self.on_new_message(message_id, envelope, len(body))
 
     def _unhot(self, message_id: str) -> None:
         entry = self._hot.pop(message_id, None)
