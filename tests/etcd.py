@@ -93,3 +93,13 @@ class EtcdServer:
                 await client.close()
 
         asyncio.run(run())
+
+    def delete(self, key: str) -> None:
+        async def run() -> Any:
+            client = aetcd.Client(host="127.0.0.1", port=self.client_port, timeout=2)
+            try:
+                return await client.delete(key.encode())
+            finally:
+                await client.close()
+
+        asyncio.run(run())

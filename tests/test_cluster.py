@@ -389,3 +389,30 @@ def test_a_dead_first_etcd_endpoint_is_rotated_past(cluster: Cluster) -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     cluster.start_node("n1", endpoints=[dead, cluster.etcd.endpoint])
     cluster.wait(cluster.settled({"n1"}), 20, "n1 joined through the second endpoint")
+
+
+def test_suspend_written_to_etcd_holds_mail_on_every_node(tmp_path: Path, etcd: EtcdServer) -> None:
+    from tests.mailworld import Sink
+
+    sink = Sink("127.0.0.1", 0)
+    sink.start()
+    c = Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}")
+    try:
+        for n in ("n1", "n2"):
+            c.start_node(n)
+        c.wait(c.settled({"n1", "n2"}), 20, "settled")
+        etcd.put(f"{c.prefix}config/suspend/held.test", b"1")  # what mtactl suspend writes
+        time.sleep(TTL)  # every node re-reads config/ at least every TTL/3
+        for i, n in enumerate(("n1", "n2", "n1", "n2")):
+            with smtplib.SMTP("127.0.0.1", c.nodes[n].smtp_port) as s:
+                s.sendmail("app@sender.test", [f"r{i}@held.test"], message(i, 300))
+        time.sleep(1.5)
+        assert sink.messages == []  # held, on both nodes
+        etcd.delete(f"{c.prefix}config/suspend/held.test")
+        deadline = time.monotonic() + 15
+        while len(sink.messages) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(sink.messages) == 4
+    finally:
+        c.stop()
+        sink.stop()
