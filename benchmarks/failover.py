@@ -19,7 +19,6 @@ import os
 import platform
 import smtplib
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.ingress import ROOT
+from benchmarks.common import ROOT, git_commit
 from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import Sink, SinkScript
@@ -158,8 +157,7 @@ def main() -> None:
     print(f"RTO min {rtos[0]:.2f}s median {statistics.median(rtos):.2f}s max {rtos[-1]:.2f}s "
           f"(lease TTL {args.ttl:g}s); lost {lost}; duplicates {dupes}")
     if args.append:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
+        commit = git_commit()
         with open(RESULTS, "a") as fh:
             fh.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.trials} | {args.ttl:g} | "
                      f"{statistics.median(takeovers):.2f} | "

@@ -17,16 +17,12 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.ingress import ROOT, _free_port, _worker
+from benchmarks.common import ROOT, free_port, git_commit, launch_node, run_load, stop_node
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -101,8 +97,8 @@ def run_relay(messages: int, size_kb: float, concurrency: int, procs: int, route
               max_connections: int) -> dict[str, float]:
     (ROOT / "var").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mta-relay-", dir=ROOT / "var"))
-    smtp_port, admin_port = _free_port(), _free_port()
-    sink_port = _free_port()
+    smtp_port, admin_port = free_port(), free_port()
+    sink_port = free_port()
     counter = mp.Value("q", 0)
     ready = mp.Event()
     sink = mp.Process(target=_sink_main, args=("127.0.0.2" if route == "mx" else "127.0.0.1",
@@ -120,50 +116,23 @@ def run_relay(messages: int, size_kb: float, concurrency: int, procs: int, route
     else:
         delivery = f'smarthost = "127.0.0.1:{sink_port}"\n'
     acct = work / "acct.jsonl"
-    cfg = work / "node.toml"
-    cfg.write_text(
-        f'[node]\nid = "bench"\nlog_format = "json"\nlog_level = "warning"\n'
-        f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "bench.example"\n'
-        f"max_connections = {concurrency * 2 + 10}\n"
-        f"max_connections_per_ip = {concurrency * 2 + 10}\n"
+    node, log = launch_node(
+        work, smtp_port, admin_port, concurrency, "warning",
         f'[spool]\npath = "{work / "spool"}"\n'
-        f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
         f'[delivery]\n{delivery}max_connections = {max_connections}\n'
-        f'max_messages_per_connection = 1000\naccounting_log = "{acct}"\n'
-    )
-    log = open(work / "node.log", "wb")  # noqa: SIM115
-    node = subprocess.Popen([sys.executable, "-m", "mta", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=work)
+        f'max_messages_per_connection = 1000\naccounting_log = "{acct}"\n')
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", smtp_port), 1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        per_proc = [concurrency // procs + (1 if i < concurrency % procs else 0)
-                    for i in range(procs)]
-        per_session = max(1, messages // concurrency)
-        total = per_session * concurrency
-        out: mp.Queue = mp.Queue()
-        start_at = time.time() + 0.5
-        ps = [mp.Process(target=_worker, args=(smtp_port, n, per_session, size_kb, True,
-                                                start_at, out)) for n in per_proc if n]
-        for p in ps:
-            p.start()
-        accepted = sum(out.get()[0] for _ in ps)
+        results, start_at = run_load(smtp_port, messages, concurrency, procs, size_kb, True)
+        accepted = sum(r[0] for r in results)
+        total = max(1, messages // concurrency) * concurrency
         ingress_done = time.time()
         deadline = time.time() + 120
         while counter.value < accepted and time.time() < deadline:
             time.sleep(0.01)
         elapsed = time.time() - start_at
-        for p in ps:
-            p.join()
         time.sleep(0.5)  # let the accounting log flush
     finally:
-        node.send_signal(signal.SIGTERM)
-        node.wait(60)
-        log.close()
+        stop_node(node, log)
         sink.kill()
         if dns is not None:
             dns.close()
@@ -209,8 +178,7 @@ def main() -> None:
           f"over {len(runs)} runs); delivery latency p50 {res['p50_ms']:.0f} ms, "
           f"p99 {res['p99_ms']:.0f} ms")
     if args.append:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
+        commit = git_commit()
         with open(RESULTS, "a") as fh:
             fh.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.route} | "
                      f"{res['delivered']:.0f} | {args.size:g} KB | {args.concurrency} | "

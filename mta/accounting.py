@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from mta.tasks import cancel_and_wait
+
 __all__ = ["AccountingLog"]
 
 log = structlog.get_logger("mta.accounting")
@@ -64,12 +66,7 @@ class AccountingLog:
                     log.error("accounting.write_failed", error=str(exc))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await asyncio.to_thread(self._write)
         if self._fh is not None:
             self._fh.close()

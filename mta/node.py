@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 
 import structlog
@@ -18,6 +17,7 @@ from mta.ingress.auth import UsersFile, UsersFileError
 from mta.metrics import NodeMetrics
 from mta.sdnotify import notify, watchdog_interval
 from mta.spool import RecoveryReport, Spool
+from mta.tasks import cancel_and_wait
 
 __all__ = ["Node", "StartupError"]
 
@@ -229,10 +229,7 @@ class Node:
         if self.ingress is not None:
             await self.ingress.drain(self.cfg.smtp.shutdown_grace)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self.ingress is not None:
             await self.ingress.close()
         if self.engine is not None:

@@ -7,6 +7,8 @@ import heapq
 import time
 from collections.abc import Callable
 
+from mta.tasks import cancel_and_wait
+
 __all__ = ["Scheduler"]
 
 
@@ -63,13 +65,8 @@ class Scheduler:
         self._task = asyncio.create_task(self._run(), name="scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
