@@ -7,6 +7,7 @@ everything under ``/api/`` needs the bearer token from ``[admin] token``.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import mta
+from mta.config import parse_rate
+from mta.coordinator import RuntimeSettings
+from mta.envelope import Envelope
+from mta.ingress.headers import prepare_content, received_header
+from mta.ingress.policy import address_problem
+from mta.spool import SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
     from mta.node import Node
@@ -40,6 +47,12 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/api/v1/status", self.status)
+        app.router.add_post("/api/v1/messages", self.inject)
+        app.router.add_post("/api/v1/flush", self.flush)
+        app.router.add_post("/api/v1/suspend", self.suspend)
+        app.router.add_post("/api/v1/resume", self.resume)
+        app.router.add_get("/api/v1/throttles", self.throttles)
+        app.router.add_post("/api/v1/throttles", self.set_throttle)
         self.app = app
 
     @web.middleware
@@ -113,3 +126,109 @@ class AdminServer:
             "fenced": node.fenced,
             "ready": all(self._readiness().values()),
         })
+
+    # --- operations --------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "body is not JSON", "hint": "send a JSON object"}),
+                content_type="application/json") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "body must be a JSON object", "hint": ""}),
+                content_type="application/json")
+        return body
+
+    async def inject(self, request: web.Request) -> web.Response:
+        """HTTP submission: same checks as SMTP; 202 only once the message is fsynced."""
+        node = self.node
+        body = await self._json(request)
+        sender, rcpts, content = body.get("from"), body.get("to"), body.get("content")
+        if not isinstance(sender, str) or not isinstance(rcpts, list) or not rcpts \
+                or not all(isinstance(r, str) for r in rcpts) or not isinstance(content, str):
+            return _error(400, "expected {\"from\": str, \"to\": [str, ...], "
+                               "\"content\": str (RFC 5322 message)}",
+                          "from may be \"\" for the null sender")
+        smtputf8 = not (sender.isascii() and all(r.isascii() for r in rcpts))
+        for addr in ([sender] if sender else []) + rcpts:
+            if problem := address_problem(addr, smtputf8):
+                return _error(400, f"bad address {addr!r}: {problem}", "use local@domain")
+        cfg = node.cfg.smtp
+        if len(rcpts) > cfg.max_recipients:
+            return _error(400, f"too many recipients (at most {cfg.max_recipients})", "")
+        raw = content.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+        if len(raw) > cfg.max_message_size:
+            return _error(413, f"message larger than {cfg.max_message_size} bytes", "")
+        if node.fenced or node.ingress is None or not node.ingress.accepting_writes:
+            return _error(503, "node not accepting mail right now", "retry, or use another node")
+        env = Envelope(sender=sender, recipients=rcpts, smtputf8=smtputf8,
+                       body_8bit=not raw.isascii(), client_ip=request.remote or "",
+                       helo="http", auth_user="admin-api")
+        try:
+            mid = node.spool.allocate_id()
+            received = received_header(helo="http", ip=env.client_ip, hostname=cfg.hostname,
+                                       protocol="HTTP", message_id=mid,
+                                       recipient=rcpts[0] if len(rcpts) == 1 else None)
+            await node.spool.submit(env, prepare_content(raw, received, message_id=mid,
+                                                         hostname=cfg.hostname), mid)
+        except SpoolWriteError as exc:
+            return _error(507, f"spool write failed: {exc}", "free disk space, then retry")
+        except SpoolError as exc:
+            return _error(503, f"spool unavailable: {exc}", "retry later")
+        return web.json_response({"id": mid}, status=202)
+
+    def _domain_arg(self, body: dict[str, Any]) -> str | None:
+        domain = body.get("domain")
+        return domain.lower() if isinstance(domain, str) and domain else None
+
+    async def flush(self, request: web.Request) -> web.Response:
+        body = await self._json(request) if request.can_read_body else {}
+        engine = self.node.engine
+        if engine is None:
+            return _error(409, "delivery is disabled on this node", "[delivery] enabled = true")
+        return web.json_response({"rescheduled": engine.flush(self._domain_arg(body))})
+
+    async def _set_suspended(self, request: web.Request, suspend: bool) -> web.Response:
+        domain = self._domain_arg(await self._json(request))
+        if domain is None:
+            return _error(400, "expected {\"domain\": \"example.com\"}", "")
+        coord = self.node.coordinator
+        current = coord.runtime()
+        suspended = (current.suspended | {domain}) if suspend else (current.suspended - {domain})
+        await coord.set_runtime(RuntimeSettings(dict(current.throttles), frozenset(suspended)))
+        return web.json_response({"suspended": sorted(suspended)})
+
+    async def suspend(self, request: web.Request) -> web.Response:
+        return await self._set_suspended(request, True)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return await self._set_suspended(request, False)
+
+    async def throttles(self, request: web.Request) -> web.Response:
+        rt = self.node.coordinator.runtime()
+        configured = {d: p.rate for d, p in self.node.cfg.delivery.domains.items() if p.rate}
+        return web.json_response({"runtime": rt.throttles, "configured": configured,
+                                  "default_site_rate": self.node.cfg.delivery.rate,
+                                  "suspended": sorted(rt.suspended),
+                                  "unit": "messages per second"})
+
+    async def set_throttle(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        key, spec = body.get("key"), body.get("spec")
+        if not isinstance(key, str) or not key:
+            return _error(400, "expected {\"key\": domain or site, \"spec\": \"100/s\"}",
+                          "spec null removes the override")
+        current = self.node.coordinator.runtime()
+        throttles = dict(current.throttles)
+        if spec is None:
+            throttles.pop(key.lower(), None)
+        else:
+            try:
+                throttles[key.lower()] = parse_rate(spec)
+            except ValueError as exc:
+                return _error(400, str(exc), "for example \"100/s\", \"20/m\", \"5000/h\"")
+        await self.node.coordinator.set_runtime(RuntimeSettings(throttles, current.suspended))
+        return web.json_response({"runtime": throttles})
