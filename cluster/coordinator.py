@@ -245,34 +245,34 @@ class EtcdCoordinator:
     # --- keepalive and self-fencing --------------------------------------------------------
 
     async def _keepalive(self) -> None:
-        while True:
-            try:
-                await self._keepalive_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("cluster.keepalive_error", node_id=self.node_id)
-
-    async def _keepalive_once(self) -> None:
         interval = self.ttl / 3
         while True:
             await asyncio.sleep(min(interval, 0.5) if self._fenced else interval / 2)
             try:
-                if self._fenced:
-                    await self._rejoin()
-                    continue
-                lease = self._lease
-                resp = await self._call(lambda c, lease_id=lease.id: c.refresh_lease(lease_id))
-                if getattr(resp, "TTL", 1) <= 0:
-                    raise _EtcdDown("lease expired")
-                self._last_refresh = time.monotonic()
-            except _EtcdDown as exc:
-                if self._fenced:
-                    log.info("cluster.rejoin_failed", node_id=self.node_id, error=str(exc)[:200])
-                elif time.monotonic() - self._last_refresh >= self.fence_after:
-                    await self._fence(f"lease not refreshed for {self.fence_after:.1f}s: {exc}")
-            if not self._fenced and time.monotonic() - self._last_refresh >= self.fence_after:
-                await self._fence("lease refresh overdue")
+                await self._keepalive_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the loop that lets us rejoin
+                log.exception("cluster.keepalive_error", node_id=self.node_id)
+
+    async def _keepalive_step(self) -> None:
+        """Refresh the lease (or rejoin when fenced); fence once refreshes are overdue."""
+        try:
+            if self._fenced:
+                await self._rejoin()
+                return
+            lease = self._lease
+            resp = await self._call(lambda c, lease_id=lease.id: c.refresh_lease(lease_id))
+            if getattr(resp, "TTL", 1) <= 0:
+                raise _EtcdDown("lease expired")
+            self._last_refresh = time.monotonic()
+        except _EtcdDown as exc:
+            if self._fenced:
+                log.info("cluster.rejoin_failed", node_id=self.node_id, error=str(exc)[:200])
+            elif time.monotonic() - self._last_refresh >= self.fence_after:
+                await self._fence(f"lease not refreshed for {self.fence_after:.1f}s: {exc}")
+        if not self._fenced and time.monotonic() - self._last_refresh >= self.fence_after:
+            await self._fence("lease refresh overdue")
 
     async def _fence(self, reason: str) -> None:
         if self._fenced:

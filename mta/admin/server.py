@@ -19,8 +19,8 @@ import mta
 from mta.config import parse_rate
 from mta.coordinator import RuntimeSettings
 from mta.envelope import Envelope
-from mta.ingress.headers import prepare_content, received_header
 from mta.ingress.policy import address_problem
+from mta.ingress.submit import store_submission
 from mta.spool import SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
@@ -168,12 +168,7 @@ class AdminServer:
                        body_8bit=not raw.isascii(), client_ip=request.remote or "",
                        helo="http", auth_user="admin-api")
         try:
-            mid = node.spool.allocate_id()
-            received = received_header(helo="http", ip=env.client_ip, hostname=cfg.hostname,
-                                       protocol="HTTP", message_id=mid,
-                                       recipient=rcpts[0] if len(rcpts) == 1 else None)
-            await node.spool.submit(env, prepare_content(raw, received, message_id=mid,
-                                                         hostname=cfg.hostname), mid)
+            mid, _size = await store_submission(node.spool, cfg.hostname, env, raw, "HTTP")
         except SpoolWriteError as exc:
             return _error(507, f"spool write failed: {exc}", "free disk space, then retry")
         except SpoolError as exc:

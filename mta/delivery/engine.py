@@ -37,6 +37,7 @@ from mta.envelope import Envelope, shard_of
 from mta.metrics import NodeMetrics
 from mta.queue import Scheduler
 from mta.spool import MessageNotFound, Spool, SpoolError, StoredMessage
+from mta.spool.index import MessageRef
 
 __all__ = ["DeliveryEngine"]
 
@@ -128,9 +129,14 @@ class DeliveryEngine:
         now = time.time()
         refs = self.spool.live_messages(shard)
         for ref in refs:
-            due = float((ref.state or {}).get("next", 0.0))
-            self.scheduler.add(ref.id, min(due, now + self.dcfg.retry_max) if due else 0.0)
+            self.scheduler.add(ref.id, self._due(ref, now))
         return len(refs)
+
+    def _due(self, ref: MessageRef, now: float) -> float:
+        """When a live message found in the spool should be tried: its recorded next
+        attempt, now if that has passed, and never later than one maximal retry interval."""
+        due = float((ref.state or {}).get("next", 0.0))
+        return min(due, now + self.dcfg.retry_max) if due > now else 0.0
 
     async def remove_shard(self, shard: int, grace: float = 10.0) -> None:
         """Stop new work on a shard and wait (bounded) for its attempts in flight."""
@@ -156,8 +162,7 @@ class DeliveryEngine:
                 mid = ref.id
                 if mid in self.scheduler or mid in self._inflight:
                     continue
-                due = float((ref.state or {}).get("next", 0.0))
-                self.scheduler.add(mid, due if due > now else 0.0)
+                self.scheduler.add(mid, self._due(ref, now))
                 found += 1
         if found:
             log.warning("delivery.sweep_rescheduled", node_id=self.node_id, messages=found)

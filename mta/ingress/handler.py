@@ -10,8 +10,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from mta.envelope import Envelope
-from mta.ingress.headers import prepare_content, received_header
 from mta.ingress.policy import address_problem
+from mta.ingress.submit import store_submission
 from mta.spool import NoShardsOwned, SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
@@ -70,7 +70,6 @@ class IngressHandler:
     async def handle_DATA(self, server: IngressSession, session: Session,
                           envelope: SmtpEnvelope) -> str:
         srv = self._server
-        spool = srv.spool
         if not srv.accepting_writes:
             return "451 4.3.2 Not accepting mail right now, try again later"
         started = time.perf_counter()
@@ -85,33 +84,25 @@ class IngressHandler:
             helo=session.host_name or "",
             auth_user=str(session.auth_data) if session.authenticated else "",
         )
-        try:
-            message_id = spool.allocate_id()
-        except NoShardsOwned:
-            return "451 4.3.0 No spool shard available on this node, try again later"
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"
         if session.authenticated:
             protocol += "A"
         raw: Any = envelope.original_content or b""
-        content = prepare_content(
-            raw,
-            received_header(helo=env.helo, ip=env.client_ip, hostname=srv.cfg.hostname,
-                            protocol=protocol, message_id=message_id,
-                            recipient=env.recipients[0] if len(env.recipients) == 1 else None),
-            message_id=message_id, hostname=srv.cfg.hostname,
-        )
         try:
-            await spool.submit(env, content, message_id)
+            message_id, size = await store_submission(srv.spool, srv.cfg.hostname, env, raw,
+                                                      protocol)
+        except NoShardsOwned:
+            return "451 4.3.0 No spool shard available on this node, try again later"
         except SpoolWriteError as exc:
             srv.count_spool_error(exc.errno)
-            log.error("smtp.spool_write_failed", message_id=message_id, error=str(exc))
+            log.error("smtp.spool_write_failed", sender=sender, error=str(exc))
             return "452 4.3.1 Insufficient system storage, try again later"
         except SpoolError as exc:
-            log.warning("smtp.spool_unavailable", message_id=message_id, error=str(exc))
+            log.warning("smtp.spool_unavailable", sender=sender, error=str(exc))
             return "451 4.3.0 Spool not available, try again later"
-        srv.count_received(len(content), time.perf_counter() - started)
+        srv.count_received(size, time.perf_counter() - started)
         log.info("smtp.received", message_id=message_id, sender=sender,
-                 recipients=len(env.recipients), size=len(content), client_ip=env.client_ip)
+                 recipients=len(env.recipients), size=size, client_ip=env.client_ip)
         return f"250 2.0.0 Ok: queued as {message_id}"

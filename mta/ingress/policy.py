@@ -15,24 +15,25 @@ _ATEXT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _IPV6_TAG = "ipv6:"
 
 
-def in_networks(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer address, without zone id, IPv4-mapped IPv6 unwrapped; None if unparsable."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
+        return addr.ipv4_mapped
+    return addr
+
+
+def in_networks(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    addr = _client_address(ip)
+    return addr is not None and any(addr in net for net in networks)
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
+    addr = _client_address(ip)
+    return addr is not None and addr.is_loopback
 
 
 @functools.lru_cache(maxsize=65536)
