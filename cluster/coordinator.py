@@ -9,6 +9,7 @@ Keys under ``/mta/<cluster>/``:
 | assign/<shard>   | leader                | node id                        | persistent    |
 | owner/<shard>    | owner, create txn     | node id                        | owner lease   |
 | drain/<id>       | operator (mtactl)     | b"1"                           | persistent    |
+| rebalance        | operator (mtactl)     | requesting node id             | until leader acts |
 | config/throttle/<domain or site> | operator | "100/s"                    | persistent    |
 | config/suspend/<domain>          | operator | b"1"                       | persistent    |
 
@@ -33,7 +34,7 @@ import structlog
 import mta
 from cluster.rendezvous import assign
 from mta.config import Config, parse_rate
-from mta.coordinator import RuntimeSettings, ShardHost
+from mta.coordinator import ClusterOpError, Member, RuntimeSettings, ShardHost, ShardInfo
 
 __all__ = ["EtcdCoordinator"]
 
@@ -52,6 +53,7 @@ class _View:
         self.drain: set[str] = set()
         self.throttles: dict[str, float] = {}
         self.suspended: set[str] = set()
+        self.rebalance = False
 
 
 class EtcdCoordinator:
@@ -170,10 +172,9 @@ class EtcdCoordinator:
         await self._register()
 
     async def _register(self) -> None:
-        smtp_host, smtp_port = self.cfg.smtp.listen
-        admin_host, admin_port = self.cfg.admin.listen
-        info = msgpack.packb({"addr": f"{smtp_host}:{smtp_port}",
-                              "admin": f"http://{admin_host}:{admin_port}",
+        assert self._host is not None
+        ends = self._host.endpoints()
+        info = msgpack.packb({"addr": ends.get("smtp", ""), "admin": ends.get("admin", ""),
                               "version": mta.__version__, "started": self.started,
                               "pid": os.getpid(), "weight": 1.0})
         lease = self._lease
@@ -228,13 +229,73 @@ class EtcdCoordinator:
             await self._call(lambda c, d=domain: c.put(self._key("config", "suspend", d), b"1"))
         self._kick.set()
 
+    async def _fresh(self) -> _View:
+        try:
+            await self._read()
+        except _EtcdDown as exc:
+            raise ClusterOpError(f"etcd not reachable from {self.node_id}: {exc}",
+                                 "check the etcd cluster (etcdctl endpoint health)", 503
+                                 ) from None
+        return self._view
+
+    async def members(self) -> list[Member]:
+        v = await self._fresh()
+        owned: dict[str, int] = {}
+        for node, _rev in v.owner.values():
+            owned[node] = owned.get(node, 0) + 1
+        return [Member(node, str(info.get("addr", "")), str(info.get("admin", "")),
+                       v.leader == node, node in v.drain, owned.get(node, 0),
+                       str(info.get("version", "")), float(info.get("started", 0.0)))
+                for node, info in sorted(v.nodes.items())]
+
+    async def shards(self) -> list[ShardInfo]:
+        v = await self._fresh()
+        return [ShardInfo(s, v.assign.get(s), v.owner.get(s, (None, 0))[0],
+                          v.owner.get(s, (None, 0))[1]) for s in range(self.total_shards)]
+
     async def set_draining(self, node: str, draining: bool) -> None:
         """Mark ``node`` drained (its shards move away) or back in service."""
-        if draining:
-            await self._call(lambda c: c.put(self._key("drain", node), b"1"))
-        else:
-            await self._call(lambda c: c.delete(self._key("drain", node)))
+        v = await self._fresh()
+        if draining and node not in v.nodes:
+            raise ClusterOpError(f"no live node {node!r} in cluster {self.cfg.cluster.name!r}",
+                                 "`mtactl nodes` lists the live nodes", 404)
+        if draining and not (set(v.nodes) - v.drain - {node}):
+            raise ClusterOpError(f"refusing to drain {node}: no other node would be left to "
+                                 "own the shards", "start another node first, or undrain one")
+        try:
+            if draining:
+                await self._call(lambda c: c.put(self._key("drain", node), b"1"))
+            else:
+                await self._call(lambda c: c.delete(self._key("drain", node)))
+        except _EtcdDown as exc:
+            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
         self._kick.set()
+
+    async def rebalance(self, timeout: float) -> dict[str, object]:
+        """Ask the leader (through the ``rebalance`` key) to recompute the assignment, then
+        wait until every shard is owned by the node it is assigned to."""
+        before = dict((await self._fresh()).assign)
+        try:
+            await self._call(lambda c: c.put(self._key("rebalance"), self.node_id.encode()))
+        except _EtcdDown as exc:
+            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+        self._kick.set()
+        start = time.monotonic()
+        converged = False
+        while True:
+            v = await self._fresh()
+            converged = (not v.rebalance and len(v.assign) == self.total_shards
+                         and all(v.owner.get(s, ("", 0))[0] == n for s, n in v.assign.items()))
+            if converged or time.monotonic() - start > timeout:
+                break
+            await asyncio.sleep(0.2)
+        per_node: dict[str, int] = {}
+        for node, _rev in v.owner.values():
+            per_node[node] = per_node.get(node, 0) + 1
+        return {"moved": sum(1 for s, n in v.assign.items() if before.get(s) != n),
+                "converged": converged, "seconds": round(time.monotonic() - start, 2),
+                "per_node": dict(sorted(per_node.items())), "leader": v.leader,
+                "unowned": self.total_shards - len(v.owner)}
 
     def view(self) -> dict[str, Any]:
         v = self._view
@@ -320,6 +381,8 @@ class EtcdCoordinator:
                     v.owner[int(rest)] = (kv.value.decode(), kv.create_revision)
                 elif kind == "drain":
                     v.drain.add(rest)
+                elif key == "rebalance":
+                    v.rebalance = True
                 elif key.startswith("config/throttle/"):
                     v.throttles[key[len("config/throttle/"):]] = parse_rate(kv.value.decode())
                 elif key.startswith("config/suspend/"):
@@ -374,6 +437,8 @@ class EtcdCoordinator:
             v = self._view
         if v.leader == self.node_id:
             await self._lead()
+            if v.rebalance:
+                await self._call(lambda c: c.delete(self._key("rebalance")))
             await self._read()
             v = self._view
         # Release what is assigned elsewhere, then take what is ours and free.

@@ -238,6 +238,8 @@ class AdminConfig:
     listen: tuple[str, int] = _opt(parse_listen, ("127.0.0.1", 8025))
     token: str = _opt(_string, "")
     enabled: bool = _opt(_boolean, True)
+    # URL peers use to reach this API (cluster-wide answers); default from listen.
+    advertise: str = _opt(_string, "")
 
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
@@ -349,6 +351,33 @@ class ClusterConfig:
     lease_ttl: float = _opt(parse_duration, 5.0)
 
 
+def _optional_address(value: Any) -> str:
+    value = _string(value)
+    if value and (value.count("@") != 1 or not value.rpartition("@")[2]):
+        raise _Invalid(f"expected an address like probe@example.com, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``[probe]``: a synthetic message through the node to a mailbox, timed end to end."""
+
+    recipient: str = _opt(_optional_address, "")  # empty: no probe configured
+    sender: str = _opt(_optional_address, "")  # default probe@<smtp hostname>
+    interval: float = _opt(parse_duration, 0.0)  # 0: only on demand (mtactl probe)
+    timeout: float = _opt(parse_duration, 60.0)
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    """``[slo]``: the objectives ``mtactl slo`` reports against."""
+
+    availability: float = _opt(_ratio, 0.999)
+    submit_p99: float = _opt(parse_duration, 1.0)
+    delivery_success: float = _opt(_ratio, 0.999)
+    sample_interval: float = _opt(parse_duration, 5.0)  # readiness sampling period
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole node configuration."""
@@ -359,6 +388,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
     source: str = "<defaults>"
 
     @property
@@ -373,6 +404,8 @@ _SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "delivery": DeliveryConfig,
     "cluster": ClusterConfig,
+    "probe": ProbeConfig,
+    "slo": SloConfig,
 }
 
 

@@ -11,7 +11,46 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Coordinator", "LocalCoordinator", "RuntimeSettings", "ShardHost"]
+import mta
+
+__all__ = ["ClusterOpError", "Coordinator", "LocalCoordinator", "Member", "RuntimeSettings",
+           "ShardHost", "ShardInfo"]
+
+
+class ClusterOpError(Exception):
+    """A cluster operation cannot be done (standalone node, unknown node, store down).
+
+    ``hint`` says what the operator can do about it; ``status`` is the HTTP status to answer.
+    """
+
+    def __init__(self, message: str, hint: str = "", status: int = 409) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Member:
+    """One node of the cluster as the coordination store sees it."""
+
+    node: str
+    smtp: str  # host:port of the SMTP listener
+    admin: str  # base URL of the admin API
+    leader: bool
+    draining: bool
+    shards: int  # shards it owns right now
+    version: str
+    started: float
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Who a shard is assigned to, who owns it now, and the owner's fencing token."""
+
+    shard: int
+    assigned: str | None
+    owner: str | None
+    token: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +79,9 @@ class ShardHost(Protocol):
 
     def unfence(self) -> None:
         """Lease is provably held again: writes may resume."""
+
+    def endpoints(self) -> dict[str, str]:
+        """How peers and operators reach this node: ``{"smtp": host:port, "admin": url}``."""
 
 
 @runtime_checkable
@@ -79,6 +121,26 @@ class Coordinator(Protocol):
     async def set_runtime(self, settings: RuntimeSettings) -> None:
         """Replace the runtime settings (cluster-wide in a cluster)."""
 
+    @property
+    def is_leader(self) -> bool:
+        """True while this node is the cluster leader (always, standalone)."""
+
+    async def members(self) -> list[Member]:
+        """Every live node, from a fresh read of the store; raises ClusterOpError if down."""
+
+    async def shards(self) -> list[ShardInfo]:
+        """Assignment and ownership of every shard, from a fresh read of the store."""
+
+    async def set_draining(self, node: str, draining: bool) -> None:
+        """Move every shard off ``node`` (and keep it off) or put it back in service."""
+
+    async def rebalance(self, timeout: float) -> dict[str, object]:
+        """Have the leader recompute the assignment now; wait (bounded) until owners follow
+        it. Returns ``{"moved": n, "converged": bool, "seconds": t, "per_node": {...}}``."""
+
+
+_STANDALONE_HINT = "this node runs standalone (no [cluster] etcd): it owns every shard"
+
 
 class LocalCoordinator:
     """Standalone: this node owns every shard, always."""
@@ -90,12 +152,14 @@ class LocalCoordinator:
         self._host: ShardHost | None = None
         self._runtime = RuntimeSettings()
         self._watchers: list[Callable[[RuntimeSettings], None]] = []
+        self._token = 0
+        self.started = time.time()
 
     async def start(self, host: ShardHost) -> None:
         self._host = host
         # Wall-clock nanoseconds only grow across restarts, so a newer run always fences an
         # older one (only one standalone process can hold the spool lock anyway).
-        token = time.time_ns()
+        token = self._token = time.time_ns()
         for shard in range(self.total_shards):
             await host.acquire_shard(shard, token)
             self._owned = self._owned | {shard}
@@ -127,3 +191,26 @@ class LocalCoordinator:
         self._runtime = settings
         for callback in self._watchers:
             callback(settings)
+
+    @property
+    def is_leader(self) -> bool:
+        return True
+
+    async def members(self) -> list[Member]:
+        assert self._host is not None
+        ends = self._host.endpoints()
+
+
+        return [Member(self.node_id, ends.get("smtp", ""), ends.get("admin", ""), True, False,
+                       len(self._owned), mta.__version__, self.started)]
+
+    async def shards(self) -> list[ShardInfo]:
+        return [ShardInfo(s, self.node_id, self.node_id, self._token) for s in sorted(self._owned)]
+
+    async def set_draining(self, node: str, draining: bool) -> None:
+        raise ClusterOpError("drain needs a cluster: a standalone node has no peer to take its "
+                             "shards", _STANDALONE_HINT + "; stop it with `systemctl stop` "
+                             "(SIGTERM lets sessions finish and keeps the spool)")
+
+    async def rebalance(self, timeout: float) -> dict[str, object]:
+        raise ClusterOpError("rebalance needs a cluster", _STANDALONE_HINT)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Envelope", "InvalidMessageId", "new_message_id", "shard_of"]
+__all__ = ["Envelope", "InvalidMessageId", "new_message_id", "received_at_of", "shard_of"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
@@ -107,3 +107,8 @@ class Envelope:
             auth_user=d.get("user", ""),
             received_at=float(d.get("at", 0.0)),
         )
+
+
+def received_at_of(message_id: str) -> float:
+    """When the message was accepted (epoch seconds), from the time part of its id."""
+    return (_decode(message_id) >> 80) / 1000.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["NodeMetrics"]
+__all__ = ["SUBMIT_BUCKETS", "NodeMetrics"]
+
+SUBMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class NodeMetrics:
@@ -29,8 +31,7 @@ class NodeMetrics:
                                      registry=r)
         self.submit_latency = Histogram(
             "mta_submit_seconds", "End of DATA to durable, per message",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=r)
+            buckets=SUBMIT_BUCKETS, registry=r)
         self.batch_records = Histogram(
             "mta_spool_batch_records", "Records per group-commit batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
@@ -62,6 +63,42 @@ class NodeMetrics:
             registry=r)
         self.scheduled = Gauge("mta_queue_scheduled", "Messages waiting for their next attempt",
                                registry=r)
+        self.oldest_age = Gauge("mta_queue_oldest_message_age_seconds",
+                                "Age of the oldest live message in owned shards", registry=r)
+        self.site_queue = Gauge("mta_site_queue_depth",
+                                "Jobs waiting in a site's ready queue (sites with mail only)",
+                                ["site"], registry=r)
+        self.site_connections = Gauge("mta_site_connections",
+                                      "Outbound connections open to a site", ["site"],
+                                      registry=r)
+        self.site_breaker_open = Gauge("mta_site_breaker_open",
+                                       "1 while a site's circuit breaker is open or half-open",
+                                       ["site"], registry=r)
+        self.outbound_connections = Gauge("mta_outbound_connections",
+                                          "Outbound SMTP connections open, all sites",
+                                          registry=r)
+        self.spool_bytes = Gauge("mta_spool_bytes", "Bytes of segment files in owned shards",
+                                 registry=r)
+        self.disk_used = Gauge("mta_spool_disk_used_ratio",
+                               "Used fraction of the filesystem holding the spool", registry=r)
+        self.shards_total = Gauge("mta_shards_total", "Spool shards in the cluster", registry=r)
+        self.lease_healthy = Gauge("mta_cluster_lease_healthy",
+                                   "1 while the node holds its lease (always 1 standalone)",
+                                   registry=r)
+        self.is_leader = Gauge("mta_cluster_is_leader", "1 on the cluster leader", registry=r)
+        self.ready = Gauge("mta_node_ready", "1 while /readyz answers 200", registry=r)
+        self.admin_bounced = Counter("mta_admin_bounced_recipients",
+                                     "Recipients bounced by an operator", registry=r)
+        self.probe_success = Gauge("mta_probe_success",
+                                   "1 if the last synthetic probe was delivered in time",
+                                   registry=r)
+        self.probe_latency = Gauge("mta_probe_latency_seconds",
+                                   "End-to-end latency of the last successful probe",
+                                   registry=r)
+        self.probe_last_success = Gauge("mta_probe_last_success_timestamp_seconds",
+                                        "When a probe last succeeded (epoch)", registry=r)
+        self.probes = Counter("mta_probes", "Synthetic probes run, by result", ["result"],
+                              registry=r)
 
     def observe_batch(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None:
         """Called from the writer thread after each group commit."""

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
 import ssl
+import time
+from dataclasses import replace
 
 import structlog
 
 from mta.accounting import AccountingLog
-from mta.config import Config
+from mta.config import Config, ConfigError, load_config
 from mta.coordinator import Coordinator, LocalCoordinator
 from mta.delivery.engine import DeliveryEngine
 from mta.envelope import Envelope
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
 from mta.metrics import NodeMetrics
+from mta.probe import Prober
 from mta.sdnotify import notify, watchdog_interval
+from mta.slo import SloTracker
 from mta.spool import RecoveryReport, Spool
 from mta.tasks import cancel_and_wait
 
@@ -77,6 +84,11 @@ class Node:
         self.ingress: IngressServer | None = None
         self.admin = None
         self.fenced = False
+        self.started = time.time()
+        self.slo = SloTracker(os.path.join(cfg.spool.path, f"slo-{self.node_id}.json"),
+                              self.metrics.registry, self.ready,
+                              tick=cfg.slo.sample_interval)
+        self.prober = Prober(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -98,38 +110,79 @@ class Node:
                                f"{cfg.delivery.accounting_log!r}: {exc.strerror}") from None
         if self.engine is not None:
             await self.engine.start()
-        try:
-            await self.coordinator.start(self)
-        except RuntimeError as exc:
-            await self.spool.close()
-            raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
-        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
-        try:
-            await self.ingress.start()
-        except OSError as exc:
-            await self.spool.close()
-            host, port = cfg.smtp.listen
-            raise StartupError(f"{cfg.source}: [smtp] listen: cannot listen on {host}:{port}: "
-                               f"{exc.strerror}") from None
         if cfg.admin.enabled:
+            # Before joining: peers learn its (bound) address from the membership record.
             from mta.admin.server import AdminServer
 
             self.admin = AdminServer(self)
             try:
                 await self.admin.start()
             except OSError as exc:
-                await self.ingress.close()
                 await self.spool.close()
                 host, port = cfg.admin.listen
                 raise StartupError(f"{cfg.source}: [admin] listen: cannot listen on "
                                    f"{host}:{port}: {exc.strerror}") from None
+        try:
+            await self.coordinator.start(self)
+        except RuntimeError as exc:
+            await self._close_admin()
+            await self.spool.close()
+            raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
+        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
+        try:
+            await self.ingress.start()
+        except OSError as exc:
+            await self.coordinator.stop()
+            await self._close_admin()
+            await self.spool.close()
+            host, port = cfg.smtp.listen
+            raise StartupError(f"{cfg.source}: [smtp] listen: cannot listen on {host}:{port}: "
+                               f"{exc.strerror}") from None
+        self.slo.load()
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._tasks.append(asyncio.create_task(self.slo.run(), name="slo"))
+        if cfg.probe.interval > 0:
+            self._tasks.append(asyncio.create_task(self.prober.run_forever(cfg.probe.interval),
+                                                   name="probe"))
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
         notify(f"READY=1\nSTATUS=accepting mail on port {self.ingress.port}")
         log.info("node.started", node_id=self.node_id, shards=len(self.spool.owned),
                  live=self.spool.live_count(), smtp_port=self.ingress.port,
                  admin_port=self.admin.port if self.admin else None)
+
+    async def _close_admin(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+
+    def endpoints(self) -> dict[str, str]:
+        """How peers and operators reach this node (published in the cluster store)."""
+        host, port = self.cfg.smtp.listen
+        if self.ingress is not None:
+            port = self.ingress.port
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        admin = self.cfg.admin.advertise
+        if not admin and self.admin is not None:
+            ahost, _ = self.cfg.admin.listen
+            if ahost in ("0.0.0.0", "::", ""):
+                ahost = socket.getfqdn()
+            ahost = f"[{ahost}]" if ":" in ahost else ahost
+            admin = f"http://{ahost}:{self.admin.port}"
+        return {"smtp": f"{host}:{port}", "admin": admin}
+
+    def readiness(self) -> dict[str, bool]:
+        """The checks behind /readyz: each must hold for the node to take traffic."""
+        return {
+            "spool_writable": os.access(self.spool.root, os.W_OK),
+            "lease_held": self.coordinator.healthy and not self.fenced,
+            "shards_owned": len(self.spool.owned) > 0,
+            "accepting": self.ingress is not None and not self.ingress.draining,
+        }
+
+    def ready(self) -> bool:
+        return all(self.readiness().values())
 
     def _on_new_message(self, message_id: str, env: Envelope, size: int) -> None:
         """Every new durable message (SMTP, DSN, later HTTP): account for it, schedule it."""
@@ -189,12 +242,37 @@ class Node:
             await asyncio.sleep(min(interval, 5.0))
             if self.engine is not None and not self.fenced:
                 self.engine.sweep()
-            self.metrics.queue_live.set(self.spool.live_count())
-            self.metrics.spool_segments.set(self.spool.segment_count())
-            if self.engine is not None:
-                self.metrics.scheduled.set(len(self.engine.scheduler))
+            self.update_gauges()
             if not self.fenced:
                 await self.spool.maintain(self.cfg.spool.compact_live_ratio)
+
+    def update_gauges(self) -> None:
+        """Refresh the gauges that are read, not counted (housekeeping and every scrape)."""
+        m = self.metrics
+        m.queue_live.set(self.spool.live_count())
+        m.spool_segments.set(self.spool.segment_count())
+        m.spool_bytes.set(self.spool.disk_bytes())
+        oldest = self.spool.oldest_received()
+        m.oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        try:
+            usage = shutil.disk_usage(self.spool.root)
+            m.disk_used.set(usage.used / usage.total if usage.total else 0.0)
+        except OSError:
+            pass
+        m.shards_owned.set(len(self.spool.owned))
+        m.shards_total.set(self.spool.total_shards)
+        m.lease_healthy.set(1 if self.coordinator.healthy and not self.fenced else 0)
+        m.is_leader.set(1 if self.coordinator.is_leader and not self.fenced else 0)
+        m.ready.set(1 if self.ready() else 0)
+        if self.engine is not None:
+            m.scheduled.set(len(self.engine.scheduler))
+            total = 0
+            for key, site in self.engine.sites.items():
+                m.site_queue.labels(key).set(len(site.ready))
+                m.site_connections.labels(key).set(site.connections)
+                m.site_breaker_open.labels(key).set(0 if site.breaker.state == "closed" else 1)
+                total += site.connections
+            m.outbound_connections.set(total)
 
     async def _watchdog(self, interval: float) -> None:
         # Pings only while the event loop runs: a wedged loop gets the node restarted.
@@ -202,20 +280,36 @@ class Node:
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read users and TLS certificates; keep the old ones on any error."""
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config file and apply throttles and domain policies, users
+        and TLS certificates without dropping a session; on any error keep everything."""
         if self.ingress is None:
-            return
+            return False
+        cfg = self.cfg
         try:
-            users = _load_users(self.cfg)
-            tls = _load_tls(self.cfg)
-        except StartupError as exc:
-            log.error("node.reload_failed", error=str(exc))
-            notify("RELOADING=0\nSTATUS=reload failed, kept the previous users and TLS")
-            return
+            if cfg.source and os.path.isfile(cfg.source):
+                cfg = load_config(cfg.source)
+            users = _load_users(cfg)
+            tls = _load_tls(cfg)
+        except (ConfigError, StartupError) as exc:
+            log.error("node.reload_failed", node_id=self.node_id, error=str(exc))
+            notify("STATUS=reload failed, kept the previous configuration")
+            return False
+        restart_needed = [name for name in ("node", "spool", "cluster", "admin")
+                          if getattr(cfg, name) != getattr(self.cfg, name)]
+        files = {"tls_cert": "", "tls_key": "", "users_file": ""}
+        if replace(cfg.smtp, **files) != replace(self.cfg.smtp, **files):
+            restart_needed.append("smtp")
         self.ingress.users = users
         self.ingress.tls = tls
-        log.info("node.reloaded", users=len(users) if users else 0, tls=tls is not None)
+        if self.engine is not None:
+            self.engine.reload(cfg)
+        self.cfg = cfg
+        log.info("node.reloaded", node_id=self.node_id, users=len(users) if users else 0,
+                 tls=tls is not None, domain_policies=len(cfg.delivery.domains),
+                 needs_restart=restart_needed)
+        notify("STATUS=configuration reloaded")
+        return True
 
     # --- shutdown --------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ def test_bad_input_gets_a_clear_answer_and_exit_code(node: NodeProcess) -> None:
     res = ctl(node, "throttle", "set", "gmail.com")
     assert res.returncode == 2 and "needs KEY and SPEC" in res.stderr
     res = ctl(node, "status", token="wrong")
-    assert res.returncode == 1 and "wrong token" in res.stderr
+    assert res.returncode == 1 and "token rejected" in res.stderr
     gone = subprocess.run([sys.executable, "-m", "mta.cli.mtactl", "--url",
                            f"http://127.0.0.1:{free_port()}", "status"],
                           capture_output=True, text=True, timeout=30)

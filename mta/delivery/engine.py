@@ -47,6 +47,18 @@ _Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t", result)
 
 
 @dataclass
+class _BounceRequest:
+    """An operator's ``message bounce``: applied by the message's next attempt."""
+
+    domain: str | None  # only recipients at this domain; None = every pending recipient
+    future: asyncio.Future[int]  # recipients bounced, once durable
+    count: int = 0
+
+
+ADMIN_BOUNCE = RecipientResult(550, "5.0.0 Message bounced by the administrator")
+
+
+@dataclass
 class _Unsaved:
     """What an attempt settled that the spool has not confirmed yet."""
 
@@ -83,7 +95,13 @@ class DeliveryEngine:
         self._domain_throttles: dict[str, Throttle] = {}
         self._shards: set[int] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._domains_of: dict[str, set[str]] = {}
+        self._site_of: dict[str, str] = {}  # domain -> key of the site it was last routed to
+        self._bounces: dict[str, _BounceRequest] = {}
+        self._watchers: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # First outcomes of messages from these senders (the probe's) are kept a while, so a
+        # watcher that arrives after a fast delivery still gets it.
+        self.watch_senders: set[str] = set()
+        self._outcomes: dict[str, dict[str, Any]] = {}
         # Final outcomes (and DSNs still to queue) not yet durable, by message id.
         self._unsaved: dict[str, _Unsaved] = {}
         self._runtime = RuntimeSettings()
@@ -178,8 +196,92 @@ class DeliveryEngine:
         if domain is None:
             return self.scheduler.reschedule_all(0.0)
         domain = domain.lower()
-        return self.scheduler.reschedule_all(
-            0.0, lambda mid: domain in self._domains_of.get(mid, ()))
+        ids = {ref.id for ref in self.live_refs() if domain in ref.domains}
+        return self.scheduler.reschedule_all(0.0, ids.__contains__)
+
+    def live_refs(self) -> list[MessageRef]:
+        """Index entries of every live message in the shards this engine delivers."""
+        return [ref for shard in sorted(self._shards) for ref in self.spool.live_messages(shard)]
+
+    def next_attempt(self, message_id: str) -> float | None:
+        """When the message will be tried next (epoch); None while in flight."""
+        return None if message_id in self._inflight else self.scheduler.due_of(message_id)
+
+    def site_of(self, domain: str) -> str | None:
+        """Key of the site ``domain`` was last routed to, if it has been tried."""
+        return self._site_of.get(domain)
+
+    def domain_rate(self, domain: str) -> float | None:
+        """The configured or runtime rate of ``domain`` (msgs/s, cluster-wide), or None."""
+        rate = self._runtime.throttles.get(domain)
+        if rate is None:
+            policy = policy_for(domain, self.dcfg.domains)
+            rate = policy.rate if policy else None
+        return rate
+
+    def in_flight(self, message_id: str) -> bool:
+        return message_id in self._inflight
+
+    # --- operator actions ------------------------------------------------------------------
+
+    async def bounce(self, message_id: str, domain: str | None = None,
+                     timeout: float = 30.0) -> int:
+        """Bounce (with a DSN) the pending recipients of a live message, at ``domain`` only if
+        given; returns how many, once durable. Raises MessageNotFound, TimeoutError."""
+        ref = self._live_ref(message_id)
+        if ref is None:
+            raise MessageNotFound(message_id)
+        req = self._bounces.get(message_id)
+        if req is None or req.domain != domain:
+            if req is not None:
+                await asyncio.wait_for(asyncio.shield(req.future), timeout)
+            req = self._bounces[message_id] = _BounceRequest(
+                domain, asyncio.get_running_loop().create_future())
+        if message_id not in self._inflight:
+            self.scheduler.remove(message_id)
+            self.scheduler.add(message_id, 0.0)
+        # else: the attempt in flight re-queues it at once when it ends (see _attempt).
+        return await asyncio.wait_for(asyncio.shield(req.future), timeout)
+
+    async def bounce_domain(self, domain: str, timeout: float = 60.0) -> tuple[int, int]:
+        """Bounce every pending recipient at ``domain``; returns (messages, recipients)."""
+        domain = domain.lower()
+        ids = [ref.id for ref in self.live_refs() if domain in ref.domains]
+        results = await asyncio.gather(*(self.bounce(mid, domain, timeout) for mid in ids),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, TimeoutError):
+                raise result
+        counts = [r for r in results if isinstance(r, int)]
+        return sum(1 for c in counts if c), sum(counts)
+
+    def _live_ref(self, message_id: str) -> MessageRef | None:
+        if shard_of(message_id) not in self._shards:
+            return None
+        return self.spool.live_ref(message_id)
+
+    def watch(self, message_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future that gets the first recipient outcome (any kind) of ``message_id``."""
+        fut = self._watchers.get(message_id)
+        if fut is None:
+            fut = self._watchers[message_id] = asyncio.get_running_loop().create_future()
+            if (seen := self._outcomes.get(message_id)) is not None:
+                fut.set_result(seen)
+        return fut
+
+    def unwatch(self, message_id: str) -> None:
+        self._watchers.pop(message_id, None)
+        self._outcomes.pop(message_id, None)
+
+    def _note_outcome(self, message_id: str, outcome: dict[str, Any]) -> None:
+        if message_id in self._outcomes:
+            return
+        self._outcomes[message_id] = outcome
+        while len(self._outcomes) > 256:
+            del self._outcomes[next(iter(self._outcomes))]
+        fut = self._watchers.get(message_id)
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
 
     def _on_runtime(self, settings: RuntimeSettings) -> None:
         resumed = self._runtime.suspended - settings.suspended
@@ -209,6 +311,25 @@ class DeliveryEngine:
             self.scheduler.wake()  # room again for due messages held back
 
     async def _attempt(self, message_id: str) -> None:
+        req = self._bounces.get(message_id)
+        try:
+            await self._attempt_inner(message_id)
+        except BaseException as exc:
+            if req is not None and self._bounces.get(message_id) is req:
+                del self._bounces[message_id]
+                if not req.future.done():
+                    req.future.set_exception(
+                        exc if isinstance(exc, Exception) else SpoolError("attempt cancelled"))
+            raise
+        if req is not None and self._bounces.get(message_id) is req:
+            del self._bounces[message_id]
+            if not req.future.done():
+                req.future.set_result(req.count)
+        if message_id in self._bounces and not self._closing:
+            # Asked for while this attempt was already running: apply it now.
+            self.scheduler.add(message_id, 0.0)
+
+    async def _attempt_inner(self, message_id: str) -> None:
         try:
             stored = await self.spool.load(message_id)
         except MessageNotFound:
@@ -257,12 +378,21 @@ class DeliveryEngine:
         groups: dict[str, list[int]] = defaultdict(list)
         for i in pending:
             groups[_domain(env.recipients[i])].append(i)
-        if pending:
-            self._domains_of[mid] = set(groups)
+        outcomes: dict[int, _Outcome] = {}
+        req = self._bounces.get(mid)
+        if req is not None:
+            # An operator bounce only settles what it names; the other recipients keep
+            # their schedule (it is not a retry).
+            for domain in [d for d in groups if req.domain in (None, d)]:
+                for i in groups.pop(domain):
+                    outcomes[i] = ("b", ADMIN_BOUNCE)
+                    done[str(i)] = self._final_record(mid, env, i, outcomes[i], attempt)
+                    req.count += 1
+                    self.metrics.admin_bounced.inc()
+            groups.clear()
         held = {d for d in groups if d in self._runtime.suspended}
         active = {d: idx for d, idx in groups.items() if d not in held}
 
-        outcomes: dict[int, _Outcome] = {}
         if len(active) == 1:
             # The common case (one destination domain): no task or wait() needed.
             [(domain, idx)] = active.items()
@@ -321,9 +451,12 @@ class DeliveryEngine:
         if not still:
             await self.spool.mark_done(mid)
             self._unsaved.pop(mid, None)
-            self._domains_of.pop(mid, None)
             return
-        if temp:
+        if req is not None:
+            attempt -= 1
+            due = float(state.get("next", 0.0)) or now
+            last = state.get("last", "")
+        elif temp:
             delay = min(self.dcfg.retry_max, self.dcfg.retry_initial * 2 ** (attempt - 1))
             due = now + delay * random.uniform(0.9, 1.1)
             last = outcomes[temp[0]][1].reply
@@ -358,6 +491,9 @@ class DeliveryEngine:
     def _record(self, mid: str, env: Envelope, i: int, kind: str, result: RecipientResult,
                 attempt: int, **extra: Any) -> None:
         rcpt = env.recipients[i]
+        if mid in self._watchers or env.sender in self.watch_senders:
+            self._note_outcome(mid, {"kind": kind, "recipient": rcpt, "reply": result.reply,
+                                     "remote": result.remote, "at": time.time()})
         self.accounting.record(kind, mid, recipient=rcpt, sender=env.sender,
                                site=result.remote, response=result.reply, attempt=attempt,
                                **extra)
@@ -390,6 +526,7 @@ class DeliveryEngine:
         except DeliveryError as exc:
             return every("b" if exc.permanent else "t", RecipientResult(exc.code, exc.text))
         site = self._site_for(route, domain)
+        self._site_of[domain] = route.site
         # Wait for the domain's own throttle here, not on a pooled connection: a slow domain
         # behind a shared site (a smarthost, a big provider's MX set) must not hold a
         # connection that other domains' mail could use.
@@ -412,14 +549,23 @@ class DeliveryEngine:
 
     # --- sites and throttles ---------------------------------------------------------------
 
-    def _site_for(self, route: Route, domain: str) -> Site:
-        site = self.sites.get(route.site)
-        if site is not None:
-            site.route = route
-            return site
-        policy = policy_for(domain, self.dcfg.domains)
+    def reload(self, cfg: Config) -> None:
+        """Apply a re-read config's delivery policies (SIGHUP): rates, connection limits,
+        TLS modes and smarthosts; sites keep their open connections."""
+        self.cfg = cfg
+        self.dcfg = cfg.delivery
+        self.router = Router(cfg.delivery)
+        self._domain_throttles.clear()
+        firsts: dict[str, str] = {}
+        for domain, key in self._site_of.items():
+            firsts.setdefault(key, domain)
+        for key, site in self.sites.items():
+            site.limits = self._limits(firsts.get(key, ""))
+
+    def _limits(self, domain: str) -> SiteLimits:
+        policy = policy_for(domain, self.dcfg.domains) if domain else None
         d = self.dcfg
-        limits = SiteLimits(
+        return SiteLimits(
             max_connections=(policy.max_connections if policy and policy.max_connections
                              else d.max_connections),
             max_messages_per_connection=(
@@ -434,17 +580,22 @@ class DeliveryEngine:
             idle_timeout=d.idle_timeout,
             helo=self.helo,
         )
-        site = Site(route.site, route, limits, Breaker(d.breaker_failures, d.breaker_cooldown),
+
+    def _site_for(self, route: Route, domain: str) -> Site:
+        site = self.sites.get(route.site)
+        if site is not None:
+            site.route = route
+            return site
+        d = self.dcfg
+        site = Site(route.site, route, self._limits(domain),
+                    Breaker(d.breaker_failures, d.breaker_cooldown),
                     self.coordinator.rate_share, self.node_id)
         site.rate_override = self._runtime.throttles.get(route.site)
         self.sites[route.site] = site
         return site
 
     def _domain_throttle(self, domain: str) -> Throttle | None:
-        rate = self._runtime.throttles.get(domain)
-        if rate is None:
-            policy = policy_for(domain, self.dcfg.domains)
-            rate = policy.rate if policy else None
+        rate = self.domain_rate(domain)
         if rate is None:
             return None
         throttle = self._domain_throttles.get(domain)

@@ -6,10 +6,18 @@ envelope and body are read back from the segment when needed.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MessageRef", "SegmentUsage", "ShardIndex"]
+__all__ = ["MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
+
+
+def recipient_domains(recipients: Iterable[str]) -> tuple[str, ...]:
+    """The distinct recipient domains of a message, interned: a backlog of a million
+    messages to a few providers shares a few strings."""
+    return tuple(sorted({sys.intern(r.rpartition("@")[2].lower()) for r in recipients}))
 
 
 @dataclass(slots=True)
@@ -23,6 +31,7 @@ class MessageRef:
     state: dict[str, Any] | None = None
     state_seq: int = -1  # segment of the latest STATE record; -1 if none or embedded in MSG
     state_size: int = 0
+    domains: tuple[str, ...] = ()  # distinct recipient domains (queue summaries, flush)
 
 
 @dataclass(slots=True)
@@ -77,14 +86,16 @@ class ShardIndex:
             ref.state_seq, ref.state_size = -1, 0
 
     def on_msg(self, message_id: str, seq: int, offset: int, size: int,
-               state: dict[str, Any] | None) -> None:
+               state: dict[str, Any] | None, domains: tuple[str, ...] = ()) -> None:
         """A MSG record; a later copy (from compaction) replaces the earlier one."""
         self.note(seq, offset, size)
         old = self.messages.get(message_id)
         if old is not None:
             self._unref(old.seq, old.size)
             self._drop_state(old)
-        self.messages[message_id] = MessageRef(message_id, seq, offset, size, state)
+            domains = domains or old.domains
+        self.messages[message_id] = MessageRef(message_id, seq, offset, size, state,
+                                               domains=domains)
         self._ref(seq, size)
 
     def on_state(self, message_id: str, seq: int, offset: int, size: int,

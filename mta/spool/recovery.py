@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from mta.spool.index import ShardIndex
+from mta.spool.index import ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScanIssue, ScannedRecord, scan
 from mta.spool.segment import fsync_dir, list_segments, segment_path
 
@@ -75,7 +75,8 @@ def _apply(index: ShardIndex, report: RecoveryReport, seq: int, rec: ScannedReco
     try:
         kind = meta[0]
         if kind == Kind.MSG:
-            index.on_msg(meta[1], seq, rec.offset, rec.size, meta[3])
+            index.on_msg(meta[1], seq, rec.offset, rec.size, meta[3],
+                         recipient_domains(meta[2]["to"]))
         elif kind == Kind.STATE:
             index.on_state(meta[1], seq, rec.offset, rec.size, meta[2])
         elif kind == Kind.DONE:

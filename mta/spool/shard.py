@@ -14,7 +14,7 @@ import structlog
 from mta.envelope import Envelope
 from mta.spool import ownership
 from mta.spool.errors import FencedError, MessageNotFound, SpoolError, SpoolWriteError
-from mta.spool.index import MessageRef, ShardIndex
+from mta.spool.index import MessageRef, ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
 from mta.spool.recovery import RecoveryReport, recover_shard
 from mta.spool.segment import fsync_dir, read_range, segment_path
@@ -109,9 +109,10 @@ class Shard:
         data = encode_msg(message_id, envelope, body)
         size = len(data)
         index = self.index
+        domains = recipient_domains(envelope["to"])
 
         def durable(pos: Position) -> None:
-            index.on_msg(message_id, pos[0], pos[1], size, None)
+            index.on_msg(message_id, pos[0], pos[1], size, None, domains)
             if after is not None:
                 after()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -13,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from mta.envelope import Envelope, new_message_id, shard_of
+from mta.envelope import Envelope, new_message_id, received_at_of, shard_of
 from mta.spool import ownership
 from mta.spool.errors import MessageNotFound, NoShardsOwned, ShardLockedError, SpoolError
 from mta.spool.index import MessageRef
@@ -229,6 +230,28 @@ class Spool:
         """The live messages of an owned shard (index entries, no body)."""
         shard = self._shards.get(number)
         return list(shard.index.messages.values()) if shard else []
+
+    def live_ref(self, message_id: str) -> MessageRef | None:
+        """The index entry of a live message in an owned shard, or None."""
+        try:
+            shard = self._shards.get(shard_of(message_id))
+        except ValueError:  # not a message id at all
+            return None
+        return shard.index.messages.get(message_id) if shard else None
+
+    def disk_bytes(self) -> int:
+        """Bytes written to the segments of owned shards."""
+        return sum(u.end for s in self._shards.values() for u in s.index.segments.values())
+
+    def oldest_received(self) -> float | None:
+        """Acceptance time of the oldest live message in owned shards, or None if empty."""
+        oldest = None
+        for shard in self._shards.values():
+            # Index order is (nearly) arrival order: the first few entries hold the oldest.
+            for message_id in itertools.islice(shard.index.messages, 16):
+                at = received_at_of(message_id)
+                oldest = at if oldest is None or at < oldest else oldest
+        return oldest
 
     def live_count(self) -> int:
         return sum(len(s.index.messages) for s in self._shards.values())

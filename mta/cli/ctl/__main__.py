@@ -1,0 +1,5 @@
+import sys
+
+from mta.cli.ctl import main
+
+sys.exit(main())

@@ -1,0 +1,266 @@
+"""Every mtactl verb end to end against a real standalone node that delivers to a real sink:
+human and --json output, exit codes, and what each verb really did to the mail."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import NodeProcess, message, node_config, toml_dumps
+from tests.mailworld import Sink, SinkScript
+
+SHARDS = 4
+
+
+def _rcpt_reply(address: str, attempt: int) -> str | None:
+    domain = address.lower().rpartition("@")[2]
+    if domain == "held.test":
+        return "451 4.7.1 Greylisted, come back later"
+    if domain == "later.test" and attempt == 0:
+        return "451 4.7.1 Try again"
+    return None
+
+
+class _Rcpt(dict):  # type: ignore[type-arg]
+    """A SinkScript.rcpt that answers by domain for any address."""
+
+    def get(self, address: str, default: Any = None) -> Any:
+        return _rcpt_reply
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[Sink]:
+    s = Sink("127.0.0.1", 0, SinkScript(rcpt=_Rcpt()))
+    s.start()
+    yield s
+    s.stop()
+
+
+def _raw(work: Path, sink: Sink, **extra: dict[str, Any]) -> dict[str, Any]:
+    return node_config(
+        work / "spool", spool={"shards": SHARDS},
+        delivery={"enabled": True, "smarthost": f"127.0.0.1:{sink.port}",
+                  "retry_initial": "1h", "retry_max": "2h", "idle_timeout": "1s",
+                  "accounting_log": str(work / "acct.jsonl")},
+        probe={"recipient": "probe@ok.test", "timeout": "20s"},
+        slo={"sample_interval": "200ms"}, **extra)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[NodeProcess]:
+    work = tmp_path_factory.mktemp("verbs")
+    proc = NodeProcess(work, _raw(work, sink)).start()
+    yield proc
+    proc.kill()
+
+
+def ctl(node: NodeProcess, *args: str, token: str = "t0ken") -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "mta.cli.ctl", "--url",
+                          f"http://127.0.0.1:{node.admin_port}", "--token", token, *args],
+                         capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def ctl_json(node: NodeProcess, *args: str) -> Any:
+    res = ctl(node, "--json", *args)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def submit(node: NodeProcess, rcpts: list[str], n: int, sender: str = "app@ok.test") -> str:
+    with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail(sender)
+        for r in rcpts:
+            smtp.rcpt(r)
+        code, reply = smtp.data(message(n, 1200))
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def accounting(node: NodeProcess) -> list[dict[str, Any]]:
+    path = node.workdir / "acct.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def wait_for(pred: Any, timeout: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := pred():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def deferred(node: NodeProcess, mid: str) -> bool:
+    return any(r["type"] == "TransientFailure" and r["message_id"] == mid
+               for r in accounting(node))
+
+
+def test_queue_and_message_show_report_what_waits(node: NodeProcess) -> None:
+    ids = [submit(node, ["a@held.test", "b@ok.test"], 1), submit(node, ["c@held.test"], 2),
+           submit(node, ["d@held.test"], 3)]
+    wait_for(lambda: all(deferred(node, m) for m in ids), what="three deferrals")
+
+    q = ctl_json(node, "queue")
+    held = next(d for d in q["domains"] if d["domain"] == "held.test")
+    assert held["messages"] >= 3 and not held["suspended"]
+    assert held["next_attempt"] > time.time() + 600  # retry_initial is an hour
+    assert held["site"].startswith("smarthost:127.0.0.1:")
+    site = next(s for s in q["sites"] if s["site"] == held["site"])
+    assert site["breaker"] == "closed"
+    assert q["total"] >= 3 and q["nodes"] == ["test-node"] and q["unreachable"] == []
+    human = ctl(node, "queue")
+    assert human.returncode == 0
+    assert re.search(r"held\.test\s+\d+\s+0\s+\S+\s+in ", human.stdout), human.stdout
+    assert "SITE" in human.stdout and "closed" in human.stdout
+
+    m = ctl_json(node, "message", "show", ids[0])
+    assert m["id"] == ids[0] and m["sender"] == "app@ok.test" and m["attempts"] == 1
+    status = {r["address"]: r["status"] for r in m["recipients"]}
+    assert status == {"a@held.test": "pending", "b@ok.test": "delivered"}
+    assert "451 4.7.1 Greylisted" in m["last_reply"]
+    assert "Subject: test 1" in m["headers"]
+    human = ctl(node, "message", "show", ids[0].lower())
+    assert human.returncode == 0 and "a@held.test" in human.stdout and "pending" in human.stdout
+
+
+def test_message_bounce_by_id_and_by_domain_sends_dsns(node: NodeProcess, sink: Sink) -> None:
+    one = submit(node, ["x@held.test", "y@held.test"], 10)
+    two = submit(node, ["z@held.test", "w@other.test"], 11)
+    wait_for(lambda: deferred(node, one) and deferred(node, two), what="deferrals")
+    before = len(sink.messages)
+
+    res = ctl(node, "message", "bounce", one)
+    assert res.returncode == 0 and "bounced 2 pending recipient(s)" in res.stdout, res.stdout
+    gone = ctl(node, "message", "show", one)
+    assert gone.returncode == 1 and f"no live message {one}" in gone.stderr
+    bounces = [r for r in accounting(node) if r["type"] == "Bounce" and r["message_id"] == one]
+    assert {r["recipient"] for r in bounces} == {"x@held.test", "y@held.test"}
+    assert all("bounced by the administrator" in r["response"] for r in bounces)
+
+    data = ctl_json(node, "message", "bounce", "--domain", "held.test")
+    assert data["bounced_recipients"] >= 1 and data["messages"] >= 1
+    # two's other.test recipient was delivered at the first attempt: the message is done.
+    assert ctl(node, "message", "show", two).returncode == 1
+    q = ctl_json(node, "queue")
+    assert all(d["domain"] != "held.test" for d in q["domains"]), q["domains"]
+    # The senders (at ok.test) get their DSNs through the same smarthost.
+    dsns = wait_for(lambda: [m for m in sink.messages[before:] if m.sender == "<>"] or None,
+                    what="DSNs at the sink")
+    assert b"bounced by the administrator" in dsns[0].content
+
+
+def test_flush_retries_a_domain_now(node: NodeProcess, sink: Sink) -> None:
+    mid = submit(node, ["later@later.test"], 20)
+    wait_for(lambda: deferred(node, mid), what="a deferral")
+    data = ctl_json(node, "flush", "--domain", "later.test")
+    assert data["rescheduled"] == 1 and data["nodes"] == 1
+    wait_for(lambda: any(r["type"] == "Delivery" and r["message_id"] == mid
+                         for r in accounting(node)), what="delivery after flush")
+    assert ctl(node, "flush").returncode == 0
+
+
+def test_probe_measures_end_to_end_and_exports_metrics(node: NodeProcess, sink: Sink) -> None:
+    data = ctl_json(node, "probe")
+    assert data["ok"] and data["stage"] == "done" and data["total_seconds"] > 0
+    assert data["submit_seconds"] <= data["total_seconds"]
+    got = [m for m in sink.messages if "probe@ok.test" in m.recipients]
+    assert got and b"X-Mta-Probe:" in got[-1].content
+    human = ctl(node, "probe")
+    assert human.returncode == 0 and "probe delivered to probe@ok.test" in human.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
+        metrics = resp.read().decode()
+    assert "mta_probe_success 1.0" in metrics
+    assert re.search(r"mta_probes_total\{result=\"success\"\} [2-9]", metrics)
+
+
+def test_slo_report_in_both_modes(node: NodeProcess) -> None:
+    submit(node, ["s@ok.test"], 30)
+    data = wait_for(lambda: (d := ctl_json(node, "slo", "--window", "1h"))["submitted"] >= 1
+                    and d["delivered"] >= 1 and d, what="SLO counts")
+    checks = data["checks"]
+    assert checks["availability"]["value"] > 0.5
+    assert checks["availability"]["objective"] == 0.999
+    assert checks["submit_p99_seconds"]["value"] is not None
+    assert 0 < checks["delivery_success"]["value"] <= 1
+    assert data["deferral_rate"] > 0  # held.test was greylisted
+    human = ctl(node, "slo")
+    assert human.returncode == 0 and "availability" in human.stdout
+    assert "delivery success" in human.stdout
+    bad = ctl(node, "slo", "--window", "1y")
+    assert bad.returncode == 1 and "window" in bad.stderr
+    assert list((node.workdir / "spool").glob("slo-test-node.json"))
+
+
+def test_standalone_cluster_verbs(node: NodeProcess) -> None:
+    nodes = ctl_json(node, "nodes")["nodes"]
+    assert [(n["node"], n["leader"], n["shards"]) for n in nodes] == [("test-node", True, SHARDS)]
+    assert nodes[0]["admin"] == f"http://127.0.0.1:{node.admin_port}"
+    assert "test-node" in ctl(node, "nodes").stdout
+    shards = ctl_json(node, "shards")
+    assert shards["unowned"] == 0 and {s["owner"] for s in shards["shards"]} == {"test-node"}
+    assert f"{SHARDS} of {SHARDS} shards owned" in ctl(node, "shards").stdout
+    res = ctl(node, "drain", "test-node")
+    assert res.returncode == 1 and "needs a cluster" in res.stderr and "standalone" in res.stderr
+    res = ctl(node, "rebalance")
+    assert res.returncode == 1 and "needs a cluster" in res.stderr
+
+
+def test_bad_ids_and_usage_get_clear_answers(node: NodeProcess) -> None:
+    res = ctl(node, "message", "show", "nonsense")
+    assert res.returncode == 1 and "26 characters" in res.stderr
+    res = ctl(node, "message", "show", "01KAQZZZZZ0000000000000000")
+    assert res.returncode == 1 and "no live message" in res.stderr
+    res = ctl(node, "message", "bounce")
+    assert res.returncode == 2 and "message ID or --domain" in res.stderr
+    res = ctl(node, "queue", "--limit", "many")
+    assert res.returncode == 2 and "invalid int value" in res.stderr
+
+
+def test_mtactl_reads_url_and_token_from_the_node_config(node: NodeProcess) -> None:
+    res = subprocess.run([sys.executable, "-m", "mta.cli.ctl", "--config",
+                          str(node.config_path), "--json", "status"],
+                         capture_output=True, text=True, timeout=30, env={"PATH": ""})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["node"] == "test-node"
+    res = subprocess.run([sys.executable, "-m", "mta.cli.ctl", "--config", "/nonexistent.toml",
+                          "status"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "/nonexistent.toml" in res.stderr
+
+
+def test_sighup_reloads_throttles_and_keeps_serving_on_a_bad_file(
+        tmp_path: Path, sink: Sink) -> None:
+    raw = _raw(tmp_path, sink)
+    proc = NodeProcess(tmp_path, raw).start()
+    try:
+        assert ctl_json(proc, "throttle", "show")["configured"] == {}
+        raw["delivery"]["domains"] = {"gmail.com": {"rate": "36000/h"}}
+        raw["smtp"]["listen"] = f"127.0.0.1:{proc.smtp_port}"
+        raw["admin"]["listen"] = f"127.0.0.1:{proc.admin_port}"
+        proc.config_path.write_text(toml_dumps(raw))
+        proc.signal(signal.SIGHUP)
+        wait_for(lambda: ctl_json(proc, "throttle", "show")["configured"] == {"gmail.com": 10.0},
+                 what="the reloaded throttle")
+        with smtplib.SMTP("127.0.0.1", proc.smtp_port, timeout=10) as smtp:
+            smtp.noop()  # a session opened before the next reload...
+            proc.config_path.write_text("[delivery\nbroken")
+            proc.signal(signal.SIGHUP)
+            wait_for(lambda: "node.reload_failed" in proc.log(), what="reload_failed in the log")
+            assert smtp.noop()[0] == 250  # ...survives it
+        assert ctl_json(proc, "throttle", "show")["configured"] == {"gmail.com": 10.0}
+        assert proc.proc is not None and proc.proc.poll() is None
+    finally:
+        proc.kill()
