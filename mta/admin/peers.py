@@ -31,7 +31,7 @@ class PeerAnswer:
 class PeerClient:
     """A small aiohttp client with short timeouts; one per admin server."""
 
-    def __init__(self, token: str, timeout: float = 10.0) -> None:
+    def __init__(self, token: str, timeout: float = 5.0) -> None:
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=3.0)
         self._session: aiohttp.ClientSession | None = None
