@@ -81,7 +81,8 @@ class NodeMetrics:
                                  registry=r)
         self.disk_used = Gauge("mta_spool_disk_used_ratio",
                                "Used fraction of the filesystem holding the spool", registry=r)
-        self.shards_total = Gauge("mta_cluster_shards", "Spool shards in the cluster (owned or not)", registry=r)
+        self.shards_total = Gauge("mta_cluster_shards",
+                                  "Spool shards in the cluster (owned or not)", registry=r)
         self.lease_healthy = Gauge("mta_cluster_lease_healthy",
                                    "1 while the node holds its lease (always 1 standalone)",
                                    registry=r)

@@ -31,7 +31,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
     finally:
         node.kill()
     # Families from the HELP lines: labelled metrics with no series yet still have one.
-    yield {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}
+    yield {_family(line.split()[2]) for line in text.splitlines() if line.startswith("# HELP ")}
 
 
 def _rules() -> list[dict[str, Any]]:
