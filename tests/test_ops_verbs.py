@@ -264,3 +264,54 @@ def test_sighup_reloads_throttles_and_keeps_serving_on_a_bad_file(
         assert proc.proc is not None and proc.proc.poll() is None
     finally:
         proc.kill()
+
+
+def test_sighup_reloads_users_and_tls_certificates(tmp_path: Path, sink: Sink) -> None:
+    import ssl
+
+    import trustme
+
+    from mta.ingress.auth import hash_password
+
+    def write_cert(ca: trustme.CA) -> bytes:
+        cert = ca.issue_cert("mx.test.example")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "tls.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+    def peer_cert() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", proc.smtp_port, timeout=10) as s:
+            s.starttls(context=ctx)
+            return s.sock.getpeercert(binary_form=True)
+
+    def can_login(user: str, password: str) -> bool:
+        with smtplib.SMTP("127.0.0.1", proc.smtp_port, timeout=10) as s:
+            try:
+                s.login(user, password)
+                return True
+            except smtplib.SMTPAuthenticationError:
+                return False
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('pw-a', ln=4)}\n")
+    first = write_cert(trustme.CA())
+    raw = _raw(tmp_path, sink, smtp={"users_file": str(users),
+                                     "tls_cert": str(tmp_path / "tls.pem"),
+                                     "tls_key": str(tmp_path / "key.pem")})
+    proc = NodeProcess(tmp_path, raw).start()
+    try:
+        assert peer_cert() == first
+        assert can_login("alice", "pw-a") and not can_login("bob", "pw-b")
+        with smtplib.SMTP("127.0.0.1", proc.smtp_port, timeout=10) as old:
+            old.ehlo("before.test")
+            users.write_text(f"bob:{hash_password('pw-b', ln=4)}\n")
+            second = write_cert(trustme.CA())
+            proc.signal(signal.SIGHUP)
+            wait_for(lambda: can_login("bob", "pw-b"), what="the reloaded users file")
+            assert old.noop()[0] == 250  # the session opened before the reload goes on
+        assert peer_cert() == second != first
+        assert not can_login("alice", "pw-a")
+    finally:
+        proc.kill()
