@@ -122,6 +122,8 @@ def test_queue_and_message_show_report_what_waits(node: NodeProcess) -> None:
     site = next(s for s in q["sites"] if s["site"] == held["site"])
     assert site["breaker"] == "closed"
     assert q["total"] >= 3 and q["nodes"] == ["test-node"] and q["unreachable"] == []
+    # b@ok.test was delivered: a domain with nothing pending is not in the queue.
+    assert all(d["domain"] != "ok.test" for d in q["domains"]), q["domains"]
     human = ctl(node, "queue")
     assert human.returncode == 0
     assert re.search(r"held\.test\s+\d+\s+0\s+\S+\s+in ", human.stdout), human.stdout
@@ -313,5 +315,23 @@ def test_sighup_reloads_users_and_tls_certificates(tmp_path: Path, sink: Sink) -
             assert old.noop()[0] == 250  # the session opened before the reload goes on
         assert peer_cert() == second != first
         assert not can_login("alice", "pw-a")
+    finally:
+        proc.kill()
+
+
+def test_periodic_probe_runs_by_itself(tmp_path: Path, sink: Sink) -> None:
+    raw = _raw(tmp_path, sink, probe={"recipient": "periodic@ok.test", "interval": "300ms",
+                                      "timeout": "10s"})
+    proc = NodeProcess(tmp_path, raw).start()
+    try:
+        def probes() -> float:
+            url = f"http://127.0.0.1:{proc.admin_port}/metrics"
+            with urllib.request.urlopen(url) as resp:
+                m = re.search(r'^mta_probes_total\{result="success"\} (\S+)$',
+                              resp.read().decode(), re.M)
+            return float(m.group(1)) if m else 0.0
+
+        wait_for(lambda: probes() >= 3, what="three periodic probes")
+        assert sum("periodic@ok.test" in m.recipients for m in sink.messages) >= 3
     finally:
         proc.kill()

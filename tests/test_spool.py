@@ -242,3 +242,20 @@ async def test_new_message_is_announced_even_if_the_submitter_is_cancelled(
         assert (await spool.load(mid)).body == b"body"
     finally:
         await spool.close()
+
+
+def test_index_knows_which_domains_still_have_pending_recipients() -> None:
+    from mta.spool.index import MessageRef, recipient_domains
+
+    one = recipient_domains(["a@x.test", "B@X.TEST"])
+    assert one == (("x.test",), None)
+    many = recipient_domains(["a@y.test", "b@x.test", "c@y.test"])
+    assert many == (("x.test", "y.test"), bytes([1, 0, 1]))
+    ref = MessageRef("id", 1, 0, 10, None, domains=many[0], rcpt_map=many[1])
+    assert ref.pending_domains() == ("x.test", "y.test")
+    ref.state = {"r": {"1": ["d", "250 ok", "", ""]}}
+    assert ref.pending_domains() == ("y.test",)
+    ref.state = {"r": {"0": ["d", "250 ok", "", ""], "2": ["b", "550 no", "bad-mailbox", ""]}}
+    assert ref.pending_domains() == ("x.test",)
+    # Interned: a million queued messages to one provider share one string.
+    assert recipient_domains(["q@big.test"])[0][0] is recipient_domains(["r@big.test"])[0][0]

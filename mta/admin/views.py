@@ -32,7 +32,7 @@ def queue_view(node: Node) -> dict[str, Any]:
         received = received_at_of(ref.id)
         oldest_all = min(oldest_all, received)
         due = engine.next_attempt(ref.id) if engine is not None else None
-        for domain in ref.domains:
+        for domain in ref.pending_domains():
             entry = domains.get(domain)
             if entry is None:
                 entry = domains[domain] = {"domain": domain, "messages": 0, "oldest": received,

@@ -196,7 +196,7 @@ class DeliveryEngine:
         if domain is None:
             return self.scheduler.reschedule_all(0.0)
         domain = domain.lower()
-        ids = {ref.id for ref in self.live_refs() if domain in ref.domains}
+        ids = {ref.id for ref in self.live_refs() if domain in ref.pending_domains()}
         return self.scheduler.reschedule_all(0.0, ids.__contains__)
 
     def live_refs(self) -> list[MessageRef]:
@@ -246,7 +246,7 @@ class DeliveryEngine:
     async def bounce_domain(self, domain: str, timeout: float = 60.0) -> tuple[int, int]:
         """Bounce every pending recipient at ``domain``; returns (messages, recipients)."""
         domain = domain.lower()
-        ids = [ref.id for ref in self.live_refs() if domain in ref.domains]
+        ids = [ref.id for ref in self.live_refs() if domain in ref.pending_domains()]
         results = await asyncio.gather(*(self.bounce(mid, domain, timeout) for mid in ids),
                                        return_exceptions=True)
         for result in results:

@@ -11,13 +11,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
+__all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
 
 
-def recipient_domains(recipients: Iterable[str]) -> tuple[str, ...]:
-    """The distinct recipient domains of a message, interned: a backlog of a million
-    messages to a few providers shares a few strings."""
-    return tuple(sorted({sys.intern(r.rpartition("@")[2].lower()) for r in recipients}))
+Destinations = tuple[tuple[str, ...], bytes | None]
+
+
+def recipient_domains(recipients: Iterable[str]) -> Destinations:
+    """The distinct recipient domains of a message (interned: a backlog of a million messages
+    to a few providers shares a few strings) and, when there are several, each recipient's
+    domain as one byte indexing them."""
+    per_rcpt = [sys.intern(r.rpartition("@")[2].lower()) for r in recipients]
+    domains = tuple(sorted(set(per_rcpt)))
+    if len(domains) <= 1 or len(domains) > 255:
+        return domains, None
+    where = {d: i for i, d in enumerate(domains)}
+    return domains, bytes(where[d] for d in per_rcpt)
 
 
 @dataclass(slots=True)
@@ -32,6 +41,16 @@ class MessageRef:
     state_seq: int = -1  # segment of the latest STATE record; -1 if none or embedded in MSG
     state_size: int = 0
     domains: tuple[str, ...] = ()  # distinct recipient domains (queue summaries, flush)
+    rcpt_map: bytes | None = None  # recipient index -> index in domains (several domains)
+
+    def pending_domains(self) -> tuple[str, ...]:
+        """Domains that still have a recipient without a final outcome."""
+        done = (self.state or {}).get("r")
+        # One domain (or too many to map): a live message has a pending recipient there.
+        if not done or self.rcpt_map is None:
+            return self.domains
+        return tuple(sorted({self.domains[d] for i, d in enumerate(self.rcpt_map)
+                             if str(i) not in done}))
 
 
 @dataclass(slots=True)
@@ -86,16 +105,16 @@ class ShardIndex:
             ref.state_seq, ref.state_size = -1, 0
 
     def on_msg(self, message_id: str, seq: int, offset: int, size: int,
-               state: dict[str, Any] | None, domains: tuple[str, ...] = ()) -> None:
+               state: dict[str, Any] | None, dests: Destinations = ((), None)) -> None:
         """A MSG record; a later copy (from compaction) replaces the earlier one."""
         self.note(seq, offset, size)
         old = self.messages.get(message_id)
         if old is not None:
             self._unref(old.seq, old.size)
             self._drop_state(old)
-            domains = domains or old.domains
+            dests = dests if dests[0] else (old.domains, old.rcpt_map)
         self.messages[message_id] = MessageRef(message_id, seq, offset, size, state,
-                                               domains=domains)
+                                               domains=dests[0], rcpt_map=dests[1])
         self._ref(seq, size)
 
     def on_state(self, message_id: str, seq: int, offset: int, size: int,

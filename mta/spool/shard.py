@@ -109,10 +109,10 @@ class Shard:
         data = encode_msg(message_id, envelope, body)
         size = len(data)
         index = self.index
-        domains = recipient_domains(envelope["to"])
+        dests = recipient_domains(envelope["to"])
 
         def durable(pos: Position) -> None:
-            index.on_msg(message_id, pos[0], pos[1], size, None, domains)
+            index.on_msg(message_id, pos[0], pos[1], size, None, dests)
             if after is not None:
                 after()
 
