@@ -48,13 +48,16 @@ def sink() -> Iterator[Sink]:
 
 
 def _raw(work: Path, sink: Sink, **extra: dict[str, Any]) -> dict[str, Any]:
-    return node_config(
-        work / "spool", spool={"shards": SHARDS},
-        delivery={"enabled": True, "smarthost": f"127.0.0.1:{sink.port}",
-                  "retry_initial": "1h", "retry_max": "2h", "idle_timeout": "1s",
-                  "accounting_log": str(work / "acct.jsonl")},
-        probe={"recipient": "probe@ok.test", "timeout": "20s"},
-        slo={"sample_interval": "200ms"}, **extra)
+    sections: dict[str, dict[str, Any]] = {
+        "spool": {"shards": SHARDS},
+        "delivery": {"enabled": True, "smarthost": f"127.0.0.1:{sink.port}",
+                     "retry_initial": "1h", "retry_max": "2h", "idle_timeout": "1s",
+                     "accounting_log": str(work / "acct.jsonl")},
+        "probe": {"recipient": "probe@ok.test", "timeout": "20s"},
+        "slo": {"sample_interval": "200ms"}}
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    return node_config(work / "spool", **sections)
 
 
 @pytest.fixture(scope="module")
