@@ -219,15 +219,23 @@ class EtcdCoordinator:
     def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
         self._watchers.append(callback)
 
-    async def set_runtime(self, settings: RuntimeSettings) -> None:
-        """Write throttles and suspended domains under config/ (cluster-wide)."""
-        await self._call(lambda c: c.delete_prefix(self._key("config", "")))
-        for key, rate in settings.throttles.items():
-            await self._call(lambda c, k=key, r=rate: c.put(self._key("config", "throttle", k),
-                                                           f"{r * 3600:g}/h".encode()))
-        for domain in settings.suspended:
-            await self._call(lambda c, d=domain: c.put(self._key("config", "suspend", d), b"1"))
-        self._kick.set()
+    async def change_runtime(self, throttles: dict[str, float | None] | None = None,
+                             suspended: dict[str, bool] | None = None) -> RuntimeSettings:
+        """One key per change under config/, so changes to other keys are never undone."""
+        try:
+            for key, rate in (throttles or {}).items():
+                k = self._key("config", "throttle", key)
+                if rate is None:
+                    await self._call(lambda c, k=k: c.delete(k))
+                else:
+                    await self._call(lambda c, k=k, r=rate: c.put(k, f"{r * 3600:g}/h".encode()))
+            for domain, hold in (suspended or {}).items():
+                k = self._key("config", "suspend", domain)
+                await self._call(lambda c, k=k, h=hold: c.put(k, b"1") if h else c.delete(k))
+        except _EtcdDown as exc:
+            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+        await self._fresh()
+        return self._runtime
 
     async def _fresh(self) -> _View:
         try:

@@ -86,6 +86,13 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def _duration_or_off(value: Any) -> float:
+    """A duration, or 0 for "off"."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return parse_duration(value)
+
+
 def parse_listen(value: Any) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"``; port 0 picks a free port (tests)."""
     if not isinstance(value, str):
@@ -364,7 +371,7 @@ class ProbeConfig:
 
     recipient: str = _opt(_optional_address, "")  # empty: no probe configured
     sender: str = _opt(_optional_address, "")  # default probe@<smtp hostname>
-    interval: float = _opt(parse_duration, 0.0)  # 0: only on demand (mtactl probe)
+    interval: float = _opt(_duration_or_off, 0.0)  # 0: only on demand (mtactl probe)
     timeout: float = _opt(parse_duration, 60.0)
 
 

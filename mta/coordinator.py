@@ -13,8 +13,16 @@ from typing import Protocol, runtime_checkable
 
 import mta
 
-__all__ = ["ClusterOpError", "Coordinator", "LocalCoordinator", "Member", "RuntimeSettings",
-           "ShardHost", "ShardInfo"]
+__all__ = [
+    "ClusterOpError",
+    "Coordinator",
+    "LocalCoordinator",
+    "Member",
+    "RuntimeSettings",
+    "ShardHost",
+    "ShardInfo",
+    "apply_changes",
+]
 
 
 class ClusterOpError(Exception):
@@ -118,8 +126,12 @@ class Coordinator(Protocol):
     def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
         """Call ``callback`` on the event loop whenever the runtime settings change."""
 
-    async def set_runtime(self, settings: RuntimeSettings) -> None:
-        """Replace the runtime settings (cluster-wide in a cluster)."""
+    async def change_runtime(self, throttles: dict[str, float | None] | None = None,
+                             suspended: dict[str, bool] | None = None) -> RuntimeSettings:
+        """Set (a rate) or clear (None) the named throttles and suspend (True) or resume
+        (False) the named domains, leaving every other setting as it is now (cluster-wide in
+        a cluster, where two operators changing different keys never undo each other).
+        Returns the settings afterwards."""
 
     @property
     def is_leader(self) -> bool:
@@ -137,6 +149,21 @@ class Coordinator(Protocol):
     async def rebalance(self, timeout: float) -> dict[str, object]:
         """Have the leader recompute the assignment now; wait (bounded) until owners follow
         it. Returns ``{"moved": n, "converged": bool, "seconds": t, "per_node": {...}}``."""
+
+
+def apply_changes(current: RuntimeSettings, throttles: dict[str, float | None] | None,
+                  suspended: dict[str, bool] | None) -> RuntimeSettings:
+    """``current`` with the named changes of :meth:`Coordinator.change_runtime` applied."""
+    rates = dict(current.throttles)
+    for key, rate in (throttles or {}).items():
+        if rate is None:
+            rates.pop(key, None)
+        else:
+            rates[key] = rate
+    held = set(current.suspended)
+    for domain, hold in (suspended or {}).items():
+        (held.add if hold else held.discard)(domain)
+    return RuntimeSettings(rates, frozenset(held))
 
 
 _STANDALONE_HINT = "this node runs standalone (no [cluster] etcd): it owns every shard"
@@ -187,10 +214,12 @@ class LocalCoordinator:
     def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
         self._watchers.append(callback)
 
-    async def set_runtime(self, settings: RuntimeSettings) -> None:
-        self._runtime = settings
+    async def change_runtime(self, throttles: dict[str, float | None] | None = None,
+                             suspended: dict[str, bool] | None = None) -> RuntimeSettings:
+        self._runtime = settings = apply_changes(self._runtime, throttles, suspended)
         for callback in self._watchers:
             callback(settings)
+        return settings
 
     @property
     def is_leader(self) -> bool:

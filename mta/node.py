@@ -146,6 +146,11 @@ class Node:
                                                    name="probe"))
         if (interval := watchdog_interval()) is not None:
             self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        admin_url = self.endpoints()["admin"]
+        if not cfg.standalone and ("//127." in admin_url or "//[::1]" in admin_url):
+            log.warning("node.admin_loopback", node_id=self.node_id, admin=admin_url,
+                        hint="peers on other machines cannot reach this admin API for "
+                             "cluster-wide answers; set [admin] listen or advertise")
         notify(f"READY=1\nSTATUS=accepting mail on port {self.ingress.port}")
         log.info("node.started", node_id=self.node_id, shards=len(self.spool.owned),
                  live=self.spool.live_count(), smtp_port=self.ingress.port,
@@ -176,10 +181,19 @@ class Node:
         """The checks behind /readyz: each must hold for the node to take traffic."""
         return {
             "spool_writable": os.access(self.spool.root, os.W_OK),
+            "spool_space": self._spool_space(),
             "lease_held": self.coordinator.healthy and not self.fenced,
             "shards_owned": len(self.spool.owned) > 0,
             "accepting": self.ingress is not None and not self.ingress.draining,
         }
+
+    def _spool_space(self) -> bool:
+        # Full disk: appends fail with 452 anyway; tell the load balancer first.
+        try:
+            free = shutil.disk_usage(self.spool.root).free
+        except OSError:
+            return False
+        return free >= min(self.cfg.smtp.max_message_size, 64 * 1024 * 1024)
 
     def ready(self) -> bool:
         return all(self.readiness().values())
@@ -295,8 +309,10 @@ class Node:
             log.error("node.reload_failed", node_id=self.node_id, error=str(exc))
             notify("STATUS=reload failed, kept the previous configuration")
             return False
-        restart_needed = [name for name in ("node", "spool", "cluster", "admin")
+        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe", "slo")
                           if getattr(cfg, name) != getattr(self.cfg, name)]
+        if cfg.delivery.enabled != self.cfg.delivery.enabled:
+            restart_needed.append("delivery.enabled")
         files = {"tls_cert": "", "tls_key": "", "users_file": ""}
         if replace(cfg.smtp, **files) != replace(self.cfg.smtp, **files):
             restart_needed.append("smtp")

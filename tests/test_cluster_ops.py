@@ -125,6 +125,21 @@ def test_queue_message_flush_and_slo_span_the_cluster(cluster: Cluster) -> None:
     assert slo["nodes"] == 3 and sorted(slo["nodes_answered"]) == ["n1", "n2", "n3"]
 
 
+def test_runtime_changes_from_two_nodes_do_not_undo_each_other(cluster: Cluster) -> None:
+    n1, n2, n3 = (cluster.nodes[n] for n in ("n1", "n2", "n3"))
+    assert ctl(n1, "throttle", "set", "a.test", "10/s").returncode == 0
+    assert ctl(n2, "throttle", "set", "b.test", "20/s").returncode == 0
+    assert ctl(n3, "suspend", "c.test").returncode == 0
+    shown = _wait(lambda: (t := ctl_json(n2, "throttle", "show"))["runtime"] == {
+        "a.test": 10.0, "b.test": 20.0} and t, 10, "both throttles on n2")
+    assert shown["suspended"] == ["c.test"]
+    assert ctl(n1, "throttle", "clear", "a.test").returncode == 0
+    assert ctl(n2, "resume", "c.test").returncode == 0
+    _wait(lambda: (t := ctl_json(n3, "throttle", "show"))["runtime"] == {"b.test": 20.0}
+          and t["suspended"] == [], 10, "the clear and resume seen on n3")
+    assert ctl(n3, "throttle", "clear", "b.test").returncode == 0
+
+
 def test_drain_undrain_and_rebalance(cluster: Cluster) -> None:
     n1, n3 = cluster.nodes["n1"], cluster.nodes["n3"]
     mid = submit(n3, ["drained@held.test"], 99)

@@ -14,7 +14,6 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from mta.coordinator import RuntimeSettings
 from mta.node import Node
 from tests.helpers import message
 from tests.mailworld import DNSServer, Sink, SinkScript, wait_until
@@ -333,12 +332,12 @@ async def test_suspended_domain_holds_mail_until_resumed(world: World) -> None:
     world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
     sink = world.sink("127.0.0.2")
     node = await world.start()
-    await node.coordinator.set_runtime(RuntimeSettings(suspended=frozenset({"dest.test"})))
+    await node.coordinator.change_runtime(suspended={"dest.test": True})
     await world.submit(["a@dest.test"])
     await asyncio.sleep(0.6)
     assert sink.messages == [] and node.spool.live_count() == 1
     assert not any(r["type"] == "TransientFailure" for r in world.accounting())
-    await node.coordinator.set_runtime(RuntimeSettings())
+    await node.coordinator.change_runtime(suspended={"dest.test": False})
     await sink.wait_for(1)
 
 
@@ -346,7 +345,7 @@ async def test_runtime_throttle_override_applies_without_restart(world: World) -
     world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
     sink = world.sink("127.0.0.2")
     node = await world.start()
-    await node.coordinator.set_runtime(RuntimeSettings(throttles={"dest.test": 5.0}))
+    await node.coordinator.change_runtime(throttles={"dest.test": 5.0})
     await asyncio.gather(*(world.submit([f"r{n}@dest.test"], n=n) for n in range(6)))
     got = await sink.wait_for(6)
     times = sorted(r.at for r in got)

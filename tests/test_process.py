@@ -169,6 +169,9 @@ def _run_mta(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
      "[smtp] tls_cert: file '/nonexistent.pem' does not exist"),
     ("[node]\nid = \"bad id!\"\n", "[node] id: expected 1-63 characters"),
     ("not toml ===", "not valid TOML"),
+    ("[probe]\nrecipient = \"nobody\"\n", "[probe] recipient: expected an address"),
+    ("[probe]\ninterval = -1\n", "[probe] interval: expected a positive duration"),
+    ("[slo]\navailability = 99.9\n", "[slo] availability: expected a number between 0 and 1"),
 ])
 def test_bad_config_gives_one_line_naming_file_and_key(tmp_path: Path, toml: str,
                                                        expected: str) -> None:

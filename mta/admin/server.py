@@ -21,7 +21,7 @@ import mta
 from mta.admin.peers import PeerAnswer, PeerClient
 from mta.admin.views import merge_queues, message_view, queue_view
 from mta.config import parse_duration, parse_rate
-from mta.coordinator import ClusterOpError, Member, RuntimeSettings
+from mta.coordinator import ClusterOpError, Member
 from mta.envelope import Envelope, InvalidMessageId, shard_of
 from mta.ingress.policy import address_problem
 from mta.ingress.submit import store_submission
@@ -432,11 +432,8 @@ class AdminServer:
         domain = self._domain_arg(await self._json(request))
         if domain is None:
             return _error(400, "expected {\"domain\": \"example.com\"}", "")
-        coord = self.node.coordinator
-        current = coord.runtime()
-        suspended = (current.suspended | {domain}) if suspend else (current.suspended - {domain})
-        await coord.set_runtime(RuntimeSettings(dict(current.throttles), frozenset(suspended)))
-        return web.json_response({"suspended": sorted(suspended)})
+        after = await self.node.coordinator.change_runtime(suspended={domain: suspend})
+        return web.json_response({"suspended": sorted(after.suspended)})
 
     async def suspend(self, request: web.Request) -> web.Response:
         return await self._set_suspended(request, True)
@@ -458,14 +455,9 @@ class AdminServer:
         if not isinstance(key, str) or not key:
             return _error(400, "expected {\"key\": domain or site, \"spec\": \"100/s\"}",
                           "spec null removes the override")
-        current = self.node.coordinator.runtime()
-        throttles = dict(current.throttles)
-        if spec is None:
-            throttles.pop(key.lower(), None)
-        else:
-            try:
-                throttles[key.lower()] = parse_rate(spec)
-            except ValueError as exc:
-                return _error(400, str(exc), "for example \"100/s\", \"20/m\", \"5000/h\"")
-        await self.node.coordinator.set_runtime(RuntimeSettings(throttles, current.suspended))
-        return web.json_response({"runtime": throttles})
+        try:
+            rate = None if spec is None else parse_rate(spec)
+        except ValueError as exc:
+            return _error(400, str(exc), "for example \"100/s\", \"20/m\", \"5000/h\"")
+        after = await self.node.coordinator.change_runtime(throttles={key.lower(): rate})
+        return web.json_response({"runtime": after.throttles})
