@@ -65,6 +65,7 @@ class Node:
         self.cfg = cfg
         self.node_id = cfg.node.id
         self.metrics = NodeMetrics()
+        self.accounting = AccountingLog(cfg.delivery.accounting_log, self.node_id)
         self.spool = Spool(
             cfg.spool.path, self.node_id,
             shards=cfg.spool.shards,
@@ -74,10 +75,10 @@ class Node:
             observe_batch=self.metrics.observe_batch,
             on_recovered=self._on_recovered,
             on_new_message=self._on_new_message,
+            side_log=self.accounting,
         )
         self.coordinator: Coordinator = coordinator or LocalCoordinator(
             self.node_id, cfg.spool.shards)
-        self.accounting = AccountingLog(cfg.delivery.accounting_log, self.node_id)
         self.engine: DeliveryEngine | None = (
             DeliveryEngine(cfg, self.spool, self.coordinator, self.metrics, self.accounting)
             if cfg.delivery.enabled else None)
@@ -199,9 +200,8 @@ class Node:
         return all(self.readiness().values())
 
     def _on_new_message(self, message_id: str, env: Envelope, size: int) -> None:
-        """Every new durable message (SMTP, DSN, later HTTP): account for it, schedule it."""
-        self.accounting.record("Reception", message_id, sender=env.sender,
-                               recipients=env.recipients, size=size, client_ip=env.client_ip)
+        """Every new durable message (SMTP, HTTP, DSN): schedule it (its Reception line was
+        written with it)."""
         if self.engine is not None:
             self.engine.enqueue(message_id)
 
@@ -309,8 +309,10 @@ class Node:
             log.error("node.reload_failed", node_id=self.node_id, error=str(exc))
             notify("STATUS=reload failed, kept the previous configuration")
             return False
-        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe", "slo")
+        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe")
                           if getattr(cfg, name) != getattr(self.cfg, name)]
+        if cfg.slo.sample_interval != self.cfg.slo.sample_interval:
+            restart_needed.append("slo.sample_interval")  # objectives apply at once
         if cfg.delivery.enabled != self.cfg.delivery.enabled:
             restart_needed.append("delivery.enabled")
         files = {"tls_cert": "", "tls_key": "", "users_file": ""}

@@ -166,6 +166,7 @@ class DeliveryEngine:
         await self._settle(tasks, grace)
         for mid in [m for m in self._unsaved if shard_of(m) == shard]:
             del self._unsaved[mid]  # the next owner starts from the spool's state
+        self.accounting.discard(lambda mid: shard_of(mid) != shard)
 
     def sweep(self) -> int:
         """Schedule every live message of an owned shard that is neither waiting in the
@@ -334,6 +335,7 @@ class DeliveryEngine:
             stored = await self.spool.load(message_id)
         except MessageNotFound:
             self._unsaved.pop(message_id, None)
+            self.accounting.discard(lambda mid: mid != message_id)
             return
         except Exception as exc:  # I/O error, a record failing verification...
             log.error("delivery.load_failed", message_id=message_id, node_id=self.node_id,

@@ -83,12 +83,13 @@ class Shard:
 
     # --- appends ---------------------------------------------------------------------------
 
-    def _append(self, data: bytes, on_durable: Any) -> asyncio.Future[Position]:
+    def _append(self, data: bytes, on_durable: Any, side: bytes | None = None
+                ) -> asyncio.Future[Position]:
         if self.fenced:
             raise FencedError(self.number, "node is fenced (lease not provably held)")
         if self._closing or self._log is None:
             raise ShardClosed(f"shard {self.number} is not open for writing")
-        fut = self._writer.append(self._log, data, on_durable)
+        fut = self._writer.append(self._log, data, on_durable, side)
         self._inflight += 1
         self._idle.clear()
         # Bookkeeping hangs off the writer's own future, which only the writer completes:
@@ -103,7 +104,7 @@ class Shard:
             self._idle.set()
 
     async def add(self, message_id: str, envelope: dict[str, Any], body: bytes,
-                  after: Callable[[], None] | None = None) -> None:
+                  after: Callable[[], None] | None = None, side: bytes | None = None) -> None:
         """Append a new message; returns once it is durable. ``after`` runs on the loop once
         it is, even if the caller was cancelled meanwhile (a client gone during the fsync)."""
         data = encode_msg(message_id, envelope, body)
@@ -116,12 +117,13 @@ class Shard:
             if after is not None:
                 after()
 
-        await asyncio.shield(self._append(data, durable))
+        await asyncio.shield(self._append(data, durable, side))
 
-    async def _append_tracked(self, message_id: str, data: bytes, durable: Any) -> None:
+    async def _append_tracked(self, message_id: str, data: bytes, durable: Any,
+                              side: bytes | None = None) -> None:
         self._pending[message_id] = self._pending.get(message_id, 0) + 1
         try:
-            fut = self._append(data, durable)
+            fut = self._append(data, durable, side)
         except BaseException:
             self._unpend(message_id)
             raise
@@ -135,7 +137,8 @@ class Shard:
         else:
             self._pending.pop(message_id, None)
 
-    async def set_state(self, message_id: str, state: dict[str, Any]) -> None:
+    async def set_state(self, message_id: str, state: dict[str, Any],
+                        side: bytes | None = None) -> None:
         """Durably record a live message's new delivery state."""
         if message_id not in self.index.messages:
             raise MessageNotFound(message_id)
@@ -146,9 +149,9 @@ class Shard:
         def durable(pos: Position) -> None:
             index.on_state(message_id, pos[0], pos[1], size, state)
 
-        await self._append_tracked(message_id, data, durable)
+        await self._append_tracked(message_id, data, durable, side)
 
-    async def done(self, message_id: str) -> None:
+    async def done(self, message_id: str, side: bytes | None = None) -> None:
         """Durably mark a message finished; it is no longer live."""
         if message_id not in self.index.messages:
             raise MessageNotFound(message_id)
@@ -159,7 +162,7 @@ class Shard:
         def durable(pos: Position) -> None:
             index.on_done(message_id, pos[0], pos[1], size)
 
-        await self._append_tracked(message_id, data, durable)
+        await self._append_tracked(message_id, data, durable, side)
 
     # --- reads -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -20,11 +20,28 @@ from mta.spool.errors import MessageNotFound, NoShardsOwned, ShardLockedError, S
 from mta.spool.index import MessageRef
 from mta.spool.recovery import RecoveryReport
 from mta.spool.shard import Shard, ShardClosed, StoredMessage
-from mta.spool.writer import BatchObserver, GroupCommitWriter
+from mta.spool.writer import BatchObserver, GroupCommitWriter, SideWriter
 
-__all__ = ["Spool"]
+__all__ = ["SideLog", "Spool"]
 
 log = structlog.get_logger("mta.spool")
+
+
+class SideLog(Protocol):
+    """Lines about messages (the accounting log) that must reach their own file in the same
+    group commit as the spool record they describe: never before it, never lost after it."""
+
+    def reception(self, message_id: str, envelope: Envelope, size: int) -> bytes | None:
+        """The lines for a new message about to be stored."""
+
+    def take(self, message_id: str) -> bytes | None:
+        """Remove and return the lines waiting for the message's next record."""
+
+    def restore(self, message_id: str, data: bytes) -> None:
+        """Put back lines whose record could not be written."""
+
+    def write(self, data: bytes) -> None:
+        """Append to the file (writer thread only)."""
 
 
 class Spool:
@@ -48,6 +65,7 @@ class Spool:
         on_recovered: Callable[[RecoveryReport], None] | None = None,
         hot_cache_bytes: int = 64 * 1024 * 1024,
         on_new_message: Callable[[str, Envelope, int], None] | None = None,
+        side_log: SideLog | None = None,
     ) -> None:
         self.root = Path(root)
         self.node_id = node_id
@@ -71,15 +89,17 @@ class Spool:
         # Told about every new message once it is durable, even if the submitter went away
         # meanwhile (so it is scheduled and accounted for, never orphaned until a restart).
         self.on_new_message = on_new_message
+        self._side_log = side_log
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Create the spool root, take the standalone lock, start the writer thread."""
         await asyncio.to_thread(self._prepare_root)
+        side: SideWriter | None = self._side_log.write if self._side_log else None
         self._writer = GroupCommitWriter(
             asyncio.get_running_loop(), self._max_batch_bytes, self._observe_batch,
-            self._next_ingress_shard,
+            self._next_ingress_shard, side,
         )
 
     def _prepare_root(self) -> None:
@@ -182,8 +202,9 @@ class Spool:
         if shard is None:
             raise ShardClosed(f"shard of {message_id} is not owned by this node")
         mid = message_id
+        side = self._side_log.reception(mid, envelope, len(body)) if self._side_log else None
         await shard.add(mid, envelope.to_dict(), body,
-                        after=lambda: self._new_message(mid, envelope, body))
+                        after=lambda: self._new_message(mid, envelope, body), side=side)
         return message_id
 
     def _new_message(self, message_id: str, envelope: Envelope, body: bytes) -> None:
@@ -207,12 +228,27 @@ class Spool:
         return shard
 
     async def update_state(self, message_id: str, state: dict[str, Any]) -> None:
-        """Durably record the delivery state of a live message."""
-        await self._shard_for(message_id).set_state(message_id, state)
+        """Durably record the delivery state of a live message (and, in the same group
+        commit, the side log's lines about it)."""
+        shard = self._shard_for(message_id)
+        side = self._side_log.take(message_id) if self._side_log else None
+        try:
+            await shard.set_state(message_id, state, side)
+        except BaseException:
+            if side:
+                self._side_log.restore(message_id, side)  # type: ignore[union-attr]
+            raise
 
     async def mark_done(self, message_id: str) -> None:
         """Durably finish a message (every recipient has its final outcome)."""
-        await self._shard_for(message_id).done(message_id)
+        shard = self._shard_for(message_id)
+        side = self._side_log.take(message_id) if self._side_log else None
+        try:
+            await shard.done(message_id, side)
+        except BaseException:
+            if side:
+                self._side_log.restore(message_id, side)  # type: ignore[union-attr]
+            raise
         self._unhot(message_id)
 
     # --- reads -----------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Callers on the event loop get a future per append; the thread resolves a whole b
 single ``call_soon_threadsafe``. Each append also carries an ``on_durable`` callback that runs
 on the loop even if the caller stopped waiting, so the in-memory index never misses a record
 that reached the disk.
+
+An append may carry ``side`` bytes (accounting log lines) for a side file: they are written
+in the same batch, after the spool records were written and before they are synced, so the
+side file says what the spool says, whatever moment the process is killed at.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import structlog
 
 from mta.spool.errors import SpoolWriteError
 
-__all__ = ["AppendLog", "BatchObserver", "GroupCommitWriter", "Position"]
+__all__ = ["AppendLog", "BatchObserver", "GroupCommitWriter", "Position", "SideWriter"]
 
 log = structlog.get_logger("mta.spool.writer")
 
@@ -37,12 +41,17 @@ class AppendLog(Protocol):
         """Make everything written so far durable."""
 
 
+class SideWriter(Protocol):
+    def __call__(self, data: bytes) -> None:
+        """Append ``data`` to the side file (called from the writer thread)."""
+
+
 class BatchObserver(Protocol):
     def __call__(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None: ...
 
 
 class _Item:
-    __slots__ = ("data", "future", "log", "on_durable")
+    __slots__ = ("data", "future", "log", "on_durable", "side")
 
     def __init__(
         self,
@@ -50,11 +59,13 @@ class _Item:
         data: bytes,
         future: asyncio.Future[Position],
         on_durable: Callable[[Position], None] | None,
+        side: bytes | None,
     ) -> None:
         self.log = log
         self.data = data
         self.future = future
         self.on_durable = on_durable
+        self.side = side
 
 
 _Outcome = tuple[list[_Item], list[Position] | None, SpoolWriteError | None]
@@ -69,8 +80,10 @@ class GroupCommitWriter:
         max_batch_bytes: int = 8 * 1024 * 1024,
         observe: BatchObserver | None = None,
         on_batch: Callable[[], None] | None = None,
+        side: SideWriter | None = None,
     ) -> None:
         self._loop = loop
+        self._side = side
         self._max_batch_bytes = max_batch_bytes
         self._observe = observe
         self._on_batch = on_batch
@@ -85,13 +98,15 @@ class GroupCommitWriter:
         log: AppendLog,
         data: bytes,
         on_durable: Callable[[Position], None] | None = None,
+        side: bytes | None = None,
     ) -> asyncio.Future[Position]:
-        """Queue ``data`` for ``log``; the future resolves once it is on disk (fdatasync)."""
+        """Queue ``data`` for ``log``; the future resolves once it is on disk (fdatasync).
+        ``side`` goes to the side file if, and only if, ``data`` was written."""
         fut: asyncio.Future[Position] = self._loop.create_future()
         if self._stopping:
             fut.set_exception(SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down"))
             return fut
-        item = _Item(log, data, fut, on_durable)
+        item = _Item(log, data, fut, on_durable, side)
         with self._cond:
             self._pending.append(item)
             if len(self._pending) == 1:
@@ -137,6 +152,13 @@ class GroupCommitWriter:
                 except Exception as exc:  # a bug must not kill the writer and hang callers
                     log.exception("spool.writer.append_failed")
                     outcomes.append((items, None, SpoolWriteError(errno.EIO, repr(exc))))
+            if self._side is not None:
+                side = b"".join(it.side for _, items, _ in written for it in items if it.side)
+                if side:
+                    try:
+                        self._side(side)
+                    except Exception:  # the side file must never stop the spool
+                        log.exception("spool.writer.side_write_failed", bytes=len(side))
             t0 = time.perf_counter()
             for append_log, items, positions in written:
                 try:
