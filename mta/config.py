@@ -213,6 +213,12 @@ class SmtpConfig:
     auth_allow_insecure: bool = _opt(_boolean, False)
     max_connections: int = _opt(_positive_int, 1000)
     max_connections_per_ip: int = _opt(_positive_int, 100)
+    # Above 80% of max_connections, idle sessions get this command timeout (slow-client
+    # floods cannot hold the listener for the full command_timeout).
+    stress_timeout: float = _opt(parse_duration, 10.0)
+    auth_max_failures: int = _opt(_positive_int, 5)  # then AUTH refused (454) ...
+    auth_lockout: float = _opt(parse_duration, 600.0)  # ... for this long
+    auth_failure_delay: float = _opt(parse_duration, 1.0)  # x (failures - 1), at most 5x
     command_timeout: float = _opt(parse_duration, 300.0)
     data_timeout: float = _opt(parse_duration, 600.0)
     shutdown_grace: float = _opt(parse_duration, 30.0)

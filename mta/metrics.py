@@ -29,6 +29,14 @@ class NodeMetrics:
                                            ["reason"], registry=r)
         self.auth_failures = Counter("mta_smtp_auth_failures", "Failed AUTH attempts",
                                      registry=r)
+        self.auth_lockouts = Counter("mta_smtp_auth_lockouts",
+                                     "Client addresses locked out of AUTH after repeated "
+                                     "failures", registry=r)
+        self.auth_refused = Counter("mta_smtp_auth_refused",
+                                    "AUTH commands refused during a lockout", registry=r)
+        self.stressed = Gauge("mta_smtp_stress",
+                              "1 while sessions exceed 80% of max_connections (short "
+                              "timeouts)", registry=r)
         self.submit_latency = Histogram(
             "mta_submit_seconds", "End of DATA to durable, per message",
             buckets=SUBMIT_BUCKETS, registry=r)

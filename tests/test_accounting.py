@@ -85,7 +85,14 @@ def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
     expected = {(r["message_id"], x) for r in recs if r["type"] == "Reception"
                 for x in r["recipients"]}
     finals = Counter((r["message_id"], r["recipient"]) for r in recs if r["type"] in FINAL)
-    assert set(finals) == expected, "a recipient without (or beyond) its final record"
+    if set(finals) != expected:
+        from tests.helpers import read_spool
+        live = read_spool(tmp_path / "spool", 4)
+        missing = expected - set(finals)
+        detail = {m: (m in live, live[m].state if m in live else None) for m, _ in missing}
+        raise AssertionError(f"recipients without a final record: {sorted(missing)[:5]}; "
+                             f"live in the spool (state): {detail}; extra: "
+                             f"{sorted(set(finals) - expected)[:5]}")
     assert max(finals.values()) == 1, [k for k, v in finals.items() if v > 1][:5]
     assert all(r["type"] == "Delivery" for r in recs if r["type"] in FINAL)
     # ...and the sink got every message the log says was delivered.

@@ -10,6 +10,7 @@ import structlog
 
 from mta.config import SmtpConfig
 from mta.ingress.auth import UsersFile
+from mta.ingress.guard import AuthGuard
 from mta.ingress.handler import IngressHandler
 from mta.ingress.policy import ConnectionLimiter, is_loopback
 from mta.ingress.session import IngressSession
@@ -40,6 +41,10 @@ class IngressServer:
         self.users = users
         self.tls = tls
         self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip)
+        self.auth_guard = AuthGuard(cfg.auth_max_failures, cfg.auth_lockout,
+                                    cfg.auth_failure_delay)
+        self.stressed = False
+        self._stress_at = max(1, int(cfg.max_connections * 0.8))
         self.sessions: set[IngressSession] = set()
         self.draining = False
         self.closing_reply = "421 4.3.2 Service shutting down, try again later"
@@ -58,7 +63,7 @@ class IngressServer:
             data_size_limit=self.cfg.max_message_size,
             hostname=self.cfg.hostname,
             tls_context=self.tls,
-            timeout=self.cfg.command_timeout,
+            timeout=self.cfg.stress_timeout if self.stressed else self.cfg.command_timeout,
             auth=self.users is not None,
             loop=self._loop,
         )
@@ -123,12 +128,30 @@ class IngressServer:
             return "421 4.7.0 Too many connections, try again later"
         self.sessions.add(session)
         self.metrics.connections.set(self.limiter.total)
+        if not self.stressed and self.limiter.total >= self._stress_at:
+            self._enter_stress()
         return None
+
+    def _enter_stress(self) -> None:
+        """Near the connection limit (a slow-client flood, or a burst): every idle session
+        gets the short stress timeout, so slots free up for clients that send mail."""
+        self.stressed = True
+        self.metrics.stressed.set(1)
+        log.warning("smtp.stress", sessions=self.limiter.total,
+                    max_connections=self.cfg.max_connections,
+                    stress_timeout=self.cfg.stress_timeout)
+        for sess in self.sessions:
+            if not sess.in_data:
+                sess.shorten_timeout(self.cfg.stress_timeout)
 
     def release(self, session: IngressSession, ip: str) -> None:
         self.sessions.discard(session)
         self.limiter.release(ip)
         self.metrics.connections.set(self.limiter.total)
+        if self.stressed and self.limiter.total < self._stress_at // 2:
+            self.stressed = False
+            self.metrics.stressed.set(0)
+            log.info("smtp.stress_over", sessions=self.limiter.total)
 
     def auth_without_tls(self, ip: str) -> bool:
         """AUTH before STARTTLS only from loopback, or when explicitly allowed."""
@@ -137,9 +160,15 @@ class IngressServer:
     def count_rejection(self, code: str) -> None:
         self.metrics.rejected.labels(code).inc()
 
-    def count_auth_failure(self, ip: str, user: str) -> None:
+    def count_auth_failure(self, ip: str, user: str) -> float:
+        """Record a failed AUTH; returns how long to wait before answering it."""
         self.metrics.auth_failures.inc()
-        log.warning("smtp.auth_failed", client_ip=ip, user=user)
+        delay, locked = self.auth_guard.failed(ip)
+        log.warning("smtp.auth_failed", client_ip=ip, user=user, locked=locked)
+        if locked:
+            self.metrics.auth_lockouts.inc()
+            log.warning("smtp.auth_lockout", client_ip=ip, seconds=self.cfg.auth_lockout)
+        return delay
 
     def count_spool_error(self, err: int) -> None:
         self.metrics.spool_errors.labels(str(err)).inc()

@@ -326,10 +326,29 @@ class IngressSession(SMTP):
         users = self._server.users
         user = login.login.decode("utf-8", "replace")
         if users is not None and await users.verify(user, login.password):
+            self._server.auth_guard.succeeded(self._client_ip)
             return AuthResult(success=True, auth_data=user)
-        self._server.count_auth_failure(self._client_ip, user)
+        delay = self._server.count_auth_failure(self._client_ip, user)
+        if delay:
+            await asyncio.sleep(delay)  # tarpit: guessing gets slower with every miss
         return AuthResult(success=False, handled=False,
                           message="535 5.7.8 Authentication credentials invalid")
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        locked = self._server.auth_guard.locked_for(self._client_ip)
+        if locked and self._auth_methods:
+            self._server.metrics.auth_refused.inc()
+            await self.push(f"454 4.7.0 Too many failed authentications from your address, "
+                            f"try again in {int(locked) + 1}s")
+            return
+        await super().smtp_AUTH(arg)
+
+    def shorten_timeout(self, seconds: float) -> None:
+        """Stress: from now on wait at most ``seconds`` for the next command."""
+        self._timeout_duration = min(self._timeout_duration, seconds)
+        handle = self._timeout_handle
+        if handle is not None and handle.when() - self.loop.time() > seconds:
+            self._reset_timeout(seconds)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._finish_auth(await super().auth_PLAIN(_, args))

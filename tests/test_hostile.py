@@ -1,0 +1,189 @@
+"""Hostile clients against a real node: password guessing, relay tricks, slow-client floods."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import resource
+import smtplib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mta.ingress.guard import AuthGuard
+from tests.helpers import NodeProcess, message, node_config, read_spool
+from tests.test_ingress import Raw, port, stored
+
+
+def _plain(user: str, password: str) -> str:
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_auth_guard_slows_then_locks_then_forgets() -> None:
+    now = [1000.0]
+    guard = AuthGuard(max_failures=3, lockout=60, delay=0.5, clock=lambda: now[0])
+    assert guard.failed("1.2.3.4") == (0.0, False)
+    assert guard.failed("1.2.3.4") == (0.5, False)
+    assert guard.locked_for("1.2.3.4") == 0
+    assert guard.failed("1.2.3.4") == (1.0, True)
+    assert guard.locked_for("1.2.3.4") == 60
+    assert guard.locked_for("5.6.7.8") == 0  # only the guessing address
+    now[0] += 61
+    assert guard.locked_for("1.2.3.4") == 0
+    assert guard.failed("1.2.3.4") == (0.0, False)  # an old streak starts again
+    guard.succeeded("1.2.3.4")
+    assert guard.failed("1.2.3.4") == (0.0, False)
+
+
+async def test_repeated_auth_failures_are_slowed_then_refused(
+        start_node: Any, users_file: str) -> None:
+    node = await start_node(smtp={"users_file": users_file, "auth_max_failures": 3,
+                                  "auth_lockout": "1500ms", "auth_failure_delay": "200ms"})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO guesser.example")
+    took = []
+    for guess in ("a", "b", "c"):
+        t0 = time.monotonic()
+        assert (await c.cmd(_plain("alice", guess))).startswith("535 5.7.8")
+        took.append(time.monotonic() - t0)
+    assert took[2] >= 0.4  # the third miss waits delay x 2 before its answer
+    # Locked: even the right password is refused, on this session and a new one.
+    assert (await c.cmd(_plain("alice", "s3cret"))).startswith("454 4.7.0")
+    d = await Raw.connect(port(node))
+    await d.reply()
+    await d.cmd("EHLO guesser.example")
+    assert (await d.cmd(_plain("alice", "s3cret"))).startswith("454 4.7.0")
+    m = node.metrics.registry
+    assert m.get_sample_value("mta_smtp_auth_failures_total") == 3
+    assert m.get_sample_value("mta_smtp_auth_lockouts_total") == 1
+    assert m.get_sample_value("mta_smtp_auth_refused_total") == 2
+    await asyncio.sleep(1.6)  # the cool-down passes
+    assert (await d.cmd(_plain("alice", "s3cret"))).startswith("235")
+    await c.close()
+    await d.close()
+
+
+TRICKS = [
+    "<user@victim.example>",
+    "<@relay.example:user@victim.example>",      # source route
+    "<@a.example,@b.example:user@victim.example>",
+    "<user%victim.example@mx.test.example>",     # percent hack
+    "<\"user@victim.example\"@mx.test.example>",  # quoted local part
+    "<victim.example!user>",                      # bang path
+    "<victim.example!user@mx.test.example>",
+    "<user@[127.0.0.1]>",                         # address literal
+    "<postmaster>",
+    "<user@victim.example.>",
+    "<USER@VICTIM.EXAMPLE>",
+    "user@victim.example",                        # no brackets
+]
+
+
+async def test_no_open_relay_for_clients_outside_relay_networks(start_node: Any) -> None:
+    # Loopback is outside relay_networks here, so this client is "the internet".
+    node = await start_node(smtp={"relay_networks": ["10.99.0.0/16"]})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO spammer.example")
+    for rcpt in TRICKS:
+        assert (await c.cmd("MAIL FROM:<spam@spammer.example>")).startswith("250"), rcpt
+        reply = await c.cmd(f"RCPT TO:{rcpt}")
+        assert reply[:1] == "5", (rcpt, reply)  # 554 5.7.1, or 501 for what is not an address
+        assert "5.7.1" in reply or reply.startswith("501") or reply.startswith("553"), reply
+        assert (await c.cmd("DATA")).startswith("5"), rcpt  # no valid recipient: no DATA
+        await c.cmd("RSET")
+    await c.close()
+    assert await stored(node) == {}
+    refused = node.metrics.registry.get_sample_value("mta_smtp_rejections_total",
+                                                     {"code": "554"})
+    assert refused is not None and refused >= 8
+
+
+@pytest.mark.timeout(180)
+def test_slow_client_flood_does_not_starve_normal_submission(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 4096
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    raw = node_config(tmp_path / "spool", smtp={
+        "max_connections": 1100, "max_connections_per_ip": 20, "command_timeout": "5m",
+        "stress_timeout": "2s"})
+    node = NodeProcess(tmp_path, raw, preexec=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (need, hard))).start()
+    try:
+        rss_before = _rss(node)
+        result = asyncio.run(_flood(node.smtp_port))
+        assert node.proc is not None and node.proc.poll() is None, "node died"
+        rss_after = _rss(node)
+    finally:
+        node.signal(15)
+        node.wait(60)
+    greeted, refused_per_ip, normal_ok, closed_by_server = result
+    # 50 addresses x 25 attempts: 20 held per address, 5 refused with 421 4.7.0.
+    assert greeted == 1000 and refused_per_ip == 250
+    assert normal_ok == 20  # every normal submission got its 250 during the attack
+    assert closed_by_server == 1000  # stress timeouts cut every idle or dribbling session
+    assert rss_after - rss_before < 100 * 1024 * 1024, (rss_before, rss_after)
+    msgs = read_spool(tmp_path / "spool", 4)
+    assert len(msgs) == 20
+
+
+def _rss(node: NodeProcess) -> int:
+    assert node.proc is not None
+    status = Path(f"/proc/{node.proc.pid}/status").read_text()
+    kb = next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]
+    return int(kb) * 1024
+
+
+async def _attacker(smtp_port: int, source: str, dribble: bool) -> str:
+    """One hostile connection: returns "refused", or "closed" once the server hangs up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", smtp_port,
+                                                   local_addr=(source, 0))
+    try:
+        greeting = await asyncio.wait_for(reader.readline(), 30)
+        if greeting.startswith(b"421 4.7.0"):
+            return "refused"
+        assert greeting.startswith(b"220"), greeting
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if dribble:  # one byte a second of a command line that never ends
+                writer.write(b"M")
+                await writer.drain()
+            try:
+                data = await asyncio.wait_for(reader.read(100), 1.0)
+            except TimeoutError:
+                continue
+            if not data:
+                return "closed"
+        return "still open"
+    except (ConnectionError, OSError):
+        return "closed"
+    finally:
+        writer.close()
+
+
+def _normal_submissions(smtp_port: int, count: int) -> int:
+    ok = 0
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
+        for n in range(count):
+            smtp.ehlo("app.example")
+            smtp.mail("app@sender.example")
+            smtp.rcpt(f"r{n}@dest.example")
+            code, _ = smtp.data(message(n, 1500))
+            ok += code == 250
+    return ok
+
+
+async def _flood(smtp_port: int) -> tuple[int, int, int, int]:
+    attackers = [
+        asyncio.create_task(_attacker(smtp_port, f"127.0.1.{ip}", dribble=n % 2 == 0))
+        for ip in range(1, 51) for n in range(25)]
+    await asyncio.sleep(1.0)  # the flood is in place
+    normal_ok = await asyncio.to_thread(_normal_submissions, smtp_port, 20)
+    outcomes = await asyncio.gather(*attackers)
+    return (sum(o != "refused" for o in outcomes), outcomes.count("refused"), normal_ok,
+            outcomes.count("closed"))
