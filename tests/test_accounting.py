@@ -43,7 +43,8 @@ def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
     acct = tmp_path / "acct.jsonl"
     raw = node_config(tmp_path / "spool", delivery={
         "enabled": True, "smarthost": f"127.0.0.1:{sink.port}", "retry_initial": "200ms",
-        "retry_max": "1s", "accounting_log": str(acct)})
+        "retry_max": "1s", "accounting_log": str(acct), "connect_timeout": "5s",
+        "command_timeout": "15s", "data_timeout": "15s"})
     node = NodeProcess(tmp_path, raw).start()
     acked: dict[str, int] = {}
     stop = threading.Event()
@@ -62,7 +63,7 @@ def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
         def records() -> list[dict[str, Any]]:
             return [json.loads(line) for line in acct.read_text().splitlines() if line]
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             recs = records()
             received = {r["message_id"] for r in recs if r["type"] == "Reception"}
