@@ -87,8 +87,14 @@ def _run(cfg: Config) -> int:
     return asyncio.run(_serve(cfg))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, exit 2, like every other usage and config error.
+        self.exit(2, f"mta: {message} (see mta --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mta", description="Run an mta node.")
+    parser = _Parser(prog="mta", description="Run an mta node.")
     parser.add_argument("--config", "-c", required=True, metavar="PATH",
                         help="node configuration file (TOML)")
     parser.add_argument("--check", action="store_true",

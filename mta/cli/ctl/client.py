@@ -45,6 +45,14 @@ def resolve_target(args: argparse.Namespace) -> None:
         token = token or cfg.admin.token
     args.url = url or DEFAULT_URL
     args.token = token
+    parsed = urllib.parse.urlsplit(args.url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"--url {args.url!r} is not an http:// URL; for example "
+                         f"{DEFAULT_URL}")
+    try:
+        parsed.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise UsageError(f"--url {args.url!r} has a bad port") from None
 
 
 def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mta.cli.ctl.client import CtlError, call, emit, table
+from mta.cli.ctl.client import CtlError, UsageError, call, emit, table
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 < args.timeout <= 3600:
+        raise UsageError("--timeout must be between 0 and 3600 seconds")
     data = call(args, "/api/v1/rebalance", {"timeout": args.timeout}, timeout=args.timeout + 15)
     text = (f"{data['moved']} shard(s) moved; "
             + ("converged" if data["converged"] else "NOT converged")
