@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import binascii
+import collections
 import inspect
 import re
 import ssl
+from base64 import b64decode, b64encode
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, _AuthMechAttr, login_always_fail
+import structlog
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    TLSSetupException,
+    _AuthMechAttr,
+    _Missing,
+    login_always_fail,
+    syntax,
+)
 
 from mta.ingress.policy import in_networks
 
@@ -17,6 +31,12 @@ if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
 
 __all__ = ["IngressSession"]
+
+log = structlog.get_logger("mta.ingress")
+
+# Unrecognised commands a session may send before it is closed (with 421, RFC 5321 3.8).
+_BOGUS_LIMIT = 10
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\S*)", re.IGNORECASE)
 
 # aiosmtpd's fixed replies, mapped to the codes RFC 3463/5321 ask for (we advertise
 # ENHANCEDSTATUSCODES, so every reply to a transaction command carries one).
@@ -59,7 +79,8 @@ _CODE_RE = re.compile(r"^(\d)\d\d")
 _SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"]+)>(.*)$", re.S)
 # Replies that may wait in our buffer while more pipelined commands are already read in;
 # anything else (greeting, 221, 421, 334 challenges, 220 before TLS) is flushed at once.
-_DEFERRABLE = frozenset({"250", "251", "252", "354", "451", "452", "500", "501", "502",
+# 354 is not among them: the client waits for it before sending the message.
+_DEFERRABLE = frozenset({"250", "251", "252", "451", "452", "500", "501", "502",
                          "503", "550", "552", "553", "554", "555"})
 _DOT_LINE = b".\r\n"
 
@@ -115,7 +136,9 @@ class IngressSession(SMTP):
         self.data_size_limit = data_size_limit
         self.enable_SMTPUTF8 = True
         self._decode_data = False
-        self.command_size_limits.clear()
+        # Per session: aiosmtpd keeps this dict on the class, so every session's EHLO
+        # (and every unknown verb) changed the limits of all the others.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         self.hostname = hostname
         self.tls_context = tls_context
         self.require_starttls = tls_context and False
@@ -168,7 +191,147 @@ class IngressSession(SMTP):
         self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
         if self._server.auth_without_tls(self._client_ip):
             self._auth_require_tls = False
-        await super()._handle_client()
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        await self._command_loop()
+
+    async def _read_line(self) -> bytes | None:
+        """One line from the client; None (the whole line discarded) if it is too long.
+        Raises IncompleteReadError when the client has closed its side."""
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+            while True:
+                await self._reader.readexactly(consumed)
+                try:
+                    await self._reader.readuntil(b"\n")
+                    return None
+                except asyncio.LimitOverrunError as more:
+                    consumed = more.consumed
+
+    async def _command_loop(self) -> None:
+        """aiosmtpd's command loop, owned here so that: unknown commands are not echoed
+        back; too many of them end in 421 after the replies already owed; arguments must be
+        valid UTF-8 (501) instead of failing later; a client that half-closes still gets
+        every reply it is owed (and its 250); an internal error answers 451, not a 500
+        carrying the exception text."""
+        bogus = 0
+        while self.transport is not None and not self.transport.is_closing():
+            try:
+                raw = await self._read_line()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the client closed its side: send what it is owed, then close
+            if raw is None:
+                await self.push("500 5.5.2 Command line too long")
+                continue
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                await self.push("500 5.5.2 Syntax error")
+                continue
+            command_bytes, _, arg_bytes = line.partition(b" ")
+            try:
+                command = command_bytes.upper().decode("ascii")
+            except UnicodeDecodeError:
+                await self.push("500 5.5.2 Syntax error")
+                continue
+            arg: str | None = None
+            if arg_bytes:
+                try:
+                    arg = arg_bytes.strip().decode("utf-8")
+                except UnicodeDecodeError:
+                    # MAIL and RCPT keep the bytes (surrogate-escaped) so their own checks run
+                    # in order; _getaddr then refuses the address. Elsewhere (a sloppy HELO
+                    # name, VRFY, HELP) tolerate it, visibly.
+                    arg = arg_bytes.strip().decode(
+                        "utf-8", "surrogateescape" if command in ("MAIL", "RCPT") else "replace")
+            assert self.session is not None
+            limit = (self.command_size_limits[command] if self.session.extended_smtp
+                     else self.command_size_limit)
+            if len(line) > limit:
+                await self.push("500 5.5.2 Command line too long")
+                continue
+            if not self._tls_handshake_okay and command != "QUIT":
+                await self.push("554 5.7.0 Command refused: TLS failed")
+                continue
+            method = self._smtp_methods.get(command)
+            if method is None:
+                bogus += 1
+                if bogus > _BOGUS_LIMIT:
+                    await self.push("421 4.7.0 Too many unrecognized commands, closing "
+                                    "connection")
+                    break
+                await self.push("500 5.5.1 Command not recognized")
+                continue
+            self._reset_timeout()
+            try:
+                await method(arg)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            except TLSSetupException:
+                # The TLS handshake failed: nothing can be said on this connection any more.
+                log.info("smtp.tls_failed", client_ip=self._client_ip)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            except Exception:
+                log.exception("smtp.command_failed", client_ip=self._client_ip,
+                              command=command)
+                await self.push("451 4.3.0 Internal error, try again later")
+        await self._close_after_replies()
+
+    async def _close_after_replies(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            await self._flush()
+        except (ConnectionError, RuntimeError):
+            pass
+        transport.close()
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session here, dropping the replies (and the 250 of a message
+        # already stored) a half-closing client is owed. Only tell the reader instead: the
+        # command loop answers what was read, then closes.
+        assert self.session is not None
+        asyncio.StreamReaderProtocol.eof_received(self)
+        return self.session.ssl is None
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd raises the MAIL line limit on every EHLO; once per session is right.
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd checks SIZE with str.isdigit(), which lets "²" through to int().
+        m = _SIZE_PARAM.search(arg or "")
+        if m is not None and not (m.group(1).isascii() and m.group(1).isdigit()):
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]")
+            return
+        await super().smtp_MAIL(arg)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> _Missing | bytes:
+        """aiosmtpd's, with a too-long answer read to its end and refused (its readline()
+        left the rest to be parsed as the next command)."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
+        await self._flush()
+        line = await self._read_line()
+        if line is None:
+            await self.push("500 5.5.2 Line too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:
@@ -186,6 +349,7 @@ class IngressSession(SMTP):
 
     # --- DATA ------------------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd resets its idle timer per command only, so this bounds the whole DATA phase
         # (slow-drip clients) instead of each line.
@@ -275,16 +439,27 @@ class IngressSession(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd's version builds a typing.Protocol class and runs the RFC 5322 header
         # parser on every MAIL and RCPT; the plain form needs neither.
+        if arg and not arg.isascii():
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                return None, None  # not valid UTF-8: not an address (RFC 6531)
         m = _SIMPLE_ADDR_RE.match(arg) if arg else None
         if m is not None:
             return m.group(1), m.group(2)
-        return super()._getaddr(arg)
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            return None, None  # e.g. "<" alone trips the RFC 5322 parser: a syntax error
 
     # --- replies ---------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
+            if not status.isprintable():
+                # Never echo a client's control characters (NUL, bare CR) back (VRFY does).
+                status = "".join(ch if ch.isprintable() else "?" for ch in status)
             code = status[:3]
             if code[:1] in "45" and _CODE_RE.match(status):
                 self._server.count_rejection(code)
@@ -308,7 +483,13 @@ class IngressSession(SMTP):
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
-        self._writer.write(data)
+        if self.transport is None or self.transport.is_closing():
+            return  # the client is gone: nobody to tell
+        try:
+            self._writer.write(data)
+        except (RuntimeError, AttributeError) as exc:
+            # A transport torn down under us (a failed TLS layer): the connection is dead.
+            raise ConnectionResetError(str(exc)) from None
         await self._writer.drain()
 
     # --- AUTH: hashing runs in a thread, never on the loop ---------------------------------
@@ -334,6 +515,7 @@ class IngressSession(SMTP):
         return AuthResult(success=False, handled=False,
                           message="535 5.7.8 Authentication credentials invalid")
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         locked = self._server.auth_guard.locked_for(self._client_ip)
         if locked and self._auth_methods:
