@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.etcd import EtcdServer
-from tests.helpers import NodeProcess
 from tests.mailworld import Sink, SinkScript
 from tests.test_cluster import SHARDS, Cluster
-from tests.test_ops_verbs import _Rcpt, submit
+from tests.test_ops_verbs import _Rcpt, ctl, ctl_json, submit
+from tests.test_ops_verbs import wait_for as _wait
 
 
 @pytest.fixture(scope="module")
@@ -50,34 +46,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer,
     c.stop()
 
 
-def ctl(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "mta.cli.ctl", "--url",
-                          f"http://127.0.0.1:{node.admin_port}", "--token", "t0ken", *args],
-                         capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in res.stderr, res.stderr
-    return res
-
-
-def ctl_json(node: NodeProcess, *args: str) -> Any:
-    res = ctl(node, "--json", *args)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def _deferred(work: Path, mid: str) -> bool:
     path = work / "acct.jsonl"
     return path.exists() and any(
         json.loads(line)["type"] == "TransientFailure" and json.loads(line)["message_id"] == mid
         for line in path.read_text().splitlines() if line)
-
-
-def _wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_membership_and_shard_verbs_answer_from_any_node(cluster: Cluster) -> None:
