@@ -37,7 +37,7 @@ from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import Sink, SinkScript
 
-FINAL = ("Delivery", "Bounce", "Expiration")
+FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 RELIABILITY = ROOT / "docs" / "reliability.md"
 
 

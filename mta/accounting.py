@@ -1,4 +1,5 @@
-"""Accounting log: one JSON line per Reception, Delivery, TransientFailure, Bounce, Expiration.
+"""Accounting log: one JSON line per Reception, Delivery, TransientFailure, Bounce, Expiration,
+AdminBounce.
 
 The lines about a message ride the spool's group commit (see :class:`mta.spool.SideLog`): a
 Reception is written with the message's MSG record, an outcome with the STATE or DONE record

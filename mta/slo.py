@@ -24,8 +24,8 @@ from mta.metrics import SUBMIT_BUCKETS
 __all__ = ["SloTracker", "merge_reports"]
 
 KEEP_MINUTES = 24 * 60
-# Recipients bounced because the mailbox does not exist are the list's fault, not ours; an
-# operator's own bounces are not failures either.
+# Recipients bounced because the mailbox does not exist are the list's fault, not ours (an
+# operator's own bounces are AdminBounce records, counted apart).
 _NOT_OUR_FAILURE = ("bad-mailbox", "inactive-mailbox")
 _COUNTERS = ("delivered", "deferred", "failed", "submits", "samples", "ready")
 
@@ -52,7 +52,7 @@ class _Minute:
 def _counters(registry: CollectorRegistry) -> dict[str, Any]:
     """Cumulative values of the counters the SLO needs, read through the public API."""
     out: dict[str, Any] = {"delivered": 0.0, "deferred": 0.0, "failed": 0.0, "submits": 0.0,
-                           "admin": 0.0, "buckets": [0.0] * (len(SUBMIT_BUCKETS) + 1)}
+                           "buckets": [0.0] * (len(SUBMIT_BUCKETS) + 1)}
     bounds = {str(b): i for i, b in enumerate(SUBMIT_BUCKETS)}
     for metric in registry.collect():
         for sample in metric.samples:
@@ -66,8 +66,6 @@ def _counters(registry: CollectorRegistry) -> dict[str, Any]:
             elif name == "mta_bounced_recipients_total":
                 if sample.labels.get("bounce_class") not in _NOT_OUR_FAILURE:
                     out["failed"] += sample.value
-            elif name == "mta_admin_bounced_recipients_total":
-                out["admin"] += sample.value
             elif name == "mta_submit_seconds_count":
                 out["submits"] += sample.value
             elif name == "mta_submit_seconds_bucket":
@@ -75,7 +73,6 @@ def _counters(registry: CollectorRegistry) -> dict[str, Any]:
                 index = bounds.get(le, len(SUBMIT_BUCKETS) if le == "+Inf" else -1)
                 if index >= 0:
                     out["buckets"][index] = sample.value
-    out["failed"] -= out["admin"]  # admin bounces land in the "other" class
     cumulative = out["buckets"]  # Prometheus buckets count everything up to their bound
     out["buckets"] = [cumulative[0]] + [b - a for a, b in itertools.pairwise(cumulative)]
     return out

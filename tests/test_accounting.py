@@ -15,7 +15,7 @@ from typing import Any
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import Sink
 
-FINAL = ("Delivery", "Bounce", "Expiration")
+FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 
 
 def _submitter(port_of: Any, stop: threading.Event, acked: dict[str, int]) -> None:

@@ -152,7 +152,8 @@ def test_message_bounce_by_id_and_by_domain_sends_dsns(node: NodeProcess, sink: 
     assert res.returncode == 0 and "bounced 2 pending recipient(s)" in res.stdout, res.stdout
     gone = ctl(node, "message", "show", one)
     assert gone.returncode == 1 and f"no live message {one}" in gone.stderr
-    bounces = [r for r in accounting(node) if r["type"] == "Bounce" and r["message_id"] == one]
+    bounces = [r for r in accounting(node)
+               if r["type"] == "AdminBounce" and r["message_id"] == one]
     assert {r["recipient"] for r in bounces} == {"x@held.test", "y@held.test"}
     assert all("bounced by the administrator" in r["response"] for r in bounces)
 

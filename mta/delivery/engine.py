@@ -43,7 +43,7 @@ __all__ = ["DeliveryEngine"]
 
 log = structlog.get_logger("mta.delivery")
 
-_Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t", result)
+_Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t" | "x" | "a" (admin), result)
 
 
 @dataclass
@@ -387,10 +387,9 @@ class DeliveryEngine:
             # their schedule (it is not a retry).
             for domain in [d for d in groups if req.domain in (None, d)]:
                 for i in groups.pop(domain):
-                    outcomes[i] = ("b", ADMIN_BOUNCE)
+                    outcomes[i] = ("a", ADMIN_BOUNCE)
                     done[str(i)] = self._final_record(mid, env, i, outcomes[i], attempt)
                     req.count += 1
-                    self.metrics.admin_bounced.inc()
             groups.clear()
         held = {d for d in groups if d in self._runtime.suspended}
         active = {d: idx for d, idx in groups.items() if d not in held}
@@ -442,7 +441,7 @@ class DeliveryEngine:
             else:
                 self._record(mid, env, i, "TransientFailure", result, attempt)
                 self.metrics.deferred.inc()
-        dsn = dsn_todo + [(i, o[1]) for i, o in outcomes.items() if o[0] in ("b", "x")]
+        dsn = dsn_todo + [(i, o[1]) for i, o in outcomes.items() if o[0] in ("b", "x", "a")]
         expired = expired or expired_before
         # From here on, what is final lives in _unsaved until it is on disk.
         self._remember(mid, done, dsn, expired)
@@ -481,6 +480,10 @@ class DeliveryEngine:
             self.metrics.delivered.inc()
             self.metrics.delivery_latency.observe(max(0.0, time.time() - env.received_at))
             return ["d", result.reply, "", result.remote]
+        if status == "a":
+            self._record(mid, env, i, "AdminBounce", result, attempt)
+            self.metrics.admin_bounced.inc()
+            return ["b", result.reply, "admin", ""]
         cls = classify(result.code, result.text)
         kind = "Expiration" if status == "x" else "Bounce"
         self._record(mid, env, i, kind, result, attempt, bounce_class=cls)
