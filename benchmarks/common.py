@@ -110,14 +110,16 @@ def _worker(port: int, sessions: int, per_session: int, size_kb: float, reuse: b
 
 
 def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
-                log_level: str, extra: str) -> tuple[subprocess.Popen[bytes], Any]:
-    """Write a node config (plus ``extra`` TOML) under ``work``, start ``mta``, wait for SMTP."""
+                log_level: str, extra: str, smtp_extra: str = "", node_id: str = "bench"
+                ) -> tuple[subprocess.Popen[bytes], Any]:
+    """Write a node config (plus ``extra`` TOML, and ``smtp_extra`` keys in ``[smtp]``) under
+    ``work``, start ``mta``, wait for SMTP."""
     cfg = work / "node.toml"
     cfg.write_text(
-        f'[node]\nid = "bench"\nlog_format = "json"\nlog_level = "{log_level}"\n'
+        f'[node]\nid = "{node_id}"\nlog_format = "json"\nlog_level = "{log_level}"\n'
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\nhostname = "bench.example"\n'
         f"max_connections = {concurrency * 2 + 10}\n"
-        f"max_connections_per_ip = {concurrency * 2 + 10}\n"
+        f"max_connections_per_ip = {concurrency * 2 + 10}\n" + smtp_extra +
         f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n' + extra
     )
     log = open(work / "node.log", "wb")  # noqa: SIM115 (closed by stop_node)
