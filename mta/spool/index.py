@@ -7,7 +7,7 @@ envelope and body are read back from the segment when needed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,12 @@ __all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "recipien
 Destinations = tuple[tuple[str, ...], bytes | None]
 
 
-def recipient_domains(recipients: Iterable[str]) -> Destinations:
+def recipient_domains(recipients: Sequence[str]) -> Destinations:
     """The distinct recipient domains of a message (interned: a backlog of a million messages
     to a few providers shares a few strings) and, when there are several, each recipient's
     domain as one byte indexing them."""
+    if len(recipients) == 1:  # the common case, and recovery runs this per message
+        return (sys.intern(recipients[0].rpartition("@")[2].lower()),), None
     per_rcpt = [sys.intern(r.rpartition("@")[2].lower()) for r in recipients]
     domains = tuple(sorted(set(per_rcpt)))
     if len(domains) <= 1 or len(domains) > 255:
