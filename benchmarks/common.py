@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -157,6 +158,21 @@ def run_load(smtp_port: int, messages: int, concurrency: int, procs: int, size_k
     for p in ps:
         p.join()
     return results, start_at
+
+
+def machine() -> str:
+    """The machine column of every results table."""
+    return f"{platform.python_version()}, {os.cpu_count()} cores"
+
+
+def add_rows(path: Path, table: str, rows: str) -> None:
+    """Add ``rows`` at the end of the results table marked ``<!-- TABLE rows -->`` in ``path``
+    (appending to the file would put them under whichever table happens to come last)."""
+    marker = f"<!-- {table} rows -->\n"
+    text = path.read_text()
+    if marker not in text:
+        raise SystemExit(f"{path}: no {marker.strip()} line ending the {table} table")
+    path.write_text(text.replace(marker, rows + marker, 1))
 
 
 def git_commit() -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, free_port, git_commit, run_load
+from benchmarks.common import ROOT, add_rows, free_port, git_commit, machine, run_load
 from benchmarks.ingress import run_bench
 from benchmarks.postfix import PrivatePostfix, postfix_missing
 from benchmarks.relay import _sink_main, run_relay
@@ -133,20 +131,12 @@ def main() -> None:
 
 def _append(args: Any, lines: list[Any]) -> None:
     commit = git_commit()
-    machine = f"{platform.python_version()}, {os.cpu_count()} cores"
     rows = "".join(
         f"| {time.strftime('%Y-%m-%d')} | {commit} | {what} | {args.messages} x "
         f"{args.size:g} KB, {args.concurrency} sessions | {m['msgs_per_s']:.0f} ({ms}) | "
-        f"{p['msgs_per_s']:.0f} ({ps}) | {ratio:.2f}x | {machine} |\n"
+        f"{p['msgs_per_s']:.0f} ({ps}) | {ratio:.2f}x | {machine()} |\n"
         for what, m, ms, p, ps, ratio in lines)
-    text = RESULTS.read_text()
-    marker = "<!-- compare rows -->\n"
-    if marker not in text:
-        text += ("\n## Side by side with Postfix (`python -m benchmarks.compare --append`)\n\n"
-                 "Same machine, same load generator, alternating runs; medians (min-max).\n\n"
-                 "| date | commit | scenario | load | mta msg/s | Postfix 3.7 msg/s | ratio | "
-                 "machine |\n|---|---|---|---|---|---|---|---|\n" + marker)
-    RESULTS.write_text(text.replace(marker, marker + rows, 1))
+    add_rows(RESULTS, "compare", rows)
 
 
 if __name__ == "__main__":

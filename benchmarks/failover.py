@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import smtplib
 import statistics
 import tempfile
@@ -26,7 +24,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.common import ROOT, git_commit
+from benchmarks.common import ROOT, add_rows, git_commit, machine
 from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import Sink, SinkScript
@@ -158,13 +156,12 @@ def main() -> None:
           f"(lease TTL {args.ttl:g}s); lost {lost}; duplicates {dupes}")
     if args.append:
         commit = git_commit()
-        with open(RESULTS, "a") as fh:
-            fh.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.trials} | {args.ttl:g} | "
-                     f"{statistics.median(takeovers):.2f} | "
-                     f"{rtos[0]:.2f} | {statistics.median(rtos):.2f} | {rtos[-1]:.2f} | "
-                     f"{lost} | {dupes} | {sum(r['acked'] for r in results)} | "
-                     f"{args.sink_delay:g} s | "
-                     f"{platform.python_version()}, {os.cpu_count()} cores |\n")
+        add_rows(RESULTS, "failover",
+                 f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.trials} | {args.ttl:g} | "
+                 f"{statistics.median(takeovers):.2f} | "
+                 f"{rtos[0]:.2f} | {statistics.median(rtos):.2f} | {rtos[-1]:.2f} | "
+                 f"{lost} | {dupes} | {sum(r['acked'] for r in results)} | "
+                 f"{args.sink_delay:g} s | {machine()} |\n")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ row to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -21,7 +19,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.common import ROOT, free_port, git_commit, launch_node, run_load, stop_node
+from benchmarks.common import (
+    ROOT,
+    add_rows,
+    free_port,
+    git_commit,
+    launch_node,
+    machine,
+    run_load,
+    stop_node,
+)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -90,9 +97,8 @@ def main() -> None:
         row = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {mode} | {res['accepted']:.0f} | "
                f"{args.size:g} KB | {args.concurrency} | {res['msgs_per_s']:.0f} ({spread}) | "
                f"{res['p50_ms']:.2f} | {res['p99_ms']:.2f} | {res['batch']:.1f} | "
-               f"{platform.python_version()}, {os.cpu_count()} cores | {args.note} |\n")
-        with open(RESULTS, "a") as fh:
-            fh.write(row)
+               f"{machine()} | {args.note} |\n")
+        add_rows(RESULTS, "ingress", row)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -23,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, free_port, git_commit
+from benchmarks.common import ROOT, add_rows, free_port, git_commit, machine
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -112,10 +110,10 @@ def main() -> None:
           f" (empty {empty_rss / 1024:.0f} MB): {per_msg:.0f} bytes per queued message"
           + (" with delivery scheduling" if args.delivery else ", delivery off"))
     if args.append:
-        with open(RESULTS, "a") as fh:
-            fh.write(f"| {time.strftime('%Y-%m-%d')} | {git_commit()} | {args.messages} | "
-                     f"{args.size:g} KB | {'on' if args.delivery else 'off'} | {up:.2f} | "
-                     f"{per_msg:.0f} | {platform.python_version()}, {os.cpu_count()} cores |\n")
+        add_rows(RESULTS, "recovery",
+                 f"| {time.strftime('%Y-%m-%d')} | {git_commit()} | {args.messages} | "
+                 f"{args.size:g} KB | {'on' if args.delivery else 'off'} | {up:.2f} | "
+                 f"{per_msg:.0f} | {machine()} |\n")
 
 
 if __name__ == "__main__":

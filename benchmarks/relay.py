@@ -14,15 +14,22 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, free_port, git_commit, launch_node, run_load, stop_node
+from benchmarks.common import (
+    ROOT,
+    add_rows,
+    free_port,
+    git_commit,
+    launch_node,
+    machine,
+    run_load,
+    stop_node,
+)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -179,12 +186,11 @@ def main() -> None:
           f"p99 {res['p99_ms']:.0f} ms")
     if args.append:
         commit = git_commit()
-        with open(RESULTS, "a") as fh:
-            fh.write(f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.route} | "
-                     f"{res['delivered']:.0f} | {args.size:g} KB | {args.concurrency} | "
-                     f"{res['msgs_per_s']:.0f} ({spread}) | {res['p50_ms']:.0f} | "
-                     f"{res['p99_ms']:.0f} | {platform.python_version()}, {os.cpu_count()} cores "
-                     f"| {args.note} |\n")
+        add_rows(RESULTS, "relay",
+                 f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.route} | "
+                 f"{res['delivered']:.0f} | {args.size:g} KB | {args.concurrency} | "
+                 f"{res['msgs_per_s']:.0f} ({spread}) | {res['p50_ms']:.0f} | "
+                 f"{res['p99_ms']:.0f} | {machine()} | {args.note} |\n")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,22 @@ could do on more cores.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, free_port, git_commit, launch_node, run_load, stop_node
+from benchmarks.common import (
+    ROOT,
+    add_rows,
+    free_port,
+    git_commit,
+    launch_node,
+    machine,
+    run_load,
+    stop_node,
+)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
@@ -77,16 +84,9 @@ def main() -> None:
         rows.append(f"| {time.strftime('%Y-%m-%d')} | {git_commit()} | {n} | {args.messages} x "
                     f"{args.size:g} KB, {args.concurrency} sessions | {med:.0f} "
                     f"({min(runs[n]):.0f}-{max(runs[n]):.0f}) | {med / base:.2f}x | "
-                    f"{platform.python_version()}, {os.cpu_count()} cores |\n")
+                    f"{machine()} |\n")
     if args.append:
-        text = RESULTS.read_text()
-        marker = "<!-- scale rows -->\n"
-        if marker not in text:
-            text += ("\n## Scale: node processes sharing one port "
-                     "(`python -m benchmarks.scale --append`)\n\n"
-                     "| date | commit | processes | load | msg/s | vs 1 | machine |\n"
-                     "|---|---|---|---|---|---|---|\n" + marker)
-        RESULTS.write_text(text.replace(marker, marker + "".join(rows), 1))
+        add_rows(RESULTS, "scale", "".join(rows))
 
 
 if __name__ == "__main__":

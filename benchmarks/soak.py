@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, git_commit
+from benchmarks.common import ROOT, add_rows, git_commit
 from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import Sink, SinkScript
@@ -255,9 +255,7 @@ def append(result: dict[str, Any]) -> None:
            f"{result['recipients']} | {result['without_final']} | {result['final_twice']} | "
            f"{result['delivered_missing_at_sink']} | {result['sink_duplicates']} | "
            f"{'pass' if result['ok'] else 'FAIL'} |\n")
-    text = RELIABILITY.read_text()
-    marker = "<!-- soak rows -->\n"
-    RELIABILITY.write_text(text.replace(marker, marker + row, 1))
+    add_rows(RELIABILITY, "soak", row)
 
 
 def main() -> None:
