@@ -305,12 +305,6 @@ class EtcdCoordinator:
                 "per_node": dict(sorted(per_node.items())), "leader": v.leader,
                 "unowned": self.total_shards - len(v.owner)}
 
-    def view(self) -> dict[str, Any]:
-        v = self._view
-        return {"leader": v.leader, "nodes": sorted(v.nodes), "drain": sorted(v.drain),
-                "assign": dict(v.assign), "owner": {s: o[0] for s, o in v.owner.items()},
-                "owned": sorted(self._owned), "fenced": self._fenced}
-
     # --- keepalive and self-fencing --------------------------------------------------------
 
     async def _keepalive(self) -> None:

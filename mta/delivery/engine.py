@@ -229,7 +229,7 @@ class DeliveryEngine:
                      timeout: float = 30.0) -> int:
         """Bounce (with a DSN) the pending recipients of a live message, at ``domain`` only if
         given; returns how many, once durable. Raises MessageNotFound, TimeoutError."""
-        ref = self._live_ref(message_id)
+        ref = self.spool.live_ref(message_id) if shard_of(message_id) in self._shards else None
         if ref is None:
             raise MessageNotFound(message_id)
         req = self._bounces.get(message_id)
@@ -255,11 +255,6 @@ class DeliveryEngine:
                 raise result
         counts = [r for r in results if isinstance(r, int)]
         return sum(1 for c in counts if c), sum(counts)
-
-    def _live_ref(self, message_id: str) -> MessageRef | None:
-        if shard_of(message_id) not in self._shards:
-            return None
-        return self.spool.live_ref(message_id)
 
     def watch(self, message_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future that gets the first recipient outcome (any kind) of ``message_id``."""
