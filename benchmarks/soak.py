@@ -35,7 +35,7 @@ from typing import Any
 from benchmarks.common import ROOT, add_rows, git_commit
 from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
-from tests.mailworld import Sink, SinkScript
+from tests.mailworld import AnyAddress, Sink, SinkScript
 
 FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 RELIABILITY = ROOT / "docs" / "reliability.md"
@@ -60,11 +60,7 @@ class Soak:
                     return "451 4.7.1 Greylisted, try again"
             return None
 
-        class _Any(dict):  # type: ignore[type-arg]
-            def get(self, key: Any, default: Any = None) -> Any:
-                return rcpt
-
-        self.sink = Sink("127.0.0.1", 0, SinkScript(rcpt=_Any()))
+        self.sink = Sink("127.0.0.1", 0, SinkScript(rcpt=AnyAddress(rcpt)))
         self.sink.start()
         self.name = f"soak{uuid.uuid4().hex[:6]}"
         self.nodes: dict[str, NodeProcess] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,30 @@ import uvloop
 
 from mta.ingress.auth import hash_password
 from mta.node import Node
+from tests.etcd import EtcdServer
 from tests.helpers import make_config
+from tests.mailworld import Sink, greylisting_script
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A real etcd server per test module."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[Sink]:
+    """A loopback SMTP sink per test module that greylists held.test and later.test."""
+    s = Sink("127.0.0.1", 0, greylisting_script())
+    s.start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture

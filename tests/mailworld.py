@@ -216,3 +216,28 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str 
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what or pred}")
+
+
+class AnyAddress(dict):  # type: ignore[type-arg]
+    """A SinkScript.rcpt that answers every address through one function."""
+
+    def __init__(self, reply: Callable[[str, int], str | None]) -> None:
+        super().__init__()
+        self._reply = reply
+
+    def get(self, address: str, default: Any = None) -> Any:
+        return self._reply
+
+
+def _greylist(address: str, attempt: int) -> str | None:
+    domain = address.lower().rpartition("@")[2]
+    if domain == "held.test":
+        return "451 4.7.1 Greylisted, come back later"
+    if domain == "later.test" and attempt == 0:
+        return "451 4.7.1 Try again"
+    return None
+
+
+def greylisting_script() -> SinkScript:
+    """Accept everything, except: held.test is deferred for ever, later.test once."""
+    return SinkScript(rcpt=AnyAddress(_greylist))

@@ -23,13 +23,6 @@ TTL = 3.0  # fence margin 2 s: enough headroom for a loaded 2-core CI machine
 SHARDS = 64
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
-    yield server
-    server.stop()
-
-
 class Cluster:
     """Node processes sharing one spool directory, coordinated through ``etcd``."""
 

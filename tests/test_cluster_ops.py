@@ -12,25 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.etcd import EtcdServer
-from tests.mailworld import Sink, SinkScript
+from tests.mailworld import Sink
 from tests.test_cluster import SHARDS, Cluster
-from tests.test_ops_verbs import _Rcpt, ctl, ctl_json, submit
+from tests.test_ops_verbs import ctl, ctl_json, submit
 from tests.test_ops_verbs import wait_for as _wait
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[Sink]:
-    s = Sink("127.0.0.1", 0, SinkScript(rcpt=_Rcpt()))
-    s.start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,33 +18,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import NodeProcess, message, node_config, toml_dumps
-from tests.mailworld import Sink, SinkScript
+from tests.mailworld import Sink
 
 SHARDS = 4
-
-
-def _rcpt_reply(address: str, attempt: int) -> str | None:
-    domain = address.lower().rpartition("@")[2]
-    if domain == "held.test":
-        return "451 4.7.1 Greylisted, come back later"
-    if domain == "later.test" and attempt == 0:
-        return "451 4.7.1 Try again"
-    return None
-
-
-class _Rcpt(dict):  # type: ignore[type-arg]
-    """A SinkScript.rcpt that answers by domain for any address."""
-
-    def get(self, address: str, default: Any = None) -> Any:
-        return _rcpt_reply
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[Sink]:
-    s = Sink("127.0.0.1", 0, SinkScript(rcpt=_Rcpt()))
-    s.start()
-    yield s
-    s.stop()
 
 
 def _raw(work: Path, sink: Sink, **extra: dict[str, Any]) -> dict[str, Any]:
