@@ -8,7 +8,7 @@ import itertools
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -231,25 +231,25 @@ class Spool:
         """Durably record the delivery state of a live message (and, in the same group
         commit, the side log's lines about it)."""
         shard = self._shard_for(message_id)
-        side = self._side_log.take(message_id) if self._side_log else None
-        try:
-            await shard.set_state(message_id, state, side)
-        except BaseException:
-            if side:
-                self._side_log.restore(message_id, side)  # type: ignore[union-attr]
-            raise
+        await self._with_side_lines(
+            message_id, lambda side: shard.set_state(message_id, state, side))
 
     async def mark_done(self, message_id: str) -> None:
         """Durably finish a message (every recipient has its final outcome)."""
         shard = self._shard_for(message_id)
+        await self._with_side_lines(message_id, lambda side: shard.done(message_id, side))
+        self._unhot(message_id)
+
+    async def _with_side_lines(self, message_id: str,
+                               write: Callable[[bytes | None], Awaitable[None]]) -> None:
+        """Run ``write`` with the side log's waiting lines; put them back if it fails."""
         side = self._side_log.take(message_id) if self._side_log else None
         try:
-            await shard.done(message_id, side)
+            await write(side)
         except BaseException:
-            if side:
-                self._side_log.restore(message_id, side)  # type: ignore[union-attr]
+            if side and self._side_log is not None:
+                self._side_log.restore(message_id, side)
             raise
-        self._unhot(message_id)
 
     # --- reads -----------------------------------------------------------------------------
 
