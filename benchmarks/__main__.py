@@ -1,9 +1,9 @@
 """``python -m benchmarks SCENARIO [options]``: one entry point for every benchmark.
 
-Scenarios: ingress, relay, compare (side by side with Postfix), scale, recovery, failover,
-soak. ``python -m benchmarks SCENARIO --help`` lists a scenario's options. Every scenario runs
-its measurement ``--repeat`` times where that makes sense and reports the median with min-max;
-``--append`` writes the figures into benchmarks/RESULTS.md (docs/reliability.md for soak).
+``python -m benchmarks SCENARIO --help`` lists a scenario's options. Every scenario runs its
+measurement several times (``--repeat``/``--trials``) with a progress bar, prints min / median /
+max, saves a JSON result under benchmarks/results/ and regenerates benchmarks/RESULTS.md and its
+plots (``--no-save``: print only). Soak writes docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ import os
 import platform
 import sys
 
-from benchmarks.common import git_commit
+from benchmarks.harness import commit_info
 
 SCENARIOS = {
-    "ingress": "durable accept: msg/s and submission latency",
-    "relay": "accept and deliver to a loopback sink, end to end",
-    "compare": "ingress and relay side by side with a private Postfix instance",
+    "ingress": "durable accept: msg/s and submission latency (vs Postfix when installed)",
+    "relay": "accept and deliver to a loopback sink, every 250 checked (vs Postfix too)",
+    "compare": "ingress then relay, both against a private Postfix instance",
+    "latency": "p50 / p99 / p99.9 at fixed offered loads (open loop)",
     "scale": "1 vs N node processes sharing the SMTP port",
-    "recovery": "restart time and RSS per queued message",
-    "failover": "SIGKILL a node of a 3-node cluster under load",
+    "recovery": "restart time and RSS per queued message (100k, 1M)",
+    "backlog": "RSS per queued message while undeliverable mail piles up",
+    "failover": "SIGKILL a node of a 3-node cluster under load, with a timeline",
     "soak": "chaos under load, then reconcile the accounting logs",
+    "report": "rebuild RESULTS.md and the plots from benchmarks/results/*.json",
 }
 
 
@@ -33,8 +36,11 @@ def main() -> None:
             print(f"  {name:<10} {what}")
         raise SystemExit(0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2)
     scenario = sys.argv[1]
-    print(f"benchmarks {scenario}: commit {git_commit()}, Python {platform.python_version()}, "
-          f"{os.cpu_count()} cores, {platform.platform()}", flush=True)
+    info = commit_info()
+    dirty = " (uncommitted changes)" if info["dirty"] else ""
+    print(f"benchmarks {scenario}: commit {info['commit']}{dirty}, "
+          f"Python {platform.python_version()}, {os.cpu_count()} cores, {platform.platform()}",
+          flush=True)
     sys.argv = [f"python -m benchmarks {scenario}", *sys.argv[2:]]
     importlib.import_module(f"benchmarks.{scenario}").main()
 

@@ -1,9 +1,7 @@
-"""Shared benchmark plumbing: a node subprocess, the SMTP load generator, the commit id."""
+"""Shared benchmark plumbing: free ports, a node subprocess, RSS, the soak table helper."""
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing as mp
 import os
 import platform
 import signal
@@ -11,103 +9,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.harness import ROOT
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _body(size_kb: float, n: int) -> bytes:
-    head = (f"From: bench@example.com\r\nTo: sink@example.org\r\nSubject: bench {n}\r\n"
-            f"Message-ID: <bench-{n}@example.com>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n")
-    line = b"x" * 76 + b"\r\n"
-    count = max(1, int(size_kb * 1024 - len(head)) // len(line))
-    return head.encode() + line * count
-
-
-async def _reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("closed")
-        if line[3:4] != b"-":
-            return line
-
-
-async def _session_reuse(port: int, count: int, body: bytes, lat: list[float]) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await _reply(reader)
-    writer.write(b"EHLO load.example\r\n")
-    await _reply(reader)
-    ok = 0
-    payload = body + b".\r\n"
-    for _ in range(count):
-        # PIPELINING: envelope and DATA in one write, then the body.
-        writer.write(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n")
-        for _r in range(3):
-            await _reply(reader)
-        t0 = time.perf_counter()
-        writer.write(payload)
-        line = await _reply(reader)
-        lat.append(time.perf_counter() - t0)
-        ok += line.startswith(b"250")
-    writer.write(b"QUIT\r\n")
-    await _reply(reader)
-    writer.close()
-    return ok
-
-
-async def _one_shot(port: int, body: bytes, lat: list[float]) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await _reply(reader)
-    writer.write(b"EHLO load.example\r\n")
-    await _reply(reader)
-    writer.write(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n")
-    for _r in range(3):
-        await _reply(reader)
-    t0 = time.perf_counter()
-    writer.write(body + b".\r\n")
-    line = await _reply(reader)
-    lat.append(time.perf_counter() - t0)
-    writer.write(b"QUIT\r\n")
-    await _reply(reader)
-    writer.close()
-    return int(line.startswith(b"250"))
-
-
-async def _session_no_reuse(port: int, count: int, body: bytes, lat: list[float]) -> int:
-    ok = 0
-    for _ in range(count):
-        ok += await _one_shot(port, body, lat)
-    return ok
-
-
-def _worker(port: int, sessions: int, per_session: int, size_kb: float, reuse: bool,
-            start_at: float, out: mp.Queue) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    body = _body(size_kb, os.getpid())
-    lat: list[float] = []
-
-    async def run() -> int:
-        while time.time() < start_at:
-            await asyncio.sleep(0.005)
-        fn = _session_reuse if reuse else _session_no_reuse
-        res = await asyncio.gather(*(fn(port, per_session, body, lat) for _ in range(sessions)))
-        return sum(res)
-
-    ok = asyncio.run(run())
-    out.put((ok, lat))
 
 
 def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
@@ -126,11 +38,15 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
     log = open(work / "node.log", "wb")  # noqa: SIM115 (closed by stop_node)
     node = subprocess.Popen([sys.executable, "-m", "mta", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=work)
-    for _ in range(200):
+    # Ready means listening: with reuse_port a peer already answers on the SMTP port, so only
+    # the node's own /readyz says that this one can take connections.
+    for _ in range(400):
         try:
-            socket.create_connection(("127.0.0.1", smtp_port), 1).close()
+            urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1).close()
             break
         except OSError:
+            if node.poll() is not None:
+                raise RuntimeError(f"node exited at startup: see {work / 'node.log'}") from None
             time.sleep(0.05)
     return node, log
 
@@ -141,23 +57,18 @@ def stop_node(node: subprocess.Popen[bytes], log: Any) -> None:
     log.close()
 
 
-def run_load(smtp_port: int, messages: int, concurrency: int, procs: int, size_kb: float,
-             reuse: bool) -> tuple[list[tuple[int, list[float]]], float]:
-    """Drive the node from ``procs`` processes; returns per-process (ok, latencies) and the
-    common start time."""
-    per_proc = [concurrency // procs + (1 if i < concurrency % procs else 0)
-                for i in range(procs)]
-    per_session = max(1, messages // concurrency)
-    out: mp.Queue = mp.Queue()
-    start_at = time.time() + 0.5
-    ps = [mp.Process(target=_worker, args=(smtp_port, n, per_session, size_kb, reuse,
-                                            start_at, out)) for n in per_proc if n]
-    for p in ps:
-        p.start()
-    results = [out.get() for _ in ps]
-    for p in ps:
-        p.join()
-    return results, start_at
+def rss_kb(pid: int) -> int:
+    """A process's resident set, kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:

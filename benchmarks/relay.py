@@ -1,196 +1,128 @@
-"""End-to-end relay benchmark: submit N x S KB into a node, measure until a sink has them all.
+"""Relay, end to end: submit N messages, measure until a loopback sink holds every one, and
+check that every ``250`` the load generator got reached the sink (lost must be 0).
 
-    python -m benchmarks.relay --messages 10000 --route smarthost|mx [--repeat 3] [--append]
+    python -m benchmarks relay [--messages 10000] [--size 5|mix] [--route smarthost|mx]
+                               [--repeat 3] [--peer auto|postfix|none]
 
-The node runs with delivery on (real spool, fsync, real outbound SMTP via aiosmtplib); the
-sink is a minimal pipelining SMTP server in its own process. msg/s counts from the start of
-submission to the moment the sink holds every message; delivery latency (reception to remote
-250) comes from the node's accounting log.
+Our node delivers with aiosmtplib over a real spool; ``--route mx`` resolves the recipient
+domain through a DNS server on loopback (Postfix always relays to the sink as relayhost).
+msg/s counts from the start of submission to the sink holding every accepted message;
+delivery latency (reception to remote 250) comes from our node's accounting log.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
-import shutil
-import statistics
-import tempfile
 import time
-from pathlib import Path
+from contextlib import ExitStack
+from typing import Any
 
-from benchmarks.common import (
-    ROOT,
-    add_rows,
-    free_port,
-    git_commit,
-    launch_node,
-    machine,
-    run_load,
-    stop_node,
+from benchmarks.common import free_port
+from benchmarks.harness import (
+    Result,
+    Tick,
+    finish,
+    fmt,
+    load_options,
+    percentile,
+    progress,
+    sweep,
 )
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-
-
-class _SinkProtocol(asyncio.Protocol):
-    """Just enough SMTP to accept mail fast: pipelining, no checks."""
-
-    def __init__(self, counter: mp.Value) -> None:  # type: ignore[valid-type]
-        self.counter = counter
-        self.buf = b""
-        self.in_data = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(b"220 sink ESMTP\r\n")  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        out = []
-        while True:
-            if self.in_data:
-                end = self.buf.find(b"\r\n.\r\n")
-                if end < 0:
-                    break
-                self.buf = self.buf[end + 5:]
-                self.in_data = False
-                with self.counter.get_lock():
-                    self.counter.value += 1
-                out.append(b"250 2.0.0 ok\r\n")
-                continue
-            eol = self.buf.find(b"\r\n")
-            if eol < 0:
-                break
-            line, self.buf = self.buf[:eol].upper(), self.buf[eol + 2:]
-            if line.startswith(b"EHLO"):
-                out.append(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
-            elif line.startswith(b"DATA"):
-                out.append(b"354 go\r\n")
-                self.in_data = True
-                # A body can start in the same packet: the "\r\n" before "." may be the
-                # DATA line's own, so look for a lone "." line from here.
-                self.buf = b"\r\n" + self.buf
-            elif line.startswith(b"QUIT"):
-                out.append(b"221 bye\r\n")
-                self.transport.write(b"".join(out))  # type: ignore[attr-defined]
-                self.transport.close()
-                return
-            else:
-                out.append(b"250 ok\r\n")
-        if out:
-            self.transport.write(b"".join(out))  # type: ignore[attr-defined]
+from benchmarks.ingress import ratio_lines
+from benchmarks.loadgen import Load, run_load
+from benchmarks.sink import Sink
+from benchmarks.targets import Handle, peers, target, workdir
 
 
-def _sink_main(host: str, port: int, counter: mp.Value, ready: mp.Event) -> None:  # type: ignore[valid-type]
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(lambda: _SinkProtocol(counter), host, port, backlog=1024)
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(run())
-
-
-def run_relay(messages: int, size_kb: float, concurrency: int, procs: int, route: str,
-              max_connections: int) -> dict[str, float]:
-    (ROOT / "var").mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mta-relay-", dir=ROOT / "var"))
-    smtp_port, admin_port = free_port(), free_port()
-    sink_port = free_port()
-    counter = mp.Value("q", 0)
-    ready = mp.Event()
-    sink = mp.Process(target=_sink_main, args=("127.0.0.2" if route == "mx" else "127.0.0.1",
-                                               sink_port, counter, ready), daemon=True)
-    sink.start()
-    ready.wait(10)
-    dns = None
-    if route == "mx":
-        from tests.mailworld import DNSServer
-
-        # The load generator addresses sink@example.org.
-        dns = DNSServer({"example.org": {"MX": [(10, "mx.example.org")]},
-                         "mx.example.org": {"A": ["127.0.0.2"]}})
-        delivery = (f'nameservers = ["127.0.0.1:{dns.port}"]\nmx_port = {sink_port}\n')
-    else:
-        delivery = f'smarthost = "127.0.0.1:{sink_port}"\n'
-    acct = work / "acct.jsonl"
-    node, log = launch_node(
-        work, smtp_port, admin_port, concurrency, "warning",
-        f'[spool]\npath = "{work / "spool"}"\n'
-        f'[delivery]\n{delivery}max_connections = {max_connections}\n'
-        f'max_messages_per_connection = 1000\naccounting_log = "{acct}"\n')
-    try:
-        results, start_at = run_load(smtp_port, messages, concurrency, procs, size_kb, True)
-        accepted = sum(r[0] for r in results)
-        total = max(1, messages // concurrency) * concurrency
-        ingress_done = time.time()
-        deadline = time.time() + 120
-        while counter.value < accepted and time.time() < deadline:
-            time.sleep(0.01)
-        elapsed = time.time() - start_at
-        time.sleep(0.5)  # let the accounting log flush
-    finally:
-        stop_node(node, log)
-        sink.kill()
-        if dns is not None:
-            dns.close()
+def _delivery_latencies(handle: Handle) -> list[float]:
+    acct = handle.work / "acct.jsonl"
+    if not acct.exists():
+        return []
     received: dict[str, float] = {}
-    latencies = []
+    out = []
     for line in acct.read_text().splitlines():
         rec = json.loads(line)
         if rec["type"] == "Reception":
             received[rec["message_id"]] = rec["time"]
         elif rec["type"] == "Delivery" and rec["message_id"] in received:
-            latencies.append(rec["time"] - received[rec["message_id"]])
-    latencies.sort()
-    shutil.rmtree(work, ignore_errors=True)
-    return {
-        "submitted": total, "accepted": accepted, "delivered": counter.value,
-        "seconds": elapsed, "ingress_seconds": ingress_done - start_at,
-        "msgs_per_s": counter.value / elapsed,
-        "p50_ms": statistics.median(latencies) * 1000 if latencies else 0.0,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else 0.0,
-    }
+            out.append(rec["time"] - received[rec["message_id"]])
+    return sorted(out)
+
+
+def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None = None,
+              wait: float = 300.0) -> dict[str, Any]:
+    work = workdir("sink-")
+    sink_port = free_port()
+    host = "127.0.0.2" if route == "mx" and name == "mta" else "127.0.0.1"
+    with ExitStack() as stack:
+        sink = stack.enter_context(Sink(work, sink_port, host))
+        delivery = ""
+        if route == "mx" and name == "mta":
+            from tests.mailworld import DNSServer
+
+            dns = DNSServer({"example.org": {"MX": [(10, "mx.example.org")]},
+                             "mx.example.org": {"A": [host]}})
+            stack.callback(dns.close)
+            delivery = f'nameservers = ["127.0.0.1:{dns.port}"]\nmx_port = {sink_port}\n'
+        handle = stack.enter_context(target(name, load.concurrency, relay=(host, sink_port),
+                                            delivery=delivery, log_level="warning"))
+        res = run_load(handle.port, load, tick)
+        ingress_end = time.time()
+        deadline = time.time() + wait
+        reported = 0
+        while sink.count < res.accepted and time.time() < deadline:
+            if tick is not None and sink.count > reported:
+                tick(sink.count - reported)
+                reported = sink.count
+            time.sleep(0.01)
+        elapsed = time.time() - res.start
+        if tick is not None:
+            tick(max(0, load.messages - reported))
+        time.sleep(0.5)  # the accounting log flushes every 200 ms
+        latencies = _delivery_latencies(handle)
+    seen = sink.ids()
+    return {"accepted": res.accepted, "refused": res.refused, "errors": res.errors,
+            "delivered": sink.count, "lost": len(set(res.ids) - set(seen)),
+            "duplicates": sum(n - 1 for n in seen.values() if n > 1),
+            "seconds": elapsed, "ingress_seconds": ingress_end - res.start,
+            "msgs_per_s": sink.count / elapsed,
+            "delivery_p50_ms": percentile(latencies, 50) * 1000,
+            "delivery_p99_ms": percentile(latencies, 99) * 1000}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=10000)
-    ap.add_argument("--size", type=float, default=5.0, help="message size in KB")
-    ap.add_argument("--concurrency", type=int, default=50)
-    ap.add_argument("--procs", type=int, default=1, help="load generator processes")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks relay",
+                                 description=__doc__.split("\n\n")[0])
+    load_options(ap, messages=10000, procs=1)
     ap.add_argument("--route", choices=("smarthost", "mx"), default="smarthost")
-    ap.add_argument("--max-connections", type=int, default=20,
-                    help="outbound connections to the sink")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--append", action="store_true")
-    ap.add_argument("--note", default="")
     args = ap.parse_args()
-    runs = sorted((run_relay(args.messages, args.size, args.concurrency, args.procs, args.route,
-                             args.max_connections) for _ in range(args.repeat)),
-                  key=lambda r: r["msgs_per_s"])
-    res = runs[len(runs) // 2]
-    spread = f"{runs[0]['msgs_per_s']:.0f}-{runs[-1]['msgs_per_s']:.0f}"
-    print(f"relay {args.route}: {res['delivered']:.0f}/{res['accepted']:.0f} delivered x "
-          f"{args.size:g} KB: median {res['msgs_per_s']:.0f} msg/s end to end (min-max {spread} "
-          f"over {len(runs)} runs); delivery latency p50 {res['p50_ms']:.0f} ms, "
-          f"p99 {res['p99_ms']:.0f} ms")
-    if args.append:
-        commit = git_commit()
-        add_rows(RESULTS, "relay",
-                 f"| {time.strftime('%Y-%m-%d')} | {commit} | {args.route} | "
-                 f"{res['delivered']:.0f} | {args.size:g} KB | {args.concurrency} | "
-                 f"{res['msgs_per_s']:.0f} ({spread}) | {res['p50_ms']:.0f} | "
-                 f"{res['p99_ms']:.0f} | {machine()} | {args.note} |\n")
+    names = peers(args.peer)
+    concs = sweep(args.concurrency)
+    result = Result("relay", {**vars(args), "targets": names})
+    total = args.repeat * len(concs) * len(names) * args.messages * 2
+    with progress(total, "relay (accepted + delivered)") as bar:
+        for i in range(args.repeat):
+            for c in concs:
+                for name in names:
+                    load = Load(args.messages, c, args.procs, args.size, not args.no_reuse)
+                    bar.status(f"run {i + 1}/{args.repeat} {name} c={c}")
+                    run = run_relay(name, load, args.route, bar.update)
+                    result.add({"target": name, "concurrency": c}, run)
+                    bar.say(f"run {i + 1}: {name}: {run['delivered']}/{run['accepted']} "
+                            f"delivered, {run['msgs_per_s']:.0f} msg/s end to end, lost "
+                            f"{run['lost']}, duplicates {run['duplicates']}")
+    lines = []
+    for g in result.groups:
+        lab = g["labels"]
+        lost = sum(r["lost"] for r in g["runs"])
+        lines.append(f"relay {lab['target']} c={lab['concurrency']}: "
+                     f"{fmt(result.summary('msgs_per_s', **lab))} msg/s end to end; lost "
+                     f"{lost}; delivery p50 {fmt(result.summary('delivery_p50_ms', **lab))} ms")
+    lines += ratio_lines(result, "msgs_per_s", "relay")
+    if args.note:
+        result.notes.append(args.note)
+    finish(result, lines, not args.no_save)
 
 
 if __name__ == "__main__":

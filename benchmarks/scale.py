@@ -1,92 +1,116 @@
 """Scale: 1 vs 2 (vs N) node processes on one machine sharing the SMTP port (SO_REUSEPORT).
 
-    python -m benchmarks.scale [--processes 1,2] [--messages 20000] [--repeat 3] [--append]
+    python -m benchmarks scale [--processes 1,2] [--messages 20000] [--repeat 3]
+                               [--client loadgen|smtp-source]
 
 Each process is a standalone node with its own spool (durable accept, delivery off); the
 kernel spreads the load generator's connections over them. Target (issue 7): 2 processes
 >= 1.7x one process. The load generator runs on the same cores, which caps what extra node
-processes can win on a small machine: the figure says what this box does, not what the design
-could do on more cores.
+processes can win on a small machine; ``--client smtp-source`` drives the load with Postfix's
+C client instead, which costs far less CPU than the Python generator.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
-import tempfile
+import os
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
-from benchmarks.common import (
-    ROOT,
-    add_rows,
-    free_port,
-    git_commit,
-    launch_node,
-    machine,
-    run_load,
-    stop_node,
-)
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from benchmarks.common import cpu_seconds, free_port, launch_node, stop_node
+from benchmarks.harness import Result, Tick, finish, fmt, load_options, percentile, progress, sweep
+from benchmarks.loadgen import Load, run_load
+from benchmarks.smtp_source import run_smtp_source
+from benchmarks.targets import workdir
 
 
-def run_scale(processes: int, messages: int, size_kb: float, concurrency: int,
-              procs: int) -> dict[str, float]:
-    (ROOT / "var").mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="mta-scale-", dir=ROOT / "var"))
+@contextmanager
+def nodes(count: int, concurrency: int) -> Iterator[tuple[int, list[int]]]:
+    """``count`` standalone nodes sharing one SMTP port; yields the port and their pids."""
+    work = workdir("mta-scale-")
     port = free_port()
-    nodes = []
-    try:
-        for i in range(processes):
+    pids = []
+    with ExitStack() as stack:
+        for i in range(count):
             node_dir = work / f"n{i}"
             node_dir.mkdir()
-            nodes.append(launch_node(
+            node, log = launch_node(
                 node_dir, port, free_port(), concurrency, "warning",
                 f'[spool]\npath = "{node_dir / "spool"}"\n'
                 f'[delivery]\nenabled = false\naccounting_log = "{node_dir / "a.jsonl"}"\n',
-                smtp_extra="reuse_port = true\n", node_id=f"scale{i}"))
-        results, start_at = run_load(port, messages, concurrency, procs, size_kb, True)
-        elapsed = time.time() - start_at
-    finally:
-        for node, log in nodes:
-            stop_node(node, log)
-        shutil.rmtree(work, ignore_errors=True)
-    ok = sum(r[0] for r in results)
-    lat = sorted(x for r in results for x in r[1])
-    return {"accepted": ok, "msgs_per_s": ok / elapsed,
-            "p50_ms": statistics.median(lat) * 1000 if lat else 0.0}
+                smtp_extra="reuse_port = true\n", node_id=f"scale{i}")
+            stack.callback(stop_node, node, log)
+            pids.append(node.pid)
+        yield port, pids
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run_scale(count: int, load: Load, client: str, tick: Tick) -> dict[str, float]:
+    """One run; besides msg/s, the CPU the nodes and the client burnt per message and the
+    cores each kept busy, which bound what more node processes can win on this machine."""
+    with nodes(count, load.concurrency) as (port, pids):
+        node0 = sum(cpu_seconds(p) for p in pids)
+        t0, c0 = time.time(), os.times()
+        if client == "smtp-source":
+            accepted = run_smtp_source(port, load, tick)
+            wall = time.time() - t0
+            p50 = float("nan")
+        else:
+            res = run_load(port, load, tick)
+            accepted, wall = res.accepted, time.time() - t0
+            p50 = percentile(res.service, 50) * 1000
+        node = sum(cpu_seconds(p) for p in pids) - node0
+        c1 = os.times()  # before the nodes are reaped: only the client's processes count
+    client_cpu = (c1.children_user + c1.children_system) - (c0.children_user
+                                                             + c0.children_system)
+    return {"accepted": accepted, "msgs_per_s": accepted / wall, "p50_ms": p50,
+            "node_cpu_us_per_msg": node / accepted * 1e6,
+            "client_cpu_us_per_msg": client_cpu / accepted * 1e6,
+            "node_cores": node / wall, "client_cores": client_cpu / wall}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--processes", default="1,2", help="comma-separated process counts")
-    ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--size", type=float, default=5.0)
-    ap.add_argument("--concurrency", type=int, default=50)
-    ap.add_argument("--procs", type=int, default=2, help="load generator processes")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--append", action="store_true")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks scale",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--processes", default="1,2", help="node process counts, comma list")
+    ap.add_argument("--client", choices=("loadgen", "smtp-source"), default="loadgen")
+    load_options(ap, messages=20000, peer="none")
     args = ap.parse_args()
-    counts = [int(x) for x in args.processes.split(",")]
-    runs: dict[int, list[float]] = {n: [] for n in counts}
-    for _ in range(args.repeat):
-        for n in counts:  # alternate, so a machine slowing down hurts every count alike
-            runs[n].append(run_scale(n, args.messages, args.size, args.concurrency,
-                                     args.procs)["msgs_per_s"])
-    base = statistics.median(runs[counts[0]])
-    rows = []
+    counts = sweep(args.processes)
+    conc = sweep(args.concurrency)[0]
+    result = Result("scale", vars(args))
+    with progress(args.repeat * len(counts) * args.messages, "scale") as bar:
+        for i in range(args.repeat):
+            for n in counts:  # alternate, so a machine slowing down hurts every count alike
+                load = Load(args.messages, conc, args.procs, args.size, not args.no_reuse)
+                run = run_scale(n, load, args.client, bar.update)
+                result.add({"processes": n, "client": args.client}, run)
+                bar.say(f"run {i + 1}: {n} process(es): {run['msgs_per_s']:.0f} msg/s")
+    base = result.summary("msgs_per_s", processes=counts[0])["median"]
+    lines = []
+    if counts[0] == 1:
+        # One node keeps node_cores busy; the client keeps client_cores per that throughput.
+        # N nodes cannot beat what the cores left over allow.
+        node = result.summary("node_cores", processes=1)["median"]
+        client = result.summary("client_cores", processes=1)["median"]
+        cores = os.cpu_count() or 1
+        ceiling = cores / (node + client)
+        result.series["ceiling"] = ceiling
+        lines.append(f"one node keeps {node:.2f} cores busy and the client {client:.2f}: on "
+                     f"{cores} cores no number of node processes can exceed {ceiling:.2f}x one")
     for n in counts:
-        med = statistics.median(runs[n])
-        print(f"scale: {n} process(es): median {med:.0f} msg/s (min-max {min(runs[n]):.0f}-"
-              f"{max(runs[n]):.0f}); {med / base:.2f}x {counts[0]} process(es)")
-        rows.append(f"| {time.strftime('%Y-%m-%d')} | {git_commit()} | {n} | {args.messages} x "
-                    f"{args.size:g} KB, {args.concurrency} sessions | {med:.0f} "
-                    f"({min(runs[n]):.0f}-{max(runs[n]):.0f}) | {med / base:.2f}x | "
-                    f"{machine()} |\n")
-    if args.append:
-        add_rows(RESULTS, "scale", "".join(rows))
+        s = result.summary("msgs_per_s", processes=n)
+        result.series.setdefault("ratios", []).append(
+            {"what": "scale", "labels": {"processes": n, "base": counts[0]},
+             "ratio": s["median"] / base})
+        lines.append(f"scale {n} process(es): {fmt(s)} msg/s; {s['median'] / base:.2f}x "
+                     f"{counts[0]} process(es)")
+    if args.note:
+        result.notes.append(args.note)
+    finish(result, lines, not args.no_save)
 
 
 if __name__ == "__main__":

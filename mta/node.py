@@ -185,7 +185,8 @@ class Node:
             "spool_space": self._spool_space(),
             "lease_held": self.coordinator.healthy and not self.fenced,
             "shards_owned": len(self.spool.owned) > 0,
-            "accepting": self.ingress is not None and not self.ingress.draining,
+            "accepting": (self.ingress is not None and self.ingress.listening
+                          and not self.ingress.draining),
         }
 
     def _spool_space(self) -> bool:

@@ -79,6 +79,12 @@ class IngressServer:
                  auth=self.users is not None)
 
     @property
+    def listening(self) -> bool:
+        """True once the listener is bound (readiness: a node with SO_REUSEPORT peers must not
+        look ready before the kernel can hand it connections)."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])

@@ -233,6 +233,9 @@ class Spool:
         shard = self._shard_for(message_id)
         await self._with_side_lines(
             message_id, lambda side: shard.set_state(message_id, state, side))
+        # A recorded state means an attempt ended short of done: the retry is minutes away,
+        # so the body goes back to disk and the cache keeps serving first attempts.
+        self._unhot(message_id)
 
     async def mark_done(self, message_id: str) -> None:
         """Durably finish a message (every recipient has its final outcome)."""

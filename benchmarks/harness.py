@@ -1,0 +1,235 @@
+"""What every scenario shares: machine and commit facts, repeats with a progress bar, min /
+median / max summaries, and the JSON result file under ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+Run = dict[str, Any]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def commit_info() -> dict[str, Any]:
+    """The commit measured, and whether the tree had uncommitted changes to mta/ or cluster/
+    (a dirty figure cannot be reproduced from its commit)."""
+    dirty = bool(git("status", "--porcelain", "--", "mta", "cluster"))
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": dirty}
+
+
+def machine_info() -> dict[str, Any]:
+    """The facts a reader needs to compare figures from two machines."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
+                   .splitlines() if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        mem = 0
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio"
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "loop": loop, "host": platform.node()}
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """min / median / max of one metric over the runs."""
+    vals = [v for v in values if not math.isnan(v)]  # NaN: a run could not measure it
+    if not vals:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan"), "n": 0}
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals),
+            "n": len(vals)}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (``q`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[min(len(sorted_values), int(rank)) - 1]
+
+
+def quantiles(sorted_values: list[float], points: int = 200) -> list[list[float]]:
+    """A CDF small enough to keep in JSON: ``points`` (value, fraction) pairs, denser in the
+    tail, where latency plots are read."""
+    if not sorted_values:
+        return []
+    n = len(sorted_values)
+    fracs = sorted({1 - 10 ** (-4 * i / points) for i in range(points)} | {1.0})
+    return [[sorted_values[min(n - 1, int(f * n))], f] for f in fracs]
+
+
+class Result:
+    """One invocation of a scenario: its parameters, its runs grouped by labels (``target``,
+    ``concurrency``...), extra series for plots, and where it was measured."""
+
+    def __init__(self, scenario: str, params: dict[str, Any]) -> None:
+        self.scenario = scenario
+        self.params = params
+        self.groups: list[dict[str, Any]] = []
+        self.series: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    def add(self, labels: dict[str, Any], run: Run) -> None:
+        for group in self.groups:
+            if group["labels"] == labels:
+                group["runs"].append(run)
+                return
+        self.groups.append({"labels": labels, "runs": [run]})
+
+    def runs(self, **labels: Any) -> list[Run]:
+        return [r for g in self.groups if all(g["labels"].get(k) == v for k, v in labels.items())
+                for r in g["runs"]]
+
+    def summary(self, metric: str, **labels: Any) -> dict[str, float]:
+        return summarize([float(r[metric]) for r in self.runs(**labels) if metric in r])
+
+    def to_json(self) -> dict[str, Any]:
+        groups = []
+        for g in self.groups:
+            metrics = sorted({k for r in g["runs"] for k, v in r.items()
+                              if isinstance(v, int | float) and not isinstance(v, bool)})
+            groups.append({**g, "summary": {m: summarize([float(r[m]) for r in g["runs"]
+                                                          if m in r]) for m in metrics}})
+        return {"scenario": self.scenario, "started": self.started, **commit_info(),
+                "machine": machine_info(), "argv": sys.argv[1:], "params": self.params,
+                "groups": groups, "series": self.series, "notes": self.notes}
+
+    def save(self) -> Path:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        data = _strict(self.to_json())
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = RESULTS_DIR / f"{self.scenario}-{stamp}-{data['commit']}.json"
+        path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+        return path
+
+
+def _strict(value: Any) -> Any:
+    """NaN (a figure a run could not measure) as JSON null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def load_results() -> list[dict[str, Any]]:
+    """Every saved result, oldest first."""
+    out = []
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        data["file"] = path.name
+        out.append(data)
+    return sorted(out, key=lambda d: d["started"])
+
+
+class Progress:
+    """One bar for a whole scenario; runs report units of work (messages, boots, trials)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "msg") -> None:
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 10.0, leave=True)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def status(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def say(self, text: str) -> None:
+        """A line above the bar (per-run figures)."""
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextmanager
+def progress(total: int, desc: str, unit: str = "msg") -> Iterator[Progress]:
+    bar = Progress(total, desc, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def fmt(s: dict[str, float], digits: int = 0, scale: float = 1.0) -> str:
+    """``median (min-max)`` for a summary."""
+    if not s.get("n"):
+        return "n/a"
+    f = f"{{:.{digits}f}}"
+    med, lo, hi = (f.format(s[k] * scale) for k in ("median", "min", "max"))
+    return med if s["n"] == 1 else f"{med} ({lo}-{hi})"
+
+
+def finish(result: Result, lines: list[str], save: bool) -> None:
+    """Print the summary lines, save the JSON, and regenerate RESULTS.md."""
+    for line in lines:
+        print(line)
+    if not save:
+        return
+    path = result.save()
+    print(f"saved {path.relative_to(ROOT)}")
+    from benchmarks.report import write_report
+
+    write_report()
+    print("regenerated benchmarks/RESULTS.md")
+
+
+Tick = Callable[[int], None]
+
+
+def load_options(ap: Any, messages: int, concurrency: str = "50", procs: int = 2,
+                 peer: str = "auto") -> None:
+    """The options every load-driven scenario takes."""
+    ap.add_argument("--messages", type=int, default=messages, help="messages per run")
+    ap.add_argument("--size", default="5",
+                    help="KB per message: 5 (fixed), 2-64 (log-uniform) or mix")
+    ap.add_argument("--concurrency", default=concurrency,
+                    help="SMTP sessions; a comma list sweeps (1,10,50,100)")
+    ap.add_argument("--procs", type=int, default=procs, help="load generator processes")
+    ap.add_argument("--no-reuse", action="store_true", help="one connection per message")
+    ap.add_argument("--peer", choices=("auto", "postfix", "none"), default=peer,
+                    help="also run a private Postfix (auto: when installed)")
+    common_options(ap, repeat=3)
+
+
+def common_options(ap: Any, repeat: int) -> None:
+    ap.add_argument("--repeat", type=int, default=repeat, help="runs per configuration")
+    ap.add_argument("--no-save", action="store_true",
+                    help="print only: no JSON under benchmarks/results/, RESULTS.md untouched")
+    ap.add_argument("--note", default="", help="a word on this run, kept in the JSON")
+
+
+def sweep(spec: str) -> list[int]:
+    return [int(x) for x in str(spec).split(",") if x.strip()]

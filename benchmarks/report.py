@@ -1,0 +1,431 @@
+"""``python -m benchmarks report``: rebuild benchmarks/RESULTS.md and its plots from the JSON
+results under benchmarks/results/ (every scenario does this itself after a saved run)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ROOT, load_results
+
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+PLOTS = ROOT / "benchmarks" / "plots"
+NOTES = ROOT / "benchmarks" / "notes"
+RECENT = 8  # result files per scenario in its table
+
+Data = dict[str, Any]
+
+
+def num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def spread(s: Data | None, digits: int = 0) -> str:
+    """``median (min-max)``; one run prints just its value."""
+    if not s or not s.get("n"):
+        return "n/a"
+    med = num(s["median"], digits)
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return med
+    return f"{med} ({num(s['min'], digits)}-{num(s['max'], digits)})"
+
+
+def date(r: Data) -> str:
+    return r["started"][:10]
+
+
+def commit(r: Data) -> str:
+    return r["commit"] + ("+" if r.get("dirty") else "")
+
+
+def machine(r: Data) -> str:
+    m = r["machine"]
+    return f"{m['cores']} cores, Py {m['python']}"
+
+
+def load_desc(p: Data) -> str:
+    reuse = "" if not p.get("no_reuse") else ", no reuse"
+    return f"{p.get('messages')} x {p.get('size')} KB{reuse}"
+
+
+def group_summary(r: Data, metric: str, **labels: Any) -> Data | None:
+    for g in r["groups"]:
+        if all(g["labels"].get(k) == v for k, v in labels.items()):
+            return g["summary"].get(metric)
+    return None
+
+
+# -- targets -------------------------------------------------------------------------------
+
+class Target:
+    """One of issue 7's goals, checked against the latest result that measures it."""
+
+    def __init__(self, name: str, goal: str, scenario: str,
+                 measure: Callable[[Data], tuple[float, str] | None],
+                 met: Callable[[float], bool], note: str) -> None:
+        self.name, self.goal, self.scenario = name, goal, scenario
+        self.measure, self.met, self.note = measure, met, note
+
+
+def _ratio(what: str) -> Callable[[Data], tuple[float, str] | None]:
+    def measure(r: Data) -> tuple[float, str] | None:
+        ratios = [x for x in r.get("series", {}).get("ratios", []) if x["what"] == what]
+        if not ratios:
+            return None
+        pick = next((x for x in ratios if x["labels"].get("concurrency") == 50), ratios[0])
+        lab = pick["labels"]
+        ours = group_summary(r, "msgs_per_s", **lab)
+        theirs = group_summary(r, "msgs_per_s", **{**lab, "target": "postfix"})
+        return pick["ratio"], (f"{pick['ratio']:.2f}x: mta {spread(ours)} vs Postfix "
+                               f"{spread(theirs)} msg/s ({load_desc(r['params'])}, "
+                               f"{lab.get('concurrency')} sessions)")
+    return measure
+
+
+def _scale(r: Data) -> tuple[float, str] | None:
+    ratios = [x for x in r.get("series", {}).get("ratios", []) if x["labels"]["processes"] == 2]
+    if not ratios:
+        return None
+    one = group_summary(r, "msgs_per_s", processes=1)
+    two = group_summary(r, "msgs_per_s", processes=2)
+    return ratios[0]["ratio"], (f"{ratios[0]['ratio']:.2f}x: {spread(two)} vs {spread(one)} "
+                                f"msg/s (client {r['params'].get('client', 'loadgen')})")
+
+
+def _recovery(metric: str) -> Callable[[Data], tuple[float, str] | None]:
+    def measure(r: Data) -> tuple[float, str] | None:
+        s = group_summary(r, metric, messages=1_000_000)
+        if not s or not s.get("n"):
+            return None
+        mode = "with delivery scheduling" if r["params"].get("delivery") else "delivery off"
+        unit = "s" if metric == "seconds" else "bytes/msg"
+        return s["median"], f"{spread(s, 2 if unit == 's' else 0)} {unit} ({mode})"
+    return measure
+
+
+TARGETS = [
+    Target("Durable ingress vs Postfix", ">= 2x", "ingress", _ratio("ingress"),
+           lambda v: v >= 2.0, "ingress"),
+    Target("Relay vs Postfix", ">= 2x", "relay", _ratio("relay"), lambda v: v >= 2.0, "relay"),
+    Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7, "scale"),
+    Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
+           lambda v: v <= 20.0, "recovery"),
+    Target("1M queued: RSS per message", "<= 1 KB", "recovery", _recovery("bytes_per_msg"),
+           lambda v: v <= 1024, "recovery"),
+]
+
+
+def targets_section(by: dict[str, list[Data]]) -> list[str]:
+    out = ["## Targets (issue 7)", "",
+           "Each goal is checked against the latest result that measures it.", "",
+           "| goal | target | measured | verdict | result file |", "|---|---|---|---|---|"]
+    misses = []
+    for t in TARGETS:
+        found = None
+        for r in reversed(by.get(t.scenario, [])):
+            if (m := t.measure(r)) is not None:
+                found = (r, m)
+                break
+        if found is None:
+            out.append(f"| {t.name} | {t.goal} | not measured yet | - | - |")
+            continue
+        r, (value, text) = found
+        ok = t.met(value)
+        out.append(f"| {t.name} | {t.goal} | {text} | {'met' if ok else '**missed**'} | "
+                   f"`{r['file']}` ({commit(r)}, {date(r)}) |")
+        if not ok:
+            misses.append((t, r))
+    if misses:
+        out += ["", "### Where we miss, and why", ""]
+        for t, r in misses:
+            out.append(f"**{t.name}** ({t.goal}).")
+            prof = _profile(r)
+            note = NOTES / f"{t.note}.md"
+            if note.exists():
+                out += ["", note.read_text().strip()]
+            if prof:
+                out += ["", f"Profile recorded with that result (py-spy, our node, "
+                            f"{prof['samples']} samples):", "", *prof["table"]]
+            out.append("")
+    out.append("")
+    return out
+
+
+def _profile(r: Data) -> Data | None:
+    prof = r.get("series", {}).get("profile")
+    if not prof:
+        return None
+    rows = ["| function | self % | total % |", "|---|---|---|"]
+    rows += [f"| `{f['name']}` | {f['self']:.1f} | {f['total']:.1f} |" for f in prof["top"]]
+    return {"samples": prof["samples"], "table": rows}
+
+
+# -- scenario sections ---------------------------------------------------------------------
+
+Col = tuple[str, Callable[[Data, Data], str]]
+
+
+def metric(name: str, digits: int = 0) -> Callable[[Data, Data], str]:
+    return lambda r, g: spread(g["summary"].get(name), digits)
+
+
+def label(name: str) -> Callable[[Data, Data], str]:
+    return lambda r, g: str(g["labels"].get(name, ""))
+
+
+def total(name: str) -> Callable[[Data, Data], str]:
+    return lambda r, g: str(sum(int(run.get(name) or 0) for run in g["runs"]))
+
+
+SECTIONS: dict[str, Data] = {
+    "ingress": {
+        "title": "Ingress: durable accept (`250` only after fdatasync)",
+        "how": "`python -m benchmarks ingress`: msg/s from the common start to the last "
+               "`250`; latency from the final dot to the `250` (includes the group commit).",
+        "cols": [("target", label("target")), ("sessions", label("concurrency")),
+                 ("load", lambda r, g: load_desc(r["params"])),
+                 ("msg/s", metric("msgs_per_s")), ("MB/s", metric("mb_per_s", 1)),
+                 ("p50 ms", metric("p50_ms", 1)), ("p99 ms", metric("p99_ms", 1)),
+                 ("records/fsync", metric("batch", 1))],
+    },
+    "relay": {
+        "title": "Relay: accept and deliver to a loopback sink, end to end",
+        "how": "`python -m benchmarks relay`: msg/s until the sink holds every accepted "
+               "message; *lost* counts `250`s whose message never reached the sink (must be "
+               "0); delivery latency (reception to remote `250`) from our accounting log.",
+        "cols": [("target", label("target")), ("sessions", label("concurrency")),
+                 ("load", lambda r, g: f"{load_desc(r['params'])}, "
+                                       f"{r['params'].get('route')}"),
+                 ("msg/s", metric("msgs_per_s")), ("lost", total("lost")),
+                 ("duplicates", total("duplicates")),
+                 ("delivery p50 ms", metric("delivery_p50_ms")),
+                 ("delivery p99 ms", metric("delivery_p99_ms"))],
+    },
+    "latency": {
+        "title": "Latency at fixed offered loads (open loop)",
+        "how": "`python -m benchmarks latency`: messages scheduled at the offered rate over "
+               "reused sessions; latency from the scheduled time to the `250` (no "
+               "coordinated omission). Durable accept, delivery off.",
+        "cols": [("target", label("target")), ("offered/s", label("offered")),
+                 ("achieved/s", metric("achieved")), ("p50 ms", metric("p50_ms", 1)),
+                 ("p99 ms", metric("p99_ms", 1)), ("p99.9 ms", metric("p999_ms", 1)),
+                 ("max ms", metric("max_ms", 1)), ("errors", total("errors"))],
+    },
+    "scale": {
+        "title": "Scale: node processes sharing one SMTP port (SO_REUSEPORT)",
+        "how": "`python -m benchmarks scale`: standalone nodes with their own spools behind "
+               "one port; the load generator shares the machine's cores.",
+        "cols": [("processes", label("processes")), ("client", label("client")),
+                 ("load", lambda r, g: load_desc(r["params"])),
+                 ("msg/s", metric("msgs_per_s"))],
+    },
+    "recovery": {
+        "title": "Recovery: restart with a full queue",
+        "how": "`python -m benchmarks recovery`: exec to SMTP answering (every shard scanned, "
+               "crc-checked, indexed), RSS per queued message over an empty node's.",
+        "cols": [("messages", label("messages")),
+                 ("delivery scheduling", lambda r, g: "on" if g["labels"].get("delivery")
+                  else "off"),
+                 ("up in s", metric("seconds", 2)), ("RSS MB", metric("rss_mb")),
+                 ("bytes/msg", metric("bytes_per_msg")),
+                 ("disk MB", metric("disk_mb"))],
+    },
+    "backlog": {
+        "title": "Backlog: memory while undeliverable mail piles up",
+        "how": "`python -m benchmarks backlog`: a running node accepts mail for a destination "
+               "that does not answer; bytes per queued message is the slope of RSS over queue "
+               "depth.",
+        "cols": [("queued", metric("queued")), ("RSS empty MB", metric("rss_empty_mb")),
+                 ("RSS full MB", metric("rss_full_mb")),
+                 ("bytes/msg", metric("bytes_per_msg")),
+                 ("marginal bytes/msg", metric("marginal_bytes_per_msg"))],
+    },
+    "failover": {
+        "title": "Failover: SIGKILL a node of a 3-node cluster under load",
+        "how": "`python -m benchmarks failover`: *takeover* from the kill until survivors own "
+               "every shard; *RTO* until a survivor delivers the first of the dead node's "
+               "messages; *lost* acknowledged messages never delivered (must be 0).",
+        "cols": [("lease TTL s", label("ttl")), ("trials", lambda r, g: str(len(g["runs"]))),
+                 ("takeover s", metric("takeover", 2)), ("RTO s", metric("rto", 2)),
+                 ("lost", total("lost")), ("duplicates", total("dupes")),
+                 ("acked", total("acked")), ("acked after kill", total("acked_after_kill"))],
+    },
+}
+
+
+def section(name: str, results: list[Data], plots: list[str]) -> list[str]:
+    spec = SECTIONS[name]
+    out = [f"## {spec['title']}", "", spec["how"], ""]
+    out += [f"![{p}](plots/{p})" for p in plots]
+    if plots:
+        out.append("")
+    if not results:
+        return [*out, "No saved result yet.", ""]
+    cols: list[Col] = spec["cols"]
+    out.append("| date | commit | " + " | ".join(c for c, _ in cols) + " | machine |")
+    out.append("|---|---|" + "---|" * len(cols) + "---|")
+    for r in results[-RECENT:]:
+        for g in r["groups"]:
+            out.append(f"| {date(r)} | {commit(r)} | "
+                       + " | ".join(fn(r, g) for _, fn in cols) + f" | {machine(r)} |")
+    notes = [f"- {date(r)} {commit(r)}: {n}" for r in results[-RECENT:]
+             for n in r.get("notes", []) if n]
+    if notes:
+        out += ["", "Notes:", *notes]
+    out.append("")
+    return out
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    PLOTS.mkdir(exist_ok=True)
+    made: dict[str, list[str]] = {}
+
+    def save(fig: Any, scenario: str, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(PLOTS / name, dpi=90)
+        plt.close(fig)
+        made.setdefault(scenario, []).append(name)
+
+    sweep = next((r for r in reversed(by.get("ingress", []))
+                  if len({g["labels"]["concurrency"] for g in r["groups"]}) > 1), None)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for tgt in sorted({g["labels"]["target"] for g in sweep["groups"]}):
+            gs = sorted((g for g in sweep["groups"] if g["labels"]["target"] == tgt),
+                        key=lambda g: g["labels"]["concurrency"])
+            xs = [g["labels"]["concurrency"] for g in gs]
+            med = [g["summary"]["msgs_per_s"]["median"] for g in gs]
+            lo = [m - g["summary"]["msgs_per_s"]["min"] for m, g in zip(med, gs, strict=True)]
+            hi = [g["summary"]["msgs_per_s"]["max"] - m for m, g in zip(med, gs, strict=True)]
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=tgt)
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent SMTP sessions")
+        ax.set_ylabel("durable msg/s (median, min-max)")
+        ax.set_title(f"Ingress throughput vs concurrency ({commit(sweep)}, "
+                     f"{sweep['params']['size']} KB)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "ingress", "ingress-concurrency.png")
+
+    if lat := by.get("latency"):
+        r = lat[-1]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for g in r["groups"]:
+            run = sorted(g["runs"], key=lambda x: x.get("p99_ms") or 0)[len(g["runs"]) // 2]
+            cdf = run.get("cdf_ms") or []
+            if not cdf:
+                continue
+            xs = [max(v, 1e-3) for v, _ in cdf]
+            lab = f"{g['labels']['target']} {g['labels']['offered']}/s"
+            style = "-" if g["labels"]["target"] == "mta" else "--"
+            a1.plot(xs, [f for _, f in cdf], style, label=lab)
+            a2.plot(xs, [max(1 - f, 1e-5) for _, f in cdf], style, label=lab)
+        for ax in (a1, a2):
+            ax.set_xscale("log")
+            ax.set_xlabel("submission latency, ms (scheduled time to 250)")
+            ax.grid(alpha=0.3)
+        a1.set_ylabel("fraction of messages")
+        a1.set_title("Latency CDF")
+        a2.set_yscale("log")
+        a2.set_ylabel("fraction slower (1 - CDF)")
+        a2.set_title("Tail")
+        a2.legend(fontsize=8)
+        save(fig, "latency", "latency-cdf.png")
+
+    if fo := by.get("failover"):
+        runs = [x for x in fo[-1]["runs"] if x.get("timeline")]
+        if runs:
+            run = sorted(runs, key=lambda x: x.get("rto") or 0)[len(runs) // 2]
+            tl = run["timeline"]
+            fig, ax = plt.subplots(figsize=(9, 4))
+            for key, lab in (("acked_survivors", "acknowledged by survivors"),
+                             ("acked_victim", "acknowledged by the killed node"),
+                             ("delivered_survivors", "delivered: survivors' mail"),
+                             ("delivered_victim", "delivered: the killed node's mail")):
+                ax.plot(tl["t"], tl[key], label=lab)
+            ax.axvline(0, color="red", ls="--", label="SIGKILL")
+            if run.get("takeover") is not None:
+                ax.axvline(run["takeover"], color="green", ls=":",
+                           label=f"shards taken over ({run['takeover']:.1f} s)")
+            if run.get("rto") is not None:
+                ax.axvline(run["rto"], color="purple", ls="-.",
+                           label=f"first delivery of its mail ({run['rto']:.1f} s)")
+            ax.set_xlabel("seconds from the kill")
+            ax.set_ylabel("messages per second")
+            ax.set_title(f"Failover timeline ({commit(fo[-1])}, lease TTL "
+                         f"{fo[-1]['params']['ttl']:g} s)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            save(fig, "failover", "failover-timeline.png")
+
+    if bl := by.get("backlog"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, run in enumerate(bl[-1]["runs"]):
+            curve = run.get("curve") or []
+            ax.plot([q for q, _ in curve], [m for _, m in curve], marker="o",
+                    label=f"run {i + 1}: {run['bytes_per_msg']:.0f} B/msg")
+        ax.set_xlabel("queued messages")
+        ax.set_ylabel("node RSS, MB")
+        ax.set_title(f"RSS vs backlog ({commit(bl[-1])})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "backlog", "backlog-rss.png")
+    return made
+
+
+# -- the file --------------------------------------------------------------------------------
+
+def render(results: list[Data]) -> str:
+    by: dict[str, list[Data]] = {}
+    for r in results:
+        by.setdefault(r["scenario"], []).append(r)
+    plots = _plots(by)
+    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, "
+                       f"{r['machine']['mem_gib']} GiB, kernel {r['machine']['kernel']}, "
+                       f"Python {r['machine']['python']}, {r['machine']['loop']})"
+                       for r in results})
+    out = ["# Benchmark results", "",
+           "<!-- Generated by `python -m benchmarks report` from benchmarks/results/*.json. "
+           "Edit benchmarks/report.py or benchmarks/notes/, not this file. -->", "",
+           "Every figure below comes from a JSON file under `benchmarks/results/` (commit, "
+           "machine, parameters, every run). Cells read *median (min-max)* over the runs; a "
+           "commit with `+` had uncommitted changes. The load generator runs on the same "
+           "machine as the server measured. How to run and read each scenario: "
+           "[README.md](README.md); figures recorded by hand before this harness: "
+           "[HISTORY.md](HISTORY.md).", "",
+           "Machines: " + ("; ".join(machines) if machines else "none yet") + ".", ""]
+    out += targets_section(by)
+    if not plots and results:
+        out += ["", "(Plots need matplotlib: `pip install -e '.[bench]'`.)", ""]
+    for name in SECTIONS:
+        out += section(name, by.get(name, []), plots.get(name, []))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(path: Path = RESULTS_MD) -> None:
+    path.write_text(render(load_results()))
+
+
+def main() -> None:
+    argparse.ArgumentParser(prog="python -m benchmarks report",
+                            description=__doc__.split("\n\n")[0]).parse_args()
+    write_report()
+    print(f"wrote {RESULTS_MD.relative_to(ROOT)} and {PLOTS.relative_to(ROOT)}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""A fast loopback SMTP sink in its own process: pipelining, no checks, counts messages and
+writes each one's ``X-Bench-Id`` to a file so a relay run can prove nothing was lost."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from collections import Counter
+from pathlib import Path
+from typing import IO
+
+TAG = b"\nX-Bench-Id: "
+
+
+class _SinkProtocol(asyncio.Protocol):
+    def __init__(self, counter: mp.Value, ids: IO[bytes]) -> None:  # type: ignore[valid-type]
+        self.counter = counter
+        self.ids = ids
+        self.buf = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(b"220 sink ESMTP\r\n")  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        out = []
+        got = []
+        while True:
+            if self.in_data:
+                end = self.buf.find(b"\r\n.\r\n")
+                if end < 0:
+                    break
+                at = self.buf.find(TAG, 0, end)
+                if at >= 0:
+                    at += len(TAG)
+                    got.append(self.buf[at:self.buf.find(b"\r\n", at)] + b"\n")
+                self.buf = self.buf[end + 5:]
+                self.in_data = False
+                out.append(b"250 2.0.0 ok\r\n")
+                continue
+            eol = self.buf.find(b"\r\n")
+            if eol < 0:
+                break
+            line, self.buf = self.buf[:eol].upper(), self.buf[eol + 2:]
+            if line.startswith(b"EHLO"):
+                out.append(b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
+            elif line.startswith(b"DATA"):
+                out.append(b"354 go\r\n")
+                self.in_data = True
+                # A body can start in the same packet: the "\r\n" before "." may be the
+                # DATA line's own, so look for a lone "." line from here.
+                self.buf = b"\r\n" + self.buf
+            elif line.startswith(b"QUIT"):
+                out.append(b"221 bye\r\n")
+                self._flush(out, got)
+                self.transport.close()
+                return
+            else:
+                out.append(b"250 ok\r\n")
+        self._flush(out, got)
+
+    def _flush(self, out: list[bytes], got: list[bytes]) -> None:
+        if got:
+            # Ids first: a message counts as received once its id is on record.
+            self.ids.write(b"".join(got))
+            self.ids.flush()
+            with self.counter.get_lock():
+                self.counter.value += len(got)
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[attr-defined]
+
+
+def _sink_main(host: str, port: int, counter: mp.Value, ready: mp.Event,  # type: ignore[valid-type]
+               ids_path: str) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with open(ids_path, "ab") as ids:
+            await loop.create_server(lambda: _SinkProtocol(counter, ids), host, port,
+                                     backlog=1024)
+            ready.set()
+            await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+class Sink:
+    """``with Sink(work, port) as sink:`` a sink process; ``sink.count`` messages so far,
+    ``sink.ids()`` how often each id arrived."""
+
+    def __init__(self, work: Path, port: int, host: str = "127.0.0.1") -> None:
+        self.path = work / "sink-ids.txt"
+        self.counter = mp.Value("q", 0)
+        self.ready = mp.Event()
+        self.proc = mp.Process(target=_sink_main, args=(host, port, self.counter, self.ready,
+                                                        str(self.path)), daemon=True)
+
+    def __enter__(self) -> Sink:
+        self.proc.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the benchmark sink did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.join()
+
+    @property
+    def count(self) -> int:
+        return int(self.counter.value)
+
+    def ids(self) -> Counter[str]:
+        return Counter(self.path.read_text().split()) if self.path.exists() else Counter()
