@@ -24,16 +24,24 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 Run = dict[str, Any]
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+def measured_root() -> Path:
+    """The tree whose ``mta`` the node processes import: the first PYTHONPATH entry when set
+    (an old commit checked out in a worktree), else this one."""
+    first = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
+    return Path(first) if first and (Path(first) / "mta").is_dir() else ROOT
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True,
                           text=True).stdout.strip()
 
 
 def commit_info() -> dict[str, Any]:
     """The commit measured, and whether the tree had uncommitted changes to mta/ or cluster/
     (a dirty figure cannot be reproduced from its commit)."""
-    dirty = bool(git("status", "--porcelain", "--", "mta", "cluster"))
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": dirty}
+    root = measured_root()
+    dirty = bool(git("status", "--porcelain", "--", "mta", "cluster", cwd=root))
+    return {"commit": git("rev-parse", "--short", "HEAD", cwd=root), "dirty": dirty}
 
 
 def machine_info() -> dict[str, Any]:

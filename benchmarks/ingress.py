@@ -12,6 +12,7 @@ records per fdatasync. Runs alternate between targets so a machine slowing down 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from typing import Any
 
 from benchmarks.harness import (
@@ -25,13 +26,20 @@ from benchmarks.harness import (
     sweep,
 )
 from benchmarks.loadgen import Load, run_load
+from benchmarks.profile import Profiler
 from benchmarks.targets import peers, target
 
 
-def run_ingress(name: str, load: Load, tick: Tick | None = None) -> dict[str, Any]:
+def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool = False
+                ) -> dict[str, Any]:
     with target(name, load.concurrency) as handle:
-        res = run_load(handle.port, load, tick)
-        extra = handle.metrics()
+        prof = Profiler(handle.pid, handle.work / "profile.txt") if profile and handle.pid \
+            else None
+        with prof or nullcontext():
+            res = run_load(handle.port, load, tick)
+        extra: dict[str, Any] = handle.metrics()
+        if prof is not None and prof.summary:
+            extra["profile"] = prof.summary
     return {"accepted": res.accepted, "refused": res.refused, "errors": res.errors,
             "seconds": res.seconds, "msgs_per_s": res.msgs_per_s,
             "mb_per_s": res.bytes / res.seconds / 1e6,
@@ -64,6 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks ingress",
                                  description=__doc__.split("\n\n")[0])
     load_options(ap, messages=10000)
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy our node during each run; the top functions go in the JSON")
     args = ap.parse_args()
     names = peers(args.peer)
     concs = sweep(args.concurrency)
@@ -75,7 +85,9 @@ def main() -> None:
                 for name in names:
                     load = Load(args.messages, c, args.procs, args.size, not args.no_reuse)
                     bar.status(f"run {i + 1}/{args.repeat} {name} c={c}")
-                    run = run_ingress(name, load, bar.update)
+                    run = run_ingress(name, load, bar.update, args.profile)
+                    if "profile" in run:
+                        result.series["profile"] = run.pop("profile")  # the latest run's
                     result.add({"target": name, "concurrency": c}, run)
                     bar.say(f"run {i + 1}: {name} c={c}: {run['msgs_per_s']:.0f} msg/s, "
                             f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms"

@@ -215,7 +215,8 @@ class _Worker:
             t0 = time.perf_counter()
             for k in range(self.count):
                 due = t0 + k / rate
-                if (wait := due - time.perf_counter()) > 0:
+                # The loop's timers may fire up to a millisecond early: never send early.
+                while (wait := due - time.perf_counter()) > 0:
                     await asyncio.sleep(wait)
                 queue.put_nowait((k, due))
             for _ in tasks:

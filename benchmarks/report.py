@@ -53,6 +53,10 @@ def load_desc(p: Data) -> str:
     return f"{p.get('messages')} x {p.get('size')} KB{reuse}"
 
 
+def all_runs(r: Data) -> list[Data]:
+    return [run for g in r["groups"] for run in g["runs"]]
+
+
 def group_summary(r: Data, metric: str, **labels: Any) -> Data | None:
     for g in r["groups"]:
         if all(g["labels"].get(k) == v for k, v in labels.items()):
@@ -283,7 +287,7 @@ def section(name: str, results: list[Data], plots: list[str]) -> list[str]:
 
 # -- plots ---------------------------------------------------------------------------------
 
-def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
+def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]]:
     try:
         import matplotlib
 
@@ -291,12 +295,12 @@ def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
-    PLOTS.mkdir(exist_ok=True)
+    plots_dir.mkdir(exist_ok=True)
     made: dict[str, list[str]] = {}
 
     def save(fig: Any, scenario: str, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(PLOTS / name, dpi=90)
+        fig.savefig(plots_dir / name, dpi=90)
         plt.close(fig)
         made.setdefault(scenario, []).append(name)
 
@@ -347,7 +351,7 @@ def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
         save(fig, "latency", "latency-cdf.png")
 
     if fo := by.get("failover"):
-        runs = [x for x in fo[-1]["runs"] if x.get("timeline")]
+        runs = [x for x in all_runs(fo[-1]) if x.get("timeline")]
         if runs:
             run = sorted(runs, key=lambda x: x.get("rto") or 0)[len(runs) // 2]
             tl = run["timeline"]
@@ -374,7 +378,7 @@ def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
 
     if bl := by.get("backlog"):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, run in enumerate(bl[-1]["runs"]):
+        for i, run in enumerate(all_runs(bl[-1])):
             curve = run.get("curve") or []
             ax.plot([q for q, _ in curve], [m for _, m in curve], marker="o",
                     label=f"run {i + 1}: {run['bytes_per_msg']:.0f} B/msg")
@@ -389,11 +393,11 @@ def _plots(by: dict[str, list[Data]]) -> dict[str, list[str]]:
 
 # -- the file --------------------------------------------------------------------------------
 
-def render(results: list[Data]) -> str:
+def render(results: list[Data], plots_dir: Path = PLOTS) -> str:
     by: dict[str, list[Data]] = {}
     for r in results:
         by.setdefault(r["scenario"], []).append(r)
-    plots = _plots(by)
+    plots = _plots(by, plots_dir)
     machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores, "
                        f"{r['machine']['mem_gib']} GiB, kernel {r['machine']['kernel']}, "
                        f"Python {r['machine']['python']}, {r['machine']['loop']})"

@@ -16,7 +16,7 @@ import pytest
 
 from mta.node import Node
 from tests.helpers import message
-from tests.mailworld import DNSServer, Sink, SinkScript, wait_until
+from tests.mailworld import DNSServer, Sink, SinkScript, greylisting_script, wait_until
 
 
 def _free_port_on(*hosts: str) -> int:
@@ -483,3 +483,22 @@ async def test_sweep_schedules_a_live_message_that_nothing_scheduled(world: Worl
     assert node.engine.sweep() == 1
     got = await sink.wait_for(2)
     assert got[1].recipients == ["b@dest.test"]
+
+
+async def test_mail_that_waited_longest_goes_first_at_a_busy_site(world: World) -> None:
+    # A deferred message's retry (like a dead node's backlog after a takeover) must not wait
+    # for everything that arrived since: the site's ready queue is oldest first, not FIFO.
+    world.zone({})
+    relay = world.sink("127.0.0.2", SinkScript(rcpt=greylisting_script().rcpt,
+                                               data_delay=0.05))
+    await world.start(smarthost=f"127.0.0.2:{world.port}", max_connections=1,
+                      retry_initial="300ms", retry_max="300ms")
+    first = await world.submit(["a@later.test"], n=0)  # 451 once, then accepted
+    await world.wait_records("TransientFailure", 1)
+    await asyncio.gather(*(world.submit([f"b{n}@now.test"], n=n) for n in range(1, 21)))
+    await wait_until(lambda: len(relay.messages) >= 21, timeout=10.0, what="21 deliveries")
+    order = [m.recipients[0] for m in relay.messages]
+    assert order.count("a@later.test") == 1, order
+    # 20 x 50 ms are queued when its retry comes due after 300 ms: FIFO would deliver it
+    # last (position 20); oldest first puts it next in line.
+    assert order.index("a@later.test") < 12, (first, order)

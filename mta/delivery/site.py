@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import ssl
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -85,6 +86,34 @@ def _opportunistic_context() -> ssl.SSLContext:
 _TLS_CONTEXT = _opportunistic_context()
 
 
+class ReadyQueue:
+    """A site's jobs, oldest message first (ids are time-ordered).
+
+    FIFO would put mail that waited longest (retries, and above all the backlog of a dead node
+    this one just took over) behind everything that arrived since: after a failover its first
+    delivery would wait for the whole local queue to drain. Ties keep arrival order.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[str, int, Job]] = []
+        self._seq = itertools.count()
+
+    def append(self, job: Job) -> None:
+        heapq.heappush(self._heap, (job.message_id, next(self._seq), job))
+
+    def popleft(self) -> Job:
+        return heapq.heappop(self._heap)[2]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __iter__(self) -> Iterator[Job]:
+        return (entry[2] for entry in self._heap)
+
+
 class Site:
     """Delivers jobs for one MX set over a bounded pool of reused connections."""
 
@@ -99,7 +128,7 @@ class Site:
         self.node_id = node_id
         self.throttle = Throttle(limits.rate)
         self.rate_override: float | None = None
-        self.ready: deque[Job] = deque()
+        self.ready = ReadyQueue()
         self.connections = 0
         self.sessions_opened = 0
         self._workers: set[asyncio.Task[None]] = set()
