@@ -25,6 +25,7 @@ SCENARIOS = {
     "backlog": "RSS per queued message while undeliverable mail piles up",
     "failover": "SIGKILL a node of a 3-node cluster under load, with a timeline",
     "soak": "chaos under load, then reconcile the accounting logs",
+    "loadgen": "calibration: the load generators against a null sink",
     "report": "rebuild RESULTS.md and the plots from benchmarks/results/*.json",
 }
 
@@ -42,7 +43,8 @@ def main() -> None:
           f"Python {platform.python_version()}, {os.cpu_count()} cores, {platform.platform()}",
           flush=True)
     sys.argv = [f"python -m benchmarks {scenario}", *sys.argv[2:]]
-    importlib.import_module(f"benchmarks.{scenario}").main()
+    module = {"loadgen": "loadgen_check"}.get(scenario, scenario)
+    importlib.import_module(f"benchmarks.{module}").main()
 
 
 if __name__ == "__main__":

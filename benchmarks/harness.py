@@ -161,6 +161,14 @@ def load_results() -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: d["started"])
 
 
+def settle(seconds: float = 1.0) -> None:
+    """Start every run on a quiet disk: flush what earlier runs left dirty (their deleted
+    spools' writeback would otherwise land on the next run's fsyncs, and on Postfix's one per
+    message far more than on our group commit) and let the machine calm down."""
+    os.sync()
+    time.sleep(seconds)
+
+
 class Progress:
     """One bar for a whole scenario; runs report units of work (messages, boots, trials)."""
 

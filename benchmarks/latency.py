@@ -21,6 +21,7 @@ from benchmarks.harness import (
     percentile,
     progress,
     quantiles,
+    settle,
     sweep,
 )
 from benchmarks.loadgen import Load, run_load
@@ -49,6 +50,7 @@ def main() -> None:
                     load = Load(int(rate * args.seconds), args.concurrency, args.procs,
                                 args.size, True, rate=rate)
                     bar.status(f"run {i + 1}/{args.repeat} {name} {rate}/s")
+                    settle()
                     with target(name, args.concurrency) as handle:
                         res = run_load(handle.port, load, bar.update)
                     lat = res.latencies

@@ -19,7 +19,17 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from benchmarks.common import cpu_seconds, free_port, launch_node, stop_node
-from benchmarks.harness import Result, Tick, finish, fmt, load_options, percentile, progress, sweep
+from benchmarks.harness import (
+    Result,
+    Tick,
+    finish,
+    fmt,
+    load_options,
+    percentile,
+    progress,
+    settle,
+    sweep,
+)
 from benchmarks.loadgen import Load, run_load
 from benchmarks.smtp_source import run_smtp_source
 from benchmarks.targets import workdir
@@ -86,6 +96,7 @@ def main() -> None:
         for i in range(args.repeat):
             for n in counts:  # alternate, so a machine slowing down hurts every count alike
                 load = Load(args.messages, conc, args.procs, args.size, not args.no_reuse)
+                settle()
                 run = run_scale(n, load, args.client, bar.update)
                 result.add({"processes": n, "client": args.client}, run)
                 bar.say(f"run {i + 1}: {n} process(es): {run['msgs_per_s']:.0f} msg/s")
