@@ -382,6 +382,10 @@ def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]] |
             if run.get("rto") is not None:
                 ax.axvline(run["rto"], color="purple", ls="-.",
                            label=f"first delivery of its mail ({run['rto']:.1f} s)")
+            # The tail is the sink draining the backlog at its fixed pace: show the kill, the
+            # takeover and the recovery, not minutes of flat line.
+            marks = [v for v in (run.get("takeover"), run.get("rto")) if v is not None]
+            ax.set_xlim(tl["t"][0], min(tl["t"][-1], max(marks, default=0.0) + 12.0))
             ax.set_xlabel("seconds from the kill")
             ax.set_ylabel("messages per second")
             ax.set_title(f"Failover timeline ({commit(fo[-1])}, lease TTL "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import smtplib
@@ -410,4 +411,66 @@ def test_suspend_written_to_etcd_holds_mail_on_every_node(tmp_path: Path, etcd: 
         assert len(sink.messages) == 4
     finally:
         c.stop()
+        sink.stop()
+
+
+def _owner_tokens(spool: Path) -> dict[int, int]:
+    return {int(p.parent.name.split("-")[1]): int(json.loads(p.read_text())["token"])
+            for p in spool.glob("shard-*/shard.owner")}
+
+
+def test_a_standalone_spool_and_a_rebuilt_etcd_are_taken_over(tmp_path: Path,
+                                                               etcd: EtcdServer) -> None:
+    # Fencing tokens must only grow. A standalone node writes wall-clock nanoseconds into
+    # shard.owner, and a fresh (or rebuilt) etcd's revisions start near 1: a cluster on that
+    # spool must still win every shard, with tokens above what the disk holds, and deliver
+    # the mail the standalone node accepted.
+    from tests.mailworld import Sink, SinkScript
+
+    sink = Sink("127.0.0.1", 0, SinkScript())
+    sink.start()
+    try:
+        spool = tmp_path / "shared-spool"
+        (tmp_path / "solo").mkdir()
+        solo = NodeProcess(tmp_path / "solo", node_config(
+            spool, node={"id": "solo"}, spool={"shards": SHARDS})).start()
+        with smtplib.SMTP("127.0.0.1", solo.smtp_port, timeout=10) as s:
+            for n in range(5):
+                s.sendmail("app@sender.test", [f"r{n}@dest.test"], message(n, 800))
+        solo.signal(signal.SIGTERM)
+        assert solo.wait(30) == 0
+        disk = _owner_tokens(spool)
+        assert len(disk) == SHARDS and min(disk.values()) > 10**15  # nanoseconds
+
+        cluster = Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
+                          retry_initial="300ms")
+        try:
+            cluster.start_node("n1")
+            cluster.wait(cluster.settled({"n1"}), 30, "n1 owns every shard of the old spool")
+            deadline = time.monotonic() + 30
+            while len(sink.messages) < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sorted(m.recipients[0] for m in sink.messages) == [
+                f"r{n}@dest.test" for n in range(5)]
+            after = _owner_tokens(spool)
+            assert all(after[s] > disk[s] for s in disk)
+            # Later claims keep growing: a second node takes some shards over.
+            cluster.start_node("n2")
+            cluster.wait(cluster.settled({"n1", "n2"}), 30, "2 nodes settled")
+            moved = {s: t for s, t in _owner_tokens(spool).items() if t != after[s]}
+            assert moved and all(t > after[s] for s, t in moved.items())
+        finally:
+            cluster.stop()
+        # etcd rebuilt from nothing: its revisions start again near 1.
+        fresh = EtcdServer(tmp_path / "etcd-rebuilt").start()
+        before = _owner_tokens(spool)
+        rebuilt = Cluster(tmp_path, fresh, enabled=True, smarthost=f"127.0.0.1:{sink.port}")
+        try:
+            rebuilt.start_node("n3")
+            rebuilt.wait(rebuilt.settled({"n3"}), 30, "n3 owns every shard after the rebuild")
+            assert all(t > before[s] for s, t in _owner_tokens(spool).items())
+        finally:
+            rebuilt.stop()
+            fresh.stop()
+    finally:
         sink.stop()

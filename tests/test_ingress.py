@@ -7,6 +7,7 @@ import base64
 import smtplib
 import socket
 import ssl
+import time
 from email import message_from_bytes
 from typing import Any
 
@@ -381,6 +382,21 @@ async def test_idle_and_data_timeouts_close_the_session(start_node: Any) -> None
     assert await stored(node) == {}
 
 
+async def test_each_command_pushes_the_idle_deadline_back(start_node: Any) -> None:
+    # The session timer moves lazily (it re-arms when it fires before the deadline): a
+    # client that keeps talking is never cut, and one that stops is cut after the timeout.
+    node = await start_node(smtp={"command_timeout": 0.3})
+    c = await Raw.connect(port(node))
+    await c.reply()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.2:  # four timeouts' worth of commands
+        assert (await c.cmd("NOOP")).startswith("250")
+        last = time.monotonic()
+        await asyncio.sleep(0.1)
+    assert await asyncio.wait_for(c.reader.read(), 5) == b""
+    assert 0.25 < time.monotonic() - last < 2.0
+
+
 async def test_disk_error_answers_452_and_the_node_keeps_accepting(
         start_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Injected ENOSPC on the append path (the real-limit variants run in test_faults)."""
@@ -424,7 +440,7 @@ async def test_session_init_matches_aiosmtpd(start_node: Any, users_file: str) -
                   ident="mta ESMTP", tls_context=None, timeout=srv.cfg.command_timeout,
                   auth_require_tls=True, loop=asyncio.get_running_loop())
     mine = set(vars(ours)) - {"_server", "_client_ip", "_admitted", "in_data", "relay_allowed",
-                              "_pending_login", "_out", "command_size_limits"}
+                              "_pending_login", "_out", "command_size_limits", "_deadline"}
     assert mine == set(vars(theirs))
     def func(value: Any) -> Any:  # a bound method, or aiosmtpd's (method, is_builtin) pair
         if hasattr(value, "is_builtin"):

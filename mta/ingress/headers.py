@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 
 __all__ = ["prepare_content", "received_header"]
 
 _NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_date: tuple[int, str] = (0, "")
+
+
+def _now() -> str:
+    """RFC 5322 date of this second (formatting it showed in the ingress profile)."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, email.utils.formatdate(second, localtime=True))
+    return _date[1]
 
 
 def _split_headers(content: bytes) -> tuple[int, set[bytes]]:
@@ -38,7 +49,7 @@ def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message
                     recipient: str | None) -> bytes:
     """A ``Received:`` trace line; names the recipient only when there is exactly one."""
     for_clause = f"\r\n\tfor <{recipient}>" if recipient else ""
-    date = email.utils.formatdate(localtime=True)
+    date = _now()
     helo = helo.replace("\r", "").replace("\n", "")[:255]
     return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (mta) with {protocol}"
             f" id {message_id}{for_clause};\r\n\t{date}\r\n").encode("utf-8", "surrogateescape")
@@ -51,7 +62,7 @@ def prepare_content(content: bytes, received: bytes, *, message_id: str, hostnam
     if b"message-id" not in present:
         extra.append(f"Message-ID: <{message_id}@{hostname}>\r\n".encode())
     if b"date" not in present:
-        extra.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
+        extra.append(f"Date: {_now()}\r\n".encode())
     if not extra:
         return received + content
     head = content[:end]
