@@ -74,9 +74,7 @@ def main() -> None:
     lines = [f"backlog: {fmt(result.summary('bytes_per_msg'))} bytes RSS per queued message, "
              f"{fmt(result.summary('marginal_bytes_per_msg'))} marginal ({args.messages} x "
              f"{args.size} KB queued, delivery held)"]
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

@@ -194,9 +194,7 @@ def main() -> None:
     lines = [f"failover (lease TTL {args.ttl:g} s, {args.trials} trials): takeover "
              f"{fmt(result.summary('takeover'), 2)} s, RTO {fmt(result.summary('rto'), 2)} s, "
              f"lost {sum(r['lost'] for r in runs)}, duplicates {sum(r['dupes'] for r in runs)}"]
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

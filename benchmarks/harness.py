@@ -208,11 +208,14 @@ def fmt(s: dict[str, float], digits: int = 0, scale: float = 1.0) -> str:
     return med if s["n"] == 1 else f"{med} ({lo}-{hi})"
 
 
-def finish(result: Result, lines: list[str], save: bool) -> None:
-    """Print the summary lines, save the JSON, and regenerate RESULTS.md."""
+def finish(result: Result, lines: list[str], args: Any) -> None:
+    """Print the summary lines; unless ``--no-save``, keep ``--note``, save the JSON and
+    regenerate RESULTS.md."""
     for line in lines:
         print(line)
-    if not save:
+    if getattr(args, "note", ""):
+        result.notes.append(args.note)
+    if args.no_save:
         return
     path = result.save()
     print(f"saved {path.relative_to(ROOT)}")

@@ -118,9 +118,7 @@ def main() -> None:
             f"p50 {fmt(result.summary('p50_ms', **lab), 1)} ms, "
             f"p99 {fmt(result.summary('p99_ms', **lab), 1)} ms")
     lines += ratio_lines(result, "msgs_per_s", "ingress")
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

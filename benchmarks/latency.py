@@ -73,9 +73,7 @@ def main() -> None:
              f"{fmt(result.summary('p99_ms', **g['labels']), 1)} ms, p99.9 "
              f"{fmt(result.summary('p999_ms', **g['labels']), 1)} ms"
              for g in result.groups]
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

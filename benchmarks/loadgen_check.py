@@ -45,9 +45,7 @@ def main() -> None:
                                                     "sink_count": sink.count})
     lines = [f"{g['labels']['client']} into the null sink: "
              f"{fmt(result.summary('msgs_per_s', **g['labels']))} msg/s" for g in result.groups]
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

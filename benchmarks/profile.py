@@ -22,7 +22,8 @@ def summarize_raw(text: str, top: int = 20) -> dict[str, Any]:
     """Collapsed stacks (``frame;frame;... count``) -> sample count, top self and total."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    samples = 0
+    in_threads: Counter[str] = Counter()  # samples of a frame taken in a worker thread
+    samples = threaded = 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -30,13 +31,21 @@ def summarize_raw(text: str, top: int = 20) -> dict[str, Any]:
         n = int(count)
         samples += n
         frames = stack.split(";")
+        # The event loop runs in the main thread; the spool writer and to_thread work in
+        # threads started by threading (their stacks start in Thread._bootstrap).
+        worker = frames[0].startswith("Thread._bootstrap") or "threading.py" in frames[0]
+        threaded += n if worker else 0
         own[frames[-1]] += n
+        in_threads[frames[-1]] += n if worker else 0
         for frame in set(frames):
             total[frame] += n
+    if not samples:
+        return {"samples": 0, "top": []}
     names = [name for name, _ in own.most_common(top)]
-    return {"samples": samples, "top": [
-        {"name": name, "self": 100 * own[name] / samples, "total": 100 * total[name] / samples}
-        for name in names]} if samples else {"samples": 0, "top": []}
+    return {"samples": samples, "threads_pct": 100 * threaded / samples, "top": [
+        {"name": name, "self": 100 * own[name] / samples, "total": 100 * total[name] / samples,
+         "thread": "worker" if in_threads[name] * 2 > own[name] else "event loop"}
+        for name in names]}
 
 
 class Profiler:

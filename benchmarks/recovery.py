@@ -129,9 +129,7 @@ def main() -> None:
              f"{fmt(result.summary('bytes_per_msg', **g['labels']))} bytes RSS per queued "
              f"message (empty node: {empty_up:.2f} s, {empty_rss / 1024:.0f} MB)"
              for g in result.groups]
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,7 @@ def main() -> None:
                      f"{lost}; delivery latency p50 "
                      f"{fmt(result.summary('delivery_p50_ms', **lab))} ms (n/a: not logged)")
     lines += ratio_lines(result, "msgs_per_s", "relay")
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

@@ -169,8 +169,12 @@ def _profile(r: Data) -> Data | None:
     prof = r.get("series", {}).get("profile")
     if not prof:
         return None
-    rows = ["| function | self % | total % |", "|---|---|---|"]
-    rows += [f"| `{f['name']}` | {f['self']:.1f} | {f['total']:.1f} |" for f in prof["top"]]
+    rows = ["| function | thread | self % | total % |", "|---|---|---|---|"]
+    rows += [f"| `{f['name']}` | {f.get('thread', '?')} | {f['self']:.1f} | {f['total']:.1f} |"
+             for f in prof["top"]]
+    if "threads_pct" in prof:
+        rows.append(f"\n{prof['threads_pct']:.0f}% of the samples are in worker threads (the "
+                    f"spool's group-commit writer), the rest on the event loop.")
     return {"samples": prof["samples"], "table": rows}
 
 

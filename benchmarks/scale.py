@@ -119,9 +119,7 @@ def main() -> None:
              "ratio": s["median"] / base})
         lines.append(f"scale {n} process(es): {fmt(s)} msg/s; {s['median'] / base:.2f}x "
                      f"{counts[0]} process(es)")
-    if args.note:
-        result.notes.append(args.note)
-    finish(result, lines, not args.no_save)
+    finish(result, lines, args)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,15 @@ Keys under ``/mta/<cluster>/``:
 | rebalance        | operator (mtactl)     | requesting node id             | until leader acts |
 | config/throttle/<domain or site> | operator | "100/s"                    | persistent    |
 | config/suspend/<domain>          | operator | b"1"                       | persistent    |
+| token_base       | claiming node, txn    | decimal integer                | only raised   |
 
 A reconcile loop (Patroni style) re-reads the whole prefix every lease_ttl/3 and acts; a
 prefix watch only makes it react sooner, so correctness never depends on a watch. The fencing
-token of a shard is the revision at which this node created its owner key.
+token of a shard is ``token_base`` plus the revision at which this node created its owner key.
+Revisions grow, and the base is only ever raised, so tokens only grow; the base is raised when
+the spool already holds a token at least as large as the claim would get: a spool written by a
+standalone node (wall-clock tokens) or under an etcd that has since been rebuilt (revisions
+start again from 1). Without it such a spool could never be claimed again.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class _View:
         self.leader: str | None = None
         self.assign: dict[int, str] = {}
         self.owner: dict[int, tuple[str, int]] = {}  # shard -> (node, create revision)
+        self.token_base = 0
         self.drain: set[str] = set()
         self.throttles: dict[str, float] = {}
         self.suspended: set[str] = set()
@@ -258,8 +264,14 @@ class EtcdCoordinator:
 
     async def shards(self) -> list[ShardInfo]:
         v = await self._fresh()
-        return [ShardInfo(s, v.assign.get(s), v.owner.get(s, (None, 0))[0],
-                          v.owner.get(s, (None, 0))[1]) for s in range(self.total_shards)]
+
+        def token(s: int) -> int:
+            # Ours exactly; a peer's as claimed unless the base was raised since.
+            node, rev = v.owner.get(s, (None, 0))
+            return self._owned.get(s, v.token_base + rev if node else 0)
+
+        return [ShardInfo(s, v.assign.get(s), v.owner.get(s, (None, 0))[0], token(s))
+                for s in range(self.total_shards)]
 
     async def set_draining(self, node: str, draining: bool) -> None:
         """Mark ``node`` drained (its shards move away) or back in service."""
@@ -385,6 +397,8 @@ class EtcdCoordinator:
                     v.drain.add(rest)
                 elif key == "rebalance":
                     v.rebalance = True
+                elif key == "token_base":
+                    v.token_base = int(kv.value)
                 elif key.startswith("config/throttle/"):
                     v.throttles[key[len("config/throttle/"):]] = parse_rate(kv.value.decode())
                 elif key.startswith("config/suspend/"):
@@ -517,9 +531,9 @@ class EtcdCoordinator:
             kv = await self._call(lambda c: c.get(key))
             if kv is None or kv.value.decode() != self.node_id:
                 return False
-            token = kv.create_revision
             assert self._host is not None
             try:
+                token = await self._fencing_token(shard, kv.create_revision)
                 await self._host.acquire_shard(shard, token)
             except Exception as exc:
                 log.error("cluster.acquire_failed", shard=shard, node_id=self.node_id,
@@ -531,6 +545,33 @@ class EtcdCoordinator:
             return True
         finally:
             self._busy.discard(shard)
+
+    async def _fencing_token(self, shard: int, revision: int) -> int:
+        """``token_base + revision``, first raising the base (compare-and-swap) when the spool
+        holds a token that would not be exceeded otherwise."""
+        assert self._host is not None
+        recorded = await self._host.recorded_token(shard)
+        key = self._key("token_base")
+        while True:
+            kv = await self._call(lambda c: c.get(key))
+            base = int(kv.value) if kv is not None else 0
+            if base + revision > recorded:
+                return base + revision
+            need = recorded - revision + 1
+            expect = kv.mod_revision if kv is not None else 0
+
+            def raise_base(c: aetcd.Client, need: int = need, expect: int = expect) -> Any:
+                return c.transaction(
+                    compare=[c.transactions.mod(key) == expect],
+                    success=[c.transactions.put(key, str(need).encode())], failure=[])
+
+            ok, _ = await self._call(raise_base)
+            if ok:
+                log.warning("cluster.token_base_raised", node_id=self.node_id, shard=shard,
+                            recorded=recorded, base=need,
+                            why="the spool holds tokens from a standalone node or an "
+                                "earlier etcd")
+            # Lost the race to another node: read the base it wrote and check again.
 
     async def _release(self, shard: int, *, delete_key: bool) -> None:
         self._busy.add(shard)

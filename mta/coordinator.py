@@ -82,6 +82,10 @@ class ShardHost(Protocol):
     async def release_shard(self, shard: int) -> None:
         """Stop new work on ``shard``, settle in-flight work (bounded), close it."""
 
+    async def recorded_token(self, shard: int) -> int:
+        """The fencing token the spool holds for ``shard`` (0 if none): a claim must exceed
+        it, whatever wrote it (a standalone node, an etcd since rebuilt)."""
+
     def fence(self, reason: str) -> None:
         """Stop writing and delivering for every owned shard now (lease lost or unknown)."""
 
@@ -184,9 +188,11 @@ class LocalCoordinator:
 
     async def start(self, host: ShardHost) -> None:
         self._host = host
-        # Wall-clock nanoseconds only grow across restarts, so a newer run always fences an
-        # older one (only one standalone process can hold the spool lock anyway).
-        token = self._token = time.time_ns()
+        # Wall-clock nanoseconds grow across restarts, so a newer run fences an older one
+        # (only one standalone process can hold the spool lock anyway); a clock set back, or
+        # a spool from a cluster, may hold a larger token, which the claim must still exceed.
+        recorded = [await host.recorded_token(s) for s in range(self.total_shards)]
+        token = self._token = max(time.time_ns(), max(recorded, default=0) + 1)
         for shard in range(self.total_shards):
             await host.acquire_shard(shard, token)
             self._owned = self._owned | {shard}

@@ -225,6 +225,9 @@ class Node:
         await self.spool.release_shard(shard)
         self.metrics.shards_owned.set(len(self.spool.owned))
 
+    async def recorded_token(self, shard: int) -> int:
+        return await self.spool.recorded_token(shard)
+
     def fence(self, reason: str) -> None:
         if self.fenced:
             return

@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 from email import message_from_bytes
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -455,3 +456,22 @@ async def test_session_init_matches_aiosmtpd(start_node: Any, users_file: str) -
                  "_timeout_duration", "_auth_require_tls", "_auth_required",
                  "_enforce_call_limit", "_ehlo_hook_ver", "__ident__", "require_starttls"):
         assert getattr(ours, name) == getattr(theirs, name), name
+
+
+async def test_standalone_claims_a_spool_holding_a_larger_token(start_node: Any,
+                                                               tmp_path: Path) -> None:
+    # A clock set back, or a spool last owned by a cluster whose token base was raised: the
+    # recorded token is above wall-clock nanoseconds, and the node must still claim the shard.
+    import json
+
+    future = time.time_ns() + 10**18
+    shard = tmp_path / "spool0" / "shard-002"
+    shard.mkdir(parents=True)
+    (shard / "shard.owner").write_text(json.dumps({"node": "elsewhere", "token": future}))
+    node = await start_node()
+    assert 2 in node.spool.owned
+    assert json.loads((shard / "shard.owner").read_text())["token"] > future
+    _, reply = await aiosmtplib.send(message(1), sender="a@example.com",
+                                     recipients=["b@example.org"], hostname="127.0.0.1",
+                                     port=port(node))
+    assert reply.startswith("2.0.0 Ok: queued")

@@ -19,7 +19,7 @@ from mta.spool import ownership
 from mta.spool.errors import MessageNotFound, NoShardsOwned, ShardLockedError, SpoolError
 from mta.spool.index import MessageRef
 from mta.spool.recovery import RecoveryReport
-from mta.spool.shard import Shard, ShardClosed, StoredMessage
+from mta.spool.shard import Shard, ShardClosed, StoredMessage, shard_dir
 from mta.spool.writer import BatchObserver, GroupCommitWriter, SideWriter
 
 __all__ = ["SideLog", "Spool"]
@@ -157,6 +157,11 @@ class Spool:
         if self._on_recovered is not None:
             self._on_recovered(report)
         return report
+
+    async def recorded_token(self, number: int) -> int:
+        """The fencing token in the shard's owner file, 0 when it has none."""
+        owner = await asyncio.to_thread(ownership.read_owner, shard_dir(self.root, number))
+        return owner.token if owner is not None else 0
 
     async def release_shard(self, number: int) -> None:
         """Stop writing a shard; returns when its in-flight appends are settled."""
