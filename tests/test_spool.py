@@ -10,7 +10,7 @@ import pytest
 
 from mta.envelope import Envelope, shard_of
 from mta.spool import FencedError, MessageNotFound, Spool
-from mta.spool.ownership import OwnerToken, claim
+from mta.spool.ownership import OWNER_FILE, OwnerCheck, OwnerToken, claim
 from mta.spool.record import HEADER, Kind, ScanIssue, ScannedRecord, encode_msg, scan
 from mta.spool.segment import list_segments, segment_path
 
@@ -175,6 +175,25 @@ async def test_compaction_moves_long_lived_messages_and_frees_old_segments(
         assert (await spool.load(keep[0])).state == {"attempts": 3}
     finally:
         await spool.close()
+
+
+def test_owner_check_fast_path_and_every_way_to_lose_the_shard(tmp_path: Path) -> None:
+    me = OwnerToken("n1", 7)
+    claim(tmp_path, 3, me)
+    check = OwnerCheck(tmp_path, 3, me)
+    check()  # our own bytes: passes
+    # The same owner written with other formatting (an older version): parsed, still ours.
+    (tmp_path / OWNER_FILE).write_text('{"token": 7, "node": "n1"}')
+    check()
+    claim(tmp_path, 3, OwnerToken("n2", 8))
+    with pytest.raises(FencedError, match="n2"):
+        check()
+    (tmp_path / OWNER_FILE).write_text('{"node": "n1", "token": 7')  # torn
+    with pytest.raises(FencedError):
+        check()
+    (tmp_path / OWNER_FILE).unlink()
+    with pytest.raises(FencedError):
+        check()
 
 
 async def test_a_newer_owner_fences_the_old_one(spool_dir: Path) -> None:

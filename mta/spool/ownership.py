@@ -15,7 +15,7 @@ from pathlib import Path
 from mta.spool.errors import FencedError
 from mta.spool.segment import fsync_dir
 
-__all__ = ["OWNER_FILE", "OwnerToken", "claim", "read_owner", "verify"]
+__all__ = ["OWNER_FILE", "OwnerCheck", "OwnerToken", "claim", "encode", "read_owner", "verify"]
 
 OWNER_FILE = "shard.owner"
 
@@ -48,11 +48,16 @@ def claim(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
                                  f"> {owner.token}")
     tmp = shard_dir / f"{OWNER_FILE}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
-        fh.write(json.dumps({"node": owner.node, "token": owner.token}).encode())
+        fh.write(encode(owner))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, shard_dir / OWNER_FILE)
     fsync_dir(shard_dir)
+
+
+def encode(owner: OwnerToken) -> bytes:
+    """The owner file's exact content for ``owner``."""
+    return json.dumps({"node": owner.node, "token": owner.token}).encode()
 
 
 def verify(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
@@ -60,3 +65,30 @@ def verify(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
     current = read_owner(shard_dir)
     if current != owner:
         raise FencedError(shard, f"owner file says {current}, we are {owner}")
+
+
+class OwnerCheck:
+    """:func:`verify` for the writer's every batch, cheaply: still one open() per check
+    (on NFS only open() revalidates, close-to-open, where a stat may answer from a stale
+    attribute cache), but raw syscalls and a byte compare against what our claim wrote, with
+    :func:`verify`'s parse only when the bytes differ. The file object, Path join and JSON
+    parse of the plain version took ~10% of the ingress profile."""
+
+    def __init__(self, shard_dir: Path, shard: int, owner: OwnerToken) -> None:
+        self.shard_dir, self.shard, self.owner = shard_dir, shard, owner
+        self.path = str(shard_dir / OWNER_FILE)
+        self.expected = encode(owner)
+
+    def __call__(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                data = os.read(fd, len(self.expected) + 1)
+            finally:
+                os.close(fd)
+            if data == self.expected:
+                return
+        verify(self.shard_dir, self.shard, self.owner)

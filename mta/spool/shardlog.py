@@ -26,6 +26,7 @@ class ShardLog:
         self.shard_dir = shard_dir
         self.shard = shard
         self.owner = owner
+        self._check_owner = ownership.OwnerCheck(shard_dir, shard, owner)
         self.segment_size = segment_size
         self.next_seq = next_seq
         self.active: ActiveSegment | None = None
@@ -65,7 +66,7 @@ class ShardLog:
     def append_many(self, chunks: list[bytes]) -> list[Position]:
         # Fencing: a node that lost the shard must not write one more byte into it.
         try:
-            ownership.verify(self.shard_dir, self.shard, self.owner)
+            self._check_owner()
         except OSError as exc:
             raise SpoolWriteError(exc.errno or errno.EIO, f"reading owner file: {exc}") from exc
         total = sum(len(c) for c in chunks)
