@@ -161,7 +161,10 @@ def load_results() -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: d["started"])
 
 
-def settle(seconds: float = 1.0) -> None:
+SETTLE_SECONDS = 1.0
+
+
+def settle(seconds: float = SETTLE_SECONDS) -> None:
     """Start every run on a quiet disk: flush what earlier runs left dirty (their deleted
     spools' writeback would otherwise land on the next run's fsyncs, and on Postfix's one per
     message far more than on our group commit) and let the machine calm down."""
@@ -245,6 +248,8 @@ def load_options(ap: Any, messages: int, concurrency: str = "50", procs: int = 2
 
 def common_options(ap: Any, repeat: int) -> None:
     ap.add_argument("--repeat", type=int, default=repeat, help="runs per configuration")
+    ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                    help="seconds to wait (after a sync) before each run")
     ap.add_argument("--no-save", action="store_true",
                     help="print only: no JSON under benchmarks/results/, RESULTS.md untouched")
     ap.add_argument("--note", default="", help="a word on this run, kept in the JSON")

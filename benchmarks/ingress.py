@@ -100,7 +100,7 @@ def main() -> None:
                 for name in names:
                     load = Load(args.messages, c, args.procs, args.size, not args.no_reuse)
                     bar.status(f"run {i + 1}/{args.repeat} {name} c={c}")
-                    settle()
+                    settle(args.settle)
                     run = run_ingress(name, load, bar.update, args.profile, args.client)
                     if "profile" in run:
                         result.series["profile"] = run.pop("profile")  # the latest run's

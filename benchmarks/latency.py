@@ -50,7 +50,7 @@ def main() -> None:
                     load = Load(int(rate * args.seconds), args.concurrency, args.procs,
                                 args.size, True, rate=rate)
                     bar.status(f"run {i + 1}/{args.repeat} {name} {rate}/s")
-                    settle()
+                    settle(args.settle)
                     with target(name, args.concurrency) as handle:
                         res = run_load(handle.port, load, bar.update)
                     lat = res.latencies

@@ -31,7 +31,7 @@ def main() -> None:
     with progress(args.repeat * len(clients) * args.messages, "loadgen") as bar:
         for _ in range(args.repeat):
             for client in clients:
-                settle()
+                settle(args.settle)
                 load = Load(args.messages, args.concurrency, args.procs, args.size)
                 port = free_port()
                 with Sink(workdir("calib-"), port) as sink:

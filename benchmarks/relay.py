@@ -108,7 +108,7 @@ def main() -> None:
                 for name in names:
                     load = Load(args.messages, c, args.procs, args.size, not args.no_reuse)
                     bar.status(f"run {i + 1}/{args.repeat} {name} c={c}")
-                    settle()
+                    settle(args.settle)
                     run = run_relay(name, load, args.route, bar.update)
                     result.add({"target": name, "concurrency": c}, run)
                     bar.say(f"run {i + 1}: {name}: {run['delivered']}/{run['accepted']} "

@@ -96,7 +96,7 @@ def main() -> None:
         for i in range(args.repeat):
             for n in counts:  # alternate, so a machine slowing down hurts every count alike
                 load = Load(args.messages, conc, args.procs, args.size, not args.no_reuse)
-                settle()
+                settle(args.settle)
                 run = run_scale(n, load, args.client, bar.update)
                 result.add({"processes": n, "client": args.client}, run)
                 bar.say(f"run {i + 1}: {n} process(es): {run['msgs_per_s']:.0f} msg/s")
