@@ -113,3 +113,17 @@ def test_a_scenario_runs_end_to_end() -> None:
     line = next(x for x in proc.stdout.splitlines() if x.startswith("ingress mta c=5:"))
     assert float(line.split(":")[1].split()[0]) > 0  # msg/s measured
     assert "saved" not in proc.stdout
+
+
+def test_without_postfix_the_comparison_says_how_to_get_it(tmp_path: Path) -> None:
+    # A PATH without /usr/sbin: no postfix binary. Never a made-up figure: exit 2 and say how.
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "compare", "--messages", "10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert "apt-get install postfix" in proc.stderr
+    assert "msg/s" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "ingress", "--peer", "postfix",
+                           "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode != 0 and "apt-get install postfix" in proc.stderr
