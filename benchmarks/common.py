@@ -43,17 +43,24 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
     for _ in range(400):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1).close()
-            break
+            return node, log
         except OSError:
             if node.poll() is not None:
                 raise RuntimeError(f"node exited at startup: see {work / 'node.log'}") from None
             time.sleep(0.05)
-    return node, log
+    node.kill()
+    node.wait()
+    log.close()
+    raise RuntimeError(f"node never became ready: see {work / 'node.log'}")
 
 
 def stop_node(node: subprocess.Popen[bytes], log: Any) -> None:
     node.send_signal(signal.SIGTERM)
-    node.wait(60)
+    try:
+        node.wait(60)
+    except subprocess.TimeoutExpired:
+        node.kill()  # its spool is about to be deleted: never leave it running
+        node.wait()
     log.close()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import smtplib
 import threading
 import time
@@ -165,6 +166,7 @@ def trial(ttl: float, load_seconds: float, sink_delay: float, after: float
             node.kill()
         sink.stop()
         etcd.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:

@@ -105,6 +105,9 @@ class Result:
         self.series: dict[str, Any] = {}
         self.notes: list[str] = []
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # The tree as it is when the runs start: a commit made during a long run must not
+        # relabel its figures.
+        self.commit = commit_info()
 
     def add(self, labels: dict[str, Any], run: Run) -> None:
         for group in self.groups:
@@ -127,7 +130,7 @@ class Result:
                               if isinstance(v, int | float) and not isinstance(v, bool)})
             groups.append({**g, "summary": {m: summarize([float(r[m]) for r in g["runs"]
                                                           if m in r]) for m in metrics}})
-        return {"scenario": self.scenario, "started": self.started, **commit_info(),
+        return {"scenario": self.scenario, "started": self.started, **self.commit,
                 "machine": machine_info(), "argv": sys.argv[1:], "params": self.params,
                 "groups": groups, "series": self.series, "notes": self.notes}
 

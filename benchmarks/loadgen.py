@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from benchmarks.harness import Tick
 
@@ -74,7 +74,8 @@ class Load:
 class LoadResult:
     accepted: int = 0
     refused: int = 0
-    errors: int = 0
+    errors: int = 0  # sessions cut by a connection error
+    unsent: int = 0  # messages those sessions never got to send
     latencies: list[float] = field(default_factory=list)
     service: list[float] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
@@ -142,7 +143,7 @@ class _Worker:
         rng = random.Random(index)  # same sizes for every target, run after run
         sample = size_sampler(load.size)
         self.sizes = [sample(rng) for _ in range(count)]
-        self.filler = LINE * (max(self.sizes) // len(LINE) + 1)
+        self.filler = LINE * (max(self.sizes, default=0) // len(LINE) + 1)
         self.tag = f"{os.getpid()}.{int(time.time() * 1000) % 10**8}"
         self._unreported = 0
 
@@ -179,11 +180,16 @@ class _Worker:
 
     async def _closed(self, ks: range) -> None:
         conn = None
+        sent = 0
         try:
             for k in ks:
                 conn = await self._transaction(conn, k, None)
+                sent += 1
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            # The session is cut: what it did not send counts as unsent, never as nothing.
             self.res.errors += 1
+            self.res.unsent += len(ks) - sent
+            self._unreported += len(ks) - sent
         if conn is not None:
             await conn.close()
 
@@ -242,7 +248,8 @@ def _worker_main(port: int, load: Load, index: int, sessions: int, count: int,
 
 def run_load(port: int, load: Load, tick: Tick | None = None) -> LoadResult:
     """Offer ``load`` to 127.0.0.1:``port`` from ``load.procs`` processes; merged result."""
-    procs = max(1, min(load.procs, load.concurrency))
+    procs = max(1, min(load.procs, load.concurrency, load.messages))
+    load = replace(load, procs=procs)  # the open-loop rate is split over the real count
     sessions = [load.concurrency // procs + (i < load.concurrency % procs) for i in range(procs)]
     counts = [load.messages // procs + (i < load.messages % procs) for i in range(procs)]
     done = mp.Value("q", 0)
@@ -273,6 +280,7 @@ def run_load(port: int, load: Load, tick: Tick | None = None) -> LoadResult:
         res.accepted += p.accepted
         res.refused += p.refused
         res.errors += p.errors
+        res.unsent += p.unsent
         res.bytes += p.bytes
         res.latencies += p.latencies
         res.service += p.service

@@ -7,6 +7,7 @@ If that is far above what a server reaches, the generator is not what limits the
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 
 from benchmarks.common import free_port
@@ -34,7 +35,8 @@ def main() -> None:
                 settle(args.settle)
                 load = Load(args.messages, args.concurrency, args.procs, args.size)
                 port = free_port()
-                with Sink(workdir("calib-"), port) as sink:
+                work = workdir("calib-")
+                with Sink(work, port) as sink:
                     t0 = time.time()
                     if client == "smtp-source":
                         run_smtp_source(port, load, bar.update)
@@ -43,6 +45,7 @@ def main() -> None:
                         rate = run_load(port, load, bar.update).msgs_per_s
                     result.add({"client": client}, {"msgs_per_s": rate,
                                                     "sink_count": sink.count})
+                shutil.rmtree(work, ignore_errors=True)
     lines = [f"{g['labels']['client']} into the null sink: "
              f"{fmt(result.summary('msgs_per_s', **g['labels']))} msg/s" for g in result.groups]
     finish(result, lines, args)

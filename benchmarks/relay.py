@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -72,22 +73,28 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
         ingress_end = time.time()
         deadline = time.time() + wait
         reported = 0
-        while sink.count < res.accepted and time.time() < deadline:
+        accepted = set(res.ids)
+        while time.time() < deadline:
             if tick is not None and sink.count > reported:
-                tick(sink.count - reported)
-                reported = sink.count
-            time.sleep(0.01)
+                tick(min(sink.count, load.messages) - reported)
+                reported = min(sink.count, load.messages)
+            # The count includes duplicates: once it is high enough, check the ids themselves.
+            if sink.count >= res.accepted and not accepted - set(sink.ids()):
+                break
+            time.sleep(0.01 if sink.count < res.accepted else 0.1)
         elapsed = time.time() - res.start
         if tick is not None:
             tick(max(0, load.messages - reported))
         time.sleep(0.5)  # the accounting log flushes every 200 ms
         latencies = _delivery_latencies(handle)
     seen = sink.ids()
+    shutil.rmtree(work, ignore_errors=True)
+    delivered = len(accepted & set(seen))
     return {"accepted": res.accepted, "refused": res.refused, "errors": res.errors,
-            "delivered": sink.count, "lost": len(set(res.ids) - set(seen)),
+            "unsent": res.unsent, "delivered": delivered, "lost": len(accepted - set(seen)),
             "duplicates": sum(n - 1 for n in seen.values() if n > 1),
             "seconds": elapsed, "ingress_seconds": ingress_end - res.start,
-            "msgs_per_s": sink.count / elapsed,
+            "msgs_per_s": delivered / elapsed,
             "delivery_p50_ms": percentile(latencies, 50) * 1000,
             "delivery_p99_ms": percentile(latencies, 99) * 1000}
 

@@ -77,8 +77,18 @@ class Target:
         self.measure, self.met, self.note = measure, met, note
 
 
+def standard(r: Data) -> bool:
+    """A run fit to judge a target by: a committed tree, the default client, size and
+    connection reuse, and no profiler slowing the node down."""
+    p = r["params"]
+    return (not r.get("dirty") and not p.get("profile") and not p.get("no_reuse")
+            and p.get("client", "loadgen") == "loadgen" and str(p.get("size", "5")) == "5")
+
+
 def _ratio(what: str) -> Callable[[Data], tuple[float, str] | None]:
     def measure(r: Data) -> tuple[float, str] | None:
+        if not standard(r):
+            return None
         ratios = [x for x in r.get("series", {}).get("ratios", []) if x["what"] == what]
         if not ratios:
             return None
@@ -93,7 +103,10 @@ def _ratio(what: str) -> Callable[[Data], tuple[float, str] | None]:
 
 
 def _scale(r: Data) -> tuple[float, str] | None:
-    ratios = [x for x in r.get("series", {}).get("ratios", []) if x["labels"]["processes"] == 2]
+    if r.get("dirty"):
+        return None
+    ratios = [x for x in r.get("series", {}).get("ratios", [])
+              if x["labels"]["processes"] == 2 and x["labels"].get("base") == 1]
     if not ratios:
         return None
     one = group_summary(r, "msgs_per_s", processes=1)
@@ -104,6 +117,8 @@ def _scale(r: Data) -> tuple[float, str] | None:
 
 def _recovery(metric: str) -> Callable[[Data], tuple[float, str] | None]:
     def measure(r: Data) -> tuple[float, str] | None:
+        if r.get("dirty"):
+            return None
         s = group_summary(r, metric, messages=1_000_000)
         if not s or not s.get("n"):
             return None
@@ -127,7 +142,9 @@ TARGETS = [
 
 def targets_section(by: dict[str, list[Data]]) -> list[str]:
     out = ["## Targets (issue 7)", "",
-           "Each goal is checked against the latest result that measures it.", "",
+           "Each goal is checked against the latest result that measures it from a committed "
+           "tree (ingress and relay: default client, 5 KB, connection reuse, no profiler).",
+           "",
            "| goal | target | measured | verdict | result file |", "|---|---|---|---|---|"]
     misses = []
     for t in TARGETS:
@@ -408,7 +425,7 @@ def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]] |
         for i, run in enumerate(all_runs(bl[-1])):
             curve = run.get("curve") or []
             ax.plot([q for q, _ in curve], [m for _, m in curve], marker="o",
-                    label=f"run {i + 1}: {run['bytes_per_msg']:.0f} B/msg")
+                    label=f"run {i + 1}: {num(run.get('bytes_per_msg'))} B/msg")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("queued messages")
         ax.set_ylabel("node RSS, MB")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +43,7 @@ def nodes(count: int, concurrency: int) -> Iterator[tuple[int, list[int]]]:
     port = free_port()
     pids = []
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)  # after every node stopped
         for i in range(count):
             node_dir = work / f"n{i}"
             node_dir.mkdir()
@@ -53,9 +55,6 @@ def nodes(count: int, concurrency: int) -> Iterator[tuple[int, list[int]]]:
             stack.callback(stop_node, node, log)
             pids.append(node.pid)
         yield port, pids
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def run_scale(count: int, load: Load, client: str, tick: Tick) -> dict[str, float]:
@@ -70,15 +69,17 @@ def run_scale(count: int, load: Load, client: str, tick: Tick) -> dict[str, floa
             p50 = float("nan")
         else:
             res = run_load(port, load, tick)
-            accepted, wall = res.accepted, time.time() - t0
+            # From the load's common start, as every other scenario (not process spawn).
+            accepted, wall = res.accepted, res.seconds
             p50 = percentile(res.service, 50) * 1000
         node = sum(cpu_seconds(p) for p in pids) - node0
         c1 = os.times()  # before the nodes are reaped: only the client's processes count
     client_cpu = (c1.children_user + c1.children_system) - (c0.children_user
                                                              + c0.children_system)
+    per = max(1, accepted)
     return {"accepted": accepted, "msgs_per_s": accepted / wall, "p50_ms": p50,
-            "node_cpu_us_per_msg": node / accepted * 1e6,
-            "client_cpu_us_per_msg": client_cpu / accepted * 1e6,
+            "node_cpu_us_per_msg": node / per * 1e6,
+            "client_cpu_us_per_msg": client_cpu / per * 1e6,
             "node_cores": node / wall, "client_cores": client_cpu / wall}
 
 

@@ -534,6 +534,10 @@ class EtcdCoordinator:
             assert self._host is not None
             try:
                 token = await self._fencing_token(shard, kv.create_revision)
+                if token is None:
+                    # Our key went (lease lost while we stalled): someone newer may hold it.
+                    log.warning("cluster.claim_lost", shard=shard, node_id=self.node_id)
+                    return False
                 await self._host.acquire_shard(shard, token)
             except Exception as exc:
                 log.error("cluster.acquire_failed", shard=shard, node_id=self.node_id,
@@ -546,23 +550,39 @@ class EtcdCoordinator:
         finally:
             self._busy.discard(shard)
 
-    async def _fencing_token(self, shard: int, revision: int) -> int:
-        """``token_base + revision``, first raising the base (compare-and-swap) when the spool
-        holds a token that would not be exceeded otherwise."""
+    async def _fencing_token(self, shard: int, revision: int) -> int | None:
+        """``token_base + revision``, first raising the base (compare-and-swap, upwards only)
+        when the spool holds a token it would not exceed; None if our owner key is gone.
+
+        Every read and raise of the base is guarded by our owner key still being the one
+        created at ``revision``: a node that lost the key while stalled must not learn (or
+        set) a base newer than the one its successor claimed with, or its stale claim could
+        outbid the live owner's on disk.
+        """
         assert self._host is not None
         recorded = await self._host.recorded_token(shard)
+        owner = self._key("owner", shard)
         key = self._key("token_base")
+        me = self.node_id.encode()
+
+        def ours(c: aetcd.Client) -> list[Any]:
+            return [c.transactions.create(owner) == revision, c.transactions.value(owner) == me]
+
         while True:
-            kv = await self._call(lambda c: c.get(key))
-            base = int(kv.value) if kv is not None else 0
+            ok, found = await self._call(lambda c: c.transaction(
+                compare=ours(c), success=[c.transactions.get(key)], failure=[]))
+            if not ok:
+                return None
+            entry = found[0][0] if found and found[0] else None
+            base = int(entry[0]) if entry is not None else 0
             if base + revision > recorded:
                 return base + revision
             need = recorded - revision + 1
-            expect = kv.mod_revision if kv is not None else 0
+            expect = entry[1].mod_revision if entry is not None else 0
 
             def raise_base(c: aetcd.Client, need: int = need, expect: int = expect) -> Any:
                 return c.transaction(
-                    compare=[c.transactions.mod(key) == expect],
+                    compare=[*ours(c), c.transactions.mod(key) == expect],
                     success=[c.transactions.put(key, str(need).encode())], failure=[])
 
             ok, _ = await self._call(raise_base)
@@ -571,7 +591,8 @@ class EtcdCoordinator:
                             recorded=recorded, base=need,
                             why="the spool holds tokens from a standalone node or an "
                                 "earlier etcd")
-            # Lost the race to another node: read the base it wrote and check again.
+            # Otherwise another node raised it first, or our key is gone: the guarded read
+            # above tells which.
 
     async def _release(self, shard: int, *, delete_key: bool) -> None:
         self._busy.add(shard)

@@ -67,6 +67,7 @@ def _result(scenario: str, groups: list[tuple[dict, list[dict]]], **series: obje
     r.series.update(series)
     data = json.loads(json.dumps(r.to_json()))
     data["file"] = f"{scenario}.json"
+    data["dirty"] = False  # the test's own tree may have uncommitted changes
     return data
 
 
@@ -90,7 +91,12 @@ def test_report_verdicts_and_plots(tmp_path: Path) -> None:
         "timeline": {"t": [-1.0, 0.0, 1.0], "acked_victim": [5.0, 0.0, 0.0],
                      "acked_survivors": [5.0, 5.0, 5.0], "delivered_victim": [0, 0, 4.0],
                      "delivered_survivors": [1.0, 1.0, 1.0]}}])])
-    text = render([ingress, recovery, latency, failover], tmp_path / "plots")
+    # A later result from a dirty tree, or with the profiler on, never judges a target.
+    dirty = {**json.loads(json.dumps(ingress)), "dirty": True, "started": "9999"}
+    dirty["series"]["ratios"][0]["ratio"] = 5.0
+    profiled = json.loads(json.dumps(dirty))
+    profiled.update(dirty=False, params={**profiled["params"], "profile": True})
+    text = render([ingress, recovery, latency, failover, dirty, profiled], tmp_path / "plots")
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()
             if line.startswith("| ")}
     assert "**missed**" in rows["Durable ingress vs Postfix"]  # 1.58x < 2x

@@ -474,3 +474,51 @@ def test_a_standalone_spool_and_a_rebuilt_etcd_are_taken_over(tmp_path: Path,
             fresh.stop()
     finally:
         sink.stop()
+
+
+async def test_a_node_that_lost_its_owner_key_cannot_learn_or_raise_the_token_base(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    # A node stalled between winning the owner key and computing its token: its key is gone
+    # (lease expired) and a successor claimed with a raised base. The stale node must get no
+    # token at all, or its claim could outbid the live owner's on disk.
+    import aetcd
+
+    from cluster.coordinator import EtcdCoordinator
+    from tests.helpers import make_config
+
+    class Spool:  # the node side of ShardHost that the token needs: the recorded token
+        def __init__(self, recorded: int) -> None:
+            self.recorded = recorded
+
+        async def recorded_token(self, shard: int) -> int:
+            return self.recorded
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+
+    def coordinator(node: str, recorded: int) -> EtcdCoordinator:
+        cfg = make_config(tmp_path / "spool", node={"id": node},
+                          cluster={"etcd": [etcd.endpoint], "name": name, "lease_ttl": 3.0})
+        c = EtcdCoordinator(cfg)
+        c._host = Spool(recorded)  # type: ignore[assignment]
+        return c
+
+    host, port = etcd.endpoint.rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    key = f"/mta/{name}/owner/5".encode()
+    a, b = coordinator("a", 0), coordinator("b", 10**12)
+    try:
+        await client.put(key, b"a")
+        rev_a = (await client.get(key)).create_revision
+        assert await a._fencing_token(5, rev_a) == rev_a  # no base yet
+        await client.delete(key)  # a's lease expired while it stalled
+        await client.put(key, b"b")
+        rev_b = (await client.get(key)).create_revision
+        token_b = await b._fencing_token(5, rev_b)  # the spool holds 10**12: base raised
+        assert token_b is not None and token_b > 10**12
+        assert await a._fencing_token(5, rev_a) is None  # stale: no token, no raise
+        base = int((await client.get(f"/mta/{name}/token_base".encode())).value)
+        assert base + rev_b == token_b
+    finally:
+        for c in (a, b):
+            await c._drop_client()
+        await client.close()

@@ -441,7 +441,7 @@ async def test_session_init_matches_aiosmtpd(start_node: Any, users_file: str) -
                   ident="mta ESMTP", tls_context=None, timeout=srv.cfg.command_timeout,
                   auth_require_tls=True, loop=asyncio.get_running_loop())
     mine = set(vars(ours)) - {"_server", "_client_ip", "_admitted", "in_data", "relay_allowed",
-                              "_pending_login", "_out", "command_size_limits", "_deadline"}
+                              "_pending_login", "_out", "command_size_limits", "_deadline", "_gone"}
     assert mine == set(vars(theirs))
     def func(value: Any) -> Any:  # a bound method, or aiosmtpd's (method, is_builtin) pair
         if hasattr(value, "is_builtin"):

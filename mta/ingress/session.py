@@ -145,6 +145,7 @@ class IngressSession(SMTP):
         self._timeout_duration = timeout
         self._timeout_handle = None
         self._deadline = 0.0
+        self._gone = False
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -338,6 +339,7 @@ class IngressSession(SMTP):
         if self._admitted:
             self._admitted = False
             self._server.release(self, self._client_ip)
+        self._gone = True
         super().connection_lost(error)
 
     def close_for_shutdown(self, reply: str) -> None:
@@ -536,6 +538,8 @@ class IngressSession(SMTP):
         # One timer per session, moved lazily: a reset only pushes the deadline, and a timer
         # that fires before it re-arms itself. Cancelling and creating a timer at each of the
         # ~5 resets per message showed in the ingress profile.
+        if self._gone:
+            return  # connection lost (a cancelled DATA's cleanup): nothing left to time out
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > self._deadline:
@@ -544,6 +548,8 @@ class IngressSession(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
 
     def _timeout_due(self) -> None:
+        if self._gone:
+            return
         if self._deadline - self.loop.time() > 0.01:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
             return

@@ -43,9 +43,10 @@ def read_owner(shard_dir: Path) -> OwnerToken | None:
 def claim(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
     """Record ``owner`` as the shard's writer; refuse if a newer token is already there."""
     current = read_owner(shard_dir)
-    if current is not None and current.token > owner.token:
-        raise FencedError(shard, f"{current.node} holds newer token {current.token} "
-                                 f"> {owner.token}")
+    if current is not None and (current.token > owner.token or (
+            current.token == owner.token and current.node != owner.node)):
+        raise FencedError(shard, f"{current.node} holds token {current.token}, not older "
+                                 f"than our {owner.token}")
     tmp = shard_dir / f"{OWNER_FILE}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(encode(owner))
