@@ -289,7 +289,10 @@ SECTIONS: dict[str, Data] = {
         "title": "Failover: SIGKILL a node of a 3-node cluster under load",
         "how": "`python -m benchmarks failover`: *takeover* from the kill until survivors own "
                "every shard; *RTO* until a survivor delivers the first of the dead node's "
-               "messages; *lost* acknowledged messages never delivered (must be 0).",
+               "messages; *lost* acknowledged messages never delivered (must be 0). In the "
+               "timeline the survivors keep taking load until `--after` seconds (6) past the "
+               "kill, then the load stops; the sink holds each message 30 ms, so deliveries "
+               "run at its pace.",
         "cols": [("lease TTL s", label("ttl")), ("trials", lambda r, g: str(len(g["runs"]))),
                  ("takeover s", metric("takeover", 2)), ("RTO s", metric("rto", 2)),
                  ("lost", total("lost")), ("duplicates", total("dupes")),
