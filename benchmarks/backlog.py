@@ -14,6 +14,7 @@ slope over the second half of the steps, once the bounded hot cache of just-acce
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any
 
@@ -23,11 +24,11 @@ from benchmarks.targets import target
 
 
 def slope(points: list[tuple[float, float]]) -> float:
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    var = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / var if var else float("nan")
+    """Least-squares slope of y over x; NaN when x does not vary."""
+    try:
+        return statistics.linear_regression(*zip(*points, strict=True)).slope
+    except statistics.StatisticsError:
+        return float("nan")
 
 
 def run_backlog(messages: int, steps: int, size: str, concurrency: int, tick: Tick

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -12,8 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-from benchmarks.harness import ROOT
 
 
 def free_port() -> int:
@@ -26,7 +23,7 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
                 log_level: str, extra: str, smtp_extra: str = "", node_id: str = "bench"
                 ) -> tuple[subprocess.Popen[bytes], Any]:
     """Write a node config (plus ``extra`` TOML, and ``smtp_extra`` keys in ``[smtp]``) under
-    ``work``, start ``mta``, wait for SMTP."""
+    ``work``, start ``mta``, wait until its ``/readyz`` answers."""
     cfg = work / "node.toml"
     cfg.write_text(
         f'[node]\nid = "{node_id}"\nlog_format = "json"\nlog_level = "{log_level}"\n'
@@ -54,6 +51,13 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
     raise RuntimeError(f"node never became ready: see {work / 'node.log'}")
 
 
+def node_sections(work: Path, delivery: str = "enabled = false\n", shards: int = 64) -> str:
+    """The ``[spool]`` and ``[delivery]`` TOML of a benchmark node working under ``work``
+    (by default it accepts durably and delivers nothing)."""
+    return (f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n'
+            f'[delivery]\n{delivery}accounting_log = "{work / "acct.jsonl"}"\n')
+
+
 def stop_node(node: subprocess.Popen[bytes], log: Any) -> None:
     node.send_signal(signal.SIGTERM)
     try:
@@ -78,11 +82,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine() -> str:
-    """The machine column of every results table."""
-    return f"{platform.python_version()}, {os.cpu_count()} cores"
-
-
 def add_rows(path: Path, table: str, rows: str) -> None:
     """Add ``rows`` at the end of the results table marked ``<!-- TABLE rows -->`` in ``path``
     (appending to the file would put them under whichever table happens to come last)."""
@@ -92,8 +91,4 @@ def add_rows(path: Path, table: str, rows: str) -> None:
         raise SystemExit(f"{path}: no {marker.strip()} line ending the {table} table")
     path.write_text(text.replace(marker, rows + marker, 1))
 
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip()
 

@@ -51,10 +51,10 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def _timeline(acked_at: dict[str, list[float]], records: dict[str, list[dict]], victim: str,
-              kill_wall: float, step: float = 0.25) -> dict[str, list[float]]:
+              ids_victim: set[str], kill_wall: float, step: float = 0.25
+              ) -> dict[str, list[float]]:
     """Per ``step`` seconds around the kill: messages acknowledged by the victim and by the
-    survivors, and deliveries of the victim's mail and of the survivors'."""
-    ids_victim = {r["message_id"] for r in records[victim] if r["type"] == "Reception"}
+    survivors, and deliveries of the victim's mail (``ids_victim``) and of the survivors'."""
     start = min((t for ts in acked_at.values() for t in ts), default=kill_wall) - kill_wall
     end = max((r["time"] for rs in records.values() for r in rs if r["type"] == "Delivery"),
               default=kill_wall) - kill_wall
@@ -146,13 +146,13 @@ def trial(ttl: float, load_seconds: float, sink_delay: float, after: float
                 break
             time.sleep(0.2)
         time.sleep(0.5)  # accounting logs flush every 200 ms
-        received_by_victim = {r["message_id"] for r in _records(work / victim)
+        records = {nid: _records(work / nid) for nid in nodes}
+        received_by_victim = {r["message_id"] for r in records[victim]
                               if r["type"] == "Reception"}
-        firsts = [r["time"] for nid in nodes if nid != victim for r in _records(work / nid)
+        firsts = [r["time"] for nid in nodes if nid != victim for r in records[nid]
                   if r["type"] == "Delivery" and r["message_id"] in received_by_victim
                   and r["time"] > kill_wall]
         rto = min(firsts) - kill_wall if firsts else float("nan")
-        records = {nid: _records(work / nid) for nid in nodes}
         survivors_after = sum(1 for nid in nodes if nid != victim
                               for t in acked_at[nid] if t > kill_wall)
         lost = len(all_tags - set(seen))
@@ -160,7 +160,8 @@ def trial(ttl: float, load_seconds: float, sink_delay: float, after: float
         return {"rto": rto, "takeover": takeover, "lost": lost, "dupes": dupes,
                 "acked": len(all_tags), "victim_acked": len(acked[victim]),
                 "acked_after_kill": survivors_after,
-                "timeline": _timeline(acked_at, records, victim, kill_wall)}
+                "timeline": _timeline(acked_at, records, victim, received_by_victim,
+                                      kill_wall)}
     finally:
         for node in nodes.values():
             node.kill()

@@ -205,13 +205,21 @@ def progress(total: int, desc: str, unit: str = "msg") -> Iterator[Progress]:
         bar.close()
 
 
-def fmt(s: dict[str, float], digits: int = 0, scale: float = 1.0) -> str:
-    """``median (min-max)`` for a summary."""
-    if not s.get("n"):
+def num(value: Any, digits: int = 0) -> str:
+    """A figure for people: thousands separated; n/a for one a run could not measure."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    f = f"{{:.{digits}f}}"
-    med, lo, hi = (f.format(s[k] * scale) for k in ("median", "min", "max"))
-    return med if s["n"] == 1 else f"{med} ({lo}-{hi})"
+    return f"{value:,.{digits}f}"
+
+
+def fmt(s: dict[str, Any] | None, digits: int = 0) -> str:
+    """``median (min-max)`` for a summary; one run (or no spread) prints just its value."""
+    if not s or not s.get("n"):
+        return "n/a"
+    med = num(s["median"], digits)
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return med
+    return f"{med} ({num(s['min'], digits)}-{num(s['max'], digits)})"
 
 
 def finish(result: Result, lines: list[str], args: Any) -> None:

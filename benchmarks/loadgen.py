@@ -33,8 +33,16 @@ def size_sampler(spec: str) -> Callable[[random.Random], int]:
     if "-" in spec:
         lo, hi = (math.log(float(x)) for x in spec.split("-", 1))
         return lambda rng: int(math.exp(rng.uniform(lo, hi)) * 1024)
-    fixed = int(float(spec) * 1024)
+    fixed = fixed_size(spec)
     return lambda rng: fixed
+
+
+def fixed_size(spec: str) -> int:
+    """Bytes of a fixed ``--size``; a distribution is refused (for clients that send one
+    size only)."""
+    if spec == "mix" or "-" in spec:
+        raise SystemExit(f"--size {spec}: this client sends one fixed size; use --size N")
+    return int(float(spec) * 1024)
 
 
 def mean_size_kb(spec: str) -> float:
@@ -90,6 +98,11 @@ class LoadResult:
     @property
     def msgs_per_s(self) -> float:
         return self.accepted / self.seconds
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """``n`` as ``parts`` near-equal shares (the first ones one larger)."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
@@ -209,8 +222,7 @@ class _Worker:
             await asyncio.sleep(0.002)
         self.res.start = time.time()
         if self.load.rate <= 0:
-            per = [self.count // self.sessions + (i < self.count % self.sessions)
-                   for i in range(self.sessions)]
+            per = _split(self.count, self.sessions)
             bounds = [sum(per[:i]) for i in range(self.sessions + 1)]
             await asyncio.gather(*(self._closed(range(bounds[i], bounds[i + 1]))
                                    for i in range(self.sessions)))
@@ -250,8 +262,7 @@ def run_load(port: int, load: Load, tick: Tick | None = None) -> LoadResult:
     """Offer ``load`` to 127.0.0.1:``port`` from ``load.procs`` processes; merged result."""
     procs = max(1, min(load.procs, load.concurrency, load.messages))
     load = replace(load, procs=procs)  # the open-loop rate is split over the real count
-    sessions = [load.concurrency // procs + (i < load.concurrency % procs) for i in range(procs)]
-    counts = [load.messages // procs + (i < load.messages % procs) for i in range(procs)]
+    sessions, counts = _split(load.concurrency, procs), _split(load.messages, procs)
     done = mp.Value("q", 0)
     out: mp.Queue = mp.Queue()
     start_at = time.time() + 0.5

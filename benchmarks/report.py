@@ -4,12 +4,11 @@ results under benchmarks/results/ (every scenario does this itself after a saved
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import ROOT, load_results
+from benchmarks.harness import ROOT, fmt, load_results, num
 
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 PLOTS = ROOT / "benchmarks" / "plots"
@@ -17,22 +16,6 @@ NOTES = ROOT / "benchmarks" / "notes"
 RECENT = 8  # result files per scenario in its table
 
 Data = dict[str, Any]
-
-
-def num(value: Any, digits: int = 0) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:,.{digits}f}"
-
-
-def spread(s: Data | None, digits: int = 0) -> str:
-    """``median (min-max)``; one run prints just its value."""
-    if not s or not s.get("n"):
-        return "n/a"
-    med = num(s["median"], digits)
-    if s["n"] == 1 or s["min"] == s["max"]:
-        return med
-    return f"{med} ({num(s['min'], digits)}-{num(s['max'], digits)})"
 
 
 def date(r: Data) -> str:
@@ -72,9 +55,9 @@ class Target:
 
     def __init__(self, name: str, goal: str, scenario: str,
                  measure: Callable[[Data], tuple[float, str] | None],
-                 met: Callable[[float], bool], note: str) -> None:
+                 met: Callable[[float], bool]) -> None:
         self.name, self.goal, self.scenario = name, goal, scenario
-        self.measure, self.met, self.note = measure, met, note
+        self.measure, self.met = measure, met
 
 
 def standard(r: Data) -> bool:
@@ -96,8 +79,8 @@ def _ratio(what: str) -> Callable[[Data], tuple[float, str] | None]:
         lab = pick["labels"]
         ours = group_summary(r, "msgs_per_s", **lab)
         theirs = group_summary(r, "msgs_per_s", **{**lab, "target": "postfix"})
-        return pick["ratio"], (f"{pick['ratio']:.2f}x: mta {spread(ours)} vs Postfix "
-                               f"{spread(theirs)} msg/s ({load_desc(r['params'])}, "
+        return pick["ratio"], (f"{pick['ratio']:.2f}x: mta {fmt(ours)} vs Postfix "
+                               f"{fmt(theirs)} msg/s ({load_desc(r['params'])}, "
                                f"{lab.get('concurrency')} sessions)")
     return measure
 
@@ -111,7 +94,7 @@ def _scale(r: Data) -> tuple[float, str] | None:
         return None
     one = group_summary(r, "msgs_per_s", processes=1)
     two = group_summary(r, "msgs_per_s", processes=2)
-    return ratios[0]["ratio"], (f"{ratios[0]['ratio']:.2f}x: {spread(two)} vs {spread(one)} "
+    return ratios[0]["ratio"], (f"{ratios[0]['ratio']:.2f}x: {fmt(two)} vs {fmt(one)} "
                                 f"msg/s (client {r['params'].get('client', 'loadgen')})")
 
 
@@ -124,19 +107,19 @@ def _recovery(metric: str) -> Callable[[Data], tuple[float, str] | None]:
             return None
         mode = "with delivery scheduling" if r["params"].get("delivery") else "delivery off"
         unit = "s" if metric == "seconds" else "bytes/msg"
-        return s["median"], f"{spread(s, 2 if unit == 's' else 0)} {unit} ({mode})"
+        return s["median"], f"{fmt(s, 2 if unit == 's' else 0)} {unit} ({mode})"
     return measure
 
 
 TARGETS = [
     Target("Durable ingress vs Postfix", ">= 2x", "ingress", _ratio("ingress"),
-           lambda v: v >= 2.0, "ingress"),
-    Target("Relay vs Postfix", ">= 2x", "relay", _ratio("relay"), lambda v: v >= 2.0, "relay"),
-    Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7, "scale"),
+           lambda v: v >= 2.0),
+    Target("Relay vs Postfix", ">= 2x", "relay", _ratio("relay"), lambda v: v >= 2.0),
+    Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7),
     Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
-           lambda v: v <= 20.0, "recovery"),
+           lambda v: v <= 20.0),
     Target("1M queued: RSS per message", "<= 1 KB", "recovery", _recovery("bytes_per_msg"),
-           lambda v: v <= 1024, "recovery"),
+           lambda v: v <= 1024),
 ]
 
 
@@ -171,7 +154,7 @@ def targets_section(by: dict[str, list[Data]]) -> list[str]:
         for t, pr in misses:
             out.append(f"**{t.name}** ({t.goal}).")
             prof = _profile(pr) if pr else None
-            note = NOTES / f"miss-{t.note}.md"
+            note = NOTES / f"miss-{t.scenario}.md"
             if note.exists():
                 out += ["", note.read_text().strip()]
             if prof:
@@ -201,7 +184,7 @@ Col = tuple[str, Callable[[Data, Data], str]]
 
 
 def metric(name: str, digits: int = 0) -> Callable[[Data, Data], str]:
-    return lambda r, g: spread(g["summary"].get(name), digits)
+    return lambda r, g: fmt(g["summary"].get(name), digits)
 
 
 def label(name: str) -> Callable[[Data, Data], str]:

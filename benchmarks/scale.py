@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from benchmarks.common import cpu_seconds, free_port, launch_node, stop_node
+from benchmarks.common import cpu_seconds, free_port, launch_node, node_sections, stop_node
 from benchmarks.harness import (
     Result,
     Tick,
@@ -47,11 +47,9 @@ def nodes(count: int, concurrency: int) -> Iterator[tuple[int, list[int]]]:
         for i in range(count):
             node_dir = work / f"n{i}"
             node_dir.mkdir()
-            node, log = launch_node(
-                node_dir, port, free_port(), concurrency, "warning",
-                f'[spool]\npath = "{node_dir / "spool"}"\n'
-                f'[delivery]\nenabled = false\naccounting_log = "{node_dir / "a.jsonl"}"\n',
-                smtp_extra="reuse_port = true\n", node_id=f"scale{i}")
+            node, log = launch_node(node_dir, port, free_port(), concurrency, "warning",
+                                    node_sections(node_dir), smtp_extra="reuse_port = true\n",
+                                    node_id=f"scale{i}")
             stack.callback(stop_node, node, log)
             pids.append(node.pid)
         yield port, pids

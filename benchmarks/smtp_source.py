@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from benchmarks.harness import Tick
-from benchmarks.loadgen import Load, size_sampler
+from benchmarks.loadgen import Load, fixed_size
 
 __all__ = ["run_smtp_source", "smtp_source_missing"]
 
@@ -25,9 +25,7 @@ def run_smtp_source(port: int, load: Load, tick: Tick | None = None) -> int:
     first refusal, so anything short of all of them fails the run)."""
     if (why := smtp_source_missing()) is not None:
         raise SystemExit(why)
-    if load.size == "mix" or "-" in load.size:
-        raise SystemExit("smtp-source sends one fixed size: use --size N")
-    size = size_sampler(load.size)(None)  # type: ignore[arg-type]
+    size = fixed_size(load.size)
     cmd = ["smtp-source", "-c", "-s", str(load.concurrency), "-m", str(load.messages),
            "-l", str(size), "-f", load.sender, "-t", load.rcpt, "-M", "load.example"]
     if load.reuse:

@@ -32,7 +32,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, add_rows, git_commit
+from benchmarks.common import add_rows
+from benchmarks.harness import ROOT, commit_info
 from tests.etcd import EtcdServer
 from tests.helpers import NodeProcess, message, node_config
 from tests.mailworld import AnyAddress, Sink, SinkScript
@@ -246,7 +247,7 @@ def run(minutes: float, nodes: int, ttl: float, seed: int) -> dict[str, Any]:
 
 def append(result: dict[str, Any]) -> None:
     faults = ", ".join(f"{k} {v}" for k, v in sorted(result["faults"].items()))
-    row = (f"| {time.strftime('%Y-%m-%d')} | {git_commit()} | {result['seconds']} s | "
+    row = (f"| {time.strftime('%Y-%m-%d')} | {commit_info()['commit']} | {result['seconds']} s | "
            f"{result['nodes']} | {faults} | {result['acknowledged']} | "
            f"{result['recipients']} | {result['without_final']} | {result['final_twice']} | "
            f"{result['delivered_missing_at_sink']} | {result['sink_duplicates']} | "

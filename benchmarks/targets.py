@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import free_port, launch_node, rss_kb, stop_node
+from benchmarks.common import free_port, launch_node, node_sections, rss_kb, stop_node
 from benchmarks.harness import ROOT
 from benchmarks.postfix import PrivatePostfix, postfix_missing
 
@@ -79,15 +79,13 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
         smtp_port, admin_port = free_port(), free_port()
         if relay is None:
             # Durable accept only; relay runs measure accept + delivery together.
-            deliver = "enabled = false\n"
+            sections = node_sections(work, shards=shards)
         else:
-            deliver = (f'smarthost = "{relay[0]}:{relay[1]}"\n' if "nameservers" not in delivery
-                       else "") + delivery + (
-                "max_connections = 20\nmax_messages_per_connection = 1000\n")
-        node, log = launch_node(
-            work, smtp_port, admin_port, concurrency, log_level,
-            f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n'
-            f'[delivery]\n{deliver}accounting_log = "{work / "acct.jsonl"}"\n')
+            sections = node_sections(work, (
+                f'smarthost = "{relay[0]}:{relay[1]}"\n' if "nameservers" not in delivery
+                else "") + delivery + "max_connections = 20\nmax_messages_per_connection = 1000\n",
+                shards)
+        node, log = launch_node(work, smtp_port, admin_port, concurrency, log_level, sections)
         try:
             yield Handle(name, smtp_port, work, admin_port, node.pid)
         finally:
