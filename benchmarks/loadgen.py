@@ -212,7 +212,11 @@ class _Worker:
             try:
                 conn = await self._transaction(conn, *item)
             except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                # As in the closed loop: the cut message counts as unsent, and the session
+                # reconnects for the next one.
                 self.res.errors += 1
+                self.res.unsent += 1
+                self._unreported += 1
                 conn = None
         if conn is not None:
             await conn.close()
