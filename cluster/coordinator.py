@@ -13,6 +13,7 @@ Keys under ``/mta/<cluster>/``:
 | config/throttle/<domain or site> | operator | "100/s"                    | persistent    |
 | config/suspend/<domain>          | operator | b"1"                       | persistent    |
 | token_base       | claiming node, txn    | decimal integer                | only raised   |
+| shards           | first node, create txn | decimal shard count           | persistent    |
 
 A reconcile loop (Patroni style) re-reads the whole prefix every lease_ttl/3 and acts; a
 prefix watch only makes it react sooner, so correctness never depends on a watch. The fencing
@@ -40,6 +41,7 @@ import mta
 from cluster.rendezvous import assign
 from mta.config import Config, parse_rate
 from mta.coordinator import ClusterOpError, Member, RuntimeSettings, ShardHost, ShardInfo
+from mta.spool.layout import ShardCountMismatch
 
 __all__ = ["EtcdCoordinator"]
 
@@ -154,6 +156,8 @@ class EtcdCoordinator:
         deadline = time.monotonic() + max(10.0, self.ttl * 3)
         while True:
             try:
+                # Before joining: a node with another count must never be assigned a shard.
+                await self._agree_shard_count()
                 await self._join()
                 break
             except _EtcdDown as exc:
@@ -171,6 +175,35 @@ class EtcdCoordinator:
                     and self._view.owner.get(s, (self.node_id, 0))[0] == self.node_id):
                 break
             await asyncio.sleep(0.05)
+
+    async def _agree_shard_count(self) -> None:
+        """Record the cluster's shard count (first node, create-revision-0 txn) or check ours
+        against it; raises :class:`ShardCountMismatch`. A cluster from before the key gets
+        our count, unless the leader has assigned a shard that count would leave out."""
+        key = self._key("shards")
+        where = (f"cluster {self.cfg.cluster.name!r} (etcd key {key.decode()}; delete it "
+                 "only if the whole cluster and its spool are new)")
+        kv = await self._call(lambda c: c.get(key))
+        if kv is None:
+            assigned = await self._call(lambda c: c.get_prefix(self._key("assign", "")))
+            top = max((int(n) for a in assigned if (n := a.key.rpartition(b"/")[2]).isdigit()),
+                      default=-1)
+            if top >= self.total_shards:
+                raise ShardCountMismatch(self.total_shards, top + 1,
+                                         f"cluster {self.cfg.cluster.name!r} (it assigns "
+                                         f"shard {top})", at_least=True)
+            mine = str(self.total_shards).encode()
+            ok, _ = await self._call(lambda c: c.transaction(
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, mine)], failure=[]))
+            if ok:
+                log.info("cluster.shards_recorded", node_id=self.node_id,
+                         shards=self.total_shards)
+                return
+            kv = await self._call(lambda c: c.get(key))  # another node was first
+        recorded = int(kv.value) if kv is not None and kv.value.isdigit() else 0
+        if recorded != self.total_shards:
+            raise ShardCountMismatch(self.total_shards, recorded, where)
 
     async def _join(self) -> None:
         self._lease = await self._call(lambda c: c.lease(int(max(1, round(self.ttl)))))

@@ -110,6 +110,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid(f"expected an integer of 0 or more, got {value!r}")
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {value!r}")
@@ -213,16 +219,27 @@ class SmtpConfig:
     auth_allow_insecure: bool = _opt(_boolean, False)
     max_connections: int = _opt(_positive_int, 1000)
     max_connections_per_ip: int = _opt(_positive_int, 100)
+    # Slots of max_connections only relay_networks clients may take (a flood from elsewhere
+    # cannot shut them out); None: a tenth of max_connections.
+    reserved_connections: int | None = _opt(_non_negative_int, None)
+    # DATA bytes all sessions may hold at once before they reach the spool; beyond it 452.
+    max_inflight_bytes: int = _opt(parse_size, 512 * 1024 * 1024)
     # Above 80% of max_connections, idle sessions get this command timeout (slow-client
     # floods cannot hold the listener for the full command_timeout).
     stress_timeout: float = _opt(parse_duration, 10.0)
     auth_max_failures: int = _opt(_positive_int, 5)  # then AUTH refused (454) ...
     auth_lockout: float = _opt(parse_duration, 600.0)  # ... for this long
     auth_failure_delay: float = _opt(parse_duration, 1.0)  # x (failures - 1), at most 5x
+    # Failed AUTHs at one user from any addresses within auth_lockout before that user's
+    # password is no longer checked for unknown addresses (distributed guessing).
+    auth_user_max_failures: int = _opt(_positive_int, 20)
     command_timeout: float = _opt(parse_duration, 300.0)
     data_timeout: float = _opt(parse_duration, 600.0)
     shutdown_grace: float = _opt(parse_duration, 30.0)
     reuse_port: bool = _opt(_boolean, False)
+    # Received: headers a message may arrive with (Postfix's hopcount_limit): more is a loop,
+    # refused with 554 5.4.6 at DATA and bounced if already queued.
+    max_hops: int = _opt(_positive_int, 50)
 
 
 @dataclass(frozen=True)
@@ -452,6 +469,16 @@ def _check_consistency(cfg: Config, path: str) -> None:
         value = getattr(smtp, key)
         if value and not os.path.isfile(value):
             raise ConfigError(path, f"[smtp] {key}", f"file {value!r} does not exist")
+    if smtp.reserved_connections is not None and (
+            smtp.reserved_connections >= smtp.max_connections):
+        raise ConfigError(path, "[smtp] reserved_connections",
+                          f"expected fewer than max_connections ({smtp.max_connections}), "
+                          f"got {smtp.reserved_connections}")
+    if smtp.max_inflight_bytes < smtp.max_message_size:
+        # A message of the largest size would never fit: its sender would retry forever.
+        raise ConfigError(path, "[smtp] max_inflight_bytes",
+                          f"expected at least max_message_size ({smtp.max_message_size}), "
+                          f"got {smtp.max_inflight_bytes}")
     if cfg.spool.shards > 4096:
         raise ConfigError(path, "[spool] shards", "expected at most 4096 shards")
     if cfg.spool.segment_size < 64 * 1024:

@@ -23,8 +23,8 @@ from mta.admin.views import merge_queues, message_view, queue_view
 from mta.config import parse_duration, parse_rate
 from mta.coordinator import ClusterOpError, Member
 from mta.envelope import Envelope, InvalidMessageId, shard_of
-from mta.ingress.policy import address_problem
-from mta.ingress.submit import store_submission
+from mta.ingress.policy import address_problem, domain_problem
+from mta.ingress.submit import TooManyHops, store_submission
 from mta.probe import ProbeError
 from mta.slo import merge_reports
 from mta.spool import MessageNotFound, SpoolError, SpoolWriteError
@@ -67,7 +67,12 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.peers = PeerClient(node.cfg.admin.token)
-        app = web.Application(middlewares=[self._auth, self._refusals])
+        # JSON escaping makes a message up to several times its size (CRLF becomes 4
+        # characters, a non-ASCII one up to 12): room for an injection of max_message_size,
+        # and past it the JSON 413 of _json, not aiohttp's plain-text one.
+        self._max_body = max(1024 * 1024, 4 * node.cfg.smtp.max_message_size + 64 * 1024)
+        app = web.Application(middlewares=[self._auth, self._refusals],
+                              client_max_size=self._max_body)
         add = app.router
         add.add_get("/healthz", self.healthz)
         add.add_get("/readyz", self.readyz)
@@ -337,6 +342,12 @@ class AdminServer:
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Refused(413, f"request body larger than {self._max_body} bytes",
+                           "the limit follows [smtp] max_message_size") from None
+        except RecursionError:
+            raise _Refused(400, "body is not JSON this API accepts: nested too deeply",
+                           "send a JSON object as documented") from None
         except ValueError:
             raise web.HTTPBadRequest(
                 text=json.dumps({"error": "body is not JSON", "hint": "send a JSON object"}),
@@ -364,7 +375,11 @@ class AdminServer:
         cfg = node.cfg.smtp
         if len(rcpts) > cfg.max_recipients:
             return _error(400, f"too many recipients (at most {cfg.max_recipients})", "")
-        raw = content.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+        try:
+            raw = content.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+        except UnicodeEncodeError:  # JSON may carry lone surrogates; no message can
+            return _error(400, "content is not valid Unicode (a lone surrogate)",
+                          "send the message as UTF-8 text")
         if len(raw) > cfg.max_message_size:
             return _error(413, f"message larger than {cfg.max_message_size} bytes", "")
         if node.fenced or node.ingress is None or not node.ingress.accepting_writes:
@@ -373,7 +388,11 @@ class AdminServer:
                        body_8bit=not raw.isascii(), client_ip=request.remote or "",
                        helo="http", auth_user="admin-api")
         try:
-            mid, _size = await store_submission(node.spool, cfg.hostname, env, raw, "HTTP")
+            mid, _size = await store_submission(node.spool, cfg.hostname, env, raw, "HTTP",
+                                                max_hops=cfg.max_hops)
+        except TooManyHops as exc:
+            return _error(422, f"{exc.reply}: {exc}", "the message is looping between mail "
+                                                      "servers; do not resubmit it")
         except SpoolWriteError as exc:
             return _error(507, f"spool write failed: {exc}", "free disk space, then retry")
         except SpoolError as exc:
@@ -381,8 +400,18 @@ class AdminServer:
         return web.json_response({"id": mid}, status=202)
 
     def _domain_arg(self, body: dict[str, Any]) -> str | None:
+        """The body's domain, lower-cased; None if absent. The grammar is the one recipient
+        addresses pass at the doors (domains and address literals, no wildcards: suspend,
+        flush and bounce match the domain of each recipient exactly), so nothing else can
+        reach the runtime settings (etcd keys) or the operator's terminal."""
         domain = body.get("domain")
-        return domain.lower() if isinstance(domain, str) and domain else None
+        if not isinstance(domain, str) or not domain:
+            return None
+        if problem := domain_problem(domain):
+            raise _Refused(400, f"not a domain: {domain[:300]!r} ({problem})",
+                           "one domain exactly as in recipient addresses, e.g. example.com "
+                           "or [192.0.2.1]; no wildcards")
+        return domain.lower()
 
     async def flush(self, request: web.Request) -> web.Response:
         body = await self._json(request) if request.can_read_body else {}
@@ -455,6 +484,9 @@ class AdminServer:
         if not isinstance(key, str) or not key:
             return _error(400, "expected {\"key\": domain or site, \"spec\": \"100/s\"}",
                           "spec null removes the override")
+        if not key.isprintable():  # runtime keys end up in etcd and on terminals
+            return _error(400, f"not a domain or site: {key[:300]!r}",
+                          "a domain, or a site as mtactl queue shows it")
         try:
             rate = None if spec is None else parse_rate(spec)
         except ValueError as exc:

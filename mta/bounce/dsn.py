@@ -10,6 +10,12 @@ from dataclasses import dataclass
 __all__ = ["FailedRecipient", "build_dsn"]
 
 _STATUS_RE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+# What may end a line or a field downstream (the set mta.ingress.policy refuses in
+# addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD stay within 78 characters
+_MAX_WORD = 900  # and MUST stay within 998: longer runs without a space are cut
+_MAX_REPLY = 2000  # a remote's essay is cut here; the start says what went wrong
 
 
 @dataclass(frozen=True)
@@ -21,8 +27,44 @@ class FailedRecipient:
     remote: str = ""  # MX host that answered, if any
 
 
-def _addr_type(address: str) -> str:
-    return "rfc822" if address.isascii() else "utf-8"  # RFC 6533 for SMTPUTF8 addresses
+def _escaped(text: str) -> str:
+    """Envelope text (an address, a host) with its control characters written as ``\\x{HH}``
+    (RFC 6533's form): still recognisable, never a line break."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
+
+
+def _address(address: str) -> tuple[str, str]:
+    """(address type, address) for Final-Recipient: RFC 6533's utf-8 type for SMTPUTF8
+    addresses and for any that needed escaping (the rfc822 type has no escapes)."""
+    text = _escaped(address)
+    return ("rfc822" if text == address and address.isascii() else "utf-8"), text
+
+
+def _one_line(reply: str) -> str:
+    """A remote reply as one line of text (RFC 3464 2.3.6 allows one Diagnostic-Code per
+    recipient): the lines of a multi-line reply joined with spaces, control characters
+    dropped, so no line of it can become a field (a forged Final-Recipient) of its own."""
+    text = " ".join(_CONTROL_RE.sub("", line) for line in reply.splitlines())
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_REPLY else text[:_MAX_REPLY] + " [...]"
+
+
+def _fold(first: str, text: str, indent: str = " ") -> list[str]:
+    """``first`` and ``text`` folded at spaces into lines of at most 78 characters where the
+    words allow (RFC 5322 2.2.3: unfolding removes only the CRLFs, so the text comes back
+    unchanged)."""
+    words = [w[i:i + _MAX_WORD] for w in text.split(" ")
+             for i in range(0, max(len(w), 1), _MAX_WORD)]
+    lines: list[str] = []
+    line, bare = first, True  # bare: no word on this line yet, so nothing to break before
+    for word in words:
+        candidate = f"{line} {word}" if line else word
+        if not bare and len(candidate) > _WIDTH:
+            lines.append(line)
+            candidate = indent + word
+        line, bare = candidate, False
+    lines.append(line)
+    return lines
 
 
 def _status(reply: str, expired: bool) -> str:
@@ -48,7 +90,8 @@ def build_dsn(*, reporting_mta: str, postmaster: str, original_sender: str,
         "",
     ]
     for r in recipients:
-        human.append(f"<{r.address}>: {r.reply}" + (f" (from {r.remote})" if r.remote else ""))
+        remote = f" (from {_escaped(r.remote)})" if r.remote else ""
+        human += _fold("", f"<{_escaped(r.address)}>: {_one_line(r.reply)}{remote}", "    ")
     status_fields = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Mta-Queue-ID: {message_id}",
@@ -56,18 +99,19 @@ def build_dsn(*, reporting_mta: str, postmaster: str, original_sender: str,
         "",
     ]
     for r in recipients:
+        addr_type, address = _address(r.address)
         status_fields += [
-            f"Final-Recipient: {_addr_type(r.address)}; {r.address}",
+            *_fold("Final-Recipient:", f"{addr_type}; {address}"),
             "Action: failed",
             f"Status: {_status(r.reply, expired)}",
         ]
         if r.remote:
-            status_fields.append(f"Remote-MTA: dns; {r.remote}")
-        status_fields += [f"Diagnostic-Code: smtp; {r.reply}", ""]
+            status_fields += _fold("Remote-MTA:", f"dns; {_escaped(r.remote)}")
+        status_fields += [*_fold("Diagnostic-Code:", f"smtp; {_one_line(r.reply)}"), ""]
     headers = original_headers.rstrip(b"\r\n") + b"\r\n"
     parts = [
         f"From: Mail Delivery System <{postmaster}>",
-        f"To: <{original_sender}>",
+        f"To: <{_escaped(original_sender)}>",
         f"Subject: {subject}",
         f"Date: {email.utils.formatdate(localtime=True)}",
         f"Message-ID: <dsn-{message_id}-{os.urandom(4).hex()}@{reporting_mta}>",

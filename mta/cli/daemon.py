@@ -19,6 +19,7 @@ import structlog
 from mta.config import Config, ConfigError, load_config
 from mta.logs import configure_logging
 from mta.spool import ShardLockedError
+from mta.spool.layout import SpoolLayoutError
 
 __all__ = ["main"]
 
@@ -49,6 +50,11 @@ async def _serve(cfg: Config) -> int:
         return _fail(str(exc), exc.exit_code)
     except ShardLockedError as exc:
         return _fail(str(exc), 1)
+    except SpoolLayoutError as exc:
+        # The spool (or the cluster in etcd) was made with another shard count: starting
+        # would hide mail. Part of the node may be up already (admin API, a writer thread).
+        await node.stop()
+        return _fail(f"config error: {cfg.source}: [spool] shards: {exc}", 2)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0

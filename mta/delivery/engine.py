@@ -30,6 +30,7 @@ from mta.config import Config
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.breaker import Breaker
 from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
+from mta.delivery.loops import LoopGuard, received_count
 from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.site import Job, RecipientResult, Site, SiteLimits
 from mta.delivery.throttle import Throttle
@@ -89,6 +90,7 @@ class DeliveryEngine:
         self.metrics = metrics
         self.accounting = accounting
         self.router = Router(cfg.delivery)
+        self.loops = LoopGuard(cfg.smtp.listen, self.node_id, coordinator.members)
         self.scheduler = Scheduler(
             self._on_due, can_dispatch=lambda: len(self._inflight) < self.dcfg.max_inflight)
         self.sites: dict[str, Site] = {}
@@ -386,6 +388,16 @@ class DeliveryEngine:
                     done[str(i)] = self._final_record(mid, env, i, outcomes[i], attempt)
                     req.count += 1
             groups.clear()
+        # Our own trace header is not a hop the message arrived with (ingress admits exactly
+        # max_hops); a limit lowered since acceptance bounces what now exceeds it.
+        if groups and (hops := received_count(stored.body) - 1) > self.cfg.smtp.max_hops:
+            too_many = RecipientResult(
+                554, f"5.4.6 Too many hops ({hops} Received: headers, at most "
+                     f"{self.cfg.smtp.max_hops})")
+            for i in [i for idx in groups.values() for i in idx]:
+                outcomes[i] = ("b", too_many)
+                done[str(i)] = self._final_record(mid, env, i, outcomes[i], attempt)
+            groups.clear()
         held = {d for d in groups if d in self._runtime.suspended}
         active = {d: idx for d, idx in groups.items() if d not in held}
 
@@ -525,6 +537,14 @@ class DeliveryEngine:
             route = await self.router.route(domain)
         except DeliveryError as exc:
             return every("b" if exc.permanent else "t", RecipientResult(exc.code, exc.text))
+        outside = await self.loops.outside(route)
+        if outside is None:
+            # Handing it to ourselves would accept it again as a new message, for ever.
+            log.warning("delivery.loops_back", message_id=stored.id, node_id=self.node_id,
+                        domain=domain, site=route.site)
+            return every("b", RecipientResult(554, f"5.4.6 mail for {domain} loops back to "
+                                                   "myself"))
+        route = outside
         site = self._site_for(route, domain)
         self._site_of[domain] = route.site
         # Wait for the domain's own throttle here, not on a pooled connection: a slow domain

@@ -1,4 +1,5 @@
-"""Where mail for a domain goes: MX lookup (dnspython), A/AAAA fallback, null MX, smarthost.
+"""Where mail for a domain goes: MX lookup (dnspython), A/AAAA fallback, null MX, smarthost,
+address literals (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``).
 
 Domains whose MX sets are the same share a *site* (one pool, one throttle), as the big
 providers host many domains on one set of MX hosts.
@@ -6,6 +7,7 @@ providers host many domains on one set of MX hosts.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import dns.resolver
 from mta.config import DeliveryConfig, DomainPolicy
 from mta.delivery.errors import PermanentError, TemporaryError
 
-__all__ = ["Route", "Router", "policy_for"]
+__all__ = ["Route", "Router", "literal_address", "policy_for"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,27 @@ def policy_for(domain: str, policies: dict[str, DomainPolicy]) -> DomainPolicy |
         if wildcard in policies:
             return policies[wildcard]
     return policies.get("*")
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def literal_address(domain: str) -> str | None:
+    """The IP address an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) names;
+    None for a domain name. Raises PermanentError for a literal that names no host."""
+    if not domain.startswith("["):
+        return None
+    text = domain[1:-1] if domain.endswith("]") else ""
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        addr = (ipaddress.IPv6Address(text[5:]) if text.lower().startswith("ipv6:")
+                else ipaddress.IPv4Address(text))
+    except ValueError:
+        addr = None
+    if addr is None or "%" in text or addr.is_unspecified or addr.is_multicast \
+            or addr == _BROADCAST:
+        raise PermanentError(550, f"5.1.2 Bad destination address literal {domain!r}")
+    return str(addr)
 
 
 class Router:
@@ -65,6 +88,10 @@ class Router:
         if smarthost is not None:
             host, port = smarthost
             return Route(f"smarthost:{host}:{port}", ((host, port, host),))
+        # RFC 5321 5.1: an address literal is the destination itself, no DNS; it goes to the
+        # MX port like any other destination (a smarthost, above, takes it like any other).
+        if (addr := literal_address(domain)) is not None:
+            return Route(f"[{addr}]", ((addr, self.cfg.mx_port, addr),))
         now = time.monotonic()
         cached = self._cache.get(domain)
         if cached is not None and cached[0] > now:

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import re
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
 import structlog
+from aiosmtplib.email import quote_address
 
 from mta.delivery.breaker import Breaker
 from mta.delivery.errors import DeliveryError, TemporaryError
@@ -21,6 +23,37 @@ from mta.delivery.throttle import Backoff, Throttle
 __all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
 
 log = structlog.get_logger("mta.delivery")
+
+# What may end a line or a field downstream (the set mta.ingress.policy refuses in
+# addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _reply_text(message: str) -> str:
+    """A remote reply as one line of text. aiosmtplib joins the lines of a multi-line reply
+    with LF; what we keep of it (spool state, accounting, logs, mtactl, DSNs) must never
+    carry a line break or a control character a remote server chose."""
+    text = " ".join(_CONTROL_RE.sub("", line) for line in message.splitlines())
+    return " ".join(text.split())
+
+
+def _unsendable(address: str, encoding: str) -> str | None:
+    """Why aiosmtplib would not put ``address`` on the wire as it is, or None.
+
+    It re-parses addresses (a quoted local part holding CR and ``<victim@other>`` went out
+    as ``<victim@other>``) and raises ValueError for what it cannot quote; a message that
+    got past the doors (written by an older version, or through the spool API) must fail
+    for that address alone, not send to a different one or fail every attempt."""
+    if _CONTROL_RE.search(address):
+        return "control character in address"
+    try:
+        quoted = quote_address(address)
+        quoted.encode(encoding)
+    except ValueError:  # UnicodeEncodeError included
+        return "not sendable over SMTP"
+    if quoted != f"<{address}>":
+        return "not sendable over SMTP as it is"
+    return None
 
 
 @dataclass(frozen=True)
@@ -304,7 +337,8 @@ class Site:
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
                 last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
-                                      exc.message or "4.4.2 refused at greeting", remote=name,
+                                      _reply_text(exc.message) or "4.4.2 refused at greeting",
+                                      remote=name,
                                       connection=True)
                 continue
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -333,32 +367,46 @@ class Site:
                                          "and the addresses need it", remote)] * len(job.recipients)
         if job.body_8bit and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        results: list[RecipientResult | None] = [None] * len(job.recipients)
+        if (why := _unsendable(job.sender, encoding)) is not None:
+            return [_bad_sender(why)] * len(job.recipients)
+        # Decided here, before MAIL: no remote server answered for these (so no remote).
+        results: list[RecipientResult | None] = [
+            None if (why := _unsendable(rcpt, encoding)) is None else _bad_recipient(why)
+            for rcpt in job.recipients]
+        if None not in results:
+            return [r for r in results if r is not None]
         try:
             try:
                 await smtp.mail(job.sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
                 self._note_reply(exc.code)
                 await _rset(smtp)
-                return [RecipientResult(exc.code, exc.message, remote)] * len(job.recipients)
+                return [RecipientResult(exc.code, _reply_text(exc.message), remote)
+                        ] * len(job.recipients)
+            except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
+                return [_bad_sender(str(exc))] * len(job.recipients)
             accepted = []
             for i, rcpt in enumerate(job.recipients):
+                if results[i] is not None:
+                    continue
                 try:
                     await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(i)
                 except aiosmtplib.SMTPResponseException as exc:
                     self._note_reply(exc.code)
-                    results[i] = RecipientResult(exc.code, exc.message, remote)
+                    results[i] = RecipientResult(exc.code, _reply_text(exc.message), remote)
+                except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
+                    results[i] = _bad_recipient(str(exc))
             if not accepted:
                 await _rset(smtp)
                 return [r for r in results if r is not None]
             try:
                 resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
-                final = RecipientResult(resp.code, resp.message, remote)
+                final = RecipientResult(resp.code, _reply_text(resp.message), remote)
                 self.backoff.on_success()
             except aiosmtplib.SMTPResponseException as exc:
                 self._note_reply(exc.code)
-                final = RecipientResult(exc.code, exc.message, remote)
+                final = RecipientResult(exc.code, _reply_text(exc.message), remote)
                 await _rset(smtp)
             for i in accepted:
                 results[i] = final
@@ -383,6 +431,14 @@ class Site:
         for task in list(self._workers):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _bad_sender(why: str) -> RecipientResult:
+    return RecipientResult(553, f"5.1.7 Bad sender address syntax: {_reply_text(why)}")
+
+
+def _bad_recipient(why: str) -> RecipientResult:
+    return RecipientResult(553, f"5.1.3 Bad recipient address syntax: {_reply_text(why)}")
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:

@@ -96,6 +96,9 @@ class UsersFile:
     def __len__(self) -> int:
         return len(self._users)
 
+    def __contains__(self, user: object) -> bool:
+        return user in self._users
+
     def _cache_key(self, user: str, password: bytes) -> bytes:
         return hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
 
@@ -120,3 +123,8 @@ class UsersFile:
             if len(self._ok) > self._CACHE_SIZE:
                 self._ok.popitem(last=False)
         return ok
+
+    async def burn(self, user: str, password: bytes) -> None:
+        """Spend exactly what :meth:`verify` would on a miss, and learn nothing: the answer
+        to a password that must not be checked takes as long as a real check."""
+        await asyncio.to_thread(self._verify_blocking, user, password)

@@ -10,8 +10,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from mta.envelope import Envelope
-from mta.ingress.policy import address_problem
-from mta.ingress.submit import store_submission
+from mta.ingress.policy import address_problem, escape_controls
+from mta.ingress.submit import TooManyHops, store_submission
 from mta.spool import NoShardsOwned, SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ class IngressHandler:
                           mail_options: list[str]) -> str:
         # The null sender stays "<>" here: aiosmtpd reads an empty mail_from as "no MAIL yet".
         if address != "<>" and (problem := address_problem(address, envelope.smtp_utf8)):
-            return f"501 5.1.7 Bad sender address syntax: {problem}"
+            # 5.1.3 like aiosmtpd's own "malformed address", so every refusal of a MAIL
+            # address for its syntax carries one code, whichever layer caught it.
+            return f"501 5.1.3 Bad sender address syntax: {problem}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -57,7 +59,9 @@ class IngressHandler:
                           rcpt_options: list[str]) -> str:
         cfg = self._server.cfg
         if not session.authenticated and not server.relay_allowed:
-            log.info("smtp.relay_denied", client_ip=server.client_ip, rcpt=address)
+            # Not checked yet: escaped, so a console log cannot be fed terminal controls.
+            log.info("smtp.relay_denied", client_ip=server.client_ip,
+                     rcpt=escape_controls(address))
             return "554 5.7.1 Relay access denied: authenticate first"
         if problem := address_problem(address, envelope.smtp_utf8):
             return f"501 5.1.3 Bad recipient address syntax: {problem}"
@@ -92,7 +96,11 @@ class IngressHandler:
         raw: Any = envelope.original_content or b""
         try:
             message_id, size = await store_submission(srv.spool, srv.cfg.hostname, env, raw,
-                                                      protocol)
+                                                      protocol, max_hops=srv.cfg.max_hops)
+        except TooManyHops as exc:
+            log.warning("smtp.too_many_hops", sender=sender, client_ip=env.client_ip,
+                        hops=exc.hops, max_hops=exc.max_hops)
+            return exc.reply
         except NoShardsOwned:
             return "451 4.3.0 No spool shard available on this node, try again later"
         except SpoolWriteError as exc:

@@ -6,6 +6,8 @@ import email.utils
 import re
 import time
 
+from mta.ingress.policy import escape_controls
+
 __all__ = ["prepare_content", "received_header"]
 
 _NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
@@ -47,10 +49,14 @@ def _split_headers(content: bytes) -> tuple[int, set[bytes]]:
 
 def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message_id: str,
                     recipient: str | None) -> bytes:
-    """A ``Received:`` trace line; names the recipient only when there is exactly one."""
-    for_clause = f"\r\n\tfor <{recipient}>" if recipient else ""
+    """A ``Received:`` trace line; names the recipient only when there is exactly one.
+
+    The HELO name is whatever the client typed and the recipient passed a door that may have
+    been bypassed (the spool API): both are escaped, so neither can end this field early.
+    """
+    for_clause = f"\r\n\tfor <{escape_controls(recipient)}>" if recipient else ""
     date = _now()
-    helo = helo.replace("\r", "").replace("\n", "")[:255]
+    helo = escape_controls(helo[:255])
     return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (mta) with {protocol}"
             f" id {message_id}{for_clause};\r\n\t{date}\r\n").encode("utf-8", "surrogateescape")
 

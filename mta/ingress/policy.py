@@ -8,11 +8,21 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
-__all__ = ["ConnectionLimiter", "address_problem", "in_networks", "is_loopback"]
+__all__ = ["ConnectionLimiter", "address_problem", "domain_problem", "escape_controls",
+           "in_networks", "is_loopback"]
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ATEXT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _IPV6_TAG = "ipv6:"
+# C0, DEL and C1 controls, the Unicode line and paragraph separators (str.splitlines() and
+# some mail parsers break lines there) and lone surrogates (JSON can carry them; no wire
+# encoding can): none of them is part of any address, and each could end a line or a field
+# somewhere downstream (a header, a DSN, an SMTP command, a log line, a terminal).
+_FORBIDDEN_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# RFC 5321 4.1.2 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or quoted-pairSMTP
+# (backslash, then %d32-126); RFC 6531 adds UTF8-non-ascii to qtextSMTP (SMTPUTF8 is checked
+# separately, controls before this).
+_QUOTED_RE = re.compile(r'^"(?:[ !#-\[\]-~]|\\[ -~]|[^\x00-\x7f])*"$')
 
 
 def _client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -40,6 +50,8 @@ def is_loopback(ip: str) -> bool:
 def _domain_problem(domain: str, smtputf8: bool) -> str | None:
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
+        if "%" in literal:
+            return "bad address literal"  # a zone id means nothing outside this host
         try:
             if literal.lower().startswith(_IPV6_TAG):
                 ipaddress.IPv6Address(literal[len(_IPV6_TAG):])
@@ -65,8 +77,26 @@ def _domain_problem(domain: str, smtputf8: bool) -> str | None:
     return None
 
 
+def domain_problem(domain: str, smtputf8: bool = True) -> str | None:
+    """Why ``domain`` is not a mail domain (as after the ``@`` of an address), or None."""
+    if _FORBIDDEN_RE.search(domain):
+        return "control character in domain"
+    return _domain_problem(domain, smtputf8)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character no address may hold written as ``\\x{HH}`` (the
+    RFC 6533 form), for the places envelope text lands in: headers, replies, DSNs."""
+    return _FORBIDDEN_RE.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
+
+
 def address_problem(address: str, smtputf8: bool) -> str | None:
-    """Why ``address`` is not a deliverable ``local@domain`` mailbox, or None if it is."""
+    """Why ``address`` is not a deliverable ``local@domain`` mailbox, or None if it is.
+
+    The one rule both doors (SMTP MAIL/RCPT, HTTP injection) apply.
+    """
+    if _FORBIDDEN_RE.search(address):
+        return "control character in address"
     local, at, domain = address.rpartition("@")
     if not at or not local:
         return "expected local@domain"
@@ -74,7 +104,10 @@ def address_problem(address: str, smtputf8: bool) -> str | None:
         return "local part longer than 64 octets"
     if not local.isascii() and not smtputf8:
         return "non-ASCII local part without SMTPUTF8"
-    if not (local.startswith('"') and local.endswith('"') and len(local) >= 2):
+    if local.startswith('"'):
+        if not _QUOTED_RE.match(local):
+            return "bad quoted local part"
+    else:
         ascii_local = local.encode("ascii", "ignore").decode() if smtputf8 else local
         if ascii_local and not _ATEXT_RE.match(ascii_local):
             return "bad local part"
@@ -84,17 +117,19 @@ def address_problem(address: str, smtputf8: bool) -> str | None:
 
 
 class ConnectionLimiter:
-    """Counts open sessions in total and per client address."""
+    """Counts open sessions in total and per client address; the last ``reserved`` slots
+    only go to privileged clients, so a flood from elsewhere never fills the listener."""
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    def __init__(self, max_total: int, max_per_ip: int, reserved: int = 0) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.reserved = reserved
         self.total = 0
         self._per_ip: Counter[str] = Counter()
 
-    def acquire(self, ip: str) -> str | None:
+    def acquire(self, ip: str, privileged: bool = False) -> str | None:
         """Take a slot for ``ip``; return the refusal reason when over a limit."""
-        if self.total >= self.max_total:
+        if self.total >= (self.max_total if privileged else self.max_total - self.reserved):
             return "total"
         if self._per_ip[ip] >= self.max_per_ip:
             return "per_ip"

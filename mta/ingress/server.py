@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import ssl
 import time
+from collections.abc import Callable
 
 import structlog
 
 from mta.config import SmtpConfig
 from mta.ingress.auth import UsersFile
-from mta.ingress.guard import AuthGuard
+from mta.ingress.guard import AuthAttempt, AuthGuard
 from mta.ingress.handler import IngressHandler
 from mta.ingress.policy import ConnectionLimiter, is_loopback
 from mta.ingress.session import IngressSession
@@ -20,6 +24,35 @@ from mta.spool import Spool
 __all__ = ["IngressServer", "load_tls_context"]
 
 log = structlog.get_logger("mta.ingress")
+
+# After a burst that held at least this much DATA at once, give the freed heap back to the
+# system once the burst is over: glibc keeps freed multi-megabyte bodies in its heaps (its
+# mmap threshold grows with the sizes it sees), so RSS otherwise stays at the burst's peak.
+_TRIM_AFTER = 16 * 1024 * 1024
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (musl has no malloc_trim): nothing to give back this way
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def reserved_for(cfg: SmtpConfig) -> int:
+    """Connection slots only ``relay_networks`` clients may take: the configured number, by
+    default a tenth of ``max_connections``."""
+    if cfg.reserved_connections is not None:
+        return cfg.reserved_connections
+    return cfg.max_connections // 10
 
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -40,9 +73,13 @@ class IngressServer:
         self.metrics = metrics
         self.users = users
         self.tls = tls
-        self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip)
+        self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip,
+                                         reserved_for(cfg))
         self.auth_guard = AuthGuard(cfg.auth_max_failures, cfg.auth_lockout,
-                                    cfg.auth_failure_delay)
+                                    cfg.auth_failure_delay, cfg.auth_user_max_failures)
+        # Bytes of DATA bodies held by sessions right now (read, not yet in the spool).
+        self.inflight_bytes = 0
+        self._burst_peak = 0
         self.stressed = False
         self._stress_at = max(1, int(cfg.max_connections * 0.8))
         self.sessions: set[IngressSession] = set()
@@ -125,7 +162,9 @@ class IngressServer:
         if not self.accepting_writes:
             self.metrics.connections_refused.labels("fenced").inc()
             return "421 4.3.2 Not accepting mail right now, try again later"
-        reason = self.limiter.acquire(ip)
+        # relay_networks clients may use the reserved slots: a flood from elsewhere cannot
+        # shut out the applications this node serves (AUTH users are not known yet here).
+        reason = self.limiter.acquire(ip, privileged=session.relay_allowed)
         if reason is not None:
             self.metrics.connections_refused.labels(reason).inc()
             log.warning("smtp.connection_refused", client_ip=ip, reason=reason)
@@ -166,15 +205,46 @@ class IngressServer:
     def count_rejection(self, code: str) -> None:
         self.metrics.rejected.labels(code).inc()
 
-    def count_auth_failure(self, ip: str, user: str) -> float:
-        """Record a failed AUTH; returns how long to wait before answering it."""
+    def count_auth_failure(self, attempt: AuthAttempt) -> float:
+        """Settle a failed AUTH; returns how long to wait before answering it."""
         self.metrics.auth_failures.inc()
-        delay, locked = self.auth_guard.failed(ip)
-        log.warning("smtp.auth_failed", client_ip=ip, user=user, locked=locked)
-        if locked:
+        outcome = self.auth_guard.finish(attempt, ok=False)
+        log.warning("smtp.auth_failed", client_ip=attempt.ip, user=attempt.user,
+                    checked=attempt.check, locked=outcome.address_locked)
+        if outcome.address_locked:
             self.metrics.auth_lockouts.inc()
-            log.warning("smtp.auth_lockout", client_ip=ip, seconds=self.cfg.auth_lockout)
-        return delay
+            log.warning("smtp.auth_lockout", client_ip=attempt.ip,
+                        seconds=self.cfg.auth_lockout)
+        if outcome.user_locked:
+            self.metrics.auth_lockouts.inc()
+            log.warning("smtp.auth_user_lockout", user=attempt.user,
+                        seconds=self.cfg.auth_lockout)
+        return outcome.delay
+
+    # --- the in-flight DATA budget ---------------------------------------------------------
+
+    def reserve_data(self, size: int) -> bool:
+        """Take ``size`` bytes of the node-wide DATA budget; False (nothing taken) if the
+        budget cannot hold them."""
+        if self.inflight_bytes + size > self.cfg.max_inflight_bytes:
+            return False
+        self.inflight_bytes += size
+        self._burst_peak = max(self._burst_peak, self.inflight_bytes)
+        return True
+
+    def count_over_budget(self, ip: str, size: int) -> None:
+        log.warning("smtp.inflight_budget_full", client_ip=ip, size=size,
+                    inflight_bytes=self.inflight_bytes,
+                    max_inflight_bytes=self.cfg.max_inflight_bytes)
+
+    def release_data(self, size: int) -> None:
+        self.inflight_bytes -= size
+        if self.inflight_bytes == 0 and self._burst_peak >= _TRIM_AFTER:
+            self._burst_peak = 0
+            if _malloc_trim is not None and self._loop is not None:
+                # In a thread: trimming a heap of hundreds of megabytes takes milliseconds.
+                with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                    self._loop.run_in_executor(None, _malloc_trim, 0)
 
     def count_spool_error(self, err: int) -> None:
         self.metrics.spool_errors.labels(str(err)).inc()

@@ -83,6 +83,47 @@ _SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"
 _DEFERRABLE = frozenset({"250", "251", "252", "451", "452", "500", "501", "502",
                          "503", "550", "552", "553", "554", "555"})
 _DOT_LINE = b".\r\n"
+# The reader's limit while in DATA: the body is taken in pieces of at most this much, so the
+# reader's own buffer (asyncio pauses the socket at twice its limit) stays small per session.
+_BODY_CHUNK = 256 * 1024
+# Smaller pieces (lines ending in "." end a readuntil) are gathered into pieces this large,
+# so a body of short lines is not held as hundreds of thousands of small objects.
+_COALESCE = 64 * 1024
+_OVER_BUDGET = "452 4.3.1 Insufficient system resources for this message now, try again later"
+
+
+def _scan_lines(data: bytes, prev: bytes, carry: int, max_line: int) -> tuple[int, bool]:
+    """Line lengths of the next piece of a stream: returns (length of the line still open at
+    its end, whether a line longer than ``max_line`` ended in it). ``carry`` is the length of
+    the line open before it, ``prev`` the stream's two bytes before it (a CRLF may straddle)."""
+    start, long = 0, False
+    if prev[-1:] == b"\r" and data[:1] == b"\n":
+        long = carry - 1 > max_line  # that line ended with the CR counted in ``carry``
+        carry, start = 0, 1
+    last = data.rfind(b"\r\n", start)
+    if last < 0:
+        return carry + len(data) - start, long
+    if carry + last - start > max_line:  # otherwise no line ending here can be too long
+        lines = data.split(b"\r\n")
+        lines.pop()  # the part after the last CRLF is still open
+        long = (long or len(lines[0]) + carry - start > max_line
+                or max(map(len, lines[1:]), default=0) > max_line)
+    return len(data) - last - 2, long
+
+
+def _unstuff(data: bytes, prev: bytes) -> bytes:
+    """Undo dot-stuffing (RFC 5321 4.5.2) in the next piece of a stream (``prev``: its two
+    bytes before): without a stuffed line the same object comes back, nothing is copied."""
+    if data[:1] == b"." and prev == b"\r\n":
+        data = data[1:]
+    elif data[:2] == b"\n." and prev[-1:] == b"\r":
+        data = b"\n" + data[2:]
+    return data.replace(b"\r\n.", b"\r\n")
+
+
+def _auth_refusal(seconds: float) -> str:
+    return (f"454 4.7.0 Too many failed authentications from your address, "
+            f"try again in {int(seconds) + 1}s")
 
 
 @dataclass(frozen=True)
@@ -116,6 +157,9 @@ class IngressSession(SMTP):
     """aiosmtpd ``SMTP`` with connection limits, drain, DATA timeout and async AUTH."""
 
     _introspected: dict[tuple[type, int], _Introspection] = {}
+    # Bytes of the server's in-flight DATA budget this session holds. A class default, set on
+    # the instance only in DATA: __init__ stays exactly aiosmtpd's attributes plus ours.
+    _inflight: int = 0
 
     def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
                  hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
@@ -184,13 +228,14 @@ class IngressSession(SMTP):
         assert self.session is not None and self.transport is not None
         peer = self.session.peer
         self._client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        # Decided before admission: relay_networks clients may use the reserved slots.
+        self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
         refusal = self._server.admit(self, self._client_ip)
         if refusal is not None:
             await self.push(refusal)
             self.transport.close()
             return
         self._admitted = True
-        self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
         if self._server.auth_without_tls(self._client_ip):
             self._auth_require_tls = False
         await self.push(f"220 {self.hostname} {self.__ident__}")
@@ -361,6 +406,8 @@ class IngressSession(SMTP):
         try:
             await self._data(arg)
         finally:
+            # The body has reached the spool (or was refused) and the envelope let go of it.
+            self._release_inflight()
             self.in_data = False
             self._reset_timeout()
             if self._server.draining and self.transport is not None:
@@ -391,51 +438,105 @@ class IngressSession(SMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     async def _read_body(self) -> tuple[bytes, str | None]:
-        """Read up to the ``.`` line; return (unstuffed body, None) or (b"", error reply)."""
+        """Read up to the ``.`` line; return (unstuffed body, None) or (b"", error reply).
+
+        The body comes in pieces of at most ``_BODY_CHUNK``, each checked for line length and
+        unstuffed on its own, and is joined once at the end: no copy of the whole body but
+        that one. Its bytes are reserved in the node's in-flight budget as they arrive; once
+        the budget is full the rest is read and dropped (the session stays in step) and the
+        answer is 452.
+        """
         reader = self._reader
         limit = self.data_size_limit or (1 << 30)
-        # The reader's limit is the command-line length; lift it for the body (asyncio keeps
-        # it in ``_limit``, as aiosmtpd's own STARTTLS code relies on ``_buffer``).
+        max_line = self.line_length_limit - 2
+        # asyncio keeps the limit in ``_limit`` (aiosmtpd's own STARTTLS code relies on
+        # ``_buffer``); lowered or raised here, it is restored below.
         saved = reader._limit  # type: ignore[attr-defined]
-        reader._limit = limit + 1024  # type: ignore[attr-defined]
+        reader._limit = _BODY_CHUNK  # type: ignore[attr-defined]
         parts: list[bytes] = []
-        size = 0
-        too_big = False
-        tail = b"\r\n"  # a "." as the very first line ends an empty body
+        stage = bytearray()
+        size = 0  # unstuffed bytes so far
+        carry = 0  # length of the line still open
+        prev = b"\r\n"  # the stream's last two bytes: a "." as the very first line ends it
+        too_big = long_line = False
+        declared = self._declared_size()
+        # A declared SIZE is held up front, so a burst is served first come, first served.
+        over_budget = bool(declared) and not self._hold(min(declared, limit), limit)
         try:
             while True:
                 try:
                     chunk = await reader.readuntil(_DOT_LINE)
                 except asyncio.LimitOverrunError as exc:
-                    dropped = await reader.readexactly(exc.consumed)
-                    too_big, parts = True, []
-                    tail = (tail + dropped)[-2:]
-                    continue
-                before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk)[-5:-3]
-                if before == b"\r\n":  # ".\r\n" starts a line: the end of DATA
-                    if not too_big:
-                        parts.append(chunk[:-3])
+                    data, ended = await reader.readexactly(exc.consumed), False
+                else:
+                    before = chunk[-5:-3] if len(chunk) >= 5 else (prev + chunk)[-5:-3]
+                    ended = before == b"\r\n"  # ".\r\n" starts a line: the end of DATA
+                    data = chunk[:-3] if ended else chunk
+                if data:
+                    carry, long = _scan_lines(data, prev, carry, max_line)
+                    piece = _unstuff(data, prev)
+                    prev = data[-2:] if len(data) >= 2 else (prev + data)[-2:]
+                    size += len(piece)
+                    long_line = long_line or long
+                    too_big = too_big or size > limit
+                    if (size > self._inflight and not (over_budget or too_big or long_line)
+                            and not self._hold(size, limit)):
+                        over_budget = True
+                    if over_budget or too_big or long_line:
+                        if parts or stage or self._inflight:
+                            parts, stage = [], bytearray()
+                            self._release_inflight()
+                    elif len(piece) >= _COALESCE or ended:  # the last piece: join copies
+                        if stage:
+                            parts.append(bytes(stage))
+                            stage = bytearray()
+                        parts.append(piece)
+                    else:
+                        stage += piece
+                        if len(stage) >= _COALESCE:
+                            parts.append(bytes(stage))
+                            stage = bytearray()
+                if ended:
                     break
-                tail = b"\r\n"
-                size += len(chunk)
-                if size > limit:
-                    too_big, parts = True, []
-                elif not too_big:
-                    parts.append(chunk)
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
         if too_big:
             return b"", "552 5.3.4 Message size exceeds fixed limit"
-        body = b"".join(parts)
-        if len(body) > limit:
-            return b"", "552 5.3.4 Message size exceeds fixed limit"
-        if len(body) > self.line_length_limit - 2 and any(
-                len(line) > self.line_length_limit - 2 for line in body.split(b"\r\n")):
+        if long_line:
             return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
-        if body.startswith(b".") or b"\r\n." in body:
-            # Undo dot-stuffing (RFC 5321 4.5.2) on every line, the first included.
-            body = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
-        return body, None
+        if over_budget:
+            self._server.count_over_budget(self._client_ip, size)
+            return b"", _OVER_BUDGET
+        if stage:
+            parts.append(bytes(stage))
+        return b"".join(parts), None
+
+    def _declared_size(self) -> int:
+        """The SIZE= the client gave with MAIL FROM (0 if none)."""
+        assert self.envelope is not None
+        for option in self.envelope.mail_options:
+            name, _, value = option.partition("=")
+            if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+                return int(value)
+        return 0
+
+    def _hold(self, total: int, limit: int) -> bool:
+        """Hold at least ``total`` bytes of the in-flight budget in all. Taken a piece ahead
+        when it fits (a body of short lines would otherwise ask for every line)."""
+        server = self._server
+        for want in (min(total + _COALESCE, limit), total):
+            more = want - self._inflight
+            if more <= 0:
+                return True
+            if server.reserve_data(more):
+                self._inflight += more
+                return True
+        return False
+
+    def _release_inflight(self) -> None:
+        if self._inflight:
+            self._server.release_data(self._inflight)
+            self._inflight = 0
 
     # --- addresses -------------------------------------------------------------------------
 
@@ -507,12 +608,34 @@ class IngressSession(SMTP):
         login, self._pending_login = self._pending_login, None
         if login is None or not isinstance(login, LoginPassword):
             return result  # aiosmtpd already answered (bad base64, aborted...)
-        users = self._server.users
+        server = self._server
+        users = server.users
         user = login.login.decode("utf-8", "replace")
-        if users is not None and await users.verify(user, login.password):
-            self._server.auth_guard.succeeded(self._client_ip)
+        # Reserved before hashing: parallel connections get no more guesses than one.
+        attempt = server.auth_guard.begin(
+            self._client_ip, user, track_user=users is not None and user in users,
+            trusted=self.relay_allowed)
+        if attempt.refused_for:
+            server.metrics.auth_refused.inc()
+            return AuthResult(success=False, handled=False,
+                              message=_auth_refusal(attempt.refused_for))
+        try:
+            if users is None:
+                ok = False
+            elif attempt.check:
+                ok = await users.verify(user, login.password)
+            else:
+                # The user is locked for this address: take as long as a real check and
+                # answer as for a wrong password, so the lock is neither seen nor an oracle.
+                await users.burn(user, login.password)
+                ok = False
+        except BaseException:
+            server.count_auth_failure(attempt)  # gone mid-check: it was a guess all the same
+            raise
+        if ok:
+            server.auth_guard.finish(attempt, ok=True)
             return AuthResult(success=True, auth_data=user)
-        delay = self._server.count_auth_failure(self._client_ip, user)
+        delay = server.count_auth_failure(attempt)
         if delay:
             await asyncio.sleep(delay)  # tarpit: guessing gets slower with every miss
         return AuthResult(success=False, handled=False,
@@ -523,8 +646,7 @@ class IngressSession(SMTP):
         locked = self._server.auth_guard.locked_for(self._client_ip)
         if locked and self._auth_methods:
             self._server.metrics.auth_refused.inc()
-            await self.push(f"454 4.7.0 Too many failed authentications from your address, "
-                            f"try again in {int(locked) + 1}s")
+            await self.push(_auth_refusal(locked))
             return
         await super().smtp_AUTH(arg)
 

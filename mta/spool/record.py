@@ -4,6 +4,13 @@ A record is ``magic | total_len | meta_len | crc32`` (little-endian u32 each), t
 (msgpack) and ``body`` (raw bytes, only for MSG). The crc covers both lengths, meta and body,
 so a corrupt length is caught too; the magic lets a scan resynchronise after a bad region.
 Keeping the body outside msgpack lets recovery verify a record without decoding its body.
+
+Since format 2 (the segment header's ``v``) every group-commit batch ends, in each shard it
+touches, with a COMMIT record written in the same ``write`` as the batch's records. It carries
+the batch's side-file lines (the accounting log) as its body and where they go in that file.
+Records after the last COMMIT of the newest segment were never acknowledged and their lines
+never written anywhere: recovery drops them, so the spool never holds more than the side
+file can be made to say.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "MAX_RECORD",
+    "SEGMENT_FORMAT",
     "Kind",
     "ScanIssue",
     "ScannedRecord",
     "encode",
+    "encode_commit",
     "encode_done",
     "encode_msg",
     "encode_segment_header",
@@ -37,6 +46,8 @@ HEADER = struct.Struct("<IIII")
 _LENS = struct.Struct("<II")
 # A record larger than this is treated as a corrupt length (max message size is far below).
 MAX_RECORD = 1 << 30
+# Segments from format 2 on end every batch with a COMMIT record.
+SEGMENT_FORMAT = 2
 
 
 class Kind(enum.IntEnum):
@@ -46,6 +57,7 @@ class Kind(enum.IntEnum):
     MSG = 1
     STATE = 2
     DONE = 3
+    COMMIT = 4
 
 
 def encode(meta: list[Any], body: bytes = b"") -> bytes:
@@ -71,9 +83,14 @@ def encode_done(message_id: str) -> bytes:
     return encode([Kind.DONE, message_id])
 
 
+def encode_commit(side_at: dict[str, Any], lines: bytes) -> bytes:
+    """End of a batch: ``lines`` for the side file, written there where ``side_at`` says."""
+    return encode([Kind.COMMIT, side_at], lines)
+
+
 def encode_segment_header(shard: int, seq: int, node: str, token: int) -> bytes:
-    return encode([Kind.SEGMENT, {"v": 1, "shard": shard, "seq": seq, "node": node,
-                                  "token": token}])
+    return encode([Kind.SEGMENT, {"v": SEGMENT_FORMAT, "shard": shard, "seq": seq,
+                                  "node": node, "token": token}])
 
 
 @dataclass(slots=True)

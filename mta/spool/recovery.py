@@ -1,13 +1,16 @@
 """Rebuild a shard's index from its segments after a restart or a takeover.
 
 Reads every segment in order and verifies each record's crc. A bad region at the end of the
-newest segment is a torn write that was never acknowledged: it is cut off. A bad region
-anywhere else is reported and skipped; the scan goes on with the next valid record.
+newest segment is a torn write that was never acknowledged: it is cut off, and so are the
+valid records after the newest segment's last COMMIT (their batch was never completed, so
+never acknowledged, and its side-file lines were never written). A bad region anywhere else
+is reported and skipped; the scan goes on with the next valid record.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,10 @@ from mta.spool.index import ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScanIssue, ScannedRecord, scan
 from mta.spool.segment import fsync_dir, list_segments, segment_path
 
-__all__ = ["RecoveryReport", "recover_shard"]
+__all__ = ["COMMITS_KEPT", "RecoveryReport", "recover_shard"]
+
+# How many of a shard's newest COMMIT records recovery hands on for checking the side file.
+COMMITS_KEPT = 64
 
 log = structlog.get_logger("mta.spool.recovery")
 
@@ -35,6 +41,11 @@ class RecoveryReport:
     truncated: list[tuple[int, int]] = field(default_factory=list)  # seq, new length
     owners: list[dict[str, Any]] = field(default_factory=list)  # segment headers, in order
     last_seq: int = 0
+    # The newest COMMIT records, oldest first: (where its side lines went, the lines).
+    commits: deque[tuple[dict[str, Any], bytes]] = field(
+        default_factory=lambda: deque(maxlen=COMMITS_KEPT))
+    uncommitted: int = 0  # records dropped because their batch never completed
+    side_recovered: int = 0  # side-file lines written again because the file lacked them
 
 
 def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryReport]:
@@ -50,11 +61,13 @@ def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryRepo
         with open(path, "rb") as fh:
             data = fh.read()
         index.note(seq, 0, 0)
+        batched = False  # format 2: records count only once their batch's COMMIT is seen
+        pending: list[ScannedRecord] = []
+        cut: int | None = None
         for item in scan(data):
             if isinstance(item, ScanIssue):
                 if newest and item.offset + item.length == len(data):
-                    _truncate(path, item.offset)
-                    report.truncated.append((seq, item.offset))
+                    cut = item.offset
                     log.warning("spool.recovery.torn_tail", shard=shard, segment=seq,
                                 offset=item.offset, dropped=item.length, reason=item.reason)
                 else:
@@ -63,7 +76,33 @@ def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryRepo
                               offset=item.offset, length=item.length, reason=item.reason)
                 continue
             report.records += 1
+            kind = item.meta[0]
+            if kind == Kind.SEGMENT:
+                batched = _segment_format(item) >= 2
+            elif kind == Kind.COMMIT:
+                for rec in pending:
+                    _apply(index, report, seq, rec)
+                pending.clear()
+                index.note(seq, item.offset, item.size)
+                side_at = item.meta[1] if isinstance(item.meta[1], dict) else {}
+                report.commits.append(
+                    (side_at, data[item.body_offset:item.body_offset + item.body_len]))
+                continue
+            elif batched:
+                pending.append(item)
+                continue
             _apply(index, report, seq, item)
+        if pending and newest:
+            cut = pending[0].offset
+            report.uncommitted += len(pending)
+            log.warning("spool.recovery.uncommitted_tail", shard=shard, segment=seq,
+                        offset=cut, records=len(pending))
+        else:
+            for rec in pending:  # a sealed segment cut short by a failed write: keep them
+                _apply(index, report, seq, rec)
+        if cut is not None:
+            _truncate(path, cut)
+            report.truncated.append((seq, cut))
     # Appends after recovery always go to a new segment, so every scanned one is sealed.
     index.sealed_below = report.last_seq + 1
     report.live = len(index.messages)
@@ -91,6 +130,12 @@ def _apply(index: ShardIndex, report: RecoveryReport, seq: int, rec: ScannedReco
         report.corrupt.append((seq, rec.offset, rec.size, f"bad record: {exc}"))
         log.error("spool.recovery.bad_record", shard=report.shard, segment=seq,
                   offset=rec.offset, error=str(exc))
+
+
+def _segment_format(rec: ScannedRecord) -> int:
+    header = rec.meta[1] if len(rec.meta) > 1 else None
+    version = header.get("v", 1) if isinstance(header, dict) else 1
+    return version if isinstance(version, int) else 1
 
 
 def _truncate(path: Path, length: int) -> None:

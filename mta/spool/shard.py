@@ -19,6 +19,7 @@ from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encod
 from mta.spool.recovery import RecoveryReport, recover_shard
 from mta.spool.segment import fsync_dir, read_range, segment_path
 from mta.spool.shardlog import ShardLog
+from mta.spool.sidelines import SideCheck, missing_lines
 from mta.spool.writer import GroupCommitWriter, Position
 
 __all__ = ["Shard", "ShardClosed", "StoredMessage", "shard_dir"]
@@ -48,8 +49,10 @@ class Shard:
     """A shard this node owns. Create with :meth:`open`; all methods run on the event loop."""
 
     def __init__(self, number: int, root: Path, writer: GroupCommitWriter,
-                 owner: ownership.OwnerToken, segment_size: int) -> None:
+                 owner: ownership.OwnerToken, segment_size: int,
+                 side: SideCheck | None = None) -> None:
         self.number = number
+        self._side = side
         self.dir = shard_dir(root, number)
         self.owner = owner
         self._writer = writer
@@ -67,19 +70,29 @@ class Shard:
         self._pending: dict[str, int] = {}
 
     async def open(self) -> RecoveryReport:
-        """Claim the shard's owner file, then recover its index from the segments."""
-        report = await asyncio.to_thread(self._open_blocking)
+        """Claim the shard's owner file, recover its index from the segments, and give the
+        side file the lines its last batches promised it but it never got."""
+        report, missing = await asyncio.to_thread(self._open_blocking)
+        if missing:
+            report.side_recovered = missing.count(b"\n")
+            log.warning("spool.side_lines_recovered", shard=self.number,
+                        lines=report.side_recovered, bytes=len(missing))
+            await asyncio.shield(self._append(b"", None, missing))
         return report
 
-    def _open_blocking(self) -> RecoveryReport:
+    def _open_blocking(self) -> tuple[RecoveryReport, bytes]:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Claim before scanning: a previous owner still running sees the new token and stops
         # appending, so nothing can land behind the scan.
         ownership.claim(self.dir, self.number, self.owner)
         self.index, report = recover_shard(self.dir, self.number)
+        missing = missing_lines(report.commits, self._side) if self._side else b""
         self._log = ShardLog(self.dir, self.number, report.last_seq + 1, self.owner,
-                             self._segment_size)
-        return report
+                             self._segment_size, self._note_commit)
+        return report, missing
+
+    def _note_commit(self, seq: int, offset: int, size: int) -> None:
+        self.index.note(seq, offset, size)
 
     # --- appends ---------------------------------------------------------------------------
 

@@ -1,19 +1,21 @@
 """A shard's append side: the active segment, rotation and the fencing check.
 
-Used only from the writer thread (the spool's group-commit thread).
+Used from the writer thread (the spool's group-commit thread), except :meth:`ShardLog.committed`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mta.spool import ownership
 from mta.spool.errors import SpoolWriteError
-from mta.spool.record import encode_segment_header
+from mta.spool.record import encode_commit, encode_segment_header
 from mta.spool.segment import ActiveSegment
-from mta.spool.writer import Position
+from mta.spool.writer import Extent, Position
 
 __all__ = ["ShardLog"]
 
@@ -22,8 +24,10 @@ class ShardLog:
     """Appends to ``shard_dir`` as ``owner``, opening a fresh segment when one fills up."""
 
     def __init__(self, shard_dir: Path, shard: int, next_seq: int,
-                 owner: ownership.OwnerToken, segment_size: int) -> None:
+                 owner: ownership.OwnerToken, segment_size: int,
+                 on_commit: Callable[[int, int, int], None] | None = None) -> None:
         self.shard_dir = shard_dir
+        self._on_commit = on_commit
         self.shard = shard
         self.owner = owner
         self._check_owner = ownership.OwnerCheck(shard_dir, shard, owner)
@@ -63,28 +67,36 @@ class ShardLog:
         self.next_seq += 1
         self.active = seg
 
-    def append_many(self, chunks: list[bytes]) -> list[Position]:
+    def append_many(self, chunks: list[bytes], side_at: dict[str, Any],
+                    lines: bytes) -> tuple[list[Position], Extent]:
+        """Write ``chunks`` and the batch's COMMIT record (carrying ``lines``) in one write;
+        return where each chunk landed and the COMMIT's extent."""
         # Fencing: a node that lost the shard must not write one more byte into it.
         try:
             self._check_owner()
         except OSError as exc:
             raise SpoolWriteError(exc.errno or errno.EIO, f"reading owner file: {exc}") from exc
-        total = sum(len(c) for c in chunks)
+        commit = encode_commit(side_at, lines)
+        total = sum(len(c) for c in chunks) + len(commit)
         seg = self.active
         if seg is None or seg.broken or (seg.size + total > self.segment_size and seg.size > 64):
             self._rotate()
             seg = self.active
             assert seg is not None
-        base = seg.write(b"".join(chunks))
+        base = seg.write(b"".join((*chunks, commit)))
         positions = []
         for chunk in chunks:
             positions.append((seg.seq, base))
             base += len(chunk)
-        return positions
+        return positions, (seg.seq, base, len(commit))
 
     def sync(self) -> None:
         if self.active is not None:
             self.active.sync()
+
+    def committed(self, extent: Extent) -> None:
+        if self._on_commit is not None:
+            self._on_commit(*extent)
 
     def close(self) -> None:
         if self.active is not None:

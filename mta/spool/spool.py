@@ -15,19 +15,20 @@ from typing import Any, Protocol
 import structlog
 
 from mta.envelope import Envelope, new_message_id, received_at_of, shard_of
-from mta.spool import ownership
+from mta.spool import layout, ownership
 from mta.spool.errors import MessageNotFound, NoShardsOwned, ShardLockedError, SpoolError
 from mta.spool.index import MessageRef
 from mta.spool.recovery import RecoveryReport
 from mta.spool.shard import Shard, ShardClosed, StoredMessage, shard_dir
-from mta.spool.writer import BatchObserver, GroupCommitWriter, SideWriter
+from mta.spool.sidelines import SideCheck
+from mta.spool.writer import BatchObserver, GroupCommitWriter, SideFile
 
 __all__ = ["SideLog", "Spool"]
 
 log = structlog.get_logger("mta.spool")
 
 
-class SideLog(Protocol):
+class SideLog(SideFile, SideCheck, Protocol):
     """Lines about messages (the accounting log) that must reach their own file in the same
     group commit as the spool record they describe: never before it, never lost after it."""
 
@@ -39,9 +40,6 @@ class SideLog(Protocol):
 
     def restore(self, message_id: str, data: bytes) -> None:
         """Put back lines whose record could not be written."""
-
-    def write(self, data: bytes) -> None:
-        """Append to the file (writer thread only)."""
 
 
 class Spool:
@@ -96,10 +94,11 @@ class Spool:
     async def start(self) -> None:
         """Create the spool root, take the standalone lock, start the writer thread."""
         await asyncio.to_thread(self._prepare_root)
-        side: SideWriter | None = self._side_log.write if self._side_log else None
+        # After the lock: a spool reopened with another shard count would hide mail.
+        await asyncio.to_thread(layout.ensure_shard_count, self.root, self.total_shards)
         self._writer = GroupCommitWriter(
             asyncio.get_running_loop(), self._max_batch_bytes, self._observe_batch,
-            self._next_ingress_shard, side,
+            self._next_ingress_shard, self._side_log,
         )
 
     def _prepare_root(self) -> None:
@@ -144,7 +143,8 @@ class Spool:
         if number in self._shards:
             raise SpoolError(f"shard {number} is already open")
         shard = Shard(number, self.root, self._writer,
-                      ownership.OwnerToken(self.node_id, token), self._segment_size)
+                      ownership.OwnerToken(self.node_id, token), self._segment_size,
+                      self._side_log)
         t0 = time.perf_counter()
         report = await shard.open()
         shard.fenced = self.fenced

@@ -5,9 +5,12 @@ single ``call_soon_threadsafe``. Each append also carries an ``on_durable`` call
 on the loop even if the caller stopped waiting, so the in-memory index never misses a record
 that reached the disk.
 
-An append may carry ``side`` bytes (accounting log lines) for a side file: they are written
-in the same batch, after the spool records were written and before they are synced, so the
-side file says what the spool says, whatever moment the process is killed at.
+An append may carry ``side`` bytes (accounting log lines) for a side file. Each shard's share
+of a batch ends with a COMMIT record that holds the batch's lines for that shard and the
+offset they get in the side file; the lines then go to the side file, after every shard's
+records were written and before they are synced. Whatever moment the process is killed at,
+recovery finds in the spool what the side file should say and re-emits what it lacks (see
+:mod:`mta.spool.sidelines`).
 """
 
 from __future__ import annotations
@@ -18,32 +21,47 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from mta.spool.errors import SpoolWriteError
 
-__all__ = ["AppendLog", "BatchObserver", "GroupCommitWriter", "Position", "SideWriter"]
+__all__ = ["AppendLog", "BatchObserver", "Extent", "GroupCommitWriter", "Position", "SideFile"]
 
 log = structlog.get_logger("mta.spool.writer")
 
 Position = tuple[int, int]  # (segment seq, offset)
+Extent = tuple[int, int, int]  # (segment seq, offset, size)
 
 
 class AppendLog(Protocol):
-    """What the writer needs from a shard's log; called only from the writer thread."""
+    """What the writer needs from a shard's log."""
 
-    def append_many(self, chunks: list[bytes]) -> list[Position]:
-        """Write ``chunks`` contiguously (not yet durable) and return where each landed."""
+    def append_many(self, chunks: list[bytes], side_at: dict[str, Any],
+                    lines: bytes) -> tuple[list[Position], Extent]:
+        """Writer thread: write ``chunks`` and a COMMIT record for the batch (``lines``
+        bound for the side file at ``side_at``), not yet durable; return where each chunk
+        and the COMMIT landed."""
 
     def sync(self) -> None:
-        """Make everything written so far durable."""
+        """Writer thread: make everything written so far durable."""
+
+    def committed(self, extent: Extent) -> None:
+        """Event loop: the batch's COMMIT record at ``extent`` is durable."""
 
 
-class SideWriter(Protocol):
-    def __call__(self, data: bytes) -> None:
-        """Append ``data`` to the side file (called from the writer thread)."""
+class SideFile(Protocol):
+    """The file the ``side`` bytes go to; every method runs on the writer thread."""
+
+    def side_at(self) -> dict[str, Any]:
+        """Where the next bytes will land (file identity and offset), as stored in COMMIT."""
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more are promised to the file (their COMMIT was written)."""
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``, the promised bytes in the order they were promised."""
 
 
 class BatchObserver(Protocol):
@@ -68,7 +86,8 @@ class _Item:
         self.side = side
 
 
-_Outcome = tuple[list[_Item], list[Position] | None, SpoolWriteError | None]
+_Outcome = tuple[AppendLog, list[_Item], list[Position] | None, Extent | None,
+                 SpoolWriteError | None]
 
 
 class GroupCommitWriter:
@@ -80,7 +99,7 @@ class GroupCommitWriter:
         max_batch_bytes: int = 8 * 1024 * 1024,
         observe: BatchObserver | None = None,
         on_batch: Callable[[], None] | None = None,
-        side: SideWriter | None = None,
+        side: SideFile | None = None,
     ) -> None:
         self._loop = loop
         self._side = side
@@ -101,7 +120,8 @@ class GroupCommitWriter:
         side: bytes | None = None,
     ) -> asyncio.Future[Position]:
         """Queue ``data`` for ``log``; the future resolves once it is on disk (fdatasync).
-        ``side`` goes to the side file if, and only if, ``data`` was written."""
+        ``side`` goes to the side file if, and only if, ``data`` was written; ``data`` may
+        be empty when only ``side`` is to be written (lines recovery found missing)."""
         fut: asyncio.Future[Position] = self._loop.create_future()
         if self._stopping:
             fut.set_exception(SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down"))
@@ -137,35 +157,44 @@ class GroupCommitWriter:
             return batch
 
     def _run(self) -> None:
+        side = self._side
         while (batch := self._take_batch()) is not None:
             by_log: dict[int, tuple[AppendLog, list[_Item]]] = {}
             for item in batch:
                 by_log.setdefault(id(item.log), (item.log, []))[1].append(item)
             outcomes: list[_Outcome] = []
-            written: list[tuple[AppendLog, list[_Item], list[Position]]] = []
+            written: list[tuple[AppendLog, list[_Item], list[Position], Extent]] = []
+            side_data: list[bytes] = []
             for append_log, items in by_log.values():
+                lines = b"".join(it.side for it in items if it.side) if side else b""
                 try:
-                    positions = append_log.append_many([it.data for it in items])
-                    written.append((append_log, items, positions))
+                    positions, commit = append_log.append_many(
+                        [it.data for it in items], side.side_at() if side else {}, lines)
                 except SpoolWriteError as exc:
-                    outcomes.append((items, None, exc))
+                    outcomes.append((append_log, items, None, None, exc))
+                    continue
                 except Exception as exc:  # a bug must not kill the writer and hang callers
                     log.exception("spool.writer.append_failed")
-                    outcomes.append((items, None, SpoolWriteError(errno.EIO, repr(exc))))
-            if self._side is not None:
-                side = b"".join(it.side for _, items, _ in written for it in items if it.side)
-                if side:
-                    try:
-                        self._side(side)
-                    except Exception:  # the side file must never stop the spool
-                        log.exception("spool.writer.side_write_failed", bytes=len(side))
+                    outcomes.append((append_log, items, None, None,
+                                     SpoolWriteError(errno.EIO, repr(exc))))
+                    continue
+                written.append((append_log, items, positions, commit))
+                if lines and side is not None:
+                    side.advance(len(lines))
+                    side_data.append(lines)
+            if side is not None and side_data:
+                data = b"".join(side_data)
+                try:
+                    side.write(data)
+                except Exception:  # the side file must never stop the spool
+                    log.exception("spool.writer.side_write_failed", bytes=len(data))
             t0 = time.perf_counter()
-            for append_log, items, positions in written:
+            for append_log, items, positions, commit in written:
                 try:
                     append_log.sync()
-                    outcomes.append((items, positions, None))
+                    outcomes.append((append_log, items, positions, commit, None))
                 except SpoolWriteError as exc:
-                    outcomes.append((items, None, exc))
+                    outcomes.append((append_log, items, None, None, exc))
             sync_seconds = time.perf_counter() - t0
             if self._observe is not None:
                 self._observe(len(batch), sum(len(i.data) for i in batch), len(written),
@@ -178,7 +207,9 @@ class GroupCommitWriter:
     # --- event loop ----------------------------------------------------------------------
 
     def _resolve(self, outcomes: list[_Outcome]) -> None:
-        for items, positions, exc in outcomes:
+        for append_log, items, positions, commit, exc in outcomes:
+            if commit is not None:
+                append_log.committed(commit)
             for i, item in enumerate(items):
                 if positions is not None:
                     if item.on_durable is not None:
