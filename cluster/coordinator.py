@@ -248,6 +248,9 @@ class EtcdCoordinator:
     def healthy(self) -> bool:
         return not self._fenced
 
+    def may_send(self, shard: int) -> bool:
+        return not self._fenced and shard in self.owned_shards()
+
     @property
     def is_leader(self) -> bool:
         return self._view.leader == self.node_id and not self._fenced

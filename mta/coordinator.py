@@ -124,6 +124,12 @@ class Coordinator(Protocol):
     def healthy(self) -> bool:
         """True while this node may write and deliver (lease held, or standalone)."""
 
+    def may_send(self, shard: int) -> bool:
+        """True only while this node provably holds ``shard`` now: owned, its lease's fence
+        deadline (last successful refresh + fence_after, on the monotonic clock) not passed,
+        and its fencing token unchanged. Checked just before each delivery attempt sends
+        MAIL FROM, so it must be cheap (no I/O) and right even after a process pause."""
+
     def runtime(self) -> RuntimeSettings:
         """Current runtime throttles and suspended domains."""
 
@@ -214,6 +220,9 @@ class LocalCoordinator:
     def healthy(self) -> bool:
         return True
 
+    def may_send(self, shard: int) -> bool:
+        return shard in self._owned
+
     def runtime(self) -> RuntimeSettings:
         return self._runtime
 
@@ -234,8 +243,6 @@ class LocalCoordinator:
     async def members(self) -> list[Member]:
         assert self._host is not None
         ends = self._host.endpoints()
-
-
         return [Member(self.node_id, ends.get("smtp", ""), ends.get("admin", ""), True, False,
                        len(self._owned), mta.__version__, self.started)]
 

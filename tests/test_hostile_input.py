@@ -397,3 +397,4 @@ async def test_suspend_and_resume_refuse_what_is_not_a_domain(start_node: Any) -
     assert "HTTP 400" in lines[0] and "\r" not in lines[0], res.stderr
     assert node.coordinator.runtime().suspended == {"example.org", "[127.0.0.1]"}
 
+
