@@ -27,6 +27,9 @@ log = structlog.get_logger("mta.delivery")
 # What may end a line or a field downstream (the set mta.ingress.policy refuses in
 # addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# An unquoted ASCII local part and a host name: sent exactly as it is, no parse needed.
+_PLAIN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                       r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
 def _reply_text(message: str) -> str:
@@ -44,6 +47,8 @@ def _unsendable(address: str, encoding: str) -> str | None:
     as ``<victim@other>``) and raises ValueError for what it cannot quote; a message that
     got past the doors (written by an older version, or through the spool API) must fail
     for that address alone, not send to a different one or fail every attempt."""
+    if _PLAIN_RE.fullmatch(address):
+        return None  # the common case: quote_address would give it back as it is
     if _CONTROL_RE.search(address):
         return "control character in address"
     try:
