@@ -16,6 +16,10 @@ from typing import Any
 import pytest
 
 from mta.accounting import AccountingLog
+from mta.envelope import Envelope, new_message_id
+from mta.spool import Spool, SpoolError, ownership
+from mta.spool.record import encode_msg
+from mta.spool.recovery import recover_shard
 from mta.spool.sidelines import missing_lines
 from tests.helpers import ROOT, NodeProcess, node_config
 from tests.mailworld import Sink
@@ -105,3 +109,70 @@ async def test_lines_of_another_nodes_file_are_checked_at_their_offset_or_replay
         b'{"type":"Delivery","message_id":"m1","recipient":"r@x.test","replayed":true}\n')
     await a.close()
     await b.close()
+
+
+async def test_records_after_the_last_commit_are_dropped_by_recovery(tmp_path: Path) -> None:
+    """A whole record with no COMMIT after it belongs to a batch that never completed (never
+    acknowledged, its lines never written): recovery cuts it off instead of delivering it."""
+    spool = Spool(tmp_path / "spool", "n1", shards=1)
+    await spool.start()
+    await spool.acquire_shard(0, 1)
+    kept = await spool.submit(Envelope("a@x.test", ["b@y.test"]), b"Subject: kept\r\n\r\nx\r\n")
+    await spool.close()
+    seg = max((tmp_path / "spool" / "shard-000").glob("seg-*.log"))
+    size = seg.stat().st_size
+    with seg.open("ab") as fh:
+        fh.write(encode_msg("01M8P6A0M20000C68WTX8G0000", {"from": "a@x.test",
+                                                           "to": ["c@y.test"]}, b"orphan"))
+    spool = Spool(tmp_path / "spool", "n1", shards=1)
+    await spool.start()
+    try:
+        report = await spool.acquire_shard(0, 2)
+        assert [ref.id for ref in spool.live_messages(0)] == [kept]
+        assert report.uncommitted == 1
+        assert seg.stat().st_size == size
+    finally:
+        await spool.close()
+
+
+async def test_lines_an_earlier_process_promised_are_not_confused_with_ours(
+        tmp_path: Path) -> None:
+    """Past what the file held when this process opened it lie this process's own lines: an
+    earlier process's promise at that offset is missing, not unknowable."""
+    path = tmp_path / "acct.jsonl"
+    path.write_bytes(b'{"type":"Reception","message_id":"m0"}\n')
+    log_ = AccountingLog(path, "n1")
+    await log_.start()
+    opened = path.stat().st_size
+    promised = b'{"type":"Delivery","message_id":"m0","recipient":"r@x.test"}\n'
+    at = {**log_.side_at(), "e": "an-earlier-process"}
+    ours = b'{"type":"Reception","message_id":"m1","recipient":"s@x.test"}\n'
+    assert len(ours) >= len(promised) and at["o"] == opened
+    log_.advance(len(ours))
+    log_.write(ours)
+    assert log_.verify(at, promised) == 0
+    assert missing_lines([(at, promised)], log_) == promised
+    await log_.close()
+
+
+async def test_a_failed_append_moves_no_accounting_offset(tmp_path: Path) -> None:
+    """Lines of a batch whose spool write failed are never written, so the next COMMIT's
+    offset must be where its own lines really land."""
+    acct = tmp_path / "acct.jsonl"
+    side = AccountingLog(acct, "n1")
+    spool = Spool(tmp_path / "spool", "n1", shards=2, side_log=side)
+    await spool.start()
+    await side.start()
+    for n in range(2):
+        await spool.acquire_shard(n, 1)
+    # Another owner claims shard 0 under our feet: its next append is refused.
+    ownership.claim(tmp_path / "spool" / "shard-000", 0, ownership.OwnerToken("n2", 5))
+    env = Envelope("a@x.test", ["b@y.test"])
+    with pytest.raises(SpoolError):
+        await spool.submit(env, b"Subject: a\r\n\r\nx\r\n", new_message_id(0))
+    await spool.submit(env, b"Subject: b\r\n\r\nx\r\n", new_message_id(1))
+    await spool.close()
+    await side.close()
+    _, report = recover_shard(tmp_path / "spool" / "shard-001", 1)
+    side_at, lines = report.commits[-1]
+    assert lines and acct.read_bytes()[side_at["o"]:side_at["o"] + len(lines)] == lines

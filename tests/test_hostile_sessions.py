@@ -441,3 +441,27 @@ def test_reconnecting_flood_does_not_shut_out_relay_clients(tmp_path: Path) -> N
     assert stats["peak"] >= 50 and stats["refused"] >= 100 and stats["cut"] >= 10, stats
     assert served >= 99, f"only {served} of 100 relay submissions got through the flood"
     assert len(read_spool(tmp_path / "spool", 4)) == served
+
+
+async def test_a_client_gone_mid_data_gives_its_budget_back(start_node: Any) -> None:
+    """Sessions cut in the middle of DATA (reset, or a timeout) must not leak their share of
+    the in-flight budget, or the node would end up refusing every message."""
+    node = await start_node(smtp=_known_smtp_keys(max_message_size="1M",
+                                                  max_inflight_bytes="1M"))
+    ingress = node.ingress
+    assert ingress is not None
+    for n in range(3):
+        s = await _session(port(node))
+        assert (await s.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await s.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        assert (await s.cmd("DATA")).startswith("354")
+        s.writer.write(_stuffed(_body(n, 700_000))[:-3])
+        await s.writer.drain()
+        await _until(lambda: ingress.inflight_bytes >= 600_000, 10, "the body in flight")
+        s.writer.transport.abort()  # a reset, not a clean close
+        await _until(lambda: ingress.inflight_bytes == 0, 10, "the budget given back")
+    s = await _session(port(node))
+    try:
+        assert (await _send_message(s, _body(9, 700_000))).startswith("250")
+    finally:
+        await s.close()
