@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mta.envelope import domain_key
+
 __all__ = [
     "AdminConfig",
     "ClusterConfig",
@@ -338,7 +340,7 @@ def _domain_policies(value: Any) -> dict[str, DomainPolicy]:
                 values[key] = known[key].metadata["parse"](raw)
             except _Invalid as exc:
                 raise _Invalid(f"{domain!r}.{key}: {exc}") from None
-        out[domain.lower()] = DomainPolicy(**values)
+        out[domain_key(domain)] = DomainPolicy(**values)
     return out
 
 
@@ -362,6 +364,18 @@ class DeliveryConfig:
     command_timeout: float = _opt(parse_duration, 300.0)
     data_timeout: float = _opt(parse_duration, 600.0)
     idle_timeout: float = _opt(parse_duration, 30.0)
+    # The first command on a reused pooled connection gets only this long: a connection whose
+    # path went dark while it was idle is dropped and the job moves to a fresh connection,
+    # instead of waiting command_timeout behind it.
+    reuse_timeout: float = _opt(parse_duration, 5.0)
+    # A command unanswered for this long stops counting against the site's max_connections
+    # (at most max_connections such): new connections and breaker probes never wait behind
+    # it. It still waits for its reply up to command_timeout / data_timeout.
+    stall_timeout: float = _opt(parse_duration, 30.0)
+    # TCP keepalive on outbound connections: first probe after this much silence, then every
+    # third of it; after 3 unanswered probes (or data unacknowledged twice this long) the
+    # kernel resets the connection. 0 = off.
+    keepalive: float = _opt(_duration_or_off, 15.0)
     retry_initial: float = _opt(parse_duration, 300.0)
     retry_max: float = _opt(parse_duration, 4 * 3600.0)
     max_age: float = _opt(parse_duration, 3 * 86400.0)

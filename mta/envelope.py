@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Envelope", "InvalidMessageId", "new_message_id", "received_at_of", "shard_of"]
+__all__ = ["Envelope", "InvalidMessageId", "domain_key", "new_message_id", "received_at_of",
+           "shard_of"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
@@ -63,6 +65,20 @@ def _decode(message_id: str) -> int:
     if value >> 128:
         raise InvalidMessageId(f"not a message id: {message_id!r}")
     return value
+
+
+@functools.lru_cache(maxsize=65536)
+def domain_key(domain: str) -> str:
+    """The form domains are compared in (suspension, policies, throttles, queues, routes):
+    lower case, no trailing dot, IDNA A-labels for a non-ASCII name, so ``bücher.example``
+    and ``xn--bcher-kva.example`` are one domain."""
+    key = domain.lower().rstrip(".")
+    if not key.isascii():
+        try:
+            key = key.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass  # not a name the doors accept; compared as it is
+    return key
 
 
 def shard_of(message_id: str) -> int:

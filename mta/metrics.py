@@ -23,6 +23,12 @@ class NodeMetrics:
         self.spool_errors = Counter("mta_spool_write_errors",
                                     "Appends that failed (disk full, I/O error), by errno",
                                     ["errno"], registry=r)
+        # Apart from spool_errors: a fencing refusal is not a disk problem, and the disk
+        # alert must not fire (nor hide one) when a node loses its lease.
+        self.fenced_refusals = Counter("mta_fenced_refusals",
+                                       "Submissions refused because this node may not write "
+                                       "the shard (fenced, or the shard taken over), by "
+                                       "interface", ["via"], registry=r)
         self.connections = Gauge("mta_smtp_connections", "Open SMTP sessions", registry=r)
         self.connections_refused = Counter("mta_smtp_connections_refused",
                                            "Sessions refused at connect, by reason",
@@ -65,6 +71,19 @@ class NodeMetrics:
                                ["bounce_class"], registry=r)
         self.expired = Counter("mta_expired_recipients", "Recipients expired (max_age)",
                                registry=r)
+        self.not_owner_stops = Counter(
+            "mta_delivery_not_owner_stops",
+            "Delivery jobs stopped unsent because this node no longer provably held the "
+            "message's shard (fenced, released, lease deadline passed), by stage",
+            ["stage"], registry=r)
+        self.stale_connections = Counter(
+            "mta_outbound_stale_connections",
+            "Pooled outbound connections dropped because the first command on reuse was not "
+            "answered (the job moved to a fresh connection)", registry=r)
+        self.stalled_commands = Counter(
+            "mta_outbound_stalled_commands",
+            "Outbound commands unanswered for stall_timeout (their connection stopped "
+            "counting against max_connections)", registry=r)
         self.delivery_latency = Histogram(
             "mta_delivery_seconds", "Reception to remote acceptance, per recipient",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),

@@ -229,12 +229,15 @@ class Node:
         return await self.spool.recorded_token(shard)
 
     def fence(self, reason: str) -> None:
+        """Stop writing and delivering now: another node may own these shards any moment.
+        The spool first (no outcome or message is written any more), then delivery: queued
+        jobs are dropped unsent and attempts stop before their next SMTP command."""
         if self.fenced:
             return
         self.fenced = True
         self.spool.fence(True)
         if self.engine is not None:
-            self.engine.pause(True)
+            self.engine.fence(reason)
         if self.ingress is not None:
             self.ingress.accepting_writes = False
         notify("STATUS=fenced: " + reason)
@@ -246,7 +249,8 @@ class Node:
         self.fenced = False
         self.spool.fence(False)
         if self.engine is not None:
-            self.engine.pause(False)
+            # Reschedules what fencing dropped, for the shards this node still holds.
+            self.engine.unfence()
         if self.ingress is not None:
             self.ingress.accepting_writes = True
         notify("STATUS=accepting mail")

@@ -371,6 +371,27 @@ async def test_opportunistic_starttls_and_required_tls(world: World, tls_files: 
     assert "4.7.5" in fail[0]["response"]
 
 
+@pytest.mark.parametrize("first", ["policy.test", "other.test"])
+async def test_required_tls_holds_per_domain_on_a_shared_site(world: World, first: str) -> None:
+    """Two domains on one MX set share a site: whichever reaches it first, the domain that
+    requires TLS is never sent in clear, and the other is not held up by that rule."""
+    world.zone({"policy.test": _mx((10, "mx.shared.test")),
+                "other.test": _mx((10, "mx.shared.test")),
+                "mx.shared.test": {"A": ["127.0.0.2"]}})
+    plain = world.sink("127.0.0.2")  # offers no STARTTLS
+    await world.start(domains={"policy.test": {"tls": "required"}})
+    await world.submit([f"a@{first}"])
+    await world.wait_records("TransientFailure" if first == "policy.test" else "Delivery", 1)
+    later = "other.test" if first == "policy.test" else "policy.test"
+    await world.submit([f"b@{later}"], n=1)
+    await world.wait_records("Delivery", 1)
+    await world.wait_records("TransientFailure", 1)
+    assert [r for m in plain.messages for r in m.recipients] == ["a@other.test" if first ==
+                                                                 "other.test" else "b@other.test"]
+    [fail] = (await world.wait_records("TransientFailure", 1))[:1]
+    assert fail["recipient"].endswith("@policy.test") and "4.7.5" in fail["response"]
+
+
 async def test_smarthost_routes_everything_to_one_relay(world: World) -> None:
     world.zone({})
     relay = world.sink("127.0.0.2")

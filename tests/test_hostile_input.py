@@ -19,12 +19,14 @@ import aiohttp
 import pytest
 
 from mta.bounce.dsn import FailedRecipient, build_dsn
+from mta.config import DomainPolicy
 from mta.delivery.errors import PermanentError
-from mta.delivery.routes import Router
-from mta.envelope import Envelope
+from mta.delivery.routes import Router, policy_for
+from mta.envelope import Envelope, domain_key
 from mta.ingress.headers import received_header
 from mta.ingress.policy import address_problem
 from mta.node import Node
+from mta.spool.index import recipient_domains
 from tests.helpers import make_config, message
 from tests.mailworld import Sink, SinkScript, wait_until
 from tests.test_ingress import Raw, port, stored
@@ -398,3 +400,96 @@ async def test_suspend_and_resume_refuse_what_is_not_a_domain(start_node: Any) -
     assert node.coordinator.runtime().suspended == {"example.org", "[127.0.0.1]"}
 
 
+
+
+# --- found by attacking the hardening ------------------------------------------------------
+
+# Each of these is ``sink.test`` to IDNA and to DNS, but not to a suspension, a policy or a
+# throttle keyed on ``sink.test``: the door takes a name in its own form only.
+OTHER_SPELLINGS = ["fw@\uff53\uff49\uff4e\uff4b.test", "ideo@sink\u3002test",
+                   "fwdot@sink\uff0etest", "zw@sink\u200b.test", "shy@si\u00adnk.test",
+                   "dot@sink.test."]
+
+
+@pytest.mark.parametrize("address", OTHER_SPELLINGS)
+def test_a_domain_is_taken_only_in_its_own_form(address: str) -> None:
+    assert address_problem(address, smtputf8=True) is not None
+    assert address_problem("ok@b\u00fccher.example", smtputf8=True) is None
+
+
+def test_domains_are_compared_in_one_form() -> None:
+    policy = DomainPolicy(rate=1.0)
+    assert domain_key("B\u00fccher.Example.") == domain_key("xn--bcher-kva.example")
+    assert policy_for("xn--BCHER-kva.example", {domain_key("b\u00fccher.example"): policy}) \
+        is policy
+    assert recipient_domains(["a@B\u00fccher.example"])[0] == ("xn--bcher-kva.example",)
+
+
+async def test_other_spellings_and_stripped_controls_are_refused_at_the_smtp_door(
+        start_node: Any) -> None:
+    node = await start_node()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO client.example")
+    assert (await c.cmd("MAIL FROM:<app@sender.test> SMTPUTF8")).startswith("250")
+    # Controls aiosmtpd's parser would drop (the mail then went to the cleaned address).
+    for rcpt in ["<x@sink.te\x1fst>", "<x@sink\x0c.test>", "<x@sink\u2029.test>",
+                 "<x@[127.0.0.1\r]>", "<x@sink.test\u2028>", "<u@sink.test (c\rom)>",
+                 *(f"<{a}>" for a in OTHER_SPELLINGS)]:
+        reply = await c.cmd(f"RCPT TO:{rcpt}".encode())
+        assert reply.startswith("501 5.1.3"), (rcpt, reply)
+    await c.close()
+    status, _, body = await _post(node, "/api/v1/suspend", {"domain": "sink.test."})
+    assert status == 400, body
+
+
+def test_a_remote_reply_cannot_set_the_dsn_status() -> None:
+    raw = build_dsn(
+        reporting_mta="mx.example", postmaster="MAILER-DAEMON@mx.example",
+        original_sender="s@sender.test", original_headers=b"Subject: x\r\n",
+        arrival=1795000000.0, expired=False, message_id="01TESTID",
+        recipients=[FailedRecipient("a@dest.test", "550 Mailbox unavailable (policy 2.0.0)"),
+                    FailedRecipient("b@dest.test", "550 2.0.0 OK delivered"),
+                    FailedRecipient("c@dest.test", "550-5.1.1 no such user")])
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    assert [b["Status"] for b in _status_blocks(msg)[1:]] == ["5.0.0", "5.0.0", "5.1.1"]
+
+
+def test_an_escaped_helo_keeps_the_received_line_short() -> None:
+    header = received_header(helo="\x01" * 255, ip="192.0.2.1", hostname="mx.example",
+                             protocol="ESMTP", message_id="01TESTID", recipient=None)
+    assert max(len(line) for line in header.split(b"\r\n")) <= 300
+    helo = header.split(b"Received: from ")[1].split(b" ([")[0]
+    assert helo.endswith(b"\\x{01}")  # never half an escape
+
+
+async def test_a_route_to_the_unspecified_address_loops_back_to_myself(
+        start_node: Any, tmp_path: Path) -> None:
+    """Connecting to 0.0.0.0 reaches this machine: an MX or literal that names it is a loop
+    even when the listener is bound to 127.0.0.1 only."""
+    probe = await start_node()
+    smtp_port = port(probe)
+    await probe.stop()
+    await start_node(smtp={"listen": f"127.0.0.1:{smtp_port}"}, delivery={
+        "enabled": True, "mx_port": smtp_port, "retry_initial": "200ms", "retry_max": "1s",
+        "accounting_log": str(tmp_path / "acct.jsonl")})
+    c = await Raw.connect(smtp_port)
+    await c.reply()
+    await c.cmd("EHLO client.example")
+    assert (await c.cmd("MAIL FROM:<>")).startswith("250")
+    assert (await c.cmd("RCPT TO:<u@[IPv6:::ffff:0.0.0.0]>")).startswith("250")
+    assert (await c.cmd("DATA")).startswith("354")
+    assert (await c.cmd(message(1, 500) + b".")).startswith("250")
+    await c.close()
+
+    def records() -> list[dict[str, Any]]:
+        path = tmp_path / "acct.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    await wait_until(lambda: any(r["type"] == "Bounce" for r in records()), timeout=15,
+                     what="the bounce")
+    recs = records()
+    assert [r["type"] for r in recs if r["type"] == "Reception"] == ["Reception"]
+    [bounce] = [r for r in recs if r["type"] == "Bounce"]
+    assert "5.4.6" in bounce["response"] and "loops back" in bounce["response"], bounce

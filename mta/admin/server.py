@@ -22,12 +22,12 @@ from mta.admin.peers import PeerAnswer, PeerClient
 from mta.admin.views import merge_queues, message_view, queue_view
 from mta.config import parse_duration, parse_rate
 from mta.coordinator import ClusterOpError, Member
-from mta.envelope import Envelope, InvalidMessageId, shard_of
+from mta.envelope import Envelope, InvalidMessageId, domain_key, shard_of
 from mta.ingress.policy import address_problem, domain_problem
 from mta.ingress.submit import TooManyHops, store_submission
 from mta.probe import ProbeError
 from mta.slo import merge_reports
-from mta.spool import MessageNotFound, SpoolError, SpoolWriteError
+from mta.spool import FencedError, MessageNotFound, SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
     from mta.node import Node
@@ -383,6 +383,8 @@ class AdminServer:
         if len(raw) > cfg.max_message_size:
             return _error(413, f"message larger than {cfg.max_message_size} bytes", "")
         if node.fenced or node.ingress is None or not node.ingress.accepting_writes:
+            if node.fenced:
+                node.metrics.fenced_refusals.labels("http").inc()
             return _error(503, "node not accepting mail right now", "retry, or use another node")
         env = Envelope(sender=sender, recipients=rcpts, smtputf8=smtputf8,
                        body_8bit=not raw.isascii(), client_ip=request.remote or "",
@@ -393,6 +395,10 @@ class AdminServer:
         except TooManyHops as exc:
             return _error(422, f"{exc.reply}: {exc}", "the message is looping between mail "
                                                       "servers; do not resubmit it")
+        except FencedError as exc:
+            # Not a disk problem: this node may not write the shard now, a peer may.
+            node.metrics.fenced_refusals.labels("http").inc()
+            return _error(503, f"not serving this shard now: {exc}", "retry on another node")
         except SpoolWriteError as exc:
             return _error(507, f"spool write failed: {exc}", "free disk space, then retry")
         except SpoolError as exc:
@@ -411,7 +417,7 @@ class AdminServer:
             raise _Refused(400, f"not a domain: {domain[:300]!r} ({problem})",
                            "one domain exactly as in recipient addresses, e.g. example.com "
                            "or [192.0.2.1]; no wildcards")
-        return domain.lower()
+        return domain_key(domain)
 
     async def flush(self, request: web.Request) -> web.Response:
         body = await self._json(request) if request.can_read_body else {}

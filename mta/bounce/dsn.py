@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 __all__ = ["FailedRecipient", "build_dsn"]
 
-_STATUS_RE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_STATUS_RE = re.compile(r"(?:[245]\d\d[ -])?([245]\.\d{1,3}\.\d{1,3})\b")
 # What may end a line or a field downstream (the set mta.ingress.policy refuses in
 # addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
@@ -68,7 +68,9 @@ def _fold(first: str, text: str, indent: str = " ") -> list[str]:
 
 
 def _status(reply: str, expired: bool) -> str:
-    if m := _STATUS_RE.search(reply):
+    """The enhanced status of a failed recipient: the one the reply opens with (after its
+    code, RFC 3463), never a number found further in its free text, and never a success."""
+    if (m := _STATUS_RE.match(reply)) and m.group(1)[0] in "45":
         status = m.group(1)
         return "5" + status[1:] if status.startswith("4") else status
     return "4.4.7" if expired else "5.0.0"

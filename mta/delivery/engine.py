@@ -29,22 +29,24 @@ from mta.bounce.dsn import FailedRecipient, build_dsn
 from mta.config import Config
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.breaker import Breaker
-from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
+from mta.delivery.errors import DeliveryError, NotOwnerError, PermanentError, TemporaryError
 from mta.delivery.loops import LoopGuard, received_count
 from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.site import Job, RecipientResult, Site, SiteLimits
 from mta.delivery.throttle import Throttle
-from mta.envelope import Envelope, shard_of
+from mta.envelope import Envelope, domain_key, shard_of
 from mta.metrics import NodeMetrics
 from mta.queue import Scheduler
-from mta.spool import MessageNotFound, Spool, SpoolError, StoredMessage
+from mta.spool import FencedError, MessageNotFound, Spool, SpoolError, StoredMessage
 from mta.spool.index import MessageRef
 
 __all__ = ["DeliveryEngine"]
 
 log = structlog.get_logger("mta.delivery")
 
-_Outcome = tuple[str, RecipientResult]  # ("d" | "b" | "t" | "x" | "a" (admin), result)
+# ("d" | "b" | "t" | "x" | "a" (admin) | "f" (not sent: this node may not send for the
+# shard now), result)
+_Outcome = tuple[str, RecipientResult]
 
 
 @dataclass
@@ -57,6 +59,8 @@ class _BounceRequest:
 
 
 ADMIN_BOUNCE = RecipientResult(550, "5.0.0 Message bounced by the administrator")
+# Seconds between looks at a message whose shard is owned but not provably held right now.
+_NOT_OWNER_RECHECK = 1.0
 
 
 @dataclass
@@ -69,7 +73,7 @@ class _Unsaved:
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return domain_key(address.rpartition("@")[2])
 
 
 def _headers_of(body: bytes) -> bytes:
@@ -108,6 +112,8 @@ class DeliveryEngine:
         self._unsaved: dict[str, _Unsaved] = {}
         self._runtime = RuntimeSettings()
         self._closing = False
+        # Fenced (lease lost or unknown): nothing is scheduled, queued or sent until unfence.
+        self._fenced = False
         self.postmaster = cfg.delivery.bounce_sender or f"MAILER-DAEMON@{cfg.smtp.hostname}"
         self.helo = cfg.delivery.helo or cfg.smtp.hostname
 
@@ -136,10 +142,42 @@ class DeliveryEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def pause(self, paused: bool) -> None:
-        """Fenced: start no attempt (those in flight cannot write their outcome anyway)."""
-        self.scheduler.paused = paused
+    def fence(self, reason: str) -> None:
+        """Stop delivering at once: schedule nothing, fail every queued job unsent, and let
+        attempts in flight stop before their next SMTP command (a transaction already in
+        DATA runs to its reply, which is recorded if the spool still takes it). Another node
+        may own these shards any moment now; their messages stay in the spool."""
+        self._fenced = True
+        self.scheduler.paused = True
         self.scheduler.wake()
+        dropped = sum(site.drop(lambda _job: True) for site in self.sites.values())
+        log.warning("delivery.fenced", node_id=self.node_id, reason=reason,
+                    queued_dropped=dropped, attempts_in_flight=len(self._inflight))
+
+    def unfence(self) -> None:
+        """The lease is provably held again: schedule what fencing dropped (every live
+        message of a shard still ours that is neither scheduled nor in flight)."""
+        self._fenced = False
+        self.scheduler.paused = False
+        self.scheduler.wake()
+        found = self._rescan()
+        log.info("delivery.unfenced", node_id=self.node_id, rescheduled=found)
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    def attempts_in_flight(self) -> int:
+        """Attempts running now (loading, routing, queued at a site, or sending)."""
+        return len(self._inflight)
+
+    def _may_send(self, message_id: str) -> bool:
+        """Does this node provably hold the message's shard right now? (Checked before an
+        attempt starts, before its job is queued, and before MAIL, each RCPT and DATA.)"""
+        if self._fenced:
+            return False
+        shard = shard_of(message_id)
+        return shard in self._shards and self.coordinator.may_send(shard)
 
     # --- shards ----------------------------------------------------------------------------
 
@@ -164,6 +202,10 @@ class DeliveryEngine:
         for mid in self.scheduler.ids():
             if shard_of(mid) == shard:
                 self.scheduler.remove(mid)
+        # Its queued jobs go at once and its attempts stop before their next command (they
+        # ask _may_send), so the wait below is for a transaction in DATA at most.
+        for site in self.sites.values():
+            site.drop(lambda job: shard_of(job.message_id) == shard)
         tasks = [t for mid, t in self._inflight.items() if shard_of(mid) == shard]
         await self._settle(tasks, grace)
         for mid in [m for m in self._unsaved if shard_of(m) == shard]:
@@ -174,19 +216,25 @@ class DeliveryEngine:
         """Schedule every live message of an owned shard that is neither waiting in the
         scheduler nor in flight; returns how many. A safety net (like a queue manager's
         periodic scan): whatever path missed a message, it cannot sit idle for ever."""
-        if self._closing:
+        if self._closing or self._fenced:
             return 0
+        found = self._rescan()
+        if found:
+            log.warning("delivery.sweep_rescheduled", node_id=self.node_id, messages=found)
+        return found
+
+    def _rescan(self) -> int:
         found = 0
         now = time.time()
         for shard in list(self._shards):
+            if not self.coordinator.may_send(shard):
+                continue  # not provably ours now: whoever holds it next schedules it
             for ref in self.spool.live_messages(shard):
                 mid = ref.id
                 if mid in self.scheduler or mid in self._inflight:
                     continue
                 self.scheduler.add(mid, self._due(ref, now))
                 found += 1
-        if found:
-            log.warning("delivery.sweep_rescheduled", node_id=self.node_id, messages=found)
         return found
 
     def enqueue(self, message_id: str) -> None:
@@ -198,7 +246,7 @@ class DeliveryEngine:
         """Retry now every waiting message (for ``domain`` only, if given)."""
         if domain is None:
             return self.scheduler.reschedule_all(0.0)
-        domain = domain.lower()
+        domain = domain_key(domain)
         ids = {ref.id for ref in self.live_refs() if domain in ref.pending_domains()}
         return self.scheduler.reschedule_all(0.0, ids.__contains__)
 
@@ -248,7 +296,7 @@ class DeliveryEngine:
 
     async def bounce_domain(self, domain: str, timeout: float = 60.0) -> tuple[int, int]:
         """Bounce every pending recipient at ``domain``; returns (messages, recipients)."""
-        domain = domain.lower()
+        domain = domain_key(domain)
         ids = [ref.id for ref in self.live_refs() if domain in ref.pending_domains()]
         results = await asyncio.gather(*(self.bounce(mid, domain, timeout) for mid in ids),
                                        return_exceptions=True)
@@ -294,6 +342,10 @@ class DeliveryEngine:
 
     def _on_due(self, message_id: str) -> None:
         if self._closing or shard_of(message_id) not in self._shards:
+            return
+        if not self._may_send(message_id):
+            log.debug("delivery.not_owner_hold", message_id=message_id, node_id=self.node_id)
+            self._park(message_id)
             return
         if message_id in self._inflight:
             # Re-added while its attempt is still finishing: look again shortly, never drop.
@@ -346,8 +398,11 @@ class DeliveryEngine:
         except SpoolError as exc:
             # An outcome could not be made durable; what is final stays in _unsaved and is
             # merged into the next attempt, so nobody is sent the message again meanwhile.
-            log.error("delivery.state_write_failed", message_id=message_id,
-                      node_id=self.node_id, error=str(exc))
+            # Fenced, it is expected (the reply of a transaction already in DATA): a warning,
+            # and the at-least-once window if another node takes the shard.
+            report = log.warning if isinstance(exc, FencedError) else log.error
+            report("delivery.state_write_failed", message_id=message_id,
+                   node_id=self.node_id, error=str(exc), fenced=isinstance(exc, FencedError))
             self._retry_later(message_id)
         except Exception:
             # A bug must not make a message silently stop being delivered.
@@ -356,8 +411,21 @@ class DeliveryEngine:
             self._retry_later(message_id)
 
     def _retry_later(self, message_id: str, delay: float = 60.0) -> None:
-        if not self._closing and shard_of(message_id) in self._shards:
+        if self._closing:
+            return
+        if self._may_send(message_id):
             self.scheduler.add(message_id, time.time() + delay)
+        else:  # fenced, most likely (a state write refused for that reason)
+            self._park(message_id)
+
+    def _park(self, message_id: str) -> None:
+        """A message this node may not send for now. Fenced, released or closing: dropped,
+        not retried (it stays in the spool; unfence or the shard's next owner schedules it).
+        Otherwise the shard is between states (being acquired, or its lease deadline just
+        passed and the fence is coming): look again shortly, without an attempt."""
+        if self._closing or self._fenced or shard_of(message_id) not in self._shards:
+            return
+        self.scheduler.add(message_id, time.time() + _NOT_OWNER_RECHECK)
 
     def _remember(self, mid: str, done: dict[str, list[Any]],
                   dsn: list[tuple[int, RecipientResult]], expired: bool) -> None:
@@ -406,7 +474,7 @@ class DeliveryEngine:
             [(domain, idx)] = active.items()
             for i, outcome in (await self._deliver_group(stored, domain, idx)).items():
                 outcomes[i] = outcome
-                if outcome[0] != "t":
+                if outcome[0] not in ("t", "f"):  # "f": not tried
                     done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
             active = {}
         tasks = [asyncio.create_task(self._deliver_group(stored, domain, idx))
@@ -420,7 +488,7 @@ class DeliveryEngine:
                 for task in finished:
                     for i, outcome in task.result().items():
                         outcomes[i] = outcome
-                        if outcome[0] != "t":
+                        if outcome[0] not in ("t", "f"):  # "f": not tried
                             newly_final = True
                             done[str(i)] = self._final_record(mid, env, i, outcome, attempt)
                 if newly_final and remaining:
@@ -433,6 +501,10 @@ class DeliveryEngine:
             for task in tasks:
                 task.cancel()  # only matters if we were cancelled mid-way
 
+        if any(o[0] == "f" for o in outcomes.values()):
+            await self._end_not_owner(stored, state, done, dsn_todo + [
+                (i, o[1]) for i, o in outcomes.items() if o[0] in ("b", "a")], expired_before)
+            return
         now = time.time()
         temp = [i for i, o in outcomes.items() if o[0] == "t"]
         expired = bool(temp) and now - env.received_at >= self.dcfg.max_age
@@ -478,6 +550,31 @@ class DeliveryEngine:
         self._unsaved.pop(mid, None)
         if not self._closing and shard_of(mid) in self._shards:
             self.scheduler.add(mid, due)
+
+    async def _end_not_owner(self, stored: StoredMessage, state: dict[str, Any],
+                             done: dict[str, list[Any]], dsn: list[tuple[int, RecipientResult]],
+                             expired: bool) -> None:
+        """End an attempt some of whose recipients were not tried because this node may not
+        send for the shard now. Those stay pending: no attempt counted, no TransientFailure
+        (not the remote's fault). What did become final is recorded if the spool still takes
+        it, else kept in _unsaved, so this node never sends it again. Then parked (see
+        _park) unless the shard is provably ours again already."""
+        mid, env = stored.id, stored.envelope
+        log.debug("delivery.not_owner_stopped", message_id=mid, node_id=self.node_id,
+                  pending=sum(1 for i in range(len(env.recipients)) if str(i) not in done))
+        self._remember(mid, done, dsn, expired)
+        if dsn or done != state.get("r", {}):
+            if dsn and env.sender:
+                await self._send_dsn(stored, dsn, expired)
+            self._unsaved[mid].dsn = []
+            await self.spool.update_state(mid, {**state, "r": dict(done)})
+        self._unsaved.pop(mid, None)
+        if self._closing:
+            return
+        if self._may_send(mid):  # a short fence that ended meanwhile
+            self.scheduler.add(mid, float(state.get("next", 0.0)))
+        else:
+            self._park(mid)
 
     def _final_record(self, mid: str, env: Envelope, i: int, outcome: _Outcome,
                       attempt: int) -> list[Any]:
@@ -553,10 +650,14 @@ class DeliveryEngine:
         throttle = self._domain_throttle(domain)
         if throttle is not None:
             await throttle.acquire()
+        policy = policy_for(domain, self.dcfg.domains)
+        tls = policy.tls if policy and policy.tls else self.dcfg.tls
         job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx], stored.body,
-                  env.smtputf8, env.body_8bit)
+                  env.smtputf8, env.body_8bit, tls_required=tls == "required")
         try:
             results = await site.deliver(job)
+        except NotOwnerError as exc:
+            return every("f", RecipientResult(exc.code, exc.text))
         except PermanentError as exc:
             return every("b", RecipientResult(exc.code, exc.text, exc.remote))
         except TemporaryError as exc:
@@ -593,12 +694,17 @@ class DeliveryEngine:
                 if policy and policy.max_messages_per_connection
                 else d.max_messages_per_connection),
             rate=d.rate,
-            tls=policy.tls if policy and policy.tls else d.tls,
+            # Connections STARTTLS whenever offered; "required" is enforced per message (Job).
+            tls=("disabled" if (policy.tls if policy and policy.tls else d.tls) == "disabled"
+                 else "opportunistic"),
             connect_timeout=d.connect_timeout,
             command_timeout=d.command_timeout,
             data_timeout=d.data_timeout,
             idle_timeout=d.idle_timeout,
             helo=self.helo,
+            reuse_timeout=d.reuse_timeout,
+            stall_timeout=d.stall_timeout,
+            keepalive=d.keepalive,
         )
 
     def _site_for(self, route: Route, domain: str) -> Site:
@@ -609,7 +715,8 @@ class DeliveryEngine:
         d = self.dcfg
         site = Site(route.site, route, self._limits(domain),
                     Breaker(d.breaker_failures, d.breaker_cooldown),
-                    self.coordinator.rate_share, self.node_id)
+                    self.coordinator.rate_share, self.node_id,
+                    permit=self._may_send, metrics=self.metrics)
         site.rate_override = self._runtime.throttles.get(route.site)
         self.sites[route.site] = site
         return site

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DeliveryError", "PermanentError", "TemporaryError"]
+__all__ = ["DeliveryError", "NotOwnerError", "PermanentError", "TemporaryError"]
 
 
 class DeliveryError(Exception):
@@ -31,3 +31,14 @@ class PermanentError(DeliveryError):
     """Give up on the recipients concerned (5xx, NXDOMAIN, null MX)."""
 
     permanent = True
+
+
+class NotOwnerError(TemporaryError):
+    """This node may not send for the message's shard now (fenced, shard released, or its
+    lease deadline passed): the attempt stops without sending. Not the remote's fault, so it
+    is neither a TransientFailure of the message nor a failure of the site; the message
+    stays in the spool for whoever provably owns the shard next."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(451, f"4.3.2 Not serving this shard now (stopped {stage})")
+        self.stage = stage

@@ -112,8 +112,12 @@ class LoopGuard:
         for n, (host, port, _name) in enumerate(route.hosts):
             for addr in await self._addresses(host):
                 for lst in listeners:
-                    if lst.port == port and (addr in lst.addrs if lst.addrs is not None
-                                             else self._is_local(addr)):
+                    # Connecting to 0.0.0.0 or :: reaches this machine (Linux treats it as
+                    # loopback), so it is our own listener whatever address that is bound to.
+                    if lst.port == port and (
+                            (addr.is_unspecified and lst.node == self._node_id)
+                            or (addr in lst.addrs if lst.addrs is not None
+                                else self._is_local(addr))):
                         log.warning("delivery.loop_detected", node_id=self._node_id,
                                     site=route.site, host=host, port=port, ours=lst.node,
                                     kept=n)

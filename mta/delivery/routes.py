@@ -20,6 +20,7 @@ import dns.resolver
 
 from mta.config import DeliveryConfig, DomainPolicy
 from mta.delivery.errors import PermanentError, TemporaryError
+from mta.envelope import domain_key
 
 __all__ = ["Route", "Router", "literal_address", "policy_for"]
 
@@ -34,7 +35,7 @@ class Route:
 
 def policy_for(domain: str, policies: dict[str, DomainPolicy]) -> DomainPolicy | None:
     """The most specific policy: exact domain, then ``*.parent`` wildcards, then ``*``."""
-    domain = domain.lower().rstrip(".")
+    domain = domain_key(domain)
     if domain in policies:
         return policies[domain]
     labels = domain.split(".")
@@ -82,7 +83,7 @@ class Router:
 
     async def route(self, domain: str) -> Route:
         """Route for ``domain``; raises PermanentError / TemporaryError."""
-        domain = domain.lower().rstrip(".")
+        domain = domain_key(domain)
         policy = policy_for(domain, self.cfg.domains)
         smarthost = (policy.smarthost if policy and policy.smarthost else self.cfg.smarthost)
         if smarthost is not None:

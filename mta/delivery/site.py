@@ -7,6 +7,7 @@ import contextlib
 import heapq
 import itertools
 import re
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ import structlog
 from aiosmtplib.email import quote_address
 
 from mta.delivery.breaker import Breaker
-from mta.delivery.errors import DeliveryError, TemporaryError
+from mta.delivery.errors import DeliveryError, NotOwnerError, TemporaryError
 from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
+from mta.metrics import NodeMetrics
 
 __all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
 
@@ -68,12 +70,15 @@ class SiteLimits:
     max_connections: int
     max_messages_per_connection: int
     rate: float | None
-    tls: str  # opportunistic | required | disabled
+    tls: str  # opportunistic | disabled; "required" is per domain, checked per Job
     connect_timeout: float
     command_timeout: float
     data_timeout: float
     idle_timeout: float
     helo: str
+    reuse_timeout: float = 5.0  # first command on a reused pooled connection
+    stall_timeout: float = 30.0  # unanswered this long: the worker stops counting as capacity
+    keepalive: float = 15.0  # TCP keepalive idle time on outbound sockets; 0 = off
 
 
 @dataclass(slots=True)
@@ -100,6 +105,9 @@ class Job:
     body: bytes
     smtputf8: bool
     body_8bit: bool
+    # The domain's own policy, checked per transaction: a site's connections are shared by
+    # every domain on its MX set, and must not decide TLS for all of them from the first.
+    tls_required: bool = False
     future: asyncio.Future[list[RecipientResult]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -151,12 +159,55 @@ class ReadyQueue:
     def __iter__(self) -> Iterator[Job]:
         return (entry[2] for entry in self._heap)
 
+    def remove_if(self, match: Callable[[Job], bool]) -> list[Job]:
+        """Take out (and return) the jobs ``match`` selects; the others keep their order."""
+        taken = [entry[2] for entry in self._heap if match(entry[2])]
+        if taken:
+            self._heap = [entry for entry in self._heap if not match(entry[2])]
+            heapq.heapify(self._heap)
+        return taken
+
+
+class _StaleConnection(Exception):
+    """The first command on a reused pooled connection got no answer (or the connection was
+    found gone): nothing of the job was accepted, so it moves to a fresh connection."""
+
+
+class _ReplyWatch:
+    """One command waiting for its reply. Past ``stall_timeout`` its worker stops counting
+    against the site's connection limit: a reply that may never come (a path gone dark with
+    no reset) must not keep the site from opening a connection or the breaker from probing."""
+
+    __slots__ = ("_job", "_site", "_timer", "stalled")
+
+    def __init__(self, site: Site, job: Job) -> None:
+        self._site = site
+        self._job = job
+        self.stalled = False
+        self._timer = asyncio.get_running_loop().call_later(
+            site.limits.stall_timeout, self._stall)
+
+    def _stall(self) -> None:
+        self.stalled = True
+        self._site.on_stalled(self._job)
+
+    def __enter__(self) -> _ReplyWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        if self.stalled:
+            self.stalled = False
+            self._site.stalled -= 1
+
 
 class Site:
     """Delivers jobs for one MX set over a bounded pool of reused connections."""
 
     def __init__(self, key: str, route: Route, limits: SiteLimits, breaker: Breaker,
-                 share: Callable[[], float], node_id: str) -> None:
+                 share: Callable[[], float], node_id: str,
+                 permit: Callable[[str], bool] = lambda _mid: True,
+                 metrics: NodeMetrics | None = None) -> None:
         self.key = key
         self.route = route
         self.limits = limits
@@ -173,6 +224,12 @@ class Site:
         self._wakeup: asyncio.Event = asyncio.Event()
         self._closed = False
         self._idle = 0  # workers holding an open connection, waiting for a job
+        # May this node send for the message's shard right now (it provably holds it)? Asked
+        # before a job is queued, before connecting for it, and before MAIL, each RCPT and
+        # DATA: a node that lost its shard stops between commands, never mid-DATA.
+        self._permit = permit
+        self._metrics = metrics
+        self.stalled = 0  # workers waiting for a reply for longer than stall_timeout
 
     # --- limits that move at run time ------------------------------------------------------
 
@@ -185,12 +242,24 @@ class Site:
     def _max_connections(self) -> int:
         return max(1, int(self.limits.max_connections * self.backoff.factor))
 
+    def _live(self) -> int:
+        """Connections that count against the limits: not those stalled in a command."""
+        return self.connections - self.stalled
+
+    def _room(self) -> bool:
+        """May one more connection be opened? A stalled worker leaves its slot to a new one,
+        but never more than max_connections extra in all (politeness still bounds us)."""
+        return (self._live() < self._max_connections()
+                and self.connections < 2 * self.limits.max_connections)
+
     # --- queueing --------------------------------------------------------------------------
 
     async def deliver(self, job: Job) -> list[RecipientResult]:
         """Queue ``job`` and wait for its per-recipient results (or a DeliveryError)."""
         if self._closed:
             raise TemporaryError(451, "4.3.2 Delivery engine shutting down")
+        if not self._permit(job.message_id):
+            raise self._not_owner(job, "queued", log_it=False)
         self.ready.append(job)
         self._wakeup.set()
         self._spawn()
@@ -199,6 +268,42 @@ class Site:
     def _circuit_open_error(self) -> TemporaryError:
         return TemporaryError(451, f"4.4.1 Site {self.key} unreachable (circuit open, retry "
                                    f"in {self.breaker.retry_in():.0f}s)", connection=True)
+
+    def may_send(self, job: Job) -> bool:
+        """Its attempt still waits for it, and this node provably holds its shard now."""
+        return not job.future.done() and self._permit(job.message_id)
+
+    def _not_owner(self, job: Job, stage: str, *, log_it: bool = True) -> NotOwnerError:
+        if job.future.done():
+            return NotOwnerError(stage)  # its attempt was cancelled: nobody to tell
+        if self._metrics is not None:
+            self._metrics.not_owner_stops.labels(stage).inc()
+        if log_it:
+            log.info("delivery.not_owner_stop", message_id=job.message_id, site=self.key,
+                     node_id=self.node_id, stage=stage)
+        return NotOwnerError(stage)
+
+    def drop(self, match: Callable[[Job], bool]) -> int:
+        """Fail at once, unsent, the queued jobs ``match`` selects (fenced: all of them; a
+        released shard: its own); their messages stay in the spool. Returns how many."""
+        dropped = 0
+        for job in self.ready.remove_if(match):
+            if not job.future.done():
+                job.fail(NotOwnerError("queued"))
+                dropped += 1
+        if dropped and self._metrics is not None:
+            self._metrics.not_owner_stops.labels("queued").inc(dropped)
+        return dropped
+
+    def on_stalled(self, job: Job) -> None:
+        """A command of ``job`` has waited stall_timeout for its reply."""
+        self.stalled += 1
+        if self._metrics is not None:
+            self._metrics.stalled_commands.inc()
+        log.warning("delivery.command_stalled", message_id=job.message_id, site=self.key,
+                    node_id=self.node_id, seconds=self.limits.stall_timeout,
+                    connections=self.connections, stalled=self.stalled)
+        self._spawn()  # queued jobs need not wait behind it
 
     def _pop_live(self) -> Job | None:
         """The next queued job whose attempt still waits for it (cancelled ones are dropped:
@@ -214,8 +319,9 @@ class Site:
         if self._closed:
             return
         if self.breaker.state != "closed":
-            # Open or half-open: at most the one probe connection the breaker admits.
-            if self.connections == 0 and self.ready:
+            # Open or half-open: at most the one probe connection the breaker admits (a
+            # worker stalled in a command is no probe in progress).
+            if self._live() == 0 and self.ready and self._room():
                 if self.breaker.allow():
                     self._start_worker()
                 else:
@@ -223,8 +329,7 @@ class Site:
                     while self.ready:
                         self.ready.popleft().fail(error)
             return
-        while (self.ready and len(self.ready) > self._idle
-               and self.connections < self._max_connections()):
+        while self.ready and len(self.ready) > self._idle and self._room():
             if not self._start_worker():
                 return
 
@@ -265,6 +370,12 @@ class Site:
                     job = await self._next_job(self.limits.idle_timeout if smtp else 0.0)
                     if job is None:
                         return
+                if smtp is None and not self.may_send(job):
+                    # Not ours to send any more: do not even connect for it.
+                    if not job.future.done():
+                        job.fail(self._not_owner(job, "before connecting"))
+                    job = None
+                    continue
                 if smtp is None:
                     try:
                         smtp, remote = await self._connect()
@@ -279,9 +390,21 @@ class Site:
                     job = None
                     continue
                 try:
-                    results = await self._send(smtp, job, remote)
+                    results = await self._send(smtp, job, remote, reused=sent > 0)
+                except _StaleConnection as exc:
+                    # Gone dark (or closed) while pooled: the job was not tried, so it is no
+                    # failure of the message; a fresh connection (full timeouts) takes it.
+                    if self._metrics is not None:
+                        self._metrics.stale_connections.inc()
+                    log.warning("delivery.pooled_connection_stale", message_id=job.message_id,
+                                site=self.key, node_id=self.node_id, remote=remote,
+                                error=str(exc), reuse_timeout=self.limits.reuse_timeout)
+                    smtp.close()  # no QUIT: it would wait for a reply that is not coming
+                    smtp = None
+                    continue
                 except DeliveryError as exc:
-                    # The connection broke mid-transaction: this job is retried later.
+                    # The connection broke mid-transaction (this job is retried later), or
+                    # the node may no longer send for its shard (QUIT ends the transaction).
                     job.fail(exc)
                     job = None
                     await _quit(smtp)
@@ -330,15 +453,11 @@ class Site:
             try:
                 await asyncio.wait_for(smtp.connect(timeout=self.limits.connect_timeout),
                                        self.limits.connect_timeout + 1)
+                _keepalive(smtp, self.limits.keepalive)
                 await smtp.ehlo()
                 if self.limits.tls != "disabled" and smtp.supports_extension("starttls"):
                     await smtp.starttls(tls_context=_TLS_CONTEXT, server_hostname=name)
                     await smtp.ehlo()
-                elif self.limits.tls == "required":
-                    await _quit(smtp)
-                    last = TemporaryError(451, f"4.7.5 {name} does not offer STARTTLS and TLS "
-                                               "is required for this domain", remote=name)
-                    continue
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
                 last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
@@ -358,10 +477,12 @@ class Site:
         assert last is not None
         raise last
 
-    async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str
+    async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, reused: bool = False
                     ) -> list[RecipientResult]:
         """One SMTP transaction; per-recipient results. Raises TemporaryError if the
-        connection fails mid-way (nothing can be known about that transaction)."""
+        connection fails mid-way (nothing can be known about that transaction),
+        NotOwnerError if this node stopped provably holding the shard before DATA, and
+        _StaleConnection if a ``reused`` connection does not answer MAIL in reuse_timeout."""
         options = []
         encoding = "ascii"
         if job.smtputf8 and smtp.supports_extension("smtputf8"):
@@ -372,6 +493,10 @@ class Site:
                                          "and the addresses need it", remote)] * len(job.recipients)
         if job.body_8bit and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if job.tls_required and smtp.get_transport_info("sslcontext") is None:
+            return [RecipientResult(451, f"4.7.5 {remote} does not offer STARTTLS and TLS is "
+                                         f"required for {job.domain}", remote)
+                    ] * len(job.recipients)
         if (why := _unsendable(job.sender, encoding)) is not None:
             return [_bad_sender(why)] * len(job.recipients)
         # Decided here, before MAIL: no remote server answered for these (so no remote).
@@ -380,9 +505,16 @@ class Site:
             for rcpt in job.recipients]
         if None not in results:
             return [r for r in results if r is not None]
+        # The last word before anything goes out: a node resuming from a pause, or whose
+        # lease deadline passed while it waited for a connection or the throttle, stops here.
+        if not self.may_send(job):
+            raise self._not_owner(job, "before MAIL")
         try:
             try:
-                await smtp.mail(job.sender, options=options, encoding=encoding)
+                with _ReplyWatch(self, job):
+                    await smtp.mail(job.sender, options=options, encoding=encoding,
+                                    timeout=(self.limits.reuse_timeout if reused
+                                             else self.limits.command_timeout))
             except aiosmtplib.SMTPResponseException as exc:
                 self._note_reply(exc.code)
                 await _rset(smtp)
@@ -390,12 +522,19 @@ class Site:
                         ] * len(job.recipients)
             except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
                 return [_bad_sender(str(exc))] * len(job.recipients)
+            except _LOST as exc:
+                if reused:
+                    raise _StaleConnection(f"MAIL: {type(exc).__name__}") from None
+                raise
             accepted = []
             for i, rcpt in enumerate(job.recipients):
                 if results[i] is not None:
                     continue
+                if not self.may_send(job):
+                    raise self._not_owner(job, "before RCPT")
                 try:
-                    await smtp.rcpt(rcpt, encoding=encoding)
+                    with _ReplyWatch(self, job):
+                        await smtp.rcpt(rcpt, encoding=encoding)
                     accepted.append(i)
                 except aiosmtplib.SMTPResponseException as exc:
                     self._note_reply(exc.code)
@@ -405,8 +544,13 @@ class Site:
             if not accepted:
                 await _rset(smtp)
                 return [r for r in results if r is not None]
+            if not self.may_send(job):
+                raise self._not_owner(job, "before DATA")
+            # From here on the transaction runs to its end: once DATA is sent the remote may
+            # accept, and its reply must be read and recorded, never abandoned.
             try:
-                resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
+                with _ReplyWatch(self, job):
+                    resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
                 final = RecipientResult(resp.code, _reply_text(resp.message), remote)
                 self.backoff.on_success()
             except aiosmtplib.SMTPResponseException as exc:
@@ -416,8 +560,7 @@ class Site:
             for i in accepted:
                 results[i] = final
             return [r for r in results if r is not None]
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
-                TimeoutError) as exc:
+        except _LOST as exc:
             raise TemporaryError(451, f"4.4.2 Connection to {remote} lost: "
                                       f"{type(exc).__name__}", remote=remote) from None
 
@@ -436,6 +579,32 @@ class Site:
         for task in list(self._workers):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+# A connection that failed under a command: its reply will not come.
+_LOST = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, TimeoutError)
+
+
+def _keepalive(smtp: aiosmtplib.SMTP, idle: float) -> None:
+    """TCP keepalive sized in seconds (the kernel default waits two hours): a path that goes
+    silent (dropped packets, no reset) ends the connection in about ``2 * idle`` seconds
+    instead of leaving it ESTAB in retransmission for as long as the command timeout.
+    TCP_USER_TIMEOUT bounds unacknowledged data the same way (keepalive does not probe
+    while data waits for its ACK)."""
+    if idle <= 0:
+        return
+    try:
+        sock = smtp.get_transport_info("socket")
+        if sock is None:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle / 3),
+                            ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", idle * 2 * 1000)):
+            if (opt := getattr(socket, name, None)) is not None:  # Linux; others vary
+                sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(value)))
+    except (OSError, AttributeError, aiosmtplib.SMTPException):
+        # Best effort: an exotic transport without a socket still delivers.
+        pass
 
 
 def _bad_sender(why: str) -> RecipientResult:

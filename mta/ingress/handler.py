@@ -12,7 +12,7 @@ from aiosmtpd.smtp import Session
 from mta.envelope import Envelope
 from mta.ingress.policy import address_problem, escape_controls
 from mta.ingress.submit import TooManyHops, store_submission
-from mta.spool import NoShardsOwned, SpoolError, SpoolWriteError
+from mta.spool import FencedError, NoShardsOwned, SpoolError, SpoolWriteError
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["IngressHandler"]
 
 log = structlog.get_logger("mta.ingress")
+
+# Fenced, or the shard was taken over: this node may not write it now, but a peer may; the
+# client should go elsewhere (421, RFC 5321 4.2.3), not wait for a disk (452).
+FENCED_REPLY = "421 4.3.2 Not serving this shard now, try another node"
 
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
 
@@ -75,7 +79,8 @@ class IngressHandler:
                           envelope: SmtpEnvelope) -> str:
         srv = self._server
         if not srv.accepting_writes:
-            return "451 4.3.2 Not accepting mail right now, try again later"
+            srv.metrics.fenced_refusals.labels("smtp").inc()
+            return FENCED_REPLY
         started = time.perf_counter()
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         body_8bit = "BODY=8BITMIME" in envelope.mail_options
@@ -103,6 +108,11 @@ class IngressHandler:
             return exc.reply
         except NoShardsOwned:
             return "451 4.3.0 No spool shard available on this node, try again later"
+        except FencedError as exc:
+            # Counted apart from disk errors: the disk alert must not fire on a lease loss.
+            srv.metrics.fenced_refusals.labels("smtp").inc()
+            log.warning("smtp.fenced_refusal", sender=sender, shard=exc.shard, error=str(exc))
+            return FENCED_REPLY
         except SpoolWriteError as exc:
             srv.count_spool_error(exc.errno)
             log.error("smtp.spool_write_failed", sender=sender, error=str(exc))

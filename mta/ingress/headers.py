@@ -11,6 +11,8 @@ from mta.ingress.policy import escape_controls
 __all__ = ["prepare_content", "received_header"]
 
 _NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# An escape cut in two by the length limit: dropped rather than left half-written.
+_PARTIAL_ESCAPE_RE = re.compile(r"\\(?:x(?:\{[0-9A-F]{0,2})?)?$")
 _date: tuple[int, str] = (0, "")
 
 
@@ -56,7 +58,7 @@ def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message
     """
     for_clause = f"\r\n\tfor <{escape_controls(recipient)}>" if recipient else ""
     date = _now()
-    helo = escape_controls(helo[:255])
+    helo = _PARTIAL_ESCAPE_RE.sub("", escape_controls(helo)[:255])
     return (f"Received: from {helo} ([{ip}])\r\n\tby {hostname} (mta) with {protocol}"
             f" id {message_id}{for_clause};\r\n\t{date}\r\n").encode("utf-8", "surrogateescape")
 

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 __all__ = ["ConnectionLimiter", "address_problem", "domain_problem", "escape_controls",
-           "in_networks", "is_loopback"]
+           "has_controls", "in_networks", "is_loopback"]
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ATEXT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
@@ -62,13 +62,21 @@ def _domain_problem(domain: str, smtputf8: bool) -> str | None:
         return None
     if not domain or len(domain) > 253:
         return "bad domain length"
+    if domain.endswith("."):
+        return "domain ends with a dot"
     if not domain.isascii():
         if not smtputf8:
             return "non-ASCII domain without SMTPUTF8"
         try:
-            domain = domain.encode("idna").decode("ascii")
+            ace = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return "bad internationalised domain"
+        # IDNA maps fullwidth letters, ideographic full stops and invisible characters onto
+        # another name (fullwidth "sink" and U+3002 give ``sink.test``): only the own form is
+        # accepted, or suspensions and policies keyed on that name would be walked around.
+        if ace.encode("ascii").decode("idna") != domain.lower():
+            return f"internationalised domain not in its normal form (write {ace})"
+        domain = ace
     labels = domain.rstrip(".").split(".")
     if len(labels) < 2 and domain.lower() != "localhost":
         return "domain must be fully qualified"
@@ -82,6 +90,11 @@ def domain_problem(domain: str, smtputf8: bool = True) -> str | None:
     if _FORBIDDEN_RE.search(domain):
         return "control character in domain"
     return _domain_problem(domain, smtputf8)
+
+
+def has_controls(text: str) -> bool:
+    """Whether ``text`` holds a character no address (nor SMTP command argument) may."""
+    return _FORBIDDEN_RE.search(text) is not None
 
 
 def escape_controls(text: str) -> str:

@@ -25,7 +25,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from mta.ingress.policy import in_networks
+from mta.ingress.policy import has_controls, in_networks
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
@@ -459,9 +459,9 @@ class IngressSession(SMTP):
         carry = 0  # length of the line still open
         prev = b"\r\n"  # the stream's last two bytes: a "." as the very first line ends it
         too_big = long_line = False
-        declared = self._declared_size()
-        # A declared SIZE is held up front, so a burst is served first come, first served.
-        over_budget = bool(declared) and not self._hold(min(declared, limit), limit)
+        # Only bytes that arrived are held: a SIZE= declaration held up front would let a few
+        # idle sessions that declare the maximum shut everyone out of the budget for free.
+        over_budget = False
         try:
             while True:
                 try:
@@ -511,15 +511,6 @@ class IngressSession(SMTP):
             parts.append(bytes(stage))
         return b"".join(parts), None
 
-    def _declared_size(self) -> int:
-        """The SIZE= the client gave with MAIL FROM (0 if none)."""
-        assert self.envelope is not None
-        for option in self.envelope.mail_options:
-            name, _, value = option.partition("=")
-            if name.upper() == "SIZE" and value.isascii() and value.isdigit():
-                return int(value)
-        return 0
-
     def _hold(self, total: int, limit: int) -> bool:
         """Hold at least ``total`` bytes of the in-flight budget in all. Taken a piece ahead
         when it fits (a body of short lines would otherwise ask for every line)."""
@@ -548,6 +539,10 @@ class IngressSession(SMTP):
                 arg.encode("utf-8")
             except UnicodeEncodeError:
                 return None, None  # not valid UTF-8: not an address (RFC 6531)
+        if arg and has_controls(arg):
+            # Refused here, before aiosmtpd's RFC 5322 parser, which drops some of them
+            # (the mail would go to an address the client never sent).
+            return None, None
         m = _SIMPLE_ADDR_RE.match(arg) if arg else None
         if m is not None:
             return m.group(1), m.group(2)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mta.envelope import domain_key
+
 __all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
 
 
@@ -22,8 +24,8 @@ def recipient_domains(recipients: Sequence[str]) -> Destinations:
     to a few providers shares a few strings) and, when there are several, each recipient's
     domain as one byte indexing them."""
     if len(recipients) == 1:  # the common case, and recovery runs this per message
-        return (sys.intern(recipients[0].rpartition("@")[2].lower()),), None
-    per_rcpt = [sys.intern(r.rpartition("@")[2].lower()) for r in recipients]
+        return (sys.intern(domain_key(recipients[0].rpartition("@")[2])),), None
+    per_rcpt = [sys.intern(domain_key(r.rpartition("@")[2])) for r in recipients]
     domains = tuple(sorted(set(per_rcpt)))
     if len(domains) <= 1 or len(domains) > 255:
         return domains, None
