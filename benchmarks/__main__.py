@@ -25,6 +25,7 @@ SCENARIOS = {
     "backlog": "RSS per queued message while undeliverable mail piles up",
     "failover": "SIGKILL a node of a 3-node cluster under load, with a timeline",
     "soak": "chaos under load, then reconcile the accounting logs",
+    "partition": "network partitions and pauses in namespaces (root): fencing, takeover",
     "loadgen": "calibration: the load generators against a null sink",
     "report": "rebuild RESULTS.md and the plots from benchmarks/results/*.json",
 }

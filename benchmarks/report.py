@@ -281,6 +281,24 @@ SECTIONS: dict[str, Data] = {
                  ("lost", total("lost")), ("duplicates", total("dupes")),
                  ("acked", total("acked")), ("acked after kill", total("acked_after_kill"))],
     },
+    "partition": {
+        "title": "Partitions: network faults and pauses, 3 etcd members + 3 nodes in namespaces",
+        "how": "`python -m benchmarks partition` (root): silent DROP partitions and a SIGSTOP "
+               "under steady load; *non-owner* deliveries while etcd said another node (or "
+               "none) owned the shard, *fenced* deliveries between a node's fence and "
+               "unfence, *expiry-fence* and *claim-fence* seconds from the victim's fence to "
+               "its lease expiry and to the first foreign claim of its shards (goal: > 0), "
+               "*takeover* from the fault to a new owner's first delivery (goal: TTL + 2 s), "
+               "*recovered* from the heal until the victims serve their share again.",
+        "cols": [("scenario", label("scenario")), ("lease TTL s", label("ttl")),
+                 ("acked", total("acked")), ("lost", total("lost")),
+                 ("duplicates", total("duplicates")), ("by two nodes", total("dupes_cross_node")),
+                 ("non-owner", total("non_owner")), ("fenced", total("while_fenced")),
+                 ("fence s", metric("fence", 2)),
+                 ("expiry-fence s", metric("expiry_minus_fence", 2)),
+                 ("claim-fence s", metric("claim_minus_fence", 2)),
+                 ("takeover s", metric("takeover", 2)), ("recovered s", metric("recovered", 2))],
+    },
 }
 
 

@@ -133,3 +133,92 @@ def test_without_postfix_the_comparison_says_how_to_get_it(tmp_path: Path) -> No
                            "--no-save"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env=env)
     assert proc.returncode != 0 and "apt-get install postfix" in proc.stderr
+
+
+def test_partition_report_from_a_synthetic_run(tmp_path: Path) -> None:
+    """The partition scenario's figures from a hand-made record: n1 is cut at t=100, fences at
+    104, its lease expires at 105 and n2 claims its shard 1 at 105.2; heal at 110."""
+    from benchmarks.partition import analyze, pick, possible
+
+    cut, heal = 100.0, 110.0
+    owners = {
+        1: [[90.0, 104.9, "n1"], [105.0, 105.1, None], [105.2, 130.0, "n2"]],
+        2: [[90.0, 130.0, "n3"]],
+        # A gap in the polls (etcd unreadable 111-112): either side's owner is given the
+        # benefit of the doubt.
+        3: [[90.0, 111.0, "n2"], [112.0, 130.0, "n1"]],
+    }
+    presence = {"n1": [[90.0, 104.9, True], [105.0, 111.0, False], [111.2, 130.0, True]],
+                "n2": [[90.0, 130.0, True]], "n3": [[90.0, 130.0, True]]}
+    events = {"n1": [(104.0, "node.fenced", {"reason": "lease not refreshed"}),
+                     (104.0, "cluster.fenced", {}), (111.0, "node.unfenced", {})],
+              "n2": [(105.3, "cluster.shard_acquired", {"shard": 1})], "n3": []}
+    acked = {i: ("n1", 95.0 + i) for i in range(1, 7)}
+    acked[7] = ("n1", 111.5)  # n1 accepts again after the heal
+
+    def d(i: int, node: str, shard: int, at: float) -> dict:
+        return {"id": i, "node": node, "shard": shard, "data_at": at, "done_at": at + 0.3}
+
+    deliveries = [
+        d(1, "n1", 1, 99.0),  # before the cut: fine
+        d(2, "n2", 1, 105.5),  # the new owner takes over: takeover 5.5 s
+        d(2, "n1", 1, 106.0),  # the old owner, fenced and no longer owner: the bug
+        d(3, "n3", 2, 101.0), d(3, "n3", 2, 102.0),  # the same node twice
+        d(5, "n1", 3, 111.5),  # in the poll gap: n1 may own it (benefit of the doubt)
+        d(6, "n2", 3, 111.6),  # in the poll gap: n2 may too
+        d(7, "n1", 3, 112.5),  # n1 back as the owner
+        # id 4 never arrives: lost
+    ]
+    r = analyze(acked, deliveries, owners, presence, events, cut, heal, ["n1"], 5.0)
+    assert (r["acked"], r["delivered"], r["lost"], r["lost_ids"]) == (7, 6, 1, [4])
+    assert r["duplicates"] == 2 and r["dupes_by_node"] == {"n1": 1, "n3": 1}
+    assert (r["dupes_cross_node"], r["dupes_same_node"]) == (1, 1)
+    assert r["non_owner"] == 1 and r["non_owner_by_node"] == {"n1": 1}
+    assert r["while_fenced"] == 1 and r["victim_shards"] == 1
+    assert r["fence"] == 4.0 and r["per_victim"]["n1"]["reason"] == "lease not refreshed"
+    assert abs(r["expiry_minus_fence"] - 1.0) < 1e-9  # lease gone at 105: fenced 1 s before
+    assert abs(r["claim_minus_fence"] - 1.2) < 1e-9  # n2's key first seen at 105.2
+    assert abs(r["takeover"] - 5.5) < 1e-9 and r["shards_taken"] == 1
+    assert abs(r["back"] - 1.5) < 1e-9 and abs(r["ack_back_all"] - 1.5) < 1e-9
+    # A late fence is a negative margin; a fence never lifted covers every later delivery.
+    late = {"n1": [(105.6, "node.fenced", {}), (105.5, "delivery.fenced", {})]}
+    r2 = analyze(acked, deliveries, owners, presence, late, cut, heal, ["n1"], 5.0)
+    assert r2["expiry_minus_fence"] == -0.5 and r2["claim_minus_fence"] < 0
+    assert r2["while_fenced"] == 3
+    assert possible([], 1.0) == {None}
+    assert pick("pause") == ["pause", "pause+backlog"]
+    assert pick("node-sink+backlog,backlog")[0] == "node-etcd+backlog"
+    data = _result("partition", [({"scenario": "node-etcd", "ttl": 5.0}, [r])])
+    text = render([data], tmp_path / "plots")
+    row = next(line for line in text.splitlines() if "| node-etcd | 5.0 |" in line)
+    assert "| 7 | 1 | 2 | 1 | 1 | 1 |" in row  # acked, lost, duplicates, by two, non-owner...
+
+
+def test_partition_needs_root_and_iptables(tmp_path: Path) -> None:
+    """No namespaces without root: one line, exit 2, nothing set up. As root, a PATH without
+    iptables says how to install it."""
+    import os
+
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/nonexistent"}
+    argv = ["benchmarks", "partition", "--quick"]
+    root = os.geteuid() == 0
+    if root:
+        # Become nobody inside the interpreter (its binary may sit where nobody cannot exec
+        # it), after importing what runs before the check.
+        cmd = [sys.executable, "-c",
+               "import os, runpy, sys, argparse, importlib, platform, benchmarks.harness, "
+               "benchmarks.partition; "
+               "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+               f"sys.argv = {argv!r}; runpy.run_module('benchmarks', run_name='__main__')"]
+    else:
+        cmd = [sys.executable, "-m", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("partition: needs root (network namespaces, veth pairs, "
+                                   "iptables); run it as root")
+    if not root:
+        return
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "partition: iptables not found: apt-get install iptables"
