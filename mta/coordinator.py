@@ -114,6 +114,10 @@ class Coordinator(Protocol):
     async def stop(self) -> None:
         """Hand every owned shard back (releasing it on the host first) and leave."""
 
+    def stop_claiming(self) -> None:
+        """The node has begun to stop: keep serving what it owns, but claim no more shards
+        (the shards stopping peers hand back must go to nodes that stay)."""
+
     def owned_shards(self) -> frozenset[int]:
         """Shards this node owns right now."""
 
@@ -202,6 +206,9 @@ class LocalCoordinator:
         for shard in range(self.total_shards):
             await host.acquire_shard(shard, token)
             self._owned = self._owned | {shard}
+
+    def stop_claiming(self) -> None:
+        pass  # a standalone node claims every shard once, at start
 
     async def stop(self) -> None:
         if self._host is None:

@@ -346,6 +346,7 @@ class Node:
         self._stopped.set()
         notify("STOPPING=1")
         log.info("node.stopping", node_id=self.node_id)
+        self.coordinator.stop_claiming()
         if self.ingress is not None:
             await self.ingress.drain(self.cfg.smtp.shutdown_grace)
         for task in self._tasks:
