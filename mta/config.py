@@ -118,16 +118,27 @@ def _non_negative_int(value: Any) -> int:
     return value
 
 
+# Control characters: a NUL makes every open() of a path fail (a traceback at startup), and
+# in a hostname, HELO, address or token they would go out on the wire or into a header.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_controls(value: str) -> str:
+    if _CONTROL_RE.search(value):
+        raise _Invalid(f"expected text without control characters, got {value!r}")
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a string, got {value!r}")
-    return value
+    return _no_controls(value)
 
 
 def _nonempty_string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid(f"expected a non-empty string, got {value!r}")
-    return value.strip()
+    return _no_controls(value.strip())
 
 
 def _boolean(value: Any) -> bool:
@@ -139,7 +150,7 @@ def _boolean(value: Any) -> bool:
 def _path(value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"expected a path string, got {value!r}")
-    return value
+    return _no_controls(value)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -381,6 +392,19 @@ class DeliveryConfig:
     max_age: float = _opt(parse_duration, 3 * 86400.0)
     breaker_failures: int = _opt(_positive_int, 5)
     breaker_cooldown: float = _opt(parse_duration, 60.0)
+    # A site (pool, throttle, breaker, back-off) nothing has used for this long (no queued
+    # job, connection or attempt) is forgotten, so a sender reaching many domains keeps a
+    # bounded table. One whose breaker is not closed or that is backing off is kept for
+    # max(site_idle, 16 x breaker_cooldown): its state outlives its longest cooldown.
+    site_idle: float = _opt(parse_duration, 600.0)
+    # Routes (domain -> MX hosts and addresses) kept at most, least recently used out first;
+    # the DNS answers beneath them are held to the same bound.
+    route_cache_size: int = _opt(_positive_int, 10_000)
+    # A route lives as long as the DNS answers it was built from (their TTLs; negative ones by
+    # their SOA), but at least route_ttl_min (TTL 0 must not mean a lookup per message; also
+    # how long a SERVFAIL is trusted) and at most route_ttl_max.
+    route_ttl_min: float = _opt(parse_duration, 5.0)
+    route_ttl_max: float = _opt(parse_duration, 3600.0)
     bounce_sender: str = _opt(_string, "")
     accounting_log: str = _opt(_path, "./var/log/accounting.jsonl")
     domains: dict[str, DomainPolicy] = _opt(_domain_policies, dict)  # noqa: RUF009
@@ -495,6 +519,10 @@ def _check_consistency(cfg: Config, path: str) -> None:
                           f"got {smtp.max_inflight_bytes}")
     if cfg.spool.shards > 4096:
         raise ConfigError(path, "[spool] shards", "expected at most 4096 shards")
+    if cfg.delivery.route_ttl_min > cfg.delivery.route_ttl_max:
+        raise ConfigError(path, "[delivery] route_ttl_min",
+                          f"expected at most route_ttl_max ({cfg.delivery.route_ttl_max:g}s), "
+                          f"got {cfg.delivery.route_ttl_min:g}s")
     if cfg.spool.segment_size < 64 * 1024:
         raise ConfigError(path, "[spool] segment_size", "expected at least 64K")
 

@@ -23,10 +23,16 @@ class DNSServer:
     """Authoritative answers from ``zone`` over real UDP on 127.0.0.1.
 
     zone: name -> "NXDOMAIN" | "SERVFAIL" | {"MX": [(pref, host)], "A": [ip], "AAAA": [ip]}
+    An entry may carry "TTL": seconds for its answers (default ``ttl``). With
+    ``negative_ttl`` set, NXDOMAIN and empty answers carry an SOA whose TTL and MINIMUM are
+    that (RFC 2308: how long the "no" may be cached); without it, no SOA.
     """
 
-    def __init__(self, zone: dict[str, Any]) -> None:
+    def __init__(self, zone: dict[str, Any], ttl: int = 60,
+                 negative_ttl: int | None = None) -> None:
         self.zone = {k.lower().rstrip("."): v for k, v in zone.items()}
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -45,6 +51,7 @@ class DNSServer:
         entry = self.zone.get(name)
         if entry is None or entry == "NXDOMAIN":
             resp.set_rcode(dns.rcode.NXDOMAIN)
+            self._add_soa(resp)
         elif entry == "SERVFAIL":
             resp.set_rcode(dns.rcode.SERVFAIL)
         else:
@@ -52,8 +59,17 @@ class DNSServer:
             if values:
                 texts = [f"{p} {h}." if h != "." else f"{p} ." for p, h in values] \
                     if rtype == "MX" else list(values)
-                resp.answer.append(dns.rrset.from_text_list(q.name, 60, "IN", rtype, texts))
+                resp.answer.append(dns.rrset.from_text_list(
+                    q.name, entry.get("TTL", self.ttl), "IN", rtype, texts))
+            else:
+                self._add_soa(resp)
         return resp
+
+    def _add_soa(self, resp: dns.message.Message) -> None:
+        if self.negative_ttl is not None:
+            n = self.negative_ttl
+            resp.authority.append(dns.rrset.from_text(
+                ".", n, "IN", "SOA", f"ns.test. hostmaster.test. 1 3600 600 86400 {n}"))
 
     def _serve(self) -> None:
         self.sock.settimeout(0.2)
@@ -82,6 +98,7 @@ class Received:
     content: bytes
     session: int
     at: float
+    tls: bool = False  # the session had negotiated TLS (STARTTLS) before this DATA
 
 
 @dataclass
@@ -156,7 +173,7 @@ class _SinkHandler:
         with self.sink.lock:
             self.sink.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                                envelope.original_content, server.session_no,
-                                               time.monotonic()))
+                                               time.monotonic(), session.ssl is not None))
         return "250 2.0.0 OK queued"
 
 
@@ -193,8 +210,15 @@ class Sink(Controller):
 
     def start(self) -> None:
         super().start()
-        # The controller's own readiness probe is a session too: start counting from zero.
-        time.sleep(0.05)
+        # The controller's own readiness probe is a session too: once it has ended, start
+        # counting from zero.
+        deadline = time.monotonic() + 10
+        while True:
+            with self.lock:
+                if self.sessions >= 1 and self.active == 0:
+                    break
+            assert time.monotonic() < deadline, "the sink's readiness probe never ended"
+            time.sleep(0.005)
         with self.lock:
             self.sessions = self.max_active = 0
             self.peers.clear()

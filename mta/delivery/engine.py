@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,18 @@ class _BounceRequest:
 ADMIN_BOUNCE = RecipientResult(550, "5.0.0 Message bounced by the administrator")
 # Seconds between looks at a message whose shard is owned but not provably held right now.
 _NOT_OWNER_RECHECK = 1.0
+# A breaker's cooldown doubles up to this many times its base (Breaker.on_failure): a site
+# whose breaker is not closed is remembered at least that long, so forgetting it never lets
+# connections through that its breaker would still have held back.
+_BREAKER_MAX_COOLDOWNS = 16
+
+
+@dataclass
+class _DomainThrottle:
+    throttle: Throttle
+    # Monotonic time its last booked slot ends: from then on it behaves exactly as a fresh
+    # throttle would, so it may be forgotten.
+    until: float = 0.0
 
 
 @dataclass
@@ -97,11 +109,16 @@ class DeliveryEngine:
         self.loops = LoopGuard(cfg.smtp.listen, self.node_id, coordinator.members)
         self.scheduler = Scheduler(
             self._on_due, can_dispatch=lambda: len(self._inflight) < self.dcfg.max_inflight)
+        # Per-site and per-domain tables: every one is bounded (LRU) or reaped (see reap),
+        # since the domains a sender reaches over a day are unbounded.
         self.sites: dict[str, Site] = {}
-        self._domain_throttles: dict[str, Throttle] = {}
+        self._site_domain: dict[str, str] = {}  # site key -> the domain whose policy it follows
+        self._domain_throttles: dict[str, _DomainThrottle] = {}
+        self._reaper: asyncio.Task[None] | None = None
         self._shards: set[int] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._site_of: dict[str, str] = {}  # domain -> key of the site it was last routed to
+        # domain -> key of the site it was last routed to; LRU, at most route_cache_size.
+        self._site_of: OrderedDict[str, str] = OrderedDict()
         self._bounces: dict[str, _BounceRequest] = {}
         self._watchers: dict[str, asyncio.Future[dict[str, Any]]] = {}
         # First outcomes of messages from these senders (the probe's) are kept a while, so a
@@ -123,10 +140,16 @@ class DeliveryEngine:
         self._runtime = self.coordinator.runtime()
         self.coordinator.watch_runtime(self._on_runtime)
         self.scheduler.start()
+        self._reaper = asyncio.create_task(self._reap_loop(), name="delivery:reaper")
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling; let in-flight attempts finish for up to ``grace`` seconds."""
         self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
         await self.scheduler.stop()
         await self._settle(list(self._inflight.values()), grace)
         for site in self.sites.values():
@@ -643,17 +666,25 @@ class DeliveryEngine:
                                                    "myself"))
         route = outside
         site = self._site_for(route, domain)
-        self._site_of[domain] = route.site
-        # Wait for the domain's own throttle here, not on a pooled connection: a slow domain
-        # behind a shared site (a smarthost, a big provider's MX set) must not hold a
-        # connection that other domains' mail could use.
-        throttle = self._domain_throttle(domain)
-        if throttle is not None:
-            await throttle.acquire()
-        policy = policy_for(domain, self.dcfg.domains)
-        tls = policy.tls if policy and policy.tls else self.dcfg.tls
-        job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx], stored.body,
-                  env.smtputf8, env.body_8bit, tls_required=tls == "required")
+        self._note_site_of(domain, route.site)
+        # Held from here (no await before) until its job is done: the reaper must not forget
+        # a site an attempt is about to queue on.
+        with site.held():
+            # Wait for the domain's own throttle here, not on a pooled connection: a slow
+            # domain behind a shared site (a smarthost, a big provider's MX set) must not
+            # hold a connection that other domains' mail could use.
+            await self._domain_throttle_wait(domain)
+            policy = policy_for(domain, self.dcfg.domains)
+            tls = policy.tls if policy and policy.tls else self.dcfg.tls
+            job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
+                      stored.body, env.smtputf8, env.body_8bit, tls_required=tls == "required")
+            return await self._deliver_job(site, job, idx)
+
+    async def _deliver_job(self, site: Site, job: Job, idx: list[int]
+                           ) -> dict[int, _Outcome]:
+        def every(status: str, result: RecipientResult) -> dict[int, _Outcome]:
+            return {i: (status, result) for i in idx}
+
         try:
             results = await site.deliver(job)
         except NotOwnerError as exc:
@@ -677,11 +708,8 @@ class DeliveryEngine:
         self.dcfg = cfg.delivery
         self.router = Router(cfg.delivery)
         self._domain_throttles.clear()
-        firsts: dict[str, str] = {}
-        for domain, key in self._site_of.items():
-            firsts.setdefault(key, domain)
         for key, site in self.sites.items():
-            site.limits = self._limits(firsts.get(key, ""))
+            site.limits = self._limits(self._site_domain.get(key, ""))
 
     def _limits(self, domain: str) -> SiteLimits:
         policy = policy_for(domain, self.dcfg.domains) if domain else None
@@ -719,17 +747,82 @@ class DeliveryEngine:
                     permit=self._may_send, metrics=self.metrics)
         site.rate_override = self._runtime.throttles.get(route.site)
         self.sites[route.site] = site
+        self._site_domain[route.site] = domain
         return site
 
-    def _domain_throttle(self, domain: str) -> Throttle | None:
+    def _note_site_of(self, domain: str, key: str) -> None:
+        self._site_of[domain] = key
+        self._site_of.move_to_end(domain)
+        while len(self._site_of) > self.dcfg.route_cache_size:
+            self._site_of.popitem(last=False)
+
+    async def _domain_throttle_wait(self, domain: str) -> None:
         rate = self.domain_rate(domain)
         if rate is None:
-            return None
-        throttle = self._domain_throttles.get(domain)
-        if throttle is None:
-            throttle = self._domain_throttles[domain] = Throttle(rate)
-        throttle.rate = rate * self.coordinator.rate_share()
-        return throttle
+            return
+        rate *= self.coordinator.rate_share()
+        entry = self._domain_throttles.get(domain)
+        if entry is None:
+            entry = self._domain_throttles[domain] = _DomainThrottle(Throttle(rate))
+        entry.throttle.rate = rate
+        wait = entry.throttle.reserve()
+        entry.until = time.monotonic() + wait + 1.0 / rate
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # --- reaping ---------------------------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        while True:
+            # A quarter of site_idle between looks (a site goes at most that late), read
+            # each time so a reload applies.
+            await asyncio.sleep(min(30.0, max(0.05, self.dcfg.site_idle / 4)))
+            try:
+                self.reap()
+            except Exception:
+                # One bad pass must not end reaping for the life of the node.
+                log.exception("delivery.reap_failed", node_id=self.node_id)
+
+    def reap(self) -> int:
+        """Forget what nothing uses any more: sites idle for ``site_idle`` (longer for one
+        whose breaker or back-off is still in force), the domains routed to them, domain
+        throttles whose last slot has passed, and expired routes. Returns sites dropped."""
+        now = time.monotonic()
+        d = self.dcfg
+        unsettled = max(d.site_idle, _BREAKER_MAX_COOLDOWNS * d.breaker_cooldown)
+        gone: set[str] = set()
+        for key, site in self.sites.items():
+            idle = site.idle_for(now)
+            if idle <= 0.0:
+                continue
+            limit = d.site_idle if site.settled() else unsettled
+            if site.throttle.rate:
+                # Its throttle's last slot must have passed too, or a new site for the same
+                # hosts would send sooner than the rate allows.
+                limit = max(limit, 1.0 / site.throttle.rate)
+            if idle >= limit:
+                gone.add(key)
+        m = self.metrics
+        for key in gone:
+            # Idle: no job, worker or connection to close; nobody holds a reference to it.
+            del self.sites[key]
+            self._site_domain.pop(key, None)
+            # Its labelled series would otherwise stay in the registry for ever.
+            for gauge in (m.site_queue, m.site_connections, m.site_breaker_open):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(key)
+        if gone:
+            for domain in [dom for dom, key in self._site_of.items() if key in gone]:
+                del self._site_of[domain]
+        spent = [dom for dom, entry in self._domain_throttles.items() if entry.until <= now]
+        for domain in spent:
+            del self._domain_throttles[domain]
+        routes = self.router.prune()
+        if gone or spent or routes:
+            log.debug("delivery.reaped", node_id=self.node_id, sites=len(gone),
+                      domain_throttles=len(spent), routes=routes, sites_left=len(self.sites),
+                      routes_left=len(self.router))
+        return len(gone)
 
     # --- bounces ---------------------------------------------------------------------------
 

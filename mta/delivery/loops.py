@@ -29,6 +29,8 @@ _RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Entries each memo keeps before it starts over (a sender reaches many MX hosts a day).
+_MAX_MEMO = 4096
 
 
 def received_count(content: bytes) -> int:
@@ -101,7 +103,7 @@ class LoopGuard:
         memo = self._checked.get(route)
         if memo is not None and memo[0] == self._loaded_at:
             return memo[1]
-        if len(self._checked) > 4096:
+        if len(self._checked) > _MAX_MEMO:
             self._checked.clear()
         result = await self._outside(route, listeners)
         if self._loaded_at != -float("inf"):  # not while our own listener is still unknown
@@ -186,6 +188,8 @@ class LoopGuard:
             found: frozenset[_IP] = frozenset()
         else:
             found = frozenset(a for info in infos if (a := _ip(str(info[4][0]))) is not None)
+        if len(self._resolved) >= _MAX_MEMO:  # one per MX host reached: keep it bounded
+            self._resolved.clear()
         self._resolved[host] = (now + self._addr_ttl, found)
         return found
 
@@ -207,5 +211,7 @@ class LoopGuard:
                 local = _ip(str(probe.getsockname()[0])) == addr
         except OSError:
             local = False
+        if len(self._local) >= _MAX_MEMO:
+            self._local.clear()
         self._local[addr] = (now + self._addr_ttl, local)
         return local

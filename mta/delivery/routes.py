@@ -3,6 +3,11 @@ address literals (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``).
 
 Domains whose MX sets are the same share a *site* (one pool, one throttle), as the big
 providers host many domains on one set of MX hosts.
+
+Routes are cached per domain for as long as the DNS answers they were built from live (their
+TTLs, held between ``route_ttl_min`` and ``route_ttl_max``), in an LRU of at most
+``route_cache_size`` entries: a sender reaching hundreds of thousands of domains a day keeps
+a bounded table, and an MX that moves is followed once its TTL has run out.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ from __future__ import annotations
 import ipaddress
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
 from mta.config import DeliveryConfig, DomainPolicy
-from mta.delivery.errors import PermanentError, TemporaryError
+from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
 from mta.envelope import domain_key
 
 __all__ = ["Route", "Router", "literal_address", "policy_for"]
@@ -67,8 +74,59 @@ def literal_address(domain: str) -> str | None:
     return str(addr)
 
 
+# How long a negative answer without an SOA (RFC 2308 gives no TTL then) is trusted.
+_NEGATIVE_TTL_DEFAULT = 60.0
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """RFC 2308 section 5: a negative answer (NXDOMAIN, or no record of the type) lives
+    min(SOA TTL, SOA MINIMUM) of the SOA in its authority section; without one, a short
+    default."""
+    if response is not None:
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return float(min(rrset.ttl, rrset[0].minimum))
+    return _NEGATIVE_TTL_DEFAULT
+
+
+def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
+    return min((_negative_ttl(r) for r in exc.responses().values()),
+               default=_NEGATIVE_TTL_DEFAULT)
+
+
+def _remaining(answer: dns.resolver.Answer) -> float:
+    """Seconds ``answer`` is still valid (dnspython's expiration is wall-clock)."""
+    return answer.expiration - time.time()
+
+
+class _ClampedCache(dns.resolver.LRUCache):
+    """dnspython's LRU answer cache, with every answer's lifetime held between a floor and a
+    ceiling: a TTL of 0 must not mean a query per message, nor a week-long TTL a week before
+    a moved MX is seen."""
+
+    def __init__(self, max_size: int, ttl_min: float, ttl_max: float) -> None:
+        super().__init__(max_size)
+        self.ttl_min = ttl_min
+        self.ttl_max = ttl_max
+
+    def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
+        now = time.time()
+        value.expiration = min(max(value.expiration, now + self.ttl_min), now + self.ttl_max)
+        super().put(key, value)
+
+    def prune(self) -> int:
+        """Drop the expired answers (dnspython drops them only when asked for them again);
+        returns how many."""
+        now = time.time()
+        with self.lock:
+            expired = [key for key, node in self.data.items() if node.value.expiration <= now]
+        for key in expired:
+            self.flush(key)
+        return len(expired)
+
+
 class Router:
-    """Resolves domains to routes with a small TTL cache."""
+    """Resolves domains to routes, cached for their DNS TTLs in a bounded LRU."""
 
     def __init__(self, cfg: DeliveryConfig, timeout: float = 10.0) -> None:
         self.cfg = cfg
@@ -78,8 +136,25 @@ class Router:
                                for host, port in cfg.nameservers]
         res.lifetime = timeout
         res.timeout = min(timeout, 3.0)
+        # The answers beneath the routes: the MX hosts of a big provider serve many domains,
+        # and their addresses are looked up once per TTL, not once per domain.
+        self._answers = _ClampedCache(cfg.route_cache_size, cfg.route_ttl_min, cfg.route_ttl_max)
+        res.cache = self._answers
         self._resolver = res
-        self._cache: dict[str, tuple[float, Route | Exception]] = {}
+        # domain -> (monotonic expiry, the route or why there is none), least recently used
+        # first.
+        self._cache: OrderedDict[str, tuple[float, Route | DeliveryError]] = OrderedDict()
+        self.size = cfg.route_cache_size
+        self.peak = 0  # the most routes ever held at once (never above size)
+
+    def __len__(self) -> int:
+        """Routes cached now (expired ones included until pruned)."""
+        return len(self._cache)
+
+    def __contains__(self, domain: object) -> bool:
+        """Whether a route (or a failure) for ``domain`` is cached and still valid."""
+        cached = self._cache.get(domain_key(domain)) if isinstance(domain, str) else None
+        return cached is not None and cached[0] > time.monotonic()
 
     async def route(self, domain: str) -> Route:
         """Route for ``domain``; raises PermanentError / TemporaryError."""
@@ -93,57 +168,95 @@ class Router:
         # MX port like any other destination (a smarthost, above, takes it like any other).
         if (addr := literal_address(domain)) is not None:
             return Route(f"[{addr}]", ((addr, self.cfg.mx_port, addr),))
-        now = time.monotonic()
         cached = self._cache.get(domain)
-        if cached is not None and cached[0] > now:
-            if isinstance(cached[1], Exception):
-                raise cached[1]
-            return cached[1]
-        try:
-            route = await self._lookup(domain)
-        except PermanentError as exc:
-            self._cache[domain] = (now + 60, exc)
-            raise
-        self._cache[domain] = (now + 300, route)
-        return route
+        if cached is not None:
+            if cached[0] > time.monotonic():
+                self._cache.move_to_end(domain)
+                if isinstance(cached[1], DeliveryError):
+                    # A fresh traceback each time: re-raising the one instance would chain
+                    # every raise's frames onto it for as long as it is cached.
+                    raise cached[1].with_traceback(None)
+                return cached[1]
+            del self._cache[domain]
+        found, ttl = await self._lookup(domain)
+        ttl = min(max(ttl, self.cfg.route_ttl_min), self.cfg.route_ttl_max)
+        self._cache[domain] = (time.monotonic() + ttl, found)
+        self._cache.move_to_end(domain)
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        self.peak = max(self.peak, len(self._cache))
+        if isinstance(found, DeliveryError):
+            raise found.with_traceback(None)
+        return found
 
-    async def _lookup(self, domain: str) -> Route:
+    def prune(self) -> int:
+        """Drop expired routes and DNS answers (a domain mailed once must not stay for ever
+        in a table sized for the busy ones); returns how many routes went."""
+        now = time.monotonic()
+        expired = [domain for domain, (until, _) in self._cache.items() if until <= now]
+        for domain in expired:
+            del self._cache[domain]
+        self._answers.prune()
+        return len(expired)
+
+    async def _lookup(self, domain: str) -> tuple[Route | DeliveryError, float]:
+        """The route for ``domain`` or why there is none, and for how many seconds that
+        holds: the shortest remaining TTL of the answers it was built from."""
+        ttl = float("inf")
         try:
             answer = await self._resolver.resolve(domain, "MX")
+            ttl = _remaining(answer)
             mxs = sorted(((r.preference, r.exchange.to_text(omit_final_dot=True).lower())
                           for r in answer), key=lambda m: (m[0], random.random()))
-        except dns.resolver.NXDOMAIN:
-            raise PermanentError(550, f"5.1.2 Domain {domain} does not exist (NXDOMAIN)"
-                                 ) from None
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NXDOMAIN as exc:
+            return (PermanentError(550, f"5.1.2 Domain {domain} does not exist (NXDOMAIN)"),
+                    _nxdomain_ttl(exc))
+        except dns.resolver.NoAnswer as exc:
+            ttl = _negative_ttl(exc.response())
             mxs = []  # RFC 5321 5.1: no MX, the domain itself is the implicit MX
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
-            raise TemporaryError(451, f"4.4.3 DNS lookup of MX for {domain} failed: "
-                                      f"{type(exc).__name__}") from None
+            # SERVFAIL or silence: retried, so trusted only for the shortest time.
+            return TemporaryError(451, f"4.4.3 DNS lookup of MX for {domain} failed: "
+                                       f"{type(exc).__name__}"), 0.0
         except dns.exception.DNSException as exc:
             # A name DNS itself refuses (IDNA2008 rules, label too long...): no retry helps.
-            raise PermanentError(550, f"5.1.2 Bad destination domain {domain}: {exc}"
-                                 ) from None
+            return PermanentError(550, f"5.1.2 Bad destination domain {domain}: {exc}"
+                                  ), _NEGATIVE_TTL_DEFAULT
         if len(mxs) == 1 and mxs[0][1] in ("", "."):
-            raise PermanentError(556, f"5.1.10 Domain {domain} accepts no mail (null MX)")
+            return PermanentError(556, f"5.1.10 Domain {domain} accepts no mail (null MX)"), ttl
         names = [name for _, name in mxs] or [domain]
         hosts: list[tuple[str, int, str]] = []
         for name in names:
-            for addr in await self._addresses(name):
+            addrs, addr_ttl = await self._addresses(name)
+            ttl = min(ttl, addr_ttl)
+            for addr in addrs:
                 hosts.append((addr, self.cfg.mx_port, name))
         if not hosts:
             if not mxs:
-                raise PermanentError(550, f"5.1.2 Domain {domain} has no MX and no address")
-            raise TemporaryError(451, f"4.4.3 No address found for the MX hosts of {domain}")
+                return PermanentError(550, f"5.1.2 Domain {domain} has no MX and no address"
+                                      ), ttl
+            return TemporaryError(451, f"4.4.3 No address found for the MX hosts of {domain}"
+                                  ), ttl
         site = ",".join(sorted(set(names)))
-        return Route(site, tuple(hosts))
+        return Route(site, tuple(hosts)), ttl
 
-    async def _addresses(self, name: str) -> list[str]:
+    async def _addresses(self, name: str) -> tuple[list[str], float]:
+        """The addresses of ``name`` and the shortest TTL among the answers (negative ones
+        too: an address added later is seen once the "none" has expired)."""
         out: list[str] = []
+        ttl = float("inf")
         for rtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rtype)
-                out.extend(r.to_text() for r in answer)
+            except dns.resolver.NXDOMAIN as exc:
+                ttl = min(ttl, _nxdomain_ttl(exc))
+                continue
+            except dns.resolver.NoAnswer as exc:
+                ttl = min(ttl, _negative_ttl(exc.response()))
+                continue
             except dns.exception.DNSException:
-                continue  # none, SERVFAIL, timeout, bad name: no address of this type
-        return out
+                ttl = 0.0  # SERVFAIL, timeout, bad name: no address of this type for now
+                continue
+            ttl = min(ttl, _remaining(answer))
+            out.extend(r.to_text() for r in answer)
+        return out, ttl

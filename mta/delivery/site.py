@@ -9,6 +9,7 @@ import itertools
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -230,6 +231,33 @@ class Site:
         self._permit = permit
         self._metrics = metrics
         self.stalled = 0  # workers waiting for a reply for longer than stall_timeout
+        # Attempts routed here and not finished (waiting on a domain throttle, or queued):
+        # the engine must not forget a site someone is about to use.
+        self.holders = 0
+        self._last_used = time.monotonic()
+
+    # --- use, for reaping ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Site]:
+        """Mark the site in use by one attempt for the duration."""
+        self.holders += 1
+        try:
+            yield self
+        finally:
+            self.holders -= 1
+            self._last_used = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds nothing has used the site (no attempt holds it, no job waits, no
+        connection is open); 0 while in use."""
+        if self.holders or self.ready or self.connections or self._workers:
+            return 0.0
+        return max(0.0, now - self._last_used)
+
+    def settled(self) -> bool:
+        """Nothing worth remembering: breaker closed and no back-off in force."""
+        return self.breaker.state == "closed" and self.backoff.factor >= 1.0
 
     # --- limits that move at run time ------------------------------------------------------
 
@@ -420,6 +448,7 @@ class Site:
             raise
         finally:
             self.connections -= 1
+            self._last_used = time.monotonic()
             if job is not None:  # cancelled with a job in hand
                 job.fail(TemporaryError(451, "4.3.2 Delivery interrupted"))
             if smtp is not None:
