@@ -134,6 +134,29 @@ def test_dsn_is_a_valid_multipart_report() -> None:
     assert "Subject: hello" in msg.get_payload()[2].get_content()
 
 
+@pytest.mark.parametrize(("expired", "replies", "statuses"), [
+    # A bounce is permanent: class 5, even when the remote's reply claims class 4.
+    (False, ["550 5.1.1 User unknown", "550 4.1.1 Odd but final", "554 No code given"],
+     ["5.1.1", "5.1.1", "5.0.0"]),
+    # An expiry gives up on a transient failure: class 4 (RFC 3464 2.3.3, RFC 3463 X.4.7);
+    # recipients that bounced permanently in the same attempt keep class 5.
+    (True, ["452 4.4.7 Message expired after 9 attempts; last error: 452 4.2.2 Mailbox full",
+            "451 Try again later", "550 5.1.1 User unknown", "550 4.1.1 Odd but final"],
+     ["4.4.7", "4.4.7", "5.1.1", "5.1.1"]),
+])
+def test_dsn_status_class_says_why_delivery_stopped(expired: bool, replies: list[str],
+                                                    statuses: list[str]) -> None:
+    raw = build_dsn(
+        reporting_mta="mx.example", postmaster="MAILER-DAEMON@mx.example",
+        original_sender="app@example.com", original_headers=b"Subject: hello\r\n",
+        arrival=1795000000.0, expired=expired, message_id="01TESTID",
+        recipients=[FailedRecipient(f"r{i}@example.org", reply)
+                    for i, reply in enumerate(replies)])
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    blocks = msg.get_payload()[1].get_payload()[1:]
+    assert [(b["Action"], b["Status"]) for b in blocks] == [("failed", s) for s in statuses]
+
+
 def test_domain_policy_wildcards() -> None:
     cfg = config_from_dict({"delivery": {"domains": {
         "example.com": {"rate": "1/s"}, "*.example.com": {"rate": "2/s"}, "*": {"rate": "3/s"}}}})

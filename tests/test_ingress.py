@@ -17,6 +17,7 @@ import pytest
 
 from mta.node import Node
 from tests.helpers import message
+from tests.mailworld import wait_until
 
 
 def port(node: Node) -> int:
@@ -174,7 +175,8 @@ async def test_non_ascii_address_without_smtputf8_is_refused(start_node: Any) ->
     await c.cmd("EHLO c.example")
     assert (await c.cmd("MAIL FROM:<a@example.com>")).startswith("250")
     reply = await c.cmd("RCPT TO:<jörg@example.org>".encode())
-    assert reply.startswith("500 5.5.2") or reply.startswith("501 5.1.3"), reply
+    # Refused as bad syntax, naming the SMTPUTF8 the client did not ask for.
+    assert reply.startswith("501 5.1.3 ") and "without SMTPUTF8" in reply, reply
     await c.close()
 
 
@@ -325,7 +327,8 @@ async def test_disconnect_mid_data_stores_nothing(start_node: Any) -> None:
     c.writer.write(message(1, 4000)[:2500])
     await c.writer.drain()
     c.writer.transport.abort()
-    await asyncio.sleep(0.2)
+    assert node.ingress is not None
+    await wait_until(lambda: not node.ingress.sessions, what="the server saw the disconnect")
     assert await stored(node) == {}
     assert node.spool.live_count() == 0
 
@@ -347,7 +350,8 @@ async def test_connection_limits_total_and_per_ip(start_node: Any) -> None:
         await e.close()
         await d.close()
     await a.close()
-    await asyncio.sleep(0.1)
+    assert node.ingress is not None
+    await wait_until(lambda: node.ingress.limiter.total == 1, what="a's slot freed")
     f = await Raw.connect(port(node))
     assert (await f.reply()).startswith("220")  # a freed slot is reusable
     await f.close()

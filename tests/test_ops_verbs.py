@@ -170,15 +170,16 @@ def test_probe_measures_end_to_end_and_exports_metrics(node: NodeProcess, sink: 
 
 
 def test_slo_report_in_both_modes(node: NodeProcess) -> None:
-    submit(node, ["s@ok.test"], 30)
+    mid = submit(node, ["s@ok.test", "s@held.test"], 30)  # one delivered, one greylisted
+    wait_for(lambda: deferred(node, mid), what="the greylisted recipient deferred")
     data = wait_for(lambda: (d := ctl_json(node, "slo", "--window", "1h"))["submitted"] >= 1
-                    and d["delivered"] >= 1 and d, what="SLO counts")
+                    and d["delivered"] >= 1 and d["deferred"] >= 1 and d, what="SLO counts")
     checks = data["checks"]
     assert checks["availability"]["value"] > 0.5
     assert checks["availability"]["objective"] == 0.999
     assert checks["submit_p99_seconds"]["value"] is not None
     assert 0 < checks["delivery_success"]["value"] <= 1
-    assert data["deferral_rate"] > 0  # held.test was greylisted
+    assert data["deferral_rate"] > 0  # s@held.test was greylisted
     human = ctl(node, "slo")
     assert human.returncode == 0 and "availability" in human.stdout
     assert "delivery success" in human.stdout

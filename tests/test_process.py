@@ -121,8 +121,8 @@ def test_sigterm_drains_sessions_in_data_then_exits_zero(tmp_path: Path) -> None
     _cmd(idle, b"EHLO idle.example")
 
     node.signal(signal.SIGTERM)
-    time.sleep(0.5)
-    # The idle session is told the service is going away; new sessions get 421.
+    # The idle session is told the service is going away (recv waits for it, up to the
+    # socket's 10 s); from then on new sessions get 421.
     assert idle.recv(1000).startswith(b"421 4.3.2")
     late = socket.create_connection(("127.0.0.1", node.smtp_port), timeout=10)
     assert late.recv(1000).startswith(b"421 4.3.2")
@@ -136,6 +136,17 @@ def test_sigterm_drains_sessions_in_data_then_exits_zero(tmp_path: Path) -> None
     assert read_spool(tmp_path / "spool", 4)[mid].body.endswith(body)
 
 
+def _wait_draining(port: int, timeout: float = 10.0) -> None:
+    """Until a new session is refused with 421 4.3.2: the node has begun a graceful stop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            if s.recv(1000).startswith(b"421 4.3.2"):
+                return
+        assert time.monotonic() < deadline, "the node never began its graceful stop"
+        time.sleep(0.05)
+
+
 def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
     raw = node_config(tmp_path / "spool", smtp={"shutdown_grace": 60})
     node = NodeProcess(tmp_path, raw).start()
@@ -145,8 +156,8 @@ def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
     _cmd(s, b"RCPT TO:<b@example.org>")
     _cmd(s, b"DATA")  # and never finish: the graceful stop would wait for 60 s
     node.signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert node.proc is not None and node.proc.poll() is None
+    _wait_draining(node.smtp_port)  # the first SIGTERM was taken: a graceful stop began
+    assert node.proc is not None and node.proc.poll() is None  # and it waits for the DATA
     t0 = time.monotonic()
     node.signal(signal.SIGTERM)
     assert node.wait(10) == 0

@@ -13,6 +13,7 @@ from mta.spool import FencedError, MessageNotFound, Spool
 from mta.spool.ownership import OWNER_FILE, OwnerCheck, OwnerToken, claim
 from mta.spool.record import HEADER, Kind, ScanIssue, ScannedRecord, encode_msg, scan
 from mta.spool.segment import list_segments, segment_path
+from tests.mailworld import wait_until
 
 
 def env(n: int = 0) -> Envelope:
@@ -236,7 +237,9 @@ async def test_cancelled_done_is_not_overtaken_by_a_compaction_copy(spool_dir: P
     await asyncio.sleep(0)
     task.cancel()
     await spool.maintain(1.0)  # tries to compact the head that holds the victim
-    await asyncio.sleep(0.2)
+    # The cancelled caller's DONE still lands (the index drops the message once it is durable).
+    await wait_until(lambda: victim not in {r.id for r in spool.live_messages(0)},
+                     what="the cancelled DONE made durable")
     await spool.close()
     spool = await open_spool(spool_dir, shards=1, token=2)
     try:
@@ -256,7 +259,7 @@ async def test_new_message_is_announced_even_if_the_submitter_is_cancelled(
         task = asyncio.create_task(spool.submit(env(1), b"body", mid))
         await asyncio.sleep(0)
         task.cancel()  # the SMTP client went away during the fsync
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: bool(seen), what="the new message announced")
         assert seen == [mid]
         assert (await spool.load(mid)).body == b"body"
     finally:

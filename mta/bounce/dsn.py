@@ -69,11 +69,17 @@ def _fold(first: str, text: str, indent: str = " ") -> list[str]:
 
 def _status(reply: str, expired: bool) -> str:
     """The enhanced status of a failed recipient: the one the reply opens with (after its
-    code, RFC 3463), never a number found further in its free text, and never a success."""
+    code, RFC 3463), never a number found further in its free text, and never a success.
+
+    Its class says why delivery stopped. A recipient given up on when the message expired
+    (its reply a transient 4xx one) keeps class 4 (RFC 3463: a persistent transient failure
+    that "caused abandonment"; X.4.7 "delivery time expired"), as RFC 3464 2.3.3 describes
+    for a "failed" DSN after retries ran out. Every other failure is permanent: class 5,
+    whatever class a remote's inconsistent reply ("550 4.1.1") claims."""
+    gave_up = expired and reply[:1] == "4"
     if (m := _STATUS_RE.match(reply)) and m.group(1)[0] in "45":
-        status = m.group(1)
-        return "5" + status[1:] if status.startswith("4") else status
-    return "4.4.7" if expired else "5.0.0"
+        return ("4" if gave_up else "5") + m.group(1)[1:]
+    return "4.4.7" if gave_up else "5.0.0"
 
 
 def build_dsn(*, reporting_mta: str, postmaster: str, original_sender: str,
