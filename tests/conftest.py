@@ -15,7 +15,7 @@ from mta.ingress.auth import hash_password
 from mta.node import Node
 from tests.etcd import EtcdServer
 from tests.helpers import make_config
-from tests.mailworld import Sink, greylisting_script
+from tests.mailworld import Sink, World, greylisting_script
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
@@ -82,3 +82,12 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     # Cheap scrypt parameters keep the suite fast; the format and code path are the real ones.
     path.write_text(f"# test users\nalice:{hash_password('s3cret', ln=10)}\n")
     return str(path)
+
+
+@pytest.fixture
+async def world(start_node: Any, tmp_path: Path) -> AsyncIterator[World]:
+    w = World(start_node, tmp_path)
+    yield w
+    if w.node is not None:
+        await w.node.stop()
+    w.close()

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import NodeProcess, message, node_config
-from tests.mailworld import DNSServer, Sink, SinkScript, wait_until
-from tests.test_delivery import _free_port_on
+from tests.mailworld import DNSServer, Sink, SinkScript, free_port_on, wait_until
 
 
 def _deliveries(acct: Path) -> list[dict[str, Any]]:
@@ -32,7 +31,7 @@ def _live(node: NodeProcess) -> int:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_sigkill_between_deliveries_never_resends_an_accepted_recipient(
         tmp_path: Path, loop: str) -> None:
-    port = _free_port_on("127.0.0.2", "127.0.0.3")
+    port = free_port_on("127.0.0.2", "127.0.0.3")
     dns_server = DNSServer({
         "fast.test": {"MX": [(10, "mx.fast.test")]}, "mx.fast.test": {"A": ["127.0.0.2"]},
         "slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.3"]},

@@ -5,96 +5,25 @@ Real DNS server and SMTP sinks on loopback, a real in-process node."""
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from mta.config import ConfigError, config_from_dict
 from mta.delivery.errors import PermanentError, TemporaryError
 from mta.delivery.routes import Router
 from mta.node import Node
-from tests.helpers import message
-from tests.mailworld import DNSServer, Sink, wait_until
+from tests.mailworld import SINK_HOSTS, DNSServer, World, wait_until
 
-_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
-
-
-def _common_free_port() -> int:
-    """A port free on every sink address (the MX port is one for all)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        try:
-            for host in _HOSTS:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no common free port")
+_HOSTS = SINK_HOSTS
 
 
-class World:
-    """A loopback DNS server, sinks on 127.0.0.2-5 and one node, built per test."""
-
-    def __init__(self, start_node: Callable[..., Any], tmp_path: Path) -> None:
-        self._start_node = start_node
-        self.tmp_path = tmp_path
-        self.port = _common_free_port()
-        self.sinks: dict[str, Sink] = {}
-        self.dns: DNSServer | None = None
-        self.node: Node | None = None
-
-    def sink(self, host: str) -> Sink:
-        sink = self.sinks[host] = Sink(host, self.port)
-        sink.start()
-        return sink
-
-    async def start(self, zone: dict[str, Any], ttl: int, **delivery: Any) -> Node:
-        self.dns = DNSServer(zone, ttl=ttl, negative_ttl=ttl)
-        d = {"enabled": True, "nameservers": [f"127.0.0.1:{self.dns.port}"],
-             "mx_port": self.port, "retry_initial": "200ms", "retry_max": "1s",
-             "connect_timeout": "2s", "command_timeout": "5s", "idle_timeout": "200ms",
-             "accounting_log": str(self.tmp_path / "acct.jsonl"), **delivery}
-        self.node = await self._start_node(delivery=d)
-        return self.node
-
-    async def submit(self, rcpts: list[str], n: int = 0) -> None:
-        assert self.node is not None and self.node.ingress is not None
-        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.node.ingress.port)
-        await smtp.connect()
-        try:
-            await smtp.sendmail("app@sender.test", rcpts, message(n, 600))
-        finally:
-            await smtp.quit()
-
-    def delivered(self) -> int:
-        return sum(len(m.recipients) for s in self.sinks.values() for m in s.messages)
-
-    def close(self) -> None:
-        for sink in self.sinks.values():
-            try:
-                sink.stop()
-            except (AssertionError, RuntimeError):
-                pass  # stopped by the test already
-        if self.dns is not None:
-            self.dns.close()
-
-
-@pytest.fixture
-async def world(start_node: Any, tmp_path: Path) -> AsyncIterator[World]:
-    w = World(start_node, tmp_path)
-    yield w
-    if w.node is not None:
-        await w.node.stop()
-    w.close()
+async def _start(world: World, zone: dict[str, Any], ttl: int, **delivery: Any) -> Node:
+    """Serve ``zone`` with answers of ``ttl`` seconds (negative ones too), start the node."""
+    world.zone(zone, ttl=ttl, negative_ttl=ttl)
+    return await world.start(**{"idle_timeout": "200ms", **delivery})
 
 
 def _series(node: Node, name: str) -> int:
@@ -115,8 +44,8 @@ async def test_many_domains_leave_no_site_or_route_behind(world: World) -> None:
         zone[f"mx.d{n}.test"] = {"A": [_HOSTS[n % len(_HOSTS)]]}
     for host in _HOSTS:
         world.sink(host)
-    node = await world.start(
-        zone, ttl=2, site_idle="300ms", route_cache_size=50, route_ttl_min="1s",
+    node = await _start(
+        world, zone, ttl=2, site_idle="300ms", route_cache_size=50, route_ttl_min="1s",
         max_inflight=200,
         # Every domain gets a throttle of its own, which must be forgotten too.
         domains={"*": {"rate": "1000/s"}})
@@ -161,7 +90,7 @@ async def test_a_moved_mx_is_followed_once_its_ttl_runs_out(world: World) -> Non
                             "mx1.moved.test": {"A": [_HOSTS[0]]},
                             "mx2.moved.test": {"A": [_HOSTS[1]]}}
     old, new = world.sink(_HOSTS[0]), world.sink(_HOSTS[1])
-    node = await world.start(zone, ttl=1, route_ttl_min="1s")
+    node = await _start(world, zone, ttl=1, route_ttl_min="1s")
     assert node.engine is not None
     await world.submit(["a@moved.test"], n=0)
     await old.wait_for(1)
@@ -184,9 +113,8 @@ async def test_a_down_site_is_remembered_past_site_idle(world: World) -> None:
                             "down.test": {"MX": [(10, "mx.down.test")]},
                             "mx.down.test": {"A": [_HOSTS[1]]}}
     up = world.sink(_HOSTS[0])  # nothing listens on the down host: connection refused
-    node = await world.start(zone, ttl=60, site_idle="200ms", breaker_failures=1,
-                             breaker_cooldown="200ms", retry_initial="1h",
-                             retry_max="1h")
+    node = await _start(world, zone, ttl=60, site_idle="200ms", breaker_failures=1,
+                        breaker_cooldown="200ms", retry_initial="1h", retry_max="1h")
     engine = node.engine
     assert engine is not None
     await world.submit(["a@down.test"], n=0)
