@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
+from prometheus_client import Counter
 
 from mta.accounting import AccountingLog
 from mta.config import Config, ConfigError, load_config
@@ -24,6 +27,7 @@ from mta.probe import Prober
 from mta.sdnotify import notify, watchdog_interval
 from mta.slo import SloTracker
 from mta.spool import RecoveryReport, Spool
+from mta.supervise import supervise
 from mta.tasks import cancel_and_wait
 
 __all__ = ["Node", "StartupError"]
@@ -92,23 +96,50 @@ class Node:
         self.prober = Prober(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        # What start() opened, closed by stop(); None until a start has succeeded.
+        self._exit: contextlib.AsyncExitStack | None = None
+        # Here rather than in NodeMetrics: the loops are the node's. Every loop's series
+        # exists from the start at 0, so an alert can use increase() on it.
+        self._loop_errors = Counter(
+            "mta_background_errors_total",
+            "Passes of a background loop (sweep, gauges, compaction, slo, probe) that raised; "
+            "the loop runs again after a pause.",
+            ["loop"], registry=self.metrics.registry)
+        for name in ("sweep", "gauges", "compaction", "slo", "probe"):
+            self._loop_errors.labels(name)
 
     # --- startup ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open everything in order; if any step fails, close what was opened (in reverse)
+        and raise :class:`StartupError`, so the same spool can be started again at once."""
+        async with contextlib.AsyncExitStack() as stack:
+            await self._open(stack)
+            # Started: stop() unwinds the same stack after draining the listeners.
+            self._exit = stack.pop_all()
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        # Callbacks run last-pushed first. They are pushed so that the unwinding order is the
+        # one a graceful stop always had: background tasks, SMTP listener, delivery then
+        # shards, spool then accounting, admin API last (it answers /readyz while draining).
         cfg = self.cfg
         users = _load_users(cfg)
         tls = _load_tls(cfg)
+        stack.push_async_callback(self._close_admin)
         try:
             await self.spool.start()
         except OSError as exc:
             raise StartupError(f"{cfg.source}: [spool] path: cannot use {cfg.spool.path!r}: "
                                f"{exc.strerror}") from None
+        stack.push_async_callback(self._close_storage)
         try:
             await self.accounting.start()
         except OSError as exc:
             raise StartupError(f"{cfg.source}: [delivery] accounting_log: cannot open "
                                f"{cfg.delivery.accounting_log!r}: {exc.strerror}") from None
+        # Before the engine starts: a coordinator that fails half-way may already have
+        # handed shards to the host, and stop() hands back whatever it holds.
+        stack.push_async_callback(self._stop_delivery)
         if self.engine is not None:
             await self.engine.start()
         if cfg.admin.enabled:
@@ -119,43 +150,73 @@ class Node:
             try:
                 await self.admin.start()
             except OSError as exc:
-                await self.spool.close()
                 host, port = cfg.admin.listen
                 raise StartupError(f"{cfg.source}: [admin] listen: cannot listen on "
                                    f"{host}:{port}: {exc.strerror}") from None
         try:
             await self.coordinator.start(self)
         except RuntimeError as exc:
-            await self._close_admin()
-            await self.spool.close()
             raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
-        self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
+        ingress = self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
         try:
-            await self.ingress.start()
+            await ingress.start()
         except OSError as exc:
-            await self.coordinator.stop()
-            await self._close_admin()
-            await self.spool.close()
             host, port = cfg.smtp.listen
             raise StartupError(f"{cfg.source}: [smtp] listen: cannot listen on {host}:{port}: "
                                f"{exc.strerror}") from None
+        stack.push_async_callback(ingress.close)
+        stack.push_async_callback(self._cancel_tasks)
         self.slo.load()
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-        self._tasks.append(asyncio.create_task(self.slo.run(), name="slo"))
-        if cfg.probe.interval > 0:
-            self._tasks.append(asyncio.create_task(self.prober.run_forever(cfg.probe.interval),
-                                                   name="probe"))
-        if (interval := watchdog_interval()) is not None:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        self._start_loops()
         admin_url = self.endpoints()["admin"]
         if not cfg.standalone and ("//127." in admin_url or "//[::1]" in admin_url):
             log.warning("node.admin_loopback", node_id=self.node_id, admin=admin_url,
                         hint="peers on other machines cannot reach this admin API for "
                              "cluster-wide answers; set [admin] listen or advertise")
-        notify(f"READY=1\nSTATUS=accepting mail on port {self.ingress.port}")
+        notify(f"READY=1\nSTATUS=accepting mail on port {ingress.port}")
         log.info("node.started", node_id=self.node_id, shards=len(self.spool.owned),
-                 live=self.spool.live_count(), smtp_port=self.ingress.port,
+                 live=self.spool.live_count(), smtp_port=ingress.port,
                  admin_port=self.admin.port if self.admin else None)
+
+    def _start_loops(self) -> None:
+        cfg = self.cfg
+        # Sweeps, gauges and compaction run as separate loops: one that keeps failing (a
+        # gauge reading a broken site, say) must not stop the others.
+        tick = min(cfg.spool.compact_interval, 5.0)
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "sweep": lambda: self._every(tick, self._sweep),
+            "gauges": lambda: self._every(tick, self._gauges),
+            "compaction": lambda: self._every(tick, self._compact),
+            "slo": self.slo.run,
+        }
+        if cfg.probe.interval > 0:
+            loops["probe"] = lambda: self.prober.run_forever(cfg.probe.interval)
+        for name, run in loops.items():
+            self._tasks.append(asyncio.create_task(
+                supervise(name, run, node_id=self.node_id, errors=self._loop_errors,
+                          pause=min(1.0, tick)),
+                name=name))
+        if (interval := watchdog_interval()) is not None:
+            # Not supervised: notify() cannot raise, and a dead loop must stop the pings.
+            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks.clear()
+
+    async def _stop_delivery(self) -> None:
+        # Attempts in flight settle before the shards are handed back (the coordinator
+        # releases them on the spool); a coordinator that never started has nothing to hand.
+        if self.engine is not None:
+            await self.engine.stop(self.cfg.smtp.shutdown_grace)
+        await self.coordinator.stop()
+
+    async def _close_storage(self) -> None:
+        # The spool's writer thread writes accounting lines alongside its records until it
+        # stops, so the accounting log closes after it.
+        await self.spool.close()
+        await self.accounting.close()
 
     async def _close_admin(self) -> None:
         if self.admin is not None:
@@ -258,15 +319,22 @@ class Node:
 
     # --- main loop -------------------------------------------------------------------------
 
-    async def _housekeeping(self) -> None:
-        interval = self.cfg.spool.compact_interval
+    @staticmethod
+    async def _every(interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(min(interval, 5.0))
-            if self.engine is not None and not self.fenced:
-                self.engine.sweep()
-            self.update_gauges()
-            if not self.fenced:
-                await self.spool.maintain(self.cfg.spool.compact_live_ratio)
+            await asyncio.sleep(interval)
+            await step()
+
+    async def _sweep(self) -> None:
+        if self.engine is not None and not self.fenced:
+            self.engine.sweep()
+
+    async def _gauges(self) -> None:
+        self.update_gauges()
+
+    async def _compact(self) -> None:
+        if not self.fenced:
+            await self.spool.maintain(self.cfg.spool.compact_live_ratio)
 
     def update_gauges(self) -> None:
         """Refresh the gauges that are read, not counted (housekeeping and every scrape)."""
@@ -349,15 +417,7 @@ class Node:
         self.coordinator.stop_claiming()
         if self.ingress is not None:
             await self.ingress.drain(self.cfg.smtp.shutdown_grace)
-        for task in self._tasks:
-            await cancel_and_wait(task)
-        if self.ingress is not None:
-            await self.ingress.close()
-        if self.engine is not None:
-            await self.engine.stop(self.cfg.smtp.shutdown_grace)
-        await self.coordinator.stop()
-        await self.spool.close()
-        await self.accounting.close()
-        if self.admin is not None:
-            await self.admin.close()
+        exit_stack, self._exit = self._exit, None
+        if exit_stack is not None:  # None: never started, or a failed start closed it all
+            await exit_stack.aclose()
         log.info("node.stopped", node_id=self.node_id)

@@ -188,6 +188,7 @@ def _submit_until(port: int, stop: threading.Event, acked: dict[str, bytes],
         return
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_every_acknowledged_message_is_delivered(
         tmp_path: Path, etcd: EtcdServer) -> None:
     from tests.mailworld import Sink, SinkScript
@@ -299,6 +300,7 @@ def test_paused_node_fences_itself_and_never_writes_a_lost_shard(cluster: Cluste
         assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), (shard, heads)
 
 
+@pytest.mark.slow
 def test_etcd_killed_30s_under_load_fences_then_resumes_without_losing_mail(
         tmp_path: Path, etcd: EtcdServer) -> None:
     from tests.mailworld import Sink

@@ -160,6 +160,7 @@ def settled(shards: int, owners: dict[int, str] | None = None) -> Callable[[Any]
     return pred
 
 
+@pytest.mark.slow
 async def test_fence_timer_fires_at_last_refresh_plus_fence_after_while_etcd_is_silent(
         world: World) -> None:
     proxy = await world.proxy()

@@ -1647,6 +1647,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, users_file: str,
 # --- the checks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fuzz_drove_ten_thousand_sessions(fuzz: FuzzRun) -> None:
     client = fuzz.of("client")
     assert not client, "the fuzzer itself failed:\n" + describe(client)
@@ -1658,6 +1659,7 @@ def test_fuzz_drove_ten_thousand_sessions(fuzz: FuzzRun) -> None:
     assert acked >= 1000, f"only {acked} messages accepted: the fuzz hardly reached DATA"
 
 
+@pytest.mark.slow
 def test_node_survived_and_still_takes_mail(fuzz: FuzzRun) -> None:
     assert fuzz.alive_after_run, "the node died during the fuzz:\n" + fuzz.node_log[-3000:]
     code, text_ = fuzz.final_reply
@@ -1666,27 +1668,32 @@ def test_node_survived_and_still_takes_mail(fuzz: FuzzRun) -> None:
     assert fuzz.exit_code == 0, fuzz.node_log[-3000:]
 
 
+@pytest.mark.slow
 def test_every_byte_sent_back_is_a_well_formed_reply(fuzz: FuzzRun) -> None:
     bad = fuzz.of("framing", "ctl")
     assert not bad, describe(bad)
 
 
+@pytest.mark.slow
 def test_node_closes_connections_only_when_entitled(fuzz: FuzzRun) -> None:
     bad = fuzz.of("disconnect", "stall")
     assert not bad, describe(bad)
 
 
+@pytest.mark.slow
 def test_one_reply_per_command_as_the_state_demands(fuzz: FuzzRun) -> None:
     bad = fuzz.of("count", "semantic", "internal")
     assert not bad, describe(bad)
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded(fuzz: FuzzRun) -> None:
     print(f"node RSS before {fuzz.rss_before} kB, after {fuzz.rss_after} kB, "
           f"peak {fuzz.rss_peak} kB")
     assert fuzz.rss_after - fuzz.rss_before < RSS_GROWTH_BOUND_KB
 
 
+@pytest.mark.slow
 def test_spool_holds_exactly_the_acknowledged_messages(fuzz: FuzzRun) -> None:
     bad = fuzz.of("spool")
     assert not bad, describe(bad)

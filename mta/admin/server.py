@@ -24,10 +24,10 @@ from mta.config import parse_duration, parse_rate
 from mta.coordinator import ClusterOpError, Member
 from mta.envelope import Envelope, InvalidMessageId, domain_key, shard_of
 from mta.ingress.policy import address_problem, domain_problem
-from mta.ingress.submit import TooManyHops, store_submission
+from mta.ingress.submit import SubmissionRefused, TooManyHops, store_submission
 from mta.probe import ProbeError
 from mta.slo import merge_reports
-from mta.spool import FencedError, MessageNotFound, SpoolError, SpoolWriteError
+from mta.spool import MessageNotFound, SpoolError
 
 if TYPE_CHECKING:
     from mta.node import Node
@@ -37,6 +37,18 @@ __all__ = ["AdminServer"]
 
 def _error(status: int, error: str, hint: str) -> web.Response:
     return web.json_response({"error": error, "hint": hint}, status=status)
+
+
+# The HTTP answer (status, error, hint) to each way store_submission can refuse a message.
+_REFUSAL_ANSWERS = {
+    "too_many_hops": (422, TooManyHops.reply, "the message is looping between mail servers; "
+                                              "do not resubmit it"),
+    "no_shards": (503, "no spool shard on this node", "retry, or use another node"),
+    # Not a disk problem: this node may not write the shard now, a peer may.
+    "fenced": (503, "not serving this shard now", "retry on another node"),
+    "disk": (507, "spool write failed", "free disk space, then retry"),
+    "unavailable": (503, "spool unavailable", "retry later"),
+}
 
 
 class _Refused(Exception):
@@ -391,18 +403,11 @@ class AdminServer:
                        helo="http", auth_user="admin-api")
         try:
             mid, _size = await store_submission(node.spool, cfg.hostname, env, raw, "HTTP",
-                                                max_hops=cfg.max_hops)
-        except TooManyHops as exc:
-            return _error(422, f"{exc.reply}: {exc}", "the message is looping between mail "
-                                                      "servers; do not resubmit it")
-        except FencedError as exc:
-            # Not a disk problem: this node may not write the shard now, a peer may.
-            node.metrics.fenced_refusals.labels("http").inc()
-            return _error(503, f"not serving this shard now: {exc}", "retry on another node")
-        except SpoolWriteError as exc:
-            return _error(507, f"spool write failed: {exc}", "free disk space, then retry")
-        except SpoolError as exc:
-            return _error(503, f"spool unavailable: {exc}", "retry later")
+                                                max_hops=cfg.max_hops, metrics=node.metrics,
+                                                via="http")
+        except SubmissionRefused as exc:  # counted and logged by store_submission
+            status, error, hint = _REFUSAL_ANSWERS[exc.kind]
+            return _error(status, f"{error}: {exc}", hint)
         return web.json_response({"id": mid}, status=202)
 
     def _domain_arg(self, body: dict[str, Any]) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -11,8 +10,7 @@ from aiosmtpd.smtp import Session
 
 from mta.envelope import Envelope
 from mta.ingress.policy import address_problem, escape_controls
-from mta.ingress.submit import TooManyHops, store_submission
-from mta.spool import FencedError, NoShardsOwned, SpoolError, SpoolWriteError
+from mta.ingress.submit import SubmissionRefused, TooManyHops, store_submission
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
@@ -25,6 +23,15 @@ log = structlog.get_logger("mta.ingress")
 # Fenced, or the shard was taken over: this node may not write it now, but a peer may; the
 # client should go elsewhere (421, RFC 5321 4.2.3), not wait for a disk (452).
 FENCED_REPLY = "421 4.3.2 Not serving this shard now, try another node"
+
+# The SMTP answer to each way store_submission can refuse a message (TooManyHops: its reply).
+_REFUSAL_REPLIES = {
+    "too_many_hops": TooManyHops.reply,
+    "no_shards": "451 4.3.0 No spool shard available on this node, try again later",
+    "fenced": FENCED_REPLY,
+    "disk": "452 4.3.1 Insufficient system storage, try again later",
+    "unavailable": "451 4.3.0 Spool not available, try again later",
+}
 
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
 
@@ -81,7 +88,6 @@ class IngressHandler:
         if not srv.accepting_writes:
             srv.metrics.fenced_refusals.labels("smtp").inc()
             return FENCED_REPLY
-        started = time.perf_counter()
         sender = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         body_8bit = "BODY=8BITMIME" in envelope.mail_options
         env = Envelope(
@@ -100,27 +106,9 @@ class IngressHandler:
             protocol += "A"
         raw: Any = envelope.original_content or b""
         try:
-            message_id, size = await store_submission(srv.spool, srv.cfg.hostname, env, raw,
-                                                      protocol, max_hops=srv.cfg.max_hops)
-        except TooManyHops as exc:
-            log.warning("smtp.too_many_hops", sender=sender, client_ip=env.client_ip,
-                        hops=exc.hops, max_hops=exc.max_hops)
-            return exc.reply
-        except NoShardsOwned:
-            return "451 4.3.0 No spool shard available on this node, try again later"
-        except FencedError as exc:
-            # Counted apart from disk errors: the disk alert must not fire on a lease loss.
-            srv.metrics.fenced_refusals.labels("smtp").inc()
-            log.warning("smtp.fenced_refusal", sender=sender, shard=exc.shard, error=str(exc))
-            return FENCED_REPLY
-        except SpoolWriteError as exc:
-            srv.count_spool_error(exc.errno)
-            log.error("smtp.spool_write_failed", sender=sender, error=str(exc))
-            return "452 4.3.1 Insufficient system storage, try again later"
-        except SpoolError as exc:
-            log.warning("smtp.spool_unavailable", sender=sender, error=str(exc))
-            return "451 4.3.0 Spool not available, try again later"
-        srv.count_received(size, time.perf_counter() - started)
-        log.info("smtp.received", message_id=message_id, sender=sender,
-                 recipients=len(env.recipients), size=size, client_ip=env.client_ip)
+            message_id, _size = await store_submission(
+                srv.spool, srv.cfg.hostname, env, raw, protocol, max_hops=srv.cfg.max_hops,
+                metrics=srv.metrics, via="smtp")
+        except SubmissionRefused as exc:  # counted and logged by store_submission
+            return _REFUSAL_REPLIES[exc.kind]
         return f"250 2.0.0 Ok: queued as {message_id}"

@@ -246,11 +246,3 @@ class IngressServer:
                 with contextlib.suppress(RuntimeError):  # the loop is shutting down
                     self._loop.run_in_executor(None, _malloc_trim, 0)
 
-    def count_spool_error(self, err: int) -> None:
-        self.metrics.spool_errors.labels(str(err)).inc()
-
-    def count_received(self, size: int, seconds: float) -> None:
-        self.metrics.received.inc()
-        self.metrics.received_bytes.inc(size)
-        self.metrics.submit_latency.observe(seconds)
-

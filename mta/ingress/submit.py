@@ -1,41 +1,94 @@
-"""Storing one submitted message: the step SMTP DATA and HTTP injection share."""
+"""Storing one submitted message: the step SMTP DATA and HTTP injection share.
+
+Both doors call :func:`store_submission`, so both get the same checks (hop count, trace and
+submission headers, durable store) and the same accounting: ``mta_received_messages``,
+``mta_received_bytes``, ``mta_submit_seconds`` (which the SLO reads as its submissions),
+``mta_spool_write_errors`` and ``mta_fenced_refusals``. A refusal comes back as one
+:class:`SubmissionRefused` with a ``kind``; each door turns the kind into its own reply
+(SMTP reply code in the handler, HTTP status and JSON in the admin API).
+"""
 
 from __future__ import annotations
+
+import time
+
+import structlog
 
 from mta.delivery.loops import received_count
 from mta.envelope import Envelope
 from mta.ingress.headers import prepare_content, received_header
-from mta.spool import Spool
+from mta.metrics import NodeMetrics
+from mta.spool import FencedError, NoShardsOwned, Spool, SpoolError, SpoolWriteError
 
-__all__ = ["TooManyHops", "store_submission"]
+__all__ = ["REFUSAL_KINDS", "SubmissionRefused", "TooManyHops", "store_submission"]
+
+log = structlog.get_logger("mta.ingress")
+
+# Why a submission was not stored; every door answers each of these.
+REFUSAL_KINDS = ("too_many_hops", "no_shards", "fenced", "disk", "unavailable")
 
 
-class TooManyHops(Exception):
+class SubmissionRefused(Exception):
+    """The message was not stored. ``kind`` is one of :data:`REFUSAL_KINDS`; only
+    ``too_many_hops`` is permanent. Already counted and logged when raised."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class TooManyHops(SubmissionRefused):
     """The message arrived with more ``Received:`` headers than ``[smtp] max_hops``: it is
     going round in a loop somewhere. Each door answers it as a permanent refusal."""
 
     reply = "554 5.4.6 Too many hops"
 
     def __init__(self, hops: int, max_hops: int) -> None:
-        super().__init__(f"{hops} Received: headers, at most {max_hops} allowed")
+        super().__init__("too_many_hops", f"{hops} Received: headers, at most {max_hops} allowed")
         self.hops = hops
         self.max_hops = max_hops
 
 
 async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: bytes,
-                           protocol: str, *, max_hops: int) -> tuple[str, int]:
-    """Check the hop count, add trace and missing submission headers, then store durably.
+                           protocol: str, *, max_hops: int, metrics: NodeMetrics,
+                           via: str) -> tuple[str, int]:
+    """Check the hop count, add trace and missing submission headers, store durably, count.
 
-    Returns (message id, stored size) once fsynced. Raises :class:`TooManyHops`; spool errors
-    propagate for the caller to turn into its own protocol's reply.
+    ``via`` names the door (``smtp`` or ``http``) in logs and in ``mta_fenced_refusals``.
+    Returns (message id, stored size) once fsynced; raises :class:`SubmissionRefused`.
     """
+    started = time.perf_counter()
     if (hops := received_count(raw)) > max_hops:
+        log.warning(f"{via}.too_many_hops", sender=env.sender, client_ip=env.client_ip,
+                    hops=hops, max_hops=max_hops)
         raise TooManyHops(hops, max_hops)
-    message_id = spool.allocate_id()
-    received = received_header(
-        helo=env.helo, ip=env.client_ip, hostname=hostname, protocol=protocol,
-        message_id=message_id,
-        recipient=env.recipients[0] if len(env.recipients) == 1 else None)
-    content = prepare_content(raw, received, message_id=message_id, hostname=hostname)
-    await spool.submit(env, content, message_id)
-    return message_id, len(content)
+    try:
+        message_id = spool.allocate_id()
+        received = received_header(
+            helo=env.helo, ip=env.client_ip, hostname=hostname, protocol=protocol,
+            message_id=message_id,
+            recipient=env.recipients[0] if len(env.recipients) == 1 else None)
+        content = prepare_content(raw, received, message_id=message_id, hostname=hostname)
+        await spool.submit(env, content, message_id)
+    except NoShardsOwned as exc:
+        raise SubmissionRefused("no_shards", str(exc)) from exc
+    except FencedError as exc:
+        # Counted apart from disk errors: the disk alert must not fire on a lease loss.
+        metrics.fenced_refusals.labels(via).inc()
+        log.warning(f"{via}.fenced_refusal", sender=env.sender, shard=exc.shard,
+                    error=str(exc))
+        raise SubmissionRefused("fenced", str(exc)) from exc
+    except SpoolWriteError as exc:
+        metrics.spool_errors.labels(str(exc.errno)).inc()
+        log.error(f"{via}.spool_write_failed", sender=env.sender, error=str(exc))
+        raise SubmissionRefused("disk", str(exc)) from exc
+    except SpoolError as exc:
+        log.warning(f"{via}.spool_unavailable", sender=env.sender, error=str(exc))
+        raise SubmissionRefused("unavailable", str(exc)) from exc
+    size = len(content)
+    metrics.received.inc()
+    metrics.received_bytes.inc(size)
+    metrics.submit_latency.observe(time.perf_counter() - started)
+    log.info(f"{via}.received", message_id=message_id, sender=env.sender,
+             recipients=len(env.recipients), size=size, client_ip=env.client_ip)
+    return message_id, size
