@@ -27,7 +27,7 @@ from mta.ingress.headers import received_header
 from mta.ingress.policy import address_problem
 from mta.node import Node
 from mta.spool.index import recipient_domains
-from tests.helpers import make_config, message
+from tests.helpers import free_port, make_config, message
 from tests.mailworld import Sink, SinkScript, wait_until
 from tests.test_ingress import Raw, port, stored
 
@@ -468,9 +468,7 @@ async def test_a_route_to_the_unspecified_address_loops_back_to_myself(
         start_node: Any, tmp_path: Path) -> None:
     """Connecting to 0.0.0.0 reaches this machine: an MX or literal that names it is a loop
     even when the listener is bound to 127.0.0.1 only."""
-    probe = await start_node()
-    smtp_port = port(probe)
-    await probe.stop()
+    smtp_port = free_port()
     await start_node(smtp={"listen": f"127.0.0.1:{smtp_port}"}, delivery={
         "enabled": True, "mx_port": smtp_port, "retry_initial": "200ms", "retry_max": "1s",
         "accounting_log": str(tmp_path / "acct.jsonl")})
