@@ -7,12 +7,11 @@ import os
 import re
 from dataclasses import dataclass
 
+from mta.text import escape_controls, one_line
+
 __all__ = ["FailedRecipient", "build_dsn"]
 
 _STATUS_RE = re.compile(r"(?:[245]\d\d[ -])?([245]\.\d{1,3}\.\d{1,3})\b")
-# What may end a line or a field downstream (the set mta.ingress.policy refuses in
-# addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD stay within 78 characters
 _MAX_WORD = 900  # and MUST stay within 998: longer runs without a space are cut
 _MAX_REPLY = 2000  # a remote's essay is cut here; the start says what went wrong
@@ -27,16 +26,10 @@ class FailedRecipient:
     remote: str = ""  # MX host that answered, if any
 
 
-def _escaped(text: str) -> str:
-    """Envelope text (an address, a host) with its control characters written as ``\\x{HH}``
-    (RFC 6533's form): still recognisable, never a line break."""
-    return _CONTROL_RE.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
-
-
 def _address(address: str) -> tuple[str, str]:
     """(address type, address) for Final-Recipient: RFC 6533's utf-8 type for SMTPUTF8
     addresses and for any that needed escaping (the rfc822 type has no escapes)."""
-    text = _escaped(address)
+    text = escape_controls(address)
     return ("rfc822" if text == address and address.isascii() else "utf-8"), text
 
 
@@ -44,8 +37,7 @@ def _one_line(reply: str) -> str:
     """A remote reply as one line of text (RFC 3464 2.3.6 allows one Diagnostic-Code per
     recipient): the lines of a multi-line reply joined with spaces, control characters
     dropped, so no line of it can become a field (a forged Final-Recipient) of its own."""
-    text = " ".join(_CONTROL_RE.sub("", line) for line in reply.splitlines())
-    text = " ".join(text.split())
+    text = one_line(reply)
     return text if len(text) <= _MAX_REPLY else text[:_MAX_REPLY] + " [...]"
 
 
@@ -98,8 +90,8 @@ def build_dsn(*, reporting_mta: str, postmaster: str, original_sender: str,
         "",
     ]
     for r in recipients:
-        remote = f" (from {_escaped(r.remote)})" if r.remote else ""
-        human += _fold("", f"<{_escaped(r.address)}>: {_one_line(r.reply)}{remote}", "    ")
+        remote = f" (from {escape_controls(r.remote)})" if r.remote else ""
+        human += _fold("", f"<{escape_controls(r.address)}>: {_one_line(r.reply)}{remote}", "    ")
     status_fields = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Mta-Queue-ID: {message_id}",
@@ -114,12 +106,12 @@ def build_dsn(*, reporting_mta: str, postmaster: str, original_sender: str,
             f"Status: {_status(r.reply, expired)}",
         ]
         if r.remote:
-            status_fields += _fold("Remote-MTA:", f"dns; {_escaped(r.remote)}")
+            status_fields += _fold("Remote-MTA:", f"dns; {escape_controls(r.remote)}")
         status_fields += [*_fold("Diagnostic-Code:", f"smtp; {_one_line(r.reply)}"), ""]
     headers = original_headers.rstrip(b"\r\n") + b"\r\n"
     parts = [
         f"From: Mail Delivery System <{postmaster}>",
-        f"To: <{_escaped(original_sender)}>",
+        f"To: <{escape_controls(original_sender)}>",
         f"Subject: {subject}",
         f"Date: {email.utils.formatdate(localtime=True)}",
         f"Message-ID: <dsn-{message_id}-{os.urandom(4).hex()}@{reporting_mta}>",

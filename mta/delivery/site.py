@@ -22,25 +22,15 @@ from mta.delivery.errors import DeliveryError, NotOwnerError, TemporaryError
 from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
 from mta.metrics import NodeMetrics
+from mta.text import has_controls, one_line
 
 __all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
 
 log = structlog.get_logger("mta.delivery")
 
-# What may end a line or a field downstream (the set mta.ingress.policy refuses in
-# addresses): C0, DEL, C1, Unicode line and paragraph separators, lone surrogates.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # An unquoted ASCII local part and a host name: sent exactly as it is, no parse needed.
 _PLAIN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                        r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
-
-
-def _reply_text(message: str) -> str:
-    """A remote reply as one line of text. aiosmtplib joins the lines of a multi-line reply
-    with LF; what we keep of it (spool state, accounting, logs, mtactl, DSNs) must never
-    carry a line break or a control character a remote server chose."""
-    text = " ".join(_CONTROL_RE.sub("", line) for line in message.splitlines())
-    return " ".join(text.split())
 
 
 def _unsendable(address: str, encoding: str) -> str | None:
@@ -52,7 +42,7 @@ def _unsendable(address: str, encoding: str) -> str | None:
     for that address alone, not send to a different one or fail every attempt."""
     if _PLAIN_RE.fullmatch(address):
         return None  # the common case: quote_address would give it back as it is
-    if _CONTROL_RE.search(address):
+    if has_controls(address):
         return "control character in address"
     try:
         quoted = quote_address(address)
@@ -490,7 +480,7 @@ class Site:
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
                 last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
-                                      _reply_text(exc.message) or "4.4.2 refused at greeting",
+                                      one_line(exc.message) or "4.4.2 refused at greeting",
                                       remote=name,
                                       connection=True)
                 continue
@@ -547,7 +537,7 @@ class Site:
             except aiosmtplib.SMTPResponseException as exc:
                 self._note_reply(exc.code)
                 await _rset(smtp)
-                return [RecipientResult(exc.code, _reply_text(exc.message), remote)
+                return [RecipientResult(exc.code, one_line(exc.message), remote)
                         ] * len(job.recipients)
             except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
                 return [_bad_sender(str(exc))] * len(job.recipients)
@@ -567,7 +557,7 @@ class Site:
                     accepted.append(i)
                 except aiosmtplib.SMTPResponseException as exc:
                     self._note_reply(exc.code)
-                    results[i] = RecipientResult(exc.code, _reply_text(exc.message), remote)
+                    results[i] = RecipientResult(exc.code, one_line(exc.message), remote)
                 except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
                     results[i] = _bad_recipient(str(exc))
             if not accepted:
@@ -580,11 +570,11 @@ class Site:
             try:
                 with _ReplyWatch(self, job):
                     resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
-                final = RecipientResult(resp.code, _reply_text(resp.message), remote)
+                final = RecipientResult(resp.code, one_line(resp.message), remote)
                 self.backoff.on_success()
             except aiosmtplib.SMTPResponseException as exc:
                 self._note_reply(exc.code)
-                final = RecipientResult(exc.code, _reply_text(exc.message), remote)
+                final = RecipientResult(exc.code, one_line(exc.message), remote)
                 await _rset(smtp)
             for i in accepted:
                 results[i] = final
@@ -637,11 +627,11 @@ def _keepalive(smtp: aiosmtplib.SMTP, idle: float) -> None:
 
 
 def _bad_sender(why: str) -> RecipientResult:
-    return RecipientResult(553, f"5.1.7 Bad sender address syntax: {_reply_text(why)}")
+    return RecipientResult(553, f"5.1.7 Bad sender address syntax: {one_line(why)}")
 
 
 def _bad_recipient(why: str) -> RecipientResult:
-    return RecipientResult(553, f"5.1.3 Bad recipient address syntax: {_reply_text(why)}")
+    return RecipientResult(553, f"5.1.3 Bad recipient address syntax: {one_line(why)}")
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:

@@ -9,8 +9,9 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session
 
 from mta.envelope import Envelope
-from mta.ingress.policy import address_problem, escape_controls
+from mta.ingress.policy import address_problem
 from mta.ingress.submit import SubmissionRefused, TooManyHops, store_submission
+from mta.text import escape_controls
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer

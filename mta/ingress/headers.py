@@ -6,7 +6,7 @@ import email.utils
 import re
 import time
 
-from mta.ingress.policy import escape_controls
+from mta.text import escape_controls
 
 __all__ = ["prepare_content", "received_header"]
 

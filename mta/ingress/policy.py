@@ -8,17 +8,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
-__all__ = ["ConnectionLimiter", "address_problem", "domain_problem", "escape_controls",
-           "has_controls", "in_networks", "is_loopback"]
+from mta.text import has_controls
+
+__all__ = ["ConnectionLimiter", "address_problem", "domain_problem", "in_networks", "is_loopback"]
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ATEXT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _IPV6_TAG = "ipv6:"
-# C0, DEL and C1 controls, the Unicode line and paragraph separators (str.splitlines() and
-# some mail parsers break lines there) and lone surrogates (JSON can carry them; no wire
-# encoding can): none of them is part of any address, and each could end a line or a field
-# somewhere downstream (a header, a DSN, an SMTP command, a log line, a terminal).
-_FORBIDDEN_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # RFC 5321 4.1.2 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or quoted-pairSMTP
 # (backslash, then %d32-126); RFC 6531 adds UTF8-non-ascii to qtextSMTP (SMTPUTF8 is checked
 # separately, controls before this).
@@ -87,20 +83,9 @@ def _domain_problem(domain: str, smtputf8: bool) -> str | None:
 
 def domain_problem(domain: str, smtputf8: bool = True) -> str | None:
     """Why ``domain`` is not a mail domain (as after the ``@`` of an address), or None."""
-    if _FORBIDDEN_RE.search(domain):
+    if has_controls(domain):
         return "control character in domain"
     return _domain_problem(domain, smtputf8)
-
-
-def has_controls(text: str) -> bool:
-    """Whether ``text`` holds a character no address (nor SMTP command argument) may."""
-    return _FORBIDDEN_RE.search(text) is not None
-
-
-def escape_controls(text: str) -> str:
-    """``text`` with every character no address may hold written as ``\\x{HH}`` (the
-    RFC 6533 form), for the places envelope text lands in: headers, replies, DSNs."""
-    return _FORBIDDEN_RE.sub(lambda m: f"\\x{{{ord(m.group()):02X}}}", text)
 
 
 def address_problem(address: str, smtputf8: bool) -> str | None:
@@ -108,7 +93,7 @@ def address_problem(address: str, smtputf8: bool) -> str | None:
 
     The one rule both doors (SMTP MAIL/RCPT, HTTP injection) apply.
     """
-    if _FORBIDDEN_RE.search(address):
+    if has_controls(address):
         return "control character in address"
     local, at, domain = address.rpartition("@")
     if not at or not local:

@@ -25,7 +25,8 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from mta.ingress.policy import has_controls, in_networks
+from mta.ingress.policy import in_networks
+from mta.text import has_controls
 
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
