@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 import structlog
 
+import mta
 from mta.config import Config, ConfigError, load_config
 from mta.logs import configure_logging
 from mta.spool import ShardLockedError
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="mta", description="Run an mta node.")
     parser.add_argument("--config", "-c", required=True, metavar="PATH",
                         help="node configuration file (TOML)")
+    parser.add_argument("--version", action="version", version=f"mta {mta.__version__}")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit")
     args = parser.parse_args(argv)

@@ -6,8 +6,11 @@ Exit codes: 0 ok, 1 the operation failed (node unreachable, refused), 2 usage er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
+import mta
 from mta.cli.ctl import (
     drain,
     flush,
@@ -37,20 +40,45 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see mtactl --help)")
 
 
+def _global_options(parser: argparse.ArgumentParser, default: object,
+                    json_default: object) -> None:
+    """The options every verb takes, before or after the verb (``mtactl status --json``)."""
+    parser.add_argument("--url", default=default, help="admin API base URL (env MTACTL_URL; "
+                                                       "default from --config or "
+                                                       "http://127.0.0.1:8025)")
+    parser.add_argument("--token", default=default,
+                        help="admin API token (env MTACTL_TOKEN)")
+    parser.add_argument("--config", default=default, help="read URL and token from this node "
+                                                          "config file (env MTACTL_CONFIG)")
+    parser.add_argument("--json", action="store_true", default=json_default,
+                        help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mtactl", description="Operate an mta node or cluster.")
-    parser.add_argument("--url", default="", help="admin API base URL (env MTACTL_URL; "
-                                                  "default from --config or "
-                                                  "http://127.0.0.1:8025)")
-    parser.add_argument("--token", default="", help="admin API token (env MTACTL_TOKEN)")
-    parser.add_argument("--config", default="", help="read URL and token from this node "
-                                                     "config file (env MTACTL_CONFIG)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--version", action="version", version=f"mtactl {mta.__version__}")
+    _global_options(parser, "", False)
+    # After the verb the same options must not reset what was given before it: SUPPRESS
+    # leaves the attribute alone unless the option is present.
+    after = argparse.ArgumentParser(add_help=False)
+    _global_options(after, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     for verb in _VERBS:
-        verb.register(sub)
+        verb.register(_WithGlobals(sub, after))
     return parser
+
+
+class _WithGlobals:
+    """The subparsers action, handing every verb's parser the global options as a parent."""
+
+    def __init__(self, sub: Any, parent: argparse.ArgumentParser) -> None:
+        self._sub, self._parent = sub, parent
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._sub.add_parser(
+            name, parents=[self._parent, *kw.pop("parents", [])], **kw)
+        return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not getattr(args, "offline", False):
             resolve_target(args)
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `mtactl queue | head`: the reader left; say nothing more, and keep Python from
+        # complaining while it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as exc:
         print(f"mtactl: {exc}", file=sys.stderr)
         return 2

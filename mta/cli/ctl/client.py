@@ -78,8 +78,11 @@ def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None = None
         except ValueError:
             raise CtlError(f"HTTP {exc.code} {exc.reason} from {args.url}") from None
         if exc.code == 401:
-            raise CtlError(f"token rejected by {args.url}; pass --token or set MTACTL_TOKEN "
-                           "to the node's [admin] token") from None
+            said = (f"token rejected by {args.url}" if args.token
+                    else f"no token given, and {args.url} wants one")
+            raise CtlError(f"{said}; pass --token or set MTACTL_TOKEN to the node's "
+                           "[admin] token (or use --config with the node's config file)"
+                           ) from None
         hint = answer.get("hint", "")
         raise CtlError(f"{answer.get('error', exc.reason)} (HTTP {exc.code})"
                        + (f"; {hint}" if hint else "")) from None

@@ -5,15 +5,48 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import sys
 from typing import Any
 
-from mta.cli.ctl.client import CtlError
+from mta.cli.ctl.client import CtlError, UsageError
+
+
+def _user_problem(user: str) -> str | None:
+    """Why the users file could not hold ``user`` (its lines are ``user:hash``, ``#`` starts
+    a comment), or None."""
+    if not user:
+        return "the user name is empty"
+    if ":" in user:
+        return "a user name cannot contain ':' (it separates the name from the hash)"
+    if any(c.isspace() or not c.isprintable() for c in user):
+        return "a user name cannot contain spaces or control characters"
+    if user.startswith("#"):
+        return "a user name cannot start with '#' (the users file reads it as a comment)"
+    return None
+
+
+def _read_password(user: str) -> str:
+    """From the terminal without echo, or the first line of stdin when it is not a terminal
+    (``echo "$PW" | mtactl passwd alice``)."""
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            raise CtlError("no password read (end of input); pipe one line or set "
+                           "MTA_PASSWORD")
+        return line.rstrip("\r\n")
+    try:
+        return getpass.getpass(f"password for {user}: ")
+    except EOFError:
+        raise CtlError("no password read (end of input); type it at the prompt or set "
+                       "MTA_PASSWORD") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from mta.ingress.auth import hash_password
 
-    password = os.environ.get("MTA_PASSWORD") or getpass.getpass(f"password for {args.user}: ")
+    if (problem := _user_problem(args.user)) is not None:
+        raise UsageError(f"passwd {args.user!r}: {problem}")
+    password = os.environ.get("MTA_PASSWORD") or _read_password(args.user)
     if not password:
         raise CtlError("empty password refused")
     print(f"{args.user}:{hash_password(password)}")

@@ -11,7 +11,8 @@ from mta.cli.ctl.client import call, emit
 def run(args: argparse.Namespace) -> int:
     data = call(args, f"/api/v1/{args.command}", {"domain": args.domain})
     held = ", ".join(data["suspended"]) or "none"
-    return emit(args, data, f"{args.command}d {args.domain}; suspended domains: {held}")
+    done = "suspended" if args.command == "suspend" else "resumed"
+    return emit(args, data, f"{done} {args.domain}; suspended domains: {held}")
 
 
 def register(sub: Any) -> None:
