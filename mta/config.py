@@ -88,9 +88,14 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_ZERO_DURATION = re.compile(r"0+(\.0*)?(ms|s|m|h|d)?")
+
+
 def _duration_or_off(value: Any) -> float:
-    """A duration, or 0 for "off"."""
+    """A duration, or 0 (also written "0s") for "off"."""
     if value == 0 and not isinstance(value, bool):
+        return 0.0
+    if isinstance(value, str) and _ZERO_DURATION.fullmatch(value.strip()):
         return 0.0
     return parse_duration(value)
 
@@ -321,43 +326,95 @@ def _port(value: Any) -> int:
 
 
 _TLS_MODES = ("opportunistic", "required", "disabled")
+_DOMAIN_TLS_MODES = ("opportunistic", "required")
+_SITE_TLS_MODES = ("opportunistic", "disabled")
+
+# Keys a [delivery.domains] table once took that belong to the receiving hosts: many domains
+# share one site (all of a provider's hosted domains), and whichever domain reached it first
+# used to decide its limits for all of them.
+_MOVED_TO_SITES = {
+    "max_connections": "connection limits",
+    "max_messages_per_connection": "messages per connection",
+}
+
+
+def _domain_hint(key: str) -> str | None:
+    if key in _MOVED_TO_SITES:
+        return (f"{_MOVED_TO_SITES[key]} belong to the receiving hosts, which many domains "
+                f"share: set {key} under [delivery.sites.\"<MX host or *.suffix>\"]")
+    return None
+
+
+def _domain_tls(value: Any) -> str:
+    if value == "disabled":
+        raise _Invalid("a connection either does STARTTLS or not, for every domain it carries: "
+                       "set tls = \"disabled\" under [delivery.sites.\"<MX host or *.suffix>\"]")
+    return _choice(*_DOMAIN_TLS_MODES)(value)
 
 
 @dataclass(frozen=True)
 class DomainPolicy:
-    """Per-destination overrides under ``[delivery.domains."<domain or *.suffix>"]``."""
+    """Per-destination overrides under ``[delivery.domains."<domain or *.suffix>"]``: what is
+    decided per message (rate, TLS required, smarthost)."""
 
     rate: float | None = _opt(_optional_rate, None)
-    max_connections: int | None = _opt(_positive_int, None)
-    max_messages_per_connection: int | None = _opt(_positive_int, None)
-    tls: str | None = _opt(_choice(*_TLS_MODES), None)
+    tls: str | None = _opt(_domain_tls, None)
     smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
 
 
+@dataclass(frozen=True)
+class SitePolicy:
+    """Per receiving host under ``[delivery.sites."<MX host, smarthost or *.suffix>"]``: what is
+    decided per connection (how many, how long they stay, STARTTLS, the site's rate)."""
+
+    max_connections: int | None = _opt(_positive_int, None)
+    max_messages_per_connection: int | None = _opt(_positive_int, None)
+    rate: float | None = _opt(_optional_rate, None)
+    tls: str | None = _opt(_choice(*_SITE_TLS_MODES), None)
+
+
+def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = lambda _: None
+                   ) -> Callable[[Any], dict[str, Any]]:
+    def parse(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise _Invalid(f"expected tables like [delivery.{section}.\"example.com\"], "
+                           f"got {value!r}")
+        out = {}
+        known = {f.name: f for f in fields(cls)}
+        for name, table in value.items():
+            if not isinstance(table, dict):
+                raise _Invalid(f"{name!r}: expected a table of settings")
+            values = {}
+            for key, raw in table.items():
+                if key not in known:
+                    why = hint(key)
+                    raise _Invalid(f"{name!r}.{key}: " + (why or (
+                        f"unknown key; known keys are {', '.join(sorted(known))}")))
+                try:
+                    values[key] = known[key].metadata["parse"](raw)
+                except _Invalid as exc:
+                    raise _Invalid(f"{name!r}.{key}: {exc}") from None
+            out[domain_key(name)] = cls(**values)
+        return out
+    return parse
+
+
+_parse_domains = _policy_tables(DomainPolicy, "domains", _domain_hint)
+_parse_sites = _policy_tables(SitePolicy, "sites")
+
+
 def _domain_policies(value: Any) -> dict[str, DomainPolicy]:
-    if not isinstance(value, dict):
-        raise _Invalid(f"expected tables like [delivery.domains.\"example.com\"], got {value!r}")
-    out = {}
-    known = {f.name: f for f in fields(DomainPolicy)}
-    for domain, table in value.items():
-        if not isinstance(table, dict):
-            raise _Invalid(f"{domain!r}: expected a table of settings")
-        values = {}
-        for key, raw in table.items():
-            if key not in known:
-                raise _Invalid(f"{domain!r}.{key}: unknown key; known keys are "
-                               f"{', '.join(sorted(known))}")
-            try:
-                values[key] = known[key].metadata["parse"](raw)
-            except _Invalid as exc:
-                raise _Invalid(f"{domain!r}.{key}: {exc}") from None
-        out[domain_key(domain)] = DomainPolicy(**values)
-    return out
+    return _parse_domains(value)
+
+
+def _site_policies(value: Any) -> dict[str, SitePolicy]:
+    return _parse_sites(value)
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    """``[delivery]``: the outbound engine, with per-domain overrides in ``domains``."""
+    """``[delivery]``: the outbound engine, with per-domain overrides in ``domains`` and
+    per receiving host overrides in ``sites``."""
 
     enabled: bool = _opt(_boolean, True)
     smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
@@ -408,6 +465,7 @@ class DeliveryConfig:
     bounce_sender: str = _opt(_string, "")
     accounting_log: str = _opt(_path, "./var/log/accounting.jsonl")
     domains: dict[str, DomainPolicy] = _opt(_domain_policies, dict)  # noqa: RUF009
+    sites: dict[str, SitePolicy] = _opt(_site_policies, dict)  # noqa: RUF009
 
 
 @dataclass(frozen=True)

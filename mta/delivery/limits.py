@@ -1,0 +1,64 @@
+"""How a site (the receiving hosts a route leads to) is treated: its connection settings come
+from ``[delivery.sites]`` matched against the route's host names, never from the domain that
+happened to reach the site first."""
+
+from __future__ import annotations
+
+from mta.config import DeliveryConfig, SitePolicy
+from mta.delivery.routes import Route
+from mta.delivery.site import SiteLimits
+from mta.envelope import domain_key
+
+__all__ = ["site_limits", "site_policy"]
+
+
+def _match(name: str, sites: dict[str, SitePolicy]) -> tuple[int, SitePolicy] | None:
+    """The entry for one host name and how specific it is: an exact name beats any wildcard,
+    a longer ``*.suffix`` beats a shorter one; ``*`` is left to the caller."""
+    name = domain_key(name)
+    for key in (name, f"[{name}]"):
+        if key in sites:
+            return 1 << 16, sites[key]
+    labels = name.split(".")
+    for i in range(1, len(labels)):
+        policy = sites.get("*." + ".".join(labels[i:]))
+        if policy is not None:
+            return len(labels) - i, policy
+    return None
+
+
+def site_policy(route: Route, sites: dict[str, SitePolicy]) -> SitePolicy | None:
+    """The ``[delivery.sites]`` entry for ``route``: the most specific match among its host
+    names (MX hosts, the smarthost, the literal address), the more preferred host on a tie;
+    ``*`` when none matches."""
+    if not sites:
+        return None
+    best: tuple[int, SitePolicy] | None = None
+    for name in dict.fromkeys(host for _, _, host in route.hosts):
+        found = _match(name, sites)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = found
+    return best[1] if best is not None else sites.get("*")
+
+
+def site_limits(dcfg: DeliveryConfig, route: Route, helo: str) -> SiteLimits:
+    """The limits of the site ``route`` leads to: its ``[delivery.sites]`` entry over the
+    ``[delivery]`` defaults."""
+    policy = site_policy(route, dcfg.sites)
+    tls = policy.tls if policy is not None and policy.tls else dcfg.tls
+    return SiteLimits(
+        max_connections=(policy and policy.max_connections) or dcfg.max_connections,
+        max_messages_per_connection=((policy and policy.max_messages_per_connection)
+                                     or dcfg.max_messages_per_connection),
+        rate=policy.rate if policy is not None and policy.rate is not None else dcfg.rate,
+        # Connections STARTTLS whenever offered; "required" is enforced per message (Job).
+        tls="disabled" if tls == "disabled" else "opportunistic",
+        connect_timeout=dcfg.connect_timeout,
+        command_timeout=dcfg.command_timeout,
+        data_timeout=dcfg.data_timeout,
+        idle_timeout=dcfg.idle_timeout,
+        helo=helo,
+        reuse_timeout=dcfg.reuse_timeout,
+        stall_timeout=dcfg.stall_timeout,
+        keepalive=dcfg.keepalive,
+    )
