@@ -28,9 +28,11 @@ from typing import Any
 
 from benchmarks.harness import Result, finish, fmt, progress
 from benchmarks.targets import workdir
-from tests.etcd import EtcdServer
-from tests.helpers import NodeProcess, message, node_config
-from tests.mailworld import Sink, SinkScript
+from harness.config import node_config
+from harness.etcd import EtcdServer
+from harness.mail import message
+from harness.node import NodeProcess
+from harness.sink import Sink, SinkScript
 
 
 def _tag(n: int) -> bytes:

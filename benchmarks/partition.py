@@ -145,9 +145,74 @@ def _last(values: Iterable[float]) -> float:
     return float("nan") if not vals or any(math.isnan(v) for v in vals) else max(vals)
 
 
+Events = dict[str, list[tuple[float, str, dict[str, Any]]]]
+
+
+def _duplicates(by_id: dict[int, list[dict[str, Any]]]) -> tuple[Counter[str], int, int]:
+    """Deliveries after an id's first, by the node that made them; ids delivered by two
+    different nodes; ids delivered more than once by one node."""
+    dupes_by_node: Counter[str] = Counter()
+    cross = same = 0
+    for ds in by_id.values():
+        if len(ds) > 1:
+            dupes_by_node.update(d["node"] for d in ds[1:])
+            if len({d["node"] for d in ds}) > 1:
+                cross += 1
+            else:
+                same += 1
+    return dupes_by_node, cross, same
+
+
+def _fenced_spans(events: Events) -> dict[str, list[tuple[float, float]]]:
+    """Fenced intervals per node, from its own log."""
+    fenced: dict[str, list[tuple[float, float]]] = {}
+    for node, evs in events.items():
+        spans, start = [], None
+        for t, ev, _f in sorted(evs, key=lambda e: e[0]):
+            if _fence(ev) and start is None:
+                start = t
+            elif ev.endswith(".unfenced") and start is not None:
+                spans.append((start, t))
+                start = None
+        if start is not None:
+            spans.append((start, float("inf")))
+        fenced[node] = spans
+    return fenced
+
+
+def _first_foreign_claim(owners: dict[int, Runs], events: Events, lost_shards: set[int],
+                         cut: float, victims: list[str]) -> float:
+    """When a node other than the victims first claimed one of their shards."""
+    claims = [r[0] for s in lost_shards for r in owners[s]
+              if r[0] > cut and r[2] is not None and r[2] not in victims]
+    claims += [t for node, evs in events.items() if node not in victims
+               for t, ev, f in evs if ev == "cluster.shard_acquired" and t > cut
+               and f.get("shard") in lost_shards]
+    return _first(claims)
+
+
+def _victim(evs: list[tuple[float, str, dict[str, Any]]], runs: Runs, cut: float,
+            first_claim: float, ttl: float) -> dict[str, Any]:
+    """One victim's fence against its lease's expiry and the first foreign claim."""
+    fence = _first(t for t, ev, _f in evs if _fence(ev) and t >= cut)
+    reason = next((f.get("reason") for t, ev, f in sorted(evs, key=lambda e: e[0])
+                   if _fence(ev) and t >= cut and f.get("reason")), None)
+    expiry = _first(r[0] for r in runs if r[0] > cut and not r[2])
+    return {"fence": fence - cut, "reason": reason, "expiry": expiry - cut,
+            "expiry_minus_fence": expiry - fence,
+            "claim_minus_fence": first_claim - fence,
+            # etcd's expiry is its last refresh + TTL: an estimate of when the
+            # node last refreshed (late by etcd's expiry check, up to 0.5 s).
+            "fence_since_refresh_est": fence - (expiry - ttl)}
+
+
+def _worst(per_victim: dict[str, dict[str, Any]], key: str, pick: Any) -> float:
+    vals = [p[key] for p in per_victim.values() if not math.isnan(p[key])]
+    return pick(vals) if vals else float("nan")
+
+
 def analyze(acked: dict[int, tuple[str, float]], deliveries: list[dict[str, Any]],
-            owners: dict[int, Runs], presence: dict[str, Runs],
-            events: dict[str, list[tuple[float, str, dict[str, Any]]]],
+            owners: dict[int, Runs], presence: dict[str, Runs], events: Events,
             cut: float, heal: float, victims: list[str], ttl: float) -> dict[str, Any]:
     """The figures of one scenario run.
 
@@ -161,71 +226,30 @@ def analyze(acked: dict[int, tuple[str, float]], deliveries: list[dict[str, Any]
     for d in sorted(deliveries, key=lambda d: d["done_at"]):
         by_id[d["id"]].append(d)
     lost = sorted(set(acked) - set(by_id))
-    dupes_by_node: Counter[str] = Counter()
-    cross = same = 0
-    for ds in by_id.values():
-        if len(ds) > 1:
-            dupes_by_node.update(d["node"] for d in ds[1:])
-            if len({d["node"] for d in ds}) > 1:
-                cross += 1
-            else:
-                same += 1
+    dupes_by_node, cross, same = _duplicates(by_id)
 
     def owned(d: dict[str, Any]) -> bool:
         return d["node"] in possible(owners.get(d["shard"], []), d["data_at"])
 
     non_owner = [d for d in deliveries if not owned(d)]
-
-    # Fenced intervals per node, from its own log.
-    fenced: dict[str, list[tuple[float, float]]] = {}
-    for node, evs in events.items():
-        spans, start = [], None
-        for t, ev, _f in sorted(evs, key=lambda e: e[0]):
-            if _fence(ev) and start is None:
-                start = t
-            elif ev.endswith(".unfenced") and start is not None:
-                spans.append((start, t))
-                start = None
-        if start is not None:
-            spans.append((start, float("inf")))
-        fenced[node] = spans
+    fenced = _fenced_spans(events)
     while_fenced = [d for d in deliveries
                     if any(a <= d["data_at"] <= b for a, b in fenced.get(d["node"], []))]
 
     # The victims' shards as etcd showed them at the cut, and who took them.
     lost_shards = {s for s, runs in owners.items() if seen_at(runs, cut) in victims}
-    foreign_claims = [r[0] for s in lost_shards for r in owners[s]
-                      if r[0] > cut and r[2] is not None and r[2] not in victims]
-    foreign_claims += [t for node, evs in events.items() if node not in victims
-                       for t, ev, f in evs if ev == "cluster.shard_acquired" and t > cut
-                       and f.get("shard") in lost_shards]
-    first_claim = _first(foreign_claims)
+    first_claim = _first_foreign_claim(owners, events, lost_shards, cut, victims)
     taken: dict[int, float] = {}
     for d in deliveries:
         if (d["shard"] in lost_shards and d["node"] not in victims and d["data_at"] > cut
                 and owned(d)):
             taken[d["shard"]] = min(taken.get(d["shard"], float("inf")), d["data_at"])
-    per_victim = {}
-    for v in victims:
-        fence = _first(t for t, ev, _f in events.get(v, []) if _fence(ev) and t >= cut)
-        reason = next((f.get("reason") for t, ev, f in sorted(events.get(v, []),
-                                                               key=lambda e: e[0])
-                       if _fence(ev) and t >= cut and f.get("reason")), None)
-        expiry = _first(r[0] for r in presence.get(v, []) if r[0] > cut and not r[2])
-        per_victim[v] = {"fence": fence - cut, "reason": reason, "expiry": expiry - cut,
-                         "expiry_minus_fence": expiry - fence,
-                         "claim_minus_fence": first_claim - fence,
-                         # etcd's expiry is its last refresh + TTL: an estimate of when the
-                         # node last refreshed (late by etcd's expiry check, up to 0.5 s).
-                         "fence_since_refresh_est": fence - (expiry - ttl)}
+    per_victim = {v: _victim(events.get(v, []), presence.get(v, []), cut, first_claim, ttl)
+                  for v in victims}
     back = _first(d["data_at"] for d in deliveries
                   if d["node"] in victims and d["data_at"] > heal and owned(d))
     acks_back = [_first(t for node, t in acked.values() if node == v and t > heal)
                  for v in victims]
-
-    def worst(key: str, pick: Any) -> float:
-        vals = [p[key] for p in per_victim.values() if not math.isnan(p[key])]
-        return pick(vals) if vals else float("nan")
 
     return {
         "acked": len(acked), "delivered": len(by_id), "deliveries": len(deliveries),
@@ -239,9 +263,10 @@ def analyze(acked: dict[int, tuple[str, float]], deliveries: list[dict[str, Any]
         "while_fenced": len(while_fenced),
         "while_fenced_by_node": dict(Counter(d["node"] for d in while_fenced)),
         "victim_shards": len(lost_shards),
-        "fence": worst("fence", max), "expiry_minus_fence": worst("expiry_minus_fence", min),
-        "claim_minus_fence": worst("claim_minus_fence", min),
-        "fence_since_refresh_est": worst("fence_since_refresh_est", max),
+        "fence": _worst(per_victim, "fence", max),
+        "expiry_minus_fence": _worst(per_victim, "expiry_minus_fence", min),
+        "claim_minus_fence": _worst(per_victim, "claim_minus_fence", min),
+        "fence_since_refresh_est": _worst(per_victim, "fence_since_refresh_est", max),
         "first_foreign_claim": first_claim - cut,
         "takeover": _first(taken.values()) - cut,
         "takeover_all": max(taken.values(), default=float("nan")) - cut,
@@ -511,7 +536,7 @@ class Load:
             t.join(15)
 
     def _run(self, node: str, base: int) -> None:
-        from tests.helpers import message
+        from harness.mail import message
 
         n = base
         s: smtplib.SMTP | None = None
@@ -630,7 +655,7 @@ class Cluster:
                              addr("sink"), str(self.sink_delay), str(log_path)],
                     Path(__file__).resolve().parent.parent)
         self.wait_banner("sink", 20)
-        from tests.helpers import node_config, toml_dumps
+        from harness.config import node_config, toml_dumps
 
         for i, node in enumerate(NODES):
             work = self.work / node
@@ -750,6 +775,73 @@ def wait_for(pred: Any, timeout: float, what: str, step: float = 0.1) -> None:
 DRAIN_CAP = 300.0
 
 
+def _before_cut(base: str, cluster: Cluster, victim: str) -> tuple[str | None, str]:
+    """For ``etcd-minority``: the victim's etcd member, made etcd leader; and a note."""
+    if base != "etcd-minority":
+        return None, ""
+    member = list(ETCD)[list(NODES).index(victim)]  # the victim's first endpoint
+    where = cluster.make_leader(member)
+    time.sleep(1.0)
+    return member, f"etcd leader before the cut: {where}"
+
+
+def _cut(base: str, cluster: Cluster, victim: str, member: str | None) -> list[str]:
+    """Make the scenario's fault; returns the victims."""
+    if base == "node-etcd":
+        cut([victim], ETCD)
+    elif base == "etcd-minority":
+        cut([victim, member], [m for m in [*ETCD, *NODES] if m not in (victim, member)])
+    elif base == "node-sink":
+        cut([victim], ["sink"])
+    elif base == "quorum-loss":
+        for a, b in (("e1", "e2"), ("e1", "e3"), ("e2", "e3")):
+            cut([a], [b])
+        return list(NODES)
+    elif base == "pause":
+        cluster.procs[victim].send_signal(signal.SIGSTOP)
+    return [victim]
+
+
+def _heal(base: str, cluster: Cluster, victim: str) -> None:
+    if base == "pause":
+        cluster.procs[victim].send_signal(signal.SIGCONT)
+    else:
+        heal()
+
+
+def _drain(cluster: Cluster, wanted: set[int], quiet: float) -> float:
+    """Until every acknowledged message is at the sink, as long as deliveries keep coming (a
+    backlog drains at the sink's pace): stop after ``quiet`` seconds without one, or
+    DRAIN_CAP in all. What is still missing then counts as lost. Returns the seconds taken."""
+    t_stop = last = time.monotonic()
+    seen = 0
+    while time.monotonic() - t_stop < DRAIN_CAP:
+        got = cluster.deliveries()
+        if wanted <= {d["id"] for d in got} or time.monotonic() - last > quiet:
+            break
+        if len(got) > seen:
+            seen, last = len(got), time.monotonic()
+        time.sleep(0.5)
+    return time.monotonic() - t_stop
+
+
+def _run_details(load: Load, observer: Observer, events: dict[str, Any],
+                 t_cut: float) -> dict[str, Any]:
+    """What the report shows besides the figures of :func:`analyze`."""
+    changes = sorted([round(r[0] - t_cut, 2), s, r[2]] for s, runs in observer.owners.items()
+                     for r in runs[1:])
+    return {
+        "refused": sum(sum(c.values()) for c in load.refused.values()),
+        "refused_by_node": {n: dict(c) for n, c in load.refused.items() if c},
+        "load_errors": dict(load.errors),
+        "etcd_polls": observer.polls, "etcd_poll_failures": observer.failures,
+        "fences": {n: [[round(t - t_cut, 2), ev] for t, ev, _ in evs
+                       if ev.endswith((".fenced", ".unfenced"))]
+                   for n, evs in events.items()},
+        "owner_changes": changes[:2000],
+    }
+
+
 def scenario_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     base, _, variant = name.partition("+")
     backlog = variant == "backlog"
@@ -772,33 +864,13 @@ def scenario_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
         load = Load(args.backlog_rate if backlog else args.rate)
         load.start()
         time.sleep(args.warm)
-        note = ""
-        victims = [victim]
-        if base == "etcd-minority":
-            member = list(ETCD)[list(NODES).index(victim)]  # the victim's first endpoint
-            where = cluster.make_leader(member)
-            note = f"etcd leader before the cut: {where}"
-            time.sleep(1.0)
+        member, note = _before_cut(base, cluster, victim)
         t_cut = time.time()
-        if base == "node-etcd":
-            cut([victim], ETCD)
-        elif base == "etcd-minority":
-            cut([victim, member], [m for m in [*ETCD, *NODES] if m not in (victim, member)])
-        elif base == "node-sink":
-            cut([victim], ["sink"])
-        elif base == "quorum-loss":
-            victims = list(NODES)
-            for a, b in (("e1", "e2"), ("e1", "e3"), ("e2", "e3")):
-                cut([a], [b])
-        elif base == "pause":
-            cluster.procs[victim].send_signal(signal.SIGSTOP)
+        victims = _cut(base, cluster, victim, member)
         cut_spread = time.time() - t_cut
         time.sleep(args.cut)
         t_heal = time.time()
-        if base == "pause":
-            cluster.procs[victim].send_signal(signal.SIGCONT)
-        else:
-            heal()
+        _heal(base, cluster, victim)
         if backlog:  # below what the cluster delivers from now on: the backlog drains
             load.rate = min(load.rate, args.backlog_rate_after)
         time.sleep(args.after)
@@ -812,21 +884,7 @@ def scenario_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
         with contextlib.suppress(RuntimeError):
             wait_for(serving, args.recover, "the victims to serve their share again")
         load.stop()
-        wanted = set(load.acked)
-
-        # Then until every acknowledged message is at the sink, as long as deliveries keep
-        # coming (a backlog drains at the sink's pace): stop after --drain seconds without
-        # one, or DRAIN_CAP in all. What is still missing then counts as lost.
-        t_stop = last = time.monotonic()
-        seen = 0
-        while time.monotonic() - t_stop < DRAIN_CAP:
-            got = cluster.deliveries()
-            if wanted <= {d["id"] for d in got} or time.monotonic() - last > args.drain:
-                break
-            if len(got) > seen:
-                seen, last = len(got), time.monotonic()
-            time.sleep(0.5)
-        drain_s = time.monotonic() - t_stop
+        drain_s = _drain(cluster, set(load.acked), args.drain)
         time.sleep(2.0)  # late duplicates
         observer.halt.set()
         observer.join(5)
@@ -834,8 +892,7 @@ def scenario_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
         events = {n: read_events(work / f"{n}.log") for n in NODES}
         res = analyze(load.acked, cluster.deliveries(), observer.owners, observer.presence,
                       events, t_cut, t_heal, victims, args.ttl)
-        changes = sorted([round(r[0] - t_cut, 2), s, r[2]] for s, runs in observer.owners.items()
-                         for r in runs[1:])
+        details = _run_details(load, observer, events, t_cut)
         # Recovered: every victim answers 250 again and owns its share of the shards.
         res["rebalanced"] = balanced_since(observer, t_heal, floor) - t_heal
         res["recovered"] = _last([res["rebalanced"], res["ack_back_all"]])
@@ -843,14 +900,7 @@ def scenario_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
             "victims": victims, "leader": leader, "note": note,
             "cut_s": round(t_heal - t_cut, 2), "cut_spread_s": round(cut_spread, 3),
             "drain_s": round(drain_s, 1),
-            "refused": sum(sum(c.values()) for c in load.refused.values()),
-            "refused_by_node": {n: dict(c) for n, c in load.refused.items() if c},
-            "load_errors": dict(load.errors),
-            "etcd_polls": observer.polls, "etcd_poll_failures": observer.failures,
-            "fences": {n: [[round(t - t_cut, 2), ev] for t, ev, _ in evs
-                           if ev.endswith((".fenced", ".unfenced"))]
-                       for n, evs in events.items()},
-            "owner_changes": changes[:2000],
+            **details,
         })
         return res
     finally:

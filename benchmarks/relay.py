@@ -61,7 +61,7 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
         sink = stack.enter_context(Sink(work, sink_port, host))
         delivery = ""
         if route == "mx" and name == "mta":
-            from tests.mailworld import DNSServer
+            from harness.dns import DNSServer
 
             dns = DNSServer({"example.org": {"MX": [(10, "mx.example.org")]},
                              "mx.example.org": {"A": [host]}})

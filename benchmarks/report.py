@@ -329,6 +329,117 @@ def section(name: str, results: list[Data], plots: list[str]) -> list[str]:
 
 # -- plots ---------------------------------------------------------------------------------
 
+def _plot_ingress(plt: Any, by: dict[str, list[Data]]) -> Any:
+    sweep = next((r for r in reversed(by.get("ingress", []))
+                  if len({g["labels"]["concurrency"] for g in r["groups"]}) > 1), None)
+    if not sweep:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tgt in sorted({g["labels"]["target"] for g in sweep["groups"]}):
+        gs = sorted((g for g in sweep["groups"] if g["labels"]["target"] == tgt),
+                    key=lambda g: g["labels"]["concurrency"])
+        xs = [g["labels"]["concurrency"] for g in gs]
+        med = [g["summary"]["msgs_per_s"]["median"] for g in gs]
+        lo = [m - g["summary"]["msgs_per_s"]["min"] for m, g in zip(med, gs, strict=True)]
+        hi = [g["summary"]["msgs_per_s"]["max"] - m for m, g in zip(med, gs, strict=True)]
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=tgt)
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent SMTP sessions")
+    ax.set_ylabel("durable msg/s (median, min-max)")
+    ax.set_title(f"Ingress throughput vs concurrency ({commit(sweep)}, "
+                 f"{sweep['params']['size']} KB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _plot_latency(plt: Any, by: dict[str, list[Data]]) -> Any:
+    if not (lat := by.get("latency")):
+        return None
+    r = lat[-1]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for g in r["groups"]:
+        run = sorted(g["runs"], key=lambda x: x.get("p99_ms") or 0)[len(g["runs"]) // 2]
+        cdf = run.get("cdf_ms") or []
+        if not cdf:
+            continue
+        xs = [max(v, 1e-3) for v, _ in cdf]
+        lab = f"{g['labels']['target']} {g['labels']['offered']}/s"
+        style = "-" if g["labels"]["target"] == "mta" else "--"
+        a1.plot(xs, [f for _, f in cdf], style, label=lab)
+        a2.plot(xs, [max(1 - f, 1e-5) for _, f in cdf], style, label=lab)
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xlabel("submission latency, ms (scheduled time to 250)")
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("fraction of messages")
+    a1.set_title("Latency CDF")
+    a2.set_yscale("log")
+    a2.set_ylabel("fraction slower (1 - CDF)")
+    a2.set_title("Tail")
+    a2.legend(fontsize=8)
+    return fig
+
+
+def _plot_failover(plt: Any, by: dict[str, list[Data]]) -> Any:
+    if not (fo := by.get("failover")):
+        return None
+    runs = [x for x in all_runs(fo[-1]) if x.get("timeline")]
+    if not runs:
+        return None
+    run = sorted(runs, key=lambda x: x.get("rto") or 0)[len(runs) // 2]
+    tl = run["timeline"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for key, lab in (("acked_survivors", "acknowledged by survivors"),
+                     ("acked_victim", "acknowledged by the killed node"),
+                     ("delivered_survivors", "delivered: survivors' mail"),
+                     ("delivered_victim", "delivered: the killed node's mail")):
+        ax.plot(tl["t"], tl[key], label=lab)
+    ax.axvline(0, color="red", ls="--", label="SIGKILL")
+    if run.get("takeover") is not None:
+        ax.axvline(run["takeover"], color="green", ls=":",
+                   label=f"shards taken over ({run['takeover']:.1f} s)")
+    if run.get("rto") is not None:
+        ax.axvline(run["rto"], color="purple", ls="-.",
+                   label=f"first delivery of its mail ({run['rto']:.1f} s)")
+    # The tail is the sink draining the backlog at its fixed pace: show the kill, the
+    # takeover and the recovery, not minutes of flat line.
+    marks = [v for v in (run.get("takeover"), run.get("rto")) if v is not None]
+    ax.set_xlim(tl["t"][0], min(tl["t"][-1], max(marks, default=0.0) + 12.0))
+    ax.set_xlabel("seconds from the kill")
+    ax.set_ylabel("messages per second")
+    ax.set_title(f"Failover timeline ({commit(fo[-1])}, lease TTL "
+                 f"{fo[-1]['params']['ttl']:g} s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_backlog(plt: Any, by: dict[str, list[Data]]) -> Any:
+    if not (bl := by.get("backlog")):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(all_runs(bl[-1])):
+        curve = run.get("curve") or []
+        ax.plot([q for q, _ in curve], [m for _, m in curve], marker="o",
+                label=f"run {i + 1}: {num(run.get('bytes_per_msg'))} B/msg")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("queued messages")
+    ax.set_ylabel("node RSS, MB")
+    ax.set_title(f"RSS vs backlog ({commit(bl[-1])})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+# (scenario, file, plotter): drawn in this order, each when the results allow it.
+_PLOTTERS = (("ingress", "ingress-concurrency.png", _plot_ingress),
+             ("latency", "latency-cdf.png", _plot_latency),
+             ("failover", "failover-timeline.png", _plot_failover),
+             ("backlog", "backlog-rss.png", _plot_backlog))
+
+
 def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]] | None:
     """Draw every plot the results allow; None without matplotlib."""
     try:
@@ -340,103 +451,14 @@ def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]] |
         return None
     plots_dir.mkdir(exist_ok=True)
     made: dict[str, list[str]] = {}
-
-    def save(fig: Any, scenario: str, name: str) -> None:
+    for scenario, name, plot in _PLOTTERS:
+        fig = plot(plt, by)
+        if fig is None:
+            continue
         fig.tight_layout()
         fig.savefig(plots_dir / name, dpi=90)
         plt.close(fig)
         made.setdefault(scenario, []).append(name)
-
-    sweep = next((r for r in reversed(by.get("ingress", []))
-                  if len({g["labels"]["concurrency"] for g in r["groups"]}) > 1), None)
-    if sweep:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for tgt in sorted({g["labels"]["target"] for g in sweep["groups"]}):
-            gs = sorted((g for g in sweep["groups"] if g["labels"]["target"] == tgt),
-                        key=lambda g: g["labels"]["concurrency"])
-            xs = [g["labels"]["concurrency"] for g in gs]
-            med = [g["summary"]["msgs_per_s"]["median"] for g in gs]
-            lo = [m - g["summary"]["msgs_per_s"]["min"] for m, g in zip(med, gs, strict=True)]
-            hi = [g["summary"]["msgs_per_s"]["max"] - m for m, g in zip(med, gs, strict=True)]
-            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=tgt)
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("concurrent SMTP sessions")
-        ax.set_ylabel("durable msg/s (median, min-max)")
-        ax.set_title(f"Ingress throughput vs concurrency ({commit(sweep)}, "
-                     f"{sweep['params']['size']} KB)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "ingress", "ingress-concurrency.png")
-
-    if lat := by.get("latency"):
-        r = lat[-1]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for g in r["groups"]:
-            run = sorted(g["runs"], key=lambda x: x.get("p99_ms") or 0)[len(g["runs"]) // 2]
-            cdf = run.get("cdf_ms") or []
-            if not cdf:
-                continue
-            xs = [max(v, 1e-3) for v, _ in cdf]
-            lab = f"{g['labels']['target']} {g['labels']['offered']}/s"
-            style = "-" if g["labels"]["target"] == "mta" else "--"
-            a1.plot(xs, [f for _, f in cdf], style, label=lab)
-            a2.plot(xs, [max(1 - f, 1e-5) for _, f in cdf], style, label=lab)
-        for ax in (a1, a2):
-            ax.set_xscale("log")
-            ax.set_xlabel("submission latency, ms (scheduled time to 250)")
-            ax.grid(alpha=0.3)
-        a1.set_ylabel("fraction of messages")
-        a1.set_title("Latency CDF")
-        a2.set_yscale("log")
-        a2.set_ylabel("fraction slower (1 - CDF)")
-        a2.set_title("Tail")
-        a2.legend(fontsize=8)
-        save(fig, "latency", "latency-cdf.png")
-
-    if fo := by.get("failover"):
-        runs = [x for x in all_runs(fo[-1]) if x.get("timeline")]
-        if runs:
-            run = sorted(runs, key=lambda x: x.get("rto") or 0)[len(runs) // 2]
-            tl = run["timeline"]
-            fig, ax = plt.subplots(figsize=(9, 4))
-            for key, lab in (("acked_survivors", "acknowledged by survivors"),
-                             ("acked_victim", "acknowledged by the killed node"),
-                             ("delivered_survivors", "delivered: survivors' mail"),
-                             ("delivered_victim", "delivered: the killed node's mail")):
-                ax.plot(tl["t"], tl[key], label=lab)
-            ax.axvline(0, color="red", ls="--", label="SIGKILL")
-            if run.get("takeover") is not None:
-                ax.axvline(run["takeover"], color="green", ls=":",
-                           label=f"shards taken over ({run['takeover']:.1f} s)")
-            if run.get("rto") is not None:
-                ax.axvline(run["rto"], color="purple", ls="-.",
-                           label=f"first delivery of its mail ({run['rto']:.1f} s)")
-            # The tail is the sink draining the backlog at its fixed pace: show the kill, the
-            # takeover and the recovery, not minutes of flat line.
-            marks = [v for v in (run.get("takeover"), run.get("rto")) if v is not None]
-            ax.set_xlim(tl["t"][0], min(tl["t"][-1], max(marks, default=0.0) + 12.0))
-            ax.set_xlabel("seconds from the kill")
-            ax.set_ylabel("messages per second")
-            ax.set_title(f"Failover timeline ({commit(fo[-1])}, lease TTL "
-                         f"{fo[-1]['params']['ttl']:g} s)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            save(fig, "failover", "failover-timeline.png")
-
-    if bl := by.get("backlog"):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, run in enumerate(all_runs(bl[-1])):
-            curve = run.get("curve") or []
-            ax.plot([q for q, _ in curve], [m for _, m in curve], marker="o",
-                    label=f"run {i + 1}: {num(run.get('bytes_per_msg'))} B/msg")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("queued messages")
-        ax.set_ylabel("node RSS, MB")
-        ax.set_title(f"RSS vs backlog ({commit(bl[-1])})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "backlog", "backlog-rss.png")
     return made
 
 

@@ -34,9 +34,11 @@ from typing import Any
 
 from benchmarks.common import add_rows
 from benchmarks.harness import ROOT, commit_info
-from tests.etcd import EtcdServer
-from tests.helpers import NodeProcess, message, node_config
-from tests.mailworld import AnyAddress, Sink, SinkScript
+from harness.config import node_config
+from harness.etcd import EtcdServer
+from harness.mail import message
+from harness.node import NodeProcess
+from harness.sink import AnyAddress, Sink, SinkScript
 
 FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 RELIABILITY = ROOT / "docs" / "reliability.md"

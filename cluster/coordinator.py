@@ -1,19 +1,7 @@
-"""EtcdCoordinator: membership, leader election and shard ownership on a real etcd.
+"""The cluster coordinator's decisions: membership, election, assignment, ownership, fencing.
 
-Keys under ``/mta/<cluster>/``:
-
-| key              | written by            | value                          | lifetime      |
-|------------------|-----------------------|--------------------------------|---------------|
-| nodes/<id>       | each node             | msgpack {addr, admin, ...}     | node lease    |
-| leader           | election txn          | node id                        | leader lease  |
-| assign/<shard>   | leader                | node id                        | persistent    |
-| owner/<shard>    | owner, create txn     | node id                        | owner lease   |
-| drain/<id>       | operator (mtactl)     | b"1"                           | persistent    |
-| rebalance        | operator (mtactl)     | requesting node id             | until leader acts |
-| config/throttle/<domain or site> | operator | "100/s"                    | persistent    |
-| config/suspend/<domain>          | operator | b"1"                       | persistent    |
-| token_base       | claiming node, txn    | decimal integer                | only raised   |
-| shards           | first node, create txn | decimal shard count           | persistent    |
+Written against the :class:`cluster.store.Store` protocol only; :class:`EtcdCoordinator` is
+this coordinator on :class:`cluster.store.EtcdStore` (the key layout is :mod:`cluster.keys`).
 
 A reconcile loop (Patroni style) re-reads the whole prefix every lease_ttl/3 and acts; a
 prefix watch only makes it react sooner, so correctness never depends on a watch. The fencing
@@ -26,9 +14,11 @@ start again from 1). Without it such a spool could never be claimed again.
 Self-fencing is a timer on the event loop's monotonic clock, armed at the moment each
 successful lease refresh was *sent* plus ``fence_after``: etcd counts the TTL from when it
 processed the refresh, which is later, so the fence always comes before etcd can give our keys
-away, whether or not any etcd call ever returns. Every etcd call is abandoned before that
-deadline, so a hung call holds nothing up. ``may_send`` reads the same deadline from the clock,
-so a process that resumes from a pause says no before the timer callback has had a chance to run.
+away, whether or not any store call ever returns. Every store call is abandoned before that
+deadline, so a hung call holds nothing up; a refresh is abandoned much sooner, so that a
+retry on the next endpoint still fits before the fence (see :class:`cluster.store.Timing`).
+``may_send`` reads the same deadline from the clock, so a process that resumes from a pause
+says no before the timer callback has had a chance to run.
 
 Shards are acquired and released in background tasks: releases (each waiting for in-flight
 deliveries) run all at once, and acquiring a dead node's shards never waits behind them. A
@@ -45,17 +35,29 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aetcd
-import msgpack
 import structlog
 
 import mta
+from cluster.keys import Keys
 from cluster.rendezvous import assign
-from mta.config import Config, parse_rate
+from cluster.store import (
+    Deadline,
+    EtcdStore,
+    LeaseLeft,
+    Owner,
+    Snapshot,
+    Store,
+    StoreDown,
+    Timing,
+    Transactions,
+    Txn,
+)
+from mta.config import Config
 from mta.coordinator import ClusterOpError, Member, RuntimeSettings, ShardHost, ShardInfo
 from mta.spool.layout import ShardCountMismatch
+from mta.tasks import cancel_and_wait
 
-__all__ = ["EtcdCoordinator"]
+__all__ = ["ClusterCoordinator", "EtcdCoordinator"]
 
 log = structlog.get_logger("cluster")
 
@@ -63,53 +65,43 @@ log = structlog.get_logger("cluster")
 # the host bounds each one (in-flight deliveries get about 10 s), so one deadline covers all.
 _RELEASE_DEADLINE = 15.0
 # Claims in parallel: a dead node's shards are recovered from the spool at the same time, not
-# one after another, while a few etcd round trips per claim stay in flight at most.
+# one after another, while a few store round trips per claim stay in flight at most.
 _ACQUIRE_CONCURRENCY = 8
+# How long stop() waits for its background loops once cancelled.
+_LOOP_GRACE = 5.0
+# After a failed refresh, try again this soon (on the next endpoint): the refresh deadline
+# already took its time, and the fence deadline is what is left.
+_REFRESH_RETRY = 0.05
+
+Connect = Callable[[Deadline], Store]
 
 
-class _View:
-    """What the last full read of the prefix showed."""
+class ClusterCoordinator:
+    """The Coordinator of a node in a cluster, on whatever :class:`Store` ``connect`` makes
+    (it is given the deadline every store call must end by)."""
 
-    def __init__(self) -> None:
-        self.revision = 0
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self.leader: str | None = None
-        self.assign: dict[int, str] = {}
-        self.owner: dict[int, tuple[str, int]] = {}  # shard -> (node, create revision)
-        self.token_base = 0
-        self.drain: set[str] = set()
-        self.throttles: dict[str, float] = {}
-        self.suspended: set[str] = set()
-        self.rebalance = False
-
-
-class EtcdCoordinator:
-    """The Coordinator of a node in an etcd-coordinated cluster."""
-
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, connect: Connect) -> None:
         self.cfg = cfg
         self.node_id = cfg.node.id
         self.total_shards = cfg.spool.shards
-        self.ttl = cfg.cluster.lease_ttl
-        # Fence well before etcd could give our keys away: at TTL minus a margin.
-        self.fence_after = max(self.ttl * 0.6, self.ttl - max(1.0, self.ttl / 4))
-        self.prefix = f"/mta/{cfg.cluster.name}/"
-        self._endpoints = [tuple(e.rsplit(":", 1)) for e in cfg.cluster.etcd]
-        self._endpoint = 0
-        self._client: aetcd.Client | None = None
-        self._closing_clients: set[asyncio.Task[None]] = set()
-        self._lease: Any = None
+        self.timing = Timing(cfg.cluster.lease_ttl)
+        self.ttl = self.timing.ttl
+        self.fence_after = self.timing.fence_after
+        self.store = connect(self._call_deadline)
+        self.txns = Transactions(self.store.keys)
+        self._lease: int | None = None
         # Monotonic time at which the last successful refresh (or grant) of the lease was
         # sent, and the fence deadline that follows from it.
         self._last_refresh = 0.0
         self._fence_deadline = 0.0
         self._fence_timer: asyncio.TimerHandle | None = None
+        self._refresh_failed = False
         self._host: ShardHost | None = None
         self._owned: dict[int, int] = {}  # shard -> fencing token
         # shard -> create revision of our owner key: the token is token_base + this, so the
         # token changes exactly when the key does (only through a release and a new claim).
         self._claims: dict[int, int] = {}
-        self._view = _View()
+        self._view = Snapshot()
         self._tasks: list[asyncio.Task[None]] = []
         self._keepalive_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
@@ -135,77 +127,18 @@ class EtcdCoordinator:
         """Monotonic time at which this node fences itself unless a refresh succeeds first."""
         return self._fence_deadline
 
-    # --- etcd connection with endpoint rotation --------------------------------------------
-
-    def _key(self, *parts: object) -> bytes:
-        return (self.prefix + "/".join(str(p) for p in parts)).encode()
-
-    async def _connect(self) -> aetcd.Client:
-        if self._client is not None:
-            return self._client
-        host, port = self._endpoints[self._endpoint % len(self._endpoints)]
-        client = aetcd.Client(host=host, port=int(port), timeout=max(1, int(self.ttl / 3)))
-        self._client = client
-        return client
-
-    async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        self._endpoint += 1  # try the next endpoint next time
-        if client is not None:
-            # Closing a gRPC channel to a dead peer can hang: never make the caller (the
-            # keepalive loop, above all) wait for it.
-            task = asyncio.create_task(self._close_quietly(client))
-            self._closing_clients.add(task)
-            task.add_done_callback(self._closing_clients.discard)
-
-    @staticmethod
-    async def _close_quietly(client: aetcd.Client) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(), 2.0)
-
-    def _call_timeout(self) -> float:
-        """Up to TTL/3, and never past the fence deadline while we hold a lease: a call that
-        hangs must not outlive the moment the lease stops being provably ours."""
-        base = max(0.5, self.ttl / 3)
+    def _call_deadline(self) -> float | None:
+        """While we hold a lease, no store call may outlive the moment it stops being
+        provably ours."""
         if self._fenced or self._lease is None:
-            return base
-        return min(base, self._fence_deadline - time.monotonic())
-
-    async def _call(self, fn: Callable[[aetcd.Client], Any],
-                    timeout: float | None = None) -> Any:
-        timeout = self._call_timeout() if timeout is None else timeout
-        if timeout <= 0:
-            raise _EtcdDown("fence deadline passed")  # the fence timer is about to fire
-        client = await self._connect()
-        # A hard deadline: wait_for() would wait for a cancelled gRPC call to unwind, and a
-        # wedged channel may never do so. Abandon the call instead (cancelled, not awaited).
-        call = asyncio.ensure_future(fn(client))
-        try:
-            done, _ = await asyncio.wait({call}, timeout=timeout)
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        if not done:
-            call.cancel()
-            call.add_done_callback(_retrieve)
-            await self._drop_client()
-            raise _EtcdDown("etcd call timed out")
-        try:
-            return call.result()
-        except (asyncio.CancelledError, Exception) as exc:
-            # We were not cancelled (the wait above returned), so a CancelledError here is
-            # the gRPC call's own (its channel closed under it): etcd trouble, not shutdown.
-            # Re-raising it would silently end the calling loop, and leave a fenced node
-            # fenced for good.
-            # aetcd lets raw gRPC errors and plain Exceptions through besides its ClientError
-            # family: whatever it is, etcd did not answer usefully. Never let it escape into a
-            # background loop (a dead keepalive task would leave the node fenced for good).
-            await self._drop_client()
-            raise _EtcdDown(str(exc) or type(exc).__name__) from None
+            return None
+        return self._fence_deadline
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self, host: ShardHost) -> None:
+        """Join (retrying while the store is down, for a while), start the loops, and return
+        once the first assignment including us has been acted on."""
         self._host = host
         deadline = time.monotonic() + max(10.0, self.ttl * 3)
         while True:
@@ -214,7 +147,7 @@ class EtcdCoordinator:
                 await self._agree_shard_count()
                 await self._join()
                 break
-            except _EtcdDown as exc:
+            except StoreDown as exc:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cannot reach etcd at {self.cfg.cluster.etcd}: {exc}"
                                        ) from None
@@ -227,57 +160,54 @@ class EtcdCoordinator:
         self._tasks = [self._keepalive_task,
                        asyncio.create_task(self._reconcile_loop(), name="etcd-reconcile"),
                        asyncio.create_task(self._watch_loop(), name="etcd-watch")]
-        # Serve once the first assignment including us (if any) has been acted on.
         for _ in range(int(self.ttl * 20)):
-            if self._view.assign and all(
-                    s in self._owned for s, n in self._view.assign.items() if n == self.node_id
-                    and self._view.owner.get(s, (self.node_id, 0))[0] == self.node_id):
+            if self._serving():
                 break
             await asyncio.sleep(0.05)
+
+    def _serving(self) -> bool:
+        """The assignment is known and every shard it gives us (unowned by others) is ours."""
+        v = self._view
+        return bool(v.assignment) and all(
+            s in self._owned for s, n in v.assignment.items()
+            if n == self.node_id and v.owners.get(s, Owner(n, 0)).node == n)
 
     async def _agree_shard_count(self) -> None:
         """Record the cluster's shard count (first node, create-revision-0 txn) or check ours
         against it; raises :class:`ShardCountMismatch`. A cluster from before the key gets
         our count, unless the leader has assigned a shard that count would leave out."""
-        key = self._key("shards")
-        where = (f"cluster {self.cfg.cluster.name!r} (etcd key {key.decode()}; delete it "
-                 "only if the whole cluster and its spool are new)")
-        kv = await self._call(lambda c: c.get(key))
-        if kv is None:
-            assigned = await self._call(lambda c: c.get_prefix(self._key("assign", "")))
-            top = max((int(n) for a in assigned if (n := a.key.rpartition(b"/")[2]).isdigit()),
-                      default=-1)
+        where = (f"cluster {self.cfg.cluster.name!r} (etcd key "
+                 f"{self.store.keys.shards.decode()}; delete it only if the whole cluster "
+                 "and its spool are new)")
+        v = await self.store.snapshot()
+        if v.shard_count is None:
+            top = max(v.assignment, default=-1)
             if top >= self.total_shards:
                 raise ShardCountMismatch(self.total_shards, top + 1,
                                          f"cluster {self.cfg.cluster.name!r} (it assigns "
                                          f"shard {top})", at_least=True)
-            mine = str(self.total_shards).encode()
-            ok, _ = await self._call(lambda c: c.transaction(
-                compare=[c.transactions.create(key) == 0],
-                success=[c.transactions.put(key, mine)], failure=[]))
-            if ok:
+            if (await self.store.commit(self.txns.record_shard_count(self.total_shards))
+                    ).succeeded:
                 log.info("cluster.shards_recorded", node_id=self.node_id,
                          shards=self.total_shards)
                 return
-            kv = await self._call(lambda c: c.get(key))  # another node was first
-        recorded = int(kv.value) if kv is not None and kv.value.isdigit() else 0
-        if recorded != self.total_shards:
-            raise ShardCountMismatch(self.total_shards, recorded, where)
+            v = await self.store.snapshot()  # another node was first
+        if v.shard_count != self.total_shards:
+            raise ShardCountMismatch(self.total_shards, v.shard_count or 0, where)
 
     async def _join(self) -> None:
         sent = time.monotonic()  # etcd starts the TTL when it grants, after this
-        self._lease = await self._call(lambda c: c.lease(int(max(1, round(self.ttl)))))
+        self._lease = await self.store.grant(self.timing.grant_ttl)
         self._refreshed(sent, arm=False)
         await self._register()
 
     async def _register(self) -> None:
-        assert self._host is not None
+        assert self._host is not None and self._lease is not None
         ends = self._host.endpoints()
-        info = msgpack.packb({"addr": ends.get("smtp", ""), "admin": ends.get("admin", ""),
-                              "version": mta.__version__, "started": self.started,
-                              "pid": os.getpid(), "weight": 1.0})
-        lease = self._lease
-        await self._call(lambda c: c.put(self._key("nodes", self.node_id), info, lease=lease))
+        info = {"addr": ends.get("smtp", ""), "admin": ends.get("admin", ""),
+                "version": mta.__version__, "started": self.started, "pid": os.getpid(),
+                "weight": 1.0}
+        await self.store.commit(self.txns.register(self.node_id, info, self._lease))
 
     async def stop(self) -> None:
         """Hand every shard over at once: release locally, then revoke the lease so the
@@ -288,36 +218,36 @@ class EtcdCoordinator:
         # From here on no acquisition starts: a stopping node must not take over the shards
         # its stopping peers give back (it would only have to hand them on again).
         self._stopping = True
-        loops = [t for t in self._tasks if t is not self._keepalive_task]
-        await _cancel_all(loops, self.node_id)
+        await self._cancel_loops(*(t for t in self._tasks if t is not self._keepalive_task))
         # The keepalive keeps running while we release: the lease must outlive the releases
         # (or the timer fences us). Claims in flight stop at their next step; whatever they
         # got is released with the rest.
         deadline = time.monotonic() + _RELEASE_DEADLINE
         await _wait_all(list(self._acquiring.values()), deadline)
         released = await self._release_all(delete_key=True, deadline=deadline)
-        if self._keepalive_task is not None:
-            await _cancel_all([self._keepalive_task], self.node_id)
+        await self._cancel_loops(self._keepalive_task)
         if not released and self._host is not None:
             # Revoking hands the shards to peers at once: nothing may write them after that.
             self._fence_now("stopping with releases still running")
         if self._lease is not None:
-            lease = self._lease
-            with contextlib.suppress(_EtcdDown):
-                await self._call(lambda c: c.revoke_lease(lease.id), timeout=self.ttl / 3)
+            with contextlib.suppress(StoreDown):
+                await self.store.revoke(self._lease, self.ttl / 3)
         self._cancel_fence_timer()
-        await self._drop_client()
+        await self.store.close()
+
+    async def _cancel_loops(self, *tasks: asyncio.Task[None] | None) -> None:
+        for task in await cancel_and_wait(*tasks, timeout=_LOOP_GRACE):
+            log.warning("cluster.task_stuck", node_id=self.node_id, task=task.get_name())
 
     # --- Coordinator protocol --------------------------------------------------------------
 
-    def owned_shards(self) -> frozenset[int]:
-        return frozenset(self._owned)
-
     def rate_share(self) -> float:
+        """This node's share of cluster-wide rates: the share of the shards it owns."""
         return max(len(self._owned), 1) / self.total_shards
 
     @property
     def healthy(self) -> bool:
+        """Lease provably held."""
         return not self._fenced and time.monotonic() < self._fence_deadline
 
     def may_send(self, shard: int) -> bool:
@@ -331,116 +261,126 @@ class EtcdCoordinator:
         # Token unchanged: a view read after our claim that shows another owner key (someone
         # else's, or a newer one) means the shard is no longer provably ours.
         v = self._view
-        return v.revision <= revision or v.owner.get(shard) == (self.node_id, revision)
+        return v.revision <= revision or v.owners.get(shard) == Owner(self.node_id, revision)
 
     @property
     def is_leader(self) -> bool:
+        """This node is the elected leader (and not fenced)."""
         return self._view.leader == self.node_id and not self._fenced
 
     def runtime(self) -> RuntimeSettings:
+        """Runtime settings as last read."""
         return self._runtime
 
     def watch_runtime(self, callback: Callable[[RuntimeSettings], None]) -> None:
+        """Call ``callback`` whenever a read shows other runtime settings."""
         self._watchers.append(callback)
 
     async def change_runtime(self, throttles: dict[str, float | None] | None = None,
                              suspended: dict[str, bool] | None = None) -> RuntimeSettings:
         """One key per change under config/, so changes to other keys are never undone."""
-        try:
-            for key, rate in (throttles or {}).items():
-                k = self._key("config", "throttle", key)
-                if rate is None:
-                    await self._call(lambda c, k=k: c.delete(k))
-                else:
-                    await self._call(lambda c, k=k, r=rate: c.put(k, f"{r * 3600:g}/h".encode()))
-            for domain, hold in (suspended or {}).items():
-                k = self._key("config", "suspend", domain)
-                await self._call(lambda c, k=k, h=hold: c.put(k, b"1") if h else c.delete(k))
-        except _EtcdDown as exc:
-            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+        txn = self.txns.runtime(throttles or {}, suspended or {})
+        await self._operator_write(txn)
         await self._fresh()
         return self._runtime
 
-    async def _fresh(self) -> _View:
+    async def _operator_write(self, txn: Txn) -> None:
+        """An operator's write (an empty one is skipped); ClusterOpError if it fails."""
         try:
-            await self._read()
-        except _EtcdDown as exc:
+            if txn.success:
+                await self.store.commit(txn)
+        except StoreDown as exc:
+            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+
+    async def _fresh(self) -> Snapshot:
+        try:
+            return await self._read()
+        except StoreDown as exc:
             raise ClusterOpError(f"etcd not reachable from {self.node_id}: {exc}",
                                  "check the etcd cluster (etcdctl endpoint health)", 503
                                  ) from None
-        return self._view
 
     async def members(self) -> list[Member]:
+        """Every live node, from a fresh read."""
         v = await self._fresh()
-        owned: dict[str, int] = {}
-        for node, _rev in v.owner.values():
-            owned[node] = owned.get(node, 0) + 1
+        owned = v.owned_per_node()
+        expiring = await self._expiring_leases(v)
         return [Member(node, str(info.get("addr", "")), str(info.get("admin", "")),
-                       v.leader == node, node in v.drain, owned.get(node, 0),
-                       str(info.get("version", "")), float(info.get("started", 0.0)))
-                for node, info in sorted(v.nodes.items())]
+                       v.leader == node, node in v.draining, owned.get(node, 0),
+                       str(info.get("version", "")), float(info.get("started", 0.0)),
+                       expiring.get(node))
+                for node, info in sorted(v.members.items())]
+
+    async def _expiring_leases(self, v: Snapshot) -> dict[str, float]:
+        """The members whose lease has not been refreshed for a while, and its time left: a
+        killed node stays listed until its lease runs out, and must not look "up"."""
+        async def left(node: str, lease: int) -> tuple[str, LeaseLeft | None]:
+            if node == self.node_id:
+                return node, None
+            try:
+                return node, await self.store.lease_left(lease)
+            except StoreDown:
+                return node, None
+
+        found = await asyncio.gather(*(left(n, lease) for n, lease in v.member_leases.items()))
+        return {node: info.left for node, info in found
+                if info is not None and info.expiring}
 
     async def shards(self) -> list[ShardInfo]:
+        """Assignment, owner and token of every shard, from a fresh read."""
         v = await self._fresh()
-
-        def token(s: int) -> int:
-            # Ours exactly; a peer's as claimed unless the base was raised since.
-            node, rev = v.owner.get(s, (None, 0))
-            return self._owned.get(s, v.token_base + rev if node else 0)
-
-        return [ShardInfo(s, v.assign.get(s), v.owner.get(s, (None, 0))[0], token(s))
+        # Ours exactly; a peer's as claimed unless the base was raised since.
+        return [ShardInfo(s, v.assignment.get(s),
+                          o.node if (o := v.owners.get(s)) is not None else None,
+                          self._owned.get(s, v.token(s)))
                 for s in range(self.total_shards)]
 
     async def set_draining(self, node: str, draining: bool) -> None:
         """Mark ``node`` drained (its shards move away) or back in service."""
         v = await self._fresh()
-        if draining and node not in v.nodes:
+        if draining and node not in v.members:
             raise ClusterOpError(f"no live node {node!r} in cluster {self.cfg.cluster.name!r}",
                                  "`mtactl nodes` lists the live nodes", 404)
-        if draining and not (set(v.nodes) - v.drain - {node}):
+        if not draining and node not in v.draining:
+            # An undrain that changes nothing is most often a mistyped node id.
+            hint = "`mtactl nodes` lists the nodes and which of them drain"
+            if node in v.members:
+                raise ClusterOpError(f"{node} is not draining", hint, 409)
+            raise ClusterOpError(f"no node {node!r} in cluster {self.cfg.cluster.name!r} "
+                                 "and none of that name is draining", hint, 404)
+        if draining and not (set(v.members) - v.draining - {node}):
             raise ClusterOpError(f"refusing to drain {node}: no other node would be left to "
                                  "own the shards", "start another node first, or undrain one")
-        try:
-            if draining:
-                await self._call(lambda c: c.put(self._key("drain", node), b"1"))
-            else:
-                await self._call(lambda c: c.delete(self._key("drain", node)))
-        except _EtcdDown as exc:
-            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+        await self._operator_write(self.txns.drain(node, draining))
         self._kick.set()
 
     async def rebalance(self, timeout: float) -> dict[str, object]:
         """Ask the leader (through the ``rebalance`` key) to recompute the assignment, then
         wait until every shard is owned by the node it is assigned to."""
-        before = dict((await self._fresh()).assign)
-        try:
-            await self._call(lambda c: c.put(self._key("rebalance"), self.node_id.encode()))
-        except _EtcdDown as exc:
-            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+        before = dict((await self._fresh()).assignment)
+        await self._operator_write(self.txns.request_rebalance(self.node_id))
         self._kick.set()
         start = time.monotonic()
-        converged = False
         while True:
             v = await self._fresh()
-            converged = (not v.rebalance and len(v.assign) == self.total_shards
-                         and all(v.owner.get(s, ("", 0))[0] == n for s, n in v.assign.items()))
+            converged = v.converged(self.total_shards)
             if converged or time.monotonic() - start > timeout:
                 break
             await asyncio.sleep(0.2)
-        per_node: dict[str, int] = {}
-        for node, _rev in v.owner.values():
-            per_node[node] = per_node.get(node, 0) + 1
-        return {"moved": sum(1 for s, n in v.assign.items() if before.get(s) != n),
+        return {"moved": sum(1 for s, n in v.assignment.items() if before.get(s) != n),
                 "converged": converged, "seconds": round(time.monotonic() - start, 2),
-                "per_node": dict(sorted(per_node.items())), "leader": v.leader,
-                "unowned": self.total_shards - len(v.owner)}
+                "per_node": v.owned_per_node(), "leader": v.leader,
+                "unowned": self.total_shards - len(v.owners)}
 
     # --- keepalive and self-fencing --------------------------------------------------------
 
     async def _keepalive(self) -> None:
-        interval = self.ttl / 3
         while True:
-            await asyncio.sleep(min(interval, 0.5) if self._fenced else interval / 2)
+            if self._fenced:
+                pause = min(self.ttl / 3, 0.5)
+            else:
+                pause = _REFRESH_RETRY if self._refresh_failed else self.timing.refresh_interval
+            await asyncio.sleep(pause)
             try:
                 await self._keepalive_step()
             except asyncio.CancelledError:
@@ -454,24 +394,26 @@ class EtcdCoordinator:
         if self._fenced:
             try:
                 await self._rejoin()
-            except _EtcdDown as exc:
+            except StoreDown as exc:
                 log.info("cluster.rejoin_failed", node_id=self.node_id, error=str(exc)[:200])
             return
         lease = self._lease
+        assert lease is not None
         # The TTL restarts when etcd processes the refresh, which is after we send it: the
         # send time is the latest moment the new expiry is provably after.
         sent = time.monotonic()
         try:
-            resp = await self._call(lambda c, lease_id=lease.id: c.refresh_lease(lease_id))
-        except _EtcdDown as exc:
+            ttl = await self.store.refresh(lease)
+        except StoreDown as exc:
+            self._refresh_failed = True
             log.debug("cluster.refresh_failed", node_id=self.node_id, error=str(exc)[:200],
                       fence_in=round(self._fence_deadline - time.monotonic(), 3))
             return
-        if self._fenced or lease is not self._lease:
-            return  # the answer came after the fence: too late, we rejoin instead
-        if resp is None:
-            return  # the stream ended without an answer: not a refresh
-        if resp.TTL <= 0:
+        # An answer without a TTL (the stream ended) is no refresh: retry at once.
+        self._refresh_failed = ttl is None
+        if self._fenced or lease != self._lease or ttl is None:
+            return  # an answer after the fence is too late: we rejoin instead
+        if ttl <= 0:
             # etcd says the lease is gone (expired, revoked): so are our keys.
             self._fence_now("etcd reports our lease expired")
             return
@@ -519,8 +461,8 @@ class EtcdCoordinator:
                     since_refresh=round(time.monotonic() - self._last_refresh, 3))
 
     async def _rejoin(self) -> None:
-        """etcd answers again: drop every shard locally (others may own them by now), take a
-        new lease, and let the reconcile loop acquire afresh with new fencing tokens."""
+        """The store answers again: drop every shard locally (others may own them by now),
+        take a new lease, and let the reconcile loop acquire afresh with new fencing tokens."""
         if self._stopping:
             return  # a stopping node does not come back
         assert self._host is not None
@@ -532,12 +474,13 @@ class EtcdCoordinator:
         if not await self._release_all(delete_key=False, deadline=deadline):
             return  # still releasing: stay fenced, the next step waits again
         sent = time.monotonic()
-        lease = await self._call(lambda c: c.lease(int(max(1, round(self.ttl)))))
+        lease = await self.store.grant(self.timing.grant_ttl)
         log.info("cluster.rejoining", node_id=self.node_id)
         # Our keys under the old lease (if it still lives) are left to expire: revoking it
         # would drop nodes/<us> too and have the leader move our shards away and back.
         self._lease = lease
         self._refreshed(sent)
+        self._refresh_failed = False
         await self._register()
         if time.monotonic() >= self._fence_deadline or self._stopping:
             return  # too slow to trust: the next step starts over
@@ -548,50 +491,20 @@ class EtcdCoordinator:
 
     # --- view ------------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        rng = await self._call(lambda c: c.get_prefix(self.prefix.encode()))
-        v = _View()
-        v.revision = rng.header.revision if hasattr(rng, "header") else 0
-        plen = len(self.prefix)
-        for kv in rng:
-            key = kv.key.decode()[plen:]
-            kind, _, rest = key.partition("/")
-            try:
-                if kind == "nodes":
-                    v.nodes[rest] = msgpack.unpackb(kv.value)
-                elif key == "leader":
-                    v.leader = kv.value.decode()
-                elif kind == "assign":
-                    v.assign[int(rest)] = kv.value.decode()
-                elif kind == "owner":
-                    v.owner[int(rest)] = (kv.value.decode(), kv.create_revision)
-                elif kind == "drain":
-                    v.drain.add(rest)
-                elif key == "rebalance":
-                    v.rebalance = True
-                elif key == "token_base":
-                    v.token_base = int(kv.value)
-                elif key.startswith("config/throttle/"):
-                    v.throttles[key[len("config/throttle/"):]] = parse_rate(kv.value.decode())
-                elif key.startswith("config/suspend/"):
-                    v.suspended.add(key[len("config/suspend/"):])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("cluster.bad_key", node_id=self.node_id, key=key, error=str(exc))
-        self._view = v
-        runtime = RuntimeSettings(v.throttles, frozenset(v.suspended))
-        if runtime != self._runtime:
-            self._runtime = runtime
+    async def _read(self) -> Snapshot:
+        v = self._view = await self.store.snapshot()
+        if v.runtime != self._runtime:
+            self._runtime = v.runtime
             for callback in self._watchers:
-                callback(runtime)
+                callback(v.runtime)
+        return v
 
     async def _watch_loop(self) -> None:
         # Only a trigger: any change under the prefix wakes the reconcile loop at once.
         while True:
             try:
-                client = await self._connect()
-                start = self._view.revision + 1 if self._view.revision else None
-                watch = await client.watch_prefix(self.prefix.encode(), start_revision=start)
-                async for _event in watch:
+                start = self._view.revision + 1 if self._view.revision else 0
+                async for _ in self.store.changes(start):
                     self._kick.set()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -609,7 +522,7 @@ class EtcdCoordinator:
             if not self._fenced and not self._stopping:
                 try:
                     await self._reconcile()
-                except _EtcdDown as exc:
+                except StoreDown as exc:
                     log.debug("cluster.reconcile_failed", node_id=self.node_id, error=str(exc))
                 except Exception:
                     log.exception("cluster.reconcile_error", node_id=self.node_id)
@@ -622,54 +535,69 @@ class EtcdCoordinator:
                 kicked.cancel()
 
     async def _reconcile(self) -> None:
-        await self._read()
-        v = self._view
+        v = await self._read()
         if v.leader is None:
             await self._elect()
-            await self._read()
-            v = self._view
+            v = await self._read()
         if v.leader == self.node_id:
-            rebalance = v.rebalance
-            # Until the assignment fits the view we act on: the read after writing it may
-            # show a node gone meanwhile, and claiming a shard by the assignment made before
-            # would mean handing it on at once (behind that shard's release).
-            for _ in range(3):
-                if not await self._lead():
-                    break
-                await self._read()
-                v = self._view
-                if v.leader != self.node_id:
-                    break
-            if rebalance:
-                await self._call(lambda c: c.delete(self._key("rebalance")))
+            v = await self._lead(v)
         if self._stopping or self._fenced:
             return
-        # An assignment naming a node that is gone is about to be redone by the leader: claim
-        # nothing by it yet (the leader's write wakes us up again at once).
-        current = all(n in v.nodes for n in v.assign.values())
         # Neither claims nor releases are awaited here: a release waits for in-flight
         # deliveries (seconds), and a dead node's shards must not wait behind it. Claims are
         # started first; a shard being released (busy) is not claimed until its release ends.
-        for shard, node in sorted(v.assign.items()):
-            if (current and node == self.node_id and shard not in self._owned
-                    and shard not in self._busy and shard not in v.owner):
+        self._start_claims(v)
+        self._start_releases(v)
+        await self._drop_stray_keys(v)
+
+    async def _lead(self, v: Snapshot) -> Snapshot:
+        """Bring the assignment in line with the members; the view it was last checked on."""
+        rebalance = v.rebalance
+        # Until the assignment fits the view we act on: the read after writing it may show a
+        # node gone meanwhile, and claiming a shard by the assignment made before would mean
+        # handing it on at once (behind that shard's release).
+        for _ in range(3):
+            if not await self._write_assignment(v):
+                break
+            v = await self._read()
+            if v.leader != self.node_id:
+                break
+        if rebalance:
+            await self.store.commit(self.txns.clear_rebalance())
+        return v
+
+    def _start_claims(self, v: Snapshot) -> None:
+        # An assignment naming a node that is gone is about to be redone by the leader: claim
+        # nothing by it yet (the leader's write wakes us up again at once).
+        if not all(n in v.members for n in v.assignment.values()):
+            return
+        for shard, node in sorted(v.assignment.items()):
+            if (node == self.node_id and shard not in self._owned
+                    and shard not in self._busy and shard not in v.owners):
                 self._spawn(shard, self._acquire(shard), self._acquiring)
+
+    def _start_releases(self, v: Snapshot) -> None:
         for shard in sorted(self._owned):
             if shard in self._busy:
                 continue
-            if v.assign.get(shard) != self.node_id:
+            if v.assignment.get(shard) != self.node_id:
                 self._spawn(shard, self._release(shard, delete_key=True), self._releasing)
-            elif (v.revision > self._claims.get(shard, 0)
-                  and v.owner.get(shard) != (self.node_id, self._claims.get(shard))):
+            elif self._key_lost(v, shard):
                 # Our owner key vanished or was replaced (lease lost and regained, deleted
                 # by hand) in a view newer than our claim: we must stop.
                 self._spawn(shard, self._release(shard, delete_key=False), self._releasing)
-        for shard, (node, revision) in sorted(v.owner.items()):
-            if node == self.node_id and shard not in self._owned and shard not in self._busy:
+
+    def _key_lost(self, v: Snapshot, shard: int) -> bool:
+        claim = self._claims.get(shard, 0)
+        return v.revision > claim and v.owners.get(shard) != Owner(self.node_id, claim)
+
+    async def _drop_stray_keys(self, v: Snapshot) -> None:
+        for shard, owner in sorted(v.owners.items()):
+            if owner.node == self.node_id and shard not in self._owned and shard not in self._busy:
                 # A key of ours for a shard we do not hold open (left by a release that could
-                # not reach etcd, or by our previous lease): remove it so the shard can be
-                # taken properly, by us or by the node it is assigned to now.
-                await self._delete_owner_key(shard, revision)
+                # not reach the store, or by our previous lease): remove it so the shard can
+                # be taken properly, by us or by the node it is assigned to now.
+                await self._delete_owner_key(shard, owner.revision)
 
     def _spawn(self, shard: int, work: Coroutine[Any, Any, Any],
                into: dict[int, Any]) -> None:
@@ -688,55 +616,33 @@ class EtcdCoordinator:
         task.add_done_callback(done)
 
     async def _elect(self) -> None:
-        lease = self._lease
-        key = self._key("leader")
-        ok, _ = await self._call(lambda c: c.transaction(
-            compare=[c.transactions.create(key) == 0],
-            success=[c.transactions.put(key, self.node_id.encode(), lease=lease)],
-            failure=[]))
-        if ok:
+        if self._lease is None:
+            return
+        if (await self.store.commit(self.txns.elect(self.node_id, self._lease))).succeeded:
             log.info("cluster.elected_leader", node_id=self.node_id)
 
-    async def _lead(self) -> bool:
-        """Write the assignment the view calls for; True if it differed from the view's."""
-        v = self._view
-        live = {n: float(info.get("weight", 1.0)) for n, info in v.nodes.items()
-                if n not in v.drain}
+    async def _write_assignment(self, v: Snapshot) -> bool:
+        """Write the assignment ``v`` calls for; True if it differed from ``v``'s."""
+        live = v.weights()
         desired = assign(self.total_shards, live)
-        changes = {s: n for s, n in desired.items() if v.assign.get(s) != n}
+        changes = {s: n for s, n in desired.items() if v.assignment.get(s) != n}
         if not changes:
             return False
-        leader_key = self._key("leader")
-        me = self.node_id.encode()
-        ok, _ = await self._call(lambda c: c.transaction(
-            compare=[c.transactions.value(leader_key) == me],
-            success=[c.transactions.put(self._key("assign", s), n.encode())
-                     for s, n in changes.items()],
-            failure=[]))
-        if ok:
+        if (await self.store.commit(self.txns.assign(self.node_id, changes))).succeeded:
             log.info("cluster.assigned", node_id=self.node_id, moved=len(changes),
                      nodes=sorted(live))
         return True
 
     async def _delete_owner_key(self, shard: int, revision: int | None = None) -> None:
         """Delete our owner key of ``shard`` (only the one created at ``revision``, if given)."""
-        key = self._key("owner", shard)
-        me = self.node_id.encode()
-
-        def compare(c: aetcd.Client) -> list[Any]:
-            same = [c.transactions.value(key) == me]
-            if revision is not None:
-                same.append(c.transactions.create(key) == revision)
-            return same
-
-        with contextlib.suppress(_EtcdDown):
-            await self._call(lambda c: c.transaction(
-                compare=compare(c), success=[c.transactions.delete(key)], failure=[]))
+        with contextlib.suppress(StoreDown):
+            await self.store.commit(self.txns.release(shard, self.node_id, revision))
 
     def _may_claim(self) -> bool:
         return not self._stopping and not self._claims_closed and not self._fenced
 
     def stop_claiming(self) -> None:
+        """The node began to stop: hold what it owns, claim nothing more."""
         self._claims_closed = True
 
     async def _acquire(self, shard: int) -> bool:
@@ -747,7 +653,7 @@ class EtcdCoordinator:
                 return False
             try:
                 return await self._claim(shard)
-            except _EtcdDown as exc:
+            except StoreDown as exc:
                 log.debug("cluster.acquire_failed", shard=shard, node_id=self.node_id,
                           error=str(exc)[:200])
                 return False
@@ -756,18 +662,17 @@ class EtcdCoordinator:
                 return False
 
     async def _claim(self, shard: int) -> bool:
-        key = self._key("owner", shard)
         lease = self._lease
-        ok, _ = await self._call(lambda c: c.transaction(
-            compare=[c.transactions.create(key) == 0],
-            success=[c.transactions.put(key, self.node_id.encode(), lease=lease)],
-            failure=[]))
-        if not ok:
+        if lease is None:
             return False
-        kv = await self._call(lambda c: c.get(key))
-        if kv is None or kv.value.decode() != self.node_id:
+        res = await self.store.commit(self.txns.claim(shard, self.node_id, lease))
+        entry = res.gets[0] if res.succeeded and res.gets else None
+        if entry is None or entry.value.decode() != self.node_id:
             return False
-        revision = kv.create_revision
+        return await self._take(shard, entry.create_revision)
+
+    async def _take(self, shard: int, revision: int) -> bool:
+        """Hand ``shard``, whose owner key we created at ``revision``, to the host."""
         assert self._host is not None
         try:
             token = await self._fencing_token(shard, revision)
@@ -803,32 +708,20 @@ class EtcdCoordinator:
         """
         assert self._host is not None
         recorded = await self._host.recorded_token(shard)
-        owner = self._key("owner", shard)
-        key = self._key("token_base")
-        me = self.node_id.encode()
-
-        def ours(c: aetcd.Client) -> list[Any]:
-            return [c.transactions.create(owner) == revision, c.transactions.value(owner) == me]
-
         while True:
-            ok, found = await self._call(lambda c: c.transaction(
-                compare=ours(c), success=[c.transactions.get(key)], failure=[]))
-            if not ok:
+            res = await self.store.commit(
+                self.txns.read_token_base(shard, self.node_id, revision))
+            if not res.succeeded:
                 return None
-            entry = found[0][0] if found and found[0] else None
-            base = int(entry[0]) if entry is not None else 0
+            entry = res.gets[0] if res.gets else None
+            base = int(entry.value) if entry is not None else 0
             if base + revision > recorded:
                 return base + revision
             need = recorded - revision + 1
-            expect = entry[1].mod_revision if entry is not None else 0
-
-            def raise_base(c: aetcd.Client, need: int = need, expect: int = expect) -> Any:
-                return c.transaction(
-                    compare=[*ours(c), c.transactions.mod(key) == expect],
-                    success=[c.transactions.put(key, str(need).encode())], failure=[])
-
-            ok, _ = await self._call(raise_base)
-            if ok:
+            expect = entry.mod_revision if entry is not None else 0
+            raised = await self.store.commit(
+                self.txns.raise_token_base(shard, self.node_id, revision, expect, need))
+            if raised.succeeded:
                 log.warning("cluster.token_base_raised", node_id=self.node_id, shard=shard,
                             recorded=recorded, base=need,
                             why="the spool holds tokens from a standalone node or an "
@@ -868,15 +761,14 @@ class EtcdCoordinator:
         log.info("cluster.shard_released", shard=shard, node_id=self.node_id)
 
 
-async def _cancel_all(tasks: list[asyncio.Task[None]], node_id: str, grace: float = 5.0) -> None:
-    """Cancel background loops and wait (bounded) until they end; their outcome is theirs.
-    asyncio.wait() lets our own cancellation through, unlike awaiting under suppress()."""
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            log.warning("cluster.task_stuck", node_id=node_id, task=task.get_name())
+class EtcdCoordinator(ClusterCoordinator):
+    """The Coordinator of a node in an etcd-coordinated cluster."""
+
+    def __init__(self, cfg: Config) -> None:
+        keys = Keys(cfg.cluster.name)
+        timing = Timing(cfg.cluster.lease_ttl)
+        super().__init__(cfg, lambda deadline: EtcdStore(cfg.cluster.etcd, keys, timing,
+                                                         deadline))
 
 
 async def _wait_all(tasks: list[asyncio.Task[Any]], deadline: float) -> bool:
@@ -886,13 +778,3 @@ async def _wait_all(tasks: list[asyncio.Task[Any]], deadline: float) -> bool:
         return True
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
     return not pending
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Consume an abandoned call's outcome so asyncio does not warn about it."""
-    if not task.cancelled():
-        task.exception()
-
-
-class _EtcdDown(Exception):
-    """etcd did not answer (or refused); callers retry or fence."""

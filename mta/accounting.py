@@ -1,5 +1,5 @@
 """Accounting log: one JSON line per Reception, Delivery, TransientFailure, Bounce, Expiration,
-AdminBounce.
+AdminBounce, AdminDelete.
 
 The lines about a message ride the spool's group commit (see :class:`mta.spool.SideLog`): a
 Reception is written with the message's MSG record, an outcome with the STATE or DONE record
@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,13 @@ log = structlog.get_logger("mta.accounting")
 
 
 class AccountingLog:
-    """Collects lines per message until the spool writes the record they belong to."""
+    """Builds the lines; the spool's writer thread writes them to the file, each with the
+    record it belongs to (a caller hands an outcome's lines to the spool write that makes the
+    outcome durable, so a line exists exactly when its record does)."""
 
     def __init__(self, path: str | os.PathLike[str], node_id: str) -> None:
         self.path = Path(path)
         self.node_id = node_id
-        self._pending: dict[str, list[bytes]] = {}
         self._fd: int | None = None
         self._unwritten = b""  # what a failed write (disk full) left; retried next time
         # Where this process's lines go: the file's identity and the offset the next promised
@@ -71,9 +71,9 @@ class AccountingLog:
                "node": self.node_id, **fields}
         return json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
-    def record(self, kind: str, message_id: str, **fields: Any) -> None:
-        """Note a line; it is written with the message's next spool record."""
-        self._pending.setdefault(message_id, []).append(self._line(kind, message_id, fields))
+    def line(self, kind: str, message_id: str, **fields: Any) -> bytes:
+        """One line about a message, for the spool write that makes it true."""
+        return self._line(kind, message_id, fields)
 
     # --- SideLog (driven by the spool) -----------------------------------------------------
 
@@ -81,19 +81,6 @@ class AccountingLog:
         return self._line("Reception", message_id, {
             "sender": envelope.sender, "recipients": envelope.recipients, "size": size,
             "client_ip": envelope.client_ip})
-
-    def take(self, message_id: str) -> bytes | None:
-        lines = self._pending.pop(message_id, None)
-        return b"".join(lines) if lines else None
-
-    def restore(self, message_id: str, data: bytes) -> None:
-        self._pending.setdefault(message_id, []).insert(0, data)
-
-    def discard(self, keep: Callable[[str], bool]) -> None:
-        """Forget the lines of messages for which ``keep`` is false (their outcomes will be
-        decided again, by this node or the shard's next owner)."""
-        for message_id in [m for m in self._pending if not keep(m)]:
-            del self._pending[message_id]
 
     # --- SideFile (the spool's writer thread) and SideCheck (recovery) --------------------
 

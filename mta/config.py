@@ -7,6 +7,7 @@ the file, the dotted key and what was expected, so the daemon can print one line
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -56,6 +57,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Longer than any timer needs; beyond it (or nan/inf) timeouts overflow or never fire.
+_MAX_DURATION = 10 * 365 * 86400.0
 
 
 def parse_size(value: Any) -> int:
@@ -77,15 +80,25 @@ def parse_duration(value: Any) -> float:
     """Seconds: a number, or a string like ``"300ms"``, ``"5s"``, ``"5m"``, ``"4h"``, ``"3d"``."""
     if isinstance(value, bool):
         raise _Invalid(f"expected a duration such as 30 or \"5m\", got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise _Invalid(f"expected a duration such as 30 or \"5m\", got {value!r}")
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            raise _Invalid(f"expected a duration such as 30 or \"5m\", got {value!r}")
+    except OverflowError:
+        seconds = math.inf  # an integer too large for a float
+    if not math.isfinite(seconds) or seconds > _MAX_DURATION:
+        raise _Invalid(f"expected a finite duration of at most 10 years, got {_short(value)}")
     if seconds <= 0:
         raise _Invalid(f"expected a positive duration, got {value!r}")
     return seconds
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 _ZERO_DURATION = re.compile(r"0+(\.0*)?(ms|s|m|h|d)?")
@@ -274,8 +287,9 @@ class SpoolConfig:
 
 
 def _ratio(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise _Invalid(f"expected a number between 0 and 1, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 <= value <= 1 or not math.isfinite(value)):
+        raise _Invalid(f"expected a number between 0 and 1, got {_short(value)}")
     return float(value)
 
 
@@ -292,15 +306,20 @@ class AdminConfig:
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MAX_RATE = 1e6  # messages per second: more is no throttle, and keeps rates finite
 
 
 def parse_rate(value: Any) -> float:
     """A throttle spec like ``"100/s"``, ``"20/m"``, ``"5000/h"``; returns events per second."""
     if isinstance(value, str) and (m := _RATE_RE.match(value)):
         rate = float(m.group(1)) / _RATE_UNITS[m.group(2)]
-        if rate > 0:
+        # 5000 nines make an infinite float, which JSON (etcd, the admin API) cannot carry.
+        if 0 < rate <= _MAX_RATE:
             return rate
-    raise _Invalid(f"expected a rate such as \"100/s\", \"20/m\" or \"5000/h\", got {value!r}")
+        if rate > _MAX_RATE:
+            raise _Invalid(f"a rate of at most {_MAX_RATE:.0f}/s, got {value[:40]!r}")
+    raise _Invalid(f"expected a rate such as \"100/s\", \"20/m\" or \"5000/h\", "
+                   f"got {str(value)[:60]!r}")
 
 
 def _optional_rate(value: Any) -> float | None:
@@ -373,15 +392,51 @@ class SitePolicy:
     tls: str | None = _opt(_choice(*_SITE_TLS_MODES), None)
 
 
+# A site key may name a port too (``"smtp.relay.example:2525"``, ``"[2001:db8::1]:25"``):
+# it then matches that host on that port only, as a smarthost is written.
+_SITE_WITH_PORT = re.compile(r"(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})")
+
+
+def _table_key_problem(name: str, ports: bool) -> str | None:
+    """Why ``name`` cannot be a key of [delivery.domains] / [delivery.sites], or None: a
+    domain or host, ``*.suffix`` or ``*`` (and, for sites, any of those with ``:port``)."""
+    import unicodedata
+
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for c in name):
+        return "control or format character in the name"
+    host = name
+    if ports and (m := _SITE_WITH_PORT.fullmatch(name)):
+        host = m.group(1)
+        if not 1 <= int(m.group(2)) <= 65535:
+            return "port out of range"
+    if not host.strip() or host != host.strip() or any(c.isspace() for c in host):
+        return "empty, or spaces in the name"
+    if "*" in host and host != "*" and not (host.startswith("*.") and len(host) > 2
+                                            and "*" not in host[2:]):
+        return "a wildcard is \"*\" or \"*.suffix\" only"
+    return None
+
+
 def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = lambda _: None
                    ) -> Callable[[Any], dict[str, Any]]:
+    def key_of(name: str, seen: dict[str, str]) -> str:
+        if problem := _table_key_problem(name, section == "sites"):
+            raise _Invalid(f"{name[:100]!r}: {problem}")
+        key = domain_key(name)
+        if key in seen:
+            raise _Invalid(f"{seen[key][:100]!r} and {name[:100]!r} are the same "
+                           "(names are compared ignoring case): keep one")
+        seen[key] = name
+        return key
+
     def parse(value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise _Invalid(f"expected tables like [delivery.{section}.\"example.com\"], "
                            f"got {value!r}")
-        out = {}
+        out, seen = {}, {}
         known = {f.name: f for f in fields(cls)}
         for name, table in value.items():
+            entry = key_of(name, seen)
             if not isinstance(table, dict):
                 raise _Invalid(f"{name!r}: expected a table of settings")
             values = {}
@@ -394,7 +449,7 @@ def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = 
                     values[key] = known[key].metadata["parse"](raw)
                 except _Invalid as exc:
                     raise _Invalid(f"{name!r}.{key}: {exc}") from None
-            out[domain_key(name)] = cls(**values)
+            out[entry] = cls(**values)
         return out
     return parse
 
@@ -609,10 +664,24 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except IsADirectoryError:
         raise ConfigError(spath, "", "is a directory, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(spath, "", f"not valid TOML: {exc}") from None
+        raise ConfigError(spath, "", f"not valid TOML: {_one_line(exc)}") from None
     except UnicodeDecodeError:
         raise ConfigError(spath, "", "not valid UTF-8 text") from None
-    return config_from_dict(raw, spath)
+    except RecursionError:
+        raise ConfigError(spath, "", "not valid TOML: arrays or tables nested too deeply"
+                          ) from None
+    except (OSError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # Whatever else the parser or the read may raise: one line, never a traceback.
+        raise ConfigError(spath, "", f"cannot read the config file: {_one_line(exc)}") from None
+    try:
+        return config_from_dict(raw, spath)
+    except RecursionError:  # a deeply nested value in a known key, echoed in an error
+        raise ConfigError(spath, "", "a value is nested too deeply") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

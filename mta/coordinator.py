@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import mta
 
@@ -49,6 +49,9 @@ class Member:
     shards: int  # shards it owns right now
     version: str
     started: float
+    # Seconds its lease has left when it has not been refreshed for a while (the node has
+    # most likely died, its keys and shards go when this runs out); None while it refreshes.
+    lease_expiring: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,6 @@ class RuntimeSettings:
     suspended: frozenset[str] = frozenset()  # domains whose mail is held
 
 
-@runtime_checkable
 class ShardHost(Protocol):
     """What a coordinator drives on its node. Implemented by :class:`mta.node.Node`."""
 
@@ -96,7 +98,6 @@ class ShardHost(Protocol):
         """How peers and operators reach this node: ``{"smtp": host:port, "admin": url}``."""
 
 
-@runtime_checkable
 class Coordinator(Protocol):
     """Ownership of spool shards and the share of cluster-wide limits for one node.
 
@@ -117,9 +118,6 @@ class Coordinator(Protocol):
     def stop_claiming(self) -> None:
         """The node has begun to stop: keep serving what it owns, but claim no more shards
         (the shards stopping peers hand back must go to nodes that stay)."""
-
-    def owned_shards(self) -> frozenset[int]:
-        """Shards this node owns right now."""
 
     def rate_share(self) -> float:
         """Fraction (0..1] of every cluster-wide rate limit this node may use."""
@@ -216,9 +214,6 @@ class LocalCoordinator:
         for shard in sorted(self._owned):
             await self._host.release_shard(shard)
         self._owned = frozenset()
-
-    def owned_shards(self) -> frozenset[int]:
-        return self._owned
 
     def rate_share(self) -> float:
         return 1.0

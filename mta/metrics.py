@@ -10,7 +10,9 @@ SUBMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,
 
 
 class NodeMetrics:
-    """Every metric the node exports; the admin API serves ``registry``."""
+    """The node's counters, histograms and set-by-event gauges; the admin API serves
+    ``registry``, on which the node also registers the gauges read at scrape time
+    (:class:`mta.gauges.NodeGauges`)."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -53,11 +55,6 @@ class NodeMetrics:
             "mta_spool_fsync_seconds", "fdatasync time per group-commit batch",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r)
-        self.queue_live = Gauge("mta_spool_live_messages", "Live messages in owned shards",
-                                registry=r)
-        self.spool_segments = Gauge("mta_spool_segments", "Segment files in owned shards",
-                                    registry=r)
-        self.shards_owned = Gauge("mta_shards_owned", "Spool shards this node owns", registry=r)
         self.corrupt_records = Counter("mta_spool_corrupt_records",
                                        "Corrupt regions skipped by recovery", registry=r)
         self.torn_tails = Counter("mta_spool_torn_tails", "Torn tails cut by recovery",
@@ -88,45 +85,51 @@ class NodeMetrics:
             "mta_delivery_seconds", "Reception to remote acceptance, per recipient",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
             registry=r)
-        self.scheduled = Gauge("mta_queue_scheduled", "Messages waiting for their next attempt",
-                               registry=r)
-        self.oldest_age = Gauge("mta_queue_oldest_message_age_seconds",
-                                "Age of the oldest live message in owned shards", registry=r)
-        self.site_queue = Gauge("mta_site_queue_depth",
-                                "Jobs waiting in a site's ready queue (sites with mail only)",
-                                ["site"], registry=r)
-        self.site_connections = Gauge("mta_site_connections",
-                                      "Outbound connections open to a site", ["site"],
-                                      registry=r)
-        self.site_breaker_open = Gauge("mta_site_breaker_open",
-                                       "1 while a site's circuit breaker is open or half-open",
-                                       ["site"], registry=r)
-        self.outbound_connections = Gauge("mta_outbound_connections",
-                                          "Outbound SMTP connections open, all sites",
-                                          registry=r)
-        self.spool_bytes = Gauge("mta_spool_bytes", "Bytes of segment files in owned shards",
-                                 registry=r)
-        self.disk_used = Gauge("mta_spool_disk_used_ratio",
-                               "Used fraction of the filesystem holding the spool", registry=r)
-        self.shards_total = Gauge("mta_cluster_shards",
-                                  "Spool shards in the cluster (owned or not)", registry=r)
-        self.lease_healthy = Gauge("mta_cluster_lease_healthy",
-                                   "1 while the node holds its lease (always 1 standalone)",
-                                   registry=r)
-        self.is_leader = Gauge("mta_cluster_is_leader", "1 on the cluster leader", registry=r)
-        self.ready = Gauge("mta_node_ready", "1 while /readyz answers 200", registry=r)
         self.admin_bounced = Counter("mta_admin_bounced_recipients",
                                      "Recipients bounced by an operator", registry=r)
-        self.probe_success = Gauge("mta_probe_success",
-                                   "1 if the last synthetic probe was delivered in time",
-                                   registry=r)
-        self.probe_latency = Gauge("mta_probe_latency_seconds",
-                                   "End-to-end latency of the last successful probe",
-                                   registry=r)
-        self.probe_last_success = Gauge("mta_probe_last_success_timestamp_seconds",
-                                        "When a probe last succeeded (epoch)", registry=r)
         self.probes = Counter("mta_probes", "Synthetic probes run, by result", ["result"],
                               registry=r)
+        # The probe's gauges exist only once a probe has run: a node without a probe (or one
+        # only run on demand) must not export a 0 that pages as "probe failing".
+        self._probe_gauges: tuple[Gauge, Gauge, Gauge] | None = None
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        """Export every known label value from the start, at 0: ``increase()`` then sees the
+        first event, and a fresh node already has every documented series."""
+        from mta.bounce.classify import CLASSES
+
+        known: list[tuple[Counter, tuple[str, ...]]] = [
+            # Numeric errno, as the label is written: ENOSPC, EFBIG, EIO, EDQUOT, EROFS.
+            (self.spool_errors, ("28", "27", "5", "122", "30")),
+            (self.bounced, CLASSES),
+            (self.connections_refused, ("shutdown", "fenced", "total", "per_ip")),
+            (self.fenced_refusals, ("smtp", "http")),
+            (self.not_owner_stops, ("queued", "before connecting", "before MAIL",
+                                    "before RCPT", "before DATA")),
+            (self.probes, ("success", "failure")),
+        ]
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
+
+    def probe_result(self, ok: bool, latency: float | None, at: float) -> None:
+        """Record a finished probe: success (1/0), its latency and when, if it succeeded."""
+        if self._probe_gauges is None:
+            r = self.registry
+            self._probe_gauges = (
+                Gauge("mta_probe_success", "1 if the last synthetic probe was delivered in time",
+                      registry=r),
+                Gauge("mta_probe_latency_seconds",
+                      "End-to-end latency of the last successful probe", registry=r),
+                Gauge("mta_probe_last_success_timestamp_seconds",
+                      "When a probe last succeeded (epoch)", registry=r))
+        success, latency_gauge, last = self._probe_gauges
+        self.probes.labels("success" if ok else "failure").inc()
+        success.set(1 if ok else 0)
+        if ok and latency is not None:
+            latency_gauge.set(latency)
+            last.set(at)
 
     def observe_batch(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None:
         """Called from the writer thread after each group commit."""

@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -20,6 +19,7 @@ from mta.config import Config, ConfigError, load_config
 from mta.coordinator import Coordinator, LocalCoordinator
 from mta.delivery.engine import DeliveryEngine
 from mta.envelope import Envelope
+from mta.gauges import NodeGauges
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
 from mta.metrics import NodeMetrics
@@ -89,10 +89,9 @@ class Node:
         self.ingress: IngressServer | None = None
         self.admin = None
         self.fenced = False
-        self.started = time.time()
         self.slo = SloTracker(os.path.join(cfg.spool.path, f"slo-{self.node_id}.json"),
                               self.metrics.registry, self.ready,
-                              tick=cfg.slo.sample_interval)
+                              cfg.delivery.accounting_log, tick=cfg.slo.sample_interval)
         self.prober = Prober(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -102,11 +101,13 @@ class Node:
         # exists from the start at 0, so an alert can use increase() on it.
         self._loop_errors = Counter(
             "mta_background_errors_total",
-            "Passes of a background loop (sweep, gauges, compaction, slo, probe) that raised; "
+            "Passes of a background loop (sweep, compaction, slo, probe) that raised; "
             "the loop runs again after a pause.",
             ["loop"], registry=self.metrics.registry)
-        for name in ("sweep", "gauges", "compaction", "slo", "probe"):
+        for name in ("sweep", "compaction", "slo", "probe"):
             self._loop_errors.labels(name)
+        # Read at scrape time, so they are never stale and need no loop of their own.
+        self.metrics.registry.register(NodeGauges(self))
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -144,9 +145,16 @@ class Node:
             await self.engine.start()
         if cfg.admin.enabled:
             # Before joining: peers learn its (bound) address from the membership record.
+            from mta.admin.facade import NodeFacade
             from mta.admin.server import AdminServer
 
-            self.admin = AdminServer(self)
+            # The API sees the node through this facade only; what start or a reload
+            # replaces (config, SMTP listener, fencing) it reads live.
+            self.admin = AdminServer(NodeFacade(
+                node_id=self.node_id, spool=self.spool, engine=self.engine,
+                coordinator=self.coordinator, metrics=self.metrics, slo=self.slo,
+                prober=self.prober, config=lambda: self.cfg, readiness=self.readiness,
+                ingress=lambda: self.ingress, fenced=lambda: self.fenced))
             try:
                 await self.admin.start()
             except OSError as exc:
@@ -180,12 +188,11 @@ class Node:
 
     def _start_loops(self) -> None:
         cfg = self.cfg
-        # Sweeps, gauges and compaction run as separate loops: one that keeps failing (a
-        # gauge reading a broken site, say) must not stop the others.
+        # Sweeps and compaction run as separate loops: one that keeps failing must not stop
+        # the other.
         tick = min(cfg.spool.compact_interval, 5.0)
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "sweep": lambda: self._every(tick, self._sweep),
-            "gauges": lambda: self._every(tick, self._gauges),
             "compaction": lambda: self._every(tick, self._compact),
             "slo": self.slo.run,
         }
@@ -201,8 +208,7 @@ class Node:
             self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
 
     async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            await cancel_and_wait(task)
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
 
     async def _stop_delivery(self) -> None:
@@ -217,6 +223,9 @@ class Node:
         # stops, so the accounting log closes after it.
         await self.spool.close()
         await self.accounting.close()
+        # The slo loop was cancelled first; its final count comes now that every line
+        # (those of attempts that settled during the stop too) is in the accounting log.
+        await self.slo.stop()
 
     async def _close_admin(self) -> None:
         if self.admin is not None:
@@ -259,6 +268,7 @@ class Node:
         return free >= min(self.cfg.smtp.max_message_size, 64 * 1024 * 1024)
 
     def ready(self) -> bool:
+        """Every readiness check holds (what /readyz and ``mta_node_ready`` say)."""
         return all(self.readiness().values())
 
     def _on_new_message(self, message_id: str, env: Envelope, size: int) -> None:
@@ -274,19 +284,20 @@ class Node:
     # --- ShardHost (driven by the coordinator) ---------------------------------------------
 
     async def acquire_shard(self, shard: int, token: int) -> None:
+        """Take ``shard`` with fencing ``token``: recover it, then deliver its mail."""
         await self.spool.acquire_shard(shard, token)
         if self.engine is not None:
             self.engine.add_shard(shard)
-        self.metrics.shards_owned.set(len(self.spool.owned))
 
     async def release_shard(self, shard: int) -> None:
+        """Hand ``shard`` back: delivery stops on it first, then the spool lets it go."""
         if self.engine is not None:
             await self.engine.remove_shard(shard)
         log.debug("node.shard_engine_released", shard=shard)
         await self.spool.release_shard(shard)
-        self.metrics.shards_owned.set(len(self.spool.owned))
 
     async def recorded_token(self, shard: int) -> int:
+        """The fencing token written in the shard's ``shard.owner`` (0 if none)."""
         return await self.spool.recorded_token(shard)
 
     def fence(self, reason: str) -> None:
@@ -305,6 +316,7 @@ class Node:
         log.warning("node.fenced", node_id=self.node_id, reason=reason)
 
     def unfence(self) -> None:
+        """The lease is provably held again: write, deliver and accept mail again."""
         if not self.fenced:
             return
         self.fenced = False
@@ -329,40 +341,9 @@ class Node:
         if self.engine is not None and not self.fenced:
             self.engine.sweep()
 
-    async def _gauges(self) -> None:
-        self.update_gauges()
-
     async def _compact(self) -> None:
         if not self.fenced:
             await self.spool.maintain(self.cfg.spool.compact_live_ratio)
-
-    def update_gauges(self) -> None:
-        """Refresh the gauges that are read, not counted (housekeeping and every scrape)."""
-        m = self.metrics
-        m.queue_live.set(self.spool.live_count())
-        m.spool_segments.set(self.spool.segment_count())
-        m.spool_bytes.set(self.spool.disk_bytes())
-        oldest = self.spool.oldest_received()
-        m.oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
-        try:
-            usage = shutil.disk_usage(self.spool.root)
-            m.disk_used.set(usage.used / usage.total if usage.total else 0.0)
-        except OSError:
-            pass
-        m.shards_owned.set(len(self.spool.owned))
-        m.shards_total.set(self.spool.total_shards)
-        m.lease_healthy.set(1 if self.coordinator.healthy and not self.fenced else 0)
-        m.is_leader.set(1 if self.coordinator.is_leader and not self.fenced else 0)
-        m.ready.set(1 if self.ready() else 0)
-        if self.engine is not None:
-            m.scheduled.set(len(self.engine.scheduler))
-            total = 0
-            for key, site in self.engine.sites.items():
-                m.site_queue.labels(key).set(len(site.ready))
-                m.site_connections.labels(key).set(site.connections)
-                m.site_breaker_open.labels(key).set(0 if site.breaker.state == "closed" else 1)
-                total += site.connections
-            m.outbound_connections.set(total)
 
     async def _watchdog(self, interval: float) -> None:
         # Pings only while the event loop runs: a wedged loop gets the node restarted.

@@ -34,7 +34,6 @@ class Prober:
         self.node = node
         self.cfg = node.cfg.probe
         self.sender = self.cfg.sender or f"probe@{node.cfg.smtp.hostname}"
-        self.last: dict[str, Any] | None = None
         if node.engine is not None:
             node.engine.watch_senders.add(self.sender)
         self._lock = asyncio.Lock()
@@ -60,13 +59,7 @@ class Prober:
         self._check()
         async with self._lock:
             result = await self._run()
-        self.last = result
-        m = self.node.metrics
-        m.probes.labels("success" if result["ok"] else "failure").inc()
-        m.probe_success.set(1 if result["ok"] else 0)
-        if result["ok"]:
-            m.probe_latency.set(result["total_seconds"])
-            m.probe_last_success.set(time.time())
+        self.node.metrics.probe_result(result["ok"], result.get("total_seconds"), time.time())
         log.info("probe.finished", node_id=self.node.node_id, **result)
         return result
 

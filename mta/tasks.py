@@ -16,6 +16,24 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+def _adopt(tasks: Iterable[asyncio.Task[Any] | None]) -> set[asyncio.Task[Any]]:
+    # Retrieval is a done-callback, not a read after the wait: it then also covers tasks
+    # still running at the timeout and tasks left behind when the caller is cancelled.
+    live = {t for t in tasks if t is not None}
+    for task in live:
+        task.add_done_callback(_retrieve)
+    return live
+
+
+async def _cancel(live: set[asyncio.Task[Any]], timeout: float | None) -> set[asyncio.Task[Any]]:
+    if not live:
+        return set()
+    for task in live:
+        task.cancel()
+    _, pending = await asyncio.wait(live, timeout=timeout)
+    return pending
+
+
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None,
                           timeout: float | None = None) -> set[asyncio.Task[Any]]:
     """Cancel ``tasks`` (None entries are skipped) and wait until they have stopped, at most
@@ -24,27 +42,24 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None,
     asyncio.wait() lets the caller's own cancellation through, unlike awaiting a task under
     ``suppress(CancelledError)``, which would swallow it.
     """
-    live = {t for t in tasks if t is not None}
-    if not live:
-        return set()
-    for task in live:
-        task.cancel()
-    done, pending = await asyncio.wait(live, timeout=timeout)
-    for task in done:
-        _retrieve(task)
-    for task in pending:
-        task.add_done_callback(_retrieve)
-    return pending
+    return await _cancel(_adopt(tasks), timeout)
 
 
 async def finish_or_cancel(tasks: Iterable[asyncio.Task[Any]], grace: float,
                            timeout: float | None = None) -> set[asyncio.Task[Any]]:
     """Let ``tasks`` finish for up to ``grace`` seconds, then cancel the rest and wait for them
-    (at most ``timeout``); returns the ones still running after that."""
-    live = set(tasks)
+    (at most ``timeout``); returns the ones still running after that.
+
+    If the caller is cancelled during the grace period, the tasks are cancelled too (not
+    waited for) rather than left running with nobody to stop them.
+    """
+    live = _adopt(tasks)
     if not live:
         return set()
-    done, pending = await asyncio.wait(live, timeout=grace)
-    for task in done:
-        _retrieve(task)
-    return await cancel_and_wait(*pending, timeout=timeout)
+    try:
+        _, pending = await asyncio.wait(live, timeout=grace)
+    except asyncio.CancelledError:
+        for task in live:
+            task.cancel()
+        raise
+    return await _cancel(pending, timeout)

@@ -13,9 +13,7 @@ import uvloop
 
 from mta.ingress.auth import hash_password
 from mta.node import Node
-from tests.etcd import EtcdServer
-from tests.helpers import make_config
-from tests.mailworld import Sink, World, greylisting_script
+from tests.support import EtcdServer, Sink, World, greylisting_script, make_config
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:

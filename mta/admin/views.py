@@ -4,20 +4,25 @@ several nodes merge into one cluster-wide answer."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mta.envelope import received_at_of, shard_of
-from mta.spool import StoredMessage
+from mta.envelope import Envelope, domain_key, received_at_of, shard_of
+from mta.queue.state import DeliveryState, RecipientStatus
+from mta.spool import MessageNotFound, StoredMessage
 
 if TYPE_CHECKING:
-    from mta.node import Node
+    from mta.admin.facade import NodeFacade
+    from mta.spool.index import MessageRef
 
-__all__ = ["merge_queues", "message_view", "queue_view"]
+__all__ = ["QUEUE_STATES", "QueueFilter", "list_view", "matching_ids", "matching_messages",
+           "merge_lists", "merge_queues", "message_view", "queue_view"]
 
 _HEADERS_SHOWN = 8192
+QUEUE_STATES = ("pending", "held", "deferred")
 
 
-def queue_view(node: Node) -> dict[str, Any]:
+def queue_view(node: NodeFacade) -> dict[str, Any]:
     """Live messages of this node by recipient domain, and its delivery sites."""
     now = time.time()
     engine = node.engine
@@ -114,24 +119,56 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def message_view(node: Node, stored: StoredMessage) -> dict[str, Any]:
-    """Envelope, per-recipient state and headers of one live message."""
-    env = stored.envelope
-    state = stored.state or {}
-    results = state.get("r", {})
-    recipients = []
+def _recipient_views(env: Envelope, state: DeliveryState) -> list[dict[str, Any]]:
+    """Each recipient's status and the last reply known for it: its final one, else its
+    last transient one, with the host, time and count of its transient failures (a state
+    written before those were kept per recipient has only the message's last reply, shown
+    for every pending recipient once an attempt was made)."""
+    views = []
     for i, rcpt in enumerate(env.recipients):
-        r = results.get(str(i))
+        r = state.results.get(i)
         if r is None:
-            recipients.append({"address": rcpt, "status": "pending"})
+            t = state.transients.get(i)
+            reply = t.reply if t is not None else state.last_reply if state.attempts else ""
+            views.append({"address": rcpt, "status": "held" if state.held else "pending",
+                          "reply": reply or None, "class": None,
+                          "remote": t.remote or None if t is not None else None,
+                          "deferrals": t.count if t is not None else None,
+                          "last_deferral": t.at if t is not None else None})
         else:
-            recipients.append({"address": rcpt,
-                               "status": "delivered" if r[0] == "d" else "bounced",
-                               "reply": r[1], "class": r[2] or None, "remote": r[3] or None})
+            views.append({"address": rcpt,
+                          "status": "delivered" if r.status is RecipientStatus.DELIVERED
+                          else "bounced",
+                          "reply": r.reply, "class": r.bounce_class or None,
+                          "remote": r.remote or None, "deferrals": None,
+                          "last_deferral": None})
+    return views
+
+
+def _content(body: bytes, part: str, max_bytes: int) -> dict[str, Any]:
+    """``headers``, ``body`` (after the blank line) or ``all`` of the message, at most
+    ``max_bytes`` of it, decoded for display."""
+    end = body.find(b"\r\n\r\n")
+    if part == "headers":
+        data = body if end < 0 else body[:end + 2]
+    elif part == "body":
+        data = b"" if end < 0 else body[end + 4:]
+    else:
+        data = body
+    return {"part": part, "bytes": len(data), "truncated": len(data) > max_bytes,
+            "text": data[:max_bytes].decode("utf-8", "replace")}
+
+
+def message_view(node: NodeFacade, stored: StoredMessage, part: str | None = None,
+                 max_bytes: int = 65536) -> dict[str, Any]:
+    """Envelope, per-recipient state and headers of one live message, and ``part`` of its
+    content (headers, body or all; at most ``max_bytes``) when asked for."""
+    env = stored.envelope
+    state = DeliveryState.from_wire(stored.state)
     engine = node.engine
     end = stored.body.find(b"\r\n\r\n")
     headers = stored.body[:end + 2 if end >= 0 else _HEADERS_SHOWN][:_HEADERS_SHOWN]
-    return {
+    view = {
         "id": stored.id,
         "node": node.node_id,
         "shard": shard_of(stored.id),
@@ -139,13 +176,159 @@ def message_view(node: Node, stored: StoredMessage) -> dict[str, Any]:
         "age": round(time.time() - (env.received_at or received_at_of(stored.id)), 1),
         "size": len(stored.body),
         "sender": env.sender,
-        "recipients": recipients,
-        "attempts": int(state.get("att", 0)),
+        "recipients": _recipient_views(env, state),
+        "held": state.held,
+        "attempts": state.attempts,
         "next_attempt": engine.next_attempt(stored.id) if engine is not None else None,
         "in_flight": engine.in_flight(stored.id) if engine is not None else False,
-        "last_reply": state.get("last", "") or None,
+        "last_reply": state.last_reply or None,
         "client_ip": env.client_ip,
         "helo": env.helo,
         "auth_user": env.auth_user or None,
         "headers": headers.decode("utf-8", "replace"),
     }
+    if part is not None:
+        view["content"] = _content(stored.body, part, max_bytes)
+    return view
+
+
+# --- the message list (mtactl queue list) and the filters of the actions by filter ----------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """Which live messages a list or an action by filter takes; every criterion given must
+    hold. Ages are seconds; ``next_before`` an epoch (held messages have no next attempt)."""
+
+    sender: str | None = None  # "" = the null sender
+    recipient: str | None = None  # a pending recipient, exactly (case-insensitive)
+    domain: str | None = None  # a pending recipient's domain
+    older_than: float | None = None
+    newer_than: float | None = None
+    state: str | None = None  # one of QUEUE_STATES
+    next_before: float | None = None
+
+    def empty(self) -> bool:
+        """No criterion at all: every message matches."""
+        return all(getattr(self, name) is None for name in self.__slots__)
+
+    def wants_envelope(self) -> bool:
+        """Does matching need the envelope (read from the spool), not just the index?"""
+        return self.sender is not None or self.recipient is not None
+
+    def matches_ref(self, node: NodeFacade, ref: MessageRef, now: float) -> bool:
+        """The criteria the index answers: domain, age, state, next attempt."""
+        age = now - received_at_of(ref.id)
+        if self.domain is not None and domain_key(self.domain) not in ref.pending_domains():
+            return False
+        if (self.older_than is not None and age < self.older_than) or (
+                self.newer_than is not None and age > self.newer_than):
+            return False
+        if self.state is not None and _queue_state(ref) != self.state:
+            return False
+        if self.next_before is not None:
+            due = _next_attempt(node, ref)
+            return due is not None and due <= self.next_before
+        return True
+
+    def matches_envelope(self, env: Envelope, pending: list[int]) -> bool:
+        """The criteria the envelope answers: sender and pending recipient."""
+        if self.sender is not None and env.sender.lower() != self.sender.lower():
+            return False
+        if self.recipient is not None:
+            want = self.recipient.lower()
+            return any(env.recipients[i].lower() == want for i in pending)
+        return True
+
+
+def _queue_state(ref: MessageRef) -> str:
+    """``held`` (by an operator), ``deferred`` (an attempt failed for now), else ``pending``."""
+    state = DeliveryState.from_wire(ref.state)
+    if state.held:
+        return "held"
+    return "deferred" if state.attempts else "pending"
+
+
+def _next_attempt(node: NodeFacade, ref: MessageRef) -> float | None:
+    """When it is tried next: now while in flight, None while held or not scheduled here."""
+    engine = node.engine
+    if engine is None or engine.is_held(ref.id):
+        return None
+    if engine.in_flight(ref.id):
+        return time.time()
+    return engine.next_attempt(ref.id)
+
+
+def _owned_refs(node: NodeFacade) -> list[MessageRef]:
+    refs = node.engine.live_refs() if node.engine is not None else [
+        ref for shard in node.spool.owned for ref in node.spool.live_messages(shard)]
+    return sorted(refs, key=lambda r: r.id)
+
+
+async def matching_messages(node: NodeFacade, filt: QueueFilter, cursor: str = "",
+                            limit: int | None = None
+                            ) -> tuple[list[tuple[MessageRef, StoredMessage]], bool]:
+    """This node's live messages matching ``filt``, in id (arrival) order after ``cursor``:
+    at most ``limit`` of them, and whether more may follow. Only candidates the index
+    admits are read from the spool."""
+    now = time.time()
+    found: list[tuple[MessageRef, StoredMessage]] = []
+    for ref in _owned_refs(node):
+        if ref.id <= cursor or not filt.matches_ref(node, ref, now):
+            continue
+        if limit is not None and len(found) >= limit:
+            return found, True
+        try:
+            stored = await node.spool.load(ref.id)
+        except MessageNotFound:
+            continue  # finished since the index was read
+        pending = DeliveryState.from_wire(stored.state).pending(len(stored.envelope.recipients))
+        if filt.matches_envelope(stored.envelope, pending):
+            found.append((ref, stored))
+    return found, False
+
+
+async def matching_ids(node: NodeFacade, filt: QueueFilter) -> list[str]:
+    """Ids of this node's live messages matching ``filt``; the spool is read only when the
+    filter needs envelopes."""
+    if filt.wants_envelope():
+        return [ref.id for ref, _stored in (await matching_messages(node, filt))[0]]
+    now = time.time()
+    return [ref.id for ref in _owned_refs(node) if filt.matches_ref(node, ref, now)]
+
+
+def _list_item(node: NodeFacade, ref: MessageRef, stored: StoredMessage, now: float
+               ) -> dict[str, Any]:
+    env = stored.envelope
+    state = DeliveryState.from_wire(stored.state)
+    received = env.received_at or received_at_of(stored.id)
+    return {
+        "id": stored.id, "node": node.node_id, "shard": shard_of(stored.id),
+        "sender": env.sender,
+        "recipients": [env.recipients[i] for i in state.pending(len(env.recipients))],
+        "received_at": received, "age": round(now - received, 1), "size": len(stored.body),
+        "state": _queue_state(ref),
+        "in_flight": node.engine is not None and node.engine.in_flight(stored.id),
+        "attempts": state.attempts, "next_attempt": _next_attempt(node, ref),
+        "last_reply": state.last_reply or None,
+    }
+
+
+async def list_view(node: NodeFacade, filt: QueueFilter, cursor: str, limit: int
+                    ) -> dict[str, Any]:
+    """One page of this node's matching messages (``more``: another page may follow)."""
+    now = time.time()
+    found, more = await matching_messages(node, filt, cursor, limit)
+    return {"nodes": [node.node_id], "more": more,
+            "messages": [_list_item(node, ref, stored, now) for ref, stored in found]}
+
+
+def merge_lists(views: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """One page from several nodes' pages: each holds its first ``limit`` ids after the
+    cursor, so the first ``limit`` of their union are the cluster's."""
+    items = sorted((m for v in views for m in v["messages"]), key=lambda m: m["id"])
+    more = len(items) > limit or any(v["more"] for v in views)
+    page = items[:limit]
+    more = more and bool(page)
+    return {"nodes": [n for v in views for n in v["nodes"]], "messages": page, "more": more,
+            "next_cursor": page[-1]["id"] if more else None}

@@ -1,6 +1,8 @@
 """How a site (the receiving hosts a route leads to) is treated: its connection settings come
 from ``[delivery.sites]`` matched against the route's host names, never from the domain that
-happened to reach the site first."""
+happened to reach the site first. A key may carry the port (``"relay.example:2525"``,
+``"[2001:db8::1]:25"``, a smarthost as configured): it matches that host on that port only,
+and beats the bare host name."""
 
 from __future__ import annotations
 
@@ -12,10 +14,15 @@ from mta.envelope import domain_key
 __all__ = ["site_limits", "site_policy"]
 
 
-def _match(name: str, sites: dict[str, SitePolicy]) -> tuple[int, SitePolicy] | None:
-    """The entry for one host name and how specific it is: an exact name beats any wildcard,
-    a longer ``*.suffix`` beats a shorter one; ``*`` is left to the caller."""
+def _match(name: str, port: int, sites: dict[str, SitePolicy]
+           ) -> tuple[int, SitePolicy] | None:
+    """The entry for one host name (on ``port``) and how specific it is: ``host:port`` (a
+    smarthost as configured, ``[addr]:port`` for IPv6) beats the bare name, which beats any
+    wildcard; a longer ``*.suffix`` beats a shorter one; ``*`` is left to the caller."""
     name = domain_key(name)
+    for key in (f"{name}:{port}", f"[{name}]:{port}"):
+        if key in sites:
+            return 1 << 17, sites[key]
     for key in (name, f"[{name}]"):
         if key in sites:
             return 1 << 16, sites[key]
@@ -29,13 +36,14 @@ def _match(name: str, sites: dict[str, SitePolicy]) -> tuple[int, SitePolicy] | 
 
 def site_policy(route: Route, sites: dict[str, SitePolicy]) -> SitePolicy | None:
     """The ``[delivery.sites]`` entry for ``route``: the most specific match among its host
-    names (MX hosts, the smarthost, the literal address), the more preferred host on a tie;
+    names (MX hosts, the smarthost, the literal address; each alone or with the port the
+    route connects to), the more preferred host on a tie;
     ``*`` when none matches."""
     if not sites:
         return None
     best: tuple[int, SitePolicy] | None = None
-    for name in dict.fromkeys(host for _, _, host in route.hosts):
-        found = _match(name, sites)
+    for name, port in dict.fromkeys((host, port) for _, port, host in route.hosts):
+        found = _match(name, port, sites)
         if found is not None and (best is None or found[0] > best[0]):
             best = found
     return best[1] if best is not None else sites.get("*")

@@ -9,7 +9,6 @@ round: handing mail to ourselves would accept it again, as a new message, for ev
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import socket
 import time
@@ -20,6 +19,8 @@ import structlog
 
 from mta.coordinator import Member
 from mta.delivery.routes import Route
+from mta.netaddr import IPAddress as _IP
+from mta.netaddr import ip_address
 
 __all__ = ["LoopGuard", "received_count"]
 
@@ -28,7 +29,6 @@ log = structlog.get_logger("mta.delivery")
 _RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
-_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Entries each memo keeps before it starts over (a sender reaches many MX hosts a day).
 _MAX_MEMO = 4096
 
@@ -42,16 +42,6 @@ def received_count(content: bytes) -> int:
     end = _BLANK_LINE_RE.search(content)
     head = content if end is None else content[:end.start() + 1]
     return len(_RECEIVED_RE.findall(head))
-
-
-def _ip(text: str) -> _IP | None:
-    try:
-        addr = ipaddress.ip_address(text.strip("[]").partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _split_hostport(text: str) -> tuple[str, int] | None:
@@ -174,7 +164,7 @@ class LoopGuard:
     # --- addresses -------------------------------------------------------------------------
 
     async def _addresses(self, host: str) -> frozenset[_IP]:
-        literal = _ip(host)
+        literal = ip_address(host)
         if literal is not None:
             return frozenset({literal})
         now = time.monotonic()
@@ -187,7 +177,7 @@ class LoopGuard:
         except OSError:
             found: frozenset[_IP] = frozenset()
         else:
-            found = frozenset(a for info in infos if (a := _ip(str(info[4][0]))) is not None)
+            found = frozenset(a for info in infos if (a := ip_address(str(info[4][0]))) is not None)
         if len(self._resolved) >= _MAX_MEMO:  # one per MX host reached: keep it bounded
             self._resolved.clear()
         self._resolved[host] = (now + self._addr_ttl, found)
@@ -208,7 +198,7 @@ class LoopGuard:
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 probe.connect((str(addr), 9))
-                local = _ip(str(probe.getsockname()[0])) == addr
+                local = ip_address(str(probe.getsockname()[0])) == addr
         except OSError:
             local = False
         if len(self._local) >= _MAX_MEMO:

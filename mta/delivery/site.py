@@ -22,6 +22,7 @@ from mta.delivery.errors import DeliveryError, NotOwnerError, TemporaryError
 from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
 from mta.metrics import NodeMetrics
+from mta.tasks import cancel_and_wait
 from mta.text import has_controls, one_line
 
 __all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
@@ -192,6 +193,22 @@ class _ReplyWatch:
             self._site.stalled -= 1
 
 
+class _Connection:
+    """A worker's SMTP connection (None between connections) and what it has carried."""
+
+    __slots__ = ("remote", "sent", "smtp")
+
+    def __init__(self) -> None:
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.remote = ""
+        self.sent = 0  # transactions sent over it
+
+    async def quit(self) -> None:
+        if self.smtp is not None:
+            await _quit(self.smtp)
+            self.smtp = None
+
+
 class Site:
     """Delivers jobs for one MX set over a bounded pool of reused connections."""
 
@@ -210,7 +227,6 @@ class Site:
         self.rate_override: float | None = None
         self.ready = ReadyQueue()
         self.connections = 0
-        self.sessions_opened = 0
         self._workers: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event = asyncio.Event()
         self._closed = False
@@ -378,73 +394,75 @@ class Site:
     # --- a connection ----------------------------------------------------------------------
 
     async def _worker(self, first: Job) -> None:
-        smtp: aiosmtplib.SMTP | None = None
-        remote = ""
-        sent = 0
+        conn = _Connection()
         job: Job | None = first
         try:
             while True:
                 if job is None:
-                    job = await self._next_job(self.limits.idle_timeout if smtp else 0.0)
+                    job = await self._next_job(self.limits.idle_timeout if conn.smtp else 0.0)
                     if job is None:
                         return
-                if smtp is None and not self.may_send(job):
+                if conn.smtp is None and not self.may_send(job):
                     # Not ours to send any more: do not even connect for it.
                     if not job.future.done():
                         job.fail(self._not_owner(job, "before connecting"))
                     job = None
                     continue
-                if smtp is None:
-                    try:
-                        smtp, remote = await self._connect()
-                    except DeliveryError as exc:
-                        self._connection_failed(job, exc)
-                        job = None
-                        return
-                    sent = 0
-                    self._spawn()  # a probe that got through lets the pool grow again
-                await self.throttle_wait(job)
-                if job.future.done():  # its attempt was cancelled while we waited
-                    job = None
-                    continue
-                try:
-                    results = await self._send(smtp, job, remote, reused=sent > 0)
-                except _StaleConnection as exc:
-                    # Gone dark (or closed) while pooled: the job was not tried, so it is no
-                    # failure of the message; a fresh connection (full timeouts) takes it.
-                    if self._metrics is not None:
-                        self._metrics.stale_connections.inc()
-                    log.warning("delivery.pooled_connection_stale", message_id=job.message_id,
-                                site=self.key, node_id=self.node_id, remote=remote,
-                                error=str(exc), reuse_timeout=self.limits.reuse_timeout)
-                    smtp.close()  # no QUIT: it would wait for a reply that is not coming
-                    smtp = None
-                    continue
-                except DeliveryError as exc:
-                    # The connection broke mid-transaction (this job is retried later), or
-                    # the node may no longer send for its shard (QUIT ends the transaction).
-                    job.fail(exc)
-                    job = None
-                    await _quit(smtp)
-                    smtp = None
-                    continue
-                job.finish(results)
-                job = None
-                sent += 1
-                if sent >= self.limits.max_messages_per_connection:
-                    await _quit(smtp)
-                    smtp = None
-        except asyncio.CancelledError:
-            raise
+                if conn.smtp is None and not await self._connect_for(conn, job):
+                    return  # the job failed with the connection
+                job = await self._take_job(conn, job)
         finally:
             self.connections -= 1
             self._last_used = time.monotonic()
-            if job is not None:  # cancelled with a job in hand
+            if job is not None:  # cancelled with a job in hand (a no-op if it has a result)
                 job.fail(TemporaryError(451, "4.3.2 Delivery interrupted"))
-            if smtp is not None:
-                await _quit(smtp)
+            if conn.smtp is not None:
+                await _quit(conn.smtp)
             if self.ready and not self._closed:
                 self._spawn()
+
+    async def _connect_for(self, conn: _Connection, job: Job) -> bool:
+        """Open ``conn`` for ``job``; False (the job failed, breaker told) if no host took
+        the connection."""
+        try:
+            conn.smtp, conn.remote = await self._connect()
+        except DeliveryError as exc:
+            self._connection_failed(job, exc)
+            return False
+        conn.sent = 0
+        self._spawn()  # a probe that got through lets the pool grow again
+        return True
+
+    async def _take_job(self, conn: _Connection, job: Job) -> Job | None:
+        """Send ``job`` over ``conn``; returns it when it must go on a fresh connection."""
+        await self.throttle_wait(job)
+        if job.future.done():  # its attempt was cancelled while we waited
+            return None
+        assert conn.smtp is not None
+        try:
+            results = await self._send(conn.smtp, job, conn.remote, reused=conn.sent > 0)
+        except _StaleConnection as exc:
+            # Gone dark (or closed) while pooled: the job was not tried, so it is no
+            # failure of the message; a fresh connection (full timeouts) takes it.
+            if self._metrics is not None:
+                self._metrics.stale_connections.inc()
+            log.warning("delivery.pooled_connection_stale", message_id=job.message_id,
+                        site=self.key, node_id=self.node_id, remote=conn.remote,
+                        error=str(exc), reuse_timeout=self.limits.reuse_timeout)
+            conn.smtp.close()  # no QUIT: it would wait for a reply that is not coming
+            conn.smtp = None
+            return job
+        except DeliveryError as exc:
+            # The connection broke mid-transaction (this job is retried later), or the node
+            # may no longer send for its shard (QUIT ends the transaction).
+            job.fail(exc)
+            await conn.quit()
+            return None
+        job.finish(results)
+        conn.sent += 1
+        if conn.sent >= self.limits.max_messages_per_connection:
+            await conn.quit()
+        return None
 
     async def throttle_wait(self, job: Job) -> None:
         self.throttle.rate = self._effective_rate()
@@ -491,7 +509,6 @@ class Site:
                                       connection=True)
                 continue
             self.breaker.on_success()
-            self.sessions_opened += 1
             return smtp, name
         assert last is not None
         raise last
@@ -502,22 +519,9 @@ class Site:
         connection fails mid-way (nothing can be known about that transaction),
         NotOwnerError if this node stopped provably holding the shard before DATA, and
         _StaleConnection if a ``reused`` connection does not answer MAIL in reuse_timeout."""
-        options = []
-        encoding = "ascii"
-        if job.smtputf8 and smtp.supports_extension("smtputf8"):
-            options.append("SMTPUTF8")
-            encoding = "utf-8"
-        elif job.smtputf8:
-            return [RecipientResult(553, "5.6.7 Remote server does not support SMTPUTF8 "
-                                         "and the addresses need it", remote)] * len(job.recipients)
-        if job.body_8bit and smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
-        if job.tls_required and smtp.get_transport_info("sslcontext") is None:
-            return [RecipientResult(451, f"4.7.5 {remote} does not offer STARTTLS and TLS is "
-                                         f"required for {job.domain}", remote)
-                    ] * len(job.recipients)
-        if (why := _unsendable(job.sender, encoding)) is not None:
-            return [_bad_sender(why)] * len(job.recipients)
+        options, encoding, refused = self._prepare(smtp, job, remote)
+        if refused is not None:
+            return [refused] * len(job.recipients)
         # Decided here, before MAIL: no remote server answered for these (so no remote).
         results: list[RecipientResult | None] = [
             None if (why := _unsendable(rcpt, encoding)) is None else _bad_recipient(why)
@@ -529,59 +533,99 @@ class Site:
         if not self.may_send(job):
             raise self._not_owner(job, "before MAIL")
         try:
-            try:
-                with _ReplyWatch(self, job):
-                    await smtp.mail(job.sender, options=options, encoding=encoding,
-                                    timeout=(self.limits.reuse_timeout if reused
-                                             else self.limits.command_timeout))
-            except aiosmtplib.SMTPResponseException as exc:
-                self._note_reply(exc.code)
-                await _rset(smtp)
-                return [RecipientResult(exc.code, one_line(exc.message), remote)
-                        ] * len(job.recipients)
-            except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
-                return [_bad_sender(str(exc))] * len(job.recipients)
-            except _LOST as exc:
-                if reused:
-                    raise _StaleConnection(f"MAIL: {type(exc).__name__}") from None
-                raise
-            accepted = []
-            for i, rcpt in enumerate(job.recipients):
-                if results[i] is not None:
-                    continue
-                if not self.may_send(job):
-                    raise self._not_owner(job, "before RCPT")
-                try:
-                    with _ReplyWatch(self, job):
-                        await smtp.rcpt(rcpt, encoding=encoding)
-                    accepted.append(i)
-                except aiosmtplib.SMTPResponseException as exc:
-                    self._note_reply(exc.code)
-                    results[i] = RecipientResult(exc.code, one_line(exc.message), remote)
-                except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
-                    results[i] = _bad_recipient(str(exc))
+            refused = await self._mail(smtp, job, remote, options, encoding, reused)
+            if refused is not None:
+                return [refused] * len(job.recipients)
+            accepted = await self._rcpts(smtp, job, remote, encoding, results)
             if not accepted:
                 await _rset(smtp)
                 return [r for r in results if r is not None]
             if not self.may_send(job):
                 raise self._not_owner(job, "before DATA")
-            # From here on the transaction runs to its end: once DATA is sent the remote may
-            # accept, and its reply must be read and recorded, never abandoned.
-            try:
-                with _ReplyWatch(self, job):
-                    resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
-                final = RecipientResult(resp.code, one_line(resp.message), remote)
-                self.backoff.on_success()
-            except aiosmtplib.SMTPResponseException as exc:
-                self._note_reply(exc.code)
-                final = RecipientResult(exc.code, one_line(exc.message), remote)
-                await _rset(smtp)
-            for i in accepted:
-                results[i] = final
-            return [r for r in results if r is not None]
+            final = await self._data(smtp, job, remote)
         except _LOST as exc:
             raise TemporaryError(451, f"4.4.2 Connection to {remote} lost: "
                                       f"{type(exc).__name__}", remote=remote) from None
+        for i in accepted:
+            results[i] = final
+        return [r for r in results if r is not None]
+
+    def _prepare(self, smtp: aiosmtplib.SMTP, job: Job, remote: str
+                 ) -> tuple[list[str], str, RecipientResult | None]:
+        """MAIL options and the address encoding for ``job`` on this connection, or the
+        result for every recipient when the job cannot be sent over it at all."""
+        options: list[str] = []
+        encoding = "ascii"
+        if job.smtputf8 and not smtp.supports_extension("smtputf8"):
+            return options, encoding, RecipientResult(
+                553, "5.6.7 Remote server does not support SMTPUTF8 and the addresses need "
+                     "it", remote)
+        if job.smtputf8:
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if job.body_8bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if job.tls_required and smtp.get_transport_info("sslcontext") is None:
+            return options, encoding, RecipientResult(
+                451, f"4.7.5 {remote} does not offer STARTTLS and TLS is required for "
+                     f"{job.domain}", remote)
+        if (why := _unsendable(job.sender, encoding)) is not None:
+            return options, encoding, _bad_sender(why)
+        return options, encoding, None
+
+    async def _mail(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, options: list[str],
+                    encoding: str, reused: bool) -> RecipientResult | None:
+        """MAIL FROM; the result for every recipient if it is refused, else None."""
+        try:
+            with _ReplyWatch(self, job):
+                await smtp.mail(job.sender, options=options, encoding=encoding,
+                                timeout=(self.limits.reuse_timeout if reused
+                                         else self.limits.command_timeout))
+        except aiosmtplib.SMTPResponseException as exc:
+            self._note_reply(exc.code)
+            await _rset(smtp)
+            return RecipientResult(exc.code, one_line(exc.message), remote)
+        except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
+            return _bad_sender(str(exc))
+        except _LOST as exc:
+            if reused:
+                raise _StaleConnection(f"MAIL: {type(exc).__name__}") from None
+            raise
+        return None
+
+    async def _rcpts(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, encoding: str,
+                     results: list[RecipientResult | None]) -> list[int]:
+        """RCPT TO for every recipient still without a result (refusals go to
+        ``results``); returns the indexes accepted."""
+        accepted = []
+        for i, rcpt in enumerate(job.recipients):
+            if results[i] is not None:
+                continue
+            if not self.may_send(job):
+                raise self._not_owner(job, "before RCPT")
+            try:
+                with _ReplyWatch(self, job):
+                    await smtp.rcpt(rcpt, encoding=encoding)
+                accepted.append(i)
+            except aiosmtplib.SMTPResponseException as exc:
+                self._note_reply(exc.code)
+                results[i] = RecipientResult(exc.code, one_line(exc.message), remote)
+            except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
+                results[i] = _bad_recipient(str(exc))
+        return accepted
+
+    async def _data(self, smtp: aiosmtplib.SMTP, job: Job, remote: str) -> RecipientResult:
+        """DATA and the message: the result for every accepted recipient. Once DATA is sent
+        the remote may accept, so its reply is read and recorded, never abandoned."""
+        try:
+            with _ReplyWatch(self, job):
+                resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._note_reply(exc.code)
+            await _rset(smtp)
+            return RecipientResult(exc.code, one_line(exc.message), remote)
+        self.backoff.on_success()
+        return RecipientResult(resp.code, one_line(resp.message), remote)
 
     def _note_reply(self, code: int) -> None:
         if 400 <= code < 500 and self.backoff.on_temp_failure(code):
@@ -593,11 +637,7 @@ class Site:
         self._wakeup.set()
         while self.ready:
             self.ready.popleft().fail(TemporaryError(451, "4.3.2 Delivery engine shutting down"))
-        for task in list(self._workers):
-            task.cancel()
-        for task in list(self._workers):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._workers)
 
 
 # A connection that failed under a command: its reply will not come.

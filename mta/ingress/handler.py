@@ -70,12 +70,19 @@ class IngressHandler:
                           envelope: SmtpEnvelope, address: str,
                           rcpt_options: list[str]) -> str:
         cfg = self._server.cfg
-        if not session.authenticated and not server.relay_allowed:
+        if address.lower() == "postmaster":
+            # RFC 5321 4.5.1: the unqualified "postmaster" must be accepted, from anyone (no
+            # relay check); it is this node's own, postmaster@<[smtp] hostname> (README).
+            address = f"postmaster@{cfg.hostname}"
+            if address_problem(address, envelope.smtp_utf8):
+                log.warning("smtp.no_postmaster", hostname=cfg.hostname)
+                return "451 4.3.5 No postmaster address: [smtp] hostname is not a mail domain"
+        elif not session.authenticated and not server.relay_allowed:
             # Not checked yet: escaped, so a console log cannot be fed terminal controls.
             log.info("smtp.relay_denied", client_ip=server.client_ip,
                      rcpt=escape_controls(address))
             return "554 5.7.1 Relay access denied: authenticate first"
-        if problem := address_problem(address, envelope.smtp_utf8):
+        elif problem := address_problem(address, envelope.smtp_utf8):
             return f"501 5.1.3 Bad recipient address syntax: {problem}"
         if len(envelope.rcpt_tos) >= cfg.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {cfg.max_recipients} per message)"

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+from mta.netaddr import ip_address
 from mta.text import has_controls
 
 __all__ = ["ConnectionLimiter", "address_problem", "domain_problem", "in_networks", "is_loopback"]
@@ -21,41 +22,22 @@ _IPV6_TAG = "ipv6:"
 _QUOTED_RE = re.compile(r'^"(?:[ !#-\[\]-~]|\\[ -~]|[^\x00-\x7f])*"$')
 
 
-def _client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A peer address, without zone id, IPv4-mapped IPv6 unwrapped; None if unparsable."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def in_networks(ip: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    addr = _client_address(ip)
+    """Whether the client address ``ip`` lies in one of ``networks``."""
+    addr = ip_address(ip)
     return addr is not None and any(addr in net for net in networks)
 
 
 def is_loopback(ip: str) -> bool:
-    addr = _client_address(ip)
+    """Whether the client address ``ip`` is a loopback address."""
+    addr = ip_address(ip)
     return addr is not None and addr.is_loopback
 
 
 @functools.lru_cache(maxsize=65536)
 def _domain_problem(domain: str, smtputf8: bool) -> str | None:
     if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        if "%" in literal:
-            return "bad address literal"  # a zone id means nothing outside this host
-        try:
-            if literal.lower().startswith(_IPV6_TAG):
-                ipaddress.IPv6Address(literal[len(_IPV6_TAG):])
-            else:
-                ipaddress.IPv4Address(literal)
-        except ValueError:
-            return "bad address literal"
-        return None
+        return _literal_problem(domain[1:-1])
     if not domain or len(domain) > 253:
         return "bad domain length"
     if domain.endswith("."):
@@ -78,6 +60,21 @@ def _domain_problem(domain: str, smtputf8: bool) -> str | None:
         return "domain must be fully qualified"
     if not all(_LABEL_RE.match(label) for label in labels):
         return "bad domain"
+    return None
+
+
+def _literal_problem(literal: str) -> str | None:
+    """Why ``literal`` (an address literal without its brackets, RFC 5321 4.1.3) is not an
+    IPv4 address or ``IPv6:`` and an IPv6 address, or None."""
+    if "%" in literal:
+        return "bad address literal"  # a zone id means nothing outside this host
+    try:
+        if literal.lower().startswith(_IPV6_TAG):
+            ipaddress.IPv6Address(literal[len(_IPV6_TAG):])
+        else:
+            ipaddress.IPv4Address(literal)
+    except ValueError:
+        return "bad address literal"
     return None
 
 

@@ -1,30 +1,31 @@
-"""One SMTP session: aiosmtpd's protocol with our admission, timeouts, AUTH and replies."""
+"""One SMTP session: aiosmtpd's protocol with our admission, command loop, timeouts and replies.
+
+The DATA reader (mta/ingress/data.py) and the AUTH exchange (mta/ingress/auth_exchange.py)
+are mixed into the session class, in their own modules.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import collections
 import inspect
 import re
 import ssl
-from base64 import b64decode, b64encode
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import (
     MISSING,
-    SMTP,
-    AuthResult,
     LoginPassword,
     TLSSetupException,
     _AuthMechAttr,
-    _Missing,
     login_always_fail,
     syntax,
 )
 
+from mta.ingress.auth_exchange import AuthExchange
+from mta.ingress.data import DataReader
 from mta.ingress.policy import in_networks
 from mta.text import has_controls
 
@@ -74,8 +75,28 @@ _REWRITES: dict[str, str] = {
         "538 5.7.11 Encryption required: use STARTTLS before AUTH",
     "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
     "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS failed",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH <mechanism> [<initial-response>]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH <mechanism> [<initial-response>]",
+    "500 Error: command 'AUTH' not recognized": "500 5.5.1 Command not recognized",
+    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
+    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
+    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT",
+    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET",
+    "501 Syntax: VRFY <address>": "501 5.5.4 Syntax: VRFY <address>",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "501 Error: SMTPUTF8 disabled": "501 5.5.4 SMTPUTF8 disabled",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
 }
+# aiosmtpd's replies that end in the client's argument (VRFY) or a list (HELP), by prefix.
+_PREFIX_REWRITES: tuple[tuple[str, str], ...] = (
+    ("502 Could not VRFY ", "502 5.1.3 Could not VRFY "),
+    ("501 Supported commands: ", "501 5.5.4 Supported commands: "),
+)
 _CODE_RE = re.compile(r"^(\d)\d\d")
+# A 4xx/5xx reply line that carries an enhanced status code (RFC 3463 2, RFC 2034 4).
+_ENHANCED_RE = re.compile(r"^[45]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # The common "<local@domain> [params]" form; anything else goes to aiosmtpd's full parser.
 _SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"]+)>(.*)$", re.S)
 # Replies that may wait in our buffer while more pipelined commands are already read in;
@@ -83,48 +104,17 @@ _SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"
 # 354 is not among them: the client waits for it before sending the message.
 _DEFERRABLE = frozenset({"250", "251", "252", "451", "452", "500", "501", "502",
                          "503", "550", "552", "553", "554", "555"})
-_DOT_LINE = b".\r\n"
-# The reader's limit while in DATA: the body is taken in pieces of at most this much, so the
-# reader's own buffer (asyncio pauses the socket at twice its limit) stays small per session.
-_BODY_CHUNK = 256 * 1024
-# Smaller pieces (lines ending in "." end a readuntil) are gathered into pieces this large,
-# so a body of short lines is not held as hundreds of thousands of small objects.
-_COALESCE = 64 * 1024
-_OVER_BUDGET = "452 4.3.1 Insufficient system resources for this message now, try again later"
 
 
-def _scan_lines(data: bytes, prev: bytes, carry: int, max_line: int) -> tuple[int, bool]:
-    """Line lengths of the next piece of a stream: returns (length of the line still open at
-    its end, whether a line longer than ``max_line`` ended in it). ``carry`` is the length of
-    the line open before it, ``prev`` the stream's two bytes before it (a CRLF may straddle)."""
-    start, long = 0, False
-    if prev[-1:] == b"\r" and data[:1] == b"\n":
-        long = carry - 1 > max_line  # that line ended with the CR counted in ``carry``
-        carry, start = 0, 1
-    last = data.rfind(b"\r\n", start)
-    if last < 0:
-        return carry + len(data) - start, long
-    if carry + last - start > max_line:  # otherwise no line ending here can be too long
-        lines = data.split(b"\r\n")
-        lines.pop()  # the part after the last CRLF is still open
-        long = (long or len(lines[0]) + carry - start > max_line
-                or max(map(len, lines[1:]), default=0) > max_line)
-    return len(data) - last - 2, long
-
-
-def _unstuff(data: bytes, prev: bytes) -> bytes:
-    """Undo dot-stuffing (RFC 5321 4.5.2) in the next piece of a stream (``prev``: its two
-    bytes before): without a stuffed line the same object comes back, nothing is copied."""
-    if data[:1] == b"." and prev == b"\r\n":
-        data = data[1:]
-    elif data[:2] == b"\n." and prev[-1:] == b"\r":
-        data = b"\n" + data[2:]
-    return data.replace(b"\r\n.", b"\r\n")
-
-
-def _auth_refusal(seconds: float) -> str:
-    return (f"454 4.7.0 Too many failed authentications from your address, "
-            f"try again in {int(seconds) + 1}s")
+def _with_enhanced_code(status: str) -> str:
+    """A 4xx/5xx reply without an enhanced status code, given one: we advertise
+    ENHANCEDSTATUSCODES, so every such reply carries one (RFC 2034 4). The known ones get
+    theirs by prefix; anything else ``X.0.0``, "other undefined status" (RFC 3463 3.1)."""
+    for prefix, replacement in _PREFIX_REWRITES:
+        if status.startswith(prefix):
+            return replacement + status[len(prefix):]
+    sep = "-" if status[3:4] == "-" else " "
+    return f"{status[:3]}{sep}{status[0]}.0.0 {status[4:]}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -154,13 +144,11 @@ class _Introspection:
         return cls(auth, hooks, commands, ehlo_ver)
 
 
-class IngressSession(SMTP):
-    """aiosmtpd ``SMTP`` with connection limits, drain, DATA timeout and async AUTH."""
+class IngressSession(AuthExchange, DataReader):
+    """aiosmtpd ``SMTP`` with connection limits, drain, DATA timeout and async AUTH: the
+    command loop and replies here, the DATA reader and the AUTH exchange mixed in."""
 
     _introspected: dict[tuple[type, int], _Introspection] = {}
-    # Bytes of the server's in-flight DATA budget this session holds. A class default, set on
-    # the instance only in DATA: __init__ stays exactly aiosmtpd's attributes plus ours.
-    _inflight: int = 0
 
     def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
                  hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
@@ -269,38 +257,11 @@ class IngressSession(SMTP):
                 raw = await self._read_line()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
-            if raw is None:
-                await self.push("500 5.5.2 Command line too long")
+            parsed = self._parse_command(raw)
+            if isinstance(parsed, str):
+                await self.push(parsed)
                 continue
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                await self.push("500 5.5.2 Syntax error")
-                continue
-            command_bytes, _, arg_bytes = line.partition(b" ")
-            try:
-                command = command_bytes.upper().decode("ascii")
-            except UnicodeDecodeError:
-                await self.push("500 5.5.2 Syntax error")
-                continue
-            arg: str | None = None
-            if arg_bytes:
-                try:
-                    arg = arg_bytes.strip().decode("utf-8")
-                except UnicodeDecodeError:
-                    # MAIL and RCPT keep the bytes (surrogate-escaped) so their own checks run
-                    # in order; _getaddr then refuses the address. Elsewhere (a sloppy HELO
-                    # name, VRFY, HELP) tolerate it, visibly.
-                    arg = arg_bytes.strip().decode(
-                        "utf-8", "surrogateescape" if command in ("MAIL", "RCPT") else "replace")
-            assert self.session is not None
-            limit = (self.command_size_limits[command] if self.session.extended_smtp
-                     else self.command_size_limit)
-            if len(line) > limit:
-                await self.push("500 5.5.2 Command line too long")
-                continue
-            if not self._tls_handshake_okay and command != "QUIT":
-                await self.push("554 5.7.0 Command refused: TLS failed")
-                continue
+            command, arg = parsed
             method = self._smtp_methods.get(command)
             if method is None:
                 bogus += 1
@@ -326,6 +287,38 @@ class IngressSession(SMTP):
                               command=command)
                 await self.push("451 4.3.0 Internal error, try again later")
         await self._close_after_replies()
+
+    def _parse_command(self, raw: bytes | None) -> tuple[str, str | None] | str:
+        """A command line as (verb, argument), or the reply refusing it before its verb is
+        looked up (``raw`` None: the line was too long and has been discarded)."""
+        if raw is None:
+            return "500 5.5.2 Command line too long"
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            return "500 5.5.2 Syntax error"
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            command = command_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            return "500 5.5.2 Syntax error"
+        arg: str | None = None
+        if arg_bytes:
+            try:
+                arg = arg_bytes.strip().decode("utf-8")
+            except UnicodeDecodeError:
+                # MAIL and RCPT keep the bytes (surrogate-escaped) so their own checks run
+                # in order; _getaddr then refuses the address. Elsewhere (a sloppy HELO
+                # name, VRFY, HELP) tolerate it, visibly.
+                arg = arg_bytes.strip().decode(
+                    "utf-8", "surrogateescape" if command in ("MAIL", "RCPT") else "replace")
+        assert self.session is not None
+        limit = (self.command_size_limits[command] if self.session.extended_smtp
+                 else self.command_size_limit)
+        if len(line) > limit:
+            return "500 5.5.2 Command line too long"
+        if not self._tls_handshake_okay and command != "QUIT":
+            return "554 5.7.0 Command refused: TLS failed"
+        return command, arg
 
     async def _close_after_replies(self) -> None:
         transport = self.transport
@@ -359,27 +352,6 @@ class IngressSession(SMTP):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]")
             return
         await super().smtp_MAIL(arg)
-
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> _Missing | bytes:
-        """aiosmtpd's, with a too-long answer read to its end and refused (its readline()
-        left the rest to be parsed as the next command)."""
-        data = challenge.encode() if isinstance(challenge, str) else challenge
-        await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
-        await self._flush()
-        line = await self._read_line()
-        if line is None:
-            await self.push("500 5.5.2 Line too long")
-            return MISSING
-        blob = line.strip()
-        if blob == b"*":
-            await self.push("501 5.7.0 Auth aborted")
-            return MISSING
-        try:
-            return b64decode(blob, validate=True)
-        except binascii.Error:
-            await self.push("501 5.5.2 Can't decode base64")
-            return MISSING
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted:
@@ -416,8 +388,8 @@ class IngressSession(SMTP):
                 self.close_for_shutdown(self._server.closing_reply)
 
     async def _data(self, arg: str) -> None:
-        """DATA with the same replies as aiosmtpd's, reading the body in one ``readuntil``
-        instead of line by line (the per-line loop was the top cost of ingress)."""
+        """DATA with the same replies as aiosmtpd's; the body is read by ``DataReader``
+        (mta/ingress/data.py), in pieces instead of line by line."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -437,98 +409,6 @@ class IngressSession(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
-
-    async def _read_body(self) -> tuple[bytes, str | None]:
-        """Read up to the ``.`` line; return (unstuffed body, None) or (b"", error reply).
-
-        The body comes in pieces of at most ``_BODY_CHUNK``, each checked for line length and
-        unstuffed on its own, and is joined once at the end: no copy of the whole body but
-        that one. Its bytes are reserved in the node's in-flight budget as they arrive; once
-        the budget is full the rest is read and dropped (the session stays in step) and the
-        answer is 452.
-        """
-        reader = self._reader
-        limit = self.data_size_limit or (1 << 30)
-        max_line = self.line_length_limit - 2
-        # asyncio keeps the limit in ``_limit`` (aiosmtpd's own STARTTLS code relies on
-        # ``_buffer``); lowered or raised here, it is restored below.
-        saved = reader._limit  # type: ignore[attr-defined]
-        reader._limit = _BODY_CHUNK  # type: ignore[attr-defined]
-        parts: list[bytes] = []
-        stage = bytearray()
-        size = 0  # unstuffed bytes so far
-        carry = 0  # length of the line still open
-        prev = b"\r\n"  # the stream's last two bytes: a "." as the very first line ends it
-        too_big = long_line = False
-        # Only bytes that arrived are held: a SIZE= declaration held up front would let a few
-        # idle sessions that declare the maximum shut everyone out of the budget for free.
-        over_budget = False
-        try:
-            while True:
-                try:
-                    chunk = await reader.readuntil(_DOT_LINE)
-                except asyncio.LimitOverrunError as exc:
-                    data, ended = await reader.readexactly(exc.consumed), False
-                else:
-                    before = chunk[-5:-3] if len(chunk) >= 5 else (prev + chunk)[-5:-3]
-                    ended = before == b"\r\n"  # ".\r\n" starts a line: the end of DATA
-                    data = chunk[:-3] if ended else chunk
-                if data:
-                    carry, long = _scan_lines(data, prev, carry, max_line)
-                    piece = _unstuff(data, prev)
-                    prev = data[-2:] if len(data) >= 2 else (prev + data)[-2:]
-                    size += len(piece)
-                    long_line = long_line or long
-                    too_big = too_big or size > limit
-                    if (size > self._inflight and not (over_budget or too_big or long_line)
-                            and not self._hold(size, limit)):
-                        over_budget = True
-                    if over_budget or too_big or long_line:
-                        if parts or stage or self._inflight:
-                            parts, stage = [], bytearray()
-                            self._release_inflight()
-                    elif len(piece) >= _COALESCE or ended:  # the last piece: join copies
-                        if stage:
-                            parts.append(bytes(stage))
-                            stage = bytearray()
-                        parts.append(piece)
-                    else:
-                        stage += piece
-                        if len(stage) >= _COALESCE:
-                            parts.append(bytes(stage))
-                            stage = bytearray()
-                if ended:
-                    break
-        finally:
-            reader._limit = saved  # type: ignore[attr-defined]
-        if too_big:
-            return b"", "552 5.3.4 Message size exceeds fixed limit"
-        if long_line:
-            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
-        if over_budget:
-            self._server.count_over_budget(self._client_ip, size)
-            return b"", _OVER_BUDGET
-        if stage:
-            parts.append(bytes(stage))
-        return b"".join(parts), None
-
-    def _hold(self, total: int, limit: int) -> bool:
-        """Hold at least ``total`` bytes of the in-flight budget in all. Taken a piece ahead
-        when it fits (a body of short lines would otherwise ask for every line)."""
-        server = self._server
-        for want in (min(total + _COALESCE, limit), total):
-            more = want - self._inflight
-            if more <= 0:
-                return True
-            if server.reserve_data(more):
-                self._inflight += more
-                return True
-        return False
-
-    def _release_inflight(self) -> None:
-        if self._inflight:
-            self._server.release_data(self._inflight)
-            self._inflight = 0
 
     # --- addresses -------------------------------------------------------------------------
 
@@ -557,6 +437,8 @@ class IngressSession(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
+            if status[:1] in "45" and not _ENHANCED_RE.match(status):
+                status = _with_enhanced_code(status)
             if not status.isprintable():
                 # Never echo a client's control characters (NUL, bare CR) back (VRFY does).
                 status = "".join(ch if ch.isprintable() else "?" for ch in status)
@@ -592,60 +474,6 @@ class IngressSession(SMTP):
             raise ConnectionResetError(str(exc)) from None
         await self._writer.drain()
 
-    # --- AUTH: hashing runs in a thread, never on the loop ---------------------------------
-
-    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
-        # aiosmtpd calls this synchronously; remember the credentials and let the async
-        # auth_* wrappers below verify them off the event loop.
-        self._pending_login = auth_data
-        return AuthResult(success=False, handled=False)
-
-    async def _finish_auth(self, result: AuthResult) -> AuthResult:
-        login, self._pending_login = self._pending_login, None
-        if login is None or not isinstance(login, LoginPassword):
-            return result  # aiosmtpd already answered (bad base64, aborted...)
-        server = self._server
-        users = server.users
-        user = login.login.decode("utf-8", "replace")
-        # Reserved before hashing: parallel connections get no more guesses than one.
-        attempt = server.auth_guard.begin(
-            self._client_ip, user, track_user=users is not None and user in users,
-            trusted=self.relay_allowed)
-        if attempt.refused_for:
-            server.metrics.auth_refused.inc()
-            return AuthResult(success=False, handled=False,
-                              message=_auth_refusal(attempt.refused_for))
-        try:
-            if users is None:
-                ok = False
-            elif attempt.check:
-                ok = await users.verify(user, login.password)
-            else:
-                # The user is locked for this address: take as long as a real check and
-                # answer as for a wrong password, so the lock is neither seen nor an oracle.
-                await users.burn(user, login.password)
-                ok = False
-        except BaseException:
-            server.count_auth_failure(attempt)  # gone mid-check: it was a guess all the same
-            raise
-        if ok:
-            server.auth_guard.finish(attempt, ok=True)
-            return AuthResult(success=True, auth_data=user)
-        delay = server.count_auth_failure(attempt)
-        if delay:
-            await asyncio.sleep(delay)  # tarpit: guessing gets slower with every miss
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Authentication credentials invalid")
-
-    @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str) -> None:
-        locked = self._server.auth_guard.locked_for(self._client_ip)
-        if locked and self._auth_methods:
-            self._server.metrics.auth_refused.inc()
-            await self.push(_auth_refusal(locked))
-            return
-        await super().smtp_AUTH(arg)
-
     def shorten_timeout(self, seconds: float) -> None:
         """Stress: from now on wait at most ``seconds`` for the next command."""
         self._timeout_duration = min(self._timeout_duration, seconds)
@@ -672,12 +500,6 @@ class IngressSession(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
             return
         self._timeout_cb()
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._finish_auth(await super().auth_PLAIN(_, args))
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._finish_auth(await super().auth_LOGIN(_, args))
 
     @property
     def client_ip(self) -> str:

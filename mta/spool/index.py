@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mta.envelope import domain_key
+from mta.queue.state import final_indexes
 
 __all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
 
@@ -35,7 +36,8 @@ def recipient_domains(recipients: Sequence[str]) -> Destinations:
 
 @dataclass(slots=True)
 class MessageRef:
-    """Where a live message's records are, and its latest delivery state."""
+    """Where a live message's records are, and its latest delivery state (opaque here: the
+    value the delivery engine last stored, see :mod:`mta.queue.state`)."""
 
     id: str
     seq: int  # segment of the MSG record
@@ -49,12 +51,12 @@ class MessageRef:
 
     def pending_domains(self) -> tuple[str, ...]:
         """Domains that still have a recipient without a final outcome."""
-        done = (self.state or {}).get("r")
         # One domain (or too many to map): a live message has a pending recipient there.
-        if not done or self.rcpt_map is None:
+        if self.rcpt_map is None or not self.state:
             return self.domains
+        done = final_indexes(self.state)
         return tuple(sorted({self.domains[d] for i, d in enumerate(self.rcpt_map)
-                             if str(i) not in done}))
+                             if i not in done}))
 
 
 @dataclass(slots=True)

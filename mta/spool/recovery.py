@@ -48,6 +48,20 @@ class RecoveryReport:
     side_recovered: int = 0  # side-file lines written again because the file lacked them
 
 
+def _note_issue(report: RecoveryReport, seq: int, item: ScanIssue, at_end: bool
+                ) -> int | None:
+    """Report a region that did not scan: a torn tail (the newest segment's end: cut it
+    there, the offset returned) or a corrupt record (skipped, kept on disk)."""
+    if at_end:
+        log.warning("spool.recovery.torn_tail", shard=report.shard, segment=seq,
+                    offset=item.offset, dropped=item.length, reason=item.reason)
+        return item.offset
+    report.corrupt.append((seq, item.offset, item.length, item.reason))
+    log.error("spool.recovery.corrupt_record", shard=report.shard, segment=seq,
+              offset=item.offset, length=item.length, reason=item.reason)
+    return None
+
+
 def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryReport]:
     """Scan ``shard_dir`` (blocking; run it in a thread) and return its index and a report."""
     index = ShardIndex()
@@ -66,14 +80,10 @@ def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryRepo
         cut: int | None = None
         for item in scan(data):
             if isinstance(item, ScanIssue):
-                if newest and item.offset + item.length == len(data):
-                    cut = item.offset
-                    log.warning("spool.recovery.torn_tail", shard=shard, segment=seq,
-                                offset=item.offset, dropped=item.length, reason=item.reason)
-                else:
-                    report.corrupt.append((seq, item.offset, item.length, item.reason))
-                    log.error("spool.recovery.corrupt_record", shard=shard, segment=seq,
-                              offset=item.offset, length=item.length, reason=item.reason)
+                torn = _note_issue(report, seq, item, newest and (
+                    item.offset + item.length == len(data)))
+                if torn is not None:
+                    cut = torn
                 continue
             report.records += 1
             kind = item.meta[0]

@@ -35,11 +35,6 @@ class ShardLog:
         self.next_seq = next_seq
         self.active: ActiveSegment | None = None
 
-    @property
-    def active_seq(self) -> int:
-        """The segment appends go to now; every lower-numbered segment is sealed."""
-        return self.active.seq if self.active is not None else self.next_seq
-
     def _rotate(self) -> None:
         old = self.active
         self.active = None

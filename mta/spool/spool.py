@@ -8,7 +8,7 @@ import itertools
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,16 +30,12 @@ log = structlog.get_logger("mta.spool")
 
 class SideLog(SideFile, SideCheck, Protocol):
     """Lines about messages (the accounting log) that must reach their own file in the same
-    group commit as the spool record they describe: never before it, never lost after it."""
+    group commit as the spool record they describe: never before it, never lost after it.
+    A new message's lines come from here; the lines of a state change come with the write
+    that records it (``lines=``)."""
 
     def reception(self, message_id: str, envelope: Envelope, size: int) -> bytes | None:
         """The lines for a new message about to be stored."""
-
-    def take(self, message_id: str) -> bytes | None:
-        """Remove and return the lines waiting for the message's next record."""
-
-    def restore(self, message_id: str, data: bytes) -> None:
-        """Put back lines whose record could not be written."""
 
 
 class Spool:
@@ -232,32 +228,23 @@ class Spool:
             raise MessageNotFound(message_id)
         return shard
 
-    async def update_state(self, message_id: str, state: dict[str, Any]) -> None:
-        """Durably record the delivery state of a live message (and, in the same group
-        commit, the side log's lines about it)."""
+    async def update_state(self, message_id: str, state: dict[str, Any],
+                           lines: bytes | None = None) -> None:
+        """Durably record the delivery state of a live message, with ``lines`` for the side
+        log in the same group commit (written if, and only if, the state is). ``state`` is
+        opaque here: whatever the caller gets back from :meth:`load` later."""
         shard = self._shard_for(message_id)
-        await self._with_side_lines(
-            message_id, lambda side: shard.set_state(message_id, state, side))
+        await shard.set_state(message_id, state, lines or None)
         # A recorded state means an attempt ended short of done: the retry is minutes away,
         # so the body goes back to disk and the cache keeps serving first attempts.
         self._unhot(message_id)
 
-    async def mark_done(self, message_id: str) -> None:
-        """Durably finish a message (every recipient has its final outcome)."""
+    async def mark_done(self, message_id: str, lines: bytes | None = None) -> None:
+        """Durably finish a message (every recipient has its final outcome), with ``lines``
+        for the side log in the same group commit."""
         shard = self._shard_for(message_id)
-        await self._with_side_lines(message_id, lambda side: shard.done(message_id, side))
+        await shard.done(message_id, lines or None)
         self._unhot(message_id)
-
-    async def _with_side_lines(self, message_id: str,
-                               write: Callable[[bytes | None], Awaitable[None]]) -> None:
-        """Run ``write`` with the side log's waiting lines; put them back if it fails."""
-        side = self._side_log.take(message_id) if self._side_log else None
-        try:
-            await write(side)
-        except BaseException:
-            if side and self._side_log is not None:
-                self._side_log.restore(message_id, side)
-            raise
 
     # --- reads -----------------------------------------------------------------------------
 

@@ -88,6 +88,7 @@ class _Item:
 
 _Outcome = tuple[AppendLog, list[_Item], list[Position] | None, Extent | None,
                  SpoolWriteError | None]
+_Written = tuple[AppendLog, list[_Item], list[Position], Extent]
 
 
 class GroupCommitWriter:
@@ -157,37 +158,8 @@ class GroupCommitWriter:
             return batch
 
     def _run(self) -> None:
-        side = self._side
         while (batch := self._take_batch()) is not None:
-            by_log: dict[int, tuple[AppendLog, list[_Item]]] = {}
-            for item in batch:
-                by_log.setdefault(id(item.log), (item.log, []))[1].append(item)
-            outcomes: list[_Outcome] = []
-            written: list[tuple[AppendLog, list[_Item], list[Position], Extent]] = []
-            side_data: list[bytes] = []
-            for append_log, items in by_log.values():
-                lines = b"".join(it.side for it in items if it.side) if side else b""
-                try:
-                    positions, commit = append_log.append_many(
-                        [it.data for it in items], side.side_at() if side else {}, lines)
-                except SpoolWriteError as exc:
-                    outcomes.append((append_log, items, None, None, exc))
-                    continue
-                except Exception as exc:  # a bug must not kill the writer and hang callers
-                    log.exception("spool.writer.append_failed")
-                    outcomes.append((append_log, items, None, None,
-                                     SpoolWriteError(errno.EIO, repr(exc))))
-                    continue
-                written.append((append_log, items, positions, commit))
-                if lines and side is not None:
-                    side.advance(len(lines))
-                    side_data.append(lines)
-            if side is not None and side_data:
-                data = b"".join(side_data)
-                try:
-                    side.write(data)
-                except Exception:  # the side file must never stop the spool
-                    log.exception("spool.writer.side_write_failed", bytes=len(data))
+            outcomes, written = self._append_batch(batch)
             t0 = time.perf_counter()
             for append_log, items, positions, commit in written:
                 try:
@@ -203,6 +175,42 @@ class GroupCommitWriter:
                 self._loop.call_soon_threadsafe(self._resolve, outcomes)
             except RuntimeError:
                 return  # the loop is closed: nobody is waiting any more
+
+    def _append_batch(self, batch: list[_Item]) -> tuple[list[_Outcome], list[_Written]]:
+        """Write each log's share of ``batch`` with its COMMIT, then the side file's lines
+        of every share written (before anything is synced); the shares that failed are
+        outcomes already."""
+        side = self._side
+        by_log: dict[int, tuple[AppendLog, list[_Item]]] = {}
+        for item in batch:
+            by_log.setdefault(id(item.log), (item.log, []))[1].append(item)
+        outcomes: list[_Outcome] = []
+        written: list[_Written] = []
+        side_data: list[bytes] = []
+        for append_log, items in by_log.values():
+            lines = b"".join(it.side for it in items if it.side) if side else b""
+            try:
+                positions, commit = append_log.append_many(
+                    [it.data for it in items], side.side_at() if side else {}, lines)
+            except SpoolWriteError as exc:
+                outcomes.append((append_log, items, None, None, exc))
+                continue
+            except Exception as exc:  # a bug must not kill the writer and hang callers
+                log.exception("spool.writer.append_failed")
+                outcomes.append((append_log, items, None, None,
+                                 SpoolWriteError(errno.EIO, repr(exc))))
+                continue
+            written.append((append_log, items, positions, commit))
+            if lines and side is not None:
+                side.advance(len(lines))
+                side_data.append(lines)
+        if side is not None and side_data:
+            data = b"".join(side_data)
+            try:
+                side.write(data)
+            except Exception:  # the side file must never stop the spool
+                log.exception("spool.writer.side_write_failed", bytes=len(data))
+        return outcomes, written
 
     # --- event loop ----------------------------------------------------------------------
 

@@ -35,6 +35,20 @@ _VERBS = (status, nodes, shards, queue, message, flush, suspend, throttle, drain
 
 
 class _Parser(argparse.ArgumentParser):
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # A verb's own parser (no sub-verbs below it) takes options anywhere among its
+        # positionals (`mtactl message show --token T ID`): argparse alone consumes an
+        # optional positional (nargs="?") as empty when an option comes before it.
+        if self._subparsers is None and not self._intermixing:
+            self._intermixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own usage errors: one line and exit 2, as for our own.
         raise UsageError(f"{message} (see mtactl --help)")
@@ -75,10 +89,22 @@ class _WithGlobals:
     def __init__(self, sub: Any, parent: argparse.ArgumentParser) -> None:
         self._sub, self._parent = sub, parent
 
+    def nested(self, parser: argparse.ArgumentParser, dest: str, **kw: Any) -> _WithGlobals:
+        """Sub-verbs of a verb (``mtactl queue list``), taking the global options too."""
+        return _WithGlobals(parser.add_subparsers(dest=dest, metavar="ACTION", **kw),
+                            self._parent)
+
     def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = self._sub.add_parser(
             name, parents=[self._parent, *kw.pop("parents", [])], **kw)
         return parser
+
+
+def _cannot_write(exc: OSError) -> int:
+    print(f"mtactl: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    # Nothing more may reach stdout, or Python complains again as it flushes at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         # complaining while it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # `mtactl status > /dev/full`: stdout cannot be written
+        return _cannot_write(exc)
     except UsageError as exc:
         print(f"mtactl: {exc}", file=sys.stderr)
         return 2

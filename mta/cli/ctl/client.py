@@ -45,7 +45,10 @@ def resolve_target(args: argparse.Namespace) -> None:
         token = token or cfg.admin.token
     args.url = url or DEFAULT_URL
     args.token = token
-    parsed = urllib.parse.urlsplit(args.url)
+    try:
+        parsed = urllib.parse.urlsplit(args.url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise UsageError(f"--url {args.url!r}: {exc}; for example {DEFAULT_URL}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UsageError(f"--url {args.url!r} is not an http:// URL; for example "
                          f"{DEFAULT_URL}")

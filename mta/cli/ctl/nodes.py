@@ -8,11 +8,16 @@ from typing import Any
 from mta.cli.ctl.client import age, call, emit, table
 
 
+def _state(node: dict[str, Any]) -> str:
+    if node.get("lease_left") is not None:
+        return f"lease expiring ({node['lease_left']:.0f}s left)"
+    return str(node.get("state") or ("draining" if node["draining"] else "up"))
+
+
 def run(args: argparse.Namespace) -> int:
     data = call(args, "/api/v1/nodes")
-    rows = [(n["node"], "leader" if n["leader"] else "", "draining" if n["draining"] else "up",
-             n["shards"], n["smtp"], n["admin"], n["version"], age(n["uptime"]))
-            for n in data["nodes"]]
+    rows = [(n["node"], "leader" if n["leader"] else "", _state(n), n["shards"], n["smtp"],
+             n["admin"], n["version"], age(n["uptime"])) for n in data["nodes"]]
     return emit(args, data, table(rows, ("NODE", "ROLE", "STATE", "SHARDS", "SMTP", "ADMIN",
                                          "VERSION", "UPTIME")))
 

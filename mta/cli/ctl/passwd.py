@@ -10,6 +10,8 @@ from typing import Any
 
 from mta.cli.ctl.client import CtlError, UsageError
 
+_NOT_UTF8 = "the password is not valid UTF-8 text; type it in a UTF-8 terminal or locale"
+
 
 def _user_problem(user: str) -> str | None:
     """Why the users file could not hold ``user`` (its lines are ``user:hash``, ``#`` starts
@@ -29,7 +31,10 @@ def _read_password(user: str) -> str:
     """From the terminal without echo, or the first line of stdin when it is not a terminal
     (``echo "$PW" | mtactl passwd alice``)."""
     if not sys.stdin.isatty():
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise CtlError(_NOT_UTF8) from None
         if not line:
             raise CtlError("no password read (end of input); pipe one line or set "
                            "MTA_PASSWORD")
@@ -49,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     password = os.environ.get("MTA_PASSWORD") or _read_password(args.user)
     if not password:
         raise CtlError("empty password refused")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
+        raise CtlError(_NOT_UTF8) from None
     print(f"{args.user}:{hash_password(password)}")
     return 0
 

@@ -8,10 +8,16 @@ from typing import Any
 from mta.cli.ctl.client import call, emit, table
 
 
+def _owner(shard: dict[str, Any]) -> str:
+    if shard["owner"] is None:
+        return "UNOWNED"
+    # Until a dead owner's lease runs out its keys stand; say so rather than look healthy.
+    return shard["owner"] + (" (lease expiring)" if shard.get("owner_lease_expiring") else "")
+
+
 def run(args: argparse.Namespace) -> int:
     data = call(args, "/api/v1/shards")
-    rows = [(s["shard"], s["assigned"], s["owner"] or "UNOWNED", s["token"])
-            for s in data["shards"]]
+    rows = [(s["shard"], s["assigned"], _owner(s), s["token"]) for s in data["shards"]]
     text = table(rows, ("SHARD", "ASSIGNED", "OWNER", "TOKEN"))
     text += f"\n{data['total'] - data['unowned']} of {data['total']} shards owned"
     return emit(args, data, text)

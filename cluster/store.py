@@ -1,0 +1,618 @@
+"""The cluster store: what the coordinator reads and writes, and etcd behind it.
+
+The coordinator decides; this module only stores. It holds the call deadlines
+(:class:`Timing`), an immutable :class:`Snapshot` decoded from one read of the prefix, the
+transactions as plain data (built here once, run alike by :class:`EtcdStore` and by
+:class:`cluster.memstore.MemStore`), the :class:`Store` protocol the coordinator is written
+against, and :class:`EtcdStore`, the etcd implementation with its endpoint rotation. The key
+layout is :mod:`cluster.keys`.
+
+Every call is abandoned, not awaited, at its deadline: a hung gRPC call must never hold the
+caller past the moment the lease stops being provably ours (the fence deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+import aetcd
+import msgpack
+import structlog
+
+from cluster.keys import Keys
+from mta.config import parse_rate
+from mta.coordinator import RuntimeSettings
+
+__all__ = [
+    "Compare",
+    "Delete",
+    "Entry",
+    "EtcdStore",
+    "Get",
+    "LeaseLeft",
+    "Owner",
+    "Put",
+    "Snapshot",
+    "Store",
+    "StoreDown",
+    "Timing",
+    "Transactions",
+    "Txn",
+    "TxnResult",
+    "decode",
+]
+
+log = structlog.get_logger("cluster")
+
+Deadline = Callable[[], float | None]
+
+
+class StoreDown(Exception):
+    """The store did not answer (or refused): callers retry or fence."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every interval and call deadline that follows from the lease TTL."""
+
+    ttl: float
+
+    @property
+    def fence_after(self) -> float:
+        """Fence this long after the last successful refresh was sent: TTL minus a margin,
+        well before etcd could give our keys away."""
+        return max(self.ttl * 0.6, self.ttl - max(1.0, self.ttl / 4))
+
+    @property
+    def call_timeout(self) -> float:
+        """The longest any store call may take (less once the fence deadline is nearer)."""
+        return max(0.5, self.ttl / 3)
+
+    @property
+    def refresh_interval(self) -> float:
+        """Pause between successful lease refreshes."""
+        return self.ttl / 6
+
+    @property
+    def refresh_timeout(self) -> float:
+        """A refresh is abandoned this soon, so that once one is due, it and two retries on
+        other endpoints all fit before the fence: a slow or silent endpoint (or a loaded
+        CPU) costs one retry, not the lease."""
+        return max(0.1, (self.fence_after - self.refresh_interval) / 3)
+
+    @property
+    def grant_ttl(self) -> int:
+        """The TTL asked of etcd (whole seconds)."""
+        return int(max(1, round(self.ttl)))
+
+
+def budget(base: float, deadline: Deadline) -> float:
+    """``base``, cut to the time left before ``deadline()`` (None: no deadline)."""
+    until = deadline()
+    return base if until is None else min(base, until - time.monotonic())
+
+
+# --- transactions as data ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compare:
+    """One compare of a transaction: the key's create or mod revision, or its value."""
+
+    key: bytes
+    target: Literal["create", "mod", "value"]
+    expect: int | bytes
+
+    @classmethod
+    def absent(cls, key: bytes) -> Compare:
+        """True when ``key`` does not exist."""
+        return cls(key, "create", 0)
+
+    @classmethod
+    def created_at(cls, key: bytes, revision: int) -> Compare:
+        """True when ``key`` is the one created at ``revision``."""
+        return cls(key, "create", revision)
+
+    @classmethod
+    def modified_at(cls, key: bytes, revision: int) -> Compare:
+        """True when ``key`` was last written at ``revision`` (0: absent)."""
+        return cls(key, "mod", revision)
+
+    @classmethod
+    def equals(cls, key: bytes, value: bytes) -> Compare:
+        """True when ``key`` exists and holds ``value``."""
+        return cls(key, "value", value)
+
+
+@dataclass(frozen=True)
+class Put:
+    """Write ``value`` at ``key`` (on ``lease``, if given)."""
+
+    key: bytes
+    value: bytes
+    lease: int | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete ``key``."""
+
+    key: bytes
+
+
+@dataclass(frozen=True)
+class Get:
+    """Read ``key`` within the transaction."""
+
+    key: bytes
+
+
+Op = Put | Delete | Get
+
+
+@dataclass(frozen=True)
+class Txn:
+    """If every compare holds, run ``success``, else ``failure``; atomically."""
+
+    compare: tuple[Compare, ...] = ()
+    success: tuple[Op, ...] = ()
+    failure: tuple[Op, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key as the store holds it."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int = 0  # the lease the key lives on; 0: none
+
+
+@dataclass(frozen=True)
+class LeaseLeft:
+    """A lease's remaining time (etcd counts whole seconds) and the TTL it was granted."""
+
+    left: float
+    granted: float
+
+    @property
+    def expiring(self) -> bool:
+        """Not refreshed for over a third of its TTL: a live holder refreshes every sixth,
+        so it has most likely stopped (killed, paused, cut off) and its keys will go. etcd
+        floors the seconds left, so the time truly left is under ``left + 1``."""
+        return self.left + 1 < self.granted * 2 / 3
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """Whether the compares held, and one entry (None: absent) per Get of the branch run."""
+
+    succeeded: bool
+    gets: tuple[Entry | None, ...] = ()
+
+
+class Transactions:
+    """Every write the cluster makes, as transactions over :class:`Keys`: one definition for
+    every store, so etcd and the in-memory store run exactly the same compares."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def owner_guard(self, shard: int, node: str, revision: int) -> tuple[Compare, ...]:
+        """Holds while ``node``'s owner key of ``shard`` is still the one created at
+        ``revision``: the guard of every write an owner makes about its shard."""
+        key = self.keys.owner(shard)
+        return (Compare.created_at(key, revision), Compare.equals(key, node.encode()))
+
+    def guarded_by_owner(self, shard: int, node: str, revision: int, ops: Iterable[Op],
+                         *also: Compare) -> Txn:
+        """``ops`` only while ``node`` still owns ``shard`` under the key made at ``revision``
+        (and ``also`` holds)."""
+        return Txn((*self.owner_guard(shard, node, revision), *also), tuple(ops))
+
+    def claim(self, shard: int, node: str, lease: int) -> Txn:
+        """Create the owner key of ``shard`` on ``lease`` if nobody holds it; read it back
+        (its create revision makes the fencing token)."""
+        key = self.keys.owner(shard)
+        return Txn((Compare.absent(key),), (Put(key, node.encode(), lease), Get(key)))
+
+    def read_token_base(self, shard: int, node: str, revision: int) -> Txn:
+        """The token base, read only while our owner key of ``shard`` is the one made at
+        ``revision``: a node that lost its key must not learn a newer base."""
+        return self.guarded_by_owner(shard, node, revision, (Get(self.keys.token_base),))
+
+    def raise_token_base(self, shard: int, node: str, revision: int, expect_mod: int,
+                         base: int) -> Txn:
+        """Set the token base to ``base`` if nobody wrote it since ``expect_mod`` (0: never)
+        and our owner key still holds."""
+        key = self.keys.token_base
+        return self.guarded_by_owner(shard, node, revision, (Put(key, str(base).encode()),),
+                                     Compare.modified_at(key, expect_mod))
+
+    def release(self, shard: int, node: str, revision: int | None = None) -> Txn:
+        """Delete ``node``'s owner key of ``shard`` (only the one created at ``revision``,
+        if given): never someone else's."""
+        key = self.keys.owner(shard)
+        same = [Compare.equals(key, node.encode())]
+        if revision is not None:
+            same.append(Compare.created_at(key, revision))
+        return Txn(tuple(same), (Delete(key),))
+
+    def elect(self, node: str, lease: int) -> Txn:
+        """Become leader if there is none."""
+        key = self.keys.leader
+        return Txn((Compare.absent(key),), (Put(key, node.encode(), lease),))
+
+    def assign(self, leader: str, changes: Mapping[int, str]) -> Txn:
+        """Write assignment ``changes`` only while ``leader`` still leads."""
+        return Txn((Compare.equals(self.keys.leader, leader.encode()),),
+                   tuple(Put(self.keys.assign(s), n.encode()) for s, n in changes.items()))
+
+    def record_shard_count(self, shards: int) -> Txn:
+        """Record the cluster's shard count unless one is recorded already."""
+        key = self.keys.shards
+        return Txn((Compare.absent(key),), (Put(key, str(shards).encode()),))
+
+    def register(self, node: str, info: Mapping[str, Any], lease: int) -> Txn:
+        """Announce ``node`` (on its lease)."""
+        return Txn((), (Put(self.keys.node(node), msgpack.packb(dict(info)), lease),))
+
+    def drain(self, node: str, draining: bool) -> Txn:
+        """Mark ``node`` drained, or back in service."""
+        key = self.keys.drain(node)
+        return Txn((), (Put(key, b"1") if draining else Delete(key),))
+
+    def request_rebalance(self, node: str) -> Txn:
+        """Ask the leader to recompute the assignment."""
+        return Txn((), (Put(self.keys.rebalance, node.encode()),))
+
+    def clear_rebalance(self) -> Txn:
+        """The leader acted on the rebalance request."""
+        return Txn((), (Delete(self.keys.rebalance),))
+
+    def runtime(self, throttles: Mapping[str, float | None],
+                suspended: Mapping[str, bool]) -> Txn:
+        """Set (rate) or clear (None) throttles, suspend (True) or resume domains: one key
+        per change, so changes to other keys are never undone."""
+        ops: list[Op] = []
+        for name, rate in throttles.items():
+            k = self.keys.throttle(name)
+            ops.append(Delete(k) if rate is None else Put(k, f"{rate * 3600:g}/h".encode()))
+        for domain, hold in suspended.items():
+            k = self.keys.suspend(domain)
+            ops.append(Put(k, b"1") if hold else Delete(k))
+        return Txn((), tuple(ops))
+
+
+# --- the snapshot --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The owner key of a shard: its node, and the revision that created it."""
+
+    node: str
+    revision: int
+
+
+def _frozen(d: dict[Any, Any] | None = None) -> Mapping[Any, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cluster as one read of the prefix showed it, at ``revision``."""
+
+    revision: int = 0
+    members: Mapping[str, Mapping[str, Any]] = field(default_factory=_frozen)
+    leader: str | None = None
+    assignment: Mapping[int, str] = field(default_factory=_frozen)
+    owners: Mapping[int, Owner] = field(default_factory=_frozen)
+    token_base: int = 0
+    draining: frozenset[str] = frozenset()
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    shard_count: int | None = None  # None: not recorded yet; 0: unreadable
+    rebalance: bool = False
+    member_leases: Mapping[str, int] = field(default_factory=_frozen)  # node -> its lease
+
+    def token(self, shard: int) -> int:
+        """The fencing token the owner of ``shard`` claimed with (unless the base rose since);
+        0 if unowned."""
+        owner = self.owners.get(shard)
+        return self.token_base + owner.revision if owner is not None else 0
+
+    def owned_per_node(self) -> dict[str, int]:
+        """How many shards each node owns."""
+        out: dict[str, int] = {}
+        for owner in self.owners.values():
+            out[owner.node] = out.get(owner.node, 0) + 1
+        return dict(sorted(out.items()))
+
+    def weights(self) -> dict[str, float]:
+        """Members in service (not drained), with their weights: what the assignment spreads
+        the shards over."""
+        return {n: float(info.get("weight", 1.0)) for n, info in self.members.items()
+                if n not in self.draining}
+
+    def converged(self, total: int) -> bool:
+        """Every shard assigned, and owned by the node it is assigned to."""
+        return (not self.rebalance and len(self.assignment) == total
+                and all((o := self.owners.get(s)) is not None and o.node == n
+                        for s, n in self.assignment.items()))
+
+
+class _Draft:
+    """A snapshot being decoded (mutable until frozen)."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, Mapping[str, Any]] = {}
+        self.leader: str | None = None
+        self.assignment: dict[int, str] = {}
+        self.owners: dict[int, Owner] = {}
+        self.token_base = 0
+        self.draining: set[str] = set()
+        self.throttles: dict[str, float] = {}
+        self.suspended: set[str] = set()
+        self.shard_count: int | None = None
+        self.rebalance = False
+        self.member_leases: dict[str, int] = {}
+
+    def freeze(self, revision: int) -> Snapshot:
+        return Snapshot(revision, _frozen(self.members), self.leader, _frozen(self.assignment),
+                        _frozen(self.owners), self.token_base, frozenset(self.draining),
+                        RuntimeSettings(self.throttles, frozenset(self.suspended)),
+                        self.shard_count, self.rebalance, _frozen(self.member_leases))
+
+
+def _members(d: _Draft, rest: str, e: Entry) -> None:
+    d.members[rest] = MappingProxyType(msgpack.unpackb(e.value))
+    if e.lease:
+        d.member_leases[rest] = e.lease
+
+
+def _assign(d: _Draft, rest: str, e: Entry) -> None:
+    d.assignment[int(rest)] = e.value.decode()
+
+
+def _owner(d: _Draft, rest: str, e: Entry) -> None:
+    d.owners[int(rest)] = Owner(e.value.decode(), e.create_revision)
+
+
+def _drain(d: _Draft, rest: str, e: Entry) -> None:
+    d.draining.add(rest)
+
+
+def _config(d: _Draft, rest: str, e: Entry) -> None:
+    kind, _, name = rest.partition("/")
+    if kind == "throttle":
+        d.throttles[name] = parse_rate(e.value.decode())
+    elif kind == "suspend":
+        d.suspended.add(name)
+
+
+def _leader(d: _Draft, e: Entry) -> None:
+    d.leader = e.value.decode()
+
+
+def _rebalance(d: _Draft, e: Entry) -> None:
+    d.rebalance = True
+
+
+def _token_base(d: _Draft, e: Entry) -> None:
+    d.token_base = int(e.value)
+
+
+def _shards(d: _Draft, e: Entry) -> None:
+    d.shard_count = int(e.value) if e.value.isdigit() else 0
+
+
+# ``<kind>/<rest>`` keys, and single keys, each with its decoder.
+_BY_KIND: dict[str, Callable[[_Draft, str, Entry], None]] = {
+    "nodes": _members, "assign": _assign, "owner": _owner, "drain": _drain, "config": _config}
+_SINGLE: dict[str, Callable[[_Draft, Entry], None]] = {
+    "leader": _leader, "rebalance": _rebalance, "token_base": _token_base, "shards": _shards}
+
+
+def decode(keys: Keys, revision: int, entries: Iterable[Entry]) -> Snapshot:
+    """The snapshot of every key under ``keys.prefix`` (read at ``revision``). A key that
+    does not decode is logged and left out."""
+    draft = _Draft()
+    for entry in entries:
+        key = keys.relative(entry.key)
+        kind, _, rest = key.partition("/")
+        try:
+            if rest and kind in _BY_KIND:
+                _BY_KIND[kind](draft, rest, entry)
+            elif key in _SINGLE:
+                _SINGLE[key](draft, entry)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("cluster.bad_key", key=key, error=str(exc))
+    return draft.freeze(revision)
+
+
+# --- the protocol ----------------------------------------------------------------------------
+
+
+class Store(Protocol):
+    """What the coordinator needs of the store. Every call raises :class:`StoreDown` when
+    the store does not answer in time (the deadline is the store's, see :class:`Timing`)."""
+
+    keys: Keys
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; its id."""
+
+    async def refresh(self, lease: int) -> int | None:
+        """Refresh ``lease`` (under the short refresh deadline): the TTL etcd now counts
+        (<= 0: the lease is gone), or None when the answer had no TTL in it."""
+
+    async def revoke(self, lease: int, timeout: float) -> None:
+        """Revoke ``lease``: its keys go at once."""
+
+    async def lease_left(self, lease: int) -> LeaseLeft | None:
+        """How long ``lease`` has left unless refreshed, and its granted TTL; None when it is
+        gone."""
+
+    async def snapshot(self) -> Snapshot:
+        """One consistent read of the whole prefix."""
+
+    async def commit(self, txn: Txn) -> TxnResult:
+        """Run ``txn`` atomically."""
+
+    def changes(self, start: int) -> AsyncIterator[None]:
+        """Yields once per change under the prefix from revision ``start`` on (0: from now);
+        only a trigger to read sooner, never the source of truth."""
+
+    async def close(self) -> None:
+        """Drop the connection (without waiting for a hung one)."""
+
+
+# --- etcd --------------------------------------------------------------------------------------
+
+
+class EtcdStore:
+    """:class:`Store` on etcd: one client at a time, rotated to the next endpoint whenever a
+    call fails or times out."""
+
+    def __init__(self, endpoints: Sequence[str], keys: Keys, timing: Timing,
+                 deadline: Deadline) -> None:
+        self.keys = keys
+        self.timing = timing
+        self._deadline = deadline
+        self._endpoints = [tuple(e.rsplit(":", 1)) for e in endpoints]
+        self._endpoint = 0
+        self._client: aetcd.Client | None = None
+        self.closing: set[asyncio.Task[None]] = set()  # channels being closed in the background
+
+    def _connect(self) -> aetcd.Client:
+        if self._client is None:
+            host, port = self._endpoints[self._endpoint % len(self._endpoints)]
+            self._client = aetcd.Client(host=host, port=int(port),
+                                        timeout=max(1, int(self.timing.ttl / 3)))
+        return self._client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._endpoint += 1  # try the next endpoint next time
+        if client is not None:
+            # Closing a gRPC channel to a dead peer can hang: never make the caller (the
+            # keepalive loop, above all) wait for it.
+            task = asyncio.create_task(_close_quietly(client))
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+
+    async def close(self) -> None:
+        self._drop_client()
+
+    async def _call(self, fn: Callable[[aetcd.Client], Coroutine[Any, Any, Any]],
+                    timeout: float) -> Any:
+        if timeout <= 0:
+            raise StoreDown("fence deadline passed")  # the fence timer is about to fire
+        # A hard deadline: wait_for() would wait for a cancelled gRPC call to unwind, and a
+        # wedged channel may never do so. Abandon the call instead (cancelled, not awaited).
+        call = asyncio.ensure_future(fn(self._connect()))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=timeout)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if not done:
+            call.cancel()
+            call.add_done_callback(_retrieve)
+            self._drop_client()
+            raise StoreDown("etcd call timed out")
+        try:
+            return call.result()
+        except (asyncio.CancelledError, Exception) as exc:
+            # We were not cancelled (the wait above returned), so a CancelledError here is
+            # the gRPC call's own (its channel closed under it): etcd trouble, not shutdown.
+            # aetcd lets raw gRPC errors and plain Exceptions through besides its ClientError
+            # family: whatever it is, etcd did not answer usefully, and it must never escape
+            # into a background loop (a dead keepalive task would leave the node fenced).
+            self._drop_client()
+            raise StoreDown(str(exc) or type(exc).__name__) from None
+
+    def _timeout(self) -> float:
+        return budget(self.timing.call_timeout, self._deadline)
+
+    async def grant(self, ttl: int) -> int:
+        lease = await self._call(lambda c: c.lease(ttl), self._timeout())
+        return int(lease.id)
+
+    async def refresh(self, lease: int) -> int | None:
+        resp = await self._call(lambda c: c.refresh_lease(lease),
+                                budget(self.timing.refresh_timeout, self._deadline))
+        return None if resp is None else int(resp.TTL)
+
+    async def revoke(self, lease: int, timeout: float) -> None:
+        await self._call(lambda c: c.revoke_lease(lease), timeout)
+
+    async def lease_left(self, lease: int) -> LeaseLeft | None:
+        resp = await self._call(lambda c: c.get_lease_info(lease, keys=False), self._timeout())
+        ttl = int(getattr(resp, "TTL", -1))
+        return None if ttl < 0 else LeaseLeft(float(ttl), float(resp.grantedTTL))
+
+    async def snapshot(self) -> Snapshot:
+        rng = await self._call(lambda c: c.get_prefix(self.keys.prefix), self._timeout())
+        revision = rng.header.revision if hasattr(rng, "header") else 0
+        return decode(self.keys, revision, (
+            Entry(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease)
+            for kv in rng))
+
+    async def commit(self, txn: Txn) -> TxnResult:
+        def run(c: aetcd.Client) -> Coroutine[Any, Any, Any]:
+            return c.transaction(compare=[_compare(c, x) for x in txn.compare],
+                                 success=[_op(c, op) for op in txn.success],
+                                 failure=[_op(c, op) for op in txn.failure])
+
+        ok, responses = await self._call(run, self._timeout())
+        ops = txn.success if ok else txn.failure
+        gets = tuple(_entry(op.key, resp) for op, resp in zip(ops, responses, strict=False)
+                     if isinstance(op, Get))
+        return TxnResult(bool(ok), gets)
+
+    async def changes(self, start: int) -> AsyncIterator[None]:
+        client = self._connect()
+        watch = await client.watch_prefix(self.keys.prefix, start_revision=start or None)
+        async for _event in watch:
+            yield
+
+
+def _compare(c: aetcd.Client, x: Compare) -> Any:
+    target = {"create": c.transactions.create, "mod": c.transactions.mod,
+              "value": c.transactions.value}[x.target]
+    return target(x.key) == x.expect
+
+
+def _op(c: aetcd.Client, op: Op) -> Any:
+    if isinstance(op, Put):
+        return c.transactions.put(op.key, op.value, lease=op.lease)
+    if isinstance(op, Delete):
+        return c.transactions.delete(op.key)
+    return c.transactions.get(op.key)
+
+
+def _entry(key: bytes, resp: Any) -> Entry | None:
+    if not resp:
+        return None
+    value, meta = resp[0]
+    return Entry(key, value, meta.create_revision, meta.mod_revision)
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), 2.0)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume an abandoned call's outcome so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,288 @@
+"""The dispatcher: one message's recipients at one domain go route -> site -> throttle, and
+come back as per-recipient outcomes (like a relay in python-slimta: it only attempts, the
+queue manager decides what an outcome means for the message).
+
+It owns the per-site ready queues (KumoMTA's ready queues, apart from the scheduled queue),
+the route cache, the domain throttles and the runtime settings, applies a reloaded config to
+them, and forgets what nothing uses any more (reaping), since the domains a sender reaches
+over a day are unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mta.config import Config
+from mta.coordinator import Coordinator, RuntimeSettings
+from mta.delivery.breaker import Breaker
+from mta.delivery.errors import DeliveryError, NotOwnerError, PermanentError, TemporaryError
+from mta.delivery.limits import site_limits
+from mta.delivery.loops import LoopGuard
+from mta.delivery.outcomes import Outcome, Verdict
+from mta.delivery.routes import Route, Router, policy_for
+from mta.delivery.site import Job, RecipientResult, Site
+from mta.delivery.throttle import Throttle
+from mta.metrics import NodeMetrics
+from mta.spool import StoredMessage
+from mta.tasks import cancel_and_wait
+
+__all__ = ["Dispatcher"]
+
+log = structlog.get_logger("mta.delivery")
+
+# A breaker's cooldown doubles up to this many times its base (Breaker.on_failure): a site
+# whose breaker is not closed is remembered at least that long, so forgetting it never lets
+# connections through that its breaker would still have held back.
+_BREAKER_MAX_COOLDOWNS = 16
+
+
+@dataclass
+class _DomainThrottle:
+    throttle: Throttle
+    # Monotonic time its last booked slot ends: from then on it behaves exactly as a fresh
+    # throttle would, so it may be forgotten.
+    until: float = 0.0
+
+
+def _every(idx: list[int], verdict: Verdict, result: RecipientResult) -> dict[int, Outcome]:
+    outcome = Outcome(verdict, result)
+    return dict.fromkeys(idx, outcome)
+
+
+class Dispatcher:
+    """Routes, sites and throttles: hands jobs to sites and returns their outcomes."""
+
+    def __init__(self, cfg: Config, coordinator: Coordinator, metrics: NodeMetrics,
+                 permit: Callable[[str], bool]) -> None:
+        self.dcfg = cfg.delivery
+        self.node_id = cfg.node.id
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self.router = Router(cfg.delivery)
+        self.loops = LoopGuard(cfg.smtp.listen, self.node_id, coordinator.members)
+        self.helo = cfg.delivery.helo or cfg.smtp.hostname
+        # May this node send for a message's shard right now? (Asked by every site.)
+        self._permit = permit
+        # Per-site and per-domain tables: every one is bounded (LRU) or reaped (see reap).
+        self.sites: dict[str, Site] = {}
+        self._domain_throttles: dict[str, _DomainThrottle] = {}
+        # domain -> key of the site it was last routed to; LRU, at most route_cache_size.
+        self._site_of: OrderedDict[str, str] = OrderedDict()
+        self._runtime = RuntimeSettings()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reaping idle sites."""
+        self._reaper = asyncio.create_task(self._reap_loop(), name="delivery:reaper")
+
+    async def stop_reaping(self) -> None:
+        """Stop the reaper (before the sites close)."""
+        await cancel_and_wait(self._reaper)
+        self._reaper = None
+
+    async def close_sites(self) -> None:
+        """Close every site: queued jobs fail, connections are closed."""
+        for site in self.sites.values():
+            await site.close()
+
+    def drop(self, match: Callable[[Job], bool]) -> int:
+        """Fail at once, unsent, the queued jobs ``match`` selects; returns how many."""
+        return sum(site.drop(match) for site in self.sites.values())
+
+    # --- settings --------------------------------------------------------------------------
+
+    def apply_runtime(self, settings: RuntimeSettings) -> set[str]:
+        """Apply the cluster's runtime settings; returns the domains no longer suspended."""
+        resumed = self._runtime.suspended - settings.suspended
+        self._runtime = settings
+        for key, site in self.sites.items():
+            site.rate_override = settings.throttles.get(key)
+        self._domain_throttles.clear()
+        return resumed
+
+    def suspended(self, domain: str) -> bool:
+        """Is delivery to ``domain`` suspended by an operator?"""
+        return domain in self._runtime.suspended
+
+    def reload(self, cfg: Config) -> None:
+        """Apply a re-read config's delivery policies (SIGHUP): rates, site limits, TLS modes
+        and smarthosts; sites keep their open connections."""
+        self.dcfg = cfg.delivery
+        self.router = Router(cfg.delivery)
+        self._domain_throttles.clear()
+        for site in self.sites.values():
+            site.limits = site_limits(self.dcfg, site.route, self.helo)
+
+    def domain_rate(self, domain: str) -> float | None:
+        """The configured or runtime rate of ``domain`` (msgs/s, cluster-wide), or None."""
+        rate = self._runtime.throttles.get(domain)
+        if rate is None:
+            policy = policy_for(domain, self.dcfg.domains)
+            rate = policy.rate if policy else None
+        return rate
+
+    def site_of(self, domain: str) -> str | None:
+        """Key of the site ``domain`` was last routed to, if it has been tried."""
+        return self._site_of.get(domain)
+
+    def sizes(self) -> dict[str, int]:
+        """How big each table is (sites, routes, domains routed, domain throttles)."""
+        return {"sites": len(self.sites), "routes": len(self.router),
+                "domains": len(self._site_of), "domain_throttles": len(self._domain_throttles)}
+
+    # --- delivery --------------------------------------------------------------------------
+
+    async def deliver(self, stored: StoredMessage, domain: str, idx: list[int]
+                      ) -> dict[int, Outcome]:
+        """Try recipients ``idx`` (all at ``domain``) of ``stored``; an outcome for each."""
+        try:
+            return await self._deliver(stored, domain, idx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("delivery.group_crashed", message_id=stored.id, domain=domain,
+                          node_id=self.node_id)
+            return _every(idx, Verdict.DEFERRED, RecipientResult(
+                451, f"4.3.0 Internal error ({type(exc).__name__}), will retry"))
+
+    async def _deliver(self, stored: StoredMessage, domain: str, idx: list[int]
+                       ) -> dict[int, Outcome]:
+        env = stored.envelope
+        try:
+            route = await self.router.route(domain)
+        except DeliveryError as exc:
+            verdict = Verdict.BOUNCED if exc.permanent else Verdict.DEFERRED
+            return _every(idx, verdict, RecipientResult(exc.code, exc.text))
+        outside = await self.loops.outside(route)
+        if outside is None:
+            # Handing it to ourselves would accept it again as a new message, for ever.
+            log.warning("delivery.loops_back", message_id=stored.id, node_id=self.node_id,
+                        domain=domain, site=route.site)
+            return _every(idx, Verdict.BOUNCED, RecipientResult(
+                554, f"5.4.6 mail for {domain} loops back to myself"))
+        route = outside
+        site = self._site_for(route)
+        self._note_site_of(domain, route.site)
+        # Held from here (no await before) until its job is done: the reaper must not forget
+        # a site an attempt is about to queue on.
+        with site.held():
+            # Wait for the domain's own throttle here, not on a pooled connection: a slow
+            # domain behind a shared site (a smarthost, a big provider's MX set) must not
+            # hold a connection that other domains' mail could use.
+            await self._domain_throttle_wait(domain)
+            policy = policy_for(domain, self.dcfg.domains)
+            tls = policy.tls if policy and policy.tls else self.dcfg.tls
+            job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
+                      stored.body, env.smtputf8, env.body_8bit, tls_required=tls == "required")
+            return await self._deliver_job(site, job, idx)
+
+    async def _deliver_job(self, site: Site, job: Job, idx: list[int]) -> dict[int, Outcome]:
+        try:
+            results = await site.deliver(job)
+        except NotOwnerError as exc:
+            return _every(idx, Verdict.NOT_SENT, RecipientResult(exc.code, exc.text))
+        except PermanentError as exc:
+            return _every(idx, Verdict.BOUNCED, RecipientResult(exc.code, exc.text, exc.remote))
+        except TemporaryError as exc:
+            return _every(idx, Verdict.DEFERRED,
+                          RecipientResult(exc.code, exc.text, exc.remote))
+        out: dict[int, Outcome] = {}
+        for i, result in zip(idx, results, strict=True):
+            verdict = (Verdict.DELIVERED if 200 <= result.code < 300
+                       else Verdict.BOUNCED if result.code >= 500 else Verdict.DEFERRED)
+            out[i] = Outcome(verdict, result)
+        return out
+
+    def _site_for(self, route: Route) -> Site:
+        site = self.sites.get(route.site)
+        if site is not None:
+            site.route = route
+            return site
+        d = self.dcfg
+        site = Site(route.site, route, site_limits(d, route, self.helo),
+                    Breaker(d.breaker_failures, d.breaker_cooldown),
+                    self.coordinator.rate_share, self.node_id,
+                    permit=self._permit, metrics=self.metrics)
+        site.rate_override = self._runtime.throttles.get(route.site)
+        self.sites[route.site] = site
+        return site
+
+    def _note_site_of(self, domain: str, key: str) -> None:
+        self._site_of[domain] = key
+        self._site_of.move_to_end(domain)
+        while len(self._site_of) > self.dcfg.route_cache_size:
+            self._site_of.popitem(last=False)
+
+    async def _domain_throttle_wait(self, domain: str) -> None:
+        rate = self.domain_rate(domain)
+        if rate is None:
+            return
+        rate *= self.coordinator.rate_share()
+        entry = self._domain_throttles.get(domain)
+        if entry is None:
+            entry = self._domain_throttles[domain] = _DomainThrottle(Throttle(rate))
+        entry.throttle.rate = rate
+        wait = entry.throttle.reserve()
+        entry.until = time.monotonic() + wait + 1.0 / rate
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # --- reaping ---------------------------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        while True:
+            # A quarter of site_idle between looks (a site goes at most that late), read
+            # each time so a reload applies.
+            await asyncio.sleep(min(30.0, max(0.05, self.dcfg.site_idle / 4)))
+            try:
+                self.reap()
+            except Exception:
+                # One bad pass must not end reaping for the life of the node.
+                log.exception("delivery.reap_failed", node_id=self.node_id)
+
+    def reap(self) -> int:
+        """Forget what nothing uses any more: sites idle for ``site_idle`` (longer for one
+        whose breaker or back-off is still in force), the domains routed to them, domain
+        throttles whose last slot has passed, and expired routes. Returns sites dropped."""
+        now = time.monotonic()
+        gone = self._idle_sites(now)
+        for key in gone:
+            # Idle: no job, worker or connection to close; nobody holds a reference to it.
+            del self.sites[key]
+        if gone:
+            for domain in [dom for dom, key in self._site_of.items() if key in gone]:
+                del self._site_of[domain]
+        spent = [dom for dom, entry in self._domain_throttles.items() if entry.until <= now]
+        for domain in spent:
+            del self._domain_throttles[domain]
+        routes = self.router.prune()
+        if gone or spent or routes:
+            log.debug("delivery.reaped", node_id=self.node_id, sites=len(gone),
+                      domain_throttles=len(spent), routes=routes, sites_left=len(self.sites),
+                      routes_left=len(self.router))
+        return len(gone)
+
+    def _idle_sites(self, now: float) -> set[str]:
+        d = self.dcfg
+        unsettled = max(d.site_idle, _BREAKER_MAX_COOLDOWNS * d.breaker_cooldown)
+        gone: set[str] = set()
+        for key, site in self.sites.items():
+            idle = site.idle_for(now)
+            if idle <= 0.0:
+                continue
+            limit = d.site_idle if site.settled() else unsettled
+            if site.throttle.rate:
+                # Its throttle's last slot must have passed too, or a new site for the same
+                # hosts would send sooner than the rate allows.
+                limit = max(limit, 1.0 / site.throttle.rate)
+            if idle >= limit:
+                gone.add(key)
+        return gone

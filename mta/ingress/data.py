@@ -1,0 +1,175 @@
+"""The DATA reader: a message body off the wire, checked, unstuffed, within the budget.
+
+The body is read in large pieces (``readuntil`` of the end marker, not line by line: the
+per-line loop was the top cost of ingress), each checked for line length and unstuffed on its
+own, and joined once at the end. Its bytes are held in the node's in-flight budget as they
+arrive, so many large bodies at once cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP
+
+if TYPE_CHECKING:
+    from mta.ingress.server import IngressServer
+
+__all__ = ["DataReader"]
+
+_DOT_LINE = b".\r\n"
+# The reader's limit while in DATA: the body is taken in pieces of at most this much, so the
+# reader's own buffer (asyncio pauses the socket at twice its limit) stays small per session.
+_BODY_CHUNK = 256 * 1024
+# Smaller pieces (lines ending in "." end a readuntil) are gathered into pieces this large,
+# so a body of short lines is not held as hundreds of thousands of small objects.
+_COALESCE = 64 * 1024
+
+# What is wrong with a body, ranked: the reply names the highest-ranked fault seen.
+_FINE, _OVER_BUDGET, _LONG_LINE, _TOO_BIG = range(4)
+_FAULT_REPLIES = {
+    _OVER_BUDGET: "452 4.3.1 Insufficient system resources for this message now, "
+                  "try again later",
+    # aiosmtpd's texts: the session's reply rewriting gives them their enhanced codes.
+    _LONG_LINE: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    _TOO_BIG: "552 5.3.4 Message size exceeds fixed limit",
+}
+
+
+def _scan_lines(data: bytes, prev: bytes, carry: int, max_line: int) -> tuple[int, bool]:
+    """Line lengths of the next piece of a stream: returns (length of the line still open at
+    its end, whether a line longer than ``max_line`` ended in it). ``carry`` is the length of
+    the line open before it, ``prev`` the stream's two bytes before it (a CRLF may straddle)."""
+    start, long = 0, False
+    if prev[-1:] == b"\r" and data[:1] == b"\n":
+        long = carry - 1 > max_line  # that line ended with the CR counted in ``carry``
+        carry, start = 0, 1
+    last = data.rfind(b"\r\n", start)
+    if last < 0:
+        return carry + len(data) - start, long
+    if carry + last - start > max_line:  # otherwise no line ending here can be too long
+        lines = data.split(b"\r\n")
+        lines.pop()  # the part after the last CRLF is still open
+        long = (long or len(lines[0]) + carry - start > max_line
+                or max(map(len, lines[1:]), default=0) > max_line)
+    return len(data) - last - 2, long
+
+
+def _unstuff(data: bytes, prev: bytes) -> bytes:
+    """Undo dot-stuffing (RFC 5321 4.5.2) in the next piece of a stream (``prev``: its two
+    bytes before): without a stuffed line the same object comes back, nothing is copied."""
+    if data[:1] == b"." and prev == b"\r\n":
+        data = data[1:]
+    elif data[:2] == b"\n." and prev[-1:] == b"\r":
+        data = b"\n" + data[2:]
+    return data.replace(b"\r\n.", b"\r\n")
+
+
+def _keep(parts: list[bytes], stage: bytearray, piece: bytes, last: bool) -> bytearray:
+    """Add ``piece`` to the body so far (``parts``, then ``stage``); return the stage to go
+    on with. Large pieces and the last one are kept as they are (the final join copies)."""
+    if len(piece) >= _COALESCE or last:
+        if stage:
+            parts.append(bytes(stage))
+            stage = bytearray()
+        parts.append(piece)
+        return stage
+    stage += piece
+    if len(stage) >= _COALESCE:
+        parts.append(bytes(stage))
+        stage = bytearray()
+    return stage
+
+
+class DataReader(SMTP):
+    """The body of a DATA command and the share of the in-flight budget it holds; mixed
+    into the ingress session, whose ``smtp_DATA`` calls :meth:`_read_body`."""
+
+    # Set by the session (mta/ingress/session.py).
+    _server: IngressServer
+    _client_ip: str
+    # Bytes of the server's in-flight DATA budget this session holds. A class default, set on
+    # the instance only in DATA: the session's __init__ stays aiosmtpd's attributes plus its own.
+    _inflight: int = 0
+
+    async def _read_body(self) -> tuple[bytes, str | None]:
+        """Read up to the ``.`` line; return (unstuffed body, None) or (b"", error reply).
+
+        Once the budget is full, or the body is refused, the rest is read and dropped (the
+        session stays in step with the client) and the reply says why.
+        """
+        reader = self._reader
+        limit = self.data_size_limit or (1 << 30)
+        max_line = self.line_length_limit - 2
+        # asyncio keeps the limit in ``_limit`` (aiosmtpd's own STARTTLS code relies on
+        # ``_buffer``); lowered or raised here, it is restored below.
+        saved = reader._limit  # type: ignore[attr-defined]
+        reader._limit = _BODY_CHUNK  # type: ignore[attr-defined]
+        parts: list[bytes] = []
+        stage = bytearray()
+        size = 0  # unstuffed bytes so far
+        carry = 0  # length of the line still open
+        prev = b"\r\n"  # the stream's last two bytes: a "." as the very first line ends it
+        fault = _FINE
+        try:
+            while True:
+                try:
+                    chunk = await reader.readuntil(_DOT_LINE)
+                except asyncio.LimitOverrunError as exc:
+                    data, ended = await reader.readexactly(exc.consumed), False
+                else:
+                    before = chunk[-5:-3] if len(chunk) >= 5 else (prev + chunk)[-5:-3]
+                    ended = before == b"\r\n"  # ".\r\n" starts a line: the end of DATA
+                    data = chunk[:-3] if ended else chunk
+                if data:
+                    carry, long = _scan_lines(data, prev, carry, max_line)
+                    piece = _unstuff(data, prev)
+                    prev = data[-2:] if len(data) >= 2 else (prev + data)[-2:]
+                    size += len(piece)
+                    if long or size > limit:
+                        fault = max(fault, _TOO_BIG if size > limit else _LONG_LINE)
+                    # Only bytes that arrived are held: a SIZE= declaration held up front
+                    # would let a few idle sessions that declare the maximum shut everyone
+                    # out of the budget for free.
+                    if not fault and size > self._inflight and not self._hold(size, limit):
+                        fault = _OVER_BUDGET
+                    if not fault:
+                        stage = _keep(parts, stage, piece, ended)
+                    elif parts or stage or self._inflight:  # refused: let go of the body
+                        parts, stage = [], bytearray()
+                        self._release_inflight()
+                if ended:
+                    break
+        finally:
+            reader._limit = saved  # type: ignore[attr-defined]
+        if fault:
+            return b"", self._refusal(fault, size)
+        if stage:
+            parts.append(bytes(stage))
+        return b"".join(parts), None
+
+    def _refusal(self, fault: int, size: int) -> str:
+        """The reply to a body refused for ``fault`` after ``size`` bytes."""
+        if fault == _OVER_BUDGET:
+            self._server.count_over_budget(self._client_ip, size)
+        return _FAULT_REPLIES[fault]
+
+    def _hold(self, total: int, limit: int) -> bool:
+        """Hold at least ``total`` bytes of the in-flight budget in all. Taken a piece ahead
+        when it fits (a body of short lines would otherwise ask for every line)."""
+        server = self._server
+        for want in (min(total + _COALESCE, limit), total):
+            more = want - self._inflight
+            if more <= 0:
+                return True
+            if server.reserve_data(more):
+                self._inflight += more
+                return True
+        return False
+
+    def _release_inflight(self) -> None:
+        """Give back the budget this session holds (the body reached the spool, or not)."""
+        if self._inflight:
+            self._server.release_data(self._inflight)
+            self._inflight = 0

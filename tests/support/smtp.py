@@ -1,0 +1,88 @@
+"""SMTP clients for tests: a line-level one for replies the libraries hide, a submission to a
+node process, and what an in-process node has stored."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from typing import TYPE_CHECKING, Any
+
+from harness.mail import message
+from harness.node import NodeProcess
+
+if TYPE_CHECKING:
+    from mta.node import Node
+
+
+def port(node: Node) -> int:
+    """The SMTP port of an in-process node."""
+    assert node.ingress is not None
+    return node.ingress.port
+
+
+async def stored(node: Node) -> dict[str, Any]:
+    """{id: StoredMessage} of every live message in the node's owned shards."""
+    out = {}
+    for n in node.spool.owned:
+        for ref in node.spool.live_messages(n):
+            out[ref.id] = await node.spool.load(ref.id)
+    return out
+
+
+def queued_id(reply: bytes | str) -> str:
+    """The message id of a ``250 ... queued as ID`` reply."""
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    assert "queued as " in text, text
+    return text.rsplit("queued as ", 1)[1].strip()
+
+
+def submit(node: NodeProcess, rcpts: list[str], n: int, sender: str = "app@ok.test") -> str:
+    """Submit ``message(n)`` to a node process; its queue id (the 250 is asserted)."""
+    with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail(sender)
+        for r in rcpts:
+            smtp.rcpt(r)
+        code, reply = smtp.data(message(n, 1200))
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+class Raw:
+    """A line-level SMTP client for replies the libraries would hide."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1", source: str | None = None) -> Raw:
+        """Open a connection (from ``source``, a local address, if given)."""
+        r, w = await asyncio.open_connection(
+            host, port, local_addr=(source, 0) if source else None)
+        return cls(r, w)
+
+    async def reply(self) -> str:
+        """One reply, its lines joined by newlines ("" at end of stream)."""
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
+            if not line:
+                break
+            lines.append(line.rstrip("\r\n"))
+            if len(line) < 4 or line[3] != "-":
+                break
+        return "\n".join(lines)
+
+    async def cmd(self, line: str | bytes) -> str:
+        """Send one command line and read its reply."""
+        self.writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        """Close the connection, ignoring a peer that already went."""
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
