@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from harness.net import free_port
+from harness.proc import rss_kb
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["add_rows", "cpu_seconds", "free_port", "launch_node", "node_sections", "rss_kb",
+           "stop_node"]
 
 
 def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
@@ -66,14 +65,6 @@ def stop_node(node: subprocess.Popen[bytes], log: Any) -> None:
         node.kill()  # its spool is about to be deleted: never leave it running
         node.wait()
     log.close()
-
-
-def rss_kb(pid: int) -> int:
-    """A process's resident set, kB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:

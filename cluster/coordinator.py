@@ -98,6 +98,7 @@ class ClusterCoordinator:
         self._refresh_failed = False
         self._host: ShardHost | None = None
         self._owned: dict[int, int] = {}  # shard -> fencing token
+        self._changes = _ShardChanges(self.node_id, lambda: len(self._owned))
         # shard -> create revision of our owner key: the token is token_base + this, so the
         # token changes exactly when the key does (only through a release and a new claim).
         self._claims: dict[int, int] = {}
@@ -225,6 +226,7 @@ class ClusterCoordinator:
         deadline = time.monotonic() + _RELEASE_DEADLINE
         await _wait_all(list(self._acquiring.values()), deadline)
         released = await self._release_all(delete_key=True, deadline=deadline)
+        self._changes.flush()
         await self._cancel_loops(self._keepalive_task)
         if not released and self._host is not None:
             # Revoking hands the shards to peers at once: nothing may write them after that.
@@ -694,7 +696,8 @@ class ClusterCoordinator:
         # releases the shard with the rest.
         self._owned[shard] = token
         self._claims[shard] = revision
-        log.info("cluster.shard_acquired", shard=shard, node_id=self.node_id, token=token)
+        log.debug("cluster.shard_acquired", shard=shard, node_id=self.node_id, token=token)
+        self._changes.note("acquired", shard)
         return True
 
     async def _fencing_token(self, shard: int, revision: int) -> int | None:
@@ -758,7 +761,38 @@ class ClusterCoordinator:
         if delete_key:
             # Only after the host let go: before that, the next owner could write beside us.
             await self._delete_owner_key(shard, revision)
-        log.info("cluster.shard_released", shard=shard, node_id=self.node_id)
+        log.debug("cluster.shard_released", shard=shard, node_id=self.node_id)
+        self._changes.note("released", shard)
+
+
+class _ShardChanges:
+    """Shards acquired and released, logged as one summary line once they settle: a node
+    taking 64 shards at start writes one line, not 64."""
+
+    SETTLE = 0.5  # seconds without a change before the summary is written
+
+    def __init__(self, node_id: str, owned: Callable[[], int]) -> None:
+        self.node_id = node_id
+        self._owned = owned
+        self._seen: dict[str, list[int]] = {"acquired": [], "released": []}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, kind: str, shard: int) -> None:
+        self._seen[kind].append(shard)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.SETTLE, self.flush)
+
+    def flush(self) -> None:
+        """Write the summary of what changed since the last one (nothing if nothing did)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        acquired, released = sorted(self._seen["acquired"]), sorted(self._seen["released"])
+        if acquired or released:
+            log.info("cluster.shards_changed", node_id=self.node_id, acquired=acquired,
+                     released=released, owned=self._owned())
+        self._seen = {"acquired": [], "released": []}
 
 
 class EtcdCoordinator(ClusterCoordinator):

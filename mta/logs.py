@@ -38,7 +38,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
         cache_logger_on_first_use=True,
     )
     if node_id:
-        structlog.contextvars.bind_contextvars(node=node_id)
+        # The same key the events pass themselves: one node_id per line, never node and node_id.
+        structlog.contextvars.bind_contextvars(node_id=node_id)
     # aiosmtpd logs every command at INFO (and a deprecation warning per AUTH) through stdlib
     # logging: far too chatty for a production MTA; our own events cover what matters.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

@@ -89,6 +89,8 @@ async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: byte
     metrics.received.inc()
     metrics.received_bytes.inc(size)
     metrics.submit_latency.observe(time.perf_counter() - started)
+    # RFC 3848 protocol names: ESMTPS / ESMTPSA mean the message came over TLS.
     log.info(f"{via}.received", message_id=message_id, sender=env.sender,
-             recipients=len(env.recipients), size=size, client_ip=env.client_ip)
+             recipients=len(env.recipients), size=size, client_ip=env.client_ip,
+             auth_user=env.auth_user or None, tls=protocol.rstrip("A").endswith("S"))
     return message_id, size

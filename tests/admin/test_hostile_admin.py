@@ -270,6 +270,7 @@ def test_a_site_key_with_a_port_matches_the_smarthost(tmp_path: Path) -> None:
     ({"mx\u202e.example": {}}, "mx\\u202e.example"),
     ({"mx\x00.example": {}}, "mx\\x00.example"),
     ({"relay.example:99999": {}}, "relay.example:99999"),
+    ({"relay.example:0": {}}, "relay.example:0"),
     ({"*.Google.COM": {}, "*.google.com": {}}, "'*.Google.COM' and '*.google.com'"),
 ])
 def test_bad_site_keys_are_refused_at_load(tmp_path: Path, sites: dict[str, Any],

@@ -236,7 +236,7 @@ def test_hold_is_durable_and_release_then_retry_delivers(node: NodeProcess,
     answer = ctl_json(node, "message", "hold", held)
     assert answer == {"id": held, "node": "test-node", "held": True, "changed": True}
     again = ctl(node, "message", "hold", held)
-    assert again.returncode == 1 and "already held" in again.stdout
+    assert again.returncode == 1 and "already held" in again.stderr
     retry = ctl(node, "message", "retry", held)
     assert retry.returncode == 1 and "is held" in retry.stderr
     status, err = _http(node, "POST", f"/api/v1/messages/{held}/retry", {})
@@ -424,3 +424,24 @@ def test_queue_tools_span_a_two_node_cluster(cluster: Cluster) -> None:
     assert _listed(n1, "--sender", "cl@ok.test") == []
     for name, node in (("n1", n1), ("n2", n2)):
         assert all(_records(node.workdir, "AdminDelete", m) for m in ids[name])
+
+
+def test_a_hold_or_release_that_changes_nothing_fails_and_says_so(node: NodeProcess) -> None:
+    mid = submit(node, ["n@later.test"], 40, sender="noop@ok.test")
+    _wait_deferred(node, mid)
+    # Releasing what is not held: exit 1, said on stderr, nothing on stdout.
+    for json_flag in ((), ("--json",)):
+        res = ctl(node, *json_flag, "message", "release", mid)
+        assert (res.returncode, res.stdout) == (1, ""), res
+        assert res.stderr == f"mtactl: {mid} was not held\n", res.stderr
+    assert ctl_json(node, "message", "hold", mid)["changed"]
+    for json_flag in ((), ("--json",)):
+        res = ctl(node, *json_flag, "message", "hold", mid)
+        assert (res.returncode, res.stdout) == (1, ""), res
+        assert res.stderr == f"mtactl: {mid} was already held\n", res.stderr
+    assert _listed(node, "--state", "held") == [mid]
+    released = ctl(node, "message", "release", mid)
+    assert released.returncode == 0 and f"{mid} released" in released.stdout
+    again = ctl(node, "message", "release", mid)
+    assert again.returncode == 1 and "not held" in again.stderr
+    assert _listed(node, "--state", "held") == []

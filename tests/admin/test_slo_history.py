@@ -469,3 +469,49 @@ def test_a_fresh_node_reports_full_availability_once_ready(tmp_path: Path, sink:
         assert data["checks"]["availability"]["met"] and data["objectives_met"], data
     finally:
         node.kill()
+
+
+def test_a_restart_after_a_rotation_reads_the_renamed_log_on_from_its_position(
+        tmp_path: Path) -> None:
+    acct = tmp_path / "acct.jsonl"
+    clock = Clock(T0 + 5)
+    tracker = _tracker(tmp_path, clock)
+    _append(acct, _line("Reception", clock.now))
+    tracker.sample()
+    asyncio.run(tracker.save())
+    tracker.scanner.close()  # then the node stops (or is killed)
+    # Rotated while it was down: the old file renamed within the log's directory, the
+    # writer's last lines still in it, a new file at the path.
+    os.rename(acct, tmp_path / "acct.jsonl.1")
+    _append(tmp_path / "acct.jsonl.1", _line("Reception", clock.now) * 2)
+    _append(acct, _line("Delivery", clock.now))
+    clock.now += 10
+    again = _tracker(tmp_path, clock)
+    again.sample()
+    report = _report(again)
+    assert (report["submitted"], report["delivered"]) == (3, 1), report
+    clock.now += 5
+    again.sample()  # and none of them again
+    report = _report(again)
+    assert (report["submitted"], report["delivered"]) == (3, 1), report
+    # The scanner alone, from the same saved position: the renamed file's new lines once.
+    saved = LogPosition.from_json({k: v for k, v in json.loads(
+        (tmp_path / "slo.json").read_text())["log"].items() if k != "path"})
+    counts, pos = LogScanner(str(acct)).scan(saved)
+    assert _total(counts) == [2, 1, 0, 0]
+    assert pos.offset == acct.stat().st_size
+
+
+def test_a_trailing_partial_line_is_counted_once_it_is_whole(tmp_path: Path) -> None:
+    path = tmp_path / "acct.jsonl"
+    # The partial line already has its type and time: only the newline says it is whole.
+    _append(path, _line("Reception", T0) + b'{"type":"Delivery","time":1.0,')
+    scanner = LogScanner(str(path))
+    counts, pos = scanner.scan(LogPosition())
+    assert _total(counts) == [1, 0, 0, 0]
+    total = _total(counts)
+    _append(path, b'"message_id":"m1"}\n')
+    counts, pos = scanner.scan(pos)
+    total = [a + b for a, b in zip(total, _total(counts), strict=True)]
+    assert total == [1, 1, 0, 0]
+    assert pos.offset == path.stat().st_size

@@ -141,3 +141,40 @@ async def test_no_ops_say_so_and_fail(node: Node) -> None:
     code, _, err = await _run(*base, "throttle", "clear", "busy.test")
     assert code == 0, err
     assert node.coordinator.runtime().throttles == {}
+
+
+async def test_passwd_refuses_an_empty_password() -> None:
+    # `printf '\n' | mtactl passwd alice`: a line was read, and it is empty.
+    for stdin in (b"\n", b"\r\n"):
+        code, out, err = await _run("mta.cli.ctl", "passwd", "alice", stdin=stdin)
+        assert (code, out) == (1, ""), (stdin, code, out, err)
+        assert err == "mtactl: empty password refused\n", err
+
+
+async def _queue_one(node: Node) -> str:
+    """One message into the node's spool over SMTP (delivery is off: it stays); its id."""
+    from tests.support import Raw, port, queued_id
+
+    c = await Raw.connect(port(node))
+    try:
+        assert (await c.reply()).startswith("220")
+        assert (await c.cmd("EHLO client.example")).startswith("250")
+        assert (await c.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        assert (await c.cmd("DATA")).startswith("354")
+        return queued_id(await c.cmd(b"Subject: hi\r\n\r\nhello\r\n."))
+    finally:
+        await c.close()
+
+
+async def test_an_option_between_the_verb_and_its_id_is_taken(node: Node) -> None:
+    mid = await _queue_one(node)
+    code, out, err = await _run("mta.cli.ctl", "--url", _url(node), "message", "show",
+                                "--token", TOKEN, mid)
+    assert code == 0, err
+    assert out.startswith(f"id           {mid}"), out
+    code, out, err = await _run("mta.cli.ctl", "message", "show", "--url", _url(node),
+                                "--json", "--token", TOKEN, mid, "--headers")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["id"] == mid and "Subject: hi" in shown["content"]["text"], shown

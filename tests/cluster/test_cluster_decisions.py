@@ -20,7 +20,18 @@ import pytest
 from cluster.coordinator import ClusterCoordinator
 from cluster.keys import Keys
 from cluster.memstore import MemEtcd, MemStore
-from cluster.store import Compare, Get, Put, Snapshot, StoreDown, Timing, Txn, decode
+from cluster.store import (
+    Compare,
+    Get,
+    LeaseLeft,
+    Put,
+    Snapshot,
+    StoreDown,
+    Timing,
+    Txn,
+    decode,
+)
+from mta.coordinator import ClusterOpError
 from mta.spool.layout import ShardCountMismatch
 from tests.support import make_config
 from tests.support import wait_until as until
@@ -450,3 +461,101 @@ async def test_a_member_that_stopped_refreshing_is_listed_as_lease_expiring(
     assert now["b"] == 0, now
     world.etcd.advance(TTL / 6)  # b's lease has run out: b is no longer a member
     assert await listed() == {"a": None}
+
+
+class HeldReleases(Host):
+    """A Host whose releases wait until ``hold`` is set (deliveries still in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = asyncio.Event()
+
+    async def release_shard(self, shard: int) -> None:
+        self.events.append((time.monotonic(), "release_start", shard))
+        await self.hold.wait()
+        self.owned.pop(shard, None)
+        self.events.append((time.monotonic(), "release", shard))
+
+
+async def test_a_shard_being_released_may_not_be_sent_from(world: World) -> None:
+    h1, h2 = HeldReleases(), Host()
+    n1, n2 = world.coordinator("n1"), world.coordinator("n2")
+    await n1.start(h1)
+    everything = set(range(SHARDS))
+    await until(serving(n1, h1, everything), 5, "n1 serving every shard")
+    joining = asyncio.create_task(n2.start(h2))  # the leader moves shards to n2
+    try:
+        await until(lambda: bool(h1.kinds("release_start")), 10, "n1 releasing a shard")
+        releasing = {s for _, s in h1.kinds("release_start")}
+        # The shard is still owned (its key, its claim) while deliveries finish: no new ones.
+        assert releasing <= set(n1._owned)
+        assert not any(n1.may_send(s) for s in releasing), "may_send said yes mid-release"
+        assert all(n1.may_send(s) for s in everything - releasing)
+    finally:
+        h1.hold.set()
+    await joining
+    await until(lambda: bool(h2.owned) and world.snapshot().converged(SHARDS), 10,
+                "n2 owns the shards it was given")
+
+
+def test_lease_left_counts_the_second_etcd_floors_away() -> None:
+    # etcd says whole seconds left, floored: 3 s left of 6 may be 3.9 s, not yet expiring.
+    assert not LeaseLeft(left=3, granted=6).expiring
+    assert LeaseLeft(left=2, granted=6).expiring
+    assert not LeaseLeft(left=1, granted=2).expiring
+    assert LeaseLeft(left=0, granted=2).expiring
+
+
+async def test_an_undrain_that_changes_nothing_is_refused(world: World) -> None:
+    c = world.coordinator("n1")
+    await c.start(Host())
+    with pytest.raises(ClusterOpError) as live:
+        await c.set_draining("n1", False)  # live, not draining
+    assert live.value.status == 409, live.value
+    with pytest.raises(ClusterOpError) as unknown:
+        await c.set_draining("n9", False)  # a mistyped name
+    assert unknown.value.status == 404, unknown.value
+    assert world.snapshot().draining == set()
+
+
+async def test_the_fence_deadline_counts_from_when_the_refresh_was_sent(
+        world: World) -> None:
+    host = Host()
+    c = world.coordinator("n1", shards=2)
+    await c.start(host)
+    await until(serving(c, host, {0, 1}), 5, "serving")
+    delay = c.timing.refresh_timeout * 0.7  # a slow answer, still in time
+    sent: list[float] = []
+
+    async def slow_then_silent(_: Any) -> None:
+        sent.append(time.monotonic())
+        if len(sent) == 1:
+            await asyncio.sleep(delay)  # etcd's answer takes this long
+        else:
+            await asyncio.Event().wait()  # no later refresh gets through
+
+    mem(c).hooks["refresh"] = slow_then_silent
+    await until(lambda: bool(host.kinds("fence")), c.fence_after + 5, "the fence")
+    mem(c).hooks.clear()
+    fenced_at = host.kinds("fence")[0][0]
+    # From the send: the answer's delay must not push the fence past what etcd allows.
+    assert fenced_at - sent[0] < c.fence_after + delay, (fenced_at - sent[0], delay)
+    assert c.last_refresh <= sent[0]
+
+
+async def test_taking_every_shard_is_logged_as_one_summary_line(world: World) -> None:
+    """A node taking its shards writes one info line naming them, not one line per shard."""
+    from structlog.testing import capture_logs
+
+    host = Host()
+    c = world.coordinator("n1")
+    with capture_logs() as logs:
+        await c.start(host)
+        await until(serving(c, host, set(range(SHARDS))), 5, "n1 serving every shard")
+        c._changes.flush()  # the summary is written once the changes settle; now, here
+    # (cluster.shards_recorded, once per new cluster, records the shard count, not shards.)
+    infos = [e for e in logs if e["log_level"] == "info" and "shard" in e["event"]
+             and e["event"] != "cluster.shards_recorded"]
+    assert [e["event"] for e in infos] == ["cluster.shards_changed"], infos
+    assert infos[0]["acquired"] == list(range(SHARDS))
+    assert (infos[0]["released"], infos[0]["owned"]) == ([], SHARDS)

@@ -496,3 +496,32 @@ async def test_retry_backoff_doubles_up_to_retry_max_and_a_restart_caps_it(
     await wait_until(lambda: again.engine.next_attempt(mid) is not None, what="rescheduled")
     due = again.engine.next_attempt(mid)
     assert due is not None and began + 60 <= due <= time.time() + 60, due - began
+
+
+async def test_a_delete_after_a_failed_state_write_keeps_the_delivery_line(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mta.spool import SpoolWriteError
+
+    world.zone({"dest.test": _mx((10, "mx.dest.test")), "mx.dest.test": {"A": ["127.0.0.2"]}})
+    sink = world.sink("127.0.0.2", SinkScript(rcpt={"b@dest.test": "451 4.3.0 try later"}))
+    node = await world.start()
+    assert node.engine is not None
+    queue = node.engine.queue
+    failed: list[str] = []
+
+    async def full_disk(mid: str, state: dict[str, Any], lines: bytes | None = None) -> None:
+        failed.append(mid)
+        raise SpoolWriteError(28, "No space left on device")
+
+    monkeypatch.setattr(node.spool, "update_state", full_disk)
+    mid = await world.submit(["a@dest.test", "b@dest.test"])
+    await sink.wait_for(1)  # a accepted, b deferred: the state write with a's line fails
+    await wait_until(lambda: bool(failed) and mid in queue._unsaved
+                     and mid not in queue._inflight, what="the failed state write")
+    assert [r for r in world.accounting() if r["type"] == "Delivery"] == []
+    assert await queue.delete(mid) == 1  # the operator drops b
+    records = await world.wait_records("AdminDelete", 1)
+    assert [r["recipient"] for r in records if r["type"] == "AdminDelete"] == ["b@dest.test"]
+    assert [r["recipient"] for r in world.accounting()
+            if r["type"] == "Delivery"] == ["a@dest.test"]
+    assert node.spool.live_count() == 0

@@ -120,3 +120,30 @@ async def test_reload_gives_an_existing_site_its_new_limits(world: World) -> Non
     assert node.engine.sites["mx.shared.test"] is site  # same site, connections kept
     # The override of messages per connection went with the reload: the default again.
     assert (site.limits.max_connections, site.limits.max_messages_per_connection) == (4, 100)
+
+
+def test_the_longest_wildcard_suffix_wins_over_a_shorter_one() -> None:
+    sites = config_from_dict({"delivery": {"sites": {
+        "*.google.com": {"max_connections": 2},
+        "*.l.google.com": {"max_connections": 3},
+    }}}).delivery.sites
+    policy = site_policy(_route("aspmx.l.google.com"), sites)
+    assert policy is not None and policy.max_connections == 3
+
+
+def test_on_a_tie_the_more_preferred_route_host_decides() -> None:
+    sites = config_from_dict({"delivery": {"sites": {
+        "mx1.tie.test": {"max_connections": 1},
+        "mx2.tie.test": {"max_connections": 2},
+    }}}).delivery.sites
+    first = site_policy(_route("mx1.tie.test", "mx2.tie.test", site="tie"), sites)
+    assert first is not None and first.max_connections == 1
+    second = site_policy(_route("mx2.tie.test", "mx1.tie.test", site="tie"), sites)
+    assert second is not None and second.max_connections == 2
+
+
+def test_a_site_rate_overrides_the_delivery_rate() -> None:
+    cfg = config_from_dict({"delivery": {
+        "rate": "3/s", "sites": {"mx.slow.test": {"rate": "1/s"}}}})
+    assert site_limits(cfg.delivery, _route("mx.slow.test"), "me.test").rate == 1.0
+    assert site_limits(cfg.delivery, _route("mx.other.test"), "me.test").rate == 3.0

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import resource
 import smtplib
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -224,3 +226,75 @@ async def test_admin_api_refuses_a_missing_empty_or_wrong_token(start_node: Any)
         assert await _admin(http, node, "POST", "/api/v1/messages", "Bearer t0ken", inject) == 202
     # Exactly the one authorised injection was stored, on the node that has a token.
     assert (node.spool.live_count(), tokenless.spool.live_count()) == (1, 0)
+
+
+async def _lock_out(node: Any) -> Raw:
+    """Three wrong passwords from 127.0.0.1: the address is locked; returns a new session."""
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO guesser.example")
+    for guess in ("a", "b", "c"):
+        assert (await c.cmd(_plain("alice", guess))).startswith("535 5.7.8")
+    await c.close()
+    d = await Raw.connect(port(node))
+    await d.reply()
+    await d.cmd("EHLO guesser.example")
+    return d
+
+
+async def test_a_locked_address_gets_454_before_any_challenge(
+        start_node: Any, users_file: str) -> None:
+    node = await start_node(smtp={"users_file": users_file, "auth_max_failures": 3,
+                                  "auth_lockout": "60s", "auth_failure_delay": "10ms"})
+    d = await _lock_out(node)
+    try:
+        # No initial response: refused at once, not asked for the credentials first.
+        for mechanism in ("AUTH PLAIN", "AUTH LOGIN"):
+            reply = await d.cmd(mechanism)
+            assert reply.startswith("454 4.7.0"), (mechanism, reply)
+        # The session is still in step: a command after them is answered as such.
+        assert (await d.cmd("NOOP")).startswith("250")
+    finally:
+        await d.close()
+
+
+async def test_a_client_gone_during_the_password_check_counts_as_a_failure(
+        start_node: Any, users_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = await start_node(smtp={"users_file": users_file, "auth_max_failures": 3,
+                                  "auth_lockout": "60s", "auth_failure_delay": "10ms"})
+    assert node.ingress is not None and node.ingress.users is not None
+    checking = asyncio.Event()
+
+    async def slow_verify(user: str, password: bytes) -> bool:
+        checking.set()
+        await asyncio.Event().wait()  # until the session is cancelled: the client left
+        return False
+
+    monkeypatch.setattr(node.ingress.users, "verify", slow_verify)
+    registry = node.metrics.registry
+
+    def failures() -> float:
+        return registry.get_sample_value("mta_smtp_auth_failures_total") or 0.0
+
+    for n in range(3):
+        c = await Raw.connect(port(node))
+        await c.reply()
+        await c.cmd("EHLO guesser.example")
+        checking.clear()
+        c.writer.write((_plain("alice", f"guess{n}") + "\r\n").encode())
+        await c.writer.drain()
+        await asyncio.wait_for(checking.wait(), 10)
+        # Gone before the answer: a reset (a FIN is only a half-close, which is answered).
+        c.writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.writer.transport.abort()
+        await wait_until(lambda n=n: failures() == n + 1, 10, f"failure {n + 1} counted")
+    assert registry.get_sample_value("mta_smtp_auth_lockouts_total") == 1
+    monkeypatch.undo()
+    d = await Raw.connect(port(node))
+    try:
+        await d.reply()
+        await d.cmd("EHLO guesser.example")
+        assert (await d.cmd(_plain("alice", "s3cret"))).startswith("454 4.7.0")
+    finally:
+        await d.close()

@@ -407,3 +407,65 @@ async def test_a_client_gone_mid_data_gives_its_budget_back(start_node: Any) -> 
         assert (await _send_message(s, _body(9, 700_000))).startswith("250")
     finally:
         await s.close()
+
+
+def test_a_long_line_whose_crlf_straddles_two_pieces_is_flagged() -> None:
+    """The CR ends one piece and the LF starts the next: the line that ended there is
+    measured without its CR, against the limit the reader uses (the session's, less CRLF)."""
+    from mta.ingress.data import _scan_lines
+    from mta.ingress.session import IngressSession
+
+    max_line = IngressSession.line_length_limit - 2
+    for head in (b"", b"Subject: x\r\n", b"a" * 500):
+        for length, want in ((max_line + 1, True), (max_line + 300, True),
+                             (max_line, False), (max_line - 1, False)):
+            # ``head`` is in the first piece too (no CRLF after b"a" * 500: one line).
+            line = b"x" * (length - (len(head) if b"\r\n" not in head else 0))
+            first, second = head + line + b"\r", b"\nnext line\r\n"
+            carry, long = _scan_lines(first, b"\r\n", 0, max_line)
+            assert not long, (len(head), length)
+            carry, long = _scan_lines(second, first[-2:], carry, max_line)
+            assert long is want, (len(head), length)
+            assert carry == 0
+            # Cut anywhere else, the same line is judged the same.
+            whole = first + second
+            assert _scan_lines(whole, b"\r\n", 0, max_line)[1] is want
+
+
+async def test_a_body_that_fits_the_budget_but_not_the_piece_ahead_is_accepted(
+        start_node: Any) -> None:
+    """The reader holds a piece (64K) ahead of the body when it can; when the budget has
+    room for the body but not for that piece too, the body must still be taken."""
+    limit = 1024 * 1024
+    node = await start_node(smtp=_known_smtp_keys(max_message_size=limit,
+                                                  max_inflight_bytes=limit))
+    ingress = node.ingress
+    assert ingress is not None
+    a = await _session(port(node))
+    b = await _session(port(node))
+    try:
+        # Alone, a body just under the limit: the budget is exactly the message size.
+        reply = await _send_message(b, _body(1, limit - 10_000))
+        assert reply.startswith("250"), reply
+        await _until(lambda: ingress.inflight_bytes == 0, 10, "the budget given back")
+        # Another session holds part of the budget; b's body fits in the rest, with less
+        # than 64K to spare.
+        assert (await a.cmd("MAIL FROM:<a@example.com>")).startswith("250")
+        assert (await a.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        assert (await a.cmd("DATA")).startswith("354")
+        a.writer.write(_stuffed(_body(2, 100_000))[:-3])
+        await a.writer.drain()
+        await _until(lambda: ingress.inflight_bytes >= 99_000, 10, "a's body in flight")
+        room = limit - ingress.inflight_bytes
+        body = _body(3, room - 16_000)
+        assert room - 64_000 < len(body) <= room, (room, len(body))
+        reply = await _send_message(b, body)
+        assert reply.startswith("250"), reply
+        a.writer.write(b".\r\n")
+        await a.writer.drain()
+        assert (await a.reply()).startswith("250")
+    finally:
+        await a.close()
+        await b.close()
+    assert len(await stored(node)) == 3
+    assert ingress.inflight_bytes == 0

@@ -242,3 +242,25 @@ def test_check_flag_and_shipped_configs_are_valid(tmp_path: Path) -> None:
     res = _run_mta("--config", str(ROOT / "configs" / "standalone.toml"), "--check", cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "configuration OK" in res.stdout
+
+
+def test_log_lines_carry_one_node_id_and_no_duplicate_node_key(tmp_path: Path) -> None:
+    """Every JSON log line names the node once, as node_id (not node and node_id both)."""
+    import json
+
+    raw = node_config(tmp_path / "spool")
+    raw["node"]["log_level"] = "info"
+    node = NodeProcess(tmp_path, raw).start()
+    with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=10) as s:
+        s.sendmail("a@example.com", ["b@example.org"], message(1, 500))
+    node.signal(signal.SIGTERM)
+    assert node.wait() == 0
+    lines = [json.loads(x) for x in node.log().splitlines() if x.startswith("{")]
+    assert len(lines) >= 3, node.log()  # started, received, stopping at least
+    for line in lines:
+        assert "node" not in line, line
+        assert line.get("node_id") == "test-node", line
+    [received] = [x for x in lines if x["event"] == "smtp.received"]
+    # Who submitted it and how: no AUTH and no TLS on this session, said as such.
+    assert (received["auth_user"], received["tls"], received["client_ip"]) == (
+        None, False, "127.0.0.1"), received

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mta.cli.ctl.client import UsageError, age, call, emit, table, when
+from mta.cli.ctl.client import CtlError, UsageError, age, call, emit, table, when
 
 DEFAULT_MAX_BYTES = 65536
 
@@ -69,9 +69,9 @@ def _bounce(args: argparse.Namespace) -> int:
 def _hold(args: argparse.Namespace) -> int:
     data = call(args, f"/api/v1/messages/{args.id}/{args.action}", {}, timeout=90)
     if not data["changed"]:
-        # A no-op the operator wants to hear about (a typo'd id answers 404 instead).
-        print(f"mtactl: {data['id']} was {'already' if data['held'] else 'not'} held")
-        return 1
+        # A no-op the operator wants to hear about (a typo'd id answers 404 instead); on
+        # stderr like every refusal, so nothing but JSON ever reaches stdout with --json.
+        raise CtlError(f"{data['id']} was {'already' if data['held'] else 'not'} held")
     return emit(args, data, f"{data['id']} {'held' if data['held'] else 'released'} on "
                             f"{data['node']}")
 
