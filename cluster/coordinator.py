@@ -302,11 +302,11 @@ class ClusterCoordinator:
                                  "check the etcd cluster (etcdctl endpoint health)", 503
                                  ) from None
 
-    async def members(self) -> list[Member]:
-        """Every live node, from a fresh read."""
+    async def members(self, *, leases: bool = False) -> list[Member]:
+        """Every live node, from a fresh read (with ``leases``, the expiring ones marked)."""
         v = await self._fresh()
         owned = v.owned_per_node()
-        expiring = await self._expiring_leases(v)
+        expiring = await self._expiring_leases(v) if leases else {}
         return [Member(node, str(info.get("addr", "")), str(info.get("admin", "")),
                        v.leader == node, node in v.draining, owned.get(node, 0),
                        str(info.get("version", "")), float(info.get("started", 0.0)),

@@ -149,8 +149,10 @@ class Coordinator(Protocol):
     def is_leader(self) -> bool:
         """True while this node is the cluster leader (always, standalone)."""
 
-    async def members(self) -> list[Member]:
-        """Every live node, from a fresh read of the store; raises ClusterOpError if down."""
+    async def members(self, *, leases: bool = False) -> list[Member]:
+        """Every live node, from a fresh read of the store; raises ClusterOpError if down.
+        ``leases``: also ask the store how long each peer's lease has left (one call per
+        member, so only where it is shown) to fill ``lease_expiring``."""
 
     async def shards(self) -> list[ShardInfo]:
         """Assignment and ownership of every shard, from a fresh read of the store."""
@@ -242,7 +244,7 @@ class LocalCoordinator:
     def is_leader(self) -> bool:
         return True
 
-    async def members(self) -> list[Member]:
+    async def members(self, *, leases: bool = False) -> list[Member]:
         assert self._host is not None
         ends = self._host.endpoints()
         return [Member(self.node_id, ends.get("smtp", ""), ends.get("admin", ""), True, False,

@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.support import NodeProcess, Sink, ctl, ctl_json, node_config, submit, toml_dumps
+from tests.support import (
+    NodeProcess,
+    Sink,
+    ctl,
+    ctl_json,
+    node_config,
+    read_accounting,
+    submit,
+    toml_dumps,
+)
 from tests.support import wait_until_sync as wait_for
 
 SHARDS = 4
@@ -47,8 +56,7 @@ def node(tmp_path: Path, sink: Sink) -> Iterator[NodeProcess]:
 
 
 def accounting(node: NodeProcess) -> list[dict[str, Any]]:
-    path = node.workdir / "acct.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+    return read_accounting(node.workdir / "acct.jsonl")
 
 
 def deferred(node: NodeProcess, mid: str) -> bool:

@@ -29,6 +29,7 @@ from tests.support import (
     ctl,
     ctl_json,
     node_config,
+    read_accounting,
     submit,
     wait_until_sync,
 )
@@ -51,8 +52,7 @@ def node(tmp_path: Path, sink: Sink) -> Iterator[NodeProcess]:
 
 
 def _accounting(work: Path) -> list[dict[str, Any]]:
-    path = work / "acct.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+    return read_accounting(work / "acct.jsonl")
 
 
 def _records(work: Path, kind: str, mid: str) -> list[dict[str, Any]]:

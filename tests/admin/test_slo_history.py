@@ -37,6 +37,7 @@ from tests.support import (
     SinkScript,
     ctl_json,
     node_config,
+    read_accounting,
     submit,
     wait_until_sync,
 )
@@ -368,8 +369,7 @@ def _raw(work: Path, sink: Sink, **slo: Any) -> dict[str, Any]:
 
 
 def _log(work: Path) -> list[dict[str, Any]]:
-    path = work / "acct.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_accounting(work / "acct.jsonl")
 
 
 def _log_counts(records: list[dict[str, Any]]) -> dict[str, int]:

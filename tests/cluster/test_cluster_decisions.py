@@ -440,7 +440,7 @@ async def test_a_member_that_stopped_refreshing_is_listed_as_lease_expiring(
     await b.start(Host())
 
     async def listed() -> dict[str, float | None]:
-        return {m.node: m.lease_expiring for m in await a.members()}
+        return {m.node: m.lease_expiring for m in await a.members(leases=True)}
 
     def refreshed(c: ClusterCoordinator) -> Callable[[], bool]:
         assert c._lease is not None
@@ -448,6 +448,10 @@ async def test_a_member_that_stopped_refreshing_is_listed_as_lease_expiring(
         return lambda: world.etcd.leases[lease].expires > world.etcd.clock() + TTL - 0.5
 
     assert await listed() == {"a": None, "b": None}
+    # Without leases=True (peer fan-out, every cluster-wide admin answer) no lease is asked.
+    mem(a).calls.clear()
+    assert {m.node: m.lease_expiring for m in await a.members()} == {"a": None, "b": None}
+    assert "lease_left" not in mem(a).calls
     mem(b).mode = "silent"  # b's refreshes no longer reach the store
     world.etcd.advance(TTL / 6)  # one refresh interval: nobody is expiring yet
     await until(refreshed(a), 5, "a refreshed its lease")

@@ -3,7 +3,6 @@ answers for the whole cluster, forwards to the owner of a message, drains and re
 
 from __future__ import annotations
 
-import json
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import EtcdServer, Sink, ctl, ctl_json, submit
+from tests.support import EtcdServer, Sink, ctl, ctl_json, read_accounting, submit
 from tests.support import wait_until_sync as _wait
 from tests.support.cluster import SHARDS, Cluster
 
@@ -30,10 +29,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer,
 
 
 def _deferred(work: Path, mid: str) -> bool:
-    path = work / "acct.jsonl"
-    return path.exists() and any(
-        json.loads(line)["type"] == "TransientFailure" and json.loads(line)["message_id"] == mid
-        for line in path.read_text().splitlines() if line)
+    return any(r["type"] == "TransientFailure" and r["message_id"] == mid
+               for r in read_accounting(work / "acct.jsonl"))
 
 
 def test_membership_and_shard_verbs_answer_from_any_node(cluster: Cluster) -> None:

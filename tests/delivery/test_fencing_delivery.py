@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from mta.coordinator import Coordinator, LocalCoordinator
 from mta.node import Node
 from mta.spool import segment
 from mta.spool.ownership import OwnerToken, claim
-from tests.support import Sink, SinkScript, make_config, message, wait_until
+from tests.support import Sink, SinkScript, make_config, message, read_accounting, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -162,10 +161,7 @@ class Nodes:
         return node
 
     def accounting(self) -> list[dict[str, Any]]:
-        path = self.tmp_path / "acct.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return read_accounting(self.tmp_path / "acct.jsonl")
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from tests.support import (
     make_config,
     message,
     port,
+    read_accounting,
     stored,
     wait_until,
 )
@@ -106,10 +107,7 @@ def _delivery(sink: Sink, **extra: Any) -> dict[str, Any]:
 
 
 def _accounting(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "accounting.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return read_accounting(tmp_path / "accounting.jsonl")
 
 
 def _dsns(sink: Sink) -> list[email.message.EmailMessage]:
@@ -498,8 +496,7 @@ async def test_a_route_to_the_unspecified_address_loops_back_to_myself(
     await c.close()
 
     def records() -> list[dict[str, Any]]:
-        path = tmp_path / "acct.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return read_accounting(tmp_path / "acct.jsonl")
 
     await wait_until(lambda: any(r["type"] == "Bounce" for r in records()), timeout=15,
                      what="the bounce")

@@ -3,7 +3,6 @@ exactly one final record per recipient, and every acknowledged message has its R
 
 from __future__ import annotations
 
-import json
 import signal
 import smtplib
 import threading
@@ -12,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.support import NodeProcess, Sink, message, node_config
+from tests.support import NodeProcess, Sink, message, node_config, read_accounting
 
 FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 
@@ -60,7 +59,7 @@ def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
         thread.join(30)
 
         def records() -> list[dict[str, Any]]:
-            return [json.loads(line) for line in acct.read_text().splitlines() if line]
+            return read_accounting(acct)
 
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

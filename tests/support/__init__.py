@@ -27,7 +27,7 @@ from harness.sink import AnyAddress, Received, Sink, SinkScript, greylisting_scr
 from tests.support.ctl import ctl, ctl_json
 from tests.support.etcd import BlackHoleProxy
 from tests.support.smtp import Raw, port, queued_id, stored, submit
-from tests.support.spool import read_spool
+from tests.support.spool import read_accounting, read_spool
 from tests.support.world import SINK_HOSTS, World
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,7 @@ __all__ = [
     "ROOT", "SINK_HOSTS", "AnyAddress", "BlackHoleProxy", "DNSServer", "EtcdServer",
     "NodeProcess", "Raw", "Received", "Sink", "SinkScript", "World", "ctl", "ctl_json",
     "free_port", "free_port_on", "greylisting_script", "make_config", "message",
-    "node_config", "port", "queued_id", "read_spool", "rss_kb", "running_node", "status_kb",
+    "node_config", "port", "queued_id", "read_accounting", "read_spool", "rss_kb",
+    "running_node", "status_kb",
     "stored", "submit", "toml_dumps", "wait_until", "wait_until_sync",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,3 +28,10 @@ def read_spool(path: Path, shards: int) -> dict[str, Any]:
         return out
 
     return asyncio.run(run())
+
+
+def read_accounting(path: Path) -> list[dict[str, Any]]:
+    """Every record of an accounting log (JSONL), in order; none if the file is not there yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -3,7 +3,6 @@ SMTP servers (sinks) on several loopback addresses, and one in-process node."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from harness.mail import message
 from harness.net import free_port_on
 from harness.poll import wait_until
 from harness.sink import Sink, SinkScript
+from tests.support.spool import read_accounting
 
 if TYPE_CHECKING:
     from mta.node import Node
@@ -70,10 +70,7 @@ class World:
         return reply.rsplit(" ", 1)[1]
 
     def accounting(self) -> list[dict[str, Any]]:
-        path = self.tmp_path / "acct.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return read_accounting(self.tmp_path / "acct.jsonl")
 
     async def wait_records(self, kind: str, count: int, timeout: float = 10.0
                            ) -> list[dict[str, Any]]:

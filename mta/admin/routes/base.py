@@ -126,9 +126,10 @@ class Api:
                                     "set [delivery] enabled = true")
         return self.node.engine
 
-    async def members(self) -> list[Member]:
-        """Every live member of the cluster (this node alone when standalone)."""
-        return await self.node.coordinator.members()
+    async def members(self, *, leases: bool = False) -> list[Member]:
+        """Every live member of the cluster (this node alone when standalone); ``leases``
+        marks those whose lease is running out (a store call per member)."""
+        return await self.node.coordinator.members(leases=leases)
 
     async def peers_of(self) -> list[Member]:
         """The live members other than this node."""

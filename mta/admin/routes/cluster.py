@@ -57,7 +57,7 @@ class Cluster(Resource):
     async def nodes(self, request: web.Request) -> web.Response:
         """The live members as the cluster store has them."""
         now = time.time()
-        members = await self.api.members()
+        members = await self.api.members(leases=True)
         return json_response({"nodes": [
             {"node": m.node, "leader": m.leader, "draining": m.draining, "shards": m.shards,
              "smtp": m.smtp, "admin": m.admin, "version": m.version,
@@ -68,7 +68,8 @@ class Cluster(Resource):
     async def shards(self, request: web.Request) -> web.Response:
         """The shard table: assignment, owner and fencing token of each shard."""
         table = await self.api.node.coordinator.shards()
-        expiring = {m.node for m in await self.api.members() if m.lease_expiring is not None}
+        expiring = {m.node for m in await self.api.members(leases=True)
+                    if m.lease_expiring is not None}
         return json_response({"shards": [
             {"shard": s.shard, "assigned": s.assigned, "owner": s.owner, "token": s.token,
              "owner_lease_expiring": s.owner in expiring}
