@@ -7,7 +7,7 @@ and beats the bare host name."""
 from __future__ import annotations
 
 from mta.config import DeliveryConfig, SitePolicy
-from mta.delivery.routes import Route
+from mta.delivery.routes import Route, wildcard_match
 from mta.delivery.site import SiteLimits
 from mta.envelope import domain_key
 
@@ -26,12 +26,7 @@ def _match(name: str, port: int, sites: dict[str, SitePolicy]
     for key in (name, f"[{name}]"):
         if key in sites:
             return 1 << 16, sites[key]
-    labels = name.split(".")
-    for i in range(1, len(labels)):
-        policy = sites.get("*." + ".".join(labels[i:]))
-        if policy is not None:
-            return len(labels) - i, policy
-    return None
+    return wildcard_match(name, sites)
 
 
 def site_policy(route: Route, sites: dict[str, SitePolicy]) -> SitePolicy | None:

@@ -16,7 +16,9 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -29,7 +31,9 @@ from mta.config import DeliveryConfig, DomainPolicy
 from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
 from mta.envelope import domain_key
 
-__all__ = ["Route", "Router", "literal_address", "policy_for"]
+__all__ = ["Route", "Router", "literal_address", "policy_for", "wildcard_match"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,17 +44,24 @@ class Route:
     hosts: tuple[tuple[str, int, str], ...]
 
 
+def wildcard_match(name: str, table: Mapping[str, T]) -> tuple[int, T] | None:
+    """The longest ``*.suffix`` entry of ``table`` that ``name`` (a domain key) falls under,
+    with the number of labels in that suffix (more is more specific); None if none."""
+    labels = name.split(".")
+    for i in range(1, len(labels)):
+        entry = table.get("*." + ".".join(labels[i:]))
+        if entry is not None:
+            return len(labels) - i, entry
+    return None
+
+
 def policy_for(domain: str, policies: dict[str, DomainPolicy]) -> DomainPolicy | None:
     """The most specific policy: exact domain, then ``*.parent`` wildcards, then ``*``."""
     domain = domain_key(domain)
     if domain in policies:
         return policies[domain]
-    labels = domain.split(".")
-    for i in range(1, len(labels)):
-        wildcard = "*." + ".".join(labels[i:])
-        if wildcard in policies:
-            return policies[wildcard]
-    return policies.get("*")
+    found = wildcard_match(domain, policies)
+    return found[1] if found is not None else policies.get("*")
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")

@@ -100,11 +100,9 @@ class _WithGlobals:
         return parser
 
 
-def _cannot_write(exc: OSError) -> int:
-    print(f"mtactl: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+def _silence_stdout() -> None:
     # Nothing more may reach stdout, or Python complains again as it flushes at exit.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args))
         sys.stdout.flush()
         return code
-    except BrokenPipeError:
-        # `mtactl queue | head`: the reader left; say nothing more, and keep Python from
-        # complaining while it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # `mtactl queue | head`: the reader left; say nothing more
+        _silence_stdout()
         return 1
     except OSError as exc:  # `mtactl status > /dev/full`: stdout cannot be written
-        return _cannot_write(exc)
+        print(f"mtactl: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        _silence_stdout()
+        return 1
     except UsageError as exc:
         print(f"mtactl: {exc}", file=sys.stderr)
         return 2
