@@ -1,0 +1,171 @@
+"""The owner's in-sync set rules and the catch-up plan, case by case (mta.replication.insync).
+
+The simulation (test_simulation.py) runs these rules against random schedules; these tests
+pin each rule to the case that motivated it, so a change that breaks one says which.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mta.replication.insync import (
+    NOTHING,
+    CatchUp,
+    OwnerReplica,
+    SegmentInfo,
+    SyncRecord,
+    plan_catch_up,
+    promotable,
+    takeover_record,
+)
+
+
+def seg(seq: int, token: int, size: int) -> SegmentInfo:
+    return SegmentInfo(seq, token, size)
+
+
+# --- the catch-up plan ---------------------------------------------------------------------
+
+OWNER = [seg(1, 7, 500), seg(2, 7, 300), seg(4, 9, 120)]
+
+
+@pytest.mark.parametrize(("follower", "plan"), [
+    # Nothing yet: a full copy from the owner's oldest segment.
+    ([], CatchUp(None, NOTHING)),
+    # A prefix of the owner's log: resume where it ends.
+    ([seg(1, 7, 500), seg(2, 7, 100)], CatchUp(None, (2, 100))),
+    ([seg(1, 7, 500), seg(2, 7, 300), seg(4, 9, 120)], CatchUp(None, (4, 120))),
+    # Longer than the owner's copy of a segment (the old owner's unacknowledged tail).
+    ([seg(1, 7, 500), seg(2, 7, 380)], CatchUp((2, 300), (2, 300))),
+    # A segment the owner got from another token (a short-lived owner's): cut from there.
+    ([seg(1, 7, 500), seg(2, 7, 300), seg(4, 8, 40)], CatchUp((4, 0), (2, 300))),
+    # A segment number the owner never had: cut from there.
+    ([seg(1, 7, 500), seg(2, 7, 300), seg(3, 7, 60)], CatchUp((3, 0), (2, 300))),
+    # A short segment followed by one from elsewhere: keep the prefix, cut what follows.
+    ([seg(1, 7, 200), seg(3, 8, 60)], CatchUp((3, 0), (1, 200))),
+    # Segments the owner compacted away are left for its drop; the rest is compared.
+    ([seg(0, 5, 900), seg(1, 7, 500)], CatchUp(None, (1, 500))),
+])
+def test_catch_up_keeps_the_longest_common_prefix(follower: list[SegmentInfo],
+                                                  plan: CatchUp) -> None:
+    assert plan_catch_up(OWNER, follower) == plan
+
+
+# --- promotion -----------------------------------------------------------------------------
+
+RECORD = SyncRecord(12, "a", {"a": "ca", "b": "cb"})
+
+
+def test_only_a_member_with_its_own_copy_is_promotable() -> None:
+    assert promotable(RECORD, "b", "cb")
+    assert not promotable(RECORD, "c", "cc"), "not a member"
+    assert not promotable(RECORD, "b", "cb2"), "a member whose disk was replaced"
+    assert not promotable(RECORD, "b", None), "a member with no copy at all"
+    assert promotable(None, "c", None), "a shard never replicated goes anywhere"
+
+
+def test_the_record_round_trips_and_refuses_garbage() -> None:
+    assert SyncRecord.decode(RECORD.encode()) == RECORD
+    with pytest.raises(ValueError):
+        SyncRecord.decode(b'{"token": 1, "owner": "a", "members": ["a"]}')
+
+
+def test_takeover_keeps_the_live_members_and_names_the_new_owner() -> None:
+    rec = SyncRecord(12, "a", {"a": "ca", "b": "cb", "c": "cc"})
+    new = takeover_record(rec, "b", "cb", 20, live={"b", "c"})
+    assert new == SyncRecord(20, "b", {"b": "cb", "c": "cc"})
+    assert takeover_record(None, "b", "cb", 3, live={"a", "b"}) == SyncRecord(3, "b", {"b": "cb"})
+
+
+# --- the owner's rules ---------------------------------------------------------------------
+
+
+def owner(members: dict[str, str], min_insync: int = 2) -> OwnerReplica:
+    rep = OwnerReplica("a", "ca", SyncRecord(5, "a", {"a": "ca", **members}), min_insync, 1.0)
+    rep.wrote((1, 100))
+    rep.synced((1, 100))
+    return rep
+
+
+def test_a_position_is_acknowledged_only_once_every_member_has_it() -> None:
+    rep = owner({"b": "cb", "c": "cc"})
+    sb = rep.connected("b", "cb", 0.0)
+    sc = rep.connected("c", "cc", 0.0)
+    rep.acked("b", (1, 100), 0.1, sb)
+    assert rep.advance() == (NOTHING, NOTHING), "c has not acked"
+    rep.acked("c", (1, 60), 0.1, sc)
+    assert rep.advance() == ((1, 60), (1, 60))
+    rep.acked("c", (1, 100), 0.2, sc)
+    assert rep.advance() == ((1, 100), (1, 100))
+    rep.wrote((1, 150))
+    assert rep.advance()[0] == (1, 100), "not durable on the owner yet"
+
+
+def test_an_ack_from_before_the_current_plan_does_not_count() -> None:
+    rep = owner({"b": "cb"})
+    stream = rep.connected("b", "cb", 0.0)
+    rep.acked("b", (3, 44), 0.1, stream - 1)  # its old copy's end, before the cut
+    assert rep.frontier == NOTHING
+    rep.acked("b", (1, 100), 0.2, stream)
+    assert rep.frontier == (1, 100)
+
+
+def test_acks_from_a_replaced_disk_do_not_count_for_the_member() -> None:
+    rep = owner({"b": "cb"})
+    stream = rep.connected("b", "cb-new", 0.0)
+    rep.acked("b", (1, 100), 0.1, stream)
+    assert rep.frontier == NOTHING
+    assert rep.proposal(0.2) == SyncRecord(5, "a", {"a": "ca"}), "proposed out at once"
+
+
+def test_a_silent_member_is_proposed_out_and_counted_until_that_commits() -> None:
+    rep = owner({"b": "cb", "c": "cc"}, min_insync=2)
+    sb = rep.connected("b", "cb", 0.0)
+    sc = rep.connected("c", "cc", 0.0)
+    rep.acked("b", (1, 100), 0.0, sb)
+    rep.acked("c", (1, 50), 0.0, sc)
+    rep.acked("b", (1, 100), 1.5, sb)
+    assert rep.proposal(0.5) is None, "not silent for replica_timeout yet"
+    shrink = rep.proposal(1.5)
+    assert shrink == SyncRecord(5, "a", {"a": "ca", "b": "cb"})
+    assert rep.proposal(1.6) is None, "one change at a time"
+    assert rep.advance()[0] == (1, 50), "c still counts while the change is in flight"
+    rep.settled(None)
+    assert rep.advance()[0] == (1, 50), "the change failed: c still counts"
+    assert rep.proposal(1.7) == shrink
+    rep.settled(shrink)
+    assert rep.advance() == ((1, 100), (1, 100))
+
+
+def test_below_min_insync_the_shard_is_read_only_but_records_still_settle() -> None:
+    rep = owner({}, min_insync=2)
+    assert not rep.accepting
+    assert rep.advance() == ((1, 100), None)
+
+
+def test_a_follower_joins_once_it_has_everything_acknowledged_and_counts_from_then() -> None:
+    rep = owner({}, min_insync=1)
+    assert rep.advance() == ((1, 100), (1, 100))
+    stream = rep.connected("b", "cb", 0.0)
+    rep.acked("b", (1, 90), 0.1, stream)
+    assert rep.proposal(0.1) is None, "behind what was acknowledged"
+    rep.acked("b", (1, 100), 0.2, stream)
+    grow = rep.proposal(0.2)
+    assert grow == SyncRecord(5, "a", {"a": "ca", "b": "cb"})
+    rep.wrote((1, 200))
+    rep.synced((1, 200))
+    assert rep.advance()[0] == (1, 100), "from the proposal on, b's ack is required"
+    rep.settled(grow)
+    rep.acked("b", (1, 200), 0.3, stream)
+    assert rep.advance()[0] == (1, 200)
+
+
+def test_a_disconnected_member_still_holds_what_it_acked() -> None:
+    rep = owner({"b": "cb"})
+    stream = rep.connected("b", "cb", 0.0)
+    rep.acked("b", (1, 100), 0.0, stream)
+    assert rep.advance()[0] == (1, 100)
+    rep.disconnected("b")
+    assert rep.frontier == (1, 100), "its disk did not forget; the frontier never goes back"
+    rep.acked("b", (1, 300), 0.1, stream)
+    assert rep.frontier == (1, 100), "nothing is taken from a closed link"
