@@ -54,6 +54,7 @@ from cluster.store import (
 )
 from mta.config import Config
 from mta.coordinator import ClusterOpError, Member, RuntimeSettings, ShardHost, ShardInfo
+from mta.logs import describe
 from mta.spool.layout import ShardCountMismatch
 from mta.tasks import cancel_and_wait
 
@@ -150,8 +151,8 @@ class ClusterCoordinator:
                 break
             except StoreDown as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"cannot reach etcd at {self.cfg.cluster.etcd}: {exc}"
-                                       ) from None
+                    raise RuntimeError(f"cannot reach etcd at {self.cfg.cluster.etcd}: "
+                                       f"{describe(exc)}") from None
                 self._lease = None  # a grant whose registration failed: left to expire
                 await asyncio.sleep(0.5)
         # Armed once joined: a fence while still retrying the join would fence a host that
@@ -292,13 +293,13 @@ class ClusterCoordinator:
             if txn.success:
                 await self.store.commit(txn)
         except StoreDown as exc:
-            raise ClusterOpError(f"etcd write failed: {exc}", "retry", 503) from None
+            raise ClusterOpError(f"etcd write failed: {describe(exc)}", "retry", 503) from None
 
     async def _fresh(self) -> Snapshot:
         try:
             return await self._read()
         except StoreDown as exc:
-            raise ClusterOpError(f"etcd not reachable from {self.node_id}: {exc}",
+            raise ClusterOpError(f"etcd not reachable from {self.node_id}: {describe(exc)}",
                                  "check the etcd cluster (etcdctl endpoint health)", 503
                                  ) from None
 
@@ -387,8 +388,9 @@ class ClusterCoordinator:
                 await self._keepalive_step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug here must not end the loop that lets us rejoin
-                log.exception("cluster.keepalive_error", node_id=self.node_id)
+            except Exception as exc:  # a bug here must not end the loop that lets us rejoin
+                log.exception("cluster.keepalive_error", node_id=self.node_id,
+                              error=describe(exc))
 
     async def _keepalive_step(self) -> None:
         """Refresh the lease, or rejoin when fenced. Fencing is the timer's job, not this
@@ -397,7 +399,7 @@ class ClusterCoordinator:
             try:
                 await self._rejoin()
             except StoreDown as exc:
-                log.info("cluster.rejoin_failed", node_id=self.node_id, error=str(exc)[:200])
+                log.info("cluster.rejoin_failed", node_id=self.node_id, error=describe(exc)[:200])
             return
         lease = self._lease
         assert lease is not None
@@ -408,7 +410,7 @@ class ClusterCoordinator:
             ttl = await self.store.refresh(lease)
         except StoreDown as exc:
             self._refresh_failed = True
-            log.debug("cluster.refresh_failed", node_id=self.node_id, error=str(exc)[:200],
+            log.debug("cluster.refresh_failed", node_id=self.node_id, error=describe(exc)[:200],
                       fence_in=round(self._fence_deadline - time.monotonic(), 3))
             return
         # An answer without a TTL (the stream ended) is no refresh: retry at once.
@@ -525,9 +527,11 @@ class ClusterCoordinator:
                 try:
                     await self._reconcile()
                 except StoreDown as exc:
-                    log.debug("cluster.reconcile_failed", node_id=self.node_id, error=str(exc))
-                except Exception:
-                    log.exception("cluster.reconcile_error", node_id=self.node_id)
+                    log.debug("cluster.reconcile_failed", node_id=self.node_id,
+                              error=describe(exc))
+                except Exception as exc:
+                    log.exception("cluster.reconcile_error", node_id=self.node_id,
+                                  error=describe(exc))
             # Not wait_for(): on 3.11 it can swallow our cancellation when the kick comes at
             # the same moment, and stop() would then wait for this loop for ever.
             kicked = asyncio.ensure_future(self._kick.wait())
@@ -657,10 +661,11 @@ class ClusterCoordinator:
                 return await self._claim(shard)
             except StoreDown as exc:
                 log.debug("cluster.acquire_failed", shard=shard, node_id=self.node_id,
-                          error=str(exc)[:200])
+                          error=describe(exc)[:200])
                 return False
-            except Exception:  # a bug must not pass silently in a background task
-                log.exception("cluster.acquire_error", shard=shard, node_id=self.node_id)
+            except Exception as exc:  # a bug must not pass silently in a background task
+                log.exception("cluster.acquire_error", shard=shard, node_id=self.node_id,
+                              error=describe(exc))
                 return False
 
     async def _claim(self, shard: int) -> bool:
@@ -689,7 +694,7 @@ class ClusterCoordinator:
             await self._host.acquire_shard(shard, token)
         except Exception as exc:
             log.error("cluster.acquire_failed", shard=shard, node_id=self.node_id,
-                      error=str(exc))
+                      error=describe(exc))
             await self._delete_owner_key(shard, revision)
             return False
         # Held from here, even if stop() began meanwhile: stop() waits for this claim and
@@ -752,9 +757,10 @@ class ClusterCoordinator:
         revision = self._claims.get(shard)
         try:
             await self._host.release_shard(shard)
-        except Exception:
+        except Exception as exc:
             # Still held as far as we know: the next reconcile tries again.
-            log.exception("cluster.release_failed", shard=shard, node_id=self.node_id)
+            log.exception("cluster.release_failed", shard=shard, node_id=self.node_id,
+                          error=describe(exc))
             return
         self._owned.pop(shard, None)
         self._claims.pop(shard, None)

@@ -8,10 +8,15 @@
 | owner/<shard>    | owner, create txn     | node id                        | owner lease   |
 | drain/<id>       | operator (mtactl)     | b"1"                           | persistent    |
 | rebalance        | operator (mtactl)     | requesting node id             | until leader acts |
-| config/throttle/<domain or site> | operator | "100/s"                    | persistent    |
-| config/suspend/<domain>          | operator | b"1"                       | persistent    |
+| config/throttle/<runtime key>   | operator | "100/s"                    | persistent    |
+| config/suspend/<runtime key>    | operator | b"1"                       | persistent    |
 | token_base       | claiming node, txn    | decimal integer                | only raised   |
 | shards           | first node, create txn | decimal shard count           | persistent    |
+
+A runtime key (see :mod:`mta.delivery.runtime`) is a domain (``example.com``), a wildcard
+(``*.example.com``: its subdomains) or a site (``site:mx1.example.net``,
+``site:*.suffix``, ``site:host:port``); keys written before wildcards and sites are bare
+domains and read as they always did.
 
 Per-shard keys are ``<kind>/<shard>``. A new per-shard record (the replicated spool's
 placement and in-sync set, beside ``assign/`` and ``owner/``) is one more method here, one

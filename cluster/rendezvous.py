@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import math
 
-__all__ = ["assign"]
+__all__ = ["assign", "score"]
 
 
-def _score(node: str, shard: int, weight: float) -> float:
+def score(node: str, shard: int, weight: float) -> float:
+    """How much ``node`` wants ``shard``: the higher, the sooner it is chosen."""
     digest = hashlib.blake2b(f"{node}/{shard}".encode(), digest_size=8).digest()
     h = (int.from_bytes(digest) + 1) / 2.0**64  # in (0, 1]
     return -weight / math.log(h) if h < 1.0 else math.inf
@@ -29,7 +30,7 @@ def assign(shards: int, nodes: dict[str, float]) -> dict[int, str]:
     load = dict.fromkeys(nodes, 0)
     out: dict[int, str] = {}
     for shard in range(shards):
-        ranked = sorted(nodes, key=lambda n: _score(n, shard, nodes[n]), reverse=True)
+        ranked = sorted(nodes, key=lambda n: score(n, shard, nodes[n]), reverse=True)
         for node in ranked:
             if load[node] < cap[node]:
                 out[shard] = node

@@ -28,6 +28,7 @@ import structlog
 from cluster.keys import Keys
 from mta.config import parse_rate
 from mta.coordinator import RuntimeSettings
+from mta.logs import describe
 
 __all__ = [
     "Compare",
@@ -434,7 +435,7 @@ def decode(keys: Keys, revision: int, entries: Iterable[Entry]) -> Snapshot:
             elif key in _SINGLE:
                 _SINGLE[key](draft, entry)
         except (ValueError, KeyError, TypeError) as exc:
-            log.warning("cluster.bad_key", key=key, error=str(exc))
+            log.warning("cluster.bad_key", key=key, error=describe(exc))
     return draft.freeze(revision)
 
 
@@ -538,7 +539,9 @@ class EtcdStore:
             # family: whatever it is, etcd did not answer usefully, and it must never escape
             # into a background loop (a dead keepalive task would leave the node fenced).
             self._drop_client()
-            raise StoreDown(str(exc) or type(exc).__name__) from None
+            if isinstance(exc, asyncio.CancelledError):  # never "CancelledError" in a log
+                raise StoreDown("etcd call aborted: its gRPC channel closed") from None
+            raise StoreDown(describe(exc)) from None
 
     def _timeout(self) -> float:
         return budget(self.timing.call_timeout, self._deadline)

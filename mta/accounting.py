@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from mta.envelope import Envelope
+from mta.logs import describe
 
 __all__ = ["AccountingLog"]
 
@@ -138,7 +139,7 @@ class AccountingLog:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
             self._unwritten = bytes(view)
-            log.error("accounting.write_failed", error=str(exc), pending_bytes=len(view))
+            log.error("accounting.write_failed", error=describe(exc), pending_bytes=len(view))
 
     async def close(self) -> None:
         """After the spool has stopped: nothing more can be written."""
@@ -151,7 +152,7 @@ def _sync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
-        log.error("accounting.sync_failed", error=str(exc))
+        log.error("accounting.sync_failed", error=describe(exc))
     os.close(fd)
 
 

@@ -6,6 +6,7 @@ the file, the dotted key and what was expected, so the daemon can print one line
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import math
 import os
@@ -13,7 +14,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mta.envelope import domain_key
@@ -26,6 +27,7 @@ __all__ = [
     "DeliveryConfig",
     "DomainPolicy",
     "NodeConfig",
+    "Secret",
     "SmtpConfig",
     "SpoolConfig",
     "load_config",
@@ -193,13 +195,25 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _endpoints(value: Any) -> tuple[str, ...]:
+    """etcd endpoints as ``host:port``, also written the way etcdctl users write them
+    (``http://host:port``, with or without a trailing slash); stored as ``host:port``."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise _Invalid(f"expected a list of \"host:port\" etcd endpoints, got {value!r}")
+    out = []
     for item in value:
-        parse_listen(item)
-    return tuple(value)
+        text = item.strip().rstrip("/") if isinstance(item, str) else item
+        if isinstance(text, str) and text.lower().startswith("https://"):
+            raise _Invalid(f"{item!r}: TLS to etcd is not supported yet; reach etcd over "
+                           "plain http on a private network or loopback, as host:port")
+        if isinstance(text, str) and text.lower().startswith("http://"):
+            text = text[len("http://"):]
+        host, port = parse_listen(text)
+        if port == 0:
+            raise _Invalid(f"expected an etcd endpoint with a port 1-65535, got {item!r}")
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return tuple(out)
 
 
 def _node_id(value: Any) -> str:
@@ -284,6 +298,22 @@ class SpoolConfig:
     # A sealed segment is rewritten when its live share falls below this ratio.
     compact_live_ratio: float = _opt(lambda v: _ratio(v), 0.25)  # noqa: PLW0108 (defined below)
     max_batch_bytes: int = _opt(parse_size, 8 * 1024 * 1024)
+    # Copies of each shard, each on another node's own disk (issue 16). 1 is today's
+    # behaviour: one copy, on a standalone node or on the filesystem a cluster shares. The
+    # issue's default of 2 in a cluster comes when the node replicates; until then it does
+    # not, so a default of 2 would be a promise it does not keep (and > 1 is refused at start:
+    # mta.cli.daemon._refuse_replicas_until_replication_is_wired).
+    replicas: int = _opt(_positive_int, 1)
+    # Copies (the owner's included) a message must be on before its 250; below that the shard
+    # is read-only (451). Unset: every copy (= replicas), set in __post_init__.
+    min_insync: int = _opt(_positive_int, None)
+    # A follower silent this long leaves the in-sync set. Below [cluster] lease_ttl, so the
+    # owner shrinks the set (and acknowledges again) before its own lease could run out.
+    replica_timeout: float = _opt(parse_duration, 2.0)
+
+    def __post_init__(self) -> None:
+        if self.min_insync is None:
+            object.__setattr__(self, "min_insync", self.replicas)
 
 
 def _ratio(value: Any) -> float:
@@ -523,6 +553,80 @@ class DeliveryConfig:
     sites: dict[str, SitePolicy] = _opt(_site_policies, dict)  # noqa: RUF009
 
 
+# A replication secret must resist offline guessing from one recorded handshake; the same
+# bound as mta.replication.peerauth.MIN_SECRET (config does not import the replication code).
+_MIN_SECRET = 16
+_MAX_SECRET_FILE = 64 * 1024  # a secret file larger than this is the wrong file
+
+
+class Secret:
+    """A secret from the config: its ``repr`` and ``str`` never show it, so a log line, an
+    error or an API answer that prints a config (or a section of it) cannot leak it.
+    ``reveal()`` hands the bytes to the code that authenticates with them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('<hidden>')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        # By value (a SIGHUP reload compares sections to report what needs a restart), in
+        # constant time like every comparison of a secret.
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(Secret)  # equal secrets hash alike without the hash depending on them
+
+
+def _secret(value: Any) -> Secret | None:
+    # Errors describe the value without quoting it: a config error is printed and logged.
+    if value in ("", None):
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got a {type(value).__name__} (not shown)")
+    data = value.encode()
+    if len(data) < _MIN_SECRET:
+        raise _Invalid(f"expected at least {_MIN_SECRET} bytes, got {len(data)} (the value "
+                       "is not shown); e.g. the output of: openssl rand -hex 32")
+    return Secret(data)
+
+
+def _advertise(value: Any) -> tuple[str, int] | None:
+    address = _optional_hostport(value)
+    if address is None:
+        return None
+    if address[1] == 0 or _is_wildcard(address[0]):
+        raise _Invalid(f"expected a \"host:port\" peers can dial (a port 1-65535, not "
+                       f"0.0.0.0 or ::), got {value!r}")
+    return address
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _zone(value: Any) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise _Invalid("expected a label of 1-63 letters, digits, '.', '_' or '-' starting "
+                       f"with a letter or digit (such as \"eu-west-1a\"), got {_short(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """``[cluster]``: etcd coordination; empty ``etcd`` means standalone."""
@@ -530,6 +634,24 @@ class ClusterConfig:
     etcd: tuple[str, ...] = _opt(_endpoints, tuple)
     name: str = _opt(_node_id, "mta")
     lease_ttl: float = _opt(parse_duration, 5.0)
+    # The replicated spool's peer channel (issue 16): where owners' frames arrive. Empty: no
+    # listener, which [spool] replicas > 1 needs. Port 0 picks a free port (tests).
+    replication_listen: tuple[str, int] | None = _opt(_optional_hostport, None)
+    # What peers dial; empty: replication_listen (its bound port when that is 0), which then
+    # cannot be 0.0.0.0 or :: (nobody can dial a wildcard).
+    replication_advertise: tuple[str, int] | None = _opt(_advertise, None)
+    # Copies of a shard go to different zones when the cluster has several; empty: no zone.
+    zone: str = _opt(_zone, "")
+    # Peer authentication without certificates: HMAC over every frame with this shared
+    # secret. Or secret_file, a file holding it (the config file then holds no secret; the
+    # loader reads it into ``secret``). Never shown: see Secret.
+    secret: Secret | None = _opt(_secret, None)  # noqa: RUF009 (_opt is field())
+    secret_file: str = _opt(_path, "")
+    # Mutual TLS between peers (all three or none): the CA that signed every node's
+    # certificate, and this node's certificate and key. Encrypts as well as authenticates.
+    tls_ca: str = _opt(_path, "")
+    tls_cert: str = _opt(_path, "")
+    tls_key: str = _opt(_path, "")
 
 
 def _optional_address(value: Any) -> str:
@@ -640,12 +762,124 @@ def _check_consistency(cfg: Config, path: str) -> None:
         raise ConfigError(path, "[spool] segment_size", "expected at least 64K")
 
 
+# --- replication (issue 16): the keys are checked now, the node replicates later ----------
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read (open() is the test: permissions, ACLs and root alike)."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return f"file {path!r} does not exist"
+    except IsADirectoryError:
+        return f"{path!r} is a directory, expected a file"
+    except OSError as exc:
+        return f"cannot read {path!r}: {exc.strerror or exc}"
+
+
+def _check_cluster_files(cluster: ClusterConfig, path: str) -> None:
+    tls = {key: getattr(cluster, key) for key in ("tls_ca", "tls_cert", "tls_key")}
+    if any(tls.values()) and not all(tls.values()):
+        missing = next(key for key, value in tls.items() if not value)
+        raise ConfigError(path, f"[cluster] {missing}",
+                          "tls_ca, tls_cert and tls_key go together (mutual TLS needs the "
+                          "cluster CA and this node's certificate and key): set all three, "
+                          "or none")
+    for key in ("tls_ca", "tls_cert", "tls_key", "secret_file"):
+        value = getattr(cluster, key)
+        if value and (problem := _file_problem(value)):
+            raise ConfigError(path, f"[cluster] {key}", problem)
+    if cluster.secret is not None and cluster.secret_file:
+        raise ConfigError(path, "[cluster] secret_file",
+                          "set secret or secret_file, not both")
+
+
+def _read_secret_file(cluster: ClusterConfig, path: str) -> ClusterConfig:
+    """``secret_file``'s content as ``secret``: surrounding whitespace (an editor's final
+    newline) is not part of it. Only its length is ever reported."""
+    if not cluster.secret_file:
+        return cluster
+    key = "[cluster] secret_file"
+    try:
+        with open(cluster.secret_file, "rb") as fh:
+            data = fh.read(_MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(path, key, f"cannot read {cluster.secret_file!r}: "
+                          f"{exc.strerror or exc}") from None
+    if len(data) > _MAX_SECRET_FILE:
+        raise ConfigError(path, key, f"{cluster.secret_file!r} is larger than "
+                          f"{_MAX_SECRET_FILE // 1024}K: expected a file holding one secret")
+    data = data.strip()
+    if len(data) < _MIN_SECRET:
+        raise ConfigError(path, key, f"{cluster.secret_file!r} holds {len(data)} bytes, "
+                          f"expected at least {_MIN_SECRET} (the value is not shown); e.g. "
+                          "openssl rand -hex 32 > FILE")
+    return replace(cluster, secret=Secret(data))
+
+
+def _check_replica_counts(cfg: Config, path: str, timeout_set: bool) -> None:
+    spool, cluster = cfg.spool, cfg.cluster
+    if spool.replicas > 1 and cfg.standalone:
+        raise ConfigError(path, "[spool] replicas",
+                          f"replicas = {spool.replicas} needs a cluster: a standalone node "
+                          "has nobody to replicate to; set [cluster] etcd, or replicas = 1")
+    if spool.min_insync > spool.replicas:
+        raise ConfigError(path, "[spool] min_insync",
+                          f"expected at most replicas ({spool.replicas}), got "
+                          f"{spool.min_insync}: a message cannot be on more copies than "
+                          "there are; lower min_insync or raise replicas")
+    # With one copy replica_timeout is unused, and a short lease_ttl (2s) predates it:
+    # checked when it matters, or when the operator wrote it.
+    if (spool.replicas > 1 or timeout_set) and spool.replica_timeout >= cluster.lease_ttl:
+        raise ConfigError(path, "[spool] replica_timeout",
+                          f"expected less than [cluster] lease_ttl ({cluster.lease_ttl:g}s), "
+                          f"got {spool.replica_timeout:g}s: the owner must drop a silent "
+                          "follower before its own lease can expire; lower replica_timeout "
+                          "or raise lease_ttl")
+
+
+def _check_replication_peers(cfg: Config, path: str) -> None:
+    cluster = cfg.cluster
+    listen = cluster.replication_listen
+    if cluster.replication_advertise is not None and listen is None:
+        raise ConfigError(path, "[cluster] replication_advertise",
+                          "advertises a replication listener that is not configured: set "
+                          "[cluster] replication_listen too, or remove replication_advertise")
+    if cfg.spool.replicas <= 1:
+        return
+    if listen is None:
+        raise ConfigError(path, "[cluster] replication_listen",
+                          f"[spool] replicas = {cfg.spool.replicas} needs a peer channel: set "
+                          "replication_listen = \"host:port\" (a port peers can reach)")
+    if cluster.replication_advertise is None and _is_wildcard(listen[0]):
+        raise ConfigError(path, "[cluster] replication_advertise",
+                          f"replication_listen is on {listen[0]!r}, an address no peer can "
+                          "dial: set replication_advertise = \"host:port\" peers reach this "
+                          "node at")
+    if cluster.secret is None and not cluster.tls_cert:
+        raise ConfigError(path, "[cluster] secret",
+                          "replicas > 1 with neither a secret nor TLS: anyone who reaches "
+                          "the replication port could inject mail; set secret (or "
+                          "secret_file; at least 16 bytes, the same on every node) or "
+                          "tls_ca, tls_cert and tls_key")
+
+
+def _check_replication(cfg: Config, path: str, timeout_set: bool) -> Config:
+    """The replication keys, alone and together; returns ``cfg`` with secret_file read."""
+    _check_cluster_files(cfg.cluster, path)
+    cfg = replace(cfg, cluster=_read_secret_file(cfg.cluster, path))
+    _check_replica_counts(cfg, path, timeout_set)
+    _check_replication_peers(cfg, path)
+    return cfg
+
+
 def _expand_home(cfg_dict: dict[str, Any]) -> None:
     """Paths stay relative to the working directory (as the quick start expects); ``~`` expands."""
-    for section in ("smtp", "spool"):
+    for section in ("smtp", "spool", "cluster"):
         table = cfg_dict.get(section)
         if isinstance(table, dict):
-            for key in ("tls_cert", "tls_key", "users_file", "path"):
+            for key in ("tls_cert", "tls_key", "tls_ca", "users_file", "secret_file", "path"):
                 if isinstance(table.get(key), str) and table[key].startswith("~"):
                     table[key] = os.path.expanduser(table[key])
 
@@ -698,4 +932,5 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     }
     cfg = Config(**sections, source=source)
     _check_consistency(cfg, source)
-    return cfg
+    spool = raw.get("spool")
+    return _check_replication(cfg, source, isinstance(spool, dict) and "replica_timeout" in spool)

@@ -68,8 +68,10 @@ class ShardInfo:
 class RuntimeSettings:
     """Settings an operator changes without a restart; cluster-wide in a cluster."""
 
-    throttles: dict[str, float] = field(default_factory=dict)  # domain or site -> msgs/s
-    suspended: frozenset[str] = frozenset()  # domains whose mail is held
+    # Keys (see mta.delivery.runtime): "example.com", "*.example.com" (its subdomains),
+    # "site:<[delivery.sites] key>" (mail routed to that site).
+    throttles: dict[str, float] = field(default_factory=dict)  # key -> msgs/s
+    suspended: frozenset[str] = frozenset()  # keys whose mail is held
 
 
 class ShardHost(Protocol):

@@ -12,6 +12,8 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mta.logs import describe
+
 if TYPE_CHECKING:
     from mta.coordinator import Coordinator
     from mta.delivery.engine import DeliveryEngine
@@ -121,9 +123,10 @@ class NodeGauges(Collector):
         for name in self.errors:
             try:
                 family = self._read(name)
-            except Exception:
+            except Exception as exc:
                 self.errors[name] += 1
-                log.exception("metrics.gauge_failed", node_id=self.node.node_id, gauge=name)
+                log.exception("metrics.gauge_failed", node_id=self.node.node_id, gauge=name,
+                              error=describe(exc))
                 continue
             yield family
         errors = CounterMetricFamily(*_ERRORS, labels=["gauge"])

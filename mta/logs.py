@@ -1,13 +1,18 @@
-"""structlog setup: JSON lines when stdout is not a terminal, coloured console otherwise."""
+"""structlog setup: JSON lines when stdout is not a terminal, coloured console otherwise; and
+``describe(exc)``, the text every ``error=`` field of a log event carries."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import os
+import re
 import sys
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "describe"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -45,3 +50,89 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+# asyncio's refused connect: "[Errno 111] Connect call failed ('127.0.0.1', 25)", also quoted
+# inside aiohttp's and aiosmtplib's messages. The tuple is the address; the errno is the news.
+_CONNECT_CALL = re.compile(r"(?:\[Errno (\d+)\] )?Connect call failed \(([^()]*)\)")
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\]\[]+)")
+_MAX = 1000
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in one readable line for an ``error=`` log field: never empty, never
+    a tuple repr; errno names for OS errors, "timed out" for a bare TimeoutError.
+
+    Callers re-raise CancelledError rather than log it; if one gets here it reads
+    "cancelled", not as a failure with an empty message."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    rpc = _rpc_status(exc)
+    if rpc:
+        return rpc
+    raw = str(exc)
+    text = _readable(" ".join(raw.split()), _errno_of(exc))
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError) and "time" not in text.lower():
+        # asyncio.wait_for() and asyncio.timeout() raise TimeoutError() with no message.
+        return f"timed out: {text}" if text else "timed out"
+    if not text:
+        cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        return f"{name}: {describe(cause)}" if cause is not None else name
+    if (len(exc.args) > 1 and raw == str(exc.args)) or (
+            len(exc.args) == 1 and raw == repr(exc.args[0]) != str(exc.args[0])):
+        # Exception("a", 1) prints as a tuple, KeyError("k") as a quoted repr.
+        text = ", ".join(" ".join(str(a).split()) for a in exc.args)
+        return f"{name}: {text}"[:_MAX]
+    return text[:_MAX]
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of ``exc`` or of the OSError it wraps (aiosmtplib, aiohttp chain theirs)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _errno_text(number: int) -> str:
+    name = errno.errorcode.get(number)
+    return f"{os.strerror(number)} ({name})" if name else f"errno {number}"
+
+
+def _readable(text: str, number: int | None) -> str:
+    def connect(match: re.Match[str]) -> str:
+        parts = [p.strip().strip("'\"") for p in match.group(2).split(",")]
+        host, port = parts[0], parts[1] if len(parts) > 1 else "?"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        code = int(match.group(1)) if match.group(1) else number
+        what = _errno_text(code) if code else "connect failed"
+        rest = text.replace(match.group(0), "")
+        # aiohttp and aiosmtplib name the address themselves: say it once.
+        if where in rest or f"{host} on port {port}" in rest:
+            return what
+        return f"{what} connecting to {where}"
+
+    text = _CONNECT_CALL.sub(connect, text)
+    # "[Errno 28] No space left on device" -> "No space left on device (ENOSPC)"
+    return _ERRNO.sub(lambda m: f"{m.group(2).strip()} "
+                                f"({errno.errorcode.get(int(m.group(1)), m.group(1))})", text)
+
+
+def _rpc_status(exc: BaseException) -> str:
+    """A gRPC error (etcd's client lets them through) as "STATUS: details"; its str() is a
+    multi-line dump with a debug string."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if not (callable(code) and callable(details)):
+        return ""
+    try:
+        status, detail = code(), details()
+    except Exception:  # not a gRPC error after all, just something with those names
+        return ""
+    return f"{getattr(status, 'name', status)}: {' '.join(str(detail or 'no details').split())}"

@@ -22,6 +22,7 @@ from mta.envelope import Envelope
 from mta.gauges import NodeGauges
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
+from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.probe import Prober
 from mta.sdnotify import notify, watchdog_interval
@@ -363,7 +364,7 @@ class Node:
             users = _load_users(cfg)
             tls = _load_tls(cfg)
         except (ConfigError, StartupError) as exc:
-            log.error("node.reload_failed", node_id=self.node_id, error=str(exc))
+            log.error("node.reload_failed", node_id=self.node_id, error=describe(exc))
             notify("STATUS=reload failed, kept the previous configuration")
             return False
         restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe")

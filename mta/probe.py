@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 import structlog
 
+from mta.logs import describe
+
 if TYPE_CHECKING:
     from mta.node import Node
 
@@ -84,7 +86,7 @@ class Prober:
                 _errors, reply = await smtp.sendmail(self.sender, [self.cfg.recipient],
                                                      body.encode())
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            out["reply"] = f"submission failed: {exc}"
+            out["reply"] = f"submission failed: {describe(exc)}"
             return out
         out["submit_seconds"] = round(time.time() - started, 4)
         match = _QUEUED.search(reply)
@@ -115,4 +117,4 @@ class Prober:
             try:
                 await self.run()
             except ProbeError as exc:
-                log.warning("probe.cannot_run", node_id=self.node.node_id, error=str(exc))
+                log.warning("probe.cannot_run", node_id=self.node.node_id, error=describe(exc))

@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from mta.logs import describe
 from mta.metrics import SUBMIT_BUCKETS
 
 __all__ = ["LogPosition", "LogScanner", "SloTracker", "count_lines", "merge_reports"]
@@ -388,7 +389,7 @@ class SloTracker:
             return
         except (OSError, ValueError, RecursionError) as exc:
             # Whatever is in the file, the node starts: without the readiness history.
-            log.warning("slo.history_ignored", path=self.path, error=str(exc)[:200])
+            log.warning("slo.history_ignored", path=self.path, error=describe(exc)[:200])
             return
         if bad:
             log.warning("slo.history_entries_dropped", path=self.path, minutes=bad)
@@ -435,7 +436,7 @@ class SloTracker:
         try:
             await asyncio.to_thread(self._save_sync, data)
         except OSError as exc:
-            log.warning("slo.save_failed", path=self.path, error=str(exc))
+            log.warning("slo.save_failed", path=self.path, error=describe(exc))
 
     # --- sampling --------------------------------------------------------------------------
 
@@ -481,7 +482,7 @@ class SloTracker:
             return self.scanner.scan(start)
         except OSError as exc:
             # Readiness is still sampled; the lines are read when the file can be again.
-            log.warning("slo.log_read_failed", path=self.scanner.path, error=str(exc))
+            log.warning("slo.log_read_failed", path=self.scanner.path, error=describe(exc))
             return {}, start
 
     def sample(self) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from prometheus_client import Counter
 
+from mta.logs import describe
+
 __all__ = ["supervise"]
 
 log = structlog.get_logger("mta.node")
@@ -25,9 +27,9 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *, node_id: s
     while True:
         try:
             await run()
-        except Exception:
+        except Exception as exc:
             errors.labels(name).inc()
-            log.exception("node.loop_failed", node_id=node_id, loop=name)
+            log.exception("node.loop_failed", node_id=node_id, loop=name, error=describe(exc))
         else:
             # A loop that ends is a bug too (nothing would run it again): same treatment.
             errors.labels(name).inc()

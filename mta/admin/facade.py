@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mta.delivery.engine import DeliveryEngine
     from mta.envelope import Envelope
     from mta.ingress import IngressServer
+    from mta.ingress.trace import TraceFilter, TraceSubscription
     from mta.metrics import NodeMetrics
     from mta.probe import Prober
     from mta.slo import SloTracker
@@ -75,6 +76,12 @@ class NodeFacade:
         """SMTP sessions open now."""
         ingress = self._ingress()
         return len(ingress.sessions) if ingress is not None else 0
+
+    def trace(self, flt: TraceFilter) -> TraceSubscription | None:
+        """Watch this node's SMTP sessions that ``flt`` matches (None: the SMTP listener is
+        not up). Raises TooManyTraces when the node serves as many traces as it may."""
+        ingress = self._ingress()
+        return ingress.trace.subscribe(flt) if ingress is not None else None
 
     def scrape(self) -> bytes:
         """The Prometheus exposition of the node's registry (its gauges are read now, by the

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from mta.coordinator import Member
+from mta.logs import describe
 
-__all__ = ["PeerAnswer", "PeerClient"]
+__all__ = ["PeerAnswer", "PeerClient", "PeerStreamError"]
+
+# A stream (the live trace) has no end and may stay quiet for long: only connecting is timed.
+_STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=3.0, sock_read=None)
+
+
+class PeerStreamError(Exception):
+    """A peer's stream could not be opened (unreachable, refused) or broke off."""
 
 
 @dataclass
@@ -64,8 +73,32 @@ class PeerClient:
                     data = {"error": text[:200]}
                 return PeerAnswer(member.node, resp.status, data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return PeerAnswer(member.node, 0, None,
-                              f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return PeerAnswer(member.node, 0, None, describe(exc))
+
+    async def stream(self, member: Member, path: str,
+                     params: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        """The lines of a peer's streaming answer (asked with local=1) as they come; raises
+        PeerStreamError when it cannot be asked, refuses (its error said) or breaks off."""
+        if not member.admin:
+            raise PeerStreamError("no admin URL published")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        query = {"local": "1", **(params or {})}
+        try:
+            async with self._session.get(member.admin.rstrip("/") + path, params=query,
+                                         timeout=_STREAM_TIMEOUT) as resp:
+                if resp.status != 200:
+                    text = await resp.text()
+                    try:
+                        error = json.loads(text).get("error", "")
+                    except (ValueError, AttributeError):
+                        error = text[:200]
+                    raise PeerStreamError(f"HTTP {resp.status}: {error}")
+                async for line in resp.content:
+                    yield line
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            # ValueError: a line over aiohttp's limit (no trace line comes near it).
+            raise PeerStreamError(describe(exc)) from None
 
     async def ask_all(self, members: list[Member], method: str, path: str,
                       body: dict[str, Any] | None = None,

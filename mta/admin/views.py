@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mta.delivery.runtime import RuntimeIndex
 from mta.envelope import Envelope, domain_key, received_at_of, shard_of
 from mta.queue.state import DeliveryState, RecipientStatus
 from mta.spool import MessageNotFound, StoredMessage
@@ -26,7 +27,9 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
     """Live messages of this node by recipient domain, and its delivery sites."""
     now = time.time()
     engine = node.engine
-    suspended = node.coordinator.runtime().suspended
+    # Which runtime key holds a domain: its own, a *.suffix one, or its site's.
+    held_by = (engine.held_by if engine is not None
+               else RuntimeIndex(node.coordinator.runtime()).domain_hold)
     domains: dict[str, dict[str, Any]] = {}
     total = 0
     oldest_all = now
@@ -52,7 +55,8 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
                     entry["next_attempt"] = nxt
     for domain, entry in domains.items():
         entry["oldest_age"] = round(now - entry.pop("oldest"), 1)
-        entry["suspended"] = domain in suspended
+        entry["held_by"] = held_by(domain)
+        entry["suspended"] = entry["held_by"] is not None
         entry["throttle"] = engine.domain_rate(domain) if engine is not None else None
         entry["site"] = engine.site_of(domain) if engine is not None else None
     sites = []
@@ -68,6 +72,7 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
                 "rate": site.rate_override if site.rate_override is not None
                 else site.limits.rate,
                 "backoff": round(site.backoff.factor, 3),
+                "held_by": site.held_by,
             })
     return {
         "nodes": [node.node_id],
@@ -101,6 +106,9 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
             nexts = [n for n in (cur["next_attempt"], d["next_attempt"]) if n is not None]
             cur["next_attempt"] = min(nexts) if nexts else None
             cur["site"] = cur["site"] or d["site"]
+            # A node that has not routed the domain yet cannot see a site suspension.
+            cur["held_by"] = cur.get("held_by") or d.get("held_by")
+            cur["suspended"] = cur["suspended"] or d["suspended"]
         for s in view["sites"]:
             cur = sites.get(s["site"])
             if cur is None:
@@ -111,6 +119,7 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
             cur["connections"] += s["connections"]
             cur["max_connections"] += s["max_connections"]
             cur["retry_in"] = max(cur["retry_in"], s["retry_in"])
+            cur["held_by"] = cur.get("held_by") or s.get("held_by")
             if s["breaker"] != "closed":
                 cur["breaker_nodes"][view["nodes"][0]] = s["breaker"]
                 cur["breaker"] = s["breaker"] if cur["breaker"] == "closed" else cur["breaker"]

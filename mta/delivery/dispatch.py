@@ -11,6 +11,7 @@ over a day are unbounded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,11 +22,18 @@ import structlog
 from mta.config import Config
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.breaker import Breaker
-from mta.delivery.errors import DeliveryError, NotOwnerError, PermanentError, TemporaryError
+from mta.delivery.errors import (
+    DeliveryError,
+    NotOwnerError,
+    PermanentError,
+    SuspendedError,
+    TemporaryError,
+)
 from mta.delivery.limits import site_limits
 from mta.delivery.loops import LoopGuard
 from mta.delivery.outcomes import Outcome, Verdict
 from mta.delivery.routes import Route, Router, policy_for
+from mta.delivery.runtime import RuntimeIndex
 from mta.delivery.site import Job, RecipientResult, Site
 from mta.delivery.throttle import Throttle
 from mta.metrics import NodeMetrics
@@ -74,7 +82,10 @@ class Dispatcher:
         self._domain_throttles: dict[str, _DomainThrottle] = {}
         # domain -> key of the site it was last routed to; LRU, at most route_cache_size.
         self._site_of: OrderedDict[str, str] = OrderedDict()
-        self._runtime = RuntimeSettings()
+        self._runtime = RuntimeIndex(RuntimeSettings())
+        # domain -> the route its mail was held on by a site suspension (LRU, at most
+        # route_cache_size): what to retry at once when that site is resumed.
+        self._held_by_site: OrderedDict[str, Route] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -99,18 +110,50 @@ class Dispatcher:
 
     # --- settings --------------------------------------------------------------------------
 
-    def apply_runtime(self, settings: RuntimeSettings) -> set[str]:
-        """Apply the cluster's runtime settings; returns the domains no longer suspended."""
-        resumed = self._runtime.suspended - settings.suspended
-        self._runtime = settings
-        for key, site in self.sites.items():
-            site.rate_override = settings.throttles.get(key)
+    def apply_runtime(self, settings: RuntimeSettings) -> Callable[[str], bool] | None:
+        """Apply the cluster's runtime settings. Returns which domains were held (by a
+        domain or a site suspension) and no longer are, to retry now; None if none can be."""
+        before, now = self._runtime, RuntimeIndex(settings)
+        self._runtime = now
+        for site in self.sites.values():
+            site.rate_override = now.site_rate(site.route)
+            held = now.site_hold(site.route)
+            if held != site.held_by:
+                log.info("delivery.site_suspended" if held else "delivery.site_resumed",
+                         site=site.key, key=held or site.held_by, node_id=self.node_id)
+            site.held_by = held
+            # Jobs already queued there go back unsent: a suspension takes effect for them
+            # too, not only for the attempts that start after it.
+            site.give_back(functools.partial(self._hold_of, site))
         self._domain_throttles.clear()
+        freed = {d for d, route in self._held_by_site.items() if now.site_hold(route) is None}
+        for domain in freed:
+            del self._held_by_site[domain]
+        if not freed and before.settings.suspended <= settings.suspended:
+            return None
+
+        def resumed(domain: str) -> bool:
+            was = domain in freed or before.domain_hold(domain) is not None
+            return was and now.domain_hold(domain) is None
         return resumed
 
+    def _hold_of(self, site: Site, job: Job) -> str | None:
+        """The runtime key holding a job queued at ``site`` (the site's, or its domain's)."""
+        return site.held_by or self._runtime.domain_hold(job.domain)
+
     def suspended(self, domain: str) -> bool:
-        """Is delivery to ``domain`` suspended by an operator?"""
-        return domain in self._runtime.suspended
+        """Is delivery to ``domain`` suspended by an operator (exactly or by a wildcard)?"""
+        return self._runtime.domain_hold(domain) is not None
+
+    def held_by(self, domain: str) -> str | None:
+        """The runtime key holding ``domain``'s mail: a domain key (exact or wildcard), or
+        the ``site:`` key of the site it was last routed to; None if it is not held."""
+        hold = self._runtime.domain_hold(domain)
+        if hold is None:
+            site = self.sites.get(self._site_of.get(domain, ""))
+            route = site.route if site is not None else self._held_by_site.get(domain)
+            hold = self._runtime.site_hold(route) if route is not None else None
+        return hold
 
     def reload(self, cfg: Config) -> None:
         """Apply a re-read config's delivery policies (SIGHUP): rates, site limits, TLS modes
@@ -122,8 +165,10 @@ class Dispatcher:
             site.limits = site_limits(self.dcfg, site.route, self.helo)
 
     def domain_rate(self, domain: str) -> float | None:
-        """The configured or runtime rate of ``domain`` (msgs/s, cluster-wide), or None."""
-        rate = self._runtime.throttles.get(domain)
+        """The rate of ``domain`` (msgs/s, cluster-wide), or None: the most specific runtime
+        throttle (exact, else the longest ``*.suffix``, each matching domain limited on its
+        own), else the configured policy's."""
+        rate = self._runtime.domain_rate(domain)
         if rate is None:
             policy = policy_for(domain, self.dcfg.domains)
             rate = policy.rate if policy else None
@@ -171,6 +216,8 @@ class Dispatcher:
         route = outside
         site = self._site_for(route)
         self._note_site_of(domain, route.site)
+        if site.held_by is not None:
+            return self._held(domain, route, site.held_by, idx)
         # Held from here (no await before) until its job is done: the reaper must not forget
         # a site an attempt is about to queue on.
         with site.held():
@@ -178,15 +225,33 @@ class Dispatcher:
             # domain behind a shared site (a smarthost, a big provider's MX set) must not
             # hold a connection that other domains' mail could use.
             await self._domain_throttle_wait(domain)
+            if (hold := self._runtime.domain_hold(domain)) is not None:
+                return self._held(domain, None, hold, idx)  # suspended while it waited
             policy = policy_for(domain, self.dcfg.domains)
             tls = policy.tls if policy and policy.tls else self.dcfg.tls
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
                       stored.body, env.smtputf8, env.body_8bit, tls_required=tls == "required")
             return await self._deliver_job(site, job, idx)
 
+    def _held(self, domain: str, route: Route | None, key: str, idx: list[int]
+              ) -> dict[int, Outcome]:
+        """Outcomes of recipients an operator's suspension (``key``) kept from being tried;
+        a site suspension notes the domain, to retry it as soon as the site is resumed."""
+        if route is not None:
+            self._held_by_site[domain] = route
+            self._held_by_site.move_to_end(domain)
+            while len(self._held_by_site) > self.dcfg.route_cache_size:
+                self._held_by_site.popitem(last=False)
+        log.debug("delivery.held", domain=domain, key=key, node_id=self.node_id)
+        return _every(idx, Verdict.HELD, RecipientResult(
+            451, f"4.3.2 Delivery suspended by the operator ({key})"))
+
     async def _deliver_job(self, site: Site, job: Job, idx: list[int]) -> dict[int, Outcome]:
         try:
             results = await site.deliver(job)
+        except SuspendedError as exc:
+            site_hold = exc.key == site.held_by
+            return self._held(job.domain, site.route if site_hold else None, exc.key, idx)
         except NotOwnerError as exc:
             return _every(idx, Verdict.NOT_SENT, RecipientResult(exc.code, exc.text))
         except PermanentError as exc:
@@ -211,7 +276,8 @@ class Dispatcher:
                     Breaker(d.breaker_failures, d.breaker_cooldown),
                     self.coordinator.rate_share, self.node_id,
                     permit=self._permit, metrics=self.metrics)
-        site.rate_override = self._runtime.throttles.get(route.site)
+        site.rate_override = self._runtime.site_rate(route)
+        site.held_by = self._runtime.site_hold(route)
         self.sites[route.site] = site
         return site
 

@@ -115,8 +115,11 @@ class DeliveryEngine:
         return self.queue.may_send(message_id)
 
     def _on_runtime(self, settings: RuntimeSettings) -> None:
-        for domain in self.dispatcher.apply_runtime(settings):
-            self.queue.flush(domain)
+        resumed = self.dispatcher.apply_runtime(settings)
+        if resumed is not None:
+            # Mail a resume released goes now, not at its next periodic look.
+            flushed = self.queue.flush_matching(resumed)
+            log.info("delivery.resumed", node_id=self.node_id, rescheduled=flushed)
 
     # --- shards and messages ---------------------------------------------------------------
 
@@ -159,6 +162,10 @@ class DeliveryEngine:
     def domain_rate(self, domain: str) -> float | None:
         """The configured or runtime rate of ``domain`` (msgs/s, cluster-wide), or None."""
         return self.dispatcher.domain_rate(domain)
+
+    def held_by(self, domain: str) -> str | None:
+        """The runtime key (domain, ``*.suffix`` or ``site:...``) holding ``domain``'s mail."""
+        return self.dispatcher.held_by(domain)
 
     # --- operator actions ------------------------------------------------------------------
 

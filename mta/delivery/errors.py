@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DeliveryError", "NotOwnerError", "PermanentError", "TemporaryError"]
+__all__ = ["DeliveryError", "NotOwnerError", "PermanentError", "SuspendedError", "TemporaryError"]
 
 
 class DeliveryError(Exception):
@@ -42,3 +42,13 @@ class NotOwnerError(TemporaryError):
     def __init__(self, stage: str) -> None:
         super().__init__(451, f"4.3.2 Not serving this shard now (stopped {stage})")
         self.stage = stage
+
+
+class SuspendedError(DeliveryError):
+    """An operator suspended the job's domain or site (``key``, as stored) while it waited:
+    it goes back unsent, and its message waits without an attempt counted, as for a
+    domain suspended before its attempt began."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(451, f"4.3.2 Delivery suspended by the operator ({key})")
+        self.key = key

@@ -6,16 +6,20 @@ and beats the bare host name."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from mta.config import DeliveryConfig, SitePolicy
 from mta.delivery.routes import Route, wildcard_match
 from mta.delivery.site import SiteLimits
 from mta.envelope import domain_key
 
-__all__ = ["site_limits", "site_policy"]
+__all__ = ["route_match", "site_limits", "site_policy"]
+
+T = TypeVar("T")
 
 
-def _match(name: str, port: int, sites: dict[str, SitePolicy]
-           ) -> tuple[int, SitePolicy] | None:
+def _match(name: str, port: int, sites: Mapping[str, T]) -> tuple[int, T] | None:
     """The entry for one host name (on ``port``) and how specific it is: ``host:port`` (a
     smarthost as configured, ``[addr]:port`` for IPv6) beats the bare name, which beats any
     wildcard; a longer ``*.suffix`` beats a shorter one; ``*`` is left to the caller."""
@@ -29,19 +33,26 @@ def _match(name: str, port: int, sites: dict[str, SitePolicy]
     return wildcard_match(name, sites)
 
 
-def site_policy(route: Route, sites: dict[str, SitePolicy]) -> SitePolicy | None:
-    """The ``[delivery.sites]`` entry for ``route``: the most specific match among its host
-    names (MX hosts, the smarthost, the literal address; each alone or with the port the
-    route connects to), the more preferred host on a tie;
-    ``*`` when none matches."""
-    if not sites:
-        return None
-    best: tuple[int, SitePolicy] | None = None
+def route_match(route: Route, table: Mapping[str, T]) -> T | None:
+    """The entry of ``table`` (keyed as ``[delivery.sites]``, ``*`` aside) for ``route``:
+    the most specific match among its host names (MX hosts, the smarthost, the literal
+    address; each alone or with the port the route connects to), the more preferred host
+    on a tie; None when none matches."""
+    best: tuple[int, T] | None = None
     for name, port in dict.fromkeys((host, port) for _, port, host in route.hosts):
-        found = _match(name, port, sites)
+        found = _match(name, port, table)
         if found is not None and (best is None or found[0] > best[0]):
             best = found
-    return best[1] if best is not None else sites.get("*")
+    return best[1] if best is not None else None
+
+
+def site_policy(route: Route, sites: dict[str, SitePolicy]) -> SitePolicy | None:
+    """The ``[delivery.sites]`` entry for ``route`` (see :func:`route_match`); ``*`` when
+    none matches."""
+    if not sites:
+        return None
+    found = route_match(route, sites)
+    return found if found is not None else sites.get("*")
 
 
 def site_limits(dcfg: DeliveryConfig, route: Route, helo: str) -> SiteLimits:

@@ -19,6 +19,7 @@ import structlog
 
 from mta.coordinator import Member
 from mta.delivery.routes import Route
+from mta.logs import describe
 from mta.netaddr import IPAddress as _IP
 from mta.netaddr import ip_address
 
@@ -135,7 +136,7 @@ class LoopGuard:
             # after the refresh interval, not at every attempt (each would wait for the
             # store's timeout, holding the lock the other attempts wait on).
             log.debug("delivery.loop_members_unavailable", node_id=self._node_id,
-                      error=str(exc))
+                      error=describe(exc))
             if not self._listeners and port:
                 self._listeners = [await self._own(host, port)]
             self._loaded_at = time.monotonic()

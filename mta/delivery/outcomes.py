@@ -39,6 +39,7 @@ class Verdict(enum.Enum):
     EXPIRED = "x"  # deferred past max_age: bounced
     ADMIN = "a"  # bounced by an operator
     NOT_SENT = "f"  # not tried: this node may not send for the shard now
+    HELD = "h"  # not tried: an operator suspended its domain or site (no attempt counted)
 
 
 FINAL = frozenset({Verdict.DELIVERED, Verdict.BOUNCED, Verdict.EXPIRED, Verdict.ADMIN})

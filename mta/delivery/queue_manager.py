@@ -15,6 +15,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -243,8 +244,13 @@ class QueueManager:
         if domain is None:
             return self.scheduler.reschedule_all(0.0)
         domain = domain_key(domain)
-        ids = {ref.id for ref in self.live_refs() if domain in ref.pending_domains()}
-        return self.scheduler.reschedule_all(0.0, ids.__contains__)
+        return self.flush_matching(lambda d: d == domain)
+
+    def flush_matching(self, match: Callable[[str], bool]) -> int:
+        """Retry now every waiting message with a pending recipient at a domain ``match``
+        selects (the domains a resume released)."""
+        ids = {ref.id for ref in self.live_refs() if any(map(match, ref.pending_domains()))}
+        return self.scheduler.reschedule_all(0.0, ids.__contains__) if ids else 0
 
     def live_refs(self) -> list[MessageRef]:
         """Index entries of every live message in the shards this engine delivers."""

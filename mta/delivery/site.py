@@ -18,9 +18,10 @@ import structlog
 from aiosmtplib.email import quote_address
 
 from mta.delivery.breaker import Breaker
-from mta.delivery.errors import DeliveryError, NotOwnerError, TemporaryError
+from mta.delivery.errors import DeliveryError, NotOwnerError, SuspendedError, TemporaryError
 from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
+from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.tasks import cancel_and_wait
 from mta.text import has_controls, one_line
@@ -225,6 +226,9 @@ class Site:
         self.node_id = node_id
         self.throttle = Throttle(limits.rate)
         self.rate_override: float | None = None
+        # The runtime key (``site:...``) an operator suspended this site with, or None: while
+        # set, no job is queued here and no connection is opened for one.
+        self.held_by: str | None = None
         self.ready = ReadyQueue()
         self.connections = 0
         self._workers: set[asyncio.Task[None]] = set()
@@ -294,6 +298,8 @@ class Site:
             raise TemporaryError(451, "4.3.2 Delivery engine shutting down")
         if not self._permit(job.message_id):
             raise self._not_owner(job, "queued", log_it=False)
+        if self.held_by is not None:
+            raise SuspendedError(self.held_by)
         self.ready.append(job)
         self._wakeup.set()
         self._spawn()
@@ -328,6 +334,16 @@ class Site:
         if dropped and self._metrics is not None:
             self._metrics.not_owner_stops.labels("queued").inc(dropped)
         return dropped
+
+    def give_back(self, held: Callable[[Job], str | None]) -> int:
+        """Fail unsent, with :class:`SuspendedError`, the queued jobs ``held`` names a
+        suspension for (their attempts end without counting); returns how many."""
+        taken = 0
+        for job in self.ready.remove_if(lambda j: held(j) is not None):
+            if not job.future.done():
+                job.fail(SuspendedError(held(job) or ""))
+                taken += 1
+        return taken
 
     def on_stalled(self, job: Job) -> None:
         """A command of ``job`` has waited stall_timeout for its reply."""
@@ -408,6 +424,11 @@ class Site:
                         job.fail(self._not_owner(job, "before connecting"))
                     job = None
                     continue
+                if self.held_by is not None:
+                    # Suspended since it was queued: no new connection or transaction.
+                    job.fail(SuspendedError(self.held_by))
+                    job = None
+                    continue
                 if conn.smtp is None and not await self._connect_for(conn, job):
                     return  # the job failed with the connection
                 job = await self._take_job(conn, job)
@@ -438,6 +459,9 @@ class Site:
         await self.throttle_wait(job)
         if job.future.done():  # its attempt was cancelled while we waited
             return None
+        if self.held_by is not None:  # suspended while it waited for the throttle
+            job.fail(SuspendedError(self.held_by))
+            return None
         assert conn.smtp is not None
         try:
             results = await self._send(conn.smtp, job, conn.remote, reused=conn.sent > 0)
@@ -448,7 +472,7 @@ class Site:
                 self._metrics.stale_connections.inc()
             log.warning("delivery.pooled_connection_stale", message_id=job.message_id,
                         site=self.key, node_id=self.node_id, remote=conn.remote,
-                        error=str(exc), reuse_timeout=self.limits.reuse_timeout)
+                        error=describe(exc), reuse_timeout=self.limits.reuse_timeout)
             conn.smtp.close()  # no QUIT: it would wait for a reply that is not coming
             conn.smtp = None
             return job
@@ -504,8 +528,10 @@ class Site:
                 continue
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _quit(smtp)
+                # describe(): a bare TimeoutError() would leave "failed: TimeoutError", and
+                # asyncio's refusal carries the address as a tuple repr.
                 last = TemporaryError(451, f"4.4.1 Connection to {name} [{addr}]:{port} failed:"
-                                           f" {type(exc).__name__} {exc}".strip(), remote=name,
+                                           f" {describe(exc)}", remote=name,
                                       connection=True)
                 continue
             self.breaker.on_success()
@@ -545,7 +571,7 @@ class Site:
             final = await self._data(smtp, job, remote)
         except _LOST as exc:
             raise TemporaryError(451, f"4.4.2 Connection to {remote} lost: "
-                                      f"{type(exc).__name__}", remote=remote) from None
+                                      f"{describe(exc)}", remote=remote) from None
         for i in accepted:
             results[i] = final
         return [r for r in results if r is not None]
@@ -589,7 +615,7 @@ class Site:
             return _bad_sender(str(exc))
         except _LOST as exc:
             if reused:
-                raise _StaleConnection(f"MAIL: {type(exc).__name__}") from None
+                raise _StaleConnection(f"MAIL: {describe(exc)}") from None
             raise
         return None
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, _Missing, syntax
 
+from mta.ingress.trace import REDACTED, SessionTrace, printable
+
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
 
@@ -41,6 +43,7 @@ class AuthExchange(SMTP):
     _pending_login: LoginPassword | None
     _read_line: Callable[[], Awaitable[bytes | None]]
     _flush: Callable[[], Awaitable[None]]
+    _traced: Callable[[], SessionTrace]
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -63,6 +66,9 @@ class AuthExchange(SMTP):
         await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
         await self._flush()
         line = await self._read_line()
+        if self._server.trace.active:
+            # An AUTH response is the credentials (or half of them): never told.
+            self._traced().emit("command", line=REDACTED)
         if line is None:
             await self.push("500 5.5.2 Line too long")
             return MISSING
@@ -140,7 +146,13 @@ class AuthExchange(SMTP):
             raise
         if ok:
             server.auth_guard.finish(attempt, ok=True)
+            if server.trace.active:
+                trace = self._traced()
+                trace.authenticated(user)
+                trace.emit("auth", user=printable(user), ok=True)
             return AuthResult(success=True, auth_data=user)
+        if server.trace.active:
+            self._traced().emit("auth", user=printable(user), ok=False)
         delay = server.count_auth_failure(attempt)
         if delay:
             await asyncio.sleep(delay)  # tarpit: guessing gets slower with every miss

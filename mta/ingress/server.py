@@ -18,6 +18,7 @@ from mta.ingress.guard import AuthAttempt, AuthGuard
 from mta.ingress.handler import IngressHandler
 from mta.ingress.policy import ConnectionLimiter, is_loopback
 from mta.ingress.session import IngressSession
+from mta.ingress.trace import TraceHub
 from mta.metrics import NodeMetrics
 from mta.spool import Spool
 
@@ -88,6 +89,8 @@ class IngressServer:
         # Cleared while the node is fenced (cluster lease lost): sessions get 421.
         self.accepting_writes = True
         self._handler = IngressHandler(self)
+        # The live SMTP trace (mtactl trace): sessions report to it only while watched.
+        self.trace = TraceHub()
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -140,6 +143,7 @@ class IngressServer:
         log.info("smtp.drained", cut_in_data=busy)
 
     async def close(self) -> None:
+        self.trace.close()
         if self._server is not None:
             self._server.close()
         for sess in list(self.sessions):

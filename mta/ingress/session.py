@@ -27,6 +27,7 @@ from aiosmtpd.smtp import (
 from mta.ingress.auth_exchange import AuthExchange
 from mta.ingress.data import DataReader
 from mta.ingress.policy import in_networks
+from mta.ingress.trace import SessionTrace, printable, redact_command
 from mta.text import has_controls
 
 if TYPE_CHECKING:
@@ -149,6 +150,9 @@ class IngressSession(AuthExchange, DataReader):
     command loop and replies here, the DATA reader and the AUTH exchange mixed in."""
 
     _introspected: dict[tuple[type, int], _Introspection] = {}
+    # This session's live-trace state (mta/ingress/trace.py), made when it first reports
+    # while somebody watches; a class default, so __init__ stays aiosmtpd's attributes.
+    _trace: SessionTrace | None = None
 
     def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
                  hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
@@ -219,6 +223,8 @@ class IngressSession(AuthExchange, DataReader):
         self._client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
         # Decided before admission: relay_networks clients may use the reserved slots.
         self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
+        if self._server.trace.active:
+            self._trace_connect(peer)
         refusal = self._server.admit(self, self._client_ip)
         if refusal is not None:
             await self.push(refusal)
@@ -257,6 +263,8 @@ class IngressSession(AuthExchange, DataReader):
                 raw = await self._read_line()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
+            if self._server.trace.active:
+                self._trace_command(raw)
             parsed = self._parse_command(raw)
             if isinstance(parsed, str):
                 await self.push(parsed)
@@ -353,7 +361,15 @@ class IngressSession(AuthExchange, DataReader):
             return
         await super().smtp_MAIL(arg)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self._server.trace.active and self._tls_protocol is not None:
+            self._trace_tls()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._server.trace.active:
+            self._traced().emit("disconnect", error=printable(str(error)) if error else None)
         if self._admitted:
             self._admitted = False
             self._server.release(self, self._client_ip)
@@ -402,11 +418,15 @@ class IngressSession(AuthExchange, DataReader):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, error = await self._read_body()
         if error is not None:
+            if self._server.trace.active:
+                self._traced().emit("data", size=None, accepted=False, queue_id=None)
             await self.push(error)
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
+        if self._server.trace.active:
+            self._trace_data(len(content), status)
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
@@ -449,6 +469,8 @@ class IngressSession(AuthExchange, DataReader):
         else:
             code = status[:3].decode("ascii", "replace")
             data = status + b"\r\n"
+        if self._server.trace.active:
+            self._traced().emit("reply", line=printable(data[:-2].decode("utf-8", "replace")))
         self._out.append(data)
         # Pipelining: while further complete commands already sit in the input buffer, keep
         # replies back and send them in one write (RFC 2920 4). A multi-line reply's
@@ -504,4 +526,39 @@ class IngressSession(AuthExchange, DataReader):
     @property
     def client_ip(self) -> str:
         return self._client_ip
+
+    # --- live trace (mta/ingress/trace.py): called only while somebody watches --------------
+
+    def _traced(self) -> SessionTrace:
+        trace = self._trace
+        if trace is None:
+            trace = self._trace = self._server.trace.session(self._client_ip)
+        return trace
+
+    def _trace_connect(self, peer: Any) -> None:
+        assert self.session is not None
+        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+        self._traced().emit("connect", client=self._client_ip, port=port,
+                            tls=self.session.ssl is not None,
+                            relay_allowed=self.relay_allowed)
+
+    def _trace_command(self, raw: bytes | None) -> None:
+        if raw is None:
+            self._traced().emit("command", line=None, too_long=True)
+            return
+        line = raw.rstrip(b"\r\n")[:1024].decode("utf-8", "backslashreplace")
+        # AUTH's initial response is the credentials: only the mechanism is told.
+        self._traced().emit("command", line=printable(redact_command(line)))
+
+    def _trace_data(self, size: int, status: Any) -> None:
+        reply = status if isinstance(status, str) else ""
+        queue_id = reply.rsplit("queued as ", 1)[1].strip() if "queued as " in reply else None
+        self._traced().emit("data", size=size, accepted=reply.startswith("250"),
+                            queue_id=queue_id)
+
+    def _trace_tls(self) -> None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        version = ssl_object.version() if ssl_object is not None else None
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        self._traced().emit("tls", version=version, cipher=cipher[0] if cipher else None)
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import structlog
 
+from mta.logs import describe
 from mta.spool.index import ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScanIssue, ScannedRecord, scan
 from mta.spool.segment import fsync_dir, list_segments, segment_path
 
-__all__ = ["COMMITS_KEPT", "RecoveryReport", "recover_shard"]
+__all__ = ["COMMITS_KEPT", "RecoveryReport", "committed_end", "recover_shard"]
 
 # How many of a shard's newest COMMIT records recovery hands on for checking the side file.
 COMMITS_KEPT = 64
@@ -119,6 +120,27 @@ def recover_shard(shard_dir: Path, shard: int) -> tuple[ShardIndex, RecoveryRepo
     return index, report
 
 
+def committed_end(data: bytes) -> int:
+    """Where the acknowledgeable part of a newest segment ends: just past its last COMMIT
+    record, or past its SEGMENT header when no batch completed (format 1, with no COMMIT:
+    past its last valid record); 0 when it holds no valid record. Everything after it is a
+    torn write or a batch that never completed. :func:`recover_shard` cuts no further back
+    than this (it keeps a corrupt region that precedes the uncommitted records); a follower's
+    copy cuts exactly here, so it ends where some owner batch ended."""
+    end = 0
+    batched = False
+    for item in scan(data):
+        if isinstance(item, ScanIssue):
+            continue
+        kind = item.meta[0]
+        if kind == Kind.SEGMENT:
+            batched = _segment_format(item) >= 2
+        elif batched and kind != Kind.COMMIT:
+            continue
+        end = item.offset + item.size
+    return end
+
+
 def _apply(index: ShardIndex, report: RecoveryReport, seq: int, rec: ScannedRecord) -> None:
     meta = rec.meta
     try:
@@ -137,9 +159,9 @@ def _apply(index: ShardIndex, report: RecoveryReport, seq: int, rec: ScannedReco
             raise ValueError(f"unknown kind {kind!r}")
     except (IndexError, TypeError, ValueError, KeyError) as exc:
         # Valid crc but a shape we do not understand: keep scanning, never abort.
-        report.corrupt.append((seq, rec.offset, rec.size, f"bad record: {exc}"))
+        report.corrupt.append((seq, rec.offset, rec.size, f"bad record: {describe(exc)}"))
         log.error("spool.recovery.bad_record", shard=report.shard, segment=seq,
-                  offset=rec.offset, error=str(exc))
+                  offset=rec.offset, error=describe(exc))
 
 
 def _segment_format(rec: ScannedRecord) -> int:

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from mta.spool.errors import SpoolWriteError
+from mta.spool.errors import SpoolWriteError, os_detail
 
 __all__ = ["ActiveSegment", "fsync_dir", "list_segments", "read_range", "segment_path"]
 
@@ -77,7 +77,7 @@ class ActiveSegment:
                 os.ftruncate(self.fd, offset)
             except OSError:
                 pass
-            raise SpoolWriteError(exc.errno or errno.EIO, str(exc)) from exc
+            raise SpoolWriteError(exc.errno or errno.EIO, os_detail(exc)) from exc
         self.size += len(data)
         return offset
 
@@ -86,7 +86,7 @@ class ActiveSegment:
             os.fdatasync(self.fd)
         except OSError as exc:
             self.broken = True
-            raise SpoolWriteError(exc.errno or errno.EIO, str(exc)) from exc
+            raise SpoolWriteError(exc.errno or errno.EIO, os_detail(exc)) from exc
 
     def close(self) -> None:
         try:

@@ -7,13 +7,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from mta.envelope import Envelope
+from mta.logs import describe
 from mta.spool import ownership
-from mta.spool.errors import FencedError, MessageNotFound, SpoolError, SpoolWriteError
+from mta.spool.errors import (
+    FencedError,
+    MessageNotFound,
+    ShardReadOnly,
+    SpoolError,
+    SpoolWriteError,
+)
 from mta.spool.index import MessageRef, ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
 from mta.spool.recovery import RecoveryReport, recover_shard
@@ -22,7 +29,7 @@ from mta.spool.shardlog import ShardLog
 from mta.spool.sidelines import SideCheck, missing_lines
 from mta.spool.writer import GroupCommitWriter, Position
 
-__all__ = ["Shard", "ShardClosed", "StoredMessage", "shard_dir"]
+__all__ = ["ReplicaGate", "Shard", "ShardClosed", "StoredMessage", "shard_dir"]
 
 log = structlog.get_logger("mta.spool.shard")
 
@@ -39,6 +46,23 @@ class StoredMessage:
     envelope: Envelope
     body: bytes
     state: dict[str, Any] | None
+
+
+class ReplicaGate(Protocol):
+    """What a replicated shard answers to (:class:`mta.replication.owner.ShardReplica`)."""
+
+    @property
+    def accepting(self) -> bool:
+        """May new mail be taken (enough in-sync copies)?"""
+
+    def written(self, seq: int, offset: int, data: bytes) -> None:
+        """Event loop: ``data`` was written at ``(seq, offset)`` (not yet synced)."""
+
+    def synced(self, end: tuple[int, int]) -> None:
+        """Event loop: the local log is durable up to ``end``."""
+
+    async def wait(self, end: tuple[int, int], reception: bool) -> None:
+        """Return once ``end`` may be acknowledged (raises ShardReadOnly, FencedError)."""
 
 
 def shard_dir(root: Path, number: int) -> Path:
@@ -68,6 +92,8 @@ class Shard:
         # Messages with a STATE or DONE on its way to disk: compaction leaves them alone, or
         # its copy could land after a DONE (resurrecting the message) or revert a state.
         self._pending: dict[str, int] = {}
+        # Set when the shard is replicated: acknowledgements wait for the in-sync copies.
+        self.replica: ReplicaGate | None = None
 
     async def open(self) -> RecoveryReport:
         """Claim the shard's owner file, recover its index from the segments, and give the
@@ -93,6 +119,23 @@ class Shard:
 
     def _note_commit(self, seq: int, offset: int, size: int) -> None:
         self.index.note(seq, offset, size)
+        if self.replica is not None:
+            self.replica.synced((seq, offset + size))
+
+    def replicate(self, gate: ReplicaGate) -> None:
+        """From now on, ship every write to ``gate`` and acknowledge only what it allows."""
+        assert self._log is not None
+        loop = asyncio.get_running_loop()
+        self.replica = gate
+
+        def on_write(seq: int, offset: int, data: bytes) -> None:
+            loop.call_soon_threadsafe(gate.written, seq, offset, data)
+
+        self._log.on_write = on_write
+
+    async def _replicated(self, pos: Position, size: int, reception: bool) -> None:
+        if self.replica is not None:
+            await self.replica.wait((pos[0], pos[1] + size), reception)
 
     # --- appends ---------------------------------------------------------------------------
 
@@ -120,6 +163,8 @@ class Shard:
                   after: Callable[[], None] | None = None, side: bytes | None = None) -> None:
         """Append a new message; returns once it is durable. ``after`` runs on the loop once
         it is, even if the caller was cancelled meanwhile (a client gone during the fsync)."""
+        if self.replica is not None and not self.replica.accepting:
+            raise ShardReadOnly(self.number, "fewer in-sync copies than [spool] min_insync")
         data = encode_msg(message_id, envelope, body)
         size = len(data)
         index = self.index
@@ -130,7 +175,8 @@ class Shard:
             if after is not None:
                 after()
 
-        await asyncio.shield(self._append(data, durable, side))
+        pos = await asyncio.shield(self._append(data, durable, side))
+        await self._replicated(pos, size, reception=True)
 
     async def _append_tracked(self, message_id: str, data: bytes, durable: Any,
                               side: bytes | None = None) -> None:
@@ -141,7 +187,10 @@ class Shard:
             self._unpend(message_id)
             raise
         fut.add_done_callback(lambda _f: self._unpend(message_id))
-        await asyncio.shield(fut)
+        pos = await asyncio.shield(fut)
+        # A DONE counts only once every promotable copy has it: else a takeover by a copy
+        # without it would deliver the recipient again.
+        await self._replicated(pos, len(data), reception=False)
 
     def _unpend(self, message_id: str) -> None:
         left = self._pending.get(message_id, 0) - 1
@@ -261,7 +310,7 @@ class Shard:
             raw = await asyncio.to_thread(read_range, self.dir, ref.seq, ref.offset, ref.size)
         except OSError as exc:
             log.error("spool.compact.read_failed", shard=self.number, message_id=ref.id,
-                      error=str(exc))
+                      error=describe(exc))
             return 0
         rec = _single_record(raw, ref)
         # Re-check after the read: a DONE or STATE may have been queued meanwhile.
@@ -281,7 +330,7 @@ class Shard:
         try:
             await self._append_tracked(message_id, data, durable)
         except SpoolWriteError as exc:
-            log.warning("spool.compact.write_failed", shard=self.number, error=str(exc))
+            log.warning("spool.compact.write_failed", shard=self.number, error=describe(exc))
             return 0
         return 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mta.spool import ownership
-from mta.spool.errors import SpoolWriteError
+from mta.spool.errors import SpoolWriteError, os_detail
 from mta.spool.record import encode_commit, encode_segment_header
 from mta.spool.segment import ActiveSegment
 from mta.spool.writer import Extent, Position
@@ -34,6 +34,9 @@ class ShardLog:
         self.segment_size = segment_size
         self.next_seq = next_seq
         self.active: ActiveSegment | None = None
+        # Replication: every write (a segment header, a batch) as it lands, from the writer
+        # thread, before it is synced; the callee hands it to the event loop.
+        self.on_write: Callable[[int, int, bytes], None] | None = None
 
     def _rotate(self) -> None:
         old = self.active
@@ -45,12 +48,13 @@ class ShardLog:
         except FileExistsError as exc:
             # Left by an attempt whose cleanup failed: never append to a file we did not open.
             self.next_seq += 1
-            raise SpoolWriteError(errno.EEXIST, f"creating segment: {exc}") from exc
+            raise SpoolWriteError(errno.EEXIST, f"creating segment: {os_detail(exc)}") from exc
         except OSError as exc:
-            raise SpoolWriteError(exc.errno or errno.EIO, f"creating segment: {exc}") from exc
+            raise SpoolWriteError(exc.errno or errno.EIO,
+                                  f"creating segment: {os_detail(exc)}") from exc
+        header = encode_segment_header(self.shard, seg.seq, self.owner.node, self.owner.token)
         try:
-            seg.write(encode_segment_header(self.shard, seg.seq, self.owner.node,
-                                            self.owner.token))
+            seg.write(header)
         except SpoolWriteError:
             # Disk full: do not leave an empty segment behind for every failed attempt.
             seg.close()
@@ -61,6 +65,8 @@ class ShardLog:
             raise
         self.next_seq += 1
         self.active = seg
+        if self.on_write is not None:
+            self.on_write(seg.seq, 0, header)
 
     def append_many(self, chunks: list[bytes], side_at: dict[str, Any],
                     lines: bytes) -> tuple[list[Position], Extent]:
@@ -70,7 +76,8 @@ class ShardLog:
         try:
             self._check_owner()
         except OSError as exc:
-            raise SpoolWriteError(exc.errno or errno.EIO, f"reading owner file: {exc}") from exc
+            raise SpoolWriteError(exc.errno or errno.EIO,
+                                  f"reading owner file: {os_detail(exc)}") from exc
         commit = encode_commit(side_at, lines)
         total = sum(len(c) for c in chunks) + len(commit)
         seg = self.active
@@ -78,7 +85,10 @@ class ShardLog:
             self._rotate()
             seg = self.active
             assert seg is not None
-        base = seg.write(b"".join((*chunks, commit)))
+        data = b"".join((*chunks, commit))
+        base = seg.write(data)
+        if self.on_write is not None:
+            self.on_write(seg.seq, base, data)
         positions = []
         for chunk in chunks:
             positions.append((seg.seq, base))

@@ -15,11 +15,12 @@ from typing import Any, Protocol
 import structlog
 
 from mta.envelope import Envelope, new_message_id, received_at_of, shard_of
+from mta.logs import describe
 from mta.spool import layout, ownership
 from mta.spool.errors import MessageNotFound, NoShardsOwned, ShardLockedError, SpoolError
 from mta.spool.index import MessageRef
 from mta.spool.recovery import RecoveryReport
-from mta.spool.shard import Shard, ShardClosed, StoredMessage, shard_dir
+from mta.spool.shard import ReplicaGate, Shard, ShardClosed, StoredMessage, shard_dir
 from mta.spool.sidelines import SideCheck
 from mta.spool.writer import BatchObserver, GroupCommitWriter, SideFile
 
@@ -185,11 +186,25 @@ class Spool:
         self._cursor += 1
 
     def allocate_id(self) -> str:
-        """A new message id in the shard that takes new messages now."""
+        """A new message id in the shard that takes new messages now: the next one in turn
+        that is not read-only (too few in-sync copies), so one sick shard does not stop the
+        node accepting; if every shard is read-only, the next in turn (it will answer 451)."""
         order = self._order
         if not order:
             raise NoShardsOwned("this node owns no spool shard right now")
-        return new_message_id(order[self._cursor % len(order)])
+        start = self._cursor % len(order)
+        for step in range(len(order)):
+            shard = self._shards[order[(start + step) % len(order)]]
+            if shard.replica is None or shard.replica.accepting:
+                return new_message_id(shard.number)
+        return new_message_id(order[start])
+
+    def replicate(self, number: int, gate: ReplicaGate) -> None:
+        """Replicate the open shard ``number`` through ``gate`` from now on."""
+        shard = self._shards.get(number)
+        if shard is None:
+            raise SpoolError(f"shard {number} is not open")
+        shard.replicate(gate)
 
     async def submit(self, envelope: Envelope, body: bytes, message_id: str | None = None) -> str:
         """Store a new message durably; return its id once it is fsynced.
@@ -300,5 +315,5 @@ class Spool:
                 moved += await shard.compact(live_ratio)
                 deleted += await shard.collect()
             except (SpoolError, OSError) as exc:
-                log.warning("spool.maintain_failed", shard=shard.number, error=str(exc))
+                log.warning("spool.maintain_failed", shard=shard.number, error=describe(exc))
         return moved, deleted

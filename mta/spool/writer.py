@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from mta.logs import describe
 from mta.spool.errors import SpoolWriteError
 
 __all__ = ["AppendLog", "BatchObserver", "Extent", "GroupCommitWriter", "Position", "SideFile"]
@@ -196,9 +197,12 @@ class GroupCommitWriter:
                 outcomes.append((append_log, items, None, None, exc))
                 continue
             except Exception as exc:  # a bug must not kill the writer and hang callers
-                log.exception("spool.writer.append_failed")
-                outcomes.append((append_log, items, None, None,
-                                 SpoolWriteError(errno.EIO, repr(exc))))
+                text = describe(exc)
+                log.exception("spool.writer.append_failed", error=text)
+                # The class name too: this is a bug, and its name is the lead.
+                name = type(exc).__name__
+                outcomes.append((append_log, items, None, None, SpoolWriteError(
+                    errno.EIO, text if text.startswith(name) else f"{name}: {text}")))
                 continue
             written.append((append_log, items, positions, commit))
             if lines and side is not None:

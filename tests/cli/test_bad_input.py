@@ -43,6 +43,9 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "_ratio": {10},  # 0 to 1
     "_optional_rate": {6},  # "" (none); a rate is "N/unit"
     "_optional_hostport": {6},  # "" (none)
+    "_advertise": {6},  # "" (none); else "host:port" a peer can dial
+    "_zone": {6, 13, 17},  # "" (none); letters, digits, ".", "_", "-"
+    "_secret": {6, 15, 17},  # "" (none); else at least 16 bytes
 }
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {
@@ -52,6 +55,10 @@ ACCEPTED_BY_KEY: dict[str, set[int]] = {
     "[spool] compact_live_ratio": {10},  # a ratio
     "[delivery] route_ttl_min": {12},  # at most route_ttl_max (default 1 h)
     "[delivery] route_ttl_max": set(),  # at least route_ttl_min (5 s), at most 10 years
+    "[spool] replicas": set(),  # > 1 needs [cluster] etcd
+    "[spool] min_insync": set(),  # at most replicas (default 1)
+    "[cluster] secret_file": {6},  # must exist
+    "[cluster] tls_ca": {6}, "[cluster] tls_cert": {6}, "[cluster] tls_key": {6},
 }
 # A value the parser takes but a check across keys refuses names the other key.
 NAMED_AS: dict[tuple[str, int], str] = {
@@ -61,6 +68,10 @@ NAMED_AS: dict[tuple[str, int], str] = {
     # a certificate without its key (or the other way round) names the one missing
     **{("[smtp] tls_cert", i): "[smtp] tls_key" for i in _TEXT - {6}},
     **{("[smtp] tls_key", i): "[smtp] tls_cert" for i in _TEXT - {6}},
+    # the replication TLS files go in threes: one alone names the first missing
+    **{("[cluster] tls_ca", i): "[cluster] tls_cert" for i in _TEXT - {6}},
+    **{("[cluster] tls_cert", i): "[cluster] tls_ca" for i in _TEXT - {6}},
+    **{("[cluster] tls_key", i): "[cluster] tls_ca" for i in _TEXT - {6}},
 }
 
 

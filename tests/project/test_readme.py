@@ -18,7 +18,7 @@ README = ROOT / "README.md"
 # Defaults the README shows as what they become on a machine rather than as a value.
 _PLACEHOLDERS = {("node", "id"): "<hostname>", ("smtp", "hostname"): "<fqdn>"}
 # Defaults computed from other keys: the README shows the value of the default config.
-_COMPUTED = {("smtp", "reserved_connections")}
+_COMPUTED = {("smtp", "reserved_connections"), ("spool", "min_insync")}
 # Example tables under a section (policies per destination), not keys with defaults.
 _EXAMPLES = {("delivery", "domains"), ("delivery", "sites")}
 

@@ -11,11 +11,12 @@ from mta.admin.routes.health import Health
 from mta.admin.routes.messages import Messages
 from mta.admin.routes.queue_tools import QueueTools
 from mta.admin.routes.slo import Slo
+from mta.admin.routes.trace import Trace
 
 __all__ = ["Api", "register_all"]
 
 RESOURCES: tuple[type[Resource], ...] = (Health, Cluster, Messages, QueueTools, Delivery,
-                                          Slo)
+                                          Slo, Trace)
 
 
 def register_all(router: web.UrlDispatcher, api: Api) -> None:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mta.admin.errors import ApiError
+from mta.admin.keys import PatternError, domain_pattern, site_pattern
 from mta.admin.peers import PeerAnswer, PeerClient
+from mta.delivery.runtime import SITE_PREFIX
 from mta.envelope import domain_key
 from mta.ingress.policy import domain_problem
 
@@ -103,8 +105,8 @@ class Api:
         """The body's domain, lower-cased; None if absent. Present, it must be a non-empty
         string (a 400 naming the field otherwise: a wrong-typed filter must never widen an
         action). The grammar is the one recipient addresses pass at the doors (domains and
-        address literals, no wildcards: suspend, flush and bounce match the domain of each
-        recipient exactly), so nothing else can reach the runtime settings (etcd keys) or
+        address literals, no wildcards: flush and bounce match the domain of each recipient
+        exactly; suspend and throttles take :meth:`runtime_key`), so nothing else can reach
         the operator's terminal."""
         if field not in body:
             return None
@@ -118,6 +120,37 @@ class Api:
                                        "one domain exactly as in recipient addresses, e.g. "
                                        "example.com or [192.0.2.1]; no wildcards")
         return domain_key(domain)
+
+    @staticmethod
+    def runtime_key(body: Mapping[str, Any], field: str = "domain") -> str | None:
+        """The runtime key (as stored, see :mod:`mta.delivery.runtime`) that ``field`` (a
+        domain or ``*.domain``) or ``site`` (a host, ``*.suffix``, ``host:port`` or
+        ``[address]``, stored as ``site:...``) names; None if neither is present. A 400
+        naming the problem for anything else, both at once included. ``field`` may hold a
+        key as stored (``site:...``, as the answers show it): no domain has a colon."""
+        if field in body and "site" in body:
+            raise ApiError.bad_request(f"give {field} or site, not both",
+                                       "a site holds every domain routed to it")
+        name = "site" if "site" in body else field
+        if name not in body:
+            return None
+        value = body[name]
+        if not isinstance(value, str) or not value:
+            raise ApiError.bad_request(f"{name}: expected a string such as "
+                                       f"{'mx1.example.net' if name == 'site' else 'example.com'!r}"
+                                       f", got {json.dumps(value)[:100]}",
+                                       "leave the field out rather than send it empty")
+        if value.startswith(SITE_PREFIX):
+            name = "site"
+        try:
+            return site_pattern(value) if name == "site" else domain_pattern(value)
+        except PatternError as exc:
+            hint = ("an MX host or smarthost (host:port), or *.suffix of MX hosts, as "
+                    "[delivery.sites] keys are written" if name == "site" else
+                    "a domain as in recipient addresses (example.com, [192.0.2.1]), or "
+                    "*.example.com for every subdomain; a site goes in the site field "
+                    "(mtactl --site)")
+            raise ApiError.bad_request(f"not a {name}: {value[:300]!r} ({exc})", hint) from None
 
     def engine(self) -> DeliveryEngine:
         """The delivery engine; a 409 when delivery is disabled on this node."""

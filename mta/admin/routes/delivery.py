@@ -1,22 +1,33 @@
-"""Acting on delivery: flush, suspend and resume a domain, throttles, bounce a domain.
+"""Acting on delivery: flush, suspend and resume a domain or site, throttles, bounce a domain.
 
 Flush and bounce act on the queues of every node; suspensions and throttles are runtime
-settings the coordinator shares with the cluster.
+settings the coordinator shares with the cluster. Their keys (see
+:mod:`mta.delivery.runtime`): ``{"domain": "example.com" | "*.example.com"}`` or
+``{"site": "mx1.example.net" | "*.suffix" | "host:port"}``, stored and shown as
+``site:<host>``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from mta.admin.errors import ApiError, json_response
 from mta.admin.routes.base import Resource
 from mta.config import parse_rate
+from mta.delivery.runtime import RuntimeIndex
 
 __all__ = ["Delivery"]
 
+log = structlog.get_logger("mta.admin")
+
 _DOMAIN_SHAPE = "expected {\"domain\": \"example.com\"}"
+_KEY_SHAPE = ("expected {\"domain\": \"example.com\" or \"*.example.com\"} or "
+              "{\"site\": \"mx1.example.net\", \"*.suffix\" or \"host:port\"}")
+_THROTTLE_SHAPE = ("expected {\"key\": domain or *.domain, \"spec\": \"100/s\"} or "
+                   "{\"site\": host, *.suffix or host:port, \"spec\": \"100/s\"}")
 
 
 class Delivery(Resource):
@@ -73,30 +84,41 @@ class Delivery(Resource):
             "unreachable": answers.unreachable})
 
     async def _set_suspended(self, request: web.Request, suspend: bool) -> web.Response:
-        domain = await self._required_domain(request)
+        key = self.api.runtime_key(await self.api.json_body(request))
+        if key is None:
+            raise ApiError.bad_request(_KEY_SHAPE, "a site holds every domain routed to it")
         coordinator = self.api.node.coordinator
-        if not suspend and domain not in coordinator.runtime().suspended:
-            # A resume that does nothing is usually a typo the operator wants to hear about.
-            raise ApiError.conflict(f"{domain} is not suspended",
+        now = coordinator.runtime()
+        if not suspend and key not in now.suspended:
+            # A resume that does nothing is usually a typo the operator wants to hear about;
+            # resuming one subdomain of a suspended wildcard is not possible either.
+            wider = RuntimeIndex(now).domain_hold(key)
+            raise ApiError.conflict(f"{key} is not suspended",
+                                    f"it is held by {wider}: resume that" if wider else
                                     "`mtactl throttle show` lists the suspended domains")
-        after = await coordinator.change_runtime(suspended={domain: suspend})
+        after = await coordinator.change_runtime(suspended={key: suspend})
+        log.info("admin.suspended" if suspend else "admin.resumed", key=key,
+                 node_id=self.api.node.node_id)
         return json_response({"suspended": sorted(after.suspended)})
 
     async def suspend(self, request: web.Request) -> web.Response:
-        """Stop delivering to a domain, cluster-wide, until resumed."""
+        """Stop delivering to a domain, its subdomains (``*.domain``) or a site,
+        cluster-wide, until resumed."""
         return await self._set_suspended(request, True)
 
     async def resume(self, request: web.Request) -> web.Response:
-        """Deliver to a suspended domain again."""
+        """Deliver to a suspended domain, wildcard or site again."""
         return await self._set_suspended(request, False)
 
     async def throttles(self, request: web.Request) -> web.Response:
-        """Runtime and configured rates, and the suspended domains."""
+        """Runtime and configured rates, and the suspended domains, wildcards and sites."""
         node = self.api.node
         rt = node.coordinator.runtime()
         delivery = node.cfg.delivery
         configured = {d: p.rate for d, p in delivery.domains.items() if p.rate}
+        sites = {s: p.rate for s, p in delivery.sites.items() if p.rate is not None}
         return json_response({"runtime": rt.throttles, "configured": configured,
+                                  "configured_sites": sites,
                                   "default_site_rate": delivery.rate,
                                   "suspended": sorted(rt.suspended),
                                   "unit": "messages per second"})
@@ -104,23 +126,30 @@ class Delivery(Resource):
     async def set_throttle(self, request: web.Request) -> web.Response:
         """Set (or with spec null remove) the runtime rate of a domain or site."""
         body = await self.api.json_body(request)
-        key, spec = body.get("key"), body.get("spec")
-        if not isinstance(key, str) or not key:
-            raise ApiError.bad_request("expected {\"key\": domain or site, \"spec\": \"100/s\"}",
-                                       "spec null removes the override")
-        if not key.isprintable():  # runtime keys end up in etcd and on terminals
-            raise ApiError.bad_request(f"not a domain or site: {key[:300]!r}",
-                                       "a domain, or a site as mtactl queue shows it")
+        spec = body.get("spec")
+        coordinator = self.api.node.coordinator
+        key = self._throttle_key(body, coordinator.runtime().throttles, clear=spec is None)
         try:
             rate = None if spec is None else parse_rate(spec)
         except ValueError as exc:
             raise ApiError.bad_request(f"spec: {exc}",
                                        "for example \"100/s\", \"20/m\", \"5000/h\"") from None
-        key = key.lower()
-        coordinator = self.api.node.coordinator
         if rate is None and key not in coordinator.runtime().throttles:
             raise ApiError.conflict(f"no runtime throttle on {key} to clear",
                                     "`mtactl throttle show` lists them; configured rates "
                                     "change in the config file")
         after = await coordinator.change_runtime(throttles={key: rate})
+        log.info("admin.throttle_set", key=key, rate=rate, node_id=self.api.node.node_id)
         return json_response({"runtime": after.throttles})
+
+    def _throttle_key(self, body: dict[str, Any], current: dict[str, float], *,
+                      clear: bool) -> str:
+        """The stored key a throttle request names (see :meth:`Api.runtime_key`)."""
+        raw = body.get("key")
+        if clear and isinstance(raw, str) and raw in current and "site" not in body:
+            # A key stored before keys were checked (a site's MX list, say) can still go.
+            return raw
+        key = self.api.runtime_key(body, "key")
+        if key is None:
+            raise ApiError.bad_request(_THROTTLE_SHAPE, "spec null removes the override")
+        return key

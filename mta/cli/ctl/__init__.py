@@ -25,13 +25,14 @@ from mta.cli.ctl import (
     status,
     suspend,
     throttle,
+    trace,
 )
 from mta.cli.ctl.client import CtlError, UsageError, resolve_target
 
 __all__ = ["main"]
 
 _VERBS = (status, nodes, shards, queue, message, flush, suspend, throttle, drain, rebalance,
-          probe, slo, passwd)
+          probe, slo, passwd, trace)
 
 
 class _Parser(argparse.ArgumentParser):

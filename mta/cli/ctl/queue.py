@@ -18,6 +18,14 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:g}/s"
 
 
+def _held(d: dict[str, Any]) -> str | None:
+    """"held" and the suspension holding it (a wildcard or a site says which); None if not
+    held. (A node older than wildcards reports only ``suspended``.)"""
+    if d.get("held_by") and d["held_by"] != d.get("domain"):
+        return f"held ({d['held_by']})"
+    return "held" if d.get("held_by") or d.get("suspended") else None
+
+
 def _warnings(data: dict[str, Any]) -> list[str]:
     return [f"warning: node {miss['node']} did not answer: {miss['error']}"
             for miss in data["unreachable"]]
@@ -27,7 +35,7 @@ def _summary(args: argparse.Namespace) -> int:
     data = call(args, "/api/v1/queue", query={"local": "1"} if args.local else None)
     domains = data["domains"][:args.limit] if args.limit else data["domains"]
     rows = [(d["domain"], d["messages"], d["in_flight"], age(d["oldest_age"]),
-             "held" if d["suspended"] else when(d["next_attempt"]), _rate(d["throttle"]),
+             _held(d) or when(d["next_attempt"]), _rate(d["throttle"]),
              d["site"]) for d in domains]
     parts = [f"{data['total']} live messages on {len(data['nodes'])} node(s); oldest "
              f"{age(data['oldest_age'])}",
@@ -35,8 +43,9 @@ def _summary(args: argparse.Namespace) -> int:
     if data["sites"]:
         rows = [(s["site"], s["ready"], f"{s['connections']}/{s['max_connections']}",
                  s["breaker"] + (f" ({age(s['retry_in'])})" if s["retry_in"] else ""),
-                 _rate(s["rate"]), s["backoff"]) for s in data["sites"]]
-        parts.append(table(rows, ("SITE", "READY", "CONNS", "BREAKER", "RATE", "BACKOFF")))
+                 _rate(s["rate"]), s["backoff"], _held(s) or "-") for s in data["sites"]]
+        parts.append(table(rows, ("SITE", "READY", "CONNS", "BREAKER", "RATE", "BACKOFF",
+                                  "HELD")))
     parts += _warnings(data)
     return emit(args, data, "\n\n".join(parts))
 

@@ -1,0 +1,307 @@
+"""Live SMTP trace: what ingress sessions say and hear, for an operator watching them.
+
+Sessions report to the server's :class:`TraceHub` only while somebody subscribes
+(``hub.active``, the one attribute the session path checks otherwise). Each subscriber has a
+filter (client address or network, AUTH user, session id) and a bounded queue: a subscriber
+that does not keep up loses events, and is told how many, but never slows a session.
+
+What is reported is safe to print on a terminal: command and reply lines are cut to
+:data:`MAX_LINE` characters and their control characters escaped; AUTH responses (which
+carry the credentials) are never reported, and of DATA only the size and the queue id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import re
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from mta.text import escape_controls
+
+__all__ = ["MAX_LINE", "MAX_SUBSCRIBERS", "QUEUE_SIZE", "SessionTrace", "TooManyTraces",
+           "TraceClosed",
+           "TraceEvent", "TraceFilter", "TraceFilterError", "TraceHub", "TraceSubscription",
+           "printable", "redact_command"]
+
+log = structlog.get_logger("mta.ingress.trace")
+
+MAX_SUBSCRIBERS = 16
+QUEUE_SIZE = 1000  # events a subscriber may lag behind before it loses some
+MAX_LINE = 200  # characters of a command or reply line reported
+# Events of a session kept before it authenticates, for subscribers filtering on the AUTH
+# user (they see the session's connect, EHLO... once it turns out to be their user's).
+_BACKLOG = 64
+_SESSION_ID_RE = re.compile(r"^[0-9a-f]{1,16}-[0-9a-f]{1,16}$")
+_USER_MAX = 256
+REDACTED = "***"
+
+
+class TooManyTraces(Exception):
+    """Refused: the node already serves :data:`MAX_SUBSCRIBERS` traces."""
+
+
+class TraceClosed(Exception):
+    """The subscription was ended by the node (it is stopping)."""
+
+
+class TraceFilterError(ValueError):
+    """A filter value that is not what it should be; the message says which and why."""
+
+
+def printable(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut), with control
+    characters escaped: a hostile client cannot drive the operator's terminal."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return escape_controls(text)
+
+
+def redact_command(line: str) -> str:
+    """The command line as reported: an AUTH initial response (the credentials) hidden."""
+    verb, sep, rest = line.partition(" ")
+    if verb.upper() != "AUTH" or not sep:
+        return line
+    mechanism, sep, response = rest.strip().partition(" ")
+    return f"{verb} {mechanism}" + (f" {REDACTED}" if sep and response else "")
+
+
+@dataclass(frozen=True)
+class TraceFilter:
+    """Which sessions a subscriber sees; every criterion given must hold (none: all)."""
+
+    client: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    user: str | None = None
+    session: str | None = None
+
+    @classmethod
+    def parse(cls, client: str | None = None, user: str | None = None,
+              session: str | None = None) -> TraceFilter:
+        """A filter from the API's query values; raises TraceFilterError."""
+        network = None
+        if client:
+            try:
+                network = ipaddress.ip_network(client.strip(), strict=False)
+            except ValueError:
+                raise TraceFilterError(
+                    f"client: {printable(client, 60)!r} is not an IP address or network "
+                    "(e.g. 192.0.2.7, 192.0.2.0/24, 2001:db8::/32)") from None
+        if user is not None and (not user or len(user) > _USER_MAX or has_bad_chars(user)):
+            raise TraceFilterError(f"user: {printable(user, 60)!r} is not a user name (1 to "
+                                   f"{_USER_MAX} printable characters)")
+        if session is not None and not _SESSION_ID_RE.match(session):
+            raise TraceFilterError(f"session: {printable(session, 60)!r} is not a session id "
+                                   "(as a trace shows them, e.g. 3fa2c1d0-1b)")
+        return cls(network, user or None, session or None)
+
+    def matches(self, trace: SessionTrace) -> bool:
+        """Whether events of the session ``trace`` are for this filter."""
+        if self.session is not None and trace.sid != self.session:
+            return False
+        if self.user is not None and trace.user != self.user:
+            return False
+        if self.client is not None:
+            addr = trace.address
+            if addr is None or addr.version != self.client.version or addr not in self.client:
+                return False
+        return True
+
+    def describe(self) -> dict[str, str]:
+        """The filter as the API's query would give it back."""
+        out = {}
+        if self.client is not None:
+            out["client"] = str(self.client)
+        if self.user is not None:
+            out["user"] = self.user
+        if self.session is not None:
+            out["session"] = self.session
+        return out
+
+
+def has_bad_chars(text: str) -> bool:
+    """Whether ``text`` holds characters no filter value may (controls, separators)."""
+    return not text.isprintable()
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One thing a session did: ``kind`` (connect, command, reply, tls, auth, data,
+    disconnect, or dropped) with its fields."""
+
+    time: float
+    session: str | None
+    kind: str
+    fields: dict[str, Any]
+
+    def as_dict(self, node: str) -> dict[str, Any]:
+        """The event as one line of the API's stream."""
+        return {"time": round(self.time, 6), "node": node, "session": self.session,
+                "event": self.kind, "fields": self.fields}
+
+
+class TraceSubscription:
+    """One subscriber: its filter and its bounded queue of events. Use as a context
+    manager (or call :meth:`close`) so its slot is given back."""
+
+    def __init__(self, hub: TraceHub, flt: TraceFilter, maxsize: int) -> None:
+        self.filter = flt
+        self._hub = hub
+        self._maxsize = maxsize
+        self._queue: deque[TraceEvent] = deque()
+        self._wake = asyncio.Event()
+        self.dropped = 0  # lost since the last "dropped" event
+        self.dropped_total = 0
+        self.closed = False
+        self.ended = asyncio.Event()  # set when the node ends the trace (it is stopping)
+
+    def put(self, event: TraceEvent) -> None:
+        """Queue ``event``, or count it lost if the queue is full; never waits."""
+        if len(self._queue) >= self._maxsize:
+            self.dropped += 1
+            self.dropped_total += 1
+            return
+        if self.dropped:
+            # Said in its place in the stream (the notice may take one slot over the bound).
+            self._queue.append(self._dropped_event())
+        self._queue.append(event)
+        self._wake.set()
+
+    def _dropped_event(self) -> TraceEvent:
+        count, self.dropped = self.dropped, 0
+        return TraceEvent(time.time(), None, "dropped", {"count": count})
+
+    def pending(self) -> int:
+        """Events queued and not yet taken."""
+        return len(self._queue)
+
+    async def get(self) -> TraceEvent:
+        """The next event, waiting for one; a "dropped" event when events were lost.
+        Raises TraceClosed once the node ended the trace and every event was taken."""
+        while not self._queue:
+            if self.dropped:
+                return self._dropped_event()
+            if self.closed:
+                raise TraceClosed("the trace was ended")
+            self._wake.clear()
+            await self._wake.wait()
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        """Stop receiving events and give the slot back (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._hub.unsubscribe(self)
+            self._wake.set()
+
+    def end(self, reason: str) -> None:
+        """Ended by the node: a last ``trace_ended`` event, then :meth:`get` raises."""
+        if not self.closed:
+            self._queue.append(TraceEvent(time.time(), None, "trace_ended",
+                                          {"reason": reason}))
+            self.close()
+            self.ended.set()
+
+    def __enter__(self) -> TraceSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SessionTrace:
+    """The trace state of one SMTP session, made when it first has something to report."""
+
+    __slots__ = ("_hub", "address", "backlog", "ip", "sid", "user")
+
+    def __init__(self, hub: TraceHub, sid: str, ip: str) -> None:
+        self._hub = hub
+        self.sid = sid
+        self.ip = ip
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            addr = None  # "unknown" (not a TCP peer): only a filter without client sees it
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        self.address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = addr
+        self.user: str | None = None
+        self.backlog: deque[TraceEvent] = deque(maxlen=_BACKLOG)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Report one event of this session to the subscribers whose filter it matches."""
+        self._hub.dispatch(self, TraceEvent(time.time(), self.sid, kind, fields))
+
+    def authenticated(self, user: str) -> None:
+        """The session is now ``user``'s: subscribers filtering on that user get the
+        session's events so far, then what follows."""
+        self.user = user
+        hub = self._hub
+        for sub in hub.subscribers:
+            if sub.filter.user is not None and sub.filter.matches(self):
+                for event in self.backlog:
+                    sub.put(event)
+        self.backlog.clear()
+
+
+class TraceHub:
+    """Subscribers of one ingress server's live trace."""
+
+    def __init__(self, max_subscribers: int = MAX_SUBSCRIBERS,
+                 queue_size: int = QUEUE_SIZE) -> None:
+        self.max_subscribers = max_subscribers
+        self.queue_size = queue_size
+        self.subscribers: list[TraceSubscription] = []
+        # The one thing sessions check on their path: False (nobody watching) costs nothing.
+        self.active = False
+        self._user_filters = 0
+        # Session ids unique on this node and, by the random prefix, across the cluster and
+        # restarts (the trace of a cluster merges every node's sessions).
+        self._prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+
+    def subscribe(self, flt: TraceFilter, queue_size: int | None = None) -> TraceSubscription:
+        """A new subscriber; raises TooManyTraces past ``max_subscribers``."""
+        if len(self.subscribers) >= self.max_subscribers:
+            raise TooManyTraces(f"{self.max_subscribers} traces are open on this node "
+                                "already")
+        sub = TraceSubscription(self, flt, queue_size or self.queue_size)
+        self.subscribers.append(sub)
+        self._user_filters += flt.user is not None
+        self.active = True
+        log.info("trace.subscribed", filter=flt.describe(), subscribers=len(self.subscribers))
+        return sub
+
+    def unsubscribe(self, sub: TraceSubscription) -> None:
+        """Remove ``sub`` (called by its ``close``)."""
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+            self._user_filters -= sub.filter.user is not None
+            self.active = bool(self.subscribers)
+            log.info("trace.unsubscribed", subscribers=len(self.subscribers),
+                     dropped=sub.dropped_total)
+
+    def close(self, reason: str = "the node is stopping") -> None:
+        """End every subscription (the SMTP listener is closing): the streams that serve
+        them finish instead of holding the node's shutdown."""
+        for sub in list(self.subscribers):
+            sub.end(reason)
+
+    def session(self, ip: str) -> SessionTrace:
+        """The trace state of a session from ``ip``, with a new session id."""
+        return SessionTrace(self, f"{self._prefix}-{next(self._ids):x}", ip)
+
+    def dispatch(self, trace: SessionTrace, event: TraceEvent) -> None:
+        """Hand ``event`` to every matching subscriber (and to the session's backlog while
+        some subscriber waits for a user the session has not authenticated as yet)."""
+        for sub in self.subscribers:
+            if sub.filter.matches(trace):
+                sub.put(event)
+        if self._user_filters and trace.user is None:
+            trace.backlog.append(event)

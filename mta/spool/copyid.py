@@ -1,0 +1,60 @@
+"""The id of one copy of a shard: made once, when the shard directory first gets one.
+
+The replicated spool names the copies that may take a shard over by these ids
+(:mod:`mta.replication.insync`): a node whose disk was replaced comes back with an empty
+directory and so a new id, and is never mistaken for the copy that held acknowledged mail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from mta.spool.segment import fsync_dir
+
+__all__ = ["COPY_FILE", "copy_id"]
+
+COPY_FILE = "shard.copy"
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    return text if _ID.fullmatch(text) else None
+
+
+def copy_id(shard_dir: Path) -> str:
+    """The id of the copy in ``shard_dir``, made (durably) if it has none. Blocking.
+
+    A file that does not hold an id is replaced by a new one: an id nobody can read names no
+    copy anyone can trust, and a new id only ever makes a copy less promotable, never more.
+    """
+    path = shard_dir / COPY_FILE
+    if (found := _read(path)) is not None:
+        return found
+    new = secrets.token_hex(16)
+    tmp = shard_dir / f"{COPY_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(new.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        if path.exists():
+            os.replace(tmp, path)  # unreadable: replaced
+        else:
+            try:
+                os.link(tmp, path)  # two openers at once: one id wins, both read it
+            except FileExistsError:
+                pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(shard_dir)
+    found = _read(path)
+    if found is None:
+        raise OSError(f"{path}: the copy id just written cannot be read back")
+    return found
