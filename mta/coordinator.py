@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import mta
+from mta.replication.insync import SyncRecord
 
 __all__ = [
     "ClusterOpError",
     "Coordinator",
     "LocalCoordinator",
     "Member",
+    "Replication",
     "RuntimeSettings",
     "ShardHost",
     "ShardInfo",
@@ -74,14 +76,28 @@ class RuntimeSettings:
     suspended: frozenset[str] = frozenset()  # keys whose mail is held
 
 
+@dataclass(frozen=True)
+class Replication:
+    """How a shard handed to the host is replicated ([spool] replicas > 1)."""
+
+    record: SyncRecord  # sync/<shard> as the claim wrote it: this node owns it under its token
+    followers: tuple[str, ...]  # replicas/<shard>: the nodes the leader placed copies on
+
+
 class ShardHost(Protocol):
     """What a coordinator drives on its node. Implemented by :class:`mta.node.Node`."""
 
-    async def acquire_shard(self, shard: int, token: int) -> None:
-        """Open ``shard`` for writing under fencing ``token`` and start working on it.
+    async def acquire_shard(self, shard: int, token: int,
+                            replication: Replication | None = None) -> None:
+        """Open ``shard`` for writing under fencing ``token`` and start working on it
+        (replicated as ``replication`` says, when given).
 
         Must recover the shard from the spool before returning; raises if it cannot.
         """
+
+    def copy_ids(self) -> dict[int, str]:
+        """The id of this node's copy of each shard (made at start for every shard): a claim
+        of a replicated shard is allowed only when the in-sync record names this copy."""
 
     async def release_shard(self, shard: int) -> None:
         """Stop new work on ``shard``, settle in-flight work (bounded), close it."""
@@ -158,6 +174,15 @@ class Coordinator(Protocol):
 
     async def shards(self) -> list[ShardInfo]:
         """Assignment and ownership of every shard, from a fresh read of the store."""
+
+    def replication_address(self, node: str) -> tuple[str, int] | None:
+        """Where ``node``'s replication listener is (its node key); None if unknown."""
+
+    async def change_sync(self, shard: int, old: SyncRecord, new: SyncRecord
+                          ) -> SyncRecord | None:
+        """Replace the in-sync record of ``shard`` by ``new`` if it is still ``old`` and this
+        node still owns the shard (one transaction guarded by both); the record in place
+        afterwards, or None if refused or the store is down."""
 
     async def set_draining(self, node: str, draining: bool) -> None:
         """Move every shard off ``node`` (and keep it off) or put it back in service."""
@@ -254,6 +279,13 @@ class LocalCoordinator:
 
     async def shards(self) -> list[ShardInfo]:
         return [ShardInfo(s, self.node_id, self.node_id, self._token) for s in sorted(self._owned)]
+
+    def replication_address(self, node: str) -> tuple[str, int] | None:
+        return None  # standalone: nobody to replicate to
+
+    async def change_sync(self, shard: int, old: SyncRecord, new: SyncRecord
+                          ) -> SyncRecord | None:
+        return None
 
     async def set_draining(self, node: str, draining: bool) -> None:
         raise ClusterOpError("drain needs a cluster: a standalone node has no peer to take its "

@@ -10,13 +10,14 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
 
 from mta.accounting import AccountingLog
 from mta.config import Config, ConfigError, load_config
-from mta.coordinator import Coordinator, LocalCoordinator
+from mta.coordinator import Coordinator, LocalCoordinator, Replication
 from mta.delivery.engine import DeliveryEngine
 from mta.envelope import Envelope
 from mta.gauges import NodeGauges
@@ -25,6 +26,7 @@ from mta.ingress.auth import UsersFile, UsersFileError
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.probe import Prober
+from mta.replication.service import ReplicationService
 from mta.sdnotify import notify, watchdog_interval
 from mta.slo import SloTracker
 from mta.spool import RecoveryReport, Spool
@@ -90,6 +92,11 @@ class Node:
         self.ingress: IngressServer | None = None
         self.admin = None
         self.fenced = False
+        # [spool] replicas > 1: this node's copies of other nodes' shards and the owner side
+        # of its own (each node its own local spool directory).
+        self.replication: ReplicationService | None = (
+            ReplicationService(cfg, self.spool, self.coordinator)
+            if cfg.spool.replicas > 1 else None)
         self.slo = SloTracker(os.path.join(cfg.spool.path, f"slo-{self.node_id}.json"),
                               self.metrics.registry, self.ready,
                               cfg.delivery.accounting_log, tick=cfg.slo.sample_interval)
@@ -139,6 +146,9 @@ class Node:
         except OSError as exc:
             raise StartupError(f"{cfg.source}: [delivery] accounting_log: cannot open "
                                f"{cfg.delivery.accounting_log!r}: {exc.strerror}") from None
+        # Stopped after the shards are handed back (a DONE of a delivery that settles
+        # during the stop still needs its copies).
+        await self._start_replication(stack)
         # Before the engine starts: a coordinator that fails half-way may already have
         # handed shards to the host, and stop() hands back whatever it holds.
         stack.push_async_callback(self._stop_delivery)
@@ -187,6 +197,20 @@ class Node:
                  live=self.spool.live_count(), smtp_port=ingress.port,
                  admin_port=self.admin.port if self.admin else None)
 
+    async def _start_replication(self, stack: contextlib.AsyncExitStack) -> None:
+        # Before joining: the node key publishes the listener and the copy ids, and the first
+        # claim needs both.
+        if self.replication is None:
+            return
+        cfg = self.cfg
+        try:
+            await self.replication.start()
+        except OSError as exc:
+            listen = cfg.cluster.replication_listen or ("", 0)
+            raise StartupError(f"{cfg.source}: [cluster] replication_listen: cannot listen "
+                               f"on {listen[0]}:{listen[1]}: {exc.strerror}") from None
+        stack.push_async_callback(self.replication.stop)
+
     def _start_loops(self) -> None:
         cfg = self.cfg
         # Sweeps and compaction run as separate loops: one that keeps failing must not stop
@@ -233,8 +257,9 @@ class Node:
             await self.admin.close()
             self.admin = None
 
-    def endpoints(self) -> dict[str, str]:
-        """How peers and operators reach this node (published in the cluster store)."""
+    def endpoints(self) -> dict[str, Any]:
+        """How peers and operators reach this node (published in the cluster store); with a
+        replicated spool also its replication listener, zone and copy ids."""
         host, port = self.cfg.smtp.listen
         if self.ingress is not None:
             port = self.ingress.port
@@ -247,7 +272,10 @@ class Node:
                 ahost = socket.getfqdn()
             ahost = f"[{ahost}]" if ":" in ahost else ahost
             admin = f"http://{ahost}:{self.admin.port}"
-        return {"smtp": f"{host}:{port}", "admin": admin}
+        out: dict[str, Any] = {"smtp": f"{host}:{port}", "admin": admin}
+        if self.replication is not None:
+            out.update(self.replication.endpoints())
+        return out
 
     def readiness(self) -> dict[str, bool]:
         """The checks behind /readyz: each must hold for the node to take traffic."""
@@ -284,9 +312,14 @@ class Node:
 
     # --- ShardHost (driven by the coordinator) ---------------------------------------------
 
-    async def acquire_shard(self, shard: int, token: int) -> None:
-        """Take ``shard`` with fencing ``token``: recover it, then deliver its mail."""
-        await self.spool.acquire_shard(shard, token)
+    async def acquire_shard(self, shard: int, token: int,
+                            replication: Replication | None = None) -> None:
+        """Take ``shard`` with fencing ``token``: recover it (and replicate it, when the
+        coordinator says how), then deliver its mail."""
+        if replication is not None and self.replication is not None:
+            await self.replication.acquire(shard, token, replication)
+        else:
+            await self.spool.acquire_shard(shard, token)
         if self.engine is not None:
             self.engine.add_shard(shard)
 
@@ -296,6 +329,12 @@ class Node:
             await self.engine.remove_shard(shard)
         log.debug("node.shard_engine_released", shard=shard)
         await self.spool.release_shard(shard)
+        if self.replication is not None:
+            self.replication.release(shard)
+
+    def copy_ids(self) -> dict[int, str]:
+        """The id of this node's copy of each shard (replicated spool only; else empty)."""
+        return dict(self.replication.copy_ids) if self.replication is not None else {}
 
     async def recorded_token(self, shard: int) -> int:
         """The fencing token written in the shard's ``shard.owner`` (0 if none)."""
@@ -309,6 +348,8 @@ class Node:
             return
         self.fenced = True
         self.spool.fence(True)
+        if self.replication is not None:
+            self.replication.fence(reason)
         if self.engine is not None:
             self.engine.fence(reason)
         if self.ingress is not None:

@@ -36,6 +36,7 @@ from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.runtime import RuntimeIndex
 from mta.delivery.site import Job, RecipientResult, Site
 from mta.delivery.throttle import Throttle
+from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.spool import StoredMessage
 from mta.tasks import cancel_and_wait
@@ -194,7 +195,7 @@ class Dispatcher:
             raise
         except Exception as exc:
             log.exception("delivery.group_crashed", message_id=stored.id, domain=domain,
-                          node_id=self.node_id)
+                          node_id=self.node_id, error=describe(exc))
             return _every(idx, Verdict.DEFERRED, RecipientResult(
                 451, f"4.3.0 Internal error ({type(exc).__name__}), will retry"))
 
@@ -310,9 +311,10 @@ class Dispatcher:
             await asyncio.sleep(min(30.0, max(0.05, self.dcfg.site_idle / 4)))
             try:
                 self.reap()
-            except Exception:
+            except Exception as exc:
                 # One bad pass must not end reaping for the life of the node.
-                log.exception("delivery.reap_failed", node_id=self.node_id)
+                log.exception("delivery.reap_failed", node_id=self.node_id,
+                              error=describe(exc))
 
     def reap(self) -> int:
         """Forget what nothing uses any more: sites idle for ``site_idle`` (longer for one

@@ -28,6 +28,7 @@ from mta.delivery.loops import received_count
 from mta.delivery.outcomes import BOUNCES, FINAL, Outcome, OutcomeRecorder, Verdict
 from mta.delivery.site import RecipientResult
 from mta.envelope import Envelope, domain_key, shard_of
+from mta.logs import describe
 from mta.queue import Scheduler
 from mta.queue.state import DeliveryState, FinalResult, Transient, is_held
 from mta.spool import FencedError, MessageNotFound, Spool, SpoolError, StoredMessage
@@ -483,7 +484,7 @@ class QueueManager:
             return
         except Exception as exc:  # I/O error, a record failing verification...
             log.error("delivery.load_failed", message_id=message_id, node_id=self.node_id,
-                      error=str(exc))
+                      error=describe(exc))
             self._retry_later(message_id)
             return
         try:
@@ -497,12 +498,12 @@ class QueueManager:
             # DATA): a warning, and the at-least-once window if another node takes the shard.
             report = log.warning if isinstance(exc, FencedError) else log.error
             report("delivery.state_write_failed", message_id=message_id,
-                   node_id=self.node_id, error=str(exc), fenced=isinstance(exc, FencedError))
+                   node_id=self.node_id, error=describe(exc), fenced=isinstance(exc, FencedError))
             self._retry_later(message_id)
-        except Exception:
+        except Exception as exc:
             # A bug must not make a message silently stop being delivered.
             log.exception("delivery.attempt_crashed", message_id=message_id,
-                          node_id=self.node_id)
+                          node_id=self.node_id, error=describe(exc))
             self._retry_later(message_id)
 
     async def _run_attempt(self, stored: StoredMessage) -> None:

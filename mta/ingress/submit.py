@@ -17,6 +17,7 @@ import structlog
 from mta.delivery.loops import received_count
 from mta.envelope import Envelope
 from mta.ingress.headers import prepare_content, received_header
+from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.spool import FencedError, NoShardsOwned, Spool, SpoolError, SpoolWriteError
 
@@ -76,14 +77,14 @@ async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: byte
         # Counted apart from disk errors: the disk alert must not fire on a lease loss.
         metrics.fenced_refusals.labels(via).inc()
         log.warning(f"{via}.fenced_refusal", sender=env.sender, shard=exc.shard,
-                    error=str(exc))
+                    error=describe(exc))
         raise SubmissionRefused("fenced", str(exc)) from exc
     except SpoolWriteError as exc:
         metrics.spool_errors.labels(str(exc.errno)).inc()
-        log.error(f"{via}.spool_write_failed", sender=env.sender, error=str(exc))
+        log.error(f"{via}.spool_write_failed", sender=env.sender, error=describe(exc))
         raise SubmissionRefused("disk", str(exc)) from exc
     except SpoolError as exc:
-        log.warning(f"{via}.spool_unavailable", sender=env.sender, error=str(exc))
+        log.warning(f"{via}.spool_unavailable", sender=env.sender, error=describe(exc))
         raise SubmissionRefused("unavailable", str(exc)) from exc
     size = len(content)
     metrics.received.inc()

@@ -18,6 +18,7 @@ import itertools
 import re
 import secrets
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -56,21 +57,46 @@ class TraceFilterError(ValueError):
     """A filter value that is not what it should be; the message says which and why."""
 
 
+_HIDDEN = {"Cf", "Co", "Cn"}
+# What an AUTH mechanism name looks like (RFC 4422: up to 20 of A-Z 0-9 - _); anything else
+# in its place may be a credential.
+_MECHANISM = re.compile(r"[A-Za-z0-9_-]{1,20}")
+_TOKEN = re.compile(r"[A-Za-z0-9+/=*._-]+")
+_VERBS = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
+          "HELP", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "XCLIENT", "XFORWARD"}
+
+
 def printable(text: str, limit: int = MAX_LINE) -> str:
     """``text`` cut to ``limit`` characters (an ellipsis marks the cut), with control
-    characters escaped: a hostile client cannot drive the operator's terminal."""
+    characters escaped, and invisible ones too (format, private use, unassigned: bidi
+    overrides, zero-width spaces): a hostile client cannot drive the operator's terminal
+    nor disguise one user name as another."""
     if len(text) > limit:
         text = text[:limit] + "..."
-    return escape_controls(text)
+    text = escape_controls(text)
+    if not text.isascii():
+        text = "".join(f"\\x{{{ord(c):04X}}}" if unicodedata.category(c) in _HIDDEN else c
+                       for c in text)
+    return text
 
 
 def redact_command(line: str) -> str:
-    """The command line as reported: an AUTH initial response (the credentials) hidden."""
-    verb, sep, rest = line.partition(" ")
-    if verb.upper() != "AUTH" or not sep:
+    """The command line as reported, with whatever may be a credential hidden: an AUTH
+    initial response (split on any white space, as aiosmtpd splits it: a tab or a
+    no-break space must not let it through) and a line that is no command but a bare token
+    (a password or a base64 response sent after an AUTH that was refused or aborted)."""
+    words = line.split()
+    if not words:
         return line
-    mechanism, sep, response = rest.strip().partition(" ")
-    return f"{verb} {mechanism}" + (f" {REDACTED}" if sep and response else "")
+    verb = words[0].upper()
+    if verb == "AUTH":
+        if len(words) == 1:
+            return words[0]
+        mech = words[1] if _MECHANISM.fullmatch(words[1]) else REDACTED
+        return f"{words[0]} {mech}" + (f" {REDACTED}" if len(words) > 2 else "")
+    if verb not in _VERBS and len(words) == 1 and _TOKEN.fullmatch(words[0]):
+        return REDACTED
+    return line
 
 
 @dataclass(frozen=True)
@@ -86,9 +112,14 @@ class TraceFilter:
               session: str | None = None) -> TraceFilter:
         """A filter from the API's query values; raises TraceFilterError."""
         network = None
-        if client:
+        if client is not None:
             try:
                 network = ipaddress.ip_network(client.strip(), strict=False)
+                if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 \
+                        and network.network_address.ipv4_mapped is not None:
+                    # Sessions are matched in their IPv4 form: so is the filter.
+                    network = ipaddress.ip_network(
+                        f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
             except ValueError:
                 raise TraceFilterError(
                     f"client: {printable(client, 60)!r} is not an IP address or network "
@@ -218,7 +249,7 @@ class TraceSubscription:
 class SessionTrace:
     """The trace state of one SMTP session, made when it first has something to report."""
 
-    __slots__ = ("_hub", "address", "backlog", "ip", "sid", "user")
+    __slots__ = ("_gen", "_hub", "_wanted", "address", "backlog", "ip", "sid", "user")
 
     def __init__(self, hub: TraceHub, sid: str, ip: str) -> None:
         self._hub = hub
@@ -233,6 +264,20 @@ class SessionTrace:
         self.address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = addr
         self.user: str | None = None
         self.backlog: deque[TraceEvent] = deque(maxlen=_BACKLOG)
+        self._gen = -1
+        self._wanted = False
+
+    @property
+    def wanted(self) -> bool:
+        """Does any subscriber want this session's events (or may, once it authenticates)?
+        Worked out again only when subscribers come or go: a trace filtered on one client
+        costs the other sessions one comparison per event, not an event each."""
+        hub = self._hub
+        if self._gen != hub.generation:
+            self._gen = hub.generation
+            self._wanted = bool(hub.user_filters and self.user is None) or any(
+                sub.filter.matches(self) for sub in hub.subscribers)
+        return self._wanted
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Report one event of this session to the subscribers whose filter it matches."""
@@ -242,6 +287,7 @@ class SessionTrace:
         """The session is now ``user``'s: subscribers filtering on that user get the
         session's events so far, then what follows."""
         self.user = user
+        self._gen = -1  # who matches may change with the user
         hub = self._hub
         for sub in hub.subscribers:
             if sub.filter.user is not None and sub.filter.matches(self):
@@ -260,7 +306,8 @@ class TraceHub:
         self.subscribers: list[TraceSubscription] = []
         # The one thing sessions check on their path: False (nobody watching) costs nothing.
         self.active = False
-        self._user_filters = 0
+        self.user_filters = 0
+        self.generation = 0  # bumped when subscribers change: sessions re-check interest
         # Session ids unique on this node and, by the random prefix, across the cluster and
         # restarts (the trace of a cluster merges every node's sessions).
         self._prefix = secrets.token_hex(4)
@@ -273,7 +320,8 @@ class TraceHub:
                                 "already")
         sub = TraceSubscription(self, flt, queue_size or self.queue_size)
         self.subscribers.append(sub)
-        self._user_filters += flt.user is not None
+        self.user_filters += flt.user is not None
+        self.generation += 1
         self.active = True
         log.info("trace.subscribed", filter=flt.describe(), subscribers=len(self.subscribers))
         return sub
@@ -282,7 +330,8 @@ class TraceHub:
         """Remove ``sub`` (called by its ``close``)."""
         if sub in self.subscribers:
             self.subscribers.remove(sub)
-            self._user_filters -= sub.filter.user is not None
+            self.user_filters -= sub.filter.user is not None
+            self.generation += 1
             self.active = bool(self.subscribers)
             log.info("trace.unsubscribed", subscribers=len(self.subscribers),
                      dropped=sub.dropped_total)
@@ -303,5 +352,5 @@ class TraceHub:
         for sub in self.subscribers:
             if sub.filter.matches(trace):
                 sub.put(event)
-        if self._user_filters and trace.user is None:
+        if self.user_filters and trace.user is None:
             trace.backlog.append(event)

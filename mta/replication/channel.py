@@ -390,6 +390,11 @@ class Listener:
         except asyncio.CancelledError:
             proto.transport.abort()
             raise
+        except Exception:
+            # A bug in the handshake must not leave a stranger's socket open for ever.
+            self._log.exception("replication.handshake_failed", address=_addr(address))
+            proto.transport.abort()
+            return
         finally:
             self._handshaking.discard(task)
         self._log.info("replication.peer_accepted", peer=conn.peer, address=_addr(address))

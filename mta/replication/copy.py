@@ -37,6 +37,7 @@ from mta.replication.errors import (
     StaleToken,
 )
 from mta.spool.copyid import copy_id
+from mta.spool.ownership import read_owner
 from mta.spool.record import HEADER, Kind, ScannedRecord, scan
 from mta.spool.recovery import committed_end
 from mta.spool.segment import fsync_dir, list_segments, segment_path
@@ -116,7 +117,10 @@ class ShardCopy:
         if not directory.exists():
             directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(directory.parent)
-        token = read_follow(directory)
+        # The floor is also the token this node itself owned the shard under: a zombie
+        # older than our own ownership must not be followed (nor cut what we wrote).
+        owner = read_owner(directory)
+        token = max(read_follow(directory), owner.token if owner is not None else 0)
         for tmp in directory.glob(f"{FOLLOW_FILE}.*.tmp"):
             tmp.unlink(missing_ok=True)  # a token write that died before its rename
         seqs = list_segments(directory)
@@ -299,11 +303,15 @@ class ShardCopy:
 
     # --- cutting ---------------------------------------------------------------------------
 
-    def truncate(self, seq: int, offset: int) -> Position:
+    def truncate(self, seq: int, offset: int, token: int | None = None) -> Position:
         """Cut the copy back to ``(seq, offset)`` (KIP-101: to the end of the epoch it
         followed). ``(seq, 0)`` drops segment ``seq`` and every later one; otherwise ``offset``
-        must be a batch end inside segment ``seq``. Durable on return."""
+        must be a batch end inside segment ``seq``. Durable on return. With ``token``, only
+        for an owner at least as new as the one the copy follows (a zombie's stale plan
+        must not cut what a newer owner wrote)."""
         self._usable()
+        if token is not None:
+            self.accept_token(token)
         pos = self.position
         if offset != 0:
             size = self._sizes.get(seq)
@@ -329,11 +337,13 @@ class ShardCopy:
                     previous=pos, position=self._durable)
         return self._durable
 
-    def drop(self, seqs: Iterable[int]) -> None:
+    def drop(self, seqs: Iterable[int], token: int | None = None) -> None:
         """Delete head segments the owner's compaction found dead, oldest first. Never the
         active (newest) segment; seqs the copy does not have are skipped (an empty copy
-        has nothing to drop)."""
+        has nothing to drop). With ``token``, only for a current owner (as truncate)."""
         self._usable()
+        if token is not None:
+            self.accept_token(token)
         wanted = sorted(set(seqs))
         newest = self.position[0]
         if self._sizes and any(s >= newest for s in wanted):

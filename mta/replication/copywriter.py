@@ -93,12 +93,14 @@ class CopyWriter:
         """Follow ``token`` (a new owner's hello); persisted when the future resolves."""
         return self._submit(copy, lambda c: c.accept_token(token))
 
-    def truncate(self, copy: ShardCopy, seq: int, offset: int) -> asyncio.Future[Position]:
-        return self._submit(copy, lambda c: c.truncate(seq, offset))
+    def truncate(self, copy: ShardCopy, seq: int, offset: int,
+                 token: int | None = None) -> asyncio.Future[Position]:
+        return self._submit(copy, lambda c: c.truncate(seq, offset, token))
 
-    def drop(self, copy: ShardCopy, seqs: Iterable[int]) -> asyncio.Future[None]:
+    def drop(self, copy: ShardCopy, seqs: Iterable[int],
+             token: int | None = None) -> asyncio.Future[None]:
         wanted = list(seqs)
-        return self._submit(copy, lambda c: c.drop(wanted))
+        return self._submit(copy, lambda c: c.drop(wanted, token))
 
     def reset(self, copy: ShardCopy) -> asyncio.Future[None]:
         return self._submit(copy, lambda c: c.reset())

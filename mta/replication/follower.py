@@ -37,6 +37,7 @@ __all__ = ["Follower"]
 log = structlog.get_logger("mta.replication.follower")
 
 _MAX_INFLIGHT = 64 * 1024 * 1024  # bytes queued to the writer per connection before reading waits
+_MAX_UNSENT = 4 * 1024 * 1024  # acks an owner has not read before its connection is dropped
 
 
 @dataclass
@@ -60,13 +61,17 @@ class Follower:
     """This node's copies of other nodes' shards, and the handler for their connections."""
 
     def __init__(self, node_id: str, root: Path, writer: CopyWriter,
-                 owns: Callable[[int], bool]) -> None:
+                 owns: Callable[[int], bool], shards: int) -> None:
         self.node_id = node_id
+        self.shards = shards  # the spool's count: a frame for another shard is an error
         self.root = root
         self._writer = writer
         self._owns = owns
         self.copies: dict[int, ShardCopy] = {}
         self._opening: dict[int, asyncio.Future[ShardCopy]] = {}
+        # Shards this node is taking over or owns: no copy is opened for them (the spool's
+        # writer and the copy writer must never both write one directory).
+        self._taken: set[int] = set()
 
     # --- the copies -------------------------------------------------------------------------
 
@@ -81,15 +86,27 @@ class Follower:
             copy = await asyncio.shield(fut)
         finally:
             self._opening.pop(shard, None)
+        if shard in self._taken:
+            return copy  # taken over meanwhile: not kept (the caller refuses the frame)
         self.copies.setdefault(shard, copy)
         return self.copies[shard]
 
     async def release(self, shard: int) -> None:
-        """Close the copy of ``shard`` (this node is about to open it as owner): every frame
-        queued before is applied first."""
+        """Close the copy of ``shard`` and take no frame for it any more (this node is about
+        to open it as owner): every frame queued before is applied first."""
+        self._taken.add(shard)
+        fut = self._opening.get(shard)
+        if fut is not None:
+            await asyncio.shield(fut)
         copy = self.copies.pop(shard, None)
         if copy is not None:
             await self._writer.release(copy)
+
+    def resume(self, shard: int) -> None:
+        """This node no longer owns ``shard``: it may follow it again (a fresh open: what
+        was known of the copy before is stale, the owner wrote it since)."""
+        self._taken.discard(shard)
+        self.copies.pop(shard, None)
 
     # --- a connection -----------------------------------------------------------------------
 
@@ -115,17 +132,23 @@ class Follower:
     async def _dispatch(self, state: _Conn, msg: m.Msg, payload: bytes) -> None:
         if msg.kind in (m.STATUS, m.ACK, m.NACK):
             raise m.BadMessage(f"{msg.kind} is a follower's message")
+        if msg.shard >= self.shards:
+            raise m.BadMessage(f"shard {msg.shard}: the spool has {self.shards} shards")
         stream = state.streams.setdefault(msg.shard, _Stream())
-        if self._owns(msg.shard):
+        if msg.shard in self._taken or self._owns(msg.shard):
             self._send(state, m.nack(msg.shard, msg.token, stream.number, "owner"))
             return
         copy = await self.copy(msg.shard)
+        if msg.shard in self._taken:  # taken over while the copy was opening
+            self._send(state, m.nack(msg.shard, msg.token, stream.number, "owner"))
+            return
         if msg.kind == m.HELLO:
             await self._hello(state, copy, msg)
         elif msg.kind == m.START:
             stream.number, stream.acked, stream.token = msg.stream, NOTHING, msg.token
-            if msg.cut is not None:
-                self._track(state, copy, msg, self._writer.truncate(copy, *msg.cut), 0)
+            cut = self._writer.truncate(copy, *msg.cut, msg.token) if msg.cut is not None \
+                else self._writer.accept_token(copy, msg.token)
+            self._track(state, copy, msg, cut, 0)
         elif msg.kind == m.APPEND:
             if msg.position is None:
                 raise m.BadMessage("append without a position")
@@ -133,7 +156,7 @@ class Follower:
             fut = self._writer.append(copy, msg.token, seq, offset, payload, msg.prev)
             self._track(state, copy, msg, fut, len(payload))
         elif msg.kind == m.DROP:
-            self._track(state, copy, msg, self._writer.drop(copy, msg.seqs), 0)
+            self._track(state, copy, msg, self._writer.drop(copy, msg.seqs, msg.token), 0)
         else:  # ping: the durable position after everything queued before it
             self._track(state, copy, msg, self._writer.accept_token(copy, msg.token), 0)
 
@@ -162,6 +185,8 @@ class Follower:
             stream = state.streams.get(msg.shard)
             if stream is None:
                 return
+            if exc is None and msg.token < copy.token:
+                exc = StaleToken(copy.token)  # a newer owner spoke meanwhile: no ack for this
             if exc is not None:
                 self._refuse(state, msg, exc)
                 return
@@ -190,6 +215,11 @@ class Follower:
     @staticmethod
     def _send(state: _Conn, header: dict[str, Any]) -> None:
         try:
+            if state.conn.buffered() > _MAX_UNSENT:
+                # An owner that does not read our acks: drop it rather than buffer for ever.
+                log.warning("replication.owner_not_reading", peer=state.conn.peer)
+                state.conn.abort()
+                return
             state.conn.send(header)
         except ConnectionClosed:
             pass

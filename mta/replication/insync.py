@@ -132,6 +132,9 @@ def plan_catch_up(owner: Sequence[SegmentInfo], follower: Sequence[SegmentInfo])
             # from another owner.
             later = follower[i + 1:]
             return CatchUp((later[0].seq, 0) if later else None, keep)
+    if keep == NOTHING and follower:
+        # All it has was compacted away here: start it afresh, a full copy.
+        return CatchUp((follower[0].seq, 0), NOTHING)
     return CatchUp(None, keep)
 
 
@@ -164,6 +167,20 @@ class OwnerReplica:
     acknowledged: Position = NOTHING  # the furthest position ever handed out by advance()
 
     # --- events ------------------------------------------------------------------------------
+
+    def begin(self, end: Position, now: float) -> None:
+        """A new term: the log recovered up to ``end``, the members not heard from yet.
+
+        Everything in the log may have been acknowledged by an earlier owner, so a follower
+        joins only once it has all of it; and members get ``replica_timeout`` to answer
+        before they count as silent (else a takeover would drop live copies at once).
+        """
+        self.written = max(self.written, end)
+        self.durable = max(self.durable, end)
+        self.acknowledged = max(self.acknowledged, end)
+        for node in self.record.members:
+            if node != self.node:
+                self.followers.setdefault(node, FollowerView(last_seen=now))
 
     def wrote(self, end: Position) -> None:
         """The local log was written up to ``end`` and the bytes were handed to followers."""

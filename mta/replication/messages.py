@@ -65,12 +65,18 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+_MAX_SEQ = 10**8 - 1  # segment file names have 8 digits
+
+
 def _pos(value: Any, what: str) -> Position | None:
     if value is None:
         return None
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise BadMessage(f"{what}: expected [seq, offset], got {value!r}")
-    return (_int(value[0], what), _int(value[1], what))
+    seq = _int(value[0], what)
+    if seq > _MAX_SEQ:
+        raise BadMessage(f"{what}: segment {seq} is beyond the 8-digit segment names")
+    return (seq, _int(value[1], what))
 
 
 def _segments(value: Any) -> tuple[SegmentInfo, ...]:

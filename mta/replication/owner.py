@@ -49,6 +49,7 @@ __all__ = ["OwnerSide", "PeerDirectory", "ShardReplica", "SyncStore"]
 log = structlog.get_logger("mta.replication.owner")
 
 _SEND_LIMIT = 32 * 1024 * 1024  # unsent bytes to one follower before it goes back to catch-up
+_PING_LIMIT = 1024 * 1024  # unsent bytes above which no ping or hello is queued
 _READ_CHUNK = 1 << 20
 _READ_BATCH = 8 << 20  # bytes read from disk per catch-up step before draining
 
@@ -97,8 +98,7 @@ class ShardReplica:
         self.dir = directory
         self.replica = OwnerReplica(side.node_id, copy_id, record, side.min_insync,
                                     side.replica_timeout)
-        self.replica.wrote(end)
-        self.replica.synced(end)
+        self.replica.begin(end, side.clock())
         self.end = end
         targets = [*followers, *record.members]
         self.streams = {p: _Stream(p) for p in dict.fromkeys(targets) if p != side.node_id}
@@ -181,8 +181,8 @@ class ShardReplica:
             return
         for stream in self.streams.values():
             conn = self.side.connection(stream.peer)
-            if conn is None:
-                continue
+            if conn is None or conn.buffered() > _PING_LIMIT:
+                continue  # a follower that does not read is not sent more
             if stream.state == "idle" and now >= stream.retry_at:
                 self._hello(stream, conn, now)
             elif stream.state == "hello" and now - stream.since > self.side.replica_timeout:
@@ -251,22 +251,31 @@ class ShardReplica:
         if stream is None or self.closed or msg.token != self.token:
             return
         now = self.side.clock()
-        self.replica.heard(peer, now)
+        # Only acks keep a follower in the in-sync set: one that answers and never acks
+        # (a nack loop, a broken disk) must time out like a silent one.
         if msg.kind == m.STATUS and stream.state == "hello":
             stream.state = "catchup"
             stream.task = asyncio.create_task(self._plan(stream, msg),
                                               name=f"replication:catchup:{self.shard}:{peer}")
         elif msg.kind == m.ACK:
-            if msg.position is not None:
-                self.replica.acked(peer, msg.position, now, msg.stream)
-                self._evaluate()
+            if msg.position is None:
+                return
+            if msg.position > stream.sent:
+                # It cannot hold what we never sent it: a buggy or lying follower.
+                log.warning("replication.ack_beyond_sent", node_id=self.side.node_id,
+                            shard=self.shard, peer=peer, acked=msg.position, sent=stream.sent)
+                self._stop(stream, self.side.replica_timeout)
+                return
+            self.replica.acked(peer, msg.position, now, msg.stream)
+            self._evaluate()
         elif msg.kind == m.NACK:
             self._nacked(stream, msg)
 
     def _nacked(self, stream: _Stream, msg: m.Msg) -> None:
-        if msg.reason == "stale" and msg.newest > self.token:
-            self.fence(f"{stream.peer} follows a newer owner (token {msg.newest})")
-            return
+        # A stale-token nack does not fence this owner: one follower's word (it may be
+        # poisoned by a bad peer) is not proof. It simply gives no ack; if another owner
+        # really exists, our lease and owner key say so, and a shard that cannot collect
+        # acks turns read-only meanwhile.
         log.info("replication.follower_refused", node_id=self.side.node_id, shard=self.shard,
                  peer=stream.peer, reason=msg.reason, position=msg.position)
         retry = 0.0 if msg.reason == "position" else self.side.replica_timeout
@@ -287,9 +296,12 @@ class ShardReplica:
             plan = plan_catch_up([SegmentInfo(*s) for s in mine], list(status.segments))
             await self._stream_from(stream, status.copy_id, plan.truncate_to,
                                     plan.resume_from)
-        except PositionCompacted:
-            # What it has is gone from our log: a full copy, from nothing.
-            await self._stream_from(stream, status.copy_id, (0, 0), NOTHING)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream starts again later, never hangs in catchup
+            log.warning("replication.catchup_failed", node_id=self.side.node_id,
+                        shard=self.shard, peer=stream.peer, error=describe(exc))
+            self._stop(stream, self.side.replica_timeout)
 
     async def _stream_from(self, stream: _Stream, copy_id: str, cut: Position | None,
                            start: Position) -> None:
@@ -325,7 +337,9 @@ class ShardReplica:
         except PositionCompacted:
             # Compaction took the segment we were at: start that follower afresh.
             self._stop(stream)
-        except (ConnectionClosed, OSError, ReplicationError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # closed, I/O, a log that does not read: start again later
             log.info("replication.catchup_stopped", node_id=self.side.node_id,
                      shard=self.shard, peer=stream.peer, error=describe(exc))
             self._stop(stream, self.side.replica_timeout)

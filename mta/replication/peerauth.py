@@ -255,7 +255,7 @@ async def server_handshake(link: HandshakeLink, auth: PeerAuth,
     :class:`AuthError` if either fails."""
     hello_c = _expect(await link.recv_handshake(), "hello")
     client = _check_hello(link, hello_c, client=True)
-    expect = hello_c["expect"]
+    expect = hello_c.get("expect")  # _check_hello allowed it absent
     if expect is not None and expect != auth.node_id:
         raise _refuse(link, f"this is node {auth.node_id}, not {expect}")
     if client == auth.node_id:

@@ -7,6 +7,7 @@ directory and so a new id, and is never mistaken for the copy that held acknowle
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -37,6 +38,17 @@ def copy_id(shard_dir: Path) -> str:
     path = shard_dir / COPY_FILE
     if (found := _read(path)) is not None:
         return found
+    # Made under a lock on the directory: two openers at once (a node and a tool, say)
+    # must agree on one id, and a replacement of an unreadable file must not race a create.
+    fd = os.open(shard_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _read(path) or _create(shard_dir, path)
+    finally:
+        os.close(fd)
+
+
+def _create(shard_dir: Path, path: Path) -> str:
     new = secrets.token_hex(16)
     tmp = shard_dir / f"{COPY_FILE}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
@@ -44,13 +56,7 @@ def copy_id(shard_dir: Path) -> str:
         fh.flush()
         os.fsync(fh.fileno())
     try:
-        if path.exists():
-            os.replace(tmp, path)  # unreadable: replaced
-        else:
-            try:
-                os.link(tmp, path)  # two openers at once: one id wins, both read it
-            except FileExistsError:
-                pass
+        os.replace(tmp, path)  # absent or unreadable (we hold the lock)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(shard_dir)

@@ -94,6 +94,7 @@ class Shard:
         self._pending: dict[str, int] = {}
         # Set when the shard is replicated: acknowledgements wait for the in-sync copies.
         self.replica: ReplicaGate | None = None
+        self._commit_end: Position = (0, 0)  # the end of the newest durable COMMIT
 
     async def open(self) -> RecoveryReport:
         """Claim the shard's owner file, recover its index from the segments, and give the
@@ -119,6 +120,7 @@ class Shard:
 
     def _note_commit(self, seq: int, offset: int, size: int) -> None:
         self.index.note(seq, offset, size)
+        self._commit_end = max(self._commit_end, (seq, offset + size))
         if self.replica is not None:
             self.replica.synced((seq, offset + size))
 
@@ -135,7 +137,11 @@ class Shard:
 
     async def _replicated(self, pos: Position, size: int, reception: bool) -> None:
         if self.replica is not None:
-            await self.replica.wait((pos[0], pos[1] + size), reception)
+            # Up to the end of the record's batch (its COMMIT), not of the record: a copy
+            # that holds a record without its batch's COMMIT drops it when it is opened.
+            # The batch committed before this append's future resolved, so the newest
+            # COMMIT end is at or past it.
+            await self.replica.wait(max((pos[0], pos[1] + size), self._commit_end), reception)
 
     # --- appends ---------------------------------------------------------------------------
 

@@ -180,6 +180,15 @@ class Spool:
     def owned(self) -> list[int]:
         return list(self._order)
 
+    def owns(self, number: int) -> bool:
+        """Is shard ``number`` open for writing here?"""
+        return number in self._shards
+
+    def fence_shard(self, number: int) -> None:
+        """Refuse every append to shard ``number`` from now on (it has a newer owner)."""
+        if (shard := self._shards.get(number)) is not None:
+            shard.fenced = True
+
     # --- writes ----------------------------------------------------------------------------
 
     def _next_ingress_shard(self) -> None:

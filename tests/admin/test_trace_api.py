@@ -95,9 +95,11 @@ async def test_stream_of_a_filtered_session_has_no_secret(start_node: Any,
 
 
 @pytest.mark.parametrize("query", [{"client": "300.1.1.1"}, {"client": "mail.example"},
-                                   {"user": ""}, {"session": "nope"},
-                                   {"clinet": "127.0.0.1"}])
-async def test_bad_filter_is_a_400_json(start_node: Any, query: dict[str, str]) -> None:
+                                   {"user": ""}, {"session": "nope"}, {"client": ""},
+                                   {"clinet": "127.0.0.1"},
+                                   # Which would count? Neither: it is refused.
+                                   [("client", "127.0.0.9"), ("client", "0.0.0.0/0")]])
+async def test_bad_filter_is_a_400_json(start_node: Any, query: Any) -> None:
     node = await start_node()
     async with aiohttp.ClientSession() as http, http.get(
             f"http://127.0.0.1:{node.admin.port}/api/v1/trace", params=query,
@@ -213,3 +215,15 @@ async def test_trace_on_one_node_shows_sessions_of_its_peer(tmp_path: Path,
             stream.resp.close()
     finally:
         cluster.stop()
+
+
+def test_a_peer_line_is_re_encoded_under_the_peer_s_own_name() -> None:
+    from mta.admin.routes.trace import from_peer
+
+    raw = b'{"node":"test-node","event":"command","fields":{"line":"\\u001b]0;pwned\\u0007"}}'
+    line = from_peer("n2", raw)
+    assert line is not None and b"\x1b" not in line and b"\x07" not in line
+    assert json.loads(line)["node"] == "n2"  # a peer cannot speak for another node
+    assert json.loads(line)["fields"]["line"] == "\x1b]0;pwned\x07"  # as text, escaped
+    for junk in (b"not json", b"[1, 2]", b'{"x": NaN}', b'{"line": "\x1b[2J"}'):
+        assert from_peer("n2", junk) is None

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support import EtcdServer, NodeProcess, message, node_config
 from tests.support import wait_until_sync as _poll
-from tests.support.cluster import SHARDS, TTL, Cluster
+from tests.support.cluster import SHARDS, TTL, Cluster, delivered_ids, submit_until
 
 
 @pytest.fixture
@@ -102,25 +102,6 @@ def test_drain_moves_shards_and_undrain_brings_them_back(cluster: Cluster) -> No
     assert "n2" in st["nodes"]  # still a member, just owns nothing
 
 
-def _submit_until(port: int, stop: threading.Event, acked: dict[str, bytes],
-                  lock: threading.Lock, worker: int) -> None:
-    n = 0
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-            while not stop.is_set():
-                n += 1
-                body = message(worker * 100000 + n, 1500)
-                try:
-                    s.sendmail("app@sender.test", [f"r{worker}-{n}@dest.test"], body)
-                except smtplib.SMTPResponseException:
-                    continue
-                # smtplib hides the queue id; the test identifies messages by their X-Test-Id.
-                with lock:
-                    acked[f"{worker}-{n}"] = body
-    except (smtplib.SMTPException, OSError):
-        return
-
-
 @pytest.mark.slow
 def test_sigkill_under_load_every_acknowledged_message_is_delivered(
         tmp_path: Path, etcd: EtcdServer) -> None:
@@ -138,7 +119,7 @@ def test_sigkill_under_load_every_acknowledged_message_is_delivered(
         for n in ("n1", "n2", "n3"):
             c.start_node(n)
         c.wait(c.settled({"n1", "n2", "n3"}), 20, "settled")
-        threads = [threading.Thread(target=_submit_until, args=(c.nodes[n].smtp_port, stop,
+        threads = [threading.Thread(target=submit_until, args=(c.nodes[n].smtp_port, stop,
                                                                  acked, lock, i), daemon=True)
                    for i, n in enumerate(("n1", "n2", "n3"))]
         for t in threads:
@@ -157,17 +138,9 @@ def test_sigkill_under_load_every_acknowledged_message_is_delivered(
         rto = time.monotonic() - t_kill
         assert rto <= TTL + 6, rto
         deadline = time.monotonic() + 60
-        def delivered_ids() -> Counter[str]:
-            ids: Counter[str] = Counter()
-            for m in list(sink.messages):
-                for line in m.content.split(b"\r\n"):
-                    if line.startswith(b"X-Test-Id: "):
-                        n = int(line[11:])
-                        ids[f"{n // 100000}-{n % 100000}"] += 1
-            return ids
-        while time.monotonic() < deadline and not set(acked) <= set(delivered_ids()):
+        while time.monotonic() < deadline and not set(acked) <= set(delivered_ids(sink.messages)):
             time.sleep(0.2)
-        got = delivered_ids()
+        got = delivered_ids(sink.messages)
         lost = set(acked) - set(got)
         assert not lost, f"{len(lost)} acknowledged messages never delivered"
         dupes = {k: v for k, v in got.items() if v > 1}
@@ -259,7 +232,7 @@ def test_etcd_killed_30s_under_load_fences_then_resumes_without_losing_mail(
 
         def load(worker: int, node: str) -> None:
             while not stop.is_set():
-                _submit_until(c.nodes[node].smtp_port, stop, acked, lock, worker)
+                submit_until(c.nodes[node].smtp_port, stop, acked, lock, worker)
                 time.sleep(0.1)  # a fenced node closed us: reconnect
 
         threads = [threading.Thread(target=load, args=(i, n), daemon=True)

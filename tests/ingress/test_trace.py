@@ -13,12 +13,15 @@ import pytest
 
 from mta.ingress.trace import (
     MAX_LINE,
+    REDACTED,
     TooManyTraces,
     TraceEvent,
     TraceFilter,
     TraceFilterError,
     TraceHub,
     TraceSubscription,
+    printable,
+    redact_command,
 )
 from tests.support import Raw, message, port, queued_id, wait_until
 
@@ -185,7 +188,67 @@ async def test_subscriber_limit_is_refused_clearly(start_node: Any) -> None:
 
 def test_filter_values_are_checked() -> None:
     assert TraceFilter.parse(client="10.1.2.3/8").describe() == {"client": "10.0.0.0/8"}
-    for bad in ({"client": "10.0.0.300"}, {"client": "example.com"}, {"user": ""},
+    # Sessions are matched in their IPv4 form; a filter written IPv4-mapped is too.
+    assert TraceFilter.parse(client="::ffff:127.0.0.1").describe() == {
+        "client": "127.0.0.1/32"}
+    for bad in ({"client": ""}, {"client": "10.0.0.300"}, {"client": "example.com"},
+                {"user": ""},
                 {"user": "a\nb"}, {"session": "x"}, {"session": "../../etc"}):
         with pytest.raises(TraceFilterError):
             TraceFilter.parse(**bad)
+
+
+@pytest.mark.parametrize(("line", "shown"), [
+    ("AUTH PLAIN AGFsaWNl", f"AUTH PLAIN {REDACTED}"),
+    ("AUTH PLAIN\tAGFsaWNl", f"AUTH PLAIN {REDACTED}"),  # aiosmtpd splits on any space
+    ("auth plain\u00a0AGFsaWNl", f"auth plain {REDACTED}"),
+    ("AUTH LOGIN\x1fYWxpY2U=", f"AUTH LOGIN {REDACTED}"),
+    ("AUTH AGFsaWNlAHMzY3JldA==", f"AUTH {REDACTED}"),  # no mechanism: may be the secret
+    ("AUTH LOGIN", "AUTH LOGIN"),
+    ("AUTH", "AUTH"),
+    # A bare token where a command should be: a password sent after a refused AUTH.
+    ("YWxpY2U=", REDACTED),
+    ("hunter2", REDACTED),
+    ("QUIT", "QUIT"),
+    ("GET / HTTP/1.1", "GET / HTTP/1.1"),
+])
+def test_what_may_be_a_credential_is_never_shown(line: str, shown: str) -> None:
+    assert redact_command(line) == shown
+
+
+def test_invisible_characters_are_escaped() -> None:
+    # A right-to-left override or a zero-width space could disguise one name as another.
+    assert printable("al\u200bice") == "al\\x{200B}ice"
+    assert printable("x\u202etxt.exe") == "x\\x{202E}txt.exe"
+    assert printable("caf\u00e9") == "caf\u00e9"
+
+
+async def test_a_tab_separated_auth_response_is_not_traced(start_node: Any,
+                                                           users_file: str) -> None:
+    node = await start_node(smtp={"users_file": users_file, "relay_networks": []})
+    hub: TraceHub = node.ingress.trace
+    every = hub.subscribe(TraceFilter())
+    plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    c = await Raw.connect(port(node))
+    await c.reply()
+    await c.cmd("EHLO c.example")
+    assert (await c.cmd(f"AUTH PLAIN\t{plain}")).startswith("235")
+    assert (await c.cmd("QUIT")).startswith("221")
+    await c.close()
+    events = await _until(every, "disconnect")
+    assert plain not in repr(events) and PASSWORD not in repr(events)
+    every.close()
+
+
+def test_a_session_nobody_traces_builds_no_events() -> None:
+    hub = TraceHub()
+    sub = hub.subscribe(TraceFilter.parse(client="192.0.2.7"))
+    other = hub.session("198.51.100.1")
+    assert not other.wanted
+    assert hub.session("192.0.2.7").wanted
+    sub.close()
+    users = hub.subscribe(TraceFilter.parse(user="alice"))
+    assert other.wanted, "it may yet authenticate as alice"
+    other.authenticated("bob")
+    assert not other.wanted
+    users.close()

@@ -51,6 +51,14 @@ def test_catch_up_keeps_the_longest_common_prefix(follower: list[SegmentInfo],
     assert plan_catch_up(OWNER, follower) == plan
 
 
+def test_a_copy_whose_every_segment_was_compacted_away_starts_afresh() -> None:
+    # Appending the owner's log after segments it no longer has would leave a hole; the
+    # copy is cut whole and gets a full copy.
+    assert plan_catch_up([seg(3, 7, 100)], [seg(1, 7, 500)]) == CatchUp((1, 0), NOTHING)
+
+
+
+
 # --- promotion -----------------------------------------------------------------------------
 
 RECORD = SyncRecord(12, "a", {"a": "ca", "b": "cb"})
@@ -169,3 +177,36 @@ def test_a_disconnected_member_still_holds_what_it_acked() -> None:
     assert rep.frontier == (1, 100), "its disk did not forget; the frontier never goes back"
     rep.acked("b", (1, 300), 0.1, stream)
     assert rep.frontier == (1, 100), "nothing is taken from a closed link"
+
+
+def test_a_new_term_lets_in_only_a_follower_that_has_the_whole_log() -> None:
+    rep = OwnerReplica("a", "ca", SyncRecord(5, "a", {"a": "ca", "b": "cb"}), 2, 1.0)
+    rep.begin((5, 100), now=0.0)
+    far = rep.connected("f", "cf", 0.1)
+    rep.acked("f", (1, 50), 0.1, far)
+    # b has not answered yet, so the frontier says nothing; f must still not join: the
+    # earlier owner may have acknowledged anything up to (5, 100).
+    assert rep.proposal(0.2) is None
+    rep.acked("f", (5, 100), 0.3, far)
+    assert rep.proposal(0.3) is not None and "f" in rep.proposed.members  # type: ignore
+
+
+def test_a_new_term_gives_members_time_to_answer() -> None:
+    rep = OwnerReplica("a", "ca", SyncRecord(5, "a", {"a": "ca", "b": "cb"}), 2, 1.0)
+    rep.begin((5, 100), now=10.0)
+    assert rep.proposal(10.5) is None, "not silent yet: it has not been asked long"
+    assert rep.proposal(11.5) == SyncRecord(5, "a", {"a": "ca"})
+
+
+def test_a_replaced_disk_is_not_proposed_back_before_it_caught_up() -> None:
+    rep = owner({"b": "cb"})
+    first = rep.connected("b", "cb", 0.0)
+    rep.acked("b", (1, 100), 0.0, first)
+    assert rep.advance()[0] == (1, 100)
+    again = rep.connected("b", "cb2", 0.1)  # the same node, a new disk
+    drop = rep.proposal(0.1)
+    assert drop == SyncRecord(5, "a", {"a": "ca"})
+    rep.settled(drop)
+    assert rep.proposal(0.2) is None, "the new disk has acked nothing"
+    rep.acked("b", (1, 100), 0.3, again)
+    assert rep.proposal(0.3) == SyncRecord(5, "a", {"a": "ca", "b": "cb2"})

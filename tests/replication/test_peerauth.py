@@ -364,3 +364,19 @@ async def test_tls_client_against_a_plain_listener_and_back(tmp_path: Path,
                 await connect("127.0.0.1", b.port, PeerAuth("a", secret=SECRET), "b", 3)
             await refusals(logs, 2)
         assert b.accepted.empty()
+
+
+async def test_a_hello_without_expect_is_answered_and_never_leaks_the_socket() -> None:
+    """A stranger's hello that leaves out ``expect`` (allowed: any node) must not crash the
+    handshake and leave the connection open past the timeout."""
+    async with listening(PeerAuth("b", secret=SECRET), handshake_timeout=0.5) as b, \
+            asyncio.timeout(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+        _write(writer, {"hs": "hello", "v": 1, "node": "mallory", "nonce": b"m" * 32,
+                        "mac": True, "max_payload": 1024})
+        server_hello = await _read(reader)
+        assert server_hello["hs"] == "hello"
+        # It cannot finish without the secret: the server closes within its timeout.
+        assert await reader.read() == b""
+        writer.close()
+        assert b.accepted.empty()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from mta.envelope import shard_of
 from mta.replication.copy import log_segments
 from mta.replication.insync import SyncRecord
 from mta.replication.owner import OwnerSide, ShardReplica
 from mta.replication.peerauth import PeerAuth
-from mta.spool import FencedError, Spool
+from mta.spool import Spool
 from mta.spool.errors import ShardReadOnly
+from mta.spool.recovery import committed_end
 from mta.spool.shard import shard_dir
 from tests.support.replication import (
     SECRET,
@@ -180,9 +182,10 @@ async def test_a_stale_owner_collects_no_ack_once_a_newer_one_spoke(world2: Worl
         await open_owner(other, side_c, w.store, 0, 20, ["b"])
         await w.until(lambda: w.follower.follower.copies[0].token == 20,  # type: ignore
                       "b follows token 20")
-        with pytest.raises(FencedError):
+        # b refuses the zombie's frames: the message is never acknowledged (the shard turns
+        # read-only once b's silence outlasts replica_timeout, and its waiter gets 451).
+        with pytest.raises(ShardReadOnly):
             await asyncio.wait_for(w.spool.submit(envelope(9), b"from the zombie"), 10)
-        assert w.fenced and w.fenced[0][0] == 0
     finally:
         await side_c.stop()
         await other.close()
@@ -208,3 +211,86 @@ async def test_with_min_insync_1_the_owner_alone_acknowledges(tmp_path: Path,
     finally:
         await w.side.stop()
         await w.spool.close()
+
+
+async def test_an_idle_shard_keeps_its_follower(world2: World) -> None:
+    """No mail for several replica_timeouts: pings and their acks keep b in the set."""
+    w = world2
+    await w.shard()
+    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    changes = w.store.changes
+    idle_until = asyncio.get_running_loop().time() + 4 * TIMEOUT
+    while asyncio.get_running_loop().time() < idle_until:
+        assert members(w) == {"a", "b"}
+        await asyncio.sleep(0.05)
+    assert w.store.changes == changes
+    await submit_many(w, 2)
+
+
+async def test_delivery_records_settle_on_a_read_only_shard(world2: World) -> None:
+    """Below min_insync the shard takes no new mail, but its queued mail is still delivered:
+    STATE and DONE need every member, not min_insync copies."""
+    w = world2
+    await w.shard()
+    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    [mid] = await submit_many(w, 1)
+    await w.follower.stop()
+    await w.until(lambda: members(w) == {"a"}, "b dropped: read-only")
+    async with asyncio.timeout(10):
+        await w.spool.update_state(mid, {"att": 1})
+        await w.spool.mark_done(mid)
+    assert w.spool.live_count() == 0
+
+
+class _Gate:
+    """A ReplicaGate that records what it is asked and lets everything through."""
+
+    def __init__(self, accepting: bool = True) -> None:
+        self.accepting = accepting
+        self.waits: list[tuple[tuple[int, int], bool]] = []
+
+    def written(self, seq: int, offset: int, data: bytes) -> None:
+        pass
+
+    def synced(self, end: tuple[int, int]) -> None:
+        pass
+
+    async def wait(self, end: tuple[int, int], reception: bool) -> None:
+        self.waits.append((end, reception))
+
+
+async def test_an_acknowledgement_waits_for_its_whole_batch(tmp_path: Path) -> None:
+    """A copy that holds a record but not its batch's COMMIT drops it when opened: what is
+    waited for is the COMMIT's end, never a record's."""
+    spool = Spool(tmp_path / "s", "a", shards=1)
+    await spool.start()
+    try:
+        await spool.acquire_shard(0, 1)
+        gate = _Gate()
+        spool.replicate(0, gate)
+        await asyncio.gather(*(spool.submit(envelope(n), b"x" * 300) for n in range(5)))
+        ends = {end for end, _ in gate.waits}
+        segs = log_segments(shard_dir(spool.root, 0))
+        assert ends and max(ends) <= (segs[-1][0], segs[-1][2])
+        # Every wait ends at a COMMIT's end: opening a copy cut there keeps every record.
+        data = (shard_dir(spool.root, 0) / f"seg-{segs[-1][0]:08d}.log").read_bytes()
+        for seq, offset in ends:
+            assert committed_end(data[:offset]) == offset, (seq, offset)
+    finally:
+        await spool.close()
+
+
+async def test_new_mail_goes_to_a_shard_that_accepts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s", "a", shards=3)
+    await spool.start()
+    try:
+        gates = {n: _Gate(accepting=n == 2) for n in range(3)}
+        for n, gate in gates.items():
+            await spool.acquire_shard(n, 1)
+            spool.replicate(n, gate)
+        assert {shard_of(spool.allocate_id()) for _ in range(10)} == {2}
+        gates[2].accepting = False
+        gates[0].accepting = True
+        assert {shard_of(spool.allocate_id()) for _ in range(10)} == {0}
+    finally:
+        await spool.close()

@@ -1,26 +1,34 @@
-"""Node processes sharing one spool directory, coordinated through a real etcd."""
+"""Node processes coordinated through a real etcd: sharing one spool directory, or (with
+``replicas`` > 1) each with its own spool, replicating to each other."""
 
 from __future__ import annotations
 
+import smtplib
+import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from harness.config import node_config
 from harness.etcd import EtcdServer
+from harness.mail import message
 from harness.node import NodeProcess
 from harness.poll import wait_until_sync
 
 TTL = 3.0  # fence margin 2 s: enough headroom for a loaded 2-core CI machine
 SHARDS = 64
+REPLICATION_SECRET = "cluster-test-secret-0123456789"
 
 
 class Cluster:
     """Node processes sharing one spool directory, coordinated through ``etcd``."""
 
-    def __init__(self, tmp_path: Path, etcd: EtcdServer, **delivery: Any) -> None:
+    def __init__(self, tmp_path: Path, etcd: EtcdServer, replicas: int = 1,
+                 **delivery: Any) -> None:
         self.tmp_path = tmp_path
         self.etcd = etcd
+        self.replicas = replicas
         self.name = f"t{uuid.uuid4().hex[:8]}"
         self.prefix = f"/mta/{self.name}/"
         self.spool = tmp_path / "shared-spool"
@@ -31,17 +39,25 @@ class Cluster:
                    endpoints: list[str] | None = None, **smtp: Any) -> NodeProcess:
         work = self.tmp_path / node_id
         work.mkdir(exist_ok=True)
-        raw = node_config(self.spool, node={"id": node_id, "log_level": "info"},
-                          spool={"shards": SHARDS},
+        cluster: dict[str, Any] = {"etcd": endpoints or [self.etcd.endpoint],
+                                   "name": self.name, "lease_ttl": TTL}
+        spool: dict[str, Any] = {"shards": SHARDS}
+        if self.replicas > 1:
+            cluster |= {"replication_listen": "127.0.0.1:0", "secret": REPLICATION_SECRET}
+            spool |= {"replicas": self.replicas, "replica_timeout": "1s"}
+        raw = node_config(self.spool_of(node_id), node={"id": node_id, "log_level": "info"},
+                          spool=spool,
                           smtp=smtp,
-                          cluster={"etcd": endpoints or [self.etcd.endpoint],
-                                   "name": self.name,
-                                   "lease_ttl": TTL},
+                          cluster=cluster,
                           delivery={"accounting_log": str(work / "acct.jsonl"),
                                     **self.delivery})
         node = NodeProcess(work, raw, smtp_port=smtp_port).start(timeout=30)
         self.nodes[node_id] = node
         return node
+
+    def spool_of(self, node_id: str) -> Path:
+        """The node's spool: its own when replicated, else the shared one."""
+        return self.tmp_path / node_id / "spool" if self.replicas > 1 else self.spool
 
     def state(self) -> dict[str, Any]:
         keys = self.etcd.get_prefix(self.prefix)
@@ -76,3 +92,35 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes.values():
             node.kill()
+
+
+def submit_until(port: int, stop: threading.Event, acked: dict[str, bytes],
+                 lock: threading.Lock, worker: int) -> None:
+    """Send messages to ``port`` until ``stop``; record each one answered 250 in ``acked``
+    (key ``worker-n``, the message carries ``X-Test-Id: worker * 100000 + n``)."""
+    n = 0
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            while not stop.is_set():
+                n += 1
+                body = message(worker * 100000 + n, 1500)
+                try:
+                    s.sendmail("app@sender.test", [f"r{worker}-{n}@dest.test"], body)
+                except smtplib.SMTPResponseException:
+                    continue
+                # smtplib hides the queue id; the test identifies messages by their X-Test-Id.
+                with lock:
+                    acked[f"{worker}-{n}"] = body
+    except (smtplib.SMTPException, OSError):
+        return
+
+
+def delivered_ids(messages: list[Any]) -> Counter[str]:
+    """How often each test message (``worker-n``) reached the sink."""
+    ids: Counter[str] = Counter()
+    for m in list(messages):
+        for line in m.content.split(b"\r\n"):
+            if line.startswith(b"X-Test-Id: "):
+                n = int(line[11:])
+                ids[f"{n // 100000}-{n % 100000}"] += 1
+    return ids

@@ -61,7 +61,8 @@ class FollowerNode:
 
     async def start(self, peers: Peers, port: int = 0) -> FollowerNode:
         self.writer = CopyWriter(asyncio.get_running_loop())
-        self.follower = Follower(self.node_id, self.root, self.writer, self.owns.__contains__)
+        self.follower = Follower(self.node_id, self.root, self.writer, self.owns.__contains__,
+                                 shards=2)
         self.listener = await serve("127.0.0.1", port, PeerAuth(self.node_id, secret=SECRET),
                                     self.follower.handle)
         peers.addresses[self.node_id] = ("127.0.0.1", self.listener.port)

@@ -379,8 +379,8 @@ class Sim:
         copy.append(seq, 0, (0, token))
         replica = OwnerReplica(node.name, copy.copy_id, rec, self.p.min_insync,
                                self.p.replica_timeout)
-        replica.wrote(copy.end)
-        replica.synced(copy.durable_end)
+        copy.sync()  # recovery syncs what it keeps
+        replica.begin(copy.end, self.clock())
         node.replica = replica
         node.links.clear()
         node.pending.clear()

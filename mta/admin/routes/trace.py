@@ -62,6 +62,23 @@ def _note(node: str, event: str, **fields: Any) -> bytes:
                   "event": event, "fields": fields})
 
 
+def from_peer(node: str, line: bytes) -> bytes | None:
+    """A peer's line as we pass it on: an event object re-encoded (so no raw byte of it
+    reaches the client's terminal) under the node id we know the peer by; anything else
+    is dropped."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    event["node"] = node
+    try:
+        return _line(event)
+    except ValueError:  # NaN and the like: not from a real node
+        return None
+
+
 def _filter(request: web.Request) -> TraceFilter:
     unknown = sorted(set(request.query) - _KNOWN)
     if unknown:
@@ -69,6 +86,11 @@ def _filter(request: web.Request) -> TraceFilter:
         raise ApiError.bad_request(f"unknown query parameter {unknown[0][:40]!r}",
                                    "filters are client (address or CIDR), user, session; "
                                    "local=1 for this node only")
+    repeated = sorted(k for k in _KNOWN if len(request.query.getall(k, [])) > 1)
+    if repeated:
+        # Which one would count? Neither: a filter is said once.
+        raise ApiError.bad_request(f"query parameter {repeated[0]!r} given more than once",
+                                   "give each filter once")
     try:
         return TraceFilter.parse(request.query.get("client"), request.query.get("user"),
                                  request.query.get("session"))
@@ -154,8 +176,8 @@ class Trace(Resource):
         error = "the peer ended its trace (stopping?)"
         try:
             async for line in self.api.peers.stream(member, _PATH, flt.describe()):
-                if line.strip():
-                    await merged.put(line if line.endswith(b"\n") else line + b"\n")
+                if (clean := from_peer(member.node, line)) is not None:
+                    await merged.put(clean)
         except PeerStreamError as exc:
             error = str(exc)
         log.warning("admin.trace_peer_lost", peer=member.node, error=error)

@@ -133,13 +133,14 @@ def _stream(args: argparse.Namespace, resp: Any) -> int:
         line = raw.strip()
         if not line:
             continue
-        if args.json:
-            print(line.decode("utf-8", "replace"), flush=True)
-            continue
         try:
             data = json.loads(line)
         except ValueError:
             print(f"(unreadable line: {_clean(line[:100])})", flush=True)
+            continue
+        if args.json:
+            # Re-encoded, never printed raw: escapes reach the terminal as text only.
+            print(json.dumps(data, separators=(",", ":")), flush=True)
             continue
         if isinstance(data, dict):
             print(format_event(data), flush=True)
