@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import threading
 import time
@@ -71,8 +72,14 @@ def _decode(message_id: str) -> int:
 def domain_key(domain: str) -> str:
     """The form domains are compared in (suspension, policies, throttles, queues, routes):
     lower case, no trailing dot, IDNA A-labels for a non-ASCII name, so ``bücher.example``
-    and ``xn--bcher-kva.example`` are one domain."""
+    and ``xn--bcher-kva.example`` are one domain; an IPv6 address literal compressed."""
     key = domain.lower().rstrip(".")
+    if key.startswith("[ipv6:"):
+        # An address literal has many spellings ([IPv6:2001:DB8:0::1], ...::0.0.0.1): one.
+        try:
+            return f"[ipv6:{ipaddress.IPv6Address(key[6:-1]).compressed}]"
+        except ValueError:
+            return key
     if not key.isascii():
         try:
             key = key.encode("idna").decode("ascii")

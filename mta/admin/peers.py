@@ -23,6 +23,9 @@ __all__ = ["PeerAnswer", "PeerClient", "PeerStreamError"]
 _STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=3.0, sock_read=None)
 
 
+_MAX_STREAM_LINE = 64 * 1024
+
+
 class PeerStreamError(Exception):
     """A peer's stream could not be opened (unreachable, refused) or broke off."""
 
@@ -94,10 +97,16 @@ class PeerClient:
                     except (ValueError, AttributeError):
                         error = text[:200]
                     raise PeerStreamError(f"HTTP {resp.status}: {error}")
-                async for line in resp.content:
-                    yield line
+                buf = b""
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        yield line + b"\n"
+                    if len(buf) > _MAX_STREAM_LINE:
+                        # No trace line comes near this: a broken or hostile peer.
+                        raise PeerStreamError(f"a line over {_MAX_STREAM_LINE} bytes")
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            # ValueError: a line over aiohttp's limit (no trace line comes near it).
             raise PeerStreamError(describe(exc)) from None
 
     async def ask_all(self, members: list[Member], method: str, path: str,

@@ -224,7 +224,7 @@ class IngressSession(AuthExchange, DataReader):
         self._client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
         # Decided before admission: relay_networks clients may use the reserved slots.
         self.relay_allowed = in_networks(self._client_ip, self._server.cfg.relay_networks)
-        if self._tracing():
+        if self._server.trace.active and self._traced().wanted:
             self._trace_connect(peer)
         refusal = self._server.admit(self, self._client_ip)
         if refusal is not None:
@@ -264,7 +264,7 @@ class IngressSession(AuthExchange, DataReader):
                 raw = await self._read_line()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
-            if self._tracing():
+            if self._server.trace.active and self._traced().wanted:
                 self._trace_command(raw)
             parsed = self._parse_command(raw)
             if isinstance(parsed, str):
@@ -365,11 +365,11 @@ class IngressSession(AuthExchange, DataReader):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         await super().smtp_STARTTLS(arg)
-        if self._tracing() and self._tls_protocol is not None:
+        if self._server.trace.active and self._traced().wanted and self._tls_protocol is not None:
             self._trace_tls()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._tracing():
+        if self._server.trace.active and self._traced().wanted:
             self._traced().emit("disconnect", error=printable(describe(error)) if error else None)
         if self._admitted:
             self._admitted = False
@@ -419,14 +419,14 @@ class IngressSession(AuthExchange, DataReader):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, error = await self._read_body()
         if error is not None:
-            if self._tracing():
+            if self._server.trace.active and self._traced().wanted:
                 self._traced().emit("data", size=None, accepted=False, queue_id=None)
             await self.push(error)
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        if self._tracing():
+        if self._server.trace.active and self._traced().wanted:
             self._trace_data(len(content), status)
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
@@ -470,7 +470,7 @@ class IngressSession(AuthExchange, DataReader):
         else:
             code = status[:3].decode("ascii", "replace")
             data = status + b"\r\n"
-        if self._tracing():
+        if self._server.trace.active and self._traced().wanted:
             self._traced().emit("reply", line=printable(data[:-2].decode("utf-8", "replace")))
         self._out.append(data)
         # Pipelining: while further complete commands already sit in the input buffer, keep
@@ -529,10 +529,6 @@ class IngressSession(AuthExchange, DataReader):
         return self._client_ip
 
     # --- live trace (mta/ingress/trace.py): called only while somebody watches --------------
-
-    def _tracing(self) -> bool:
-        """Is anyone tracing this session? One attribute read when nobody traces at all."""
-        return self._server.trace.active and self._traced().wanted
 
     def _traced(self) -> SessionTrace:
         trace = self._trace

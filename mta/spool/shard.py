@@ -182,7 +182,8 @@ class Shard:
                 after()
 
         pos = await asyncio.shield(self._append(data, durable, side))
-        await self._replicated(pos, size, reception=True)
+        if self.replica is not None:
+            await self._replicated(pos, size, reception=True)
 
     async def _append_tracked(self, message_id: str, data: bytes, durable: Any,
                               side: bytes | None = None) -> None:
@@ -196,7 +197,8 @@ class Shard:
         pos = await asyncio.shield(fut)
         # A DONE counts only once every promotable copy has it: else a takeover by a copy
         # without it would deliver the recipient again.
-        await self._replicated(pos, len(data), reception=False)
+        if self.replica is not None:
+            await self._replicated(pos, len(data), reception=False)
 
     def _unpend(self, message_id: str) -> None:
         left = self._pending.get(message_id, 0) - 1

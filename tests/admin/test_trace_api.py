@@ -227,3 +227,37 @@ def test_a_peer_line_is_re_encoded_under_the_peer_s_own_name() -> None:
     assert json.loads(line)["fields"]["line"] == "\x1b]0;pwned\x07"  # as text, escaped
     for junk in (b"not json", b"[1, 2]", b'{"x": NaN}', b'{"line": "\x1b[2J"}'):
         assert from_peer("n2", junk) is None
+
+
+async def test_a_peer_streaming_an_endless_line_is_cut_off() -> None:
+    from aiohttp import web
+
+    from mta.admin.peers import PeerClient, PeerStreamError
+    from mta.coordinator import Member
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b'{"event":"ok"}\n')
+        while True:
+            await resp.write(b"x" * 8192)  # never a newline
+
+    app = web.Application()
+    app.router.add_get("/api/v1/trace", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    peer = Member("n2", "", f"http://127.0.0.1:{bound}", False, False, 0, "", 0.0)
+    client = PeerClient("token")
+    lines = []
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(PeerStreamError, match="over"):
+                async for line in client.stream(peer, "/api/v1/trace"):
+                    lines.append(line)
+        assert lines == [b'{"event":"ok"}\n']
+    finally:
+        await client.close()
+        await runner.cleanup()

@@ -506,3 +506,11 @@ async def test_a_route_to_the_unspecified_address_loops_back_to_myself(
     assert [r["type"] for r in recs if r["type"] == "Reception"] == ["Reception"]
     [bounce] = [r for r in recs if r["type"] == "Bounce"]
     assert "5.4.6" in bounce["response"] and "loops back" in bounce["response"], bounce
+
+
+def test_an_ipv6_literal_has_one_form_for_suspensions_and_policies() -> None:
+    """A suspended ``[IPv6:2001:db8::1]`` is not delivered to by spelling it another way."""
+    spellings = ["[IPv6:2001:db8::1]", "[IPv6:2001:DB8:0:0::1]", "[ipv6:2001:db8:0::1]",
+                 "[IPv6:2001:db8::0.0.0.1]"]
+    assert {domain_key(s) for s in spellings} == {"[ipv6:2001:db8::1]"}
+    assert domain_key("[IPv6:not an address]") == "[ipv6:not an address]"
