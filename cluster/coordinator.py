@@ -32,16 +32,18 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
 
 import mta
 from cluster.keys import Keys
-from cluster.rendezvous import assign
+from cluster.placement import Node, place_followers, promotable_assignment
+from cluster.rendezvous import assign, score
 from cluster.store import (
     Deadline,
+    Entry,
     EtcdStore,
     LeaseLeft,
     Owner,
@@ -51,14 +53,24 @@ from cluster.store import (
     Timing,
     Transactions,
     Txn,
+    decode_replicas,
+    decode_sync,
 )
 from mta.config import Config
-from mta.coordinator import ClusterOpError, Member, RuntimeSettings, ShardHost, ShardInfo
+from mta.coordinator import (
+    ClusterOpError,
+    Member,
+    Replication,
+    RuntimeSettings,
+    ShardHost,
+    ShardInfo,
+)
 from mta.logs import describe
+from mta.replication.insync import SyncRecord, promotable, takeover_record
 from mta.spool.layout import ShardCountMismatch
 from mta.tasks import cancel_and_wait
 
-__all__ = ["ClusterCoordinator", "EtcdCoordinator"]
+__all__ = ["ClusterCoordinator", "EtcdCoordinator", "parse_hostport", "promotable_members"]
 
 log = structlog.get_logger("cluster")
 
@@ -73,6 +85,10 @@ _LOOP_GRACE = 5.0
 # After a failed refresh, try again this soon (on the next endpoint): the refresh deadline
 # already took its time, and the fence deadline is what is left.
 _REFRESH_RETRY = 0.05
+# What a node publishes in its node key besides smtp and admin, with a replicated spool only
+# (with one copy the node key stays as it always was): its replication listener
+# ("host:port"), its zone, and the id of its copy of each shard ({"<shard>": id}).
+_REPLICATION_INFO = ("replication", "zone", "copies")
 
 Connect = Callable[[Deadline], Store]
 
@@ -85,6 +101,7 @@ class ClusterCoordinator:
         self.cfg = cfg
         self.node_id = cfg.node.id
         self.total_shards = cfg.spool.shards
+        self.replicas = cfg.spool.replicas
         self.timing = Timing(cfg.cluster.lease_ttl)
         self.ttl = self.timing.ttl
         self.fence_after = self.timing.fence_after
@@ -103,6 +120,10 @@ class ClusterCoordinator:
         # shard -> create revision of our owner key: the token is token_base + this, so the
         # token changes exactly when the key does (only through a release and a new claim).
         self._claims: dict[int, int] = {}
+        # shard -> create revision of our owner key while the host acquires it: its owner side
+        # may change the in-sync record (change_sync) before the claim is complete.
+        self._taking: dict[int, int] = {}
+        self._waiting: list[int] = []  # shards with no live promotable copy, as last logged
         self._view = Snapshot()
         self._tasks: list[asyncio.Task[None]] = []
         self._keepalive_task: asyncio.Task[None] | None = None
@@ -209,6 +230,8 @@ class ClusterCoordinator:
         info = {"addr": ends.get("smtp", ""), "admin": ends.get("admin", ""),
                 "version": mta.__version__, "started": self.started, "pid": os.getpid(),
                 "weight": 1.0}
+        if self.replicas > 1:
+            info.update({k: ends[k] for k in _REPLICATION_INFO if k in ends})
         await self.store.commit(self.txns.register(self.node_id, info, self._lease))
 
     async def stop(self) -> None:
@@ -337,6 +360,43 @@ class ClusterCoordinator:
                           o.node if (o := v.owners.get(s)) is not None else None,
                           self._owned.get(s, v.token(s)))
                 for s in range(self.total_shards)]
+
+    def replication_address(self, node: str) -> tuple[str, int] | None:
+        """``node``'s replication listener, as its node key in the latest view says."""
+        info = self._view.members.get(node)
+        return parse_hostport(info.get("replication")) if info is not None else None
+
+    def followers(self, shard: int) -> tuple[str, ...]:
+        """The followers the leader placed for ``shard`` (``replicas/<shard>``), as the latest
+        view shows them: no I/O."""
+        return self._view.replicas.get(shard, ())
+
+    async def change_sync(self, shard: int, old: SyncRecord, new: SyncRecord
+                          ) -> SyncRecord | None:
+        """One transaction guarded by our owner key and by ``old`` being the record in place;
+        ``new`` if it committed, None if refused or the store did not answer (never raises:
+        the owner then acknowledges nothing it would need the change for)."""
+        revision = self._claims.get(shard, self._taking.get(shard))
+        if revision is None or self._fenced:
+            return None
+        txn = self.txns.write_sync(shard, self.node_id, revision, old.encode(), new)
+        try:
+            res = await self.store.commit(txn)
+        except StoreDown as exc:
+            log.info("cluster.sync_change_failed", node_id=self.node_id, shard=shard,
+                     error=describe(exc)[:200])
+            return None
+        except Exception as exc:  # the owner side must get an answer, whatever happened
+            log.exception("cluster.sync_change_error", node_id=self.node_id, shard=shard,
+                          error=describe(exc))
+            return None
+        if not res.succeeded:
+            log.warning("cluster.sync_change_refused", node_id=self.node_id, shard=shard,
+                        why="our owner key or the record changed")
+            return None
+        log.info("cluster.sync_changed", node_id=self.node_id, shard=shard,
+                 members=sorted(new.members))
+        return new
 
     async def set_draining(self, node: str, draining: bool) -> None:
         """Mark ``node`` drained (its shards move away) or back in service."""
@@ -575,12 +635,22 @@ class ClusterCoordinator:
     def _start_claims(self, v: Snapshot) -> None:
         # An assignment naming a node that is gone is about to be redone by the leader: claim
         # nothing by it yet (the leader's write wakes us up again at once).
-        if not all(n in v.members for n in v.assignment.values()):
+        if self._redo_pending(v):
             return
         for shard, node in sorted(v.assignment.items()):
             if (node == self.node_id and shard not in self._owned
                     and shard not in self._busy and shard not in v.owners):
                 self._spawn(shard, self._acquire(shard), self._acquiring)
+
+    def _redo_pending(self, v: Snapshot) -> bool:
+        """Does the assignment name a gone node the leader will replace? Replicated, a shard
+        with no live promotable copy keeps its gone owner in the assignment for as long as
+        it waits: that one is not about to change, and must not hold every claim up."""
+        gone = {s for s, n in v.assignment.items() if n not in v.members}
+        if gone and self.replicas > 1:
+            members, live = promotable_members(v), set(v.members)
+            gone = {s for s in gone if s not in members or not live.isdisjoint(members[s])}
+        return bool(gone)
 
     def _start_releases(self, v: Snapshot) -> None:
         for shard in sorted(self._owned):
@@ -628,16 +698,55 @@ class ClusterCoordinator:
             log.info("cluster.elected_leader", node_id=self.node_id)
 
     async def _write_assignment(self, v: Snapshot) -> bool:
-        """Write the assignment ``v`` calls for; True if it differed from ``v``'s."""
+        """Write the assignment ``v`` calls for (and, replicated, the followers); True if it
+        differed from ``v``'s."""
         live = v.weights()
         desired = assign(self.total_shards, live)
+        followers: dict[int, list[str]] = {}
+        if self.replicas > 1:
+            desired = self._promotable(v, desired, live)
+            followers = self._followers(v, desired)
         changes = {s: n for s, n in desired.items() if v.assignment.get(s) != n}
-        if not changes:
+        if not changes and not followers:
             return False
-        if (await self.store.commit(self.txns.assign(self.node_id, changes))).succeeded:
-            log.info("cluster.assigned", node_id=self.node_id, moved=len(changes),
-                     nodes=sorted(live))
+        txn = self.txns.assign(self.node_id, changes, followers)
+        if (await self.store.commit(txn)).succeeded:
+            if changes:
+                log.info("cluster.assigned", node_id=self.node_id, moved=len(changes),
+                         nodes=sorted(live))
+            if followers:
+                log.info("cluster.replicas_placed", node_id=self.node_id,
+                         shards=sorted(followers))
         return True
+
+    def _promotable(self, v: Snapshot, desired: dict[int, str],
+                    weights: dict[str, float]) -> dict[int, str]:
+        """``desired`` changed so that a replicated shard only goes to a live member of its
+        in-sync set whose copy is still the one the record names."""
+        members = promotable_members(v)
+        live = set(v.members)
+        self._note_waiting(sorted(s for s, names in members.items() if live.isdisjoint(names)))
+        return promotable_assignment(desired, v.assignment, members, live, weights)
+
+    def _note_waiting(self, shards: list[int]) -> None:
+        """One line each time the shards with no live promotable copy change (not one per
+        reconcile): they wait, unowned, until a member comes back or an operator forces."""
+        if shards == self._waiting:
+            return
+        self._waiting = shards
+        if shards:
+            log.warning("cluster.shard_waiting_for_copy", node_id=self.node_id, shards=shards,
+                        why="no live member of the in-sync set holds the copy it names")
+        else:
+            log.info("cluster.shard_waiting_for_copy", node_id=self.node_id, shards=shards)
+
+    def _followers(self, v: Snapshot, desired: Mapping[int, str]) -> dict[int, list[str]]:
+        """The follower placements that differ from ``replicas/`` as ``v`` shows them."""
+        nodes = {n: Node(w, str(v.members[n].get("zone", "") or ""))
+                 for n, w in v.weights().items()}
+        placed = place_followers(desired, nodes, self.replicas, v.replicas)
+        _top_up(placed, desired, nodes, self.replicas - 1, v.replicas)
+        return {s: f for s, f in placed.items() if tuple(f) != v.replicas.get(s, ())}
 
     async def _delete_owner_key(self, shard: int, revision: int | None = None) -> None:
         """Delete our owner key of ``shard`` (only the one created at ``revision``, if given)."""
@@ -691,18 +800,55 @@ class ClusterCoordinator:
                 # Stopping (or fenced) since the claim began: hand the key back untouched.
                 await self._delete_owner_key(shard, revision)
                 return False
-            await self._host.acquire_shard(shard, token)
+            if self.replicas > 1:
+                if not await self._take_replicated(shard, revision, token):
+                    await self._delete_owner_key(shard, revision)
+                    return False
+            else:
+                await self._host.acquire_shard(shard, token)
         except Exception as exc:
             log.error("cluster.acquire_failed", shard=shard, node_id=self.node_id,
                       error=describe(exc))
             await self._delete_owner_key(shard, revision)
             return False
+        finally:
+            self._taking.pop(shard, None)
         # Held from here, even if stop() began meanwhile: stop() waits for this claim and
         # releases the shard with the rest.
         self._owned[shard] = token
         self._claims[shard] = revision
         log.debug("cluster.shard_acquired", shard=shard, node_id=self.node_id, token=token)
         self._changes.note("acquired", shard)
+        return True
+
+    async def _take_replicated(self, shard: int, revision: int, token: int) -> bool:
+        """Take the in-sync record over (only a member holding the copy it names may), then
+        hand the shard to the host with it; False if refused (the caller gives the key up)."""
+        assert self._host is not None
+        res = await self.store.commit(self.txns.read_replication(shard, self.node_id, revision))
+        if not res.succeeded:
+            log.warning("cluster.claim_lost", shard=shard, node_id=self.node_id)
+            return False
+        sync, placed = res.gets
+        record = decode_sync(sync.value, shard) if sync is not None else None
+        copy_id = self._host.copy_ids().get(shard)
+        if copy_id is None or not promotable(record, self.node_id, copy_id):
+            # Taking it would lose acknowledged mail: only a member's copy has all of it.
+            log.warning("cluster.not_promotable", shard=shard, node_id=self.node_id,
+                        copy_id=copy_id,
+                        members=dict(record.members) if record is not None else None)
+            return False
+        new = takeover_record(record, self.node_id, copy_id, token, live=self._view.members)
+        # Guarded by the record we read: a change that committed since (a shrink) means who
+        # is promotable may have changed, and the claim starts over from a fresh read.
+        wrote = await self.store.commit(self.txns.write_sync(
+            shard, self.node_id, revision, sync.value if sync is not None else None, new))
+        if not wrote.succeeded:
+            log.warning("cluster.takeover_refused", shard=shard, node_id=self.node_id,
+                        why="the in-sync record or our owner key changed since we read it")
+            return False
+        self._taking[shard] = revision
+        await self._host.acquire_shard(shard, token, Replication(new, _followers_of(placed, shard)))
         return True
 
     async def _fencing_token(self, shard: int, revision: int) -> int | None:
@@ -769,6 +915,81 @@ class ClusterCoordinator:
             await self._delete_owner_key(shard, revision)
         log.debug("cluster.shard_released", shard=shard, node_id=self.node_id)
         self._changes.note("released", shard)
+
+
+def promotable_members(v: Snapshot) -> dict[int, list[str]]:
+    """Per shard with an in-sync record, the members that may own it: those whose node key
+    reports the copy the record names (a node back with a replaced disk reports another id,
+    and its copy lacks what was acknowledged). Dead members are kept: liveness is the
+    caller's."""
+    out: dict[int, list[str]] = {}
+    for shard, record in v.sync.items():
+        out[shard] = [node for node, copy in sorted(record.members.items())
+                      if _reported_copy(v, node, shard) == copy]
+    return out
+
+
+def _top_up(placed: dict[int, list[str]], owners: Mapping[int, str], nodes: Mapping[str, Node],
+            want: int, previous: Mapping[int, tuple[str, ...]]) -> None:
+    """Give every shard its ``want`` followers where nodes allow, past place_followers'
+    per-node bound. That bound is an even share of all copies, so while owners are uneven
+    (a first node owns every shard, and nothing moves to a node that holds no promotable
+    copy) it leaves shards with no follower; such a shard could then never become
+    promotable anywhere else and would stay on its node for ever. Other zones first, then
+    a node that has a copy already, the least loaded, the rendezvous order."""
+    load = dict.fromkeys(nodes, 0)
+    for followers in placed.values():
+        for n in followers:
+            load[n] = load.get(n, 0) + 1
+    for shard, followers in sorted(placed.items()):
+        owner = owners.get(shard)
+        zones = {nodes[n].zone for n in (owner, *followers) if n in nodes}
+        kept = set(previous.get(shard, ()))
+        while len(followers) < want:
+            candidates = [n for n in nodes if n != owner and n not in followers]
+            if not candidates:
+                break
+            best = min(candidates, key=lambda n: (
+                bool(nodes[n].zone) and nodes[n].zone in zones, n not in kept, load[n],
+                -score(n, shard, nodes[n].weight)))
+            followers.append(best)
+            zones.add(nodes[best].zone)
+            load[best] += 1
+
+
+def _reported_copy(v: Snapshot, node: str, shard: int) -> str | None:
+    info = v.members.get(node)
+    copies = info.get("copies") if info is not None else None
+    if not isinstance(copies, Mapping):
+        return None
+    copy = copies.get(str(shard), copies.get(shard))
+    return copy if isinstance(copy, str) else None
+
+
+def _followers_of(entry: Entry | None, shard: int) -> tuple[str, ...]:
+    """The followers in a ``replicas/<shard>`` entry; none when absent or unreadable (the
+    leader rewrites an unreadable one on its next pass)."""
+    if entry is None:
+        return ()
+    try:
+        return decode_replicas(entry.value)
+    except ValueError as exc:
+        log.warning("cluster.bad_key", key=f"replicas/{shard}", error=describe(exc))
+        return ()
+
+
+def parse_hostport(value: object) -> tuple[str, int] | None:
+    """``"host:port"`` or ``"[v6]:port"`` as ``(host, port)``; None if it is neither."""
+    if not isinstance(value, str):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        return None  # an IPv6 address without brackets: where its port starts is a guess
+    return (host, int(port)) if host else None
 
 
 class _ShardChanges:

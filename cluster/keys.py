@@ -12,6 +12,12 @@
 | config/suspend/<runtime key>    | operator | b"1"                       | persistent    |
 | token_base       | claiming node, txn    | decimal integer                | only raised   |
 | shards           | first node, create txn | decimal shard count           | persistent    |
+| replicas/<shard> | leader                | JSON list of follower ids      | persistent    |
+| sync/<shard>     | owner, guarded txn    | JSON {token, owner, members}   | persistent    |
+
+``replicas/`` and ``sync/`` exist only with ``[spool] replicas > 1`` (docs/replication.md):
+``sync/<shard>`` is written by the shard's owner, in transactions guarded by its owner key
+and by the record it replaces (:mod:`mta.replication.insync`).
 
 A runtime key (see :mod:`mta.delivery.runtime`) is a domain (``example.com``), a wildcard
 (``*.example.com``: its subdomains) or a site (``site:mx1.example.net``,
@@ -79,6 +85,14 @@ class Keys:
     def suspend(self, domain: str) -> bytes:
         """Present while ``domain``'s mail is held."""
         return self._key("config", "suspend", domain)
+
+    def replicas(self, shard: int) -> bytes:
+        """The nodes the leader placed copies of ``shard`` on (replicated spool)."""
+        return self._key("replicas", shard)
+
+    def sync(self, shard: int) -> bytes:
+        """The in-sync record of ``shard``: its owner's token and the promotable copies."""
+        return self._key("sync", shard)
 
     @property
     def token_base(self) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from cluster.keys import Keys
 from mta.config import parse_rate
 from mta.coordinator import RuntimeSettings
 from mta.logs import describe
+from mta.replication.insync import SyncRecord
 
 __all__ = [
     "Compare",
@@ -47,6 +49,9 @@ __all__ = [
     "Txn",
     "TxnResult",
     "decode",
+    "decode_replicas",
+    "decode_sync",
+    "encode_replicas",
 ]
 
 log = structlog.get_logger("cluster")
@@ -252,10 +257,32 @@ class Transactions:
         key = self.keys.leader
         return Txn((Compare.absent(key),), (Put(key, node.encode(), lease),))
 
-    def assign(self, leader: str, changes: Mapping[int, str]) -> Txn:
-        """Write assignment ``changes`` only while ``leader`` still leads."""
-        return Txn((Compare.equals(self.keys.leader, leader.encode()),),
-                   tuple(Put(self.keys.assign(s), n.encode()) for s, n in changes.items()))
+    def assign(self, leader: str, changes: Mapping[int, str],
+               followers: Mapping[int, Sequence[str]] | None = None) -> Txn:
+        """Write assignment ``changes`` (and follower placement changes, replicated spool)
+        only while ``leader`` still leads: one transaction, so an owner and its followers
+        are never seen from two different decisions."""
+        ops = [Put(self.keys.assign(s), n.encode()) for s, n in changes.items()]
+        ops += [Put(self.keys.replicas(s), encode_replicas(f))
+                for s, f in (followers or {}).items()]
+        return Txn((Compare.equals(self.keys.leader, leader.encode()),), tuple(ops))
+
+    def read_replication(self, shard: int, node: str, revision: int) -> Txn:
+        """``sync/<shard>`` and ``replicas/<shard>``, read only while our owner key of
+        ``shard`` is the one made at ``revision`` (a claimer that lost it learns nothing)."""
+        return self.guarded_by_owner(shard, node, revision,
+                                     (Get(self.keys.sync(shard)), Get(self.keys.replicas(shard))))
+
+    def write_sync(self, shard: int, node: str, revision: int, expect: bytes | None,
+                   new: SyncRecord) -> Txn:
+        """Replace the in-sync record of ``shard`` by ``new`` while our owner key is the one
+        made at ``revision`` and the record is exactly ``expect`` (None: absent). Value, not
+        mod revision: each owner's records carry its own token, so a record equal to the one
+        we read can only be that one, and the caller (the owner, as change_sync) holds the
+        record it proposed from, not its revision."""
+        key = self.keys.sync(shard)
+        same = Compare.absent(key) if expect is None else Compare.equals(key, expect)
+        return self.guarded_by_owner(shard, node, revision, (Put(key, new.encode()),), same)
 
     def record_shard_count(self, shards: int) -> Txn:
         """Record the cluster's shard count unless one is recorded already."""
@@ -323,6 +350,10 @@ class Snapshot:
     shard_count: int | None = None  # None: not recorded yet; 0: unreadable
     rebalance: bool = False
     member_leases: Mapping[str, int] = field(default_factory=_frozen)  # node -> its lease
+    # Replicated spool: shard -> its in-sync record (one that does not decode has no
+    # members: nobody is promoted from it), and shard -> the followers the leader placed.
+    sync: Mapping[int, SyncRecord] = field(default_factory=_frozen)
+    replicas: Mapping[int, tuple[str, ...]] = field(default_factory=_frozen)
 
     def token(self, shard: int) -> int:
         """The fencing token the owner of ``shard`` claimed with (unless the base rose since);
@@ -365,12 +396,15 @@ class _Draft:
         self.shard_count: int | None = None
         self.rebalance = False
         self.member_leases: dict[str, int] = {}
+        self.sync: dict[int, SyncRecord] = {}
+        self.replicas: dict[int, tuple[str, ...]] = {}
 
     def freeze(self, revision: int) -> Snapshot:
         return Snapshot(revision, _frozen(self.members), self.leader, _frozen(self.assignment),
                         _frozen(self.owners), self.token_base, frozenset(self.draining),
                         RuntimeSettings(self.throttles, frozenset(self.suspended)),
-                        self.shard_count, self.rebalance, _frozen(self.member_leases))
+                        self.shard_count, self.rebalance, _frozen(self.member_leases),
+                        _frozen(self.sync), _frozen(self.replicas))
 
 
 def _members(d: _Draft, rest: str, e: Entry) -> None:
@@ -385,6 +419,14 @@ def _assign(d: _Draft, rest: str, e: Entry) -> None:
 
 def _owner(d: _Draft, rest: str, e: Entry) -> None:
     d.owners[int(rest)] = Owner(e.value.decode(), e.create_revision)
+
+
+def _sync(d: _Draft, rest: str, e: Entry) -> None:
+    d.sync[int(rest)] = decode_sync(e.value, int(rest))
+
+
+def _replicas(d: _Draft, rest: str, e: Entry) -> None:
+    d.replicas[int(rest)] = decode_replicas(e.value)
 
 
 def _drain(d: _Draft, rest: str, e: Entry) -> None:
@@ -417,7 +459,8 @@ def _shards(d: _Draft, e: Entry) -> None:
 
 # ``<kind>/<rest>`` keys, and single keys, each with its decoder.
 _BY_KIND: dict[str, Callable[[_Draft, str, Entry], None]] = {
-    "nodes": _members, "assign": _assign, "owner": _owner, "drain": _drain, "config": _config}
+    "nodes": _members, "assign": _assign, "owner": _owner, "drain": _drain, "config": _config,
+    "sync": _sync, "replicas": _replicas}
 _SINGLE: dict[str, Callable[[_Draft, Entry], None]] = {
     "leader": _leader, "rebalance": _rebalance, "token_base": _token_base, "shards": _shards}
 
@@ -437,6 +480,31 @@ def decode(keys: Keys, revision: int, entries: Iterable[Entry]) -> Snapshot:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("cluster.bad_key", key=key, error=describe(exc))
     return draft.freeze(revision)
+
+
+def decode_sync(raw: bytes, shard: int) -> SyncRecord:
+    """The in-sync record stored for ``shard``. One that does not decode is logged and read
+    as a record with no members: the shard stays replicated (not "never replicated", which
+    anyone may take) and nobody is promoted from a record nobody can read."""
+    try:
+        return SyncRecord.decode(raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.error("cluster.bad_sync_record", shard=shard, error=describe(exc),
+                  value=raw[:200].decode(errors="replace"))
+        return SyncRecord(0, "", {})
+
+
+def encode_replicas(followers: Sequence[str]) -> bytes:
+    """The value of ``replicas/<shard>``."""
+    return json.dumps(list(followers), separators=(",", ":")).encode()
+
+
+def decode_replicas(raw: bytes) -> tuple[str, ...]:
+    """The followers stored in ``replicas/<shard>``; ValueError if it is not a list of ids."""
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError("replicas: expected a JSON list of node ids")
+    return tuple(value)
 
 
 # --- the protocol ----------------------------------------------------------------------------

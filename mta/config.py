@@ -298,11 +298,10 @@ class SpoolConfig:
     # A sealed segment is rewritten when its live share falls below this ratio.
     compact_live_ratio: float = _opt(lambda v: _ratio(v), 0.25)  # noqa: PLW0108 (defined below)
     max_batch_bytes: int = _opt(parse_size, 8 * 1024 * 1024)
-    # Copies of each shard, each on another node's own disk (issue 16). 1 is today's
-    # behaviour: one copy, on a standalone node or on the filesystem a cluster shares. The
-    # issue's default of 2 in a cluster comes when the node replicates; until then it does
-    # not, so a default of 2 would be a promise it does not keep (and > 1 is refused at start:
-    # mta.cli.daemon._refuse_replicas_until_replication_is_wired).
+    # Copies of each shard, each on another node's own disk (issue 16). 1 is the behaviour
+    # before replication: one copy, on a standalone node or on the filesystem a cluster
+    # shares. The issue's default of 2 in a cluster waits until replication is finished
+    # (docs/replication.md lists what is missing); until then it is asked for explicitly.
     replicas: int = _opt(_positive_int, 1)
     # Copies (the owner's included) a message must be on before its 250; below that the shard
     # is read-only (451). Unset: every copy (= replicas), set in __post_init__.

@@ -178,6 +178,9 @@ class Coordinator(Protocol):
     def replication_address(self, node: str) -> tuple[str, int] | None:
         """Where ``node``'s replication listener is (its node key); None if unknown."""
 
+    def followers(self, shard: int) -> tuple[str, ...]:
+        """The nodes the leader places ``shard``'s copies on now (replicas/<shard>)."""
+
     async def change_sync(self, shard: int, old: SyncRecord, new: SyncRecord
                           ) -> SyncRecord | None:
         """Replace the in-sync record of ``shard`` by ``new`` if it is still ``old`` and this
@@ -282,6 +285,9 @@ class LocalCoordinator:
 
     def replication_address(self, node: str) -> tuple[str, int] | None:
         return None  # standalone: nobody to replicate to
+
+    def followers(self, shard: int) -> tuple[str, ...]:
+        return ()
 
     async def change_sync(self, shard: int, old: SyncRecord, new: SyncRecord
                           ) -> SyncRecord | None:

@@ -94,18 +94,6 @@ def _run(cfg: Config) -> int:
     return asyncio.run(_serve(cfg))
 
 
-def _refuse_replicas_until_replication_is_wired(cfg: Config) -> str | None:
-    """The one-line refusal of ``[spool] replicas > 1``, or None. The keys are validated
-    already, but the node does not replicate yet (issue 16): starting would run with one copy
-    on a local disk while the operator believes there are more. Delete this function and its
-    call in ``main`` when the owner side is wired."""
-    if cfg.spool.replicas <= 1:
-        return None
-    return (f"{cfg.source}: [spool] replicas: replication between local disks is not "
-            f"available yet in this version; set [spool] replicas = 1 (failover needs one "
-            f"shared filesystem, see docs/operations.md)")
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, exit 2, like every other usage and config error.
@@ -124,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(f"config error: {exc}", 2)
-    if (refusal := _refuse_replicas_until_replication_is_wired(cfg)) is not None:
-        return _fail(f"config error: {refusal}", 2)
     if args.check:
         print(f"mta: {args.config}: configuration OK")
         return 0

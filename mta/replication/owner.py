@@ -176,9 +176,10 @@ class ShardReplica:
         self._waiters = keep
 
     def tick(self, now: float) -> None:
-        """The side's clock: hellos, pings, in-sync set changes, timeouts."""
+        """The side's clock: new followers, hellos, pings, in-sync set changes, timeouts."""
         if self.closed or self.fenced is not None:
             return
+        self._follow_placement()
         for stream in self.streams.values():
             conn = self.side.connection(stream.peer)
             if conn is None or conn.buffered() > _PING_LIMIT:
@@ -195,6 +196,16 @@ class ShardReplica:
         self._fail_waiters(ShardReadOnly(self.shard, "not enough in-sync copies"),
                            only_reception=True, older_than=now - self.side.wait_timeout)
         self._evaluate()
+
+    def _follow_placement(self) -> None:
+        """Stream to the followers the leader places now (a node that joined the cluster
+        after we opened the shard, a replacement for a dead one)."""
+        for peer in self.side.followers(self.shard):
+            if peer != self.side.node_id and peer not in self.streams:
+                self.streams[peer] = _Stream(peer)
+                self.side.link(peer, self.shard)
+                log.info("replication.follower_placed", node_id=self.side.node_id,
+                         shard=self.shard, peer=peer)
 
     def _propose(self, now: float) -> None:
         if self._proposing is not None:
@@ -392,6 +403,7 @@ class OwnerSide:
     def __init__(self, node_id: str, auth: PeerAuth, peers: PeerDirectory, store: SyncStore,
                  *, min_insync: int, replica_timeout: float,
                  on_fenced: Callable[[int, str], None] | None = None,
+                 followers: Callable[[int], tuple[str, ...]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = node_id
         self.auth = auth
@@ -402,6 +414,8 @@ class OwnerSide:
         self.wait_timeout = 2 * replica_timeout
         self.clock = clock
         self._on_fenced = on_fenced
+        # The leader's current placement of each shard's followers (replicas/<shard>).
+        self.followers: Callable[[int], tuple[str, ...]] = followers or (lambda _s: ())
         self.shards: dict[int, ShardReplica] = {}
         self._peers: dict[str, _Peer] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -416,15 +430,19 @@ class OwnerSide:
         rep = ShardReplica(self, shard, token, directory, copy_id, record, followers, end)
         self.shards[shard] = rep
         for peer in rep.streams:
-            link = self._peers.get(peer)
-            if link is None:
-                link = self._peers[peer] = _Peer(peer)
-                link.task = asyncio.create_task(self._link_loop(link),
-                                                name=f"replication:link:{peer}")
-            link.shards.add(shard)
-            if link.conn is not None:
-                rep.link_up(peer)
+            self.link(peer, shard)
         return rep
+
+    def link(self, peer: str, shard: int) -> None:
+        """Have a connection to ``peer`` serve ``shard`` (made if there is none yet)."""
+        link = self._peers.get(peer)
+        if link is None:
+            link = self._peers[peer] = _Peer(peer)
+            link.task = asyncio.create_task(self._link_loop(link),
+                                            name=f"replication:link:{peer}")
+        link.shards.add(shard)
+        if link.conn is not None and (rep := self.shards.get(shard)) is not None:
+            rep.link_up(peer)
 
     def close_shard(self, shard: int) -> None:
         rep = self.shards.pop(shard, None)

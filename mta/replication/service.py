@@ -73,7 +73,7 @@ class ReplicationService:
         self.owner = OwnerSide(cfg.node.id, self.auth, _Peers(coordinator), _Store(coordinator),
                                min_insync=cfg.spool.min_insync,
                                replica_timeout=cfg.spool.replica_timeout,
-                               on_fenced=self._on_fenced)
+                               on_fenced=self._on_fenced, followers=coordinator.followers)
 
     async def start(self) -> None:
         """Name every shard's copy, then listen for owners (before joining the cluster: the
