@@ -25,16 +25,14 @@ from cluster.store import (
     Get,
     LeaseLeft,
     Put,
-    Snapshot,
     StoreDown,
     Timing,
     Txn,
-    decode,
 )
 from mta.coordinator import ClusterOpError
 from mta.spool.layout import ShardCountMismatch
-from tests.support import make_config
 from tests.support import wait_until as until
+from tests.support.memcluster import MemCluster, mem
 
 TTL = 3.0  # fence_after 2 s: a loop stall under CPU load does not fence by accident
 SHARDS = 8
@@ -84,46 +82,15 @@ class Host:
         return [(t, s) for t, k, s in self.events if k == kind]
 
 
-def mem(c: ClusterCoordinator) -> MemStore:
-    assert isinstance(c.store, MemStore)
-    return c.store
-
-
 def serving(c: ClusterCoordinator, host: Host, shards: set[int]) -> Callable[[], bool]:
     return lambda: set(host.owned) == shards and all(c.may_send(s) for s in shards)
 
 
-class World:
+class World(MemCluster):
     """One in-memory etcd and the coordinators on it; all stopped at teardown."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.etcd = MemEtcd()
-        self.keys = Keys(NAME)
-        self.coordinators: list[ClusterCoordinator] = []
-
-    def coordinator(self, node: str, shards: int = SHARDS, ttl: float = TTL
-                    ) -> ClusterCoordinator:
-        cfg = make_config(self.tmp_path / node, node={"id": node}, spool={"shards": shards},
-                          cluster={"etcd": ["127.0.0.1:2379"], "name": NAME, "lease_ttl": ttl})
-        c = ClusterCoordinator(
-            cfg, lambda deadline: MemStore(self.etcd, self.keys, Timing(ttl), deadline))
-        self.coordinators.append(c)
-        return c
-
-    def snapshot(self) -> Snapshot:
-        revision, entries = self.etcd.range(self.keys.prefix)
-        return decode(self.keys, revision, entries)
-
-    def owners(self) -> dict[int, str]:
-        return {s: o.node for s, o in self.snapshot().owners.items()}
-
-    async def close(self) -> None:
-        for c in self.coordinators:
-            mem(c).mode = "up"
-            mem(c).hooks.clear()
-            if c._host is not None:
-                await asyncio.wait_for(c.stop(), 30)
+        super().__init__(tmp_path, NAME, shards=SHARDS, ttl=TTL)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ that run inside a store call).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,12 +19,11 @@ from structlog.testing import capture_logs
 
 from cluster.coordinator import ClusterCoordinator, parse_hostport
 from cluster.keys import Keys
-from cluster.memstore import MemEtcd, MemStore
-from cluster.store import Entry, Put, Snapshot, Timing, Txn, decode
+from cluster.store import Entry, Put, Txn, decode
 from mta.coordinator import Replication
 from mta.replication.insync import SyncRecord
-from tests.support import make_config
 from tests.support import wait_until as until
+from tests.support.memcluster import MemCluster, mem
 
 TTL = 3.0
 SHARDS = 8
@@ -71,37 +69,15 @@ class Host:
                 "zone": self.zone, "copies": {str(s): c for s, c in self.copies.items()}}
 
 
-def mem(c: ClusterCoordinator) -> MemStore:
-    assert isinstance(c.store, MemStore)
-    return c.store
-
-
-class World:
-    """One in-memory etcd and the coordinators on it; all stopped at teardown."""
+class World(MemCluster):
+    """The in-memory cluster, with replicated-spool helpers."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.etcd = MemEtcd()
-        self.keys = Keys(NAME)
-        self.coordinators: list[ClusterCoordinator] = []
+        super().__init__(tmp_path, NAME, shards=SHARDS, ttl=TTL)
 
-    def coordinator(self, node: str, replicas: int = 2) -> ClusterCoordinator:
-        cluster: dict[str, Any] = {"etcd": ["127.0.0.1:2379"], "name": NAME, "lease_ttl": TTL}
-        if replicas > 1:
-            cluster.update(replication_listen="127.0.0.1:0", secret="s" * 32)
-        cfg = make_config(self.tmp_path / node, node={"id": node},
-                          spool={"shards": SHARDS, "replicas": replicas}, cluster=cluster)
-        c = ClusterCoordinator(
-            cfg, lambda deadline: MemStore(self.etcd, self.keys, Timing(TTL), deadline))
-        self.coordinators.append(c)
-        return c
-
-    def snapshot(self) -> Snapshot:
-        revision, entries = self.etcd.range(self.keys.prefix)
-        return decode(self.keys, revision, entries)
-
-    def owners(self) -> dict[int, str]:
-        return {s: o.node for s, o in self.snapshot().owners.items()}
+    def coordinator(self, node: str, shards: int | None = None, ttl: float | None = None,
+                    replicas: int = 2) -> ClusterCoordinator:
+        return super().coordinator(node, shards, ttl, replicas)
 
     def kill(self, c: ClusterCoordinator) -> None:
         """``c``'s node is cut off and its lease runs out: its keys go."""
@@ -111,13 +87,6 @@ class World:
 
     def put_sync(self, shard: int, record: SyncRecord) -> None:
         self.etcd.put(self.keys.sync(shard), record.encode())
-
-    async def close(self) -> None:
-        for c in self.coordinators:
-            mem(c).mode = "up"
-            mem(c).hooks.clear()
-            if c._host is not None:
-                await asyncio.wait_for(c.stop(), 30)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import smtplib
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -124,3 +125,43 @@ def delivered_ids(messages: list[Any]) -> Counter[str]:
                 n = int(line[11:])
                 ids[f"{n // 100000}-{n % 100000}"] += 1
     return ids
+
+
+class Load:
+    """One SMTP client per node sending until :meth:`stop`; ``acked`` holds what got 250."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, ports: list[int]) -> Load:
+        self.threads = [threading.Thread(target=submit_until,
+                                         args=(port, self._stop, self.acked, self.lock, i),
+                                         daemon=True)
+                        for i, port in enumerate(ports)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def all_delivered(acked: dict[str, bytes], messages: list[Any], timeout: float,
+                  max_dupes: int) -> Counter[str]:
+    """Wait until every acknowledged message reached the sink; fail naming how many never
+    did, or if more than ``max_dupes`` came twice (only those in flight at a kill may).
+    Returns how often each arrived."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not set(acked) <= set(delivered_ids(messages)):
+        time.sleep(0.2)
+    got = delivered_ids(messages)
+    lost = set(acked) - set(got)
+    assert not lost, f"{len(lost)} of {len(acked)} acknowledged messages never delivered"
+    dupes = {k: v for k, v in got.items() if v > 1}
+    assert len(dupes) <= max_dupes, dupes
+    return got
