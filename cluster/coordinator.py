@@ -358,7 +358,9 @@ class ClusterCoordinator:
         # Ours exactly; a peer's as claimed unless the base was raised since.
         return [ShardInfo(s, v.assignment.get(s),
                           o.node if (o := v.owners.get(s)) is not None else None,
-                          self._owned.get(s, v.token(s)))
+                          self._owned.get(s, v.token(s)), tuple(v.replicas.get(s, ())),
+                          tuple(sorted(r.members)) if (r := v.sync.get(s)) is not None
+                          else None)
                 for s in range(self.total_shards)]
 
     def replication_address(self, node: str) -> tuple[str, int] | None:

@@ -64,6 +64,10 @@ class ShardInfo:
     assigned: str | None
     owner: str | None
     token: int
+    # Replicated spool only ([spool] replicas > 1): the followers the leader placed
+    # (replicas/<shard>) and the in-sync set (the members of sync/<shard>; None: no record).
+    followers: tuple[str, ...] = ()
+    in_sync: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from mta.logs import describe
 if TYPE_CHECKING:
     from mta.coordinator import Coordinator
     from mta.delivery.engine import DeliveryEngine
+    from mta.replication.owner import OwnerSide
     from mta.spool import Spool
 
-__all__ = ["GaugeSource", "NodeGauges"]
+__all__ = ["GaugeSource", "NodeGauges", "ReplicationGauges"]
 
 log = structlog.get_logger("mta.gauges")
 
@@ -141,3 +142,56 @@ class NodeGauges(Collector):
         for name, doc in _PER_SITE.items():
             yield GaugeMetricFamily(name, doc, labels=["site"])
         yield CounterMetricFamily(*_ERRORS, labels=["gauge"])
+
+
+_REPLICATION: dict[str, tuple[str, list[str]]] = {
+    "mta_replication_shards": (
+        "Shards this node owns by replication state: in_sync (replicas copies in the in-sync "
+        "set), under_replicated (fewer, at least min_insync), read_only (fewer than "
+        "min_insync: new mail gets 451)", ["state"]),
+    "mta_replication_follower_lag_bytes": (
+        "Per follower node, the most bytes of any shard this node owns that it has not "
+        "acknowledged (owner's log end minus its acked position, counted over the segment "
+        "sizes between)", ["peer"]),
+    "mta_replication_followers_connected": (
+        "Follower nodes this node, as an owner, has a live replication connection to", []),
+}
+
+
+class ReplicationGauges(Collector):
+    """The replicated spool's gauges, read on every ``collect()``; the node registers it
+    only when it replicates ([spool] replicas > 1), so other nodes export none of them. A
+    family that raises is logged and left out, like :class:`NodeGauges`'."""
+
+    def __init__(self, node_id: str, owner: OwnerSide, replicas: int) -> None:
+        self.node_id = node_id
+        self.owner = owner
+        self.replicas = replicas
+
+    def _read(self, name: str) -> Metric:
+        doc, labels = _REPLICATION[name]
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        rep = self.owner
+        if name == "mta_replication_shards":
+            for state, count in rep.shard_states(self.replicas).items():
+                family.add_metric([state], count)
+        elif name == "mta_replication_follower_lag_bytes":
+            for peer, lag in rep.follower_lag().items():
+                family.add_metric([peer], lag)
+        else:
+            family.add_metric([], rep.connected_followers())
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        for name in _REPLICATION:
+            try:
+                family = self._read(name)
+            except Exception as exc:
+                log.exception("metrics.gauge_failed", node_id=self.node_id, gauge=name,
+                              error=describe(exc))
+                continue
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        for name, (doc, labels) in _REPLICATION.items():
+            yield GaugeMetricFamily(name, doc, labels=labels)

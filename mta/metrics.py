@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["SUBMIT_BUCKETS", "NodeMetrics"]
+__all__ = ["SUBMIT_BUCKETS", "NodeMetrics", "ReplicationCounters"]
 
 SUBMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -92,6 +92,7 @@ class NodeMetrics:
         # The probe's gauges exist only once a probe has run: a node without a probe (or one
         # only run on demand) must not export a 0 that pages as "probe failing".
         self._probe_gauges: tuple[Gauge, Gauge, Gauge] | None = None
+        self._replication: ReplicationCounters | None = None
         self._zero_known_labels()
 
     def _zero_known_labels(self) -> None:
@@ -112,6 +113,13 @@ class NodeMetrics:
         for counter, values in known:
             for value in values:
                 counter.labels(value)
+
+    def replication(self) -> ReplicationCounters:
+        """The replicated spool's counters, made on first call: a node that does not
+        replicate ([spool] replicas = 1) exports none of them."""
+        if self._replication is None:
+            self._replication = ReplicationCounters(self.registry)
+        return self._replication
 
     def probe_result(self, ok: bool, latency: float | None, at: float) -> None:
         """Record a finished probe: success (1/0), its latency and when, if it succeeded."""
@@ -136,3 +144,32 @@ class NodeMetrics:
         self.batch_records.observe(records)
         if files:
             self.fsync_seconds.observe(sync_seconds / files)
+
+
+class ReplicationCounters:
+    """What the owner side of the replicated spool counts as it happens (it is the
+    :class:`mta.replication.owner.OwnerEvents` the node hands it); every known label is
+    exported at 0 from the start."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from mta.replication.owner import NACK_REASONS
+
+        self.insync_changes = Counter(
+            "mta_replication_insync_changes", "In-sync set changes committed for shards this "
+            "node owns: grow (a follower caught up and joined), shrink (a member was dropped)",
+            ["change"], registry=registry)
+        self.refusals = Counter(
+            "mta_replication_refused", "Nacks from followers of shards this node owns, by "
+            "reason (stale: a newer owner exists; position: the copy ends elsewhere, the "
+            "stream restarts; owner: the follower owns the shard; broken: its copy failed)",
+            ["reason"], registry=registry)
+        for change in ("grow", "shrink"):
+            self.insync_changes.labels(change)
+        for reason in NACK_REASONS:
+            self.refusals.labels(reason)
+
+    def insync_changed(self, change: str) -> None:
+        self.insync_changes.labels(change).inc()
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()

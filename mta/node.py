@@ -20,7 +20,7 @@ from mta.config import Config, ConfigError, load_config
 from mta.coordinator import Coordinator, LocalCoordinator, Replication
 from mta.delivery.engine import DeliveryEngine
 from mta.envelope import Envelope
-from mta.gauges import NodeGauges
+from mta.gauges import NodeGauges, ReplicationGauges
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
 from mta.logs import describe
@@ -95,7 +95,8 @@ class Node:
         # [spool] replicas > 1: this node's copies of other nodes' shards and the owner side
         # of its own (each node its own local spool directory).
         self.replication: ReplicationService | None = (
-            ReplicationService(cfg, self.spool, self.coordinator)
+            ReplicationService(cfg, self.spool, self.coordinator,
+                               events=self.metrics.replication())
             if cfg.spool.replicas > 1 else None)
         self.slo = SloTracker(os.path.join(cfg.spool.path, f"slo-{self.node_id}.json"),
                               self.metrics.registry, self.ready,
@@ -116,6 +117,9 @@ class Node:
             self._loop_errors.labels(name)
         # Read at scrape time, so they are never stale and need no loop of their own.
         self.metrics.registry.register(NodeGauges(self))
+        if self.replication is not None:
+            self.metrics.registry.register(ReplicationGauges(
+                self.node_id, self.replication.owner, cfg.spool.replicas))
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -165,7 +169,9 @@ class Node:
                 node_id=self.node_id, spool=self.spool, engine=self.engine,
                 coordinator=self.coordinator, metrics=self.metrics, slo=self.slo,
                 prober=self.prober, config=lambda: self.cfg, readiness=self.readiness,
-                ingress=lambda: self.ingress, fenced=lambda: self.fenced))
+                ingress=lambda: self.ingress, fenced=lambda: self.fenced,
+                replication=(self.replication.status if self.replication is not None
+                             else None)))
             try:
                 await self.admin.start()
             except OSError as exc:

@@ -41,7 +41,9 @@ class NodeFacade:
                  coordinator: Coordinator, metrics: NodeMetrics, slo: SloTracker,
                  prober: Prober, config: Callable[[], Config],
                  readiness: Callable[[], dict[str, bool]],
-                 ingress: Callable[[], IngressServer | None], fenced: Callable[[], bool]) -> None:
+                 ingress: Callable[[], IngressServer | None], fenced: Callable[[], bool],
+                 replication: Callable[[], dict[int, dict[str, object]]] | None = None
+                 ) -> None:
         self.node_id = node_id
         self.spool = spool
         self.engine = engine
@@ -53,6 +55,7 @@ class NodeFacade:
         self._readiness = readiness
         self._ingress = ingress
         self._fenced = fenced
+        self._replication = replication
 
     @property
     def cfg(self) -> Config:
@@ -63,6 +66,16 @@ class NodeFacade:
     def fenced(self) -> bool:
         """True while the node may not write: its cluster lease is in doubt."""
         return self._fenced()
+
+    @property
+    def replicated(self) -> bool:
+        """True when this node replicates its spool ([spool] replicas > 1)."""
+        return self._replication is not None
+
+    def replication_status(self) -> dict[int, dict[str, object]]:
+        """Per shard this node owns: in-sync members, and each follower's state, acked
+        position and lag in bytes (empty when the node does not replicate)."""
+        return self._replication() if self._replication is not None else {}
 
     def readiness(self) -> dict[str, bool]:
         """The checks behind /readyz."""

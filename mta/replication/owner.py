@@ -44,7 +44,8 @@ from mta.replication.insync import (
 from mta.replication.peerauth import PeerAuth
 from mta.spool.errors import FencedError, ShardReadOnly
 
-__all__ = ["OwnerSide", "PeerDirectory", "ShardReplica", "SyncStore"]
+__all__ = ["NACK_REASONS", "SHARD_STATES", "OwnerEvents", "OwnerSide", "PeerDirectory",
+           "ShardReplica", "SyncStore", "lag_bytes", "shard_state"]
 
 log = structlog.get_logger("mta.replication.owner")
 
@@ -52,6 +53,7 @@ _SEND_LIMIT = 32 * 1024 * 1024  # unsent bytes to one follower before it goes ba
 _PING_LIMIT = 1024 * 1024  # unsent bytes above which no ping or hello is queued
 _READ_CHUNK = 1 << 20
 _READ_BATCH = 8 << 20  # bytes read from disk per catch-up step before draining
+_SIZES_KEPT = 4096  # segment sizes kept for the lag of a follower that acks nothing
 
 
 class SyncStore(Protocol):
@@ -67,6 +69,48 @@ class PeerDirectory(Protocol):
 
     def address(self, node: str) -> tuple[str, int] | None:
         """``(host, port)`` of ``node``'s replication listener; None if unknown or gone."""
+
+
+# What a follower's nack may say (mta.replication.follower); any other word is counted as
+# "other", so a peer cannot grow the metric's label set.
+NACK_REASONS = ("stale", "position", "owner", "broken", "other")
+
+
+class OwnerEvents(Protocol):
+    """What the owner side reports as it happens (the node counts it in its metrics; this
+    package stays free of Prometheus)."""
+
+    def insync_changed(self, change: str) -> None:
+        """An in-sync set change committed: ``grow`` or ``shrink``."""
+
+    def refused(self, reason: str) -> None:
+        """A follower nacked: one of :data:`NACK_REASONS`."""
+
+
+SHARD_STATES = ("in_sync", "under_replicated", "read_only")
+
+
+def shard_state(members: int, replicas: int, min_insync: int) -> str:
+    """The state of a shard whose in-sync set has ``members`` copies: ``in_sync``
+    (``replicas`` copies), ``under_replicated`` (fewer, but at least ``min_insync``: it still
+    takes mail) or ``read_only`` (fewer than ``min_insync``: new mail gets 451)."""
+    if members >= replicas:
+        return "in_sync"
+    return "under_replicated" if members >= min_insync else "read_only"
+
+
+def lag_bytes(end: Position, acked: Position, sizes: dict[int, int]) -> int:
+    """Bytes of the owner's log from ``acked`` to ``end``: exact within one segment; across
+    segments the sizes of the segments in between as ``sizes`` (seq -> size, the segments
+    this owner has seen: those on disk when it opened the shard and those it wrote since)
+    has them; a segment missing there (compacted away) counts 0."""
+    if acked >= end:
+        return 0
+    if acked[0] == end[0]:
+        return end[1] - acked[1]
+    total = max(0, sizes.get(acked[0], 0) - acked[1])
+    total += sum(size for seq, size in sizes.items() if acked[0] < seq < end[0])
+    return total + end[1]
 
 
 @dataclass
@@ -91,7 +135,8 @@ class ShardReplica:
     """Replication of one owned shard."""
 
     def __init__(self, side: OwnerSide, shard: int, token: int, directory: Path,
-                 copy_id: str, record: SyncRecord, followers: list[str], end: Position) -> None:
+                 copy_id: str, record: SyncRecord, followers: list[str], end: Position,
+                 sizes: dict[int, int] | None = None) -> None:
         self.side = side
         self.shard = shard
         self.token = token
@@ -100,12 +145,19 @@ class ShardReplica:
                                     side.replica_timeout)
         self.replica.begin(end, side.clock())
         self.end = end
+        # Segment sizes (seq -> bytes) for the lag in status(): those on disk at open, then
+        # what the writer wrote.
+        self.sizes = dict(sizes or {})
+        if end != NOTHING:
+            self.sizes[end[0]] = max(self.sizes.get(end[0], 0), end[1])
         targets = [*followers, *record.members]
         self.streams = {p: _Stream(p) for p in dict.fromkeys(targets) if p != side.node_id}
         self._waiters: list[_Waiter] = []
         self._proposing: asyncio.Task[None] | None = None
         self.fenced: str | None = None  # why this owner may acknowledge nothing more
         self.closed = False
+        self.read_only = False  # as last logged: fewer than min_insync in-sync copies
+        self._note_read_only()
 
     # --- the spool's side (ReplicaGate) -------------------------------------------------------
 
@@ -117,6 +169,9 @@ class ShardReplica:
     def written(self, seq: int, offset: int, data: bytes) -> None:
         """The writer wrote ``data`` at ``(seq, offset)`` (event loop, in write order)."""
         self.end = max(self.end, (seq, offset + len(data)))
+        if seq not in self.sizes:
+            self._prune_sizes(seq)
+        self.sizes[seq] = max(self.sizes.get(seq, 0), offset + len(data))
         self.replica.wrote(self.end)
         for stream in self.streams.values():
             if stream.state != "live":
@@ -191,6 +246,7 @@ class ShardReplica:
             elif stream.state == "live":
                 self._send(conn, m.ping(self.shard, self.token))
         self._propose(now)
+        self._note_read_only()
         # New mail that waited this long will not be acknowledged soon: 451, the sender
         # retries (perhaps to a healthier shard or node).
         self._fail_waiters(ShardReadOnly(self.shard, "not enough in-sync copies"),
@@ -227,9 +283,26 @@ class ShardReplica:
                         shard=self.shard, error=describe(exc))
             done = None
         self._proposing = None
+        if done is not None and self.side.events is not None:
+            grew, was = len(done.members), len(old.members)
+            if grew != was:
+                self.side.events.insync_changed("grow" if grew > was else "shrink")
         if not self.closed:
             self.replica.settled(done)
+            self._note_read_only()
             self._evaluate()
+
+    def _note_read_only(self) -> None:
+        """Log when the shard turns read-only (fewer than min_insync in-sync copies: new mail
+        gets 451) and when it is writable again: once per change, not per tick."""
+        read_only = not self.replica.accepting
+        if read_only == self.read_only or self.closed:
+            return
+        self.read_only = read_only
+        event = "replication.shard_read_only" if read_only else "replication.shard_writable"
+        (log.warning if read_only else log.info)(
+            event, node_id=self.side.node_id, shard=self.shard,
+            members=sorted(self.replica.record.members), min_insync=self.side.min_insync)
 
     # --- followers ---------------------------------------------------------------------------
 
@@ -289,6 +362,8 @@ class ShardReplica:
         # acks turns read-only meanwhile.
         log.info("replication.follower_refused", node_id=self.side.node_id, shard=self.shard,
                  peer=stream.peer, reason=msg.reason, position=msg.position)
+        if self.side.events is not None:
+            self.side.events.refused(msg.reason if msg.reason in NACK_REASONS else "other")
         retry = 0.0 if msg.reason == "position" else self.side.replica_timeout
         self._stop(stream, retry)
 
@@ -369,13 +444,29 @@ class ShardReplica:
             self._proposing.cancel()
         self._fail_waiters(FencedError(self.shard, "shard released"))
 
+    def _prune_sizes(self, newest: int) -> None:
+        """Forget the sizes of segments every follower has acked past (and keep a bounded
+        number whatever happens: an older one then counts 0 in the lag)."""
+        acked = self.replica.lagging()
+        low = min((acked.get(p, NOTHING)[0] for p in self.streams), default=newest)
+        for seq in [q for q in self.sizes if q < low or q <= newest - _SIZES_KEPT]:
+            del self.sizes[seq]
+
+    def lag(self) -> dict[str, int]:
+        """Per follower streamed to: bytes of the log it has not acked (:func:`lag_bytes`)."""
+        acked = self.replica.lagging()
+        return {p: lag_bytes(self.end, acked.get(p, NOTHING), self.sizes)
+                for p in sorted(self.streams)}
+
     def status(self) -> dict[str, object]:
-        """Members, followers' acked positions and states, for mtactl shards and metrics."""
+        """Members, followers' acked positions, lag (bytes, :func:`lag_bytes`) and states,
+        for mtactl shards and metrics."""
+        acked, lag = self.replica.lagging(), self.lag()
+        followers = {p: {"state": s.state, "connected": self.side.connection(p) is not None,
+                         "acked": list(acked.get(p, NOTHING)), "lag_bytes": lag[p]}
+                     for p, s in sorted(self.streams.items())}
         return {"token": self.token, "members": sorted(self.replica.record.members),
-                "accepting": self.accepting, "end": list(self.end),
-                "followers": {p: {"state": s.state,
-                                  "acked": list(self.replica.lagging().get(p, NOTHING))}
-                              for p, s in sorted(self.streams.items())}}
+                "accepting": self.accepting, "end": list(self.end), "followers": followers}
 
 
 def _read_some(directory: Path, start: Position, end: Position
@@ -404,6 +495,7 @@ class OwnerSide:
                  *, min_insync: int, replica_timeout: float,
                  on_fenced: Callable[[int, str], None] | None = None,
                  followers: Callable[[int], tuple[str, ...]] | None = None,
+                 events: OwnerEvents | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = node_id
         self.auth = auth
@@ -413,6 +505,7 @@ class OwnerSide:
         self.replica_timeout = replica_timeout
         self.wait_timeout = 2 * replica_timeout
         self.clock = clock
+        self.events = events
         self._on_fenced = on_fenced
         # The leader's current placement of each shard's followers (replicas/<shard>).
         self.followers: Callable[[int], tuple[str, ...]] = followers or (lambda _s: ())
@@ -424,10 +517,12 @@ class OwnerSide:
         self._ticker = asyncio.create_task(self._tick_loop(), name="replication:ticker")
 
     def open(self, shard: int, token: int, directory: Path, copy_id: str, record: SyncRecord,
-             followers: list[str], end: Position) -> ShardReplica:
+             followers: list[str], end: Position,
+             sizes: dict[int, int] | None = None) -> ShardReplica:
         """Replicate ``shard`` (just opened as owner under ``token``, its log ending at
-        ``end``) to ``followers`` and the record's members."""
-        rep = ShardReplica(self, shard, token, directory, copy_id, record, followers, end)
+        ``end``, its segments' sizes ``sizes``) to ``followers`` and the record's members."""
+        rep = ShardReplica(self, shard, token, directory, copy_id, record, followers, end,
+                           sizes)
         self.shards[shard] = rep
         for peer in rep.streams:
             self.link(peer, shard)
@@ -454,6 +549,25 @@ class OwnerSide:
     def connection(self, peer: str) -> Connection | None:
         link = self._peers.get(peer)
         return None if link is None or link.conn is None or link.conn.closed else link.conn
+
+    def connected_followers(self) -> int:
+        """Follower nodes this owner has a live replication connection to."""
+        return sum(1 for peer in self._peers if self.connection(peer) is not None)
+
+    def shard_states(self, replicas: int) -> dict[str, int]:
+        """How many owned shards are in each of :data:`SHARD_STATES` (:func:`shard_state`)."""
+        out = dict.fromkeys(SHARD_STATES, 0)
+        for rep in self.shards.values():
+            out[shard_state(len(rep.replica.record.members), replicas, self.min_insync)] += 1
+        return out
+
+    def follower_lag(self) -> dict[str, int]:
+        """Per follower node: the most bytes it lacks of any shard this node owns."""
+        out: dict[str, int] = {}
+        for rep in self.shards.values():
+            for peer, lag in rep.lag().items():
+                out[peer] = max(out.get(peer, 0), lag)
+        return dict(sorted(out.items()))
 
     def on_fenced(self, shard: int, why: str) -> None:
         if self._on_fenced is not None:

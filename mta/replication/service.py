@@ -22,7 +22,7 @@ from mta.replication.copy import log_segments
 from mta.replication.copywriter import CopyWriter
 from mta.replication.follower import Follower
 from mta.replication.insync import NOTHING, SyncRecord
-from mta.replication.owner import OwnerSide
+from mta.replication.owner import OwnerEvents, OwnerSide
 from mta.replication.peerauth import PeerAuth
 from mta.spool import Spool
 from mta.spool.copyid import copy_id
@@ -61,7 +61,8 @@ def peer_auth(cfg: Config) -> PeerAuth:
 class ReplicationService:
     """This node's part in replicating the spool ([spool] replicas > 1)."""
 
-    def __init__(self, cfg: Config, spool: Spool, coordinator: Coordinator) -> None:
+    def __init__(self, cfg: Config, spool: Spool, coordinator: Coordinator,
+                 events: OwnerEvents | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.root = Path(cfg.spool.path)
@@ -73,7 +74,8 @@ class ReplicationService:
         self.owner = OwnerSide(cfg.node.id, self.auth, _Peers(coordinator), _Store(coordinator),
                                min_insync=cfg.spool.min_insync,
                                replica_timeout=cfg.spool.replica_timeout,
-                               on_fenced=self._on_fenced, followers=coordinator.followers)
+                               on_fenced=self._on_fenced, followers=coordinator.followers,
+                               events=events)
 
     async def start(self) -> None:
         """Name every shard's copy, then listen for owners (before joining the cluster: the
@@ -126,7 +128,8 @@ class ReplicationService:
         segs = await asyncio.to_thread(log_segments, directory)
         end = (segs[-1][0], segs[-1][2]) if segs else NOTHING
         rep = self.owner.open(shard, token, directory, self.copy_ids[shard],
-                              replication.record, list(replication.followers), end)
+                              replication.record, list(replication.followers), end,
+                              {seq: size for seq, _token, size in segs})
         self.spool.replicate(shard, rep)
 
     def release(self, shard: int) -> None:
@@ -156,3 +159,4 @@ class ReplicationService:
             await self.listener.close()
         if self.writer is not None:
             await self.writer.close()
+

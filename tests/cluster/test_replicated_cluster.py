@@ -1,28 +1,25 @@
 """The replicated spool with real node processes on a real etcd, each node its own spool
 directory (no shared filesystem): a node killed under load with its disk wiped loses no
-acknowledged message."""
+acknowledged message; a frozen follower leaves the in-sync set and rejoins; a frozen owner
+loses its shards to their in-sync followers and answers no 250 for them once it wakes; a
+shard below min_insync copies answers 451 until a copy returns."""
 
 from __future__ import annotations
 
 import shutil
+import signal
+import smtplib
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import EtcdServer, Sink, SinkScript
+from mta.envelope import shard_of
+from tests.support import EtcdServer, Sink, SinkScript, message
 from tests.support import wait_until_sync as _poll
 from tests.support.cluster import SHARDS, TTL, Cluster, Load, all_delivered
-
-
-def _sync_members(c: Cluster) -> dict[int, set[str]]:
-    import json
-
-    out = {}
-    for key, (value, _rev) in c.etcd.get_prefix(c.prefix + "sync/").items():
-        out[int(key.rsplit("/", 1)[1])] = set(json.loads(value)["members"])
-    return out
 
 
 @pytest.mark.slow
@@ -43,7 +40,7 @@ def test_sigkill_and_disk_loss_under_load_lose_no_acknowledged_message(
             c.start_node(n)
         c.wait(c.settled({"n1", "n2", "n3"}), 30, "settled")
         # Every shard has its second copy in the in-sync set before the load starts.
-        _poll(lambda: len(m := _sync_members(c)) == SHARDS
+        _poll(lambda: len(m := c.members()) == SHARDS
               and all(len(v) >= 2 for v in m.values()), 60, "every shard on two copies")
         load.start([c.nodes[n].smtp_port for n in ("n1", "n2", "n3")])
         _poll(lambda: {k.split("-")[0] for k in list(acked)} == {"0", "1", "2"}
@@ -63,5 +60,325 @@ def test_sigkill_and_disk_loss_under_load_lose_no_acknowledged_message(
               f"duplicates {len(dupes)}")
     finally:
         load.stop()
+        c.stop()
+        sink.stop()
+
+
+# --- SIGSTOP / min_insync tests -----------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    key: str  # worker-n, as the sink reports it (delivered_ids)
+    sent: float  # monotonic time the message's DATA began
+    code: int
+    text: bytes
+
+    @property
+    def shard(self) -> int:
+        return shard_of(self.text.decode().rsplit("queued as ", 1)[1].strip())
+
+
+class Submitter:
+    """One SMTP client sending to one node until stopped, reconnecting whenever the node
+    closes on it or stalls; every DATA reply is kept (the 250s also in ``acked``)."""
+
+    def __init__(self, port: int, worker: int, acked: dict[str, bytes],
+                 lock: threading.Lock) -> None:
+        self.port, self.worker, self.acked, self.lock = port, worker, acked, lock
+        self.replies: list[Reply] = []
+        self.errors: list[str] = []  # why a connection ended (for failure messages)
+        self._stop = threading.Event()
+        self._n = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def ok(self, since: float = 0.0) -> list[Reply]:
+        return [r for r in list(self.replies) if r.code == 250 and r.sent >= since]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=3) as s:
+                    s.ehlo("client.test")
+                    while not self._stop.is_set():
+                        self._one(s)
+            except (smtplib.SMTPException, OSError) as exc:
+                self.errors.append(repr(exc))
+                self._stop.wait(0.1)  # a fenced or frozen node: connect again
+
+    def _one(self, s: smtplib.SMTP) -> None:
+        self._n += 1
+        key = f"{self.worker}-{self._n}"
+        body = message(self.worker * 100000 + self._n, 1500)
+        code, text = s.mail("app@sender.test")
+        if code == 250:
+            code, text = s.rcpt(f"r{key}@dest.test")
+        if code != 250:
+            self.errors.append(f"{code} {text!r}")
+            s.rset()
+            self._stop.wait(0.05)
+            return
+        t = time.monotonic()
+        try:
+            code, text = s.data(body)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
+            code, text = exc.smtp_code, exc.smtp_error
+        if code == 250:
+            with self.lock:
+                self.acked[key] = body
+        self.replies.append(Reply(key, t, code, text))
+        if code != 250:
+            self._stop.wait(0.05)
+
+
+def _closed_sink() -> tuple[Sink, threading.Event]:
+    """A sink answering 451 until the event is set: nothing is delivered (so nothing can be
+    delivered twice) while the test breaks things; every acknowledged message is still queued
+    on some copy when it opens."""
+    open_ = threading.Event()
+    sink = Sink("127.0.0.1", 0, SinkScript(
+        data_reply=lambda _rcpts, _n: None if open_.is_set() else "451 4.3.0 not yet"))
+    sink.start()
+    return sink, open_
+
+
+def _cluster(tmp_path: Path, etcd: EtcdServer, sink: Sink, **kw: object) -> Cluster:
+    return Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
+                   max_connections=2, retry_initial="300ms", retry_max="1s", **kw)
+
+
+def _start(c: Cluster, nodes: list[str], copies: int) -> None:
+    """Start ``nodes``; return once they own every shard between them and every shard has
+    at least ``copies`` copies in its in-sync set (more may linger: members beyond
+    ``replicas`` are not pruned yet)."""
+    for n in nodes:
+        c.start_node(n)
+    c.wait(c.settled(set(nodes)), 30, "settled")
+    _poll(lambda: len(m := c.members()) == SHARDS and all(len(v) >= copies for v in m.values()),
+          30, f"every shard on {copies} copies")
+
+
+def _stop_all(subs: list[Submitter]) -> None:
+    for sub in subs:
+        sub.stop()
+
+
+def _deliver_all(subs: list[Submitter], open_: threading.Event, acked: dict[str, bytes],
+                 sink: Sink) -> None:
+    """Stop the clients, open the sink: every acknowledged message arrives, none twice."""
+    _stop_all(subs)
+    open_.set()
+    got = all_delivered(acked, sink.messages, 60, max_dupes=0)
+    assert all(v == 1 for v in got.values()), {k: v for k, v in got.items() if v > 1}
+
+
+def _taken_over(c: Cluster, lost: set[int], old: str, revs0: dict[int, int],
+                tokens0: dict[int, int]) -> bool:
+    """Is each of ``lost`` owned by a member of its in-sync set other than ``old``, under a
+    new owner key and a newer token than before? (Read twice from etcd: a shard the leader
+    moves between the reads reads inconsistent, the caller polls.)"""
+    owners, revs, records = c.state()["owner"], _owner_revisions(c), c.sync_records()
+    return all(owners.get(s) not in (None, old) and revs.get(s) != revs0[s]
+               and records[s]["owner"] == owners[s] and owners[s] in records[s]["members"]
+               and records[s]["token"] > tokens0[s] for s in lost)
+
+
+def _owner_revisions(c: Cluster) -> dict[int, int]:
+    """Each shard's owner key's create revision: it changes with every claim."""
+    return {int(k.rsplit("/", 1)[1]): rev
+            for k, (_v, rev) in c.etcd.get_prefix(c.prefix + "owner/").items()}
+
+
+@pytest.mark.slow
+def test_sigstopped_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    sink, open_ = _closed_sink()
+    c = _cluster(tmp_path, etcd, sink, replicas=3, min_insync=2, replica_timeout="1s")
+    acked: dict[str, bytes] = {}
+    lock = threading.Lock()
+    subs: list[Submitter] = []
+    t0 = time.monotonic()
+    try:
+        _start(c, ["n1", "n2", "n3"], copies=3)
+        shard = min(s for s, o in c.state()["owner"].items() if o == "n1")
+        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
+                for i, n in enumerate(("n1", "n2"))]
+        _poll(lambda: len(subs[0].ok()) >= 20, 15, "mail acknowledged by n1")
+        follower = c.nodes["n3"]
+        follower.signal(signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            # Shrink: n1 drops the silent n3 from its shard within a few replica_timeouts.
+            _poll(lambda: "n3" not in c.members()[shard], 5, f"n3 out of sync/{shard}")
+            t_drop = time.monotonic()
+            assert c.members()[shard] == {"n1", "n2"}, c.sync_records()[shard]
+            # ... and keeps acknowledging new mail on that very shard with two copies.
+            _poll(lambda: sum(r.shard == shard for r in subs[0].ok(t_drop)) >= 3, 15,
+                  f"250s on shard {shard} after the shrink")
+            n_frozen = len(acked)
+        finally:
+            follower.signal(signal.SIGCONT)
+        t_cont = time.monotonic()
+        # n3 fenced itself while frozen (its lease expired); it rejoins, catches up, grows
+        # back into the in-sync set of the shard it follows.
+        _poll(lambda: "n3" in c.members()[shard], 25, f"n3 back in sync/{shard}")
+        t_rejoin = time.monotonic()
+        _deliver_all(subs, open_, acked, sink)
+        print(f"sigstop follower: {len(acked)} acked ({n_frozen} by the frozen time), "
+              f"dropped from sync/{shard} {t_drop - t_stop:.2f}s after SIGSTOP, rejoined "
+              f"{t_rejoin - t_cont:.2f}s after SIGCONT, total {time.monotonic() - t0:.1f}s")
+    finally:
+        _stop_all(subs)
+        c.stop()
+        sink.stop()
+
+
+def _open_transaction(port: int) -> smtplib.SMTP:
+    """A client connection that has sent MAIL and RCPT, not yet DATA."""
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    s.ehlo("c.example")
+    s.mail("app@sender.test")
+    s.rcpt("x@dest.test")
+    return s
+
+
+def _finish_transaction(s: smtplib.SMTP) -> tuple[int, bytes]:
+    """Read the answer to a DATA already sent; if 354, send the message: the final reply."""
+    code, reply = s.getreply()
+    if code == 354:
+        s.send(message(99999, 800) + b".\r\n")
+        code, reply = s.getreply()
+    s.close()
+    return code, reply
+
+
+def _assert_claimed_anew(c: Cluster, node: str, replies: list[Reply],
+                         tokens0: dict[int, int]) -> None:
+    """What ``node`` answered after it woke: 4xx, or a 250 for a shard ``node`` owns now
+    under a newer claim (token) than the one in place before it froze."""
+    owners, records = c.state()["owner"], c.sync_records()
+    for r in replies:
+        if r.code != 250:
+            assert 400 <= r.code < 500, r
+            continue
+        rec = records[r.shard]
+        assert owners[r.shard] == node and rec["owner"] == node, (r, rec)
+        assert rec["token"] > tokens0[r.shard], (r, rec)
+
+
+@pytest.mark.slow
+def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_them(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    sink, open_ = _closed_sink()
+    c = _cluster(tmp_path, etcd, sink, replicas=2)
+    acked: dict[str, bytes] = {}
+    lock = threading.Lock()
+    subs: list[Submitter] = []
+    t0 = time.monotonic()
+    try:
+        _start(c, ["n1", "n2", "n3"], copies=2)
+        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
+                for i, n in enumerate(("n1", "n2", "n3"))]
+        _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by all")
+        owners0, tokens0 = (c.state()["owner"],
+                            {s: r["token"] for s, r in c.sync_records().items()})
+        revs0 = _owner_revisions(c)
+        lost = {s for s, o in owners0.items() if o == "n2"}
+        subs[1].stop()  # its client would only stall on the frozen node
+        old = c.nodes["n2"]
+        # A client of n2 is mid-transaction when n2 freezes; its DATA arrives meanwhile.
+        pending = _open_transaction(old.smtp_port)
+        old.signal(signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            c.wait(c.settled({"n1", "n3"}), TTL + 10, "n1 and n3 took n2's shards")
+            t_over = time.monotonic()
+            # Each went to an in-sync follower under a new claim. (Not necessarily one of
+            # members0: the follower that took it over may already have handed it to a
+            # peer that caught up meanwhile, when the leader rebalanced.)
+            _poll(lambda: _taken_over(c, lost, "n2", revs0, tokens0), 5,
+                  "n2's shards owned by in-sync followers under newer claims")
+            # The survivors keep acknowledging meanwhile (some on the taken-over shards).
+            _poll(lambda: sum(r.shard in lost for s in (subs[0], subs[2])
+                              for r in s.ok(t_over)) >= 5, 15, "250s on the lost shards")
+            pending.putcmd("data")
+        finally:
+            old.signal(signal.SIGCONT)
+        t_cont = time.monotonic()
+        code, reply = _finish_transaction(pending)
+        late = Submitter(old.smtp_port, 3, acked, lock)  # whatever n2 answers once awake
+        subs.append(late)
+        c.wait(c.settled({"n1", "n2", "n3"}), 30, "n2 back in service")
+        _poll(lambda: len(late.ok()) >= 5, 15, "n2 accepting again on shards it owns now")
+        _stop_all(subs)
+        # Never a 250 from n2 for a shard it does not own under a newer claim than before.
+        late.replies.append(Reply("pending", t_cont, code, reply))
+        _assert_claimed_anew(c, "n2", late.replies, tokens0)
+        log = old.log()
+        assert "cluster.fenced" in log or "node.fenced" in log, log[-2000:]
+        _deliver_all(subs, open_, acked, sink)
+        refused = sum(r.code != 250 for r in late.replies)
+        print(f"sigstop owner: {len(acked)} acked, {len(lost)} shards taken over "
+              f"{t_over - t_stop:.2f}s after SIGSTOP, pending DATA answered {code}, "
+              f"{refused} refused and {len(late.ok())} accepted by n2 after SIGCONT "
+              f"({time.monotonic() - t_cont:.1f}s), total {time.monotonic() - t0:.1f}s")
+    finally:
+        _stop_all(subs)
+        c.stop()
+        sink.stop()
+
+
+@pytest.mark.slow
+def test_min_insync_unreachable_answers_451_until_the_copy_returns(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    sink, open_ = _closed_sink()
+    c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=2)
+    acked: dict[str, bytes] = {}
+    lock = threading.Lock()
+    subs: list[Submitter] = []
+    t0 = time.monotonic()
+    try:
+        _start(c, ["n1", "n2"], copies=2)
+        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
+                for i, n in enumerate(("n1", "n2"))]
+        _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by both")
+        c.nodes["n2"].kill()
+        t_kill = time.monotonic()  # n2 is reaped: from here only one disk exists
+        subs[1].stop()
+        # The survivor takes every shard over (it is in every in-sync set)...
+        c.wait(c.settled({"n1"}), TTL + 10, "n1 took every shard")
+        t_over = time.monotonic()
+        # ... but with one copy none is writable: 451 4.3.0, and never a 250.
+        _poll(lambda: sum(r.code == 451 and r.sent >= t_over for r in subs[0].replies) >= 5,
+              10, "451s from the survivor")
+        bad = [r for r in subs[0].replies if r.sent >= t_kill and r.code != 451]
+        assert not bad, bad[:5]
+        assert all(r.text.startswith(b"4.3.0") for r in subs[0].replies
+                   if r.sent >= t_over), subs[0].replies[-1]
+        # n2 comes back with its disk: it catches up, the shards are on two copies again
+        # and take mail.
+        t_back = time.monotonic()
+        c.start_node("n2")
+        _poll(lambda: len(m := c.members()) == SHARDS
+              and all(len(v) == 2 for v in m.values()), 30, "every shard on two copies again")
+        t_insync = time.monotonic()
+        subs.append(Submitter(c.nodes["n2"].smtp_port, 2, acked, lock))
+        _poll(lambda: len(subs[0].ok(t_insync)) >= 10 and len(subs[2].ok()) >= 10, 20,
+              "mail accepted again")
+        # Not one 250 for DATA sent while n2 was down.
+        bad = [r for r in subs[0].ok(t_kill) if r.sent < t_back]
+        assert not bad, bad[:5]
+        _deliver_all(subs, open_, acked, sink)
+        n451 = sum(r.code == 451 for r in subs[0].replies)
+        print(f"min_insync unreachable: {len(acked)} acked, {n451} answered 451, takeover "
+              f"{t_over - t_kill:.2f}s, in sync {t_insync - t_back:.2f}s after the restart, "
+              f"total {time.monotonic() - t0:.1f}s")
+    finally:
+        _stop_all(subs)
         c.stop()
         sink.stop()

@@ -10,9 +10,8 @@ that run inside a store call).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -23,70 +22,10 @@ from cluster.store import Entry, Put, Txn, decode
 from mta.coordinator import Replication
 from mta.replication.insync import SyncRecord
 from tests.support import wait_until as until
-from tests.support.memcluster import MemCluster, mem
-
-TTL = 3.0
-SHARDS = 8
-NAME = "replicated"
-
-
-class Host:
-    """A ShardHost with copy ids that records each acquisition and its replication."""
-
-    def __init__(self, node: str, port: int = 7000, zone: str = "",
-                 copies: dict[int, str] | None = None) -> None:
-        self.node = node
-        self.port = port
-        self.zone = zone
-        self.copies = copies if copies is not None else {
-            s: f"{node}-copy{s}" for s in range(SHARDS)}
-        self.owned: dict[int, int] = {}
-        self.acquired: list[tuple[int, int, Replication | None]] = []
-        self.fenced = False
-
-    async def acquire_shard(self, shard: int, token: int,
-                            replication: Replication | None = None) -> None:
-        self.acquired.append((shard, token, replication))
-        self.owned[shard] = token
-
-    def copy_ids(self) -> dict[int, str]:
-        return dict(self.copies)
-
-    async def release_shard(self, shard: int) -> None:
-        self.owned.pop(shard, None)
-
-    async def recorded_token(self, shard: int) -> int:
-        return 0
-
-    def fence(self, reason: str) -> None:
-        self.fenced = True
-
-    def unfence(self) -> None:
-        self.fenced = False
-
-    def endpoints(self) -> dict[str, Any]:
-        return {"smtp": "127.0.0.1:25", "admin": "", "replication": f"127.0.0.1:{self.port}",
-                "zone": self.zone, "copies": {str(s): c for s, c in self.copies.items()}}
-
-
-class World(MemCluster):
-    """The in-memory cluster, with replicated-spool helpers."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        super().__init__(tmp_path, NAME, shards=SHARDS, ttl=TTL)
-
-    def coordinator(self, node: str, shards: int | None = None, ttl: float | None = None,
-                    replicas: int = 2) -> ClusterCoordinator:
-        return super().coordinator(node, shards, ttl, replicas)
-
-    def kill(self, c: ClusterCoordinator) -> None:
-        """``c``'s node is cut off and its lease runs out: its keys go."""
-        mem(c).mode = "silent"
-        assert c._lease is not None
-        self.etcd.drop_lease(c._lease)
-
-    def put_sync(self, shard: int, record: SyncRecord) -> None:
-        self.etcd.put(self.keys.sync(shard), record.encode())
+from tests.support.memcluster import SHARDS, mem
+from tests.support.memcluster import CopyHost as Host
+from tests.support.memcluster import ReplicatedMem as World
+from tests.support.memcluster import settled_replicated as settled
 
 
 @pytest.fixture
@@ -94,17 +33,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     w = World(tmp_path)
     yield w
     await w.close()
-
-
-def settled(world: World, cs: list[ClusterCoordinator]) -> Callable[[], bool]:
-    """Every shard owned by the node it is assigned to, under the record that names it, and
-    no claim or release running."""
-    def check() -> bool:
-        v = world.snapshot()
-        return (v.converged(SHARDS) and not any(c._busy for c in cs)
-                and all((r := v.sync.get(s)) is not None and r.owner == o.node
-                        for s, o in v.owners.items()))
-    return check
 
 
 async def grow(world: World, owner: ClusterCoordinator, shard: int, node: str,

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.replsim import Params, run
 
-SEEDS = int(os.environ.get("MTA_SIM_SEEDS", "350"))
+SEEDS = int(os.environ.get("MTA_SIM_SEEDS", "250"))
 
 SHAPES = {
     "3 nodes, 3 copies, min 2": Params(),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 import threading
 import time
@@ -26,10 +27,13 @@ class Cluster:
     """Node processes sharing one spool directory, coordinated through ``etcd``."""
 
     def __init__(self, tmp_path: Path, etcd: EtcdServer, replicas: int = 1,
+                 min_insync: int | None = None, replica_timeout: str = "1s",
                  **delivery: Any) -> None:
         self.tmp_path = tmp_path
         self.etcd = etcd
         self.replicas = replicas
+        self.min_insync = min_insync  # None: the node's default (= replicas)
+        self.replica_timeout = replica_timeout
         self.name = f"t{uuid.uuid4().hex[:8]}"
         self.prefix = f"/mta/{self.name}/"
         self.spool = tmp_path / "shared-spool"
@@ -45,7 +49,9 @@ class Cluster:
         spool: dict[str, Any] = {"shards": SHARDS}
         if self.replicas > 1:
             cluster |= {"replication_listen": "127.0.0.1:0", "secret": REPLICATION_SECRET}
-            spool |= {"replicas": self.replicas, "replica_timeout": "1s"}
+            spool |= {"replicas": self.replicas, "replica_timeout": self.replica_timeout}
+            if self.min_insync is not None:
+                spool["min_insync"] = self.min_insync
         raw = node_config(self.spool_of(node_id), node={"id": node_id, "log_level": "info"},
                           spool=spool,
                           smtp=smtp,
@@ -75,6 +81,15 @@ class Cluster:
             elif kind == "owner":
                 out["owner"][int(arg)] = value.decode()
         return out
+
+    def sync_records(self) -> dict[int, dict[str, Any]]:
+        """Each shard's in-sync record (``sync/<shard>``: token, owner, members)."""
+        return {int(key.rsplit("/", 1)[1]): json.loads(value)
+                for key, (value, _rev) in self.etcd.get_prefix(self.prefix + "sync/").items()}
+
+    def members(self) -> dict[int, set[str]]:
+        """Each shard's in-sync set (node ids)."""
+        return {s: set(r["members"]) for s, r in self.sync_records().items()}
 
     def wait(self, pred: Any, timeout: float, what: str) -> dict[str, Any]:
         try:

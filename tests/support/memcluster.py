@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,15 @@ from cluster.keys import Keys
 from cluster.memstore import MemEtcd, MemStore
 from cluster.store import Snapshot, Timing, decode
 from harness.config import make_config
+from mta.coordinator import Replication
+from mta.replication.insync import SyncRecord
 
-__all__ = ["MemCluster", "mem"]
+__all__ = ["SHARDS", "TTL", "CopyHost", "MemCluster", "ReplicatedMem", "mem",
+           "settled_replicated"]
+
+TTL = 3.0  # fence_after 2 s: a loop stall under CPU load does not fence by accident
+SHARDS = 8
+NAME = "replicated"
 
 
 def mem(c: ClusterCoordinator) -> MemStore:
@@ -65,3 +73,73 @@ class MemCluster:
             mem(c).hooks.clear()
             if c._host is not None:
                 await asyncio.wait_for(c.stop(), 30)
+
+
+class CopyHost:
+    """A ShardHost with copy ids that records each acquisition and its replication."""
+
+    def __init__(self, node: str, port: int = 7000, zone: str = "",
+                 copies: dict[int, str] | None = None) -> None:
+        self.node = node
+        self.port = port
+        self.zone = zone
+        self.copies = copies if copies is not None else {
+            s: f"{node}-copy{s}" for s in range(SHARDS)}
+        self.owned: dict[int, int] = {}
+        self.acquired: list[tuple[int, int, Replication | None]] = []
+        self.fenced = False
+
+    async def acquire_shard(self, shard: int, token: int,
+                            replication: Replication | None = None) -> None:
+        self.acquired.append((shard, token, replication))
+        self.owned[shard] = token
+
+    def copy_ids(self) -> dict[int, str]:
+        return dict(self.copies)
+
+    async def release_shard(self, shard: int) -> None:
+        self.owned.pop(shard, None)
+
+    async def recorded_token(self, shard: int) -> int:
+        return 0
+
+    def fence(self, reason: str) -> None:
+        self.fenced = True
+
+    def unfence(self) -> None:
+        self.fenced = False
+
+    def endpoints(self) -> dict[str, Any]:
+        return {"smtp": "127.0.0.1:25", "admin": "", "replication": f"127.0.0.1:{self.port}",
+                "zone": self.zone, "copies": {str(s): c for s, c in self.copies.items()}}
+
+
+class ReplicatedMem(MemCluster):
+    """The in-memory cluster, with replicated-spool helpers."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, NAME, shards=SHARDS, ttl=TTL)
+
+    def coordinator(self, node: str, shards: int | None = None, ttl: float | None = None,
+                    replicas: int = 2) -> ClusterCoordinator:
+        return super().coordinator(node, shards, ttl, replicas)
+
+    def kill(self, c: ClusterCoordinator) -> None:
+        """``c``'s node is cut off and its lease runs out: its keys go."""
+        mem(c).mode = "silent"
+        assert c._lease is not None
+        self.etcd.drop_lease(c._lease)
+
+    def put_sync(self, shard: int, record: SyncRecord) -> None:
+        self.etcd.put(self.keys.sync(shard), record.encode())
+
+
+def settled_replicated(world: MemCluster, cs: list[ClusterCoordinator]) -> Callable[[], bool]:
+    """Every shard owned by the node it is assigned to, under the record that names it, and
+    no claim or release running."""
+    def check() -> bool:
+        v = world.snapshot()
+        return (v.converged(SHARDS) and not any(c._busy for c in cs)
+                and all((r := v.sync.get(s)) is not None and r.owner == o.node
+                        for s, o in v.owners.items()))
+    return check

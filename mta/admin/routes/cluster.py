@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aiohttp import web
 
 import mta
 from mta.admin.errors import ApiError, json_response
-from mta.admin.routes.base import Resource
-from mta.coordinator import Member
+from mta.admin.routes.base import Resource, is_local
+from mta.coordinator import Member, ShardInfo
+from mta.replication.owner import shard_state
 
 _MAX_REBALANCE_WAIT = 3600  # seconds; a finite bound for the owners to follow
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "shard_table"]
 
 
 def _state(m: Member) -> str:
@@ -23,6 +26,48 @@ def _state(m: Member) -> str:
     if m.lease_expiring is not None:
         return "lease expiring"
     return "draining" if m.draining else "up"
+
+
+def shard_table(table: list[ShardInfo], expiring: set[str], total: int,
+                replicated: tuple[int, int] | None = None,
+                owned: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The ``/api/v1/shards`` answer. ``replicated`` is ``(replicas, min_insync)`` when the
+    cluster replicates its spool: each row then also has ``followers`` (the placement),
+    ``in_sync`` (the in-sync set, None before the first record), ``state`` (``in_sync``,
+    ``under_replicated``, ``read_only``) and ``replication``: the owner's view of each
+    follower (state, connected, acked position, lag in bytes), from ``owned`` (the answers
+    of the nodes asked, shard -> their status) where the owner answered under the shard's
+    token; None otherwise."""
+    rows: list[dict[str, Any]] = [
+        {"shard": s.shard, "assigned": s.assigned, "owner": s.owner, "token": s.token,
+         "owner_lease_expiring": s.owner in expiring}
+        for s in table]
+    out: dict[str, Any] = {"shards": rows, "total": total,
+                           "unowned": sum(1 for s in table if s.owner is None)}
+    if replicated is None:
+        return out
+    replicas, min_insync = replicated
+    # Two nodes may both report a shard during a handover: the table's token decides.
+    detail: dict[int, list[Mapping[str, Any]]] = {}
+    for answer in owned:
+        for key, status in answer.items():
+            detail.setdefault(int(key), []).append(status)
+    for row, s in zip(rows, table, strict=True):
+        row["followers"] = list(s.followers)
+        row["in_sync"] = list(s.in_sync) if s.in_sync is not None else None
+        row["state"] = (shard_state(len(s.in_sync), replicas, min_insync)
+                        if s.in_sync is not None else None)
+        status = next((st for st in detail.get(s.shard, ()) if st.get("token") == s.token),
+                      None)
+        if status is None or s.owner is None:
+            row["replication"] = None
+        else:
+            row["replication"] = {
+                peer: {"state": f.get("state"), "connected": f.get("connected"),
+                       "acked": f.get("acked"), "lag_bytes": f.get("lag_bytes")}
+                for peer, f in dict(status.get("followers") or {}).items()}
+    out["replicas"], out["min_insync"] = replicas, min_insync
+    return out
 
 
 class Cluster(Resource):
@@ -66,15 +111,30 @@ class Cluster(Resource):
             for m in members]})
 
     async def shards(self, request: web.Request) -> web.Response:
-        """The shard table: assignment, owner and fencing token of each shard."""
-        table = await self.api.node.coordinator.shards()
+        """The shard table: assignment, owner and fencing token of each shard; with a
+        replicated spool also followers, in-sync set and, from each owner (asked with
+        local=1), its followers' acked positions and lag."""
+        node = self.api.node
+
+        async def local() -> dict[str, Any]:
+            return {"node": node.node_id,
+                    "owned": {str(n): st for n, st in node.replication_status().items()}}
+
+        if node.replicated and is_local(request):
+            # How peers are asked: this node's part only, the shards it owns (no store read).
+            return json_response(await local())
+        table = await node.coordinator.shards()
         expiring = {m.node for m in await self.api.members(leases=True)
                     if m.lease_expiring is not None}
-        return json_response({"shards": [
-            {"shard": s.shard, "assigned": s.assigned, "owner": s.owner, "token": s.token,
-             "owner_lease_expiring": s.owner in expiring}
-            for s in table], "total": self.api.node.spool.total_shards,
-            "unowned": sum(1 for s in table if s.owner is None)})
+        if not node.replicated:
+            return json_response(shard_table(table, expiring, node.spool.total_shards))
+        answers = await self.api.fan_out(request, "/api/v1/shards", local)
+        cfg = node.cfg.spool
+        out = shard_table(table, expiring, node.spool.total_shards,
+                          (cfg.replicas, cfg.min_insync),
+                          [a.get("owned") or {} for a in answers.all])
+        out["unreachable"] = answers.unreachable
+        return json_response(out)
 
     async def _set_draining(self, request: web.Request, draining: bool) -> web.Response:
         node = request.match_info["node"]

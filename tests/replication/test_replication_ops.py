@@ -1,0 +1,384 @@
+"""Operating a replicated spool: the metrics, the read-only / writable log lines, and what
+``/api/v1/shards`` and ``mtactl shards`` show of followers, in-sync sets and lag.
+
+The metrics and log lines are checked on the real parts in one process (an owner side on a
+real spool, a follower node over loopback: tests/support/replication.py); the shard table on
+the coordinator over the in-memory store, and its rendering as a unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from harness.config import make_config
+from mta.admin.facade import NodeFacade
+from mta.admin.routes.cluster import shard_table
+from mta.admin.server import AdminServer
+from mta.cli.ctl.shards import render
+from mta.coordinator import Member, ShardInfo
+from mta.gauges import ReplicationGauges
+from mta.metrics import NodeMetrics
+from mta.node import Node
+from mta.replication.copy import log_segments
+from mta.replication.owner import OwnerSide, lag_bytes, shard_state
+from mta.replication.peerauth import PeerAuth
+from mta.spool import Spool
+from mta.spool.shard import shard_dir
+from tests.support import wait_until
+from tests.support.memcluster import CopyHost as Host
+from tests.support.memcluster import ReplicatedMem as MemWorld
+from tests.support.memcluster import settled_replicated as settled
+from tests.support.replication import (
+    SECRET,
+    FollowerNode,
+    MemorySyncStore,
+    Peers,
+    envelope,
+    open_owner,
+)
+
+TIMEOUT = 0.4  # replica_timeout
+
+
+@dataclass
+class Ops:
+    tmp: Path
+    peers: Peers
+    store: MemorySyncStore
+    spool: Spool
+    side: OwnerSide
+    follower: FollowerNode
+    registry: CollectorRegistry
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    def members(self) -> set[str]:
+        return set(self.store.records[0].members)
+
+    async def restart_follower(self, port: int) -> None:
+        self.follower = await FollowerNode("b", self.tmp / "b").start(self.peers, port)
+
+
+async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+    del what
+
+
+async def _ops(tmp: Path, min_insync: int) -> Ops:
+    peers, store = Peers(), MemorySyncStore()
+    follower = await FollowerNode("b", tmp / "b").start(peers)
+    spool = Spool(tmp / "a", "a", shards=2, segment_size=4096)
+    await spool.start()
+    metrics = NodeMetrics()
+    side = OwnerSide("a", PeerAuth("a", secret=SECRET), peers, store, min_insync=min_insync,
+                     replica_timeout=TIMEOUT, events=metrics.replication())
+    metrics.registry.register(ReplicationGauges("a", side, 2))
+    side.start()
+    return Ops(tmp, peers, store, spool, side, follower, metrics.registry)
+
+
+@pytest.fixture
+async def ops2(tmp_path: Path) -> AsyncIterator[Ops]:
+    """replicas = 2, min_insync = 2."""
+    w = await _ops(tmp_path, 2)
+    yield w
+    await w.side.stop()
+    await w.spool.close()
+    await w.follower.stop()
+
+
+@pytest.fixture
+async def ops1(tmp_path: Path) -> AsyncIterator[Ops]:
+    """replicas = 2, min_insync = 1: the shard keeps taking mail on the owner alone."""
+    w = await _ops(tmp_path, 1)
+    yield w
+    await w.side.stop()
+    await w.spool.close()
+    await w.follower.stop()
+
+
+def _events(logs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] in names]
+
+
+def _states(w: Ops) -> dict[str, float | None]:
+    return {s: w.value("mta_replication_shards", state=s)
+            for s in ("in_sync", "under_replicated", "read_only")}
+
+
+async def test_metrics_and_log_lines_follow_a_shard_to_read_only_and_back(ops2: Ops) -> None:
+    w = ops2
+    # Every known label exported at 0 before anything happened.
+    for change in ("grow", "shrink"):
+        assert w.value("mta_replication_insync_changes_total", change=change) == 0
+    for reason in ("stale", "position", "owner", "broken", "other"):
+        assert w.value("mta_replication_refused_total", reason=reason) == 0
+    assert _states(w) == {"in_sync": 0, "under_replicated": 0, "read_only": 0}
+    with capture_logs() as logs:
+        # Opened with the owner alone in the in-sync set: below min_insync, read-only.
+        await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+        assert _states(w) == {"in_sync": 0, "under_replicated": 0, "read_only": 1}
+        await until(lambda: w.members() == {"a", "b"}, "b joined")
+        await until(lambda: _states(w)["in_sync"] == 1, "in sync")
+        assert w.value("mta_replication_insync_changes_total", change="grow") == 1
+        assert w.value("mta_replication_followers_connected") == 1
+        await asyncio.gather(*(w.spool.submit(envelope(n), b"x" * 500) for n in range(5)))
+        await until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
+                    "b acked everything")
+        port = w.peers.addresses["b"][1]
+        await w.follower.stop()
+        await until(lambda: w.members() == {"a"}, "b dropped")
+        await until(lambda: _states(w)["read_only"] == 1, "read-only again")
+        assert w.value("mta_replication_insync_changes_total", change="shrink") == 1
+        await until(lambda: w.value("mta_replication_followers_connected") == 0, "link down")
+        await asyncio.sleep(4 * TIMEOUT)  # many ticks: no more log lines
+        lines = _events(logs, "replication.shard_read_only", "replication.shard_writable")
+        assert [e["event"] for e in lines] == ["replication.shard_read_only",
+                                               "replication.shard_writable",
+                                               "replication.shard_read_only"]
+        assert lines[0] == {"event": "replication.shard_read_only", "log_level": "warning",
+                            "node_id": "a", "shard": 0, "members": ["a"], "min_insync": 2}
+        assert lines[1]["members"] == ["a", "b"] and lines[1]["log_level"] == "info"
+        assert lines[2]["members"] == ["a"]
+        await w.restart_follower(port)
+        await until(lambda: _states(w)["in_sync"] == 1, "b caught up and rejoined")
+        assert w.value("mta_replication_insync_changes_total", change="grow") == 2
+        lines = _events(logs, "replication.shard_read_only", "replication.shard_writable")
+        assert lines[-1]["event"] == "replication.shard_writable" and len(lines) == 4
+
+
+async def test_lag_is_the_bytes_a_stopped_follower_lacks_across_segments(ops1: Ops) -> None:
+    w = ops1
+    rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+    await until(lambda: w.members() == {"a", "b"}, "b joined")
+    assert _states(w) == {"in_sync": 1, "under_replicated": 0, "read_only": 0}
+    await asyncio.gather(*(w.spool.submit(envelope(n), b"x" * 300) for n in range(3)))
+    await until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
+                "b acked everything")
+    await w.follower.stop()
+    await until(lambda: w.members() == {"a"}, "b dropped")
+    # Still takes mail (min_insync 1), on fewer copies than planned.
+    assert _states(w) == {"in_sync": 0, "under_replicated": 1, "read_only": 0}
+    acked = tuple(rep.status()["followers"]["b"]["acked"])  # type: ignore[index]
+    for first in range(0, 40, 5):
+        await asyncio.gather(*(w.spool.submit(envelope(n), b"y" * 700)
+                               for n in range(first, first + 5)))
+    segs = log_segments(shard_dir(w.spool.root, 0))
+    assert segs[-1][0] > acked[0] + 1, "the log rolled over segments since b's ack"
+    expected = sum(size for seq, _, size in segs if seq > acked[0])
+    expected += next(size for seq, _, size in segs if seq == acked[0]) - acked[1]
+    assert w.value("mta_replication_follower_lag_bytes", peer="b") == expected
+    assert rep.status()["followers"]["b"]["lag_bytes"] == expected  # type: ignore[index]
+    assert rep.status()["followers"]["b"]["connected"] is False  # type: ignore[index]
+
+
+async def test_a_follower_refusal_is_counted_by_reason(ops2: Ops) -> None:
+    w = ops2
+    w.follower.owns.add(0)  # b says it owns shard 0 itself: nack "owner"
+    rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+    await until(lambda: rep.streams["b"].retry_at > 0, "b refused")
+    assert (w.value("mta_replication_refused_total", reason="owner") or 0) >= 1
+    assert w.value("mta_replication_refused_total", reason="stale") == 0
+
+
+def test_lag_bytes() -> None:
+    sizes = {3: 4000, 4: 4096, 5: 1000}
+    assert lag_bytes((5, 1000), (5, 1000), sizes) == 0
+    assert lag_bytes((5, 1000), (5, 200), sizes) == 800
+    assert lag_bytes((5, 1000), (3, 3000), sizes) == 1000 + 4096 + 1000
+    assert lag_bytes((5, 1000), (0, 0), sizes) == 4000 + 4096 + 1000
+    assert lag_bytes((5, 1000), (6, 0), sizes) == 0  # acked past the end: nothing lacking
+    assert lag_bytes((5, 1000), (2, 10), sizes) == 4000 + 4096 + 1000  # 2: compacted away
+
+
+def test_shard_state() -> None:
+    assert [shard_state(n, 3, 2) for n in (3, 4, 2, 1, 0)] == [
+        "in_sync", "in_sync", "under_replicated", "read_only", "read_only"]
+    assert [shard_state(n, 2, 2) for n in (2, 1)] == ["in_sync", "read_only"]
+
+
+def test_a_node_that_does_not_replicate_exports_no_replication_metric(tmp_path: Path) -> None:
+    plain = Node(make_config(tmp_path / "plain"))
+    names = {m.name for m in plain.metrics.registry.collect()}
+    assert not {n for n in names if n.startswith("mta_replication")}
+    cfg = make_config(tmp_path / "repl", spool={"replicas": 2}, cluster={
+        "etcd": ["127.0.0.1:2379"], "replication_listen": "127.0.0.1:0", "secret": "s" * 32})
+    replicated = Node(cfg)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in replicated.metrics.registry.collect() for s in m.samples
+               if s.name.startswith("mta_replication")}
+    assert samples[("mta_replication_shards", (("state", "read_only"),))] == 0
+    assert samples[("mta_replication_followers_connected", ())] == 0
+    assert samples[("mta_replication_insync_changes_total", (("change", "grow"),))] == 0
+    assert samples[("mta_replication_refused_total", (("reason", "position"),))] == 0
+
+
+# --- /api/v1/shards and mtactl shards --------------------------------------------------------
+
+PLAIN = [ShardInfo(0, "n1", "n1", 7), ShardInfo(1, "n2", "n2", 8), ShardInfo(2, "n2", None, 0)]
+
+
+def test_the_unreplicated_answer_and_output_are_as_before() -> None:
+    data = shard_table(PLAIN, {"n2"}, 3)
+    assert data == {"shards": [
+        {"shard": 0, "assigned": "n1", "owner": "n1", "token": 7, "owner_lease_expiring": False},
+        {"shard": 1, "assigned": "n2", "owner": "n2", "token": 8, "owner_lease_expiring": True},
+        {"shard": 2, "assigned": "n2", "owner": None, "token": 0,
+         "owner_lease_expiring": False}], "total": 3, "unowned": 1}
+    assert render(data).splitlines() == [
+        "SHARD  ASSIGNED  OWNER                TOKEN",
+        "0      n1        n1                   7",
+        "1      n2        n2 (lease expiring)  8",
+        "2      n2        UNOWNED              0",
+        "2 of 3 shards owned"]
+
+
+def _status(token: int, **lags: tuple[int, bool]) -> dict[str, Any]:
+    return {"token": token, "members": [], "accepting": True, "end": [3, 100],
+            "followers": {p: {"state": "live" if up else "idle", "connected": up,
+                              "acked": [3, 100 - lag], "lag_bytes": lag}
+                          for p, (lag, up) in lags.items()}}
+
+
+def test_the_replicated_answer_has_followers_in_sync_sets_and_lag() -> None:
+    table = [ShardInfo(0, "n1", "n1", 7, ("n2",), ("n1", "n2")),
+             ShardInfo(1, "n2", "n2", 8, ("n3",), ("n2",)),
+             ShardInfo(2, "n3", "n3", 9, ("n1",), ("n3",)),
+             ShardInfo(3, "n3", None, 0, ("n1",), None)]
+    owned = [{"0": _status(7, n2=(0, True))},  # n1's answer
+             # n2 owned shard 2 under an older token once: only the table's token counts.
+             {"1": _status(8, n3=(3 << 20, False)), "2": _status(5, n1=(0, True))}]
+    data = shard_table(table, set(), 4, (2, 1), owned)
+    rows = data["shards"]
+    assert (data["replicas"], data["min_insync"]) == (2, 1)
+    assert rows[0]["followers"] == ["n2"] and rows[0]["in_sync"] == ["n1", "n2"]
+    assert [r["state"] for r in rows] == ["in_sync", "under_replicated", "under_replicated",
+                                          None]
+    assert rows[0]["replication"] == {"n2": {"state": "live", "connected": True,
+                                             "acked": [3, 100], "lag_bytes": 0}}
+    assert rows[1]["replication"]["n3"]["lag_bytes"] == 3 << 20
+    assert rows[2]["replication"] is None  # its owner (n3) did not answer
+    assert rows[3]["replication"] is None
+    data["unreachable"] = [{"node": "n3", "error": "timed out"}]
+    lines = render(data).splitlines()
+    assert lines[0].split() == ["SHARD", "ASSIGNED", "OWNER", "TOKEN", "FOLLOWERS", "IN-SYNC",
+                                "LAG"]
+    assert lines[1].split() == ["0", "n1", "n1", "7", "n2", "n1,n2", "n2=0B"]
+    assert lines[2].split() == ["1", "n2", "n2", "8", "n3", "n2", "n3=3.0MiB(down)"]
+    assert lines[3].split() == ["2", "n3", "n3", "9", "n1", "n3", "?"]
+    assert lines[4].split() == ["3", "n3", "UNOWNED", "0", "n1", "-", "-"]
+    assert lines[5] == ("3 of 4 shards owned; replicas 2, min_insync 1: 2 under-replicated, "
+                        "0 read-only")
+    assert "n3: no answer (timed out)" in lines[6]
+    two = shard_table(table, set(), 4, (2, 2), owned)
+    assert "(READ-ONLY)" in render(two).splitlines()[2]
+    assert [r["state"] for r in two["shards"]][:3] == ["in_sync", "read_only", "read_only"]
+
+
+async def test_the_coordinator_reports_followers_and_in_sync_sets(tmp_path: Path) -> None:
+    """The shard table from the (in-memory) store: replicas/ and sync/ per shard."""
+    world = MemWorld(tmp_path)
+    try:
+        hosts = {n: Host(n) for n in ("n1", "n2")}
+        cs = {n: world.coordinator(n) for n in hosts}
+        for n, host in hosts.items():
+            await cs[n].start(host)
+        await wait_until(lambda: len(world.snapshot().replicas) == 8, 10, "placed")
+        await wait_until(settled(world, list(cs.values())), 10, "settled")
+        v = world.snapshot()
+        owner = cs[v.owners[0].node]
+        follower = v.replicas[0][0]
+        old = v.sync[0]
+        new = old.with_members({**old.members, follower: f"{follower}-copy0"})
+        assert await owner.change_sync(0, old, new) == new
+        table = await cs["n2"].shards()
+        assert table[0].followers == (follower,)
+        assert table[0].in_sync == tuple(sorted((v.owners[0].node, follower)))
+        assert all(len(s.followers) == 1 and s.in_sync == (s.owner,) for s in table[1:])
+        data = shard_table(table, set(), 8, (2, 2))
+        assert [r["state"] for r in data["shards"]] == ["in_sync"] + ["read_only"] * 7
+    finally:
+        await world.close()
+
+
+class _Coordinator:
+    """The cluster as both admin APIs below read it: two members and the shard table."""
+
+    def __init__(self) -> None:
+        self.admins: dict[str, str] = {}
+        self.is_leader = False
+
+    async def members(self, *, leases: bool = False) -> list[Member]:
+        return [Member(n, "", url, False, False, 1, "x", 0.0)
+                for n, url in sorted(self.admins.items())]
+
+    async def shards(self) -> list[ShardInfo]:
+        return [ShardInfo(0, "n1", "n1", 7, ("n2",), ("n1", "n2")),
+                ShardInfo(1, "n2", "n2", 8, ("n1",), ("n2",))]
+
+
+def _api(tmp: Path, node: str, coordinator: _Coordinator, replicas: int,
+         status: dict[int, dict[str, Any]]) -> AdminServer:
+    cluster = {"etcd": ["127.0.0.1:2379"], "replication_listen": "127.0.0.1:0",
+               "secret": "s" * 32} if replicas > 1 else {}
+    cfg = make_config(tmp / node, node={"id": node}, spool={"replicas": replicas},
+                      cluster=cluster)
+    facade = NodeFacade(
+        node_id=node, spool=SimpleNamespace(total_shards=2),  # type: ignore[arg-type]
+        engine=None, coordinator=coordinator, metrics=NodeMetrics(),  # type: ignore[arg-type]
+        slo=None, prober=None, config=lambda: cfg,  # type: ignore[arg-type]
+        readiness=dict, ingress=lambda: None, fenced=lambda: False,
+        replication=(lambda: status) if replicas > 1 else None)
+    return AdminServer(facade)
+
+
+def _get(port: int, path: str) -> dict[str, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": "Bearer t0ken"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_the_shards_route_asks_each_owner_for_its_followers(tmp_path: Path,
+                                                                  replicas: int) -> None:
+    """Two real admin APIs: n1 answers /api/v1/shards with n2's view of the shard n2 owns."""
+    coordinator = _Coordinator()
+    apis = {"n1": _api(tmp_path, "n1", coordinator, replicas, {0: _status(7, n2=(0, True))}),
+            "n2": _api(tmp_path, "n2", coordinator, replicas,
+                       {1: _status(8, n1=(5000, True))})}
+    try:
+        for node, api in apis.items():
+            await api.start()
+            coordinator.admins[node] = f"http://127.0.0.1:{api.port}"
+        port = apis["n1"].port
+        data = await asyncio.to_thread(_get, port, "/api/v1/shards")
+        if replicas == 1:
+            assert data == shard_table(await coordinator.shards(), set(), 2)
+            return
+        rows = data["shards"]
+        assert [r["in_sync"] for r in rows] == [["n1", "n2"], ["n2"]]
+        assert [r["state"] for r in rows] == ["in_sync", "read_only"]
+        assert rows[0]["replication"]["n2"]["lag_bytes"] == 0
+        assert rows[1]["replication"]["n1"] == {"state": "live", "connected": True,
+                                                "acked": [3, 100 - 5000], "lag_bytes": 5000}
+        assert data["unreachable"] == []
+        mine = await asyncio.to_thread(_get, port, "/api/v1/shards?local=1")
+        assert mine == {"node": "n1", "owned": {"0": _status(7, n2=(0, True))}}
+    finally:
+        for api in apis.values():
+            await api.close()
