@@ -15,8 +15,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from mta.config import ConfigError, config_from_dict, load_config
 from mta.metrics import SUBMIT_BUCKETS
 from mta.slo import LogPosition, LogScanner, SloTracker, merge_reports
 from tests.support import NodeProcess, ctl_json, node_config, wait_until_sync
+from tests.support.ctl import mta, one_line_error
 
 T0 = 1_800_000_000.0  # a minute boundary
 MINUTE = int(T0 // 60)
@@ -36,18 +35,6 @@ DEEP_TOML = "a=" + "[" * 2000 + "]" * 2000 + "\n"
 _ACCT = AccountingLog("/nonexistent", "n1")  # only its encoder: the lines a node writes
 
 
-def _mta(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
-
-
-def _one_line_error(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    assert res.stdout == ""
-    assert "Traceback" not in res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 # --- durations, ratios, sizes ------------------------------------------------------------
@@ -95,7 +82,7 @@ def test_mta_check_refuses_non_finite_durations_in_one_line(tmp_path: Path, toml
                                                             key: str) -> None:
     path = tmp_path / "c.toml"
     path.write_text(toml)
-    line = _one_line_error(_mta("--config", str(path), "--check", cwd=tmp_path))
+    line = one_line_error(mta("--config", str(path), "--check", cwd=tmp_path))
     assert f"{path}: {key}: expected a finite duration" in line
 
 
@@ -107,7 +94,7 @@ def test_deeply_nested_toml_is_a_one_line_config_error(tmp_path: Path) -> None:
     path.write_text(DEEP_TOML)
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_config(path)
-    line = _one_line_error(_mta("--config", str(path), "--check", cwd=tmp_path))
+    line = one_line_error(mta("--config", str(path), "--check", cwd=tmp_path))
     assert "nested too deeply" in line
 
 

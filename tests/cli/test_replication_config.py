@@ -12,8 +12,6 @@ import dataclasses
 import json
 import math
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +22,7 @@ from aiohttp import web
 
 from mta.config import Config, ConfigError, Secret, config_from_dict
 from tests.support import NodeProcess, node_config, toml_dumps, wait_until_sync
+from tests.support.ctl import mta, one_line_error
 
 SOURCE = "/etc/mta/replication-test.toml"
 SECRET = "repl-secret-7f3a9c1e5b2d4086"  # distinctive: searched for in every output
@@ -374,18 +373,6 @@ def test_the_minimum_secret_is_the_one_the_peer_handshake_enforces() -> None:
 # --- mta --check and the running node --------------------------------------------------------
 
 
-def _mta(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
-
-
-def _one_line_error(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    assert res.stdout == ""
-    assert "Traceback" not in res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 def _write(tmp_path: Path, **sections: dict[str, Any]) -> Path:
@@ -397,7 +384,7 @@ def _write(tmp_path: Path, **sections: dict[str, Any]) -> Path:
 def test_mta_check_accepts_the_keys_with_one_copy_and_does_not_print_the_secret(
         tmp_path: Path) -> None:
     path = _write(tmp_path, cluster=_replicated(zone="eu-west-1a"))
-    res = _mta("--check", "--config", str(path), cwd=tmp_path)
+    res = mta("--check", "--config", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "configuration OK" in res.stdout
     assert SECRET not in res.stdout + res.stderr
@@ -405,21 +392,21 @@ def test_mta_check_accepts_the_keys_with_one_copy_and_does_not_print_the_secret(
 
 def test_a_replicated_config_is_accepted_without_printing_the_secret(tmp_path: Path) -> None:
     path = _write(tmp_path, spool={"replicas": 2}, cluster=_replicated())
-    res = _mta("--check", "--config", str(path), cwd=tmp_path)
+    res = mta("--check", "--config", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert SECRET not in res.stdout + res.stderr
 
 
 def test_mta_check_refuses_a_short_secret_without_printing_it(tmp_path: Path) -> None:
     path = _write(tmp_path, cluster={"secret": "tiny-secret"})
-    line = _one_line_error(_mta("--check", "--config", str(path), cwd=tmp_path))
+    line = one_line_error(mta("--check", "--config", str(path), cwd=tmp_path))
     assert f"{path}: [cluster] secret: expected at least 16 bytes" in line
     assert "tiny-secret" not in line
 
 
 def test_mta_check_refuses_a_cross_key_rule_in_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, spool={"replicas": 2}, cluster=_replicated(secret=""))
-    line = _one_line_error(_mta("--check", "--config", str(path), cwd=tmp_path))
+    line = one_line_error(mta("--check", "--config", str(path), cwd=tmp_path))
     assert f"{path}: [cluster] secret: " in line and "inject mail" in line
 
 

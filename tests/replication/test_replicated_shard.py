@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,25 +25,18 @@ from mta.spool.shard import shard_dir
 from tests.support.replication import (
     SECRET,
     FollowerNode,
-    MemorySyncStore,
-    Peers,
+    Pair,
     envelope,
     open_owner,
+    start_pair,
 )
 
 SHARDS = 2
 TIMEOUT = 0.4  # replica_timeout: short, so shrinking is quick; nothing here sleeps on it
 
 
-@dataclass
-class World:
-    tmp: Path
-    peers: Peers
-    store: MemorySyncStore
-    spool: Spool
-    side: OwnerSide
-    follower: FollowerNode
-    fenced: list[tuple[int, str]]
+class World(Pair):
+    """The pair, with the shard helpers these tests use."""
 
     async def shard(self, n: int = 0, token: int = 10) -> ShardReplica:
         return await open_owner(self.spool, self.side, self.store, n, token, ["b"])
@@ -57,15 +49,8 @@ class World:
 
 
 async def _world(tmp: Path, min_insync: int) -> World:
-    peers, store, fenced = Peers(), MemorySyncStore(), []
-    follower = await FollowerNode("b", tmp / "b").start(peers)
-    spool = Spool(tmp / "a", "a", shards=SHARDS, segment_size=4096)
-    await spool.start()
-    side = OwnerSide("a", PeerAuth("a", secret=SECRET), peers, store, min_insync=min_insync,
-                     replica_timeout=TIMEOUT,
-                     on_fenced=lambda shard, why: fenced.append((shard, why)))
-    side.start()
-    return World(tmp, peers, store, spool, side, follower, fenced)
+    pair = await start_pair(tmp, min_insync, TIMEOUT, shards=SHARDS)
+    return World(pair.tmp, pair.peers, pair.store, pair.spool, pair.side, pair.follower)
 
 
 @pytest.fixture
@@ -73,9 +58,7 @@ async def world2(tmp_path: Path) -> AsyncIterator[World]:
     """min_insync = 2: owner a and follower b must both hold what is acknowledged."""
     w = await _world(tmp_path, 2)
     yield w
-    await w.side.stop()
-    await w.spool.close()
-    await w.follower.stop()
+    await w.close()
 
 
 def identical(w: World, shard: int = 0) -> bool:

@@ -31,41 +31,31 @@ from mta.gauges import ReplicationGauges
 from mta.metrics import NodeMetrics
 from mta.node import Node
 from mta.replication.copy import log_segments
-from mta.replication.owner import OwnerSide, lag_bytes, shard_state
-from mta.replication.peerauth import PeerAuth
-from mta.spool import Spool
+from mta.replication.owner import lag_bytes, shard_state
 from mta.spool.shard import shard_dir
 from tests.support import wait_until
 from tests.support.memcluster import CopyHost as Host
 from tests.support.memcluster import ReplicatedMem as MemWorld
 from tests.support.memcluster import settled_replicated as settled
 from tests.support.replication import (
-    SECRET,
     FollowerNode,
-    MemorySyncStore,
-    Peers,
+    Pair,
     envelope,
     open_owner,
+    start_pair,
 )
 
 TIMEOUT = 0.4  # replica_timeout
 
 
 @dataclass
-class Ops:
-    tmp: Path
-    peers: Peers
-    store: MemorySyncStore
-    spool: Spool
-    side: OwnerSide
-    follower: FollowerNode
+class Ops(Pair):
+    """The pair, with the owner's metrics."""
+
     registry: CollectorRegistry
 
     def value(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
-
-    def members(self) -> set[str]:
-        return set(self.store.records[0].members)
 
     async def restart_follower(self, port: int) -> None:
         self.follower = await FollowerNode("b", self.tmp / "b").start(self.peers, port)
@@ -79,16 +69,11 @@ async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
 
 
 async def _ops(tmp: Path, min_insync: int) -> Ops:
-    peers, store = Peers(), MemorySyncStore()
-    follower = await FollowerNode("b", tmp / "b").start(peers)
-    spool = Spool(tmp / "a", "a", shards=2, segment_size=4096)
-    await spool.start()
     metrics = NodeMetrics()
-    side = OwnerSide("a", PeerAuth("a", secret=SECRET), peers, store, min_insync=min_insync,
-                     replica_timeout=TIMEOUT, events=metrics.replication())
-    metrics.registry.register(ReplicationGauges("a", side, 2))
-    side.start()
-    return Ops(tmp, peers, store, spool, side, follower, metrics.registry)
+    pair = await start_pair(tmp, min_insync, TIMEOUT, events=metrics.replication())
+    metrics.registry.register(ReplicationGauges("a", pair.side, 2))
+    return Ops(pair.tmp, pair.peers, pair.store, pair.spool, pair.side, pair.follower,
+               metrics.registry)
 
 
 @pytest.fixture
@@ -96,9 +81,7 @@ async def ops2(tmp_path: Path) -> AsyncIterator[Ops]:
     """replicas = 2, min_insync = 2."""
     w = await _ops(tmp_path, 2)
     yield w
-    await w.side.stop()
-    await w.spool.close()
-    await w.follower.stop()
+    await w.close()
 
 
 @pytest.fixture
@@ -106,9 +89,7 @@ async def ops1(tmp_path: Path) -> AsyncIterator[Ops]:
     """replicas = 2, min_insync = 1: the shard keeps taking mail on the owner alone."""
     w = await _ops(tmp_path, 1)
     yield w
-    await w.side.stop()
-    await w.spool.close()
-    await w.follower.stop()
+    await w.close()
 
 
 def _events(logs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:

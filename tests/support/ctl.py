@@ -26,3 +26,19 @@ def ctl_json(node: NodeProcess | str, *args: str) -> Any:
     res = ctl(node, "--json", *args)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
+
+
+def mta(*args: str, cwd: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``mta ARGS`` (the daemon's command line, e.g. ``--check``) in ``cwd``."""
+    return subprocess.run([sys.executable, "-m", "mta", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    """The refusal of an ``mta`` run: exit 2, nothing on stdout, one line, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == ""
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return lines[0]

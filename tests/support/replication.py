@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mta.envelope import Envelope
 from mta.replication.channel import Listener, serve
@@ -19,7 +20,8 @@ from mta.spool import Spool
 from mta.spool.copyid import copy_id
 from mta.spool.shard import shard_dir
 
-__all__ = ["SECRET", "FollowerNode", "MemorySyncStore", "Peers", "envelope", "open_owner"]
+__all__ = ["SECRET", "FollowerNode", "MemorySyncStore", "Pair", "Peers", "envelope",
+           "open_owner", "start_pair"]
 
 SECRET = b"test-cluster-secret-0123456789"
 
@@ -96,3 +98,37 @@ async def open_owner(spool: Spool, side: OwnerSide, store: MemorySyncStore, shar
 def envelope(n: int = 0) -> Envelope:
     return Envelope(sender=f"s{n}@example.com", recipients=[f"r{n}@example.org"],
                     client_ip="127.0.0.1", helo="test")
+
+
+@dataclass
+class Pair:
+    """Owner node "a" (a real spool with an owner side) and follower node "b", on loopback,
+    with the in-sync records in memory."""
+
+    tmp: Path
+    peers: Peers
+    store: MemorySyncStore
+    spool: Spool
+    side: OwnerSide
+    follower: FollowerNode
+
+    def members(self, shard: int = 0) -> set[str]:
+        return set(self.store.records[shard].members)
+
+    async def close(self) -> None:
+        await self.side.stop()
+        await self.spool.close()
+        await self.follower.stop()
+
+
+async def start_pair(tmp: Path, min_insync: int, replica_timeout: float, shards: int = 2,
+                     **side: Any) -> Pair:
+    """A started :class:`Pair` (``side``: more OwnerSide options, e.g. ``events``)."""
+    peers, store = Peers(), MemorySyncStore()
+    follower = await FollowerNode("b", tmp / "b").start(peers)
+    spool = Spool(tmp / "a", "a", shards=shards, segment_size=4096)
+    await spool.start()
+    owner = OwnerSide("a", PeerAuth("a", secret=SECRET), peers, store, min_insync=min_insync,
+                      replica_timeout=replica_timeout, **side)
+    owner.start()
+    return Pair(tmp, peers, store, spool, owner, follower)
