@@ -40,7 +40,7 @@ from mta.spool.copyid import copy_id
 from mta.spool.ownership import read_owner
 from mta.spool.record import HEADER, Kind, ScannedRecord, scan
 from mta.spool.recovery import committed_end
-from mta.spool.segment import fsync_dir, list_segments, segment_path
+from mta.spool.segment import fsync_dir, list_segments, replace_durably, segment_path
 from mta.spool.shard import shard_dir
 
 __all__ = ["FOLLOW_FILE", "NOTHING", "Position", "ShardCopy", "log_segments", "read_follow",
@@ -72,13 +72,7 @@ def read_follow(directory: Path) -> int:
 
 
 def _write_follow(directory: Path, token: int) -> None:
-    tmp = directory / f"{FOLLOW_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(json.dumps({"token": token}).encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / FOLLOW_FILE)
-    fsync_dir(directory)
+    replace_durably(directory, FOLLOW_FILE, json.dumps({"token": token}).encode())
 
 
 def _read_segment(directory: Path, seq: int) -> bytes:

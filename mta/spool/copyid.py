@@ -13,7 +13,7 @@ import re
 import secrets
 from pathlib import Path
 
-from mta.spool.segment import fsync_dir
+from mta.spool.segment import replace_durably
 
 __all__ = ["COPY_FILE", "copy_id"]
 
@@ -50,16 +50,7 @@ def copy_id(shard_dir: Path) -> str:
 
 def _create(shard_dir: Path, path: Path) -> str:
     new = secrets.token_hex(16)
-    tmp = shard_dir / f"{COPY_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(new.encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        os.replace(tmp, path)  # absent or unreadable (we hold the lock)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(shard_dir)
+    replace_durably(shard_dir, COPY_FILE, new.encode() + b"\n")  # we hold the lock
     found = _read(path)
     if found is None:
         raise OSError(f"{path}: the copy id just written cannot be read back")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mta.spool.errors import FencedError
-from mta.spool.segment import fsync_dir
+from mta.spool.segment import replace_durably
 
 __all__ = ["OWNER_FILE", "OwnerCheck", "OwnerToken", "claim", "encode", "read_owner", "verify"]
 
@@ -47,13 +47,7 @@ def claim(shard_dir: Path, shard: int, owner: OwnerToken) -> None:
             current.token == owner.token and current.node != owner.node)):
         raise FencedError(shard, f"{current.node} holds token {current.token}, not older "
                                  f"than our {owner.token}")
-    tmp = shard_dir / f"{OWNER_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(encode(owner))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, shard_dir / OWNER_FILE)
-    fsync_dir(shard_dir)
+    replace_durably(shard_dir, OWNER_FILE, encode(owner))
 
 
 def encode(owner: OwnerToken) -> bytes:

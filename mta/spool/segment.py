@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mta.spool.errors import SpoolWriteError, os_detail
 
-__all__ = ["ActiveSegment", "fsync_dir", "list_segments", "read_range", "segment_path"]
+__all__ = ["ActiveSegment", "fsync_dir", "list_segments", "read_range", "replace_durably",
+           "segment_path"]
 
 _SEG_RE = re.compile(r"^seg-(\d{8})\.log$")
 
@@ -34,6 +35,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(directory: Path, name: str, data: bytes) -> None:
+    """Make ``directory/name`` hold ``data``, whole or not at all, durably: a temporary file
+    fsynced, renamed over it, the directory fsynced (a small record: owner, token, id)."""
+    tmp = directory / f"{name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, directory / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(directory)
 
 
 def read_range(shard_dir: Path, seq: int, offset: int, length: int) -> bytes:
