@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.promtool import PromtoolUnavailable, promtool
-from tests.support import ROOT, NodeProcess, node_config
+from tests.support import ROOT
+from tests.support.metrics import fresh_node_metrics
 
 ALERTS = ROOT / "configs" / "alerts.yml"
 UNIT_TESTS = ROOT / "configs" / "alerts.test.yml"
@@ -114,15 +113,9 @@ def test_sample_counting() -> None:
 
 
 @pytest.fixture(scope="module")
-def fresh_scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def fresh_scrape(tmp_path_factory: pytest.TempPathFactory) -> str:
     """/metrics of a real fresh node (no probe configured, nothing sent yet)."""
-    work = tmp_path_factory.mktemp("promtool")
-    node = NodeProcess(work, node_config(work / "spool")).start()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
-            yield resp.read().decode()
-    finally:
-        node.kill()
+    return fresh_node_metrics(tmp_path_factory.mktemp("promtool"))
 
 
 def _series(name: str, labels: dict[str, str]) -> str:

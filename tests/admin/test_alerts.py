@@ -4,8 +4,6 @@ uses is one a real node exports (or Prometheus's own ``up``)."""
 from __future__ import annotations
 
 import re
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,8 @@ import promql_parser
 import pytest
 import yaml
 
-from tests.support import ROOT, NodeProcess, node_config
+from tests.support import ROOT
+from tests.support.metrics import fresh_node_metrics
 
 ALERTS = ROOT / "configs" / "alerts.yml"
 _DURATION = re.compile(r"^\d+[smhd]$")
@@ -22,15 +21,9 @@ _METRIC = re.compile(r"\b(mta_[a-z0-9_]+|up)\b")
 
 
 @pytest.fixture(scope="module")
-def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def scrape(tmp_path_factory: pytest.TempPathFactory) -> str:
     """/metrics of a fresh node (no probe configured, nothing sent yet)."""
-    work = tmp_path_factory.mktemp("alerts")
-    node = NodeProcess(work, node_config(work / "spool")).start()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
-            yield resp.read().decode()
-    finally:
-        node.kill()
+    return fresh_node_metrics(tmp_path_factory.mktemp("alerts"))
 
 
 @pytest.fixture(scope="module")

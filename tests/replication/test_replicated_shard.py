@@ -22,6 +22,7 @@ from mta.spool import Spool
 from mta.spool.errors import ShardReadOnly
 from mta.spool.recovery import committed_end
 from mta.spool.shard import shard_dir
+from tests.support import wait_until
 from tests.support.replication import (
     SECRET,
     FollowerNode,
@@ -40,13 +41,6 @@ class World(Pair):
 
     async def shard(self, n: int = 0, token: int = 10) -> ShardReplica:
         return await open_owner(self.spool, self.side, self.store, n, token, ["b"])
-
-    async def until(self, cond: object, what: str, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not cond():  # type: ignore[operator]
-                await asyncio.sleep(0.01)
-        del what
-
 
 async def _world(tmp: Path, min_insync: int) -> World:
     pair = await start_pair(tmp, min_insync, TIMEOUT, shards=SHARDS)
@@ -72,10 +66,6 @@ def identical(w: World, shard: int = 0) -> bool:
                == (theirs / f"seg-{seq:08d}.log").read_bytes() for seq, _, _ in segs)
 
 
-def members(w: World, shard: int = 0) -> set[str]:
-    return set(w.store.records[shard].members)
-
-
 async def submit_many(w: World, count: int, size: int = 700) -> list[str]:
     """``count`` messages, five at a time (so batches are several and segments roll over)."""
     ids: list[str] = []
@@ -92,14 +82,14 @@ async def test_mail_is_refused_until_a_follower_joins_then_both_copies_match(
     # Alone, the shard cannot make two copies: new mail is refused (451), not half-kept.
     with pytest.raises(ShardReadOnly):
         await w.spool.submit(envelope(), b"hello", w.spool.allocate_id())
-    await w.until(lambda: members(w) == {"a", "b"}, "b caught up and joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="b caught up and joined")
     assert rep.accepting
     ids = await submit_many(w, 60)
     assert len(set(ids)) == 60
     # Acknowledged means on b's disk: its durable copy already ends past every message.
     copy = w.follower.follower.copies[0]  # type: ignore[union-attr]
     assert copy.durable >= max(rep.replica.acknowledged, (0, 0))
-    await w.until(lambda: identical(w), "b's copy is the owner's log")
+    await wait_until(lambda: identical(w), what="b's copy is the owner's log")
     assert len(log_segments(shard_dir(w.spool.root, 0))) > 3, "segments rolled over"
 
 
@@ -107,7 +97,7 @@ async def test_an_unreachable_follower_is_dropped_and_the_shard_turns_read_only(
         world2: World) -> None:
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     await submit_many(w, 5)
     await w.follower.stop()  # its disk is there, but nobody answers
     pending = asyncio.ensure_future(w.spool.submit(envelope(1), b"after the follower left"))
@@ -115,7 +105,7 @@ async def test_an_unreachable_follower_is_dropped_and_the_shard_turns_read_only(
     # shard has fewer than min_insync copies, so the waiting message gets a 451.
     with pytest.raises(ShardReadOnly):
         await asyncio.wait_for(pending, 10)
-    assert members(w) == {"a"}
+    assert w.members() == {"a"}
     with pytest.raises(ShardReadOnly):
         await w.spool.submit(envelope(2), b"x", w.spool.allocate_id())
 
@@ -123,36 +113,37 @@ async def test_an_unreachable_follower_is_dropped_and_the_shard_turns_read_only(
 async def test_a_follower_that_returns_catches_up_and_rejoins(world2: World) -> None:
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     await submit_many(w, 10)
     port = w.peers.addresses["b"][1]
     await w.follower.stop()
-    await w.until(lambda: members(w) == {"a"}, "dropped")
+    await wait_until(lambda: w.members() == {"a"}, what="dropped")
     w.follower = await FollowerNode("b", w.tmp / "b").start(w.peers, port)
-    await w.until(lambda: members(w) == {"a", "b"}, "rejoined after catching up")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="rejoined after catching up")
     await submit_many(w, 10)
-    await w.until(lambda: identical(w), "identical again")
+    await wait_until(lambda: identical(w), what="identical again")
 
 
 async def test_a_replaced_disk_gets_a_full_copy_under_a_new_id(world2: World) -> None:
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     await submit_many(w, 30)
     old_id = w.store.records[0].members["b"]
     port = w.peers.addresses["b"][1]
     await w.follower.stop()
     shutil.rmtree(w.tmp / "b")
     w.follower = await FollowerNode("b", w.tmp / "b").start(w.peers, port)
-    await w.until(lambda: members(w) == {"a", "b"} and w.store.records[0].members["b"] != old_id,
-                  "the new disk joined under its own id")
-    await w.until(lambda: identical(w), "a full copy")
+    await wait_until(lambda: w.members() == {"a", "b"}
+                     and w.store.records[0].members["b"] != old_id,
+                     what="the new disk joined under its own id")
+    await wait_until(lambda: identical(w), what="a full copy")
 
 
 async def test_a_stale_owner_collects_no_ack_once_a_newer_one_spoke(world2: World) -> None:
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     await submit_many(w, 3)
     # Another node took shard 0 over under a newer token and said hello to b.
     other = Spool(w.tmp / "c", "c", shards=SHARDS)
@@ -163,8 +154,8 @@ async def test_a_stale_owner_collects_no_ack_once_a_newer_one_spoke(world2: Worl
     try:
         w.store.records[0] = SyncRecord(20, "c", dict(w.store.records[0].members))
         await open_owner(other, side_c, w.store, 0, 20, ["b"])
-        await w.until(lambda: w.follower.follower.copies[0].token == 20,  # type: ignore
-                      "b follows token 20")
+        await wait_until(lambda: w.follower.follower.copies[0].token == 20,
+                         what="b follows token 20")  # type: ignore
         # b refuses the zombie's frames: the message is never acknowledged (the shard turns
         # read-only once b's silence outlasts replica_timeout, and its waiter gets 451).
         with pytest.raises(ShardReadOnly):
@@ -178,8 +169,8 @@ async def test_a_shard_the_node_owns_itself_is_refused(world2: World) -> None:
     w = world2
     w.follower.owns.add(0)
     rep = await w.shard()
-    await w.until(lambda: rep.streams["b"].retry_at > 0, "b said it owns shard 0")
-    assert members(w) == {"a"}
+    await wait_until(lambda: rep.streams["b"].retry_at > 0, what="b said it owns shard 0")
+    assert w.members() == {"a"}
 
 
 @pytest.mark.parametrize("min_insync", [1])
@@ -200,11 +191,11 @@ async def test_an_idle_shard_keeps_its_follower(world2: World) -> None:
     """No mail for several replica_timeouts: pings and their acks keep b in the set."""
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     changes = w.store.changes
     idle_until = asyncio.get_running_loop().time() + 4 * TIMEOUT
     while asyncio.get_running_loop().time() < idle_until:
-        assert members(w) == {"a", "b"}
+        assert w.members() == {"a", "b"}
         await asyncio.sleep(0.05)
     assert w.store.changes == changes
     await submit_many(w, 2)
@@ -215,10 +206,10 @@ async def test_delivery_records_settle_on_a_read_only_shard(world2: World) -> No
     STATE and DONE need every member, not min_insync copies."""
     w = world2
     await w.shard()
-    await w.until(lambda: members(w) == {"a", "b"}, "joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
     [mid] = await submit_many(w, 1)
     await w.follower.stop()
-    await w.until(lambda: members(w) == {"a"}, "b dropped: read-only")
+    await wait_until(lambda: w.members() == {"a"}, what="b dropped: read-only")
     async with asyncio.timeout(10):
         await w.spool.update_state(mid, {"att": 1})
         await w.spool.mark_done(mid)

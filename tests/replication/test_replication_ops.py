@@ -61,13 +61,6 @@ class Ops(Pair):
         self.follower = await FollowerNode("b", self.tmp / "b").start(self.peers, port)
 
 
-async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-    del what
-
-
 async def _ops(tmp: Path, min_insync: int) -> Ops:
     metrics = NodeMetrics()
     pair = await start_pair(tmp, min_insync, TIMEOUT, events=metrics.replication())
@@ -113,19 +106,20 @@ async def test_metrics_and_log_lines_follow_a_shard_to_read_only_and_back(ops2: 
         # Opened with the owner alone in the in-sync set: below min_insync, read-only.
         await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
         assert _states(w) == {"in_sync": 0, "under_replicated": 0, "read_only": 1}
-        await until(lambda: w.members() == {"a", "b"}, "b joined")
-        await until(lambda: _states(w)["in_sync"] == 1, "in sync")
+        await wait_until(lambda: w.members() == {"a", "b"}, what="b joined")
+        await wait_until(lambda: _states(w)["in_sync"] == 1, what="in sync")
         assert w.value("mta_replication_insync_changes_total", change="grow") == 1
         assert w.value("mta_replication_followers_connected") == 1
         await asyncio.gather(*(w.spool.submit(envelope(n), b"x" * 500) for n in range(5)))
-        await until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
-                    "b acked everything")
+        await wait_until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
+                         what="b acked everything")
         port = w.peers.addresses["b"][1]
         await w.follower.stop()
-        await until(lambda: w.members() == {"a"}, "b dropped")
-        await until(lambda: _states(w)["read_only"] == 1, "read-only again")
+        await wait_until(lambda: w.members() == {"a"}, what="b dropped")
+        await wait_until(lambda: _states(w)["read_only"] == 1, what="read-only again")
         assert w.value("mta_replication_insync_changes_total", change="shrink") == 1
-        await until(lambda: w.value("mta_replication_followers_connected") == 0, "link down")
+        await wait_until(lambda: w.value("mta_replication_followers_connected") == 0,
+                         what="link down")
         await asyncio.sleep(4 * TIMEOUT)  # many ticks: no more log lines
         lines = _events(logs, "replication.shard_read_only", "replication.shard_writable")
         assert [e["event"] for e in lines] == ["replication.shard_read_only",
@@ -136,7 +130,7 @@ async def test_metrics_and_log_lines_follow_a_shard_to_read_only_and_back(ops2: 
         assert lines[1]["members"] == ["a", "b"] and lines[1]["log_level"] == "info"
         assert lines[2]["members"] == ["a"]
         await w.restart_follower(port)
-        await until(lambda: _states(w)["in_sync"] == 1, "b caught up and rejoined")
+        await wait_until(lambda: _states(w)["in_sync"] == 1, what="b caught up and rejoined")
         assert w.value("mta_replication_insync_changes_total", change="grow") == 2
         lines = _events(logs, "replication.shard_read_only", "replication.shard_writable")
         assert lines[-1]["event"] == "replication.shard_writable" and len(lines) == 4
@@ -145,13 +139,13 @@ async def test_metrics_and_log_lines_follow_a_shard_to_read_only_and_back(ops2: 
 async def test_lag_is_the_bytes_a_stopped_follower_lacks_across_segments(ops1: Ops) -> None:
     w = ops1
     rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
-    await until(lambda: w.members() == {"a", "b"}, "b joined")
+    await wait_until(lambda: w.members() == {"a", "b"}, what="b joined")
     assert _states(w) == {"in_sync": 1, "under_replicated": 0, "read_only": 0}
     await asyncio.gather(*(w.spool.submit(envelope(n), b"x" * 300) for n in range(3)))
-    await until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
-                "b acked everything")
+    await wait_until(lambda: w.value("mta_replication_follower_lag_bytes", peer="b") == 0,
+                     what="b acked everything")
     await w.follower.stop()
-    await until(lambda: w.members() == {"a"}, "b dropped")
+    await wait_until(lambda: w.members() == {"a"}, what="b dropped")
     # Still takes mail (min_insync 1), on fewer copies than planned.
     assert _states(w) == {"in_sync": 0, "under_replicated": 1, "read_only": 0}
     acked = tuple(rep.status()["followers"]["b"]["acked"])  # type: ignore[index]
@@ -171,7 +165,7 @@ async def test_a_follower_refusal_is_counted_by_reason(ops2: Ops) -> None:
     w = ops2
     w.follower.owns.add(0)  # b says it owns shard 0 itself: nack "owner"
     rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
-    await until(lambda: rep.streams["b"].retry_at > 0, "b refused")
+    await wait_until(lambda: rep.streams["b"].retry_at > 0, what="b refused")
     assert (w.value("mta_replication_refused_total", reason="owner") or 0) >= 1
     assert w.value("mta_replication_refused_total", reason="stale") == 0
 
