@@ -22,13 +22,13 @@ from mta.replication.copy import log_segments
 from mta.replication.copywriter import CopyWriter
 from mta.replication.follower import Follower
 from mta.replication.insync import NOTHING, SyncRecord
-from mta.replication.owner import OwnerEvents, OwnerSide
+from mta.replication.owner import OwnerEvents, OwnerSide, ShardReplica
 from mta.replication.peerauth import PeerAuth
 from mta.spool import Spool
 from mta.spool.copyid import copy_id
 from mta.spool.shard import shard_dir
 
-__all__ = ["ReplicationService"]
+__all__ = ["ReplicationService", "replicate_opened"]
 
 log = structlog.get_logger("mta.replication")
 
@@ -56,6 +56,19 @@ def peer_auth(cfg: Config) -> PeerAuth:
                                 secret=c.secret.reveal() if c.secret is not None else None,
                                 tls_ca=c.tls_ca or None, tls_cert=c.tls_cert or None,
                                 tls_key=c.tls_key or None)
+
+
+async def replicate_opened(spool: Spool, owner: OwnerSide, shard: int, token: int,
+                           copy: str, record: SyncRecord, followers: list[str]) -> ShardReplica:
+    """Replicate ``shard``, just opened on ``spool`` under ``token``, through ``owner``: the
+    replica starts from the log as recovery left it (its end and segment sizes)."""
+    directory = shard_dir(spool.root, shard)
+    segs = await asyncio.to_thread(log_segments, directory)
+    end = (segs[-1][0], segs[-1][2]) if segs else NOTHING
+    rep = owner.open(shard, token, directory, copy, record, followers, end,
+                     {seq: size for seq, _token, size in segs})
+    spool.replicate(shard, rep)
+    return rep
 
 
 class ReplicationService:
@@ -124,13 +137,8 @@ class ReplicationService:
             if self.follower is not None:
                 self.follower.resume(shard)
             raise
-        directory = shard_dir(self.root, shard)
-        segs = await asyncio.to_thread(log_segments, directory)
-        end = (segs[-1][0], segs[-1][2]) if segs else NOTHING
-        rep = self.owner.open(shard, token, directory, self.copy_ids[shard],
-                              replication.record, list(replication.followers), end,
-                              {seq: size for seq, _token, size in segs})
-        self.spool.replicate(shard, rep)
+        await replicate_opened(self.spool, self.owner, shard, token, self.copy_ids[shard],
+                               replication.record, list(replication.followers))
 
     def release(self, shard: int) -> None:
         """The shard was handed back: stop replicating it; its copy may follow again."""

@@ -10,12 +10,12 @@ from typing import Any
 
 from mta.envelope import Envelope
 from mta.replication.channel import Listener, serve
-from mta.replication.copy import log_segments
 from mta.replication.copywriter import CopyWriter
 from mta.replication.follower import Follower
 from mta.replication.insync import SyncRecord
 from mta.replication.owner import OwnerSide, ShardReplica
 from mta.replication.peerauth import PeerAuth
+from mta.replication.service import replicate_opened
 from mta.spool import Spool
 from mta.spool.copyid import copy_id
 from mta.spool.shard import shard_dir
@@ -88,11 +88,7 @@ async def open_owner(spool: Spool, side: OwnerSide, store: MemorySyncStore, shar
         members = dict(record.members) if record else {}
         members[side.node_id] = cid
         record = store.records[shard] = SyncRecord(token, side.node_id, members)
-    segs = await asyncio.to_thread(log_segments, directory)
-    end = (segs[-1][0], segs[-1][2]) if segs else (0, 0)
-    rep = side.open(shard, token, directory, cid, record, followers, end)
-    spool.replicate(shard, rep)
-    return rep
+    return await replicate_opened(spool, side, shard, token, cid, record, followers)
 
 
 def envelope(n: int = 0) -> Envelope:
