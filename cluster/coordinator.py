@@ -39,7 +39,7 @@ import structlog
 
 import mta
 from cluster.keys import Keys
-from cluster.placement import Node, place_followers, promotable_assignment
+from cluster.placement import Node, add_handoff_targets, place_followers, promotable_assignment
 from cluster.rendezvous import assign, score
 from cluster.store import (
     Deadline,
@@ -706,8 +706,9 @@ class ClusterCoordinator:
         desired = assign(self.total_shards, live)
         followers: dict[int, list[str]] = {}
         if self.replicas > 1:
-            desired = self._promotable(v, desired, live)
-            followers = self._followers(v, desired)
+            balanced = desired
+            desired = self._promotable(v, balanced, live)
+            followers = self._followers(v, desired, balanced)
         changes = {s: n for s, n in desired.items() if v.assignment.get(s) != n}
         if not changes and not followers:
             return False
@@ -742,12 +743,15 @@ class ClusterCoordinator:
         else:
             log.info("cluster.shard_waiting_for_copy", node_id=self.node_id, shards=shards)
 
-    def _followers(self, v: Snapshot, desired: Mapping[int, str]) -> dict[int, list[str]]:
+    def _followers(self, v: Snapshot, desired: Mapping[int, str],
+                   balanced: Mapping[int, str]) -> dict[int, list[str]]:
         """The follower placements that differ from ``replicas/`` as ``v`` shows them."""
         nodes = {n: Node(w, str(v.members[n].get("zone", "") or ""))
                  for n, w in v.weights().items()}
         placed = place_followers(desired, nodes, self.replicas, v.replicas)
         _top_up(placed, desired, nodes, self.replicas - 1, v.replicas)
+        holders = {s: o.node for s, o in v.owners.items()}
+        add_handoff_targets(placed, desired, balanced, holders, nodes)
         return {s: f for s, f in placed.items() if tuple(f) != v.replicas.get(s, ())}
 
     async def _delete_owner_key(self, shard: int, revision: int | None = None) -> None:

@@ -10,7 +10,12 @@ Owners are spread by :func:`cluster.rendezvous.assign` as before replication. Th
   exists only ever goes to a live member of its in-sync set: a dead owner's shard to a copy
   that has every acknowledged message, a balanced move only once the new node has caught up
   and joined (it is placed as a follower first). A shard with no live member keeps its old
-  owner in the assignment and waits, like Kafka with unclean election off.
+  owner in the assignment and waits, like Kafka with unclean election off. A draining owner
+  hands its shard at once to a live member in service, if it has one.
+- :func:`add_handoff_targets` makes the node a shard is to move to a follower of it while it
+  catches up (beyond ``replicas - 1``: the copies in sync never drop during a move), and keeps
+  the node it is moving to placed until the handover is done. The owner prunes the extra copy
+  from the in-sync set once the placed ones are in it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from cluster.rendezvous import score
 
-__all__ = ["Node", "place_followers", "promotable_assignment"]
+__all__ = ["Node", "add_handoff_targets", "place_followers", "promotable_assignment"]
 
 
 class Node:
@@ -81,12 +86,28 @@ def promotable_assignment(desired: Mapping[int, str], current: Mapping[int, str]
             continue
         now = current.get(shard)
         alive = [n for n in names if n in live]
-        if now in alive:
+        serving = [n for n in alive if n in weights] or alive  # in service: not draining
+        if now in serving:
             out[shard] = now  # stays until the balanced node has caught up and joined
         elif alive:
-            out[shard] = max(alive, key=lambda n: score(n, shard, weights.get(n, 1.0)))
+            # A dead owner's shard, or a draining one's: to an in-sync copy now (no data copy
+            # on the critical path); the balanced node gets it once it has caught up.
+            out[shard] = max(serving, key=lambda n: score(n, shard, weights.get(n, 1.0)))
         elif now is not None:
             out[shard] = now  # no live copy with every acknowledged message: wait
         else:
             del out[shard]
     return out
+
+
+def add_handoff_targets(placed: dict[int, list[str]], owners: Mapping[int, str],
+                        balanced: Mapping[int, str], holders: Mapping[int, str],
+                        nodes: Mapping[str, Node]) -> None:
+    """Add to each shard's followers the node it is to move to (``balanced``, while the owner
+    stays where it is until that node has caught up) and the node it is being handed to
+    (``owners``, while ``holders`` still holds it), so the holder keeps streaming to it."""
+    for shard, followers in placed.items():
+        holder = holders.get(shard, owners.get(shard))
+        for target in (balanced.get(shard), owners.get(shard)):
+            if target in nodes and target != holder and target not in followers:
+                followers.append(target)

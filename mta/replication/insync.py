@@ -29,7 +29,7 @@ The rules (docs/replication.md):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -273,9 +273,12 @@ class OwnerReplica:
         self.acknowledged = max(self.acknowledged, pos)
         return pos, (pos if self.accepting else None)
 
-    def proposal(self, now: float) -> SyncRecord | None:
+    def proposal(self, now: float, placed: Collection[str] = (),
+                 replicas: int = 0) -> SyncRecord | None:
         """The record change to propose now, if any (one at a time): drop a member that is
-        silent or lost its disk, else add a follower that caught up."""
+        silent or lost its disk, else one the leader no longer places (``placed``: the
+        followers of the current placement; empty: unknown) while more than ``replicas``
+        copies are in the set without it, else add a (placed) follower that caught up."""
         if self.proposed is not None:
             return None
         members = dict(self.record.members)
@@ -288,10 +291,20 @@ class OwnerReplica:
             if silent or replaced:
                 del members[node]
                 return self._propose(members)
+        if placed and replicas and len(members) > replicas:
+            # A move or a replacement left an extra copy in the set (the node the shard moved
+            # from, a follower replaced by one that has caught up): drop it, never below
+            # ``replicas``, so the copies in sync do not dip while placement changes.
+            for node in sorted(members):
+                if node != self.node and node not in placed:
+                    del members[node]
+                    return self._propose(members)
         acknowledged = max(self.acknowledged, self.frontier)
         for node, view in sorted(self.followers.items()):
             if node in members or not view.connected or view.copy_id is None:
                 continue
+            if placed and node not in placed:
+                continue  # streamed to until the placement's change reaches us: not added
             # It has everything acknowledged so far, and from the proposal on its acks are
             # required: when the change commits it holds every acknowledged record.
             if view.acked >= acknowledged and now - view.last_seen <= self.replica_timeout:
@@ -302,6 +315,11 @@ class OwnerReplica:
     def _propose(self, members: dict[str, str]) -> SyncRecord:
         self.proposed = self.record.with_members(members)
         return self.proposed
+
+    def forget(self, node: str) -> None:
+        """``node`` is no longer streamed to (the placement dropped it and it is no member)."""
+        if node not in self._required():
+            self.followers.pop(node, None)
 
     def lagging(self) -> dict[str, Position]:
         """Followers and how far they have acked, for status and metrics."""

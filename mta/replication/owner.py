@@ -255,18 +255,31 @@ class ShardReplica:
 
     def _follow_placement(self) -> None:
         """Stream to the followers the leader places now (a node that joined the cluster
-        after we opened the shard, a replacement for a dead one)."""
-        for peer in self.side.followers(self.shard):
+        after we opened the shard, a replacement for a dead one), and no longer to one it
+        moved away that is no member (or no longer: the in-sync set pruned it)."""
+        placed = self.side.followers(self.shard)
+        for peer in placed:
             if peer != self.side.node_id and peer not in self.streams:
                 self.streams[peer] = _Stream(peer)
                 self.side.link(peer, self.shard)
                 log.info("replication.follower_placed", node_id=self.side.node_id,
                          shard=self.shard, peer=peer)
+        if not placed:
+            return  # no placement known (yet): keep what we have
+        keep = {*placed, *self.replica.record.members}
+        if self.replica.proposed is not None:
+            keep |= set(self.replica.proposed.members)
+        for peer in [p for p in self.streams if p not in keep]:
+            self._stop(self.streams.pop(peer))
+            self.replica.forget(peer)
+            self.side.unlink(peer, self.shard)
+            log.info("replication.follower_unplaced", node_id=self.side.node_id,
+                     shard=self.shard, peer=peer)
 
     def _propose(self, now: float) -> None:
         if self._proposing is not None:
             return
-        new = self.replica.proposal(now)
+        new = self.replica.proposal(now, self.side.followers(self.shard), self.side.replicas)
         if new is None:
             return
         old = self.replica.record
@@ -492,7 +505,7 @@ class OwnerSide:
     """This node as the owner of replicated shards."""
 
     def __init__(self, node_id: str, auth: PeerAuth, peers: PeerDirectory, store: SyncStore,
-                 *, min_insync: int, replica_timeout: float,
+                 *, min_insync: int, replica_timeout: float, replicas: int = 0,
                  on_fenced: Callable[[int, str], None] | None = None,
                  followers: Callable[[int], tuple[str, ...]] | None = None,
                  events: OwnerEvents | None = None,
@@ -502,6 +515,9 @@ class OwnerSide:
         self.peers = peers
         self.store = store
         self.min_insync = min_insync
+        # Copies a shard should have; the in-sync set is pruned back to it after a move (0:
+        # never pruned).
+        self.replicas = replicas
         self.replica_timeout = replica_timeout
         self.wait_timeout = 2 * replica_timeout
         self.clock = clock
@@ -538,6 +554,11 @@ class OwnerSide:
         link.shards.add(shard)
         if link.conn is not None and (rep := self.shards.get(shard)) is not None:
             rep.link_up(peer)
+
+    def unlink(self, peer: str, shard: int) -> None:
+        """``shard`` no longer streams to ``peer`` (the connection stays for the others)."""
+        if (link := self._peers.get(peer)) is not None:
+            link.shards.discard(shard)
 
     def close_shard(self, shard: int) -> None:
         rep = self.shards.pop(shard, None)

@@ -85,7 +85,7 @@ class ReplicationService:
         self.follower: Follower | None = None
         self.listener: Listener | None = None
         self.owner = OwnerSide(cfg.node.id, self.auth, _Peers(coordinator), _Store(coordinator),
-                               min_insync=cfg.spool.min_insync,
+                               min_insync=cfg.spool.min_insync, replicas=cfg.spool.replicas,
                                replica_timeout=cfg.spool.replica_timeout,
                                on_fenced=self._on_fenced, followers=coordinator.followers,
                                events=events)

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from cluster.coordinator import ClusterCoordinator, parse_hostport
 from cluster.keys import Keys
+from cluster.rendezvous import assign
 from cluster.store import Entry, Put, Txn, decode
 from mta.coordinator import Replication
 from mta.replication.insync import SyncRecord
@@ -58,19 +59,25 @@ async def test_the_leader_places_distinct_followers_other_than_the_owner(
         await cs[n].start(hosts[n])
     # n1 owns every shard (nothing is promotable elsewhere yet): place_followers' even
     # per-node bound alone would leave some shards with fewer followers than that (and a
-    # shard with none could never move); every shard gets all of its followers.
+    # shard with none could never move); every shard gets all of its followers, and the
+    # node the balanced assignment gives it besides, until that one has caught up.
+    balanced = assign(SHARDS, dict.fromkeys(names, 1.0))
 
     def placed() -> bool:
         v = world.snapshot()
-        return len(v.replicas) == SHARDS and all(len(f) == replicas - 1
-                                                 for f in v.replicas.values())
+        return len(v.replicas) == SHARDS and all(
+            len(f) >= replicas - 1 and balanced[s] in (*f, v.assignment.get(s))
+            for s, f in v.replicas.items())
 
     await until(placed, 10, "followers placed for every shard")
     await until(settled(world, list(cs.values())), 10, "settled")
     v = world.snapshot()
     for shard in range(SHARDS):
         followers = v.replicas[shard]
-        assert len(set(followers)) == len(followers) == replicas - 1, (shard, followers)
+        extra = int(balanced[shard] != v.assignment[shard])  # the node it is to move to
+        assert len(set(followers)) == len(followers), (shard, followers)
+        assert replicas - 1 <= len(followers) <= replicas - 1 + extra, (shard, followers)
+        assert balanced[shard] in (*followers, v.assignment[shard]), (shard, followers)
         assert v.assignment[shard] not in followers, (shard, v)
         assert set(followers) <= set(names)
         # The claim wrote the first record: the owner's copy, under its token.
@@ -130,6 +137,81 @@ async def test_a_dead_owners_shard_goes_only_to_a_live_member_holding_its_copy(
             assert replication.record.members[n] == host.copies[shard], (n, shard)
             assert replication.record.token == token
     assert not [e for e in logs if e["event"] == "cluster.not_promotable"], logs
+
+
+async def test_a_joining_node_gets_its_balanced_share_once_caught_up_and_drain_is_at_once(
+        world: World) -> None:
+    """The node a shard is to move to is placed as an extra follower (the copies in sync
+    never dip), gets the shard once it has joined the in-sync set, and the extra placement
+    goes once it holds it. A draining owner hands its shards to in-sync copies at once."""
+    hosts = {n: Host(n) for n in ("n1", "n2", "n3")}
+    cs = {n: world.coordinator(n) for n in hosts}
+    two, three = ("n1", "n2"), ("n1", "n2", "n3")
+
+    async def catch_up(target: str | None = None) -> None:
+        # The owner side's grow, for each placed follower (only ``target`` if given).
+        v = world.snapshot()
+        for shard, followers in sorted(v.replicas.items()):
+            for node in followers:
+                if node not in v.sync[shard].members and target in (None, node):
+                    await grow(world, owner_of(world, cs, shard), shard, node,
+                               hosts[node].copies.get(shard, f"{node}-copy{shard}"))
+
+    def owners_are(names: tuple[str, ...]) -> bool:
+        balanced = assign(SHARDS, dict.fromkeys(names, 1.0))
+        return world.owners() == balanced and settled(world, [cs[n] for n in names])()
+
+    for n in two:
+        await cs[n].start(hosts[n])
+    await until(lambda: len(world.snapshot().replicas) == SHARDS
+                and settled(world, [cs[n] for n in two])(), 10, "placed and settled")
+    await catch_up()
+    await until(lambda: owners_are(two), 10, "the balanced owners of two nodes")
+    await catch_up()  # the records after the moves name both copies again
+    before = world.snapshot()
+    assert all(len(r.members) == 2 for r in before.sync.values()), before.sync
+
+    await cs["n3"].start(hosts["n3"])
+    balanced = assign(SHARDS, dict.fromkeys(three, 1.0))
+    moving = {s for s, n in balanced.items() if n == "n3"}
+    assert 0 < len(moving) < SHARDS
+
+    def n3_placed() -> bool:
+        v = world.snapshot()
+        return all("n3" in v.replicas.get(s, ()) for s in moving)
+
+    await until(n3_placed, 10, "n3 placed as a follower of the shards it is to own")
+    v = world.snapshot()
+    assert not moving & {s for s, o in v.owners.items() if o.node == "n3"}, "moved uncaught-up"
+    # (A follower it replaces stays in the in-sync set, streamed to, until the owner side
+    # has n3 in the set: the owner prunes only above ``replicas`` copies; test_insync.)
+    await catch_up("n3")
+    await until(lambda: owners_are(three), 10, "n3 owns its balanced share")
+    v = world.snapshot()
+    for shard in moving:
+        assert v.owners[shard].node == "n3"
+        assert len(v.replicas[shard]) == 1 and "n3" not in v.replicas[shard], v.replicas[shard]
+        # The takeover kept the live copies: the owner side prunes the extra one.
+        assert {"n3", *before.sync[shard].members} == set(v.sync[shard].members)
+
+    # Drain n3 after one of its shards lost from its in-sync set the node that shard would
+    # go to without n3 (the balanced choice): the shard goes at once to the copy it still
+    # has in its set (no grow here), not to the node that would first have to catch up.
+    shard = min(moving)
+    target = assign(SHARDS, {"n1": 1.0, "n2": 1.0})[shard]
+    other = ({"n1", "n2"} - {target}).pop()
+    old = v.sync[shard]
+    new = old.with_members({n: c for n, c in old.members.items() if n != target})
+    assert other in new.members and await cs["n3"].change_sync(shard, old, new) == new
+    v = world.snapshot()
+    held = {s: set(v.sync[s].members) - {"n3"} for s in moving}
+    await cs["n1"].set_draining("n3", True)
+    await until(lambda: "n3" not in world.owners().values()
+                and settled(world, list(cs.values()))(), 10, "n3 drained")
+    v = world.snapshot()
+    assert v.owners[shard].node == other
+    for shard, members in held.items():
+        assert v.owners[shard].node in members, (shard, members, v.owners[shard])
 
 
 async def test_a_member_whose_copy_id_changed_is_not_chosen(world: World) -> None:

@@ -210,3 +210,41 @@ def test_a_replaced_disk_is_not_proposed_back_before_it_caught_up() -> None:
     assert rep.proposal(0.2) is None, "the new disk has acked nothing"
     rep.acked("b", (1, 100), 0.3, again)
     assert rep.proposal(0.3) == SyncRecord(5, "a", {"a": "ca", "b": "cb2"})
+
+
+def test_a_copy_the_placement_moved_away_is_pruned_only_above_replicas() -> None:
+    # The leader replaced follower b by c (or the shard moved here from b): b stays in the
+    # set, its acks required, until c has joined; then b goes and the set is back at two.
+    rep = owner({"b": "cb"}, min_insync=2)
+    sb = rep.connected("b", "cb", 0.0)
+    sc = rep.connected("c", "cc", 0.0)
+    rep.acked("b", (1, 100), 0.1, sb)
+    assert rep.proposal(0.1, placed=("c",), replicas=2) is None, "c has not caught up"
+    assert rep.advance()[0] == (1, 100), "b still counts"
+    rep.acked("c", (1, 100), 0.2, sc)
+    grow = rep.proposal(0.2, placed=("c",), replicas=2)
+    assert grow == SyncRecord(5, "a", {"a": "ca", "b": "cb", "c": "cc"})
+    rep.settled(grow)
+    prune = rep.proposal(0.3, placed=("c",), replicas=2)
+    assert prune == SyncRecord(5, "a", {"a": "ca", "c": "cc"})
+    rep.settled(prune)
+    assert rep.proposal(0.4, placed=("c",), replicas=2) is None, "never below replicas"
+    rep.forget("b")
+    rep.wrote((1, 200))
+    rep.synced((1, 200))
+    rep.acked("c", (1, 200), 0.5, sc)
+    assert rep.advance()[0] == (1, 200), "b is no longer waited for"
+
+
+def test_an_unplaced_follower_is_not_added_and_an_unknown_placement_prunes_nothing() -> None:
+    rep = owner({"b": "cb", "c": "cc"}, min_insync=2)
+    for node in ("b", "c", "d"):
+        rep.acked(node, (1, 100), 0.1, rep.connected(node, f"c{node}", 0.0))
+    assert rep.proposal(0.1, placed=("b",), replicas=2) == SyncRecord(
+        5, "a", {"a": "ca", "b": "cb"}), "c is beyond replicas and unplaced"
+    rep.settled(rep.proposed)
+    assert rep.proposal(0.2, placed=("b",), replicas=2) is None, "d is not placed: not added"
+    other = owner({"b": "cb", "c": "cc"}, min_insync=2)
+    for node in ("b", "c"):
+        other.acked(node, (1, 100), 0.1, other.connected(node, f"c{node}", 0.0))
+    assert other.proposal(0.2, placed=(), replicas=2) is None, "no placement known yet"

@@ -124,6 +124,34 @@ async def test_a_follower_that_returns_catches_up_and_rejoins(world2: World) -> 
     await wait_until(lambda: identical(w), what="identical again")
 
 
+async def test_a_follower_the_leader_replaces_leaves_only_once_its_successor_joined(
+        tmp_path: Path) -> None:
+    """The placement moves shard 0's copy from b to c: b stays in the set (its acks
+    required) until c has caught up and joined, then is pruned and no longer streamed to;
+    the set never has fewer than two copies on the way."""
+    placement: dict[int, tuple[str, ...]] = {0: ("b",)}
+    w = await start_pair(tmp_path, 2, TIMEOUT, shards=SHARDS, replicas=2,
+                         followers=lambda s: placement.get(s, ()))
+    c = await FollowerNode("c", tmp_path / "c").start(w.peers)
+    try:
+        rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+        await wait_until(lambda: w.members() == {"a", "b"}, what="b joined")
+        await submit_many(w, 10)
+        placement[0] = ("c",)
+        await wait_until(lambda: w.members() == {"a", "c"}, what="c joined, b pruned")
+        await wait_until(lambda: "b" not in rep.streams, what="b no longer streamed to")
+        joined = next(i for i, r in enumerate(w.store.history) if set(r.members) == {"a", "b"})
+        assert all(len(r.members) >= 2 for r in w.store.history[joined:]), w.store.history
+        await w.follower.stop()  # b is not waited for any more
+        ids = await asyncio.wait_for(submit_many(w, 10), 10)
+        assert len(set(ids)) == 10
+        copy = c.follower.copies[0]  # type: ignore[union-attr]
+        assert copy.durable >= rep.replica.acknowledged
+    finally:
+        await w.close()
+        await c.stop()
+
+
 async def test_a_replaced_disk_gets_a_full_copy_under_a_new_id(world2: World) -> None:
     w = world2
     await w.shard()

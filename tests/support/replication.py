@@ -32,12 +32,14 @@ class MemorySyncStore:
     def __init__(self) -> None:
         self.records: dict[int, SyncRecord] = {}
         self.changes = 0
+        self.history: list[SyncRecord] = []  # every record written by a change, in order
 
     async def change(self, shard: int, old: SyncRecord, new: SyncRecord) -> SyncRecord | None:
         if self.records.get(shard) != old:
             return None
         self.records[shard] = new
         self.changes += 1
+        self.history.append(new)
         return new
 
 
