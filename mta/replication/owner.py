@@ -41,6 +41,7 @@ from mta.replication.insync import (
     SyncRecord,
     plan_catch_up,
 )
+from mta.replication.lag import WriteMarks
 from mta.replication.peerauth import PeerAuth
 from mta.spool.errors import FencedError, ShardReadOnly
 
@@ -148,6 +149,7 @@ class ShardReplica:
         # Segment sizes (seq -> bytes) for the lag in status(): those on disk at open, then
         # what the writer wrote.
         self.sizes = dict(sizes or {})
+        self.marks = WriteMarks()  # for the lag in records and age
         if end != NOTHING:
             self.sizes[end[0]] = max(self.sizes.get(end[0], 0), end[1])
         targets = [*followers, *record.members]
@@ -166,9 +168,11 @@ class ShardReplica:
         """May new mail be taken into this shard (enough copies in the in-sync set)?"""
         return self.fenced is None and self.replica.accepting
 
-    def written(self, seq: int, offset: int, data: bytes) -> None:
-        """The writer wrote ``data`` at ``(seq, offset)`` (event loop, in write order)."""
+    def written(self, seq: int, offset: int, data: bytes, records: int = 0) -> None:
+        """The writer wrote ``data`` (``records`` records) at ``(seq, offset)`` (event loop,
+        in write order)."""
         self.end = max(self.end, (seq, offset + len(data)))
+        self.marks.wrote(self.end, records, self.side.clock())
         if seq not in self.sizes:
             self._prune_sizes(seq)
         self.sizes[seq] = max(self.sizes.get(seq, 0), offset + len(data))
@@ -464,6 +468,7 @@ class ShardReplica:
         low = min((acked.get(p, NOTHING)[0] for p in self.streams), default=newest)
         for seq in [q for q in self.sizes if q < low or q <= newest - _SIZES_KEPT]:
             del self.sizes[seq]
+        self.marks.prune(min((acked.get(p, NOTHING) for p in self.streams), default=self.end))
 
     def lag(self) -> dict[str, int]:
         """Per follower streamed to: bytes of the log it has not acked (:func:`lag_bytes`)."""
@@ -474,10 +479,13 @@ class ShardReplica:
     def status(self) -> dict[str, object]:
         """Members, followers' acked positions, lag (bytes, :func:`lag_bytes`) and states,
         for mtactl shards and metrics."""
-        acked, lag = self.replica.lagging(), self.lag()
-        followers = {p: {"state": s.state, "connected": self.side.connection(p) is not None,
-                         "acked": list(acked.get(p, NOTHING)), "lag_bytes": lag[p]}
-                     for p, s in sorted(self.streams.items())}
+        acked, lag, now = self.replica.lagging(), self.lag(), self.side.clock()
+        followers: dict[str, object] = {}
+        for p, s in sorted(self.streams.items()):
+            records, age = self.marks.lag(acked.get(p, NOTHING), now)
+            followers[p] = {"state": s.state, "connected": self.side.connection(p) is not None,
+                            "acked": list(acked.get(p, NOTHING)), "lag_bytes": lag[p],
+                            "lag_records": records, "lag_age": round(age, 3)}
         return {"token": self.token, "members": sorted(self.replica.record.members),
                 "accepting": self.accepting, "end": list(self.end), "followers": followers}
 

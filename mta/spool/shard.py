@@ -55,8 +55,9 @@ class ReplicaGate(Protocol):
     def accepting(self) -> bool:
         """May new mail be taken (enough in-sync copies)?"""
 
-    def written(self, seq: int, offset: int, data: bytes) -> None:
-        """Event loop: ``data`` was written at ``(seq, offset)`` (not yet synced)."""
+    def written(self, seq: int, offset: int, data: bytes, records: int) -> None:
+        """Event loop: ``data`` (``records`` log records) was written at ``(seq, offset)``
+        (not yet synced)."""
 
     def synced(self, end: tuple[int, int]) -> None:
         """Event loop: the local log is durable up to ``end``."""
@@ -130,8 +131,8 @@ class Shard:
         loop = asyncio.get_running_loop()
         self.replica = gate
 
-        def on_write(seq: int, offset: int, data: bytes) -> None:
-            loop.call_soon_threadsafe(gate.written, seq, offset, data)
+        def on_write(seq: int, offset: int, data: bytes, records: int) -> None:
+            loop.call_soon_threadsafe(gate.written, seq, offset, data, records)
 
         self._log.on_write = on_write
 

@@ -36,7 +36,8 @@ class ShardLog:
         self.active: ActiveSegment | None = None
         # Replication: every write (a segment header, a batch) as it lands, from the writer
         # thread, before it is synced; the callee hands it to the event loop.
-        self.on_write: Callable[[int, int, bytes], None] | None = None
+        # (segment, offset, bytes, records in them): a replicated shard ships each write.
+        self.on_write: Callable[[int, int, bytes, int], None] | None = None
 
     def _rotate(self) -> None:
         old = self.active
@@ -66,7 +67,7 @@ class ShardLog:
         self.next_seq += 1
         self.active = seg
         if self.on_write is not None:
-            self.on_write(seg.seq, 0, header)
+            self.on_write(seg.seq, 0, header, 0)
 
     def append_many(self, chunks: list[bytes], side_at: dict[str, Any],
                     lines: bytes) -> tuple[list[Position], Extent]:
@@ -88,7 +89,7 @@ class ShardLog:
         data = b"".join((*chunks, commit))
         base = seg.write(data)
         if self.on_write is not None:
-            self.on_write(seg.seq, base, data)
+            self.on_write(seg.seq, base, data, len(chunks) + 1)
         positions = []
         for chunk in chunks:
             positions.append((seg.seq, base))

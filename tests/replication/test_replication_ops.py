@@ -31,6 +31,7 @@ from mta.gauges import ReplicationGauges
 from mta.metrics import NodeMetrics
 from mta.node import Node
 from mta.replication.copy import log_segments
+from mta.replication.lag import WriteMarks
 from mta.replication.owner import lag_bytes, shard_state
 from mta.spool.shard import shard_dir
 from tests.support import wait_until
@@ -157,7 +158,13 @@ async def test_lag_is_the_bytes_a_stopped_follower_lacks_across_segments(ops1: O
     expected = sum(size for seq, _, size in segs if seq > acked[0])
     expected += next(size for seq, _, size in segs if seq == acked[0]) - acked[1]
     assert w.value("mta_replication_follower_lag_bytes", peer="b") == expected
-    assert rep.status()["followers"]["b"]["lag_bytes"] == expected  # type: ignore[index]
+    lag = rep.status()["followers"]["b"]  # type: ignore[index]
+    assert lag["lag_bytes"] == expected
+    # 40 messages, each a MSG record, in batches that each end with a COMMIT record.
+    assert 40 < lag["lag_records"] <= 80, lag
+    assert 0 < lag["lag_age"] < 60
+    later = rep.status()["followers"]["b"]  # type: ignore[index]
+    assert later["lag_age"] >= lag["lag_age"], "the oldest record it lacks only gets older"
     assert rep.status()["followers"]["b"]["connected"] is False  # type: ignore[index]
 
 
@@ -225,7 +232,8 @@ def test_the_unreplicated_answer_and_output_are_as_before() -> None:
 def _status(token: int, **lags: tuple[int, bool]) -> dict[str, Any]:
     return {"token": token, "members": [], "accepting": True, "end": [3, 100],
             "followers": {p: {"state": "live" if up else "idle", "connected": up,
-                              "acked": [3, 100 - lag], "lag_bytes": lag}
+                              "acked": [3, 100 - lag], "lag_bytes": lag,
+                              "lag_records": lag // 1000, "lag_age": 2.5 if lag else 0.0}
                           for p, (lag, up) in lags.items()}}
 
 
@@ -244,7 +252,8 @@ def test_the_replicated_answer_has_followers_in_sync_sets_and_lag() -> None:
     assert [r["state"] for r in rows] == ["in_sync", "under_replicated", "under_replicated",
                                           None]
     assert rows[0]["replication"] == {"n2": {"state": "live", "connected": True,
-                                             "acked": [3, 100], "lag_bytes": 0}}
+                                             "acked": [3, 100], "lag_bytes": 0,
+                                             "lag_records": 0, "lag_age": 0.0}}
     assert rows[1]["replication"]["n3"]["lag_bytes"] == 3 << 20
     assert rows[2]["replication"] is None  # its owner (n3) did not answer
     assert rows[3]["replication"] is None
@@ -252,8 +261,9 @@ def test_the_replicated_answer_has_followers_in_sync_sets_and_lag() -> None:
     lines = render(data).splitlines()
     assert lines[0].split() == ["SHARD", "ASSIGNED", "OWNER", "TOKEN", "FOLLOWERS", "IN-SYNC",
                                 "LAG"]
-    assert lines[1].split() == ["0", "n1", "n1", "7", "n2", "n1,n2", "n2=0B"]
-    assert lines[2].split() == ["1", "n2", "n2", "8", "n3", "n2", "n3=3.0MiB(down)"]
+    assert lines[1].split() == ["0", "n1", "n1", "7", "n2", "n1,n2", "n2=0"]
+    assert lines[2].split() == ["1", "n2", "n2", "8", "n3", "n2",
+                                "n3=3.0MiB/3145rec/2.5s(down)"]
     assert lines[3].split() == ["2", "n3", "n3", "9", "n1", "n3", "?"]
     assert lines[4].split() == ["3", "n3", "UNOWNED", "0", "n1", "-", "-"]
     assert lines[5] == ("3 of 4 shards owned; replicas 2, min_insync 1: 2 under-replicated, "
@@ -350,10 +360,28 @@ async def test_the_shards_route_asks_each_owner_for_its_followers(tmp_path: Path
         assert [r["state"] for r in rows] == ["in_sync", "read_only"]
         assert rows[0]["replication"]["n2"]["lag_bytes"] == 0
         assert rows[1]["replication"]["n1"] == {"state": "live", "connected": True,
-                                                "acked": [3, 100 - 5000], "lag_bytes": 5000}
+                                                "acked": [3, 100 - 5000], "lag_bytes": 5000,
+                                                "lag_records": 5, "lag_age": 2.5}
         assert data["unreachable"] == []
         mine = await asyncio.to_thread(_get, port, "/api/v1/shards?local=1")
         assert mine == {"node": "n1", "owned": {"0": _status(7, n2=(0, True))}}
     finally:
         for api in apis.values():
             await api.close()
+
+
+def test_write_marks_count_the_records_and_age_past_a_position() -> None:
+    marks = WriteMarks(limit=3)
+    marks.wrote((1, 40), 0, 0.0)  # a segment header: no record
+    marks.wrote((1, 100), 3, 1.0)
+    marks.wrote((1, 200), 2, 2.0)
+    marks.wrote((2, 50), 4, 3.0)
+    assert marks.lag((2, 50), 9.0) == (0, 0.0), "caught up"
+    assert marks.lag((1, 200), 9.0) == (4, 6.0)
+    assert marks.lag((1, 150), 9.0) == (6, 7.0), "inside a batch: that batch counts whole"
+    assert marks.lag((0, 0), 9.0) == (9, 8.0)
+    marks.prune((1, 100))
+    assert marks.lag((1, 200), 9.0) == (4, 6.0), "pruning keeps what is past the position"
+    marks.wrote((2, 90), 1, 4.0)
+    marks.wrote((2, 99), 1, 5.0)  # past the limit: the oldest batch is forgotten
+    assert marks.lag((0, 0), 9.0) == (6, 6.0), "a lower bound once the oldest is gone"

@@ -64,7 +64,8 @@ def shard_table(table: list[ShardInfo], expiring: set[str], total: int,
         else:
             row["replication"] = {
                 peer: {"state": f.get("state"), "connected": f.get("connected"),
-                       "acked": f.get("acked"), "lag_bytes": f.get("lag_bytes")}
+                       "acked": f.get("acked"), "lag_bytes": f.get("lag_bytes"),
+                       "lag_records": f.get("lag_records"), "lag_age": f.get("lag_age")}
                 for peer, f in dict(status.get("followers") or {}).items()}
     out["replicas"], out["min_insync"] = replicas, min_insync
     return out

@@ -36,16 +36,23 @@ def _in_sync(shard: dict[str, Any]) -> str:
 
 
 def _lag(shard: dict[str, Any]) -> str:
-    """Each follower's lag behind the owner's log end, as the owner reports it; ``down``
-    for one it has no connection to; ``?`` when the owner did not answer."""
+    """Each follower's lag behind the owner's log end, as the owner reports it (bytes,
+    records, age of the oldest record it lacks; ``0`` when caught up); ``down`` for one it
+    has no connection to; ``?`` when the owner did not answer."""
     followers = shard.get("replication")
     if followers is None:
         return "?" if shard["owner"] is not None else "-"
     if not followers:
         return "-"
-    return " ".join(f"{peer}={_bytes(int(f['lag_bytes'] or 0))}"
-                    + ("" if f.get("connected") else "(down)")
+    return " ".join(f"{peer}={_follower_lag(f)}" + ("" if f.get("connected") else "(down)")
                     for peer, f in sorted(followers.items()))
+
+
+def _follower_lag(f: dict[str, Any]) -> str:
+    size, records = int(f.get("lag_bytes") or 0), int(f.get("lag_records") or 0)
+    if not size and not records:
+        return "0"
+    return f"{_bytes(size)}/{records}rec/{float(f.get('lag_age') or 0):.1f}s"
 
 
 def render(data: dict[str, Any]) -> str:
