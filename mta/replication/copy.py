@@ -32,6 +32,7 @@ import structlog
 from mta.replication.errors import (
     CopyBroken,
     CopyError,
+    FollowUnreadable,
     PositionCompacted,
     PositionMismatch,
     StaleToken,
@@ -54,20 +55,21 @@ NOTHING: Position = (0, 0)  # an empty copy: before any segment
 
 
 def read_follow(directory: Path) -> int:
-    """The newest token followed in ``directory``; 0 when none (or a torn/foreign file)."""
+    """The newest token followed in ``directory``; 0 when there is no file. Raises
+    ``ValueError`` for a file that does not hold exactly what :func:`_write_follow` writes
+    (torn, garbled, foreign), ``OSError`` for one that cannot be read: never a guess."""
     try:
         with open(directory / FOLLOW_FILE, "rb") as fh:
-            raw = json.loads(fh.read())
-        # Exactly what _write_follow writes; anything else (an owner file moved here...)
-        # is foreign.
-        token = raw["token"] if isinstance(raw, dict) and set(raw) == {"token"} else None
+            data = fh.read()
     except FileNotFoundError:
         return 0
-    except (ValueError, KeyError, TypeError):
-        # Torn or foreign: the next frame's token is written over it atomically.
-        return 0
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise ValueError(f"not JSON ({len(data)} bytes)") from None
+    token = raw.get("token") if isinstance(raw, dict) and set(raw) == {"token"} else None
     if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-        return 0
+        raise ValueError(f"not a followed token: {data[:80]!r}")
     return token
 
 
@@ -106,7 +108,9 @@ class ShardCopy:
     def open(cls, root: Path, shard: int) -> ShardCopy:
         """Open (creating it if missing) the copy of ``shard`` under the spool ``root``, cut
         its newest segment back to its last complete batch, and make that durable. An
-        OSError here (unreadable disk) propagates as is: there is no copy to mark broken."""
+        OSError here (unreadable disk) propagates as is: there is no copy to mark broken.
+        :class:`FollowUnreadable` when ``shard.follow`` is there but unreadable (fail closed:
+        the copy is left as it is)."""
         directory = shard_dir(root, shard)
         if not directory.exists():
             directory.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,18 @@ class ShardCopy:
         # The floor is also the token this node itself owned the shard under: a zombie
         # older than our own ownership must not be followed (nor cut what we wrote).
         owner = read_owner(directory)
-        token = max(read_follow(directory), owner.token if owner is not None else 0)
+        try:
+            followed = read_follow(directory)
+        except (OSError, ValueError) as exc:
+            # The newest token followed is unknown: a floor guessed lower could let a stale
+            # owner cut or extend the copy and collect its acks. Follow nobody; keep the
+            # bytes (what the copy acknowledged, maybe the copy a takeover needs).
+            path = str(directory / FOLLOW_FILE)
+            log.warning("replication.copy_follow_unreadable", shard=shard, file=path,
+                        error=str(exc), action="the copy follows no owner (nack broken) "
+                        "until the file is repaired or the copy replaced")
+            raise FollowUnreadable(shard, path, str(exc)) from exc
+        token = max(followed, owner.token if owner is not None else 0)
         for tmp in directory.glob(f"{FOLLOW_FILE}.*.tmp"):
             tmp.unlink(missing_ok=True)  # a token write that died before its rename
         seqs = list_segments(directory)

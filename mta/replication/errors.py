@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno as _errno
 
-__all__ = ["CopyBroken", "CopyError", "PositionCompacted", "PositionMismatch", "StaleToken"]
+__all__ = ["CopyBroken", "CopyError", "FollowUnreadable", "PositionCompacted",
+           "PositionMismatch", "StaleToken"]
 
 Position = tuple[int, int]  # (segment seq, offset)
 
@@ -53,3 +54,14 @@ class CopyBroken(CopyError):
         self.errno = err
         name = _errno.errorcode.get(err, str(err))
         super().__init__(f"copy of shard {shard} broken: {name}: {detail}")
+
+
+class FollowUnreadable(CopyBroken):
+    """The copy's followed-token file (``shard.follow``) is there but unreadable (torn by a
+    crash, garbled, foreign): the newest token the copy followed is unknown, so no owner can
+    be told from a stale one and the copy follows none (fail closed). Its bytes are kept:
+    they are still what it acknowledged, and it may be the copy a takeover needs."""
+
+    def __init__(self, shard: int, path: str, detail: str) -> None:
+        self.path = path
+        super().__init__(shard, _errno.EIO, f"{path}: {detail}")

@@ -9,13 +9,15 @@ batch is synced: cumulative positions, echoing the catch-up plan (``stream``) th
 Refusals are answers, not errors: a frame under a token older than the copy has followed is
 ``nack stale`` with the newest token (a zombie owner learns it lost the shard and collects no
 ack); a frame that does not land where the copy ends is ``nack position`` with the copy's end
-(the owner restarts that stream); a shard this node owns itself is ``nack owner``. A malformed
-header ends the connection.
+(the owner restarts that stream); a shard this node owns itself is ``nack owner``; a copy
+that is broken or cannot be opened (its followed token unreadable) is ``nack broken``. A
+malformed header ends the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +99,10 @@ class Follower:
         self._taken.add(shard)
         fut = self._opening.get(shard)
         if fut is not None:
-            await asyncio.shield(fut)
+            # An open that fails (an unreadable shard.follow) leaves nothing to release, and
+            # must not stop this node from taking the shard over: an owner never reads it.
+            with contextlib.suppress(CopyError, OSError):
+                await asyncio.shield(fut)
         copy = self.copies.pop(shard, None)
         if copy is not None:
             await self._writer.release(copy)
@@ -138,7 +143,13 @@ class Follower:
         if msg.shard in self._taken or self._owns(msg.shard):
             self._send(state, m.nack(msg.shard, msg.token, stream.number, "owner"))
             return
-        copy = await self.copy(msg.shard)
+        try:
+            copy = await self.copy(msg.shard)
+        except CopyError as exc:
+            # This shard's copy cannot be used (an unreadable shard.follow): refuse its
+            # frames, not the connection the owner's other shards share.
+            self._refuse(state, msg, exc)
+            return
         if msg.shard in self._taken:  # taken over while the copy was opening
             self._send(state, m.nack(msg.shard, msg.token, stream.number, "owner"))
             return

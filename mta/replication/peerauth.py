@@ -2,17 +2,23 @@
 
 A node configures one of two modes (:class:`PeerAuth`), the same on every node:
 
-**Shared secret** (``[cluster] secret``, no certificates). A handshake of four messages::
+**Shared secret** (``[cluster] secret``, no certificates). A handshake of four messages, in
+which the connecting side (the client) proves the secret first::
 
     client -> server  hello  {node, expect, nonce_c, mac, max_payload}
-    server -> client  hello  {node, nonce_s, mac, max_payload, proof_s}
+    server -> client  hello  {node, nonce_s, mac, max_payload}
     client -> server  finish {proof_c}
-    server -> client  ok
+    server -> client  ok     {proof_s}    (only once proof_c checked out)
 
 ``proof_x = HMAC-SHA256(secret, "mta-repl/1 " + label_x + T)`` where ``T`` encodes every field
 of both hellos (both nonces, both node ids, what the client expects, both caps) and the label
 says which side proves: a proof cannot be reflected back to the side that made it, nor replayed
-in another connection (fresh nonces). Then a per-connection key
+in another connection (fresh nonces). The server says nothing that depends on the secret
+until the client has proved it: a stranger who connects gets a hello and a refusal, the same
+whatever the secret, so no value to test guesses of the secret against offline. (The client
+proves to whoever answers at the address it dialled as the node it expects; that end learns
+a proof only by holding the address.) The client checks ``proof_s`` before it takes any frame:
+the server is authenticated too. Then a per-connection key
 ``HKDF-SHA256(secret, salt=nonce_c||nonce_s, info=T)`` keys the MAC on every frame, with the
 direction label ``c2s``/``s2c`` and a sequence number per direction (:mod:`.frames`).
 
@@ -199,6 +205,11 @@ def _transcript(hello_c: Header, hello_s: Header) -> bytes:
     return data
 
 
+def _nonce() -> bytes:
+    """A fresh nonce for one handshake."""
+    return os.urandom(_NONCE)
+
+
 def _proof(secret: bytes, label: bytes, transcript: bytes) -> bytes:
     return hmac.digest(secret, _PROOF_LABEL + label + transcript, "sha256")
 
@@ -224,7 +235,7 @@ async def client_handshake(link: HandshakeLink, auth: PeerAuth, expect_node: str
     """Authenticate the server at the other end of ``link`` as ``expect_node`` (any other
     node when None) and prove ourselves; :class:`AuthError` if either fails."""
     hello_c: Header = {"hs": "hello", "v": VERSION, "node": auth.node_id, "expect": expect_node,
-                       "nonce": os.urandom(_NONCE), "mac": auth.mac, "max_payload": max_payload}
+                       "nonce": _nonce(), "mac": auth.mac, "max_payload": max_payload}
     link.send_handshake(hello_c)
     hello_s = _expect(await link.recv_handshake(), "hello")
     server = _check_hello(link, hello_s, client=False)
@@ -236,16 +247,16 @@ async def client_handshake(link: HandshakeLink, auth: PeerAuth, expect_node: str
         raise _refuse(link, "shared secret configured on one side only")
     if auth.tls:
         _check_cert(link, server)
-    proof = None
+    # We prove first (the server proves nothing to a peer that has not), then check its proof.
+    transcript = _transcript(hello_c, hello_s)
+    proof = None if auth.secret is None else _proof(auth.secret, b"client", transcript)
+    link.send_handshake({"hs": "finish", "proof": proof})
+    ok = _expect(await link.recv_handshake(), "ok")
     if auth.secret is not None:
-        transcript = _transcript(hello_c, hello_s)
-        theirs = hello_s.get("proof")
+        theirs = ok.get("proof")
         if not (isinstance(theirs, bytes)
                 and hmac.compare_digest(theirs, _proof(auth.secret, b"server", transcript))):
             raise _refuse(link, "server failed to prove the shared secret (wrong secret?)")
-        proof = _proof(auth.secret, b"client", transcript)
-    link.send_handshake({"hs": "finish", "proof": proof})
-    _expect(await link.recv_handshake(), "ok")
     return _session(auth.secret, hello_c, hello_s, server, hello_s["max_payload"], client=True)
 
 
@@ -265,18 +276,19 @@ async def server_handshake(link: HandshakeLink, auth: PeerAuth,
     if auth.tls:
         _check_cert(link, client)
     hello_s: Header = {"hs": "hello", "v": VERSION, "node": auth.node_id,
-                       "nonce": os.urandom(_NONCE), "mac": auth.mac,
+                       "nonce": _nonce(), "mac": auth.mac,
                        "max_payload": max_payload}
-    transcript = _transcript(hello_c, hello_s)
-    if auth.secret is not None:
-        hello_s["proof"] = _proof(auth.secret, b"server", transcript)
+    # Nothing keyed by the secret before the client proved it (no guessing oracle).
     link.send_handshake(hello_s)
     finish = _expect(await link.recv_handshake(), "finish")
+    ok: Header = {"hs": "ok"}
     if auth.secret is not None:
+        transcript = _transcript(hello_c, hello_s)
         theirs = finish.get("proof")
         if not (isinstance(theirs, bytes)
                 and hmac.compare_digest(theirs, _proof(auth.secret, b"client", transcript))):
             raise _refuse(link, "peer failed to prove the shared secret (wrong secret?)")
-    link.send_handshake({"hs": "ok"})
+        ok["proof"] = _proof(auth.secret, b"server", transcript)
+    link.send_handshake(ok)
     return _session(auth.secret, hello_c, hello_s, client, hello_c["max_payload"],
                     client=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 from mta.spool.errors import SpoolWriteError, os_detail
 
 __all__ = ["ActiveSegment", "fsync_dir", "list_segments", "read_range", "replace_durably",
-           "segment_path"]
+           "segment_path", "sync_segments"]
 
 _SEG_RE = re.compile(r"^seg-(\d{8})\.log$")
 
@@ -35,6 +35,19 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_segments(shard_dir: Path) -> None:
+    """fdatasync every segment in ``shard_dir``, then the directory (blocking): a log another
+    process wrote may still be in the page cache only, and must not vanish in a power loss
+    once we acknowledge on top of it."""
+    for seq in list_segments(shard_dir):
+        fd = os.open(segment_path(shard_dir, seq), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(shard_dir)
 
 
 def replace_durably(directory: Path, name: str, data: bytes) -> None:

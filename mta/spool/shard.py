@@ -24,7 +24,7 @@ from mta.spool.errors import (
 from mta.spool.index import MessageRef, ShardIndex, recipient_domains
 from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
 from mta.spool.recovery import RecoveryReport, recover_shard
-from mta.spool.segment import fsync_dir, read_range, segment_path
+from mta.spool.segment import fsync_dir, read_range, segment_path, sync_segments
 from mta.spool.shardlog import ShardLog
 from mta.spool.sidelines import SideCheck, missing_lines
 from mta.spool.writer import GroupCommitWriter, Position
@@ -114,6 +114,10 @@ class Shard:
         # appending, so nothing can land behind the scan.
         ownership.claim(self.dir, self.number, self.owner)
         self.index, report = recover_shard(self.dir, self.number)
+        # The log may come from another process (the previous owner, or the copy this node
+        # followed, promoted) and sit in the page cache only: durable before anything is
+        # acknowledged on top of it (a DONE must never outlive the MSG it completes).
+        sync_segments(self.dir)
         missing = missing_lines(report.commits, self._side) if self._side else b""
         self._log = ShardLog(self.dir, self.number, report.last_seq + 1, self.owner,
                              self._segment_size, self._note_commit)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 import mta
 from mta.replication.copy import FOLLOW_FILE, NOTHING, ShardCopy, read_follow, read_log
@@ -26,6 +27,7 @@ from mta.replication.copywriter import CopyWriter
 from mta.replication.errors import (
     CopyBroken,
     CopyError,
+    FollowUnreadable,
     PositionCompacted,
     PositionMismatch,
     StaleToken,
@@ -263,15 +265,37 @@ def test_stale_token_refused_and_newest_token_survives_reopen(
 
 
 @pytest.mark.parametrize("content", [b'{"tok', b"garbage", b'{"node": "a", "token": 4}',
-                                     b'{"token": "7"}', b""])
-def test_torn_or_foreign_follow_file_reads_as_zero(tmp_path: Path, content: bytes) -> None:
-    directory = shard_dir(tmp_path, 0)
-    directory.mkdir(parents=True)
-    (directory / FOLLOW_FILE).write_bytes(content)
+                                     b'{"token": "7"}', b'{"token": -1}', b'{"token": true}',
+                                     b"", b"\x00" * 16])
+def test_a_torn_or_foreign_follow_file_fails_closed(
+        tmp_path: Path, owner: tuple[Path, list[Frame]], content: bytes) -> None:
+    """The copy followed token 9; a crash tore ``shard.follow``. Guessing a lower floor would
+    let a stale owner (token 5 here) cut the copy or collect its acks: the copy refuses to
+    open instead, says which file, and leaves every byte as it was."""
+    _owner_dir, frames = owner
     copy = ShardCopy.open(tmp_path, 0)
-    assert copy.token == 0
+    copy.accept_token(9)
+    replay(copy, frames[:4], token=9)
+    copy.close()
+    directory = copy.dir
+    follow = directory / FOLLOW_FILE
+    follow.write_bytes(content)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with capture_logs() as logs, pytest.raises(FollowUnreadable) as err:
+        ShardCopy.open(tmp_path, 0)
+    assert isinstance(err.value, CopyBroken) and err.value.path == str(follow)
+    [line] = [e for e in logs if e["event"] == "replication.copy_follow_unreadable"]
+    assert line["log_level"] == "warning" and line["file"] == str(follow)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    with pytest.raises(ValueError):
+        read_follow(directory)
+
+
+def test_a_missing_follow_file_is_a_copy_that_followed_nobody(tmp_path: Path) -> None:
+    copy = ShardCopy.open(tmp_path, 0)
+    assert copy.token == 0 and read_follow(copy.dir) == 0
     copy.accept_token(1)
-    assert read_follow(directory) == 1
+    assert read_follow(copy.dir) == 1
 
 
 # --- crash: torn tail --------------------------------------------------------------------

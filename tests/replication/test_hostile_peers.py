@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mta.replication import messages as m
 from mta.replication.channel import Connection, ConnectionClosed, connect, serve
+from mta.replication.errors import FollowUnreadable
 from mta.replication.messages import BadMessage, parse
 from mta.replication.owner import OwnerSide
 from mta.replication.peerauth import PeerAuth
@@ -73,6 +75,60 @@ async def test_a_stale_owner_can_neither_cut_drop_nor_collect_acks(
     assert copy.position == (1, len(data)), "nothing cut, dropped or appended"
     await owner.close()
     await zombie.close()
+
+
+async def test_a_copy_whose_follow_file_was_torn_follows_no_owner(tmp_path: Path) -> None:
+    """b followed shard 0 under token 10; a crash tore its shard.follow. A stale owner (9)
+    must not be taken for the current one: the copy follows nobody (nack broken, a warning
+    naming the file), its bytes stay, and the connection still serves the other shard."""
+    peers = Peers()
+    first = await FollowerNode("b", tmp_path / "b").start(peers)
+    owner = await dial(first, "a")
+    assert (await ask(owner, m.hello(0, 10))).kind == m.STATUS
+    owner.send(m.start(0, 10, 1, None))
+    data = first_segment(10)
+    assert (await ask(owner, m.append(0, 10, (1, 0), (0, 0)), data)).kind == m.ACK
+    await owner.close()
+    await first.stop()
+    directory = tmp_path / "b" / "shard-000"
+    (directory / "shard.follow").write_bytes(b'{"tok')  # torn by the crash
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    with capture_logs() as logs:
+        node = await FollowerNode("b", tmp_path / "b").start(peers)
+        try:
+            zombie = await dial(node, "z")
+            for header in (m.hello(0, 9), m.start(0, 9, 1, (1, 0)), m.drop(0, 9, [1]),
+                           m.append(0, 9, (1, len(data)), (1, len(data))), m.hello(0, 10)):
+                answer = await ask(zombie, header, b"x" if header["k"] == m.APPEND else b"")
+                assert answer.kind == m.NACK and answer.reason == "broken", (header, answer)
+            assert (await ask(zombie, m.hello(1, 9))).kind == m.STATUS  # shard 1 still served
+            await zombie.close()
+        finally:
+            await node.stop()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    warned = [e for e in logs if e["event"] == "replication.copy_follow_unreadable"]
+    assert warned and all(e["file"] == str(directory / "shard.follow") for e in warned)
+
+
+async def test_a_copy_that_cannot_open_does_not_stop_a_takeover(tmp_path: Path) -> None:
+    """The node is promoted while a frame is opening a copy whose shard.follow is torn:
+    release (before the node opens the shard as owner, which never reads that file) must
+    not fail with the open."""
+    directory = tmp_path / "b" / "shard-000"
+    directory.mkdir(parents=True)
+    (directory / "shard.follow").write_bytes(b"garbage")
+    node = await FollowerNode("b", tmp_path / "b").start(Peers())
+    try:
+        assert node.follower is not None
+        opening = asyncio.create_task(node.follower.copy(0))
+        await asyncio.sleep(0)  # one step: the open is queued to the copy writer
+        await node.follower.release(0)
+        with pytest.raises(FollowUnreadable):
+            await opening
+        assert 0 not in node.follower.copies
+    finally:
+        await node.stop()
 
 
 async def test_frames_for_a_shard_the_spool_does_not_have_end_the_connection(

@@ -1,5 +1,6 @@
 """Authentication of replication peers on real loopback sockets: the shared-secret handshake
-(wrong secret, reflection, unexpected node, mode mismatch, silent peers) and mutual TLS
+(the client proves first: a stranger hears nothing keyed by the secret; wrong secret,
+reflection, unexpected node, mode mismatch, silent peers) and mutual TLS
 (good certificates, another CA, a certificate naming another node)."""
 
 from __future__ import annotations
@@ -14,8 +15,16 @@ import pytest
 import trustme
 from structlog.testing import capture_logs
 
+from mta.replication import peerauth
 from mta.replication.channel import Connection, Listener, connect, serve
-from mta.replication.frames import AuthError, ConnectionClosed, Decoder, Encoder, ReplicationError
+from mta.replication.frames import (
+    DEFAULT_MAX_PAYLOAD,
+    AuthError,
+    ConnectionClosed,
+    Decoder,
+    Encoder,
+    ReplicationError,
+)
 from mta.replication.peerauth import PeerAuth
 from tests.support import wait_until
 
@@ -84,12 +93,14 @@ async def test_good_secret_authenticates_both_ends() -> None:
 
 
 async def test_wrong_secret_fails_on_both_sides_and_delivers_nothing() -> None:
+    """The client proves first: the server refuses its proof and says why."""
     with capture_logs() as logs:
         async with listening(PeerAuth("b", secret=SECRET)) as b, asyncio.timeout(3):
-            with pytest.raises(AuthError, match="server failed to prove"):
+            with pytest.raises(AuthError, match=r"refused.*peer failed to prove the shared "
+                                                r"secret \(wrong secret\?\)"):
                 await connect("127.0.0.1", b.port, PeerAuth("a", secret=OTHER), "b", 3)
-            [line] = await refusals(logs)  # the client told the server why
-            assert "server failed to prove the shared secret (wrong secret?)" in line["reason"]
+            [line] = await refusals(logs)
+            assert "peer failed to prove the shared secret (wrong secret?)" in line["reason"]
             assert b.accepted.empty() and not b.frames
 
 
@@ -104,32 +115,36 @@ async def test_unexpected_node_is_refused() -> None:
             assert c.accepted.empty()
 
 
-def impostor(node: str, mac: bool) -> Any:
-    """A hostile server: claims ``node``, 'proves' a secret it does not know, and says ok to
-    whatever the client answers. Only the client's own checks can catch it."""
+def impostor(node: str, mac: bool, proof: str = "made up") -> Any:
+    """A hostile server: claims ``node``, says ok to whatever the client proves, and 'proves'
+    a secret it does not know: ``made up`` bytes, or the client's own proof sent back
+    (``reflected``). Only the client's own checks can catch it."""
 
     async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await _read(reader)
         assert hello["hs"] == "hello"
         _write(writer, {"hs": "hello", "v": 1, "node": node, "nonce": b"n" * 32, "mac": mac,
-                        "max_payload": 1024, "proof": b"p" * 32 if mac else None})
+                        "max_payload": 1024})
         with contextlib.suppress(AssertionError, ConnectionError):
-            await _read(reader)
-            _write(writer, {"hs": "ok"})
+            finish = await _read(reader)
+            theirs = finish.get("proof") if proof == "reflected" else b"p" * 32
+            _write(writer, {"hs": "ok", "proof": theirs if mac else None})
             await reader.read()
         writer.close()
 
     return serve_one
 
 
-@pytest.mark.parametrize(("node", "mac", "expect", "error"), [
-    ("c", False, "b", "expected node b, reached c"),  # the address now belongs to c
-    ("a", False, None, "ourselves"),                  # a server claiming to be us
-    ("b", True, "b", "server failed to prove the shared secret"),
+@pytest.mark.parametrize(("node", "mac", "proof", "expect", "error"), [
+    ("c", False, "made up", "b", "expected node b, reached c"),  # the address is now c's
+    ("a", False, "made up", None, "ourselves"),                  # a server claiming to be us
+    ("b", True, "made up", "b", "server failed to prove the shared secret"),
+    # The client's proof sent back as the server's: the direction label makes them differ.
+    ("b", True, "reflected", "b", "server failed to prove the shared secret"),
 ])
-async def test_the_client_checks_the_server_itself(node: str, mac: bool, expect: str | None,
-                                                   error: str) -> None:
-    hostile = await asyncio.start_server(impostor(node, mac), "127.0.0.1", 0)
+async def test_the_client_checks_the_server_itself(node: str, mac: bool, proof: str,
+                                                   expect: str | None, error: str) -> None:
+    hostile = await asyncio.start_server(impostor(node, mac, proof), "127.0.0.1", 0)
     port = hostile.sockets[0].getsockname()[1]
     client = PeerAuth("a", secret=SECRET) if mac else PeerAuth("a", insecure=True)
     try:
@@ -138,6 +153,31 @@ async def test_the_client_checks_the_server_itself(node: str, mac: bool, expect:
                 await connect("127.0.0.1", port, client, expect, 3)
     finally:
         hostile.close()
+
+
+async def test_the_client_proves_only_to_the_node_it_expects() -> None:
+    """The client proves first, but never to a server that states another node id: the
+    impostor at a reused address learns no proof of the secret."""
+    heard: list[dict[str, Any]] = []
+
+    async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await _read(reader))
+        _write(writer, {"hs": "hello", "v": 1, "node": "c", "nonce": b"n" * 32, "mac": True,
+                        "max_payload": 1024})
+        heard.extend(_frames(await reader.read()))  # all it gets, until the client hangs up
+        writer.close()
+
+    hostile = await asyncio.start_server(serve_one, "127.0.0.1", 0)
+    port = hostile.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(3):
+            with pytest.raises(AuthError, match="expected node b, reached c"):
+                await connect("127.0.0.1", port, PeerAuth("a", secret=SECRET), "b", 3)
+            await wait_until(lambda: len(heard) == 2, timeout=3, what="the client's refusal")
+    finally:
+        hostile.close()
+    assert [f["hs"] for f in heard] == ["hello", "refused"]
+    assert "proof" not in heard[0] and "proof" not in heard[1]
 
 
 @pytest.mark.parametrize("expect", ["b", None])
@@ -172,25 +212,46 @@ async def test_an_echoed_handshake_fails() -> None:
         server.close()
 
 
-async def test_the_servers_proof_reflected_back_is_refused() -> None:
-    """Without the secret, an attacker sends the server's own proof back as the client's:
-    the direction label in the proof makes them differ."""
-    with capture_logs() as logs:
-        async with listening(PeerAuth("b", secret=SECRET)) as b, asyncio.timeout(3):
-            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
-            hello = {"hs": "hello", "v": 1, "node": "mallory", "expect": "b",
-                     "nonce": b"m" * 32, "mac": True, "max_payload": 1024}
-            _write(writer, hello)
-            server_hello = await _read(reader)
-            assert server_hello["hs"] == "hello" and isinstance(server_hello["proof"], bytes)
-            _write(writer, {"hs": "finish", "proof": server_hello["proof"]})
-            answer = await _read(reader)
-            assert answer["hs"] == "refused"
-            assert await reader.read() == b""
-            writer.close()
-            [line] = await refusals(logs)
-            assert "prove" in line["reason"]
-            assert b.accepted.empty()
+@pytest.mark.parametrize("stranger", ["bogus proof", "no proof", "silent after hello"])
+async def test_a_stranger_hears_nothing_that_depends_on_the_secret(
+        monkeypatch: pytest.MonkeyPatch, stranger: str) -> None:
+    """Someone without the secret connects and fails to prove it (or says nothing more):
+    every byte the server sends it is the same whatever the server's secret, so a stranger
+    gets nothing to test guesses of the secret against offline. (The server's nonce is
+    pinned, the only other thing that differs between two runs.)"""
+    monkeypatch.setattr(peerauth, "_nonce", lambda: b"s" * 32)
+    heard: dict[bytes, bytes] = {}
+    for secret in (SECRET, OTHER):
+        with capture_logs() as logs:
+            async with listening(PeerAuth("b", secret=secret), handshake_timeout=0.5) as b, \
+                    asyncio.timeout(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+                _write(writer, {"hs": "hello", "v": 1, "node": "mallory", "expect": "b",
+                                "nonce": b"m" * 32, "mac": True, "max_payload": 1024})
+                if stranger != "silent after hello":
+                    proof = b"p" * 32 if stranger == "bogus proof" else None
+                    _write(writer, {"hs": "finish", "proof": proof})
+                heard[secret] = await reader.read()  # everything, until the server hangs up
+                writer.close()
+                [line] = await refusals(logs)
+                assert ("timed out" if stranger == "silent after hello" else "prove") \
+                    in line["reason"]
+                assert b.accepted.empty()
+    assert heard[SECRET] == heard[OTHER]
+    frames = _frames(heard[SECRET])
+    assert frames[0] == {"hs": "hello", "v": 1, "node": "b", "nonce": b"s" * 32, "mac": True,
+                         "max_payload": DEFAULT_MAX_PAYLOAD}
+    assert [f["hs"] for f in frames[1:]] == ([] if stranger == "silent after hello"
+                                             else ["refused"])
+
+
+def _frames(data: bytes) -> list[dict[str, Any]]:
+    """The handshake messages in ``data``, a whole stream."""
+    buf, dec, out = bytearray(data), Decoder(max_payload=0), []
+    while (frame := dec.next(buf)) is not None:
+        out.append(frame[0])
+    assert not buf, "a partial frame at the end"
+    return out
 
 
 def _write(writer: asyncio.StreamWriter, header: dict[str, Any]) -> None:
