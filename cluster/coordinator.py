@@ -1034,8 +1034,8 @@ class EtcdCoordinator(ClusterCoordinator):
     def __init__(self, cfg: Config) -> None:
         keys = Keys(cfg.cluster.name)
         timing = Timing(cfg.cluster.lease_ttl)
-        super().__init__(cfg, lambda deadline: EtcdStore(cfg.cluster.etcd, keys, timing,
-                                                         deadline))
+        super().__init__(cfg, lambda deadline: EtcdStore.for_cluster(cfg.cluster, keys, timing,
+                                                                     deadline))
 
 
 async def _wait_all(tasks: list[asyncio.Task[Any]], deadline: float) -> bool:

@@ -16,18 +16,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+# gRPC's C core (read when grpc loads, here in a node) writes its own stderr line for every
+# failed TLS handshake, at INFO; the node's log and start error say it once, in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import aetcd
+import grpc
 import msgpack
 import structlog
+from aetcd import exceptions as etcd_errors
+from aetcd import rpc, watcher
 
 from cluster.keys import Keys
-from mta.config import parse_rate
+from mta.config import ClusterConfig, Secret, parse_rate
 from mta.coordinator import RuntimeSettings
 from mta.logs import describe
 from mta.replication.insync import SyncRecord
@@ -36,6 +44,9 @@ __all__ = [
     "Compare",
     "Delete",
     "Entry",
+    "EtcdAccess",
+    "EtcdClient",
+    "EtcdRefused",
     "EtcdStore",
     "Get",
     "LeaseLeft",
@@ -52,6 +63,7 @@ __all__ = [
     "decode_replicas",
     "decode_sync",
     "encode_replicas",
+    "split_endpoint",
 ]
 
 log = structlog.get_logger("cluster")
@@ -547,30 +559,167 @@ class Store(Protocol):
 # --- etcd --------------------------------------------------------------------------------------
 
 
+class EtcdRefused(RuntimeError):
+    """etcd turned this node away in a way retrying does not mend (a wrong password, a
+    certificate one side does not trust) before it was ever reached: a configuration problem,
+    reported at start (the node's "[cluster] etcd: ..." line) instead of retried."""
+
+
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd beyond ``host:port``: TLS (PEM bytes, read once at start; no CA:
+    the system's) and etcd's own user. The default is plain gRPC without a user."""
+
+    tls: bool = False
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: Secret | None = None
+    username: str = ""
+    password: Secret | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            # gRPC aborts the process on a certificate without its key.
+            raise ValueError("an etcd client certificate and its key go together")
+
+    @classmethod
+    def from_config(cls, cluster: ClusterConfig) -> EtcdAccess:
+        """The ``[cluster]`` etcd keys, their files read (the config checked them)."""
+
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as fh:
+                return fh.read()
+
+        key = read(cluster.etcd_key)
+        return cls(cluster.etcd_tls, read(cluster.etcd_ca), read(cluster.etcd_cert),
+                   None if key is None else Secret(key), cluster.etcd_username,
+                   cluster.etcd_password)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC TLS credentials: etcd's CA, and our client certificate if any."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, certificate_chain=self.cert,
+            private_key=None if self.key is None else self.key.reveal())
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    """A configured endpoint (``host:port``, ``[v6]:port`` or ``https://host:port``) as
+    host, port and whether the endpoint itself says TLS."""
+    tls = endpoint.startswith("https://")
+    host, _, port = endpoint.removeprefix("https://").rpartition(":")
+    return host, int(port), tls
+
+
+class EtcdClient(aetcd.Client):
+    """aetcd's client over TLS when ``access`` (or an ``https://`` endpoint) asks for it:
+    aetcd 1.x opens only plaintext channels. It authenticates as ``access``'s user on every
+    connect; an authentication etcd refuses raises :class:`EtcdRefused`."""
+
+    def __init__(self, endpoint: str, access: EtcdAccess | None = None,
+                 timeout: int | None = None) -> None:
+        access = access or EtcdAccess()
+        host, port, tls = split_endpoint(endpoint)
+        password = None if access.password is None else access.password.reveal().decode()
+        super().__init__(host=host, port=port, username=access.username or None,
+                         password=password, timeout=timeout)
+        self.target = f"{host}:{port}"
+        self._credentials = access.credentials() if access.tls or tls else None
+
+    async def connect(self) -> None:
+        """aetcd's connect, on a TLS channel if configured, with refusals told apart."""
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            options = self._options.items()
+            self.channel = (
+                rpc.insecure_channel(self.target, options=options) if self._credentials is None
+                else rpc.secure_channel(self.target, self._credentials, options=options))
+            if self._username is not None:
+                self.metadata = (("token", await self._authenticate()),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+    async def _authenticate(self) -> str:
+        self.auth_stub = rpc.AuthStub(self.channel)
+        request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+        try:
+            resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+        except rpc.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                              grpc.StatusCode.FAILED_PRECONDITION):
+                # Wrong user or password, or auth not enabled on etcd: never mended by retrying.
+                raise EtcdRefused(f"etcd at {self.target} refused user {self._username!r}: "
+                                  f"{exc.details()} (check [cluster] etcd_username and "
+                                  "etcd_password)") from None
+            raise  # mapped to aetcd's errors by the call that connects
+        return str(resp.token)
+
+
+def _refusal(exc: BaseException, target: str) -> str | None:
+    """What makes ``exc`` a refusal retrying will not mend, if it is one."""
+    if isinstance(exc, EtcdRefused):
+        return str(exc)
+    text = describe(exc)
+    if "handshake failed" in text.lower():
+        return (f"TLS handshake with etcd at {target} failed: {text} (check [cluster] etcd_ca, "
+                "etcd_cert and etcd_key against etcd's --trusted-ca-file and certificate)")
+    if "user name is empty" in text or "permission denied" in text:
+        return (f"etcd at {target} refused the call: {text} (check [cluster] etcd_username, "
+                "and that etcd gives the user read and write on the cluster's prefix)")
+    return None
+
+
+class _TokenExpired(StoreDown):
+    """etcd no longer knows our auth token (its TTL passed, or etcd restarted)."""
+
+
 class EtcdStore:
     """:class:`Store` on etcd: one client at a time, rotated to the next endpoint whenever a
-    call fails or times out."""
+    call fails or times out. With an etcd user, an expired auth token (aetcd never renews
+    one) drops the client and the call runs once more on a fresh, authenticated one."""
 
     def __init__(self, endpoints: Sequence[str], keys: Keys, timing: Timing,
-                 deadline: Deadline) -> None:
+                 deadline: Deadline, access: EtcdAccess | None = None) -> None:
         self.keys = keys
         self.timing = timing
         self._deadline = deadline
-        self._endpoints = [tuple(e.rsplit(":", 1)) for e in endpoints]
+        self._access = access or EtcdAccess()
+        self._endpoints = list(endpoints)
         self._endpoint = 0
-        self._client: aetcd.Client | None = None
+        self._client: EtcdClient | None = None
         self.closing: set[asyncio.Task[None]] = set()  # channels being closed in the background
+        self._reached = False  # a call ever succeeded: refusals are retried from then on
+        self._refused: set[str] = set()  # endpoints that refused us before that
 
-    def _connect(self) -> aetcd.Client:
+    @classmethod
+    def for_cluster(cls, cluster: ClusterConfig, keys: Keys, timing: Timing,
+                    deadline: Deadline) -> EtcdStore:
+        """The store of ``[cluster]``: its endpoints, TLS files (read now) and etcd user."""
+        return cls(cluster.etcd, keys, timing, deadline, EtcdAccess.from_config(cluster))
+
+    def _connect(self) -> EtcdClient:
         if self._client is None:
-            host, port = self._endpoints[self._endpoint % len(self._endpoints)]
-            self._client = aetcd.Client(host=host, port=int(port),
-                                        timeout=max(1, int(self.timing.ttl / 3)))
+            self._client = EtcdClient(self._endpoints[self._endpoint % len(self._endpoints)],
+                                      self._access, timeout=max(1, int(self.timing.ttl / 3)))
         return self._client
 
-    def _drop_client(self) -> None:
+    def _drop_client(self, rotate: bool = True) -> None:
         client, self._client = self._client, None
-        self._endpoint += 1  # try the next endpoint next time
+        if rotate:
+            self._endpoint += 1  # try the next endpoint next time
         if client is not None:
             # Closing a gRPC channel to a dead peer can hang: never make the caller (the
             # keepalive loop, above all) wait for it.
@@ -581,13 +730,26 @@ class EtcdStore:
     async def close(self) -> None:
         self._drop_client()
 
-    async def _call(self, fn: Callable[[aetcd.Client], Coroutine[Any, Any, Any]],
+    async def _call(self, fn: Callable[[EtcdClient], Coroutine[Any, Any, Any]],
                     timeout: float) -> Any:
+        until = time.monotonic() + timeout
+        try:
+            return await self._attempt(fn, timeout)
+        except _TokenExpired as exc:
+            # Authenticate again on the same endpoint, within the same deadline; a second
+            # expiry in a row is etcd trouble (StoreDown) like any other.
+            log.info("cluster.etcd_reauthenticate", endpoint=self._endpoints[
+                self._endpoint % len(self._endpoints)], reason=str(exc))
+            return await self._attempt(fn, until - time.monotonic())
+
+    async def _attempt(self, fn: Callable[[EtcdClient], Coroutine[Any, Any, Any]],
+                       timeout: float) -> Any:
         if timeout <= 0:
             raise StoreDown("fence deadline passed")  # the fence timer is about to fire
         # A hard deadline: wait_for() would wait for a cancelled gRPC call to unwind, and a
         # wedged channel may never do so. Abandon the call instead (cancelled, not awaited).
-        call = asyncio.ensure_future(fn(self._connect()))
+        client = self._connect()
+        call = asyncio.ensure_future(fn(client))
         try:
             done, _ = await asyncio.wait({call}, timeout=timeout)
         except asyncio.CancelledError:
@@ -599,17 +761,33 @@ class EtcdStore:
             self._drop_client()
             raise StoreDown("etcd call timed out")
         try:
-            return call.result()
+            result = call.result()
         except (asyncio.CancelledError, Exception) as exc:
             # We were not cancelled (the wait above returned), so a CancelledError here is
             # the gRPC call's own (its channel closed under it): etcd trouble, not shutdown.
             # aetcd lets raw gRPC errors and plain Exceptions through besides its ClientError
             # family: whatever it is, etcd did not answer usefully, and it must never escape
             # into a background loop (a dead keepalive task would leave the node fenced).
+            if isinstance(exc, etcd_errors.UnauthenticatedError) and client.metadata:
+                self._drop_client(rotate=False)  # the endpoint is fine; our token is not
+                raise _TokenExpired(describe(exc)) from None
             self._drop_client()
             if isinstance(exc, asyncio.CancelledError):  # never "CancelledError" in a log
                 raise StoreDown("etcd call aborted: its gRPC channel closed") from None
+            self._check_refusal(exc, client.target)
             raise StoreDown(describe(exc)) from None
+        self._reached = True
+        return result
+
+    def _check_refusal(self, exc: BaseException, target: str) -> None:
+        """Before etcd was ever reached, raise :class:`EtcdRefused` once every endpoint has
+        refused us: the node must not start, and should say why, not retry for a while."""
+        refusal = _refusal(exc, target)
+        if refusal is None or self._reached:
+            return
+        self._refused.add(target)
+        if len(self._refused) >= len(set(self._endpoints)):
+            raise EtcdRefused(refusal)
 
     def _timeout(self) -> float:
         return budget(self.timing.call_timeout, self._deadline)
@@ -652,9 +830,14 @@ class EtcdStore:
 
     async def changes(self, start: int) -> AsyncIterator[None]:
         client = self._connect()
-        watch = await client.watch_prefix(self.keys.prefix, start_revision=start or None)
-        async for _event in watch:
-            yield
+        try:
+            watch = await client.watch_prefix(self.keys.prefix, start_revision=start or None)
+            async for _event in watch:
+                yield
+        except etcd_errors.UnauthenticatedError:
+            if client is self._client:
+                self._drop_client(rotate=False)  # the next call authenticates again
+            raise
 
 
 def _compare(c: aetcd.Client, x: Compare) -> Any:

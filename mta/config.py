@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from mta.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN
+from mta.dkim.keys import DkimKeyError, load_key
 from mta.envelope import domain_key
 
 __all__ = [
@@ -196,23 +198,30 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _endpoints(value: Any) -> tuple[str, ...]:
     """etcd endpoints as ``host:port``, also written the way etcdctl users write them
-    (``http://host:port``, with or without a trailing slash); stored as ``host:port``."""
+    (``http://host:port`` or ``https://host:port``, with or without a trailing slash); stored
+    as ``host:port``, or ``https://host:port`` for TLS. Plain and TLS URLs do not mix."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise _Invalid(f"expected a list of \"host:port\" etcd endpoints, got {value!r}")
     out = []
+    schemes: dict[str, Any] = {}
     for item in value:
         text = item.strip().rstrip("/") if isinstance(item, str) else item
-        if isinstance(text, str) and text.lower().startswith("https://"):
-            raise _Invalid(f"{item!r}: TLS to etcd is not supported yet; reach etcd over "
-                           "plain http on a private network or loopback, as host:port")
-        if isinstance(text, str) and text.lower().startswith("http://"):
-            text = text[len("http://"):]
+        scheme = ""
+        if isinstance(text, str) and (match := re.match(r"(?i)(https?)://", text)):
+            scheme = match.group(1).lower()
+            schemes.setdefault(scheme, item)
+            text = text[match.end():]
         host, port = parse_listen(text)
         if port == 0:
             raise _Invalid(f"expected an etcd endpoint with a port 1-65535, got {item!r}")
-        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        out.append(f"https://{address}" if scheme == "https" else address)
+    if len(schemes) > 1:
+        raise _Invalid(f"mixes plain {schemes['http']!r} and TLS {schemes['https']!r}: one "
+                       "cluster's etcd is reached one way; write every endpoint as "
+                       "https://host:port (or host:port with etcd_ca set)")
     return tuple(out)
 
 
@@ -446,8 +455,8 @@ def _table_key_problem(name: str, ports: bool) -> str | None:
     return None
 
 
-def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = lambda _: None
-                   ) -> Callable[[Any], dict[str, Any]]:
+def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = lambda _: None,
+                   parent: str = "delivery") -> Callable[[Any], dict[str, Any]]:
     def key_of(name: str, seen: dict[str, str]) -> str:
         if problem := _table_key_problem(name, section == "sites"):
             raise _Invalid(f"{name[:100]!r}: {problem}")
@@ -460,7 +469,7 @@ def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = 
 
     def parse(value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise _Invalid(f"expected tables like [delivery.{section}.\"example.com\"], "
+            raise _Invalid(f"expected tables like [{parent}.{section}.\"example.com\"], "
                            f"got {value!r}")
         out, seen = {}, {}
         known = {f.name: f for f in fields(cls)}
@@ -600,6 +609,15 @@ def _secret(value: Any) -> Secret | None:
     return Secret(data)
 
 
+def _password(value: Any) -> Secret | None:
+    # Any non-empty string (etcd sets the rules); like _secret, never quoted in an error.
+    if value in ("", None):
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got a {type(value).__name__} (not shown)")
+    return Secret(value.encode())
+
+
 def _advertise(value: Any) -> tuple[str, int] | None:
     address = _optional_hostport(value)
     if address is None:
@@ -651,6 +669,114 @@ class ClusterConfig:
     tls_ca: str = _opt(_path, "")
     tls_cert: str = _opt(_path, "")
     tls_key: str = _opt(_path, "")
+    # etcd over TLS (every endpoint, also when only written host:port): the CA that signed
+    # etcd's certificate, and this node's client certificate and key (both or neither; etcd's
+    # --client-cert-auth needs them). https:// endpoints alone use the system's CAs.
+    etcd_ca: str = _opt(_path, "")
+    etcd_cert: str = _opt(_path, "")
+    etcd_key: str = _opt(_path, "")
+    # etcd's own users (etcdctl user add, auth enable): the password, or a file holding it
+    # (read into etcd_password at load, like secret_file). Never shown: see Secret.
+    etcd_username: str = _opt(_string, "")
+    etcd_password: Secret | None = _opt(_password, None)  # noqa: RUF009 (_opt is field())
+    etcd_password_file: str = _opt(_path, "")
+
+    @property
+    def etcd_tls(self) -> bool:
+        """Whether etcd is reached over TLS: a CA or client certificate is set, or the
+        endpoints are https:// URLs."""
+        return bool(self.etcd_ca or self.etcd_cert) or any(
+            e.startswith("https://") for e in self.etcd)
+
+
+def _selector(value: Any) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(
+            r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}))*",
+            value):
+        raise _Invalid(f"expected a DKIM selector (DNS labels such as \"s2026\"), got "
+                       f"{_short(value)}")
+    return value
+
+
+def _signing_domain(value: Any) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or _table_key_problem(value, False) or "*" in value:
+        raise _Invalid(f"expected a domain name such as \"example.org\", got {_short(value)}")
+    return value.lower().rstrip(".")
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and re.fullmatch(r"[!-9;-~]+", v) for v in value):
+        raise _Invalid(f"expected a list of header field names such as [\"from\", "
+                       f"\"subject\"], got {_short(value)}")
+    return tuple(v.lower() for v in value)
+
+
+def _signed_headers(value: Any) -> tuple[str, ...]:
+    names = _header_names(value)
+    if "from" not in names:
+        raise _Invalid(f"expected a list that includes \"from\" (RFC 6376: From: is always "
+                       f"signed), got {_short(value)}")
+    return names
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """One DKIM key: its selector, its PEM private key file and its algorithm."""
+
+    selector: str = _opt(_selector, "")
+    key: str = _opt(_path, "")
+    algorithm: str = _opt(_choice("rsa-sha256", "ed25519-sha256"), "rsa-sha256")
+
+
+def _dkim_key(value: Any) -> DkimKey:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table with selector, key and algorithm, got "
+                       f"{_short(value)}")
+    known = {f.name: f for f in fields(DkimKey)}
+    values = {}
+    for key, raw in value.items():
+        if key not in known:
+            raise _Invalid(f"{key}: unknown key; known keys are {', '.join(sorted(known))}")
+        try:
+            values[key] = known[key].metadata["parse"](raw)
+        except _Invalid as exc:
+            raise _Invalid(f"{key}: {exc}") from None
+    return DkimKey(**values)
+
+
+@dataclass(frozen=True)
+class DkimDomain(DkimKey):
+    """``[dkim.domains."example.org"]``: the key mail From: that domain is signed with;
+    ``dual``, a second key (``[dkim.domains."example.org".dual]``, e.g. Ed25519 beside
+    RSA) signing it too; ``signing_domain``, the ``d=`` (default: the From: domain)."""
+
+    signing_domain: str = _opt(_signing_domain, "")
+    dual: DkimKey | None = _opt(_dkim_key, None)  # noqa: RUF009
+
+
+_parse_dkim_domains = _policy_tables(DkimDomain, "domains", parent="dkim")
+
+
+def _dkim_domains(value: Any) -> dict[str, DkimDomain]:
+    return _parse_dkim_domains(value)
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """``[dkim]``: DKIM signing at reception, by the From: header's domain."""
+
+    # True: mail whose From: domain has no key (or no single From: domain) is refused with
+    # 550 5.7.1 rather than sent unsigned.
+    required: bool = _opt(_boolean, False)
+    headers: tuple[str, ...] = _opt(_signed_headers, DEFAULT_HEADERS)
+    oversign: tuple[str, ...] = _opt(_header_names, DEFAULT_OVERSIGN)
+    expire: float = _opt(_duration_or_off, 0.0)  # the signature's x= after this long; 0: none
+    domains: dict[str, DkimDomain] = _opt(_dkim_domains, dict)  # noqa: RUF009
 
 
 def _optional_address(value: Any) -> str:
@@ -692,6 +818,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     source: str = "<defaults>"
 
     @property
@@ -708,6 +835,7 @@ _SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "probe": ProbeConfig,
     "slo": SloConfig,
+    "dkim": DkimConfig,
 }
 
 
@@ -761,6 +889,65 @@ def _check_consistency(cfg: Config, path: str) -> None:
         raise ConfigError(path, "[spool] segment_size", "expected at least 64K")
 
 
+# --- etcd access: TLS and users -----------------------------------------------------------
+
+_ETCD_KEYS = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_username", "etcd_password",
+              "etcd_password_file")
+
+
+def _pem_problem(path: str) -> str | None:
+    """Why ``path`` is not a PEM file this node can read."""
+    if problem := _file_problem(path):
+        return problem
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024 * 1024)
+    except OSError as exc:
+        return f"cannot read {path!r}: {exc.strerror or exc}"
+    return None if b"-----BEGIN " in head else f"{path!r} is not a PEM file (no -----BEGIN line)"
+
+
+def _check_etcd(cluster: ClusterConfig, raw: Any, path: str) -> None:
+    """The etcd TLS and user keys, alone and together (``raw``: the [cluster] table as
+    written, for the endpoints' schemes)."""
+    if not cluster.etcd:
+        for key in _ETCD_KEYS:
+            if getattr(cluster, key):
+                raise ConfigError(path, f"[cluster] {key}",
+                                  "set, but [cluster] etcd is empty (a standalone node reaches "
+                                  f"no etcd): set [cluster] etcd, or remove {key}")
+        return
+    if bool(cluster.etcd_cert) != bool(cluster.etcd_key):
+        missing = "etcd_key" if cluster.etcd_cert else "etcd_cert"
+        raise ConfigError(path, f"[cluster] {missing}",
+                          "etcd_cert and etcd_key go together (this node's client certificate "
+                          "and its key): set both, or neither")
+    for key in ("etcd_ca", "etcd_cert", "etcd_key"):
+        value = getattr(cluster, key)
+        if value and (problem := _pem_problem(value)):
+            raise ConfigError(path, f"[cluster] {key}", problem)
+    if cluster.etcd_password_file and (problem := _file_problem(cluster.etcd_password_file)):
+        raise ConfigError(path, "[cluster] etcd_password_file", problem)
+    if cluster.etcd_password is not None and cluster.etcd_password_file:
+        raise ConfigError(path, "[cluster] etcd_password_file",
+                          "set etcd_password or etcd_password_file, not both")
+    has_password = cluster.etcd_password is not None or bool(cluster.etcd_password_file)
+    if cluster.etcd_username and not has_password:
+        raise ConfigError(path, "[cluster] etcd_password",
+                          "etcd_username is set without a password: set etcd_password or "
+                          "etcd_password_file too")
+    if has_password and not cluster.etcd_username:
+        raise ConfigError(path, "[cluster] etcd_username",
+                          "a password is set without a user: set etcd_username too")
+    written = raw.get("etcd") if isinstance(raw, dict) else None
+    plain = [e for e in (written if isinstance(written, list) else [written])
+             if isinstance(e, str) and e.strip().lower().startswith("http://")]
+    if plain and (cluster.etcd_ca or cluster.etcd_cert):
+        raise ConfigError(path, "[cluster] etcd",
+                          f"{plain[0]!r} is plain http, but etcd_ca / etcd_cert make every "
+                          "etcd connection TLS: write https://host:port (or host:port)")
+
+
 # --- replication (issue 16): the keys are checked now, the node replicates later ----------
 
 
@@ -794,27 +981,35 @@ def _check_cluster_files(cluster: ClusterConfig, path: str) -> None:
                           "set secret or secret_file, not both")
 
 
-def _read_secret_file(cluster: ClusterConfig, path: str) -> ClusterConfig:
-    """``secret_file``'s content as ``secret``: surrounding whitespace (an editor's final
-    newline) is not part of it. Only its length is ever reported."""
-    if not cluster.secret_file:
-        return cluster
-    key = "[cluster] secret_file"
+def _read_secret_file(file: str, path: str, key: str, at_least: int, hint: str = "") -> Secret:
+    """The content of ``file`` (named by ``key``) as a secret: surrounding whitespace (an
+    editor's final newline) is not part of it. Only its length is ever reported."""
     try:
-        with open(cluster.secret_file, "rb") as fh:
+        with open(file, "rb") as fh:
             data = fh.read(_MAX_SECRET_FILE + 1)
     except OSError as exc:
-        raise ConfigError(path, key, f"cannot read {cluster.secret_file!r}: "
-                          f"{exc.strerror or exc}") from None
+        raise ConfigError(path, key, f"cannot read {file!r}: {exc.strerror or exc}") from None
     if len(data) > _MAX_SECRET_FILE:
-        raise ConfigError(path, key, f"{cluster.secret_file!r} is larger than "
+        raise ConfigError(path, key, f"{file!r} is larger than "
                           f"{_MAX_SECRET_FILE // 1024}K: expected a file holding one secret")
     data = data.strip()
-    if len(data) < _MIN_SECRET:
-        raise ConfigError(path, key, f"{cluster.secret_file!r} holds {len(data)} bytes, "
-                          f"expected at least {_MIN_SECRET} (the value is not shown); e.g. "
-                          "openssl rand -hex 32 > FILE")
-    return replace(cluster, secret=Secret(data))
+    if len(data) < at_least:
+        raise ConfigError(path, key, f"{file!r} holds {len(data)} bytes, expected at least "
+                          f"{at_least} (the value is not shown){hint}")
+    return Secret(data)
+
+
+def _read_secret_files(cluster: ClusterConfig, path: str) -> ClusterConfig:
+    """``secret_file``'s content as ``secret``, ``etcd_password_file``'s as
+    ``etcd_password``."""
+    if cluster.secret_file:
+        cluster = replace(cluster, secret=_read_secret_file(
+            cluster.secret_file, path, "[cluster] secret_file", _MIN_SECRET,
+            "; e.g. openssl rand -hex 32 > FILE"))
+    if cluster.etcd_password_file:
+        cluster = replace(cluster, etcd_password=_read_secret_file(
+            cluster.etcd_password_file, path, "[cluster] etcd_password_file", 1))
+    return cluster
 
 
 def _check_replica_counts(cfg: Config, path: str, timeout_set: bool) -> None:
@@ -865,12 +1060,32 @@ def _check_replication_peers(cfg: Config, path: str) -> None:
 
 
 def _check_replication(cfg: Config, path: str, timeout_set: bool) -> Config:
-    """The replication keys, alone and together; returns ``cfg`` with secret_file read."""
+    """The replication keys, alone and together; returns ``cfg`` with secret_file (and
+    etcd_password_file) read."""
     _check_cluster_files(cfg.cluster, path)
-    cfg = replace(cfg, cluster=_read_secret_file(cfg.cluster, path))
+    cfg = replace(cfg, cluster=_read_secret_files(cfg.cluster, path))
     _check_replica_counts(cfg, path, timeout_set)
     _check_replication_peers(cfg, path)
     return cfg
+
+
+def _check_dkim(dkim: DkimConfig, path: str) -> None:
+    """Every configured key is there, readable, and of its algorithm: a config error at
+    start (and a failed reload that keeps the old keys), never mail sent unsigned."""
+    for name, entry in dkim.domains.items():
+        for where, key in ((f'[dkim.domains."{name}"]', entry),
+                           (f'[dkim.domains."{name}".dual]', entry.dual)):
+            if key is None:
+                continue
+            for need in ("selector", "key"):
+                if not getattr(key, need):
+                    raise ConfigError(path, f"{where} {need}", "required: the DKIM "
+                                      f"{'selector' if need == 'selector' else 'private key file'}"
+                                      " to sign with")
+            try:
+                load_key(key.key, key.selector, key.algorithm)
+            except DkimKeyError as exc:
+                raise ConfigError(path, f"{where} key", str(exc)) from None
 
 
 def _expand_home(cfg_dict: dict[str, Any]) -> None:
@@ -878,7 +1093,8 @@ def _expand_home(cfg_dict: dict[str, Any]) -> None:
     for section in ("smtp", "spool", "cluster"):
         table = cfg_dict.get(section)
         if isinstance(table, dict):
-            for key in ("tls_cert", "tls_key", "tls_ca", "users_file", "secret_file", "path"):
+            for key in ("tls_cert", "tls_key", "tls_ca", "users_file", "secret_file", "path",
+                        "etcd_ca", "etcd_cert", "etcd_key", "etcd_password_file"):
                 if isinstance(table.get(key), str) and table[key].startswith("~"):
                     table[key] = os.path.expanduser(table[key])
 
@@ -931,5 +1147,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     }
     cfg = Config(**sections, source=source)
     _check_consistency(cfg, source)
+    _check_etcd(cfg.cluster, raw.get("cluster"), source)
+    _check_dkim(cfg.dkim, source)
     spool = raw.get("spool")
     return _check_replication(cfg, source, isinstance(spool, dict) and "replica_timeout" in spool)

@@ -19,6 +19,8 @@ from mta.accounting import AccountingLog
 from mta.config import Config, ConfigError, load_config
 from mta.coordinator import Coordinator, LocalCoordinator, Replication
 from mta.delivery.engine import DeliveryEngine
+from mta.dkim.keys import DkimKeyError
+from mta.dkim.signer import Signer, build_signer
 from mta.envelope import Envelope
 from mta.gauges import NodeGauges, ReplicationGauges
 from mta.ingress import IngressServer, load_tls_context
@@ -63,6 +65,13 @@ def _load_tls(cfg: Config) -> ssl.SSLContext | None:
     except (ssl.SSLError, OSError) as exc:
         raise StartupError(f"{cfg.source}: [smtp] tls_cert/tls_key: cannot load the pair: "
                            f"{exc}", 2) from None
+
+
+def _load_signer(cfg: Config) -> Signer | None:
+    try:
+        return build_signer(cfg.dkim)
+    except DkimKeyError as exc:  # the file changed between the config check and now
+        raise StartupError(f"{cfg.source}: [dkim] key: {exc}", 2) from None
 
 
 class Node:
@@ -138,6 +147,7 @@ class Node:
         cfg = self.cfg
         users = _load_users(cfg)
         tls = _load_tls(cfg)
+        signer = _load_signer(cfg)
         stack.push_async_callback(self._close_admin)
         try:
             await self.spool.start()
@@ -183,6 +193,7 @@ class Node:
         except RuntimeError as exc:
             raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
         ingress = self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
+        ingress.signer = signer
         try:
             await ingress.start()
         except OSError as exc:
@@ -410,6 +421,7 @@ class Node:
                 cfg = load_config(cfg.source)
             users = _load_users(cfg)
             tls = _load_tls(cfg)
+            signer = _load_signer(cfg)
         except (ConfigError, StartupError) as exc:
             log.error("node.reload_failed", node_id=self.node_id, error=describe(exc))
             notify("STATUS=reload failed, kept the previous configuration")
@@ -425,11 +437,13 @@ class Node:
             restart_needed.append("smtp")
         self.ingress.users = users
         self.ingress.tls = tls
+        self.ingress.signer = signer
         if self.engine is not None:
             self.engine.reload(cfg)
         self.cfg = cfg
         log.info("node.reloaded", node_id=self.node_id, users=len(users) if users else 0,
                  tls=tls is not None, domain_policies=len(cfg.delivery.domains),
+                 dkim_domains=len(cfg.dkim.domains),
                  needs_restart=restart_needed)
         notify("STATUS=configuration reloaded")
         return True

@@ -85,6 +85,9 @@ _REFUSALS = {
     "fenced": (503, "not serving this shard now", "retry on another node"),
     "disk": (507, "spool write failed", "free disk space, then retry"),
     "unavailable": (503, "spool unavailable", "retry later"),
+    "unsigned": (422, "DKIM signing is required and the message cannot be signed",
+                 "send it From: a domain with a key in [dkim.domains]"),
+    "sign_failed": (503, "DKIM signing failed", "retry later"),
 }
 
 

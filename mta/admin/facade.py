@@ -112,10 +112,11 @@ class NodeFacade:
     async def submit(self, env: Envelope, raw: bytes) -> str:
         """Store an HTTP submission through the one submission path; its message id.
         Raises SubmissionRefused (already counted and logged)."""
-        smtp = self._config().smtp
+        smtp, ingress = self._config().smtp, self._ingress()
         mid, _size = await store_submission(self.spool, smtp.hostname, env, raw, "HTTP",
                                             max_hops=smtp.max_hops, metrics=self._metrics,
-                                            via="http")
+                                            via="http",
+                                            signer=ingress.signer if ingress else None)
         return mid
 
     async def probe(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ _REFUSAL_REPLIES = {
     "fenced": FENCED_REPLY,
     "disk": "452 4.3.1 Insufficient system storage, try again later",
     "unavailable": "451 4.3.0 Spool not available, try again later",
+    "unsigned": "550 5.7.1 {}",
+    "sign_failed": "451 4.7.0 DKIM signing failed, try again later",
 }
 
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
@@ -116,7 +118,7 @@ class IngressHandler:
         try:
             message_id, _size = await store_submission(
                 srv.spool, srv.cfg.hostname, env, raw, protocol, max_hops=srv.cfg.max_hops,
-                metrics=srv.metrics, via="smtp")
+                metrics=srv.metrics, via="smtp", signer=srv.signer)
         except SubmissionRefused as exc:  # counted and logged by store_submission
-            return _REFUSAL_REPLIES[exc.kind]
+            return _REFUSAL_REPLIES[exc.kind].format(exc)
         return f"250 2.0.0 Ok: queued as {message_id}"

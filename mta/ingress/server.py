@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from mta.config import SmtpConfig
+from mta.dkim.signer import Signer
 from mta.ingress.auth import UsersFile
 from mta.ingress.guard import AuthAttempt, AuthGuard
 from mta.ingress.handler import IngressHandler
@@ -74,6 +75,7 @@ class IngressServer:
         self.metrics = metrics
         self.users = users
         self.tls = tls
+        self.signer: Signer | None = None  # DKIM, set (and replaced on reload) by the node
         self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip,
                                          reserved_for(cfg))
         self.auth_guard = AuthGuard(cfg.auth_max_failures, cfg.auth_lockout,

@@ -15,6 +15,7 @@ import time
 import structlog
 
 from mta.delivery.loops import received_count
+from mta.dkim.signer import Signer, Unsignable
 from mta.envelope import Envelope
 from mta.ingress.headers import prepare_content, received_header
 from mta.logs import describe
@@ -26,12 +27,14 @@ __all__ = ["REFUSAL_KINDS", "SubmissionRefused", "TooManyHops", "store_submissio
 log = structlog.get_logger("mta.ingress")
 
 # Why a submission was not stored; every door answers each of these.
-REFUSAL_KINDS = ("too_many_hops", "no_shards", "fenced", "disk", "unavailable")
+REFUSAL_KINDS = ("too_many_hops", "no_shards", "fenced", "disk", "unavailable", "unsigned",
+                 "sign_failed")
 
 
 class SubmissionRefused(Exception):
     """The message was not stored. ``kind`` is one of :data:`REFUSAL_KINDS`; only
-    ``too_many_hops`` is permanent. Already counted and logged when raised."""
+    ``too_many_hops`` and ``unsigned`` (DKIM signing required, no key for the message) are
+    permanent. Already counted and logged when raised."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -52,7 +55,7 @@ class TooManyHops(SubmissionRefused):
 
 async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: bytes,
                            protocol: str, *, max_hops: int, metrics: NodeMetrics,
-                           via: str) -> tuple[str, int]:
+                           via: str, signer: Signer | None = None) -> tuple[str, int]:
     """Check the hop count, add trace and missing submission headers, store durably, count.
 
     ``via`` names the door (``smtp`` or ``http``) in logs and in ``mta_fenced_refusals``.
@@ -70,7 +73,15 @@ async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: byte
             message_id=message_id,
             recipient=env.recipients[0] if len(env.recipients) == 1 else None)
         content = prepare_content(raw, received, message_id=message_id, hostname=hostname)
+        if signer is not None:
+            # Signed once, here: every retry and every replica carries these bytes.
+            content = await signer.sign_async(content)
         await spool.submit(env, content, message_id)
+    except Unsignable as exc:
+        log.warning(f"{via}.dkim_refused", sender=env.sender, client_ip=env.client_ip,
+                    error=str(exc))
+        raise SubmissionRefused("unsigned" if exc.permanent else "sign_failed",
+                                str(exc)) from exc
     except NoShardsOwned as exc:
         raise SubmissionRefused("no_shards", str(exc)) from exc
     except FencedError as exc:

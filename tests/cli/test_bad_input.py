@@ -46,6 +46,9 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "_advertise": {6},  # "" (none); else "host:port" a peer can dial
     "_zone": {6, 13, 17},  # "" (none); letters, digits, ".", "_", "-"
     "_secret": {6, 15, 17},  # "" (none); else at least 16 bytes
+    "_signed_headers": set(),  # header names, "from" among them
+    "_header_names": {2},  # header names, or none
+    "_dkim_domains": {4},
 }
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {
@@ -59,6 +62,9 @@ ACCEPTED_BY_KEY: dict[str, set[int]] = {
     "[spool] min_insync": set(),  # at most replicas (default 1)
     "[cluster] secret_file": {6},  # must exist
     "[cluster] tls_ca": {6}, "[cluster] tls_cert": {6}, "[cluster] tls_key": {6},
+    # the etcd TLS and user keys need [cluster] etcd (these cases set none)
+    **{f"[cluster] etcd_{k}": {6} for k in ("ca", "cert", "key", "username", "password",
+                                             "password_file")},
 }
 # A value the parser takes but a check across keys refuses names the other key.
 NAMED_AS: dict[tuple[str, int], str] = {

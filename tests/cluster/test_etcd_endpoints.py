@@ -1,5 +1,6 @@
-"""etcd endpoints written as etcdctl users write them (``http://host:port/``) work; what the
-node cannot use is refused with the key named, before anything starts."""
+"""etcd endpoints written as etcdctl users write them (``http://host:port/``,
+``https://host:port``) work; what the node cannot use is refused with the key named, before
+anything starts. TLS and etcd users: test_etcd_security.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def _cluster(etcd: list[Any]) -> dict[str, Any]:
     ("http://127.0.0.1:2379", "127.0.0.1:2379"),
     ("HTTP://etcd-1.internal:2379/", "etcd-1.internal:2379"),
     ("http://[::1]:2379", "[::1]:2379"),
+    ("https://127.0.0.1:2379/", "https://127.0.0.1:2379"),
+    ("HTTPS://[::1]:2379", "https://[::1]:2379"),
 ])
 def test_endpoint_forms_are_accepted(tmp_path: Path, given: str, stored: str) -> None:
     cfg = config_from_dict(node_config(tmp_path, cluster=_cluster([given])))
@@ -29,7 +32,7 @@ def test_endpoint_forms_are_accepted(tmp_path: Path, given: str, stored: str) ->
 
 
 @pytest.mark.parametrize(("given", "says"), [
-    ("https://127.0.0.1:2379", "TLS to etcd is not supported yet"),
+    ("https://127.0.0.1", "host:port"),
     ("http://127.0.0.1", "host:port"),
     ("127.0.0.1:0", "port 1-65535"),
     (2379, "host:port"),

@@ -51,13 +51,15 @@ class World:
         self.dns = DNSServer(zone, **dns)
         return self.dns
 
-    async def start(self, **delivery: Any) -> Node:
+    async def start(self, sections: dict[str, dict[str, Any]] | None = None,
+                    **delivery: Any) -> Node:
+        """The node, delivering through the zone; ``sections``: more config sections."""
         assert self.dns is not None
         d = {"enabled": True, "nameservers": [f"127.0.0.1:{self.dns.port}"],
              "mx_port": self.port, "retry_initial": "200ms", "retry_max": "1s",
              "connect_timeout": "2s", "command_timeout": "5s", "idle_timeout": "1s",
              "accounting_log": str(self.tmp_path / "acct.jsonl"), **delivery}
-        self.node = await self._start_node(delivery=d)
+        self.node = await self._start_node(delivery=d, **(sections or {}))
         return self.node
 
     async def submit(self, rcpts: list[str], body: bytes | None = None,

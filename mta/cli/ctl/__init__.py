@@ -12,6 +12,7 @@ from typing import Any
 
 import mta
 from mta.cli.ctl import (
+    dkim,
     drain,
     flush,
     message,
@@ -32,7 +33,7 @@ from mta.cli.ctl.client import CtlError, UsageError, resolve_target
 __all__ = ["main"]
 
 _VERBS = (status, nodes, shards, queue, message, flush, suspend, throttle, drain, rebalance,
-          probe, slo, passwd, trace)
+          probe, slo, passwd, trace, dkim)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,189 @@
+"""Sign a message once, at reception: pick the signing domain from the From: header (the
+domain DMARC aligns with), and prepend one DKIM-Signature per configured key (two for dual
+RSA and Ed25519 signing), relaxed/relaxed, over-signing the headers that matter."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import TYPE_CHECKING
+
+from mta.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN
+from mta.dkim.canon import HeaderField, relaxed_body, relaxed_header, split_message
+from mta.dkim.keys import SigningKey, load_key
+
+if TYPE_CHECKING:
+    from mta.config import DkimConfig
+
+__all__ = ["DomainKeys", "Signer", "Unsignable", "build_signer"]
+
+_FOLD_AT = 72
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def build_signer(cfg: DkimConfig) -> Signer | None:
+    """The signer ``[dkim]`` describes, its keys read now (None: nothing to sign with and
+    nothing required). Raises DkimKeyError (the config check reads them first)."""
+    if not cfg.domains and not cfg.required:
+        return None
+    domains = {}
+    for name, entry in cfg.domains.items():
+        keys = [load_key(entry.key, entry.selector, entry.algorithm)]
+        if entry.dual is not None:
+            keys.append(load_key(entry.dual.key, entry.dual.selector, entry.dual.algorithm))
+        domains[name] = DomainKeys(tuple(keys), entry.signing_domain)
+    return Signer(domains, headers=cfg.headers, oversign=cfg.oversign, expire=cfg.expire,
+                  required=cfg.required)
+
+
+class Unsignable(Exception):
+    """The message cannot be signed under the policy: ``permanent`` (no key for its From:
+    domain while signing is required, no usable From:) or not (signing failed)."""
+
+    def __init__(self, detail: str, *, permanent: bool) -> None:
+        super().__init__(detail)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class DomainKeys:
+    """The keys one From: domain (or ``*.`` pattern) signs with, and the ``d=`` to use
+    (empty: the From: domain itself)."""
+
+    keys: tuple[SigningKey, ...]
+    signing_domain: str = ""
+
+
+class Signer:
+    """DKIM signing by From: domain; :meth:`sign` returns the message with its signatures."""
+
+    def __init__(self, domains: Mapping[str, DomainKeys], *,
+                 headers: Sequence[str] = DEFAULT_HEADERS,
+                 oversign: Iterable[str] = DEFAULT_OVERSIGN, expire: float = 0.0,
+                 required: bool = False, clock: Callable[[], float] = time.time) -> None:
+        self.domains = {d.lower().rstrip("."): v for d, v in domains.items()}
+        self.headers = tuple(h.lower() for h in headers)
+        self.oversign = {h.lower() for h in oversign}
+        self.expire = expire
+        self.required = required
+        self.clock = clock
+
+    def keys_for(self, domain: str) -> DomainKeys | None:
+        """The entry for ``domain``: its own, else the nearest ``*.parent`` pattern."""
+        domain = domain.lower().rstrip(".")
+        if (entry := self.domains.get(domain)) is not None:
+            return entry
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            if (entry := self.domains.get("*." + ".".join(labels[i:]))) is not None:
+                return entry
+        return None
+
+    def sign(self, message: bytes) -> bytes:
+        """``message`` (CRLF lines, as spooled) with its DKIM-Signature fields prepended;
+        unchanged when its From: domain has no key and signing is not required."""
+        fields, body = split_message(message)
+        domain = _from_domain(fields)
+        entry = self.keys_for(domain) if domain else None
+        if entry is None:
+            if not self.required:
+                return message
+            if domain is None:
+                raise Unsignable("no single From: domain to sign for (DKIM signing is "
+                                 "required)", permanent=True)
+            raise Unsignable(f"no DKIM key for the From: domain {_shown(domain)} (signing "
+                             "is required)", permanent=True)
+        try:
+            d = (entry.signing_domain or domain or "").encode("idna").decode("ascii")
+        except UnicodeError:
+            raise Unsignable(f"From: domain {_shown(domain or '')} is not a valid domain "
+                             "name", permanent=True) from None
+        bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode()
+        now = int(self.clock())
+        try:
+            signatures = [self._signature(fields, key, d, bh, now) for key in entry.keys]
+        except (ValueError, TypeError) as exc:  # a key the crypto library refuses
+            raise Unsignable(f"signing failed: {exc}", permanent=False) from None
+        return b"".join(signatures) + message
+
+    async def sign_async(self, message: bytes) -> bytes:
+        """:meth:`sign` in a worker thread: an RSA signature costs as much CPU as the rest
+        of a submission, and the crypto library lets the event loop run meanwhile."""
+        global _pool
+        if _pool is None:
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="dkim")
+        return await asyncio.get_running_loop().run_in_executor(_pool, self.sign, message)
+
+    def _signature(self, fields: list[HeaderField], key: SigningKey, d: str, bh: str,
+                   now: int) -> bytes:
+        counts = Counter(f.name.decode("latin-1") for f in fields)
+        names: list[str] = []
+        for name in self.headers:
+            names += [name] * (counts.get(name, 0) + (name in self.oversign))
+        tags = [f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={d}; s={key.selector};",
+                f"t={now};" + (f" x={now + int(self.expire)};" if self.expire else ""),
+                *_fold_list("h=", names), f"bh={bh};", "b="]
+        unsigned = "DKIM-Signature: " + "\r\n\t".join(tags)
+        data = _selected(fields, names) + relaxed_header(
+            b"dkim-signature", unsigned.split(":", 1)[1].encode())
+        b = base64.b64encode(key.sign(data)).decode()
+        folded = "\r\n\t ".join(b[i:i + _FOLD_AT] for i in range(0, len(b), _FOLD_AT))
+        return (unsigned + folded + "\r\n").encode()
+
+
+def _selected(fields: list[HeaderField], names: list[str]) -> bytes:
+    """The canonical headers ``h=`` names, each name taking its instances bottom up (a name
+    listed more often than present adds nothing: over-signing)."""
+    by_name: dict[bytes, list[HeaderField]] = {}
+    for f in fields:
+        by_name.setdefault(f.name, []).append(f)
+    out = []
+    for name in names:
+        stack = by_name.get(name.encode())
+        if stack:
+            f = stack.pop()
+            out.append(relaxed_header(f.name, f.raw.split(b":", 1)[1]) + b"\r\n")
+    return b"".join(out)
+
+
+def _fold_list(tag: str, names: list[str]) -> list[str]:
+    """``h=a:b:...;`` split over lines of at most about 72 characters."""
+    lines, line = [], tag
+    for i, name in enumerate(names):
+        piece = name + (":" if i < len(names) - 1 else ";")
+        if len(line) + len(piece) > _FOLD_AT and line != tag:
+            lines.append(line)
+            line = " "
+        line += piece
+    lines.append(line if names else tag + ";")
+    return lines
+
+
+def _from_domain(fields: list[HeaderField]) -> str | None:
+    """The one domain of the From: header's addresses; None when there is no From:, more
+    than one, or its addresses name different domains (nothing DMARC could align)."""
+    froms = [f for f in fields if f.name == b"from"]
+    if len(froms) != 1:
+        return None
+    value = froms[0].value().decode("utf-8", "replace")
+    domains = {addr.rpartition("@")[2].strip().lower().rstrip(".")
+               for _, addr in getaddresses([value]) if "@" in addr}
+    if len(domains) != 1:
+        return None
+    domain = domains.pop()
+    return domain or None
+
+
+def _shown(domain: str) -> str:
+    """``domain`` fit for an SMTP reply and a log line: printable ASCII, 100 at most."""
+    text = domain.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else "?" for c in text)[:100]
