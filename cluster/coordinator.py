@@ -385,20 +385,44 @@ class ClusterCoordinator:
         try:
             res = await self.store.commit(txn)
         except StoreDown as exc:
+            # The call may have committed before the answer was lost: read what is there.
             log.info("cluster.sync_change_failed", node_id=self.node_id, shard=shard,
                      error=describe(exc)[:200])
-            return None
+            return await self._sync_in_place(shard, old, new)
         except Exception as exc:  # the owner side must get an answer, whatever happened
             log.exception("cluster.sync_change_error", node_id=self.node_id, shard=shard,
                           error=describe(exc))
-            return None
+            return await self._sync_in_place(shard, old, new)
         if not res.succeeded:
             log.warning("cluster.sync_change_refused", node_id=self.node_id, shard=shard,
                         why="our owner key or the record changed")
-            return None
+            return await self._sync_in_place(shard, old, new)
         log.info("cluster.sync_changed", node_id=self.node_id, shard=shard,
                  members=sorted(new.members))
         return new
+
+    async def _sync_in_place(self, shard: int, old: SyncRecord, new: SyncRecord
+                             ) -> SyncRecord | None:
+        """After a change that failed or was refused: the record etcd holds, if it is still
+        this term's (None: ``old``, or another owner's). Read until etcd answers: until
+        then the change counts as in flight, so the owner requires the acks of the old
+        members and the new ones, whichever record etcd ends up holding (adopting the old
+        one after a change that did commit would leave a member it no longer waits for)."""
+        while not self._stopping and not self._fenced and (
+                self._claims.get(shard, self._taking.get(shard)) is not None):
+            try:
+                v = await self._read()
+            except StoreDown:
+                await asyncio.sleep(min(1.0, self.ttl / 6))
+                continue
+            record = v.sync.get(shard)
+            if record is None or record == old or (record.token, record.owner) != (
+                    old.token, old.owner):
+                return None
+            log.info("cluster.sync_record_reread", node_id=self.node_id, shard=shard,
+                     members=sorted(record.members), committed=record == new)
+            return record
+        return None
 
     async def set_draining(self, node: str, draining: bool) -> None:
         """Mark ``node`` drained (its shards move away) or back in service."""

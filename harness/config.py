@@ -20,6 +20,10 @@ def node_config(spool: Path, /, **sections: dict[str, Any]) -> dict[str, Any]:
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    if raw.get("cluster", {}).get("etcd"):
+        # A cluster replicates unless told otherwise; the harness's clusters share one spool
+        # directory unless the caller asks for replicas.
+        raw["spool"].setdefault("replicas", 1)
     return raw
 
 

@@ -307,10 +307,9 @@ class SpoolConfig:
     # A sealed segment is rewritten when its live share falls below this ratio.
     compact_live_ratio: float = _opt(lambda v: _ratio(v), 0.25)  # noqa: PLW0108 (defined below)
     max_batch_bytes: int = _opt(parse_size, 8 * 1024 * 1024)
-    # Copies of each shard, each on another node's own disk (issue 16). 1 is the behaviour
-    # before replication: one copy, on a standalone node or on the filesystem a cluster
-    # shares. The issue's default of 2 in a cluster waits until replication is finished
-    # (docs/replication.md lists what is missing); until then it is asked for explicitly.
+    # Copies of each shard, each on another node's own disk (issue 16). 1 is one copy, on a
+    # standalone node or on the filesystem a cluster shares. Unset in a file: 2 in a cluster
+    # (config_from_dict), 1 standalone; 1 here for configs built in code.
     replicas: int = _opt(_positive_int, 1)
     # Copies (the owner's included) a message must be on before its 250; below that the shard
     # is read-only (451). Unset: every copy (= replicas), set in __post_init__.
@@ -1044,8 +1043,10 @@ def _check_replication_peers(cfg: Config, path: str) -> None:
         return
     if listen is None:
         raise ConfigError(path, "[cluster] replication_listen",
-                          f"[spool] replicas = {cfg.spool.replicas} needs a peer channel: set "
-                          "replication_listen = \"host:port\" (a port peers can reach)")
+                          f"[spool] replicas = {cfg.spool.replicas} (the default in a cluster) "
+                          "needs a peer channel: set replication_listen = \"host:port\" (a "
+                          "port peers can reach) and secret, or [spool] replicas = 1 if every "
+                          "node mounts one shared spool directory")
     if cluster.replication_advertise is None and _is_wildcard(listen[0]):
         raise ConfigError(path, "[cluster] replication_advertise",
                           f"replication_listen is on {listen[0]!r}, an address no peer can "
@@ -1150,4 +1151,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     _check_etcd(cfg.cluster, raw.get("cluster"), source)
     _check_dkim(cfg.dkim, source)
     spool = raw.get("spool")
+    if not cfg.standalone and not (isinstance(spool, dict) and "replicas" in spool):
+        # A cluster keeps two copies of every shard unless told otherwise (a shared spool
+        # directory: replicas = 1).
+        given = isinstance(spool, dict) and "min_insync" in spool
+        cfg = replace(cfg, spool=replace(cfg.spool, replicas=2, min_insync=(
+            cfg.spool.min_insync if given else 2)))
     return _check_replication(cfg, source, isinstance(spool, dict) and "replica_timeout" in spool)

@@ -165,6 +165,8 @@ class OwnerReplica:
     followers: dict[str, FollowerView] = field(default_factory=dict)
     proposed: SyncRecord | None = None  # a record change whose transaction is in flight
     acknowledged: Position = NOTHING  # the furthest position ever handed out by advance()
+    # Where the owner's log starts now: segments before it were dead and are deleted.
+    floor: Position = NOTHING
 
     # --- events ------------------------------------------------------------------------------
 
@@ -219,6 +221,10 @@ class OwnerReplica:
         """Any frame from ``node``: it is alive, whatever it acked."""
         if (view := self.followers.get(node)) is not None and view.connected:
             view.last_seen = now
+
+    def compacted(self, floor: Position) -> None:
+        """The log's dead head was deleted: it starts at ``floor`` now."""
+        self.floor = max(self.floor, floor)
 
     def settled(self, committed: SyncRecord | None) -> None:
         """The proposal's transaction finished: ``committed`` is the record now in etcd
@@ -291,15 +297,15 @@ class OwnerReplica:
             if silent or replaced:
                 del members[node]
                 return self._propose(members)
-        if placed and replicas and len(members) > replicas:
-            # A move or a replacement left an extra copy in the set (the node the shard moved
-            # from, a follower replaced by one that has caught up): drop it, never below
-            # ``replicas``, so the copies in sync do not dip while placement changes.
-            for node in sorted(members):
-                if node != self.node and node not in placed:
-                    del members[node]
-                    return self._propose(members)
+        if (extra := self._unplaced(members, placed, replicas)) is not None:
+            del members[extra]
+            return self._propose(members)
         acknowledged = max(self.acknowledged, self.frontier)
+        if acknowledged < self.floor:
+            # Everything acknowledged so far sat in segments since deleted (all of it dead,
+            # delivered): a copy has it all once it holds what the log has now, from the
+            # floor on; and from its joining its acks are required.
+            acknowledged = NOTHING
         for node, view in sorted(self.followers.items()):
             if node in members or not view.connected or view.copy_id is None:
                 continue
@@ -311,6 +317,15 @@ class OwnerReplica:
                 members[node] = view.copy_id
                 return self._propose(members)
         return None
+
+    def _unplaced(self, members: Mapping[str, str], placed: Collection[str],
+                  replicas: int) -> str | None:
+        """A member to prune: a move or a replacement left an extra copy in the set (the
+        node the shard moved from, a follower replaced by one that has caught up). Never
+        below ``replicas``, so the copies in sync do not dip while placement changes."""
+        if not placed or not replicas or len(members) <= replicas:
+            return None
+        return next((n for n in sorted(members) if n != self.node and n not in placed), None)
 
     def _propose(self, members: dict[str, str]) -> SyncRecord:
         self.proposed = self.record.with_members(members)

@@ -188,6 +188,20 @@ class ShardReplica:
             self._send(conn, m.append(self.shard, self.token, (seq, offset), stream.sent), data)
             stream.sent = (seq, offset + len(data))
 
+    def dropped(self, seqs: list[int]) -> None:
+        """Compaction deleted these dead head segments: followers delete them too (their
+        copies follow the owner's), and a copy no longer needs them to join."""
+        if not seqs:
+            return
+        self.replica.compacted((max(seqs) + 1, 0))
+        for seq in seqs:
+            self.sizes.pop(seq, None)
+        for stream in self.streams.values():
+            conn = self.side.connection(stream.peer)
+            if stream.state == "live" and conn is not None:
+                self._send(conn, m.drop(self.shard, self.token, sorted(seqs)))
+        self._propose(self.side.clock())
+
     def synced(self, end: Position) -> None:
         """The local log is durable up to ``end``."""
         self.replica.synced(end)
@@ -307,6 +321,12 @@ class ShardReplica:
         if not self.closed:
             self.replica.settled(done)
             self._note_read_only()
+            if not self.replica.accepting and self.replica.proposed is None:
+                # The set shrank below min_insync: mail waiting for its 250 will not get
+                # one soon; 451 now (the sender retries, perhaps elsewhere), not after
+                # wait_timeout.
+                self._fail_waiters(ShardReadOnly(self.shard, "not enough in-sync copies"),
+                                   only_reception=True)
             self._evaluate()
 
     def _note_read_only(self) -> None:

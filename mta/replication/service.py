@@ -68,6 +68,11 @@ async def replicate_opened(spool: Spool, owner: OwnerSide, shard: int, token: in
     rep = owner.open(shard, token, directory, copy, record, followers, end,
                      {seq: size for seq, _token, size in segs})
     spool.replicate(shard, rep)
+    # This term's own segment now, shipped to the followers as they catch up: a copy then
+    # always holds a segment newer than any the owner's compaction deletes, and a follower
+    # that catches up on a log whose older segments were all delivered and deleted still
+    # reaches everything acknowledged (the new segment lies past it).
+    await spool.start_term(shard)
     return rep
 
 

@@ -62,6 +62,9 @@ class ReplicaGate(Protocol):
     def synced(self, end: tuple[int, int]) -> None:
         """Event loop: the local log is durable up to ``end``."""
 
+    def dropped(self, seqs: list[int]) -> None:
+        """Event loop: these dead head segments were deleted (compaction)."""
+
     async def wait(self, end: tuple[int, int], reception: bool) -> None:
         """Return once ``end`` may be acknowledged (raises ShardReadOnly, FencedError)."""
 
@@ -122,6 +125,10 @@ class Shard:
         self._log = ShardLog(self.dir, self.number, report.last_seq + 1, self.owner,
                              self._segment_size, self._note_commit)
         return report, missing
+
+    async def start_term(self) -> None:
+        """A bare COMMIT, now: the first write of this owner, in a segment of its own."""
+        await asyncio.shield(self._append(b"", None))
 
     def _note_commit(self, seq: int, offset: int, size: int) -> None:
         self.index.note(seq, offset, size)
@@ -268,6 +275,8 @@ class Shard:
         await asyncio.to_thread(self._unlink_segments, dead)
         for seq in dead:
             self.index.forget_segment(seq)
+        if self.replica is not None:
+            self.replica.dropped(dead)  # the copies drop them too
         log.debug("spool.segments_deleted", shard=self.number, segments=dead)
         return len(dead)
 

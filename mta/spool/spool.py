@@ -215,6 +215,14 @@ class Spool:
             raise SpoolError(f"shard {number} is not open")
         shard.replicate(gate)
 
+    async def start_term(self, number: int) -> None:
+        """Write a bare COMMIT into the open shard ``number`` (a new owner's first write
+        opens a segment of its own under its token); returns once it is durable."""
+        shard = self._shards.get(number)
+        if shard is None:
+            raise SpoolError(f"shard {number} is not open")
+        await shard.start_term()
+
     async def submit(self, envelope: Envelope, body: bytes, message_id: str | None = None) -> str:
         """Store a new message durably; return its id once it is fsynced.
 

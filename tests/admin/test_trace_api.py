@@ -186,6 +186,9 @@ async def test_trace_on_one_node_shows_sessions_of_its_peer(tmp_path: Path,
     try:
         a = cluster.start_node("node-a")
         b = cluster.start_node("node-b")
+        # B answers 451 until it owns shards: the mail below must be taken.
+        await asyncio.to_thread(cluster.wait, cluster.settled({"node-a", "node-b"}), 30,
+                                "both nodes own shards")
         async with aiohttp.ClientSession() as http:
 
             async def both() -> Stream | None:

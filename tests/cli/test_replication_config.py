@@ -3,8 +3,8 @@
 ``[spool] replicas / min_insync / replica_timeout`` and ``[cluster] replication_listen /
 replication_advertise / zone / secret / secret_file / tls_ca / tls_cert / tls_key``: each
 key's valid forms, each refusal naming the key and the file, the rules between keys, a secret
-that appears in no output (``mta --check``, errors, logs, the admin API), and the refusal to
-start with ``replicas > 1`` while this version cannot replicate."""
+that appears in no output (``mta --check``, errors, logs, the admin API), and the default
+of two copies in a cluster."""
 
 from __future__ import annotations
 
@@ -68,6 +68,25 @@ def test_defaults_keep_todays_single_copy_behaviour(tmp_path: Path) -> None:
     c = cfg.cluster
     assert (c.replication_listen, c.replication_advertise, c.zone) == (None, None, "")
     assert (c.secret, c.secret_file, c.tls_ca, c.tls_cert, c.tls_key) == (None, "", "", "", "")
+
+
+def test_a_cluster_keeps_two_copies_unless_told_otherwise(tmp_path: Path) -> None:
+    spool = {"path": str(tmp_path / "spool")}
+    cluster = config_from_dict({"spool": spool, "cluster": _replicated()}, SOURCE)
+    assert (cluster.spool.replicas, cluster.spool.min_insync) == (2, 2)
+    one = config_from_dict({"spool": {**spool, "min_insync": 1}, "cluster": _replicated()},
+                           SOURCE)
+    assert (one.spool.replicas, one.spool.min_insync) == (2, 1)
+    alone = config_from_dict({"spool": spool}, SOURCE)
+    assert (alone.spool.replicas, alone.spool.min_insync) == (1, 1)
+    shared = config_from_dict({"spool": {**spool, "replicas": 1}, "cluster": {"etcd": ETCD}},
+                              SOURCE)
+    assert (shared.spool.replicas, shared.cluster.replication_listen) == (1, None)
+    # A cluster config from before replication (no peer channel): told both ways out.
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"spool": spool, "cluster": {"etcd": ETCD}}, SOURCE)
+    assert info.value.key == "[cluster] replication_listen"
+    assert "the default in a cluster" in str(info.value) and "replicas = 1" in str(info.value)
 
 
 # --- [spool] replicas, min_insync, replica_timeout --------------------------------------------

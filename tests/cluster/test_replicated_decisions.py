@@ -9,6 +9,7 @@ that run inside a store call).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -317,11 +318,19 @@ async def test_change_sync_is_refused_once_our_owner_key_is_gone_or_replaced(
     r2 = r0.with_members({**r0.members, "n3": "c3"})
     assert await n1.change_sync(5, r0, r1) == r1
     assert world.snapshot().sync[5] == r1
-    assert await n1.change_sync(5, r0, r2) is None  # not the record in place any more
+    # Not the record in place any more: the one that is (this term's) comes back, and the
+    # owner goes on from it instead of proposing against a stale one for ever.
+    assert await n1.change_sync(5, r0, r2) == r1
     assert await n1.change_sync(3, r0, r2) is None  # a shard we do not own
+    # Store down: the change may have committed or not; it stays in flight (the owner
+    # keeps requiring the acks of both sets) until etcd answers, then what is there.
     mem(n1).mode = "refuse"
-    assert await n1.change_sync(5, r1, r2) is None  # store down: None, never raises
+    before = len(mem(n1).calls)
+    pending = asyncio.ensure_future(n1.change_sync(5, r1, r2))
+    await until(lambda: len(mem(n1).calls) > before + 3, 10, "reads retried while down")
+    assert not pending.done()
     mem(n1).mode = "up"
+    assert await asyncio.wait_for(pending, 10) is None  # r1 still in place: not applied
     # Our owner key replaced (same node, a newer key: not the one the claim made) ...
     key = world.keys.owner(5)
     world.etcd.delete(key)

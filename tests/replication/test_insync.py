@@ -248,3 +248,20 @@ def test_an_unplaced_follower_is_not_added_and_an_unknown_placement_prunes_nothi
     for node in ("b", "c"):
         other.acked(node, (1, 100), 0.1, other.connected(node, f"c{node}", 0.0))
     assert other.proposal(0.2, placed=(), replicas=2) is None, "no placement known yet"
+
+
+def test_a_follower_needs_nothing_compaction_deleted_to_join() -> None:
+    rep = OwnerReplica("a", "ca", SyncRecord(5, "a", {"a": "ca"}), 2, 1.0)
+    rep.begin((3, 500), now=0.0)  # the earlier owner may have acknowledged all of it
+    stream = rep.connected("b", "cb", 0.1)
+    assert rep.proposal(0.1) is None, "b has none of the log yet"
+    rep.compacted((3, 0))
+    assert rep.proposal(0.2) is None, "segment 3 is still there: b needs it"
+    rep.compacted((4, 0))  # every segment up to 3 was dead and is deleted
+    assert rep.proposal(0.3) == SyncRecord(5, "a", {"a": "ca", "b": "cb"})
+    rep.settled(rep.proposed)
+    rep.wrote((4, 100))
+    rep.synced((4, 100))
+    assert rep.advance()[0] == NOTHING, "from its joining on, b's acks are required"
+    rep.acked("b", (4, 100), 0.4, stream)
+    assert rep.advance()[0] == (4, 100)

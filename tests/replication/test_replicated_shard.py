@@ -168,6 +168,43 @@ async def test_a_replaced_disk_gets_a_full_copy_under_a_new_id(world2: World) ->
     await wait_until(lambda: identical(w), what="a full copy")
 
 
+async def test_copies_drop_what_compaction_deletes_and_a_new_disk_joins_an_empty_log(
+        world2: World) -> None:
+    """Every message delivered: the owner deletes the dead segments, and so does the
+    follower's copy. Then b's disk is replaced: with the log deleted to its last segment
+    (nothing more written: the shard is read-only without b), b still catches up and
+    joins; it needs nothing that was deleted."""
+    w = world2
+    await w.shard()
+    await wait_until(lambda: w.members() == {"a", "b"}, what="joined")
+    ids = await submit_many(w, 30)
+    async with asyncio.timeout(10):
+        for mid in ids:
+            await w.spool.mark_done(mid)
+    theirs = shard_dir(w.follower.root, 0)
+    before = {s[0] for s in log_segments(theirs)}
+    _, deleted = await w.spool.maintain(0.25)
+    assert deleted > 0
+    mine = {s[0] for s in log_segments(shard_dir(w.spool.root, 0))}
+    await wait_until(lambda: {s[0] for s in log_segments(theirs)} == mine,
+                     what="b's copy dropped the same segments")
+    assert mine < before
+    # A new term on that log (the shard handed over and back), b's disk replaced
+    # meanwhile, and the old term's segments all deleted before b is back: nothing more is
+    # written (read-only without b), yet b must be able to catch up and join.
+    port, old_id = w.peers.addresses["b"][1], w.store.records[0].members["b"]
+    await w.follower.stop()
+    w.side.close_shard(0)
+    await w.spool.release_shard(0)
+    shutil.rmtree(w.tmp / "b")
+    await open_owner(w.spool, w.side, w.store, 0, 11, ["b"])
+    await w.spool.maintain(0.25)
+    w.follower = await FollowerNode("b", w.tmp / "b").start(w.peers, port)
+    await wait_until(lambda: w.members() == {"a", "b"}
+                     and w.store.records[0].members["b"] != old_id, what="the new disk joined")
+    await submit_many(w, 3)  # writable again
+
+
 async def test_a_stale_owner_collects_no_ack_once_a_newer_one_spoke(world2: World) -> None:
     w = world2
     await w.shard()
@@ -251,10 +288,13 @@ class _Gate:
         self.accepting = accepting
         self.waits: list[tuple[tuple[int, int], bool]] = []
 
-    def written(self, seq: int, offset: int, data: bytes) -> None:
+    def written(self, seq: int, offset: int, data: bytes, records: int) -> None:
         pass
 
     def synced(self, end: tuple[int, int]) -> None:
+        pass
+
+    def dropped(self, seqs: list[int]) -> None:
         pass
 
     async def wait(self, end: tuple[int, int], reception: bool) -> None:

@@ -209,6 +209,9 @@ class Node:
     links: dict[str, Link] = field(default_factory=dict)
     pending: list[tuple[int, Position, str]] = field(default_factory=list)  # id, end, kind
     txn: tuple[float, Txn, SyncRecord, bool] | None = None  # due, txn, record, reaches etcd
+    # A change whose answer was lost (it may have committed): the record it replaced, and
+    # when to read etcd again to learn what is there.
+    reread: tuple[float, SyncRecord, SyncRecord] | None = None
 
     @property
     def owner(self) -> bool:
@@ -216,6 +219,7 @@ class Node:
 
     def step_down(self) -> None:
         self.replica = None
+        self.reread = None
         self.links.clear()
         self.pending.clear()
         self.token = 0
@@ -461,7 +465,7 @@ class Sim:
     def propose(self, node: Node) -> None:
         replica = node.replica
         assert replica is not None
-        if node.txn is not None:
+        if node.txn is not None or node.reread is not None:
             return
         new = replica.proposal(self.clock())
         if new is None:
@@ -474,14 +478,44 @@ class Sim:
         self.note(f"{node.name} proposes members {sorted(new.members)}")
 
     def settle_txn(self, node: Node) -> None:
-        if node.txn is None or node.txn[0] > self.clock() or node.replica is None:
+        if node.replica is None:
+            return
+        if node.reread is not None:
+            self.reread(node)
+            return
+        if node.txn is None or node.txn[0] > self.clock():
             return
         _, txn, new, reaches = node.txn
         node.txn = None
+        old = node.replica.record
         ok = reaches and self.etcd.commit(txn).succeeded
+        if reaches and self.rng.random() < 0.15:
+            # The answer is lost (a channel closed under the call): committed or not, the
+            # owner cannot tell, and must read etcd before it settles.
+            node.reread = (self.clock() + self.p.dt, old, new)
+            self.note(f"{node.name} record change {sorted(new.members)}: answer lost "
+                      f"({'committed' if ok else 'not committed'})")
+            return
         node.replica.settled(new if ok else None)
         self.note(f"{node.name} record change {'committed' if ok else 'failed'}: "
                   f"{sorted(new.members)}")
+
+    def reread(self, node: Node) -> None:
+        """What the coordinator's change_sync does after a failed call: read the record
+        (until etcd answers) and settle on it if it is still this term's."""
+        assert node.reread is not None and node.replica is not None
+        due, old, new = node.reread
+        if due > self.clock():
+            return
+        if not self.etcd_ok(node):
+            node.reread = (self.clock() + self.p.dt, old, new)
+            return
+        node.reread = None
+        record, _ = self.record()
+        same_term = record is not None and (record.token, record.owner) == (old.token,
+                                                                             old.owner)
+        node.replica.settled(record if same_term and record != old else None)
+        self.note(f"{node.name} reread the record: {sorted(record.members) if record else None}")
 
     def acknowledge(self, node: Node) -> None:
         replica = node.replica
@@ -615,7 +649,7 @@ class Sim:
             return
         node.up = False
         node.step_down()
-        node.txn = None
+        node.txn = node.reread = None
         node.copy.crash(self.rng)
         if wipe:
             self.result.faults["disk_lost"] = self.result.faults.get("disk_lost", 0) + 1
