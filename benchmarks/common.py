@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from harness.net import free_port
 from harness.proc import rss_kb
 
 __all__ = ["add_rows", "cpu_seconds", "free_port", "launch_node", "node_sections", "rss_kb",
-           "stop_node"]
+           "spawn_node", "stop_node", "wait_ready"]
 
 
 def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
@@ -23,6 +24,17 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
                 ) -> tuple[subprocess.Popen[bytes], Any]:
     """Write a node config (plus ``extra`` TOML, and ``smtp_extra`` keys in ``[smtp]``) under
     ``work``, start ``mta``, wait until its ``/readyz`` answers."""
+    node, log = spawn_node(work, smtp_port, admin_port, concurrency, log_level, extra,
+                           smtp_extra, node_id)
+    wait_ready(node, log, work, admin_port)
+    return node, log
+
+
+def spawn_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
+               log_level: str, extra: str, smtp_extra: str = "", node_id: str = "bench"
+               ) -> tuple[subprocess.Popen[bytes], Any]:
+    """``launch_node`` without the wait: several nodes of a cluster start at once (then
+    ``wait_ready`` each)."""
     cfg = work / "node.toml"
     cfg.write_text(
         f'[node]\nid = "{node_id}"\nlog_format = "json"\nlog_level = "{log_level}"\n'
@@ -34,26 +46,48 @@ def launch_node(work: Path, smtp_port: int, admin_port: int, concurrency: int,
     log = open(work / "node.log", "wb")  # noqa: SIM115 (closed by stop_node)
     node = subprocess.Popen([sys.executable, "-m", "mta", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=work)
+    return node, log
+
+
+def wait_ready(node: subprocess.Popen[bytes], log: Any, work: Path, admin_port: int,
+               timeout: float = 20.0) -> None:
+    """Wait until the node's ``/readyz`` answers 200; on failure stop it and say why (its
+    last readiness checks and the tail of its log, which goes with its work directory)."""
     # Ready means listening: with reuse_port a peer already answers on the SMTP port, so only
     # the node's own /readyz says that this one can take connections.
-    for _ in range(400):
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1).close()
-            return node, log
+            return
+        except urllib.error.HTTPError as exc:  # 503: the checks that do not hold yet
+            last = exc.read().decode(errors="replace")
         except OSError:
-            if node.poll() is not None:
-                raise RuntimeError(f"node exited at startup: see {work / 'node.log'}") from None
-            time.sleep(0.05)
+            pass
+        if node.poll() is not None:
+            raise RuntimeError(f"node exited at startup: {_tail(work)}") from None
+        time.sleep(0.05)
     node.kill()
     node.wait()
     log.close()
-    raise RuntimeError(f"node never became ready: see {work / 'node.log'}")
+    raise RuntimeError(f"node never became ready in {timeout:g} s ({last or 'no answer'}): "
+                       f"{_tail(work)}")
 
 
-def node_sections(work: Path, delivery: str = "enabled = false\n", shards: int = 64) -> str:
-    """The ``[spool]`` and ``[delivery]`` TOML of a benchmark node working under ``work``
-    (by default it accepts durably and delivers nothing)."""
-    return (f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n'
+def _tail(work: Path, lines: int = 5) -> str:
+    try:
+        text = (work / "node.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no {work / 'node.log'}"
+    return f"{work / 'node.log'} ends:\n" + "\n".join(text[-lines:])
+
+
+def node_sections(work: Path, delivery: str = "enabled = false\n", shards: int = 64,
+                  spool: str = "") -> str:
+    """The ``[spool]`` (plus ``spool`` TOML keys) and ``[delivery]`` TOML of a benchmark node
+    working under ``work`` (by default it accepts durably and delivers nothing)."""
+    return (f'[spool]\npath = "{work / "spool"}"\nshards = {shards}\n{spool}'
             f'[delivery]\n{delivery}accounting_log = "{work / "acct.jsonl"}"\n')
 
 

@@ -136,21 +136,21 @@ class Result:
 
     def save(self) -> Path:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        data = _strict(self.to_json())
+        data = strict(self.to_json())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = RESULTS_DIR / f"{self.scenario}-{stamp}-{data['commit']}.json"
         path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
         return path
 
 
-def _strict(value: Any) -> Any:
+def strict(value: Any) -> Any:
     """NaN (a figure a run could not measure) as JSON null."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: strict(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_strict(v) for v in value]
+        return [strict(v) for v in value]
     return value
 
 
@@ -243,7 +243,7 @@ Tick = Callable[[int], None]
 
 
 def load_options(ap: Any, messages: int, concurrency: str = "50", procs: int = 2,
-                 peer: str = "auto") -> None:
+                 peer: str = "auto", targets: bool = False) -> None:
     """The options every load-driven scenario takes."""
     ap.add_argument("--messages", type=int, default=messages, help="messages per run")
     ap.add_argument("--size", default="5",
@@ -254,7 +254,16 @@ def load_options(ap: Any, messages: int, concurrency: str = "50", procs: int = 2
     ap.add_argument("--no-reuse", action="store_true", help="one connection per message")
     ap.add_argument("--peer", choices=("auto", "postfix", "none"), default=peer,
                     help="also run a private Postfix (auto: when installed)")
+    if targets:
+        target_options(ap)
     common_options(ap, repeat=3)
+
+
+def target_options(ap: Any) -> None:
+    """``--targets``: which targets run, interleaved (overrides ``--peer``)."""
+    ap.add_argument("--targets", default="",
+                    help="comma list of mta, mta-replicated (2 nodes, each its own spool, "
+                         "every message on both disks before 250), postfix; overrides --peer")
 
 
 def common_options(ap: Any, repeat: int) -> None:
@@ -264,6 +273,24 @@ def common_options(ap: Any, repeat: int) -> None:
     ap.add_argument("--no-save", action="store_true",
                     help="print only: no JSON under benchmarks/results/, RESULTS.md untouched")
     ap.add_argument("--note", default="", help="a word on this run, kept in the JSON")
+
+
+def quick_options(ap: Any, args: Any, what: str, **values: Any) -> None:
+    """``--quick``: a smoke run with ``values`` for the options left at their defaults, and
+    nothing saved (a smoke figure must never become the latest result a target is judged
+    by)."""
+    if not getattr(args, "quick", False):
+        return
+    for key, value in values.items():
+        if getattr(args, key) == ap.get_default(key):
+            setattr(args, key, value)
+    args.no_save = True
+    print(f"quick smoke run ({what}); nothing saved", flush=True)
+
+
+def add_quick(ap: Any, what: str) -> None:
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: {what}; implies --no-save")
 
 
 def sweep(spec: str) -> list[int]:

@@ -3,10 +3,16 @@ delivered; our node and, when installed, a private Postfix in the same run.
 
     python -m benchmarks ingress [--messages 10000] [--size 5|2-64|mix]
                                  [--concurrency 50 | 1,10,50,100] [--no-reuse] [--repeat 3]
+                                 [--targets mta,mta-replicated,postfix] [--quick]
 
 Figures: msg/s (messages answered 250 over wall time from the common start), submission
 latency p50/p99 (final dot to 250: includes the group-commit fdatasync) and, for our node,
 records per fdatasync. Runs alternate between targets so a machine slowing down hurts both.
+
+``--targets mta-replicated,postfix`` measures the replicated spool (issue 16: 2 node
+processes behind one port, each its own spool, every message on both disks before its 250)
+against Postfix's unreplicated durable ingress, same client and load; the ratio is printed
+and kept as ``ingress-replicated``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from typing import Any
 from benchmarks.harness import (
     Result,
     Tick,
+    add_quick,
     finish,
     fmt,
     load_options,
     percentile,
     progress,
+    quick_options,
     settle,
     sweep,
 )
@@ -61,12 +69,15 @@ def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool =
 
 
 def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[str]:
-    """``mta / postfix`` per configuration, kept in the result's series for the report."""
+    """``ours / postfix`` per configuration and per target of ours (``mta`` as ``what``,
+    ``mta-replicated`` as ``what-replicated``), kept in the result's series for the report."""
     lines = []
     ratios = result.series.setdefault("ratios", [])
     for group in result.groups:
         lab = group["labels"]
-        if lab.get("target") != "mta" or any(lab.get(k) != v for k, v in labels.items()):
+        tgt = lab.get("target")
+        if tgt not in ("mta", "mta-replicated") or any(lab.get(k) != v
+                                                       for k, v in labels.items()):
             continue
         other = {**lab, "target": "postfix"}
         theirs = result.summary(metric, **other)
@@ -75,8 +86,9 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
         ours = result.summary(metric, **lab)
         ratio = ours["median"] / theirs["median"] if theirs["median"] else float("inf")
         where = ", ".join(f"{k} {v}" for k, v in lab.items() if k != "target")
-        ratios.append({"what": what, "labels": lab, "ratio": ratio})
-        lines.append(f"{what} {where}: mta {ours['median']:.0f} / postfix "
+        name = what if tgt == "mta" else f"{what}-replicated"
+        ratios.append({"what": name, "labels": lab, "ratio": ratio})
+        lines.append(f"{name} {where}: {tgt} {ours['median']:.0f} / postfix "
                      f"{theirs['median']:.0f} = {ratio:.2f}x")
     return lines
 
@@ -84,13 +96,15 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks ingress",
                                  description=__doc__.split("\n\n")[0])
-    load_options(ap, messages=10000)
+    load_options(ap, messages=10000, targets=True)
     ap.add_argument("--client", choices=("loadgen", "smtp-source"), default="loadgen",
                     help="smtp-source: Postfix's C client (cheaper; fixed size, no latency)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy our node during each run; the top functions go in the JSON")
+    add_quick(ap, "2,000 messages, 1 run")
     args = ap.parse_args()
-    names = peers(args.peer)
+    quick_options(ap, args, "ingress", messages=2000, repeat=1, settle=0.5)
+    names = peers(args.peer, args.targets)
     concs = sweep(args.concurrency)
     result = Result("ingress", {**vars(args), "targets": names})
     total = args.repeat * len(concs) * len(names) * args.messages
@@ -108,7 +122,11 @@ def main() -> None:
                     bar.say(f"run {i + 1}: {name} c={c}: {run['msgs_per_s']:.0f} msg/s, "
                             f"p50 {run.get('p50_ms', float('nan')):.1f} ms, "
                             f"p99 {run.get('p99_ms', float('nan')):.1f} ms"
-                            + (f", {run['batch']:.1f} records/fsync" if "batch" in run else ""))
+                            + (f", {run['batch']:.1f} records/fsync" if "batch" in run else "")
+                            + (f", refused {run['refused']}" if run.get("refused") else "")
+                            + (f", busiest node {run['busiest_node_share']:.0%} of the mail, "
+                               f"shards owned {run['owned_min']:.0f}-{run['owned_max']:.0f}"
+                               if "busiest_node_share" in run else ""))
     lines = []
     for g in result.groups:
         lab = g["labels"]

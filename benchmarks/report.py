@@ -111,9 +111,38 @@ def _recovery(metric: str) -> Callable[[Data], tuple[float, str] | None]:
     return measure
 
 
+def _replicated_p99(r: Data) -> tuple[float, str] | None:
+    if r.get("dirty"):
+        return None
+    s = group_summary(r, "p99_ms", target="mta-replicated", offered=1000)
+    if not s or not s.get("n"):
+        return None
+    return s["median"], f"{fmt(s, 1)} ms (2 nodes, replicas 2, min_insync 2)"
+
+
+def _disk_loss(r: Data) -> tuple[float, str] | None:
+    """RTO against TTL + 2 s (the worst trial; any lost message misses the goal)."""
+    runs = all_runs(r)
+    if r.get("dirty") or not runs:
+        return None
+    ttl = r["params"]["ttl"]
+    worst = max((x["rto"] if x.get("rto") is not None else float("inf")) for x in runs)
+    lost = sum(int(x.get("lost") or 0) for x in runs)
+    s = group_summary(r, "rto")
+    return (worst - (ttl + 2) if not lost else float("inf"),
+            f"RTO {fmt(s, 2)} s, max {worst:.2f} s over {len(runs)} trials (TTL {ttl:g} s); "
+            f"lost {lost}")
+
+
 TARGETS = [
     Target("Durable ingress vs Postfix", ">= 2x", "ingress", _ratio("ingress"),
            lambda v: v >= 2.0),
+    Target("Replicated ingress vs Postfix (issue 16)", ">= 1.5x", "ingress",
+           _ratio("ingress-replicated"), lambda v: v >= 1.5),
+    Target("Replicated: p99 at 1,000 msg/s (issue 16)", "<= 30 ms", "latency",
+           _replicated_p99, lambda v: v <= 30.0),
+    Target("Failover with disk loss (issue 16)", "RTO <= TTL + 2 s, 0 lost",
+           "failover-replicated", _disk_loss, lambda v: v <= 0.0),
     Target("Relay vs Postfix", ">= 2x", "relay", _ratio("relay"), lambda v: v >= 2.0),
     Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7),
     Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
@@ -124,7 +153,7 @@ TARGETS = [
 
 
 def targets_section(by: dict[str, list[Data]]) -> list[str]:
-    out = ["## Targets (issue 7)", "",
+    out = ["## Targets (issues 7 and 16)", "",
            "Each goal is checked against the latest result that measures it from a committed "
            "tree (ingress and relay: default client, 5 KB, connection reuse, no profiler).",
            "",
@@ -281,6 +310,21 @@ SECTIONS: dict[str, Data] = {
                  ("lost", total("lost")), ("duplicates", total("dupes")),
                  ("acked", total("acked")), ("acked after kill", total("acked_after_kill"))],
     },
+    "failover-replicated": {
+        "title": "Failover with disk loss: replicated spool, SIGKILL a node and delete its spool",
+        "how": "`python -m benchmarks failover --replicated`: 3 nodes, each its own spool, "
+               "replicas 2; *RTO* from the kill until the sink receives, from a survivor, the "
+               "first message of a shard the dead node owned; *re-replicated* until every "
+               "shard has 2 in-sync copies on the survivors; *pause* the survivors' longest "
+               "time without a `250` after the kill; *lost* must be 0.",
+        "cols": [("lease TTL s", label("ttl")), ("min_insync", label("min_insync")),
+                 ("trials", lambda r, g: str(len(g["runs"]))),
+                 ("takeover s", metric("takeover", 2)), ("RTO s", metric("rto", 2)),
+                 ("re-replicated s", metric("rereplicated", 2)),
+                 ("pause s", metric("ack_pause", 2)), ("lost", total("lost")),
+                 ("duplicates", total("dupes")), ("451 after kill", total("refused_after_kill")),
+                 ("acked", total("acked"))],
+    },
     "partition": {
         "title": "Partitions: network faults and pauses, 3 etcd members + 3 nodes in namespaces",
         "how": "`python -m benchmarks partition` (root): silent DROP partitions and a SIGSTOP "
@@ -382,8 +426,8 @@ def _plot_latency(plt: Any, by: dict[str, list[Data]]) -> Any:
     return fig
 
 
-def _plot_failover(plt: Any, by: dict[str, list[Data]]) -> Any:
-    if not (fo := by.get("failover")):
+def _plot_failover(plt: Any, by: dict[str, list[Data]], scenario: str = "failover") -> Any:
+    if not (fo := by.get(scenario)):
         return None
     runs = [x for x in all_runs(fo[-1]) if x.get("timeline")]
     if not runs:
@@ -409,8 +453,9 @@ def _plot_failover(plt: Any, by: dict[str, list[Data]]) -> Any:
     ax.set_xlim(tl["t"][0], min(tl["t"][-1], max(marks, default=0.0) + 12.0))
     ax.set_xlabel("seconds from the kill")
     ax.set_ylabel("messages per second")
-    ax.set_title(f"Failover timeline ({commit(fo[-1])}, lease TTL "
-                 f"{fo[-1]['params']['ttl']:g} s)")
+    what = ("Failover with disk loss, replicated spool" if scenario == "failover-replicated"
+            else "Failover timeline")
+    ax.set_title(f"{what} ({commit(fo[-1])}, lease TTL {fo[-1]['params']['ttl']:g} s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -437,6 +482,8 @@ def _plot_backlog(plt: Any, by: dict[str, list[Data]]) -> Any:
 _PLOTTERS = (("ingress", "ingress-concurrency.png", _plot_ingress),
              ("latency", "latency-cdf.png", _plot_latency),
              ("failover", "failover-timeline.png", _plot_failover),
+             ("failover-replicated", "failover-replicated-timeline.png",
+              lambda plt, by: _plot_failover(plt, by, "failover-replicated")),
              ("backlog", "backlog-rss.png", _plot_backlog))
 
 

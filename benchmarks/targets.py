@@ -1,20 +1,47 @@
-"""What a scenario measures: our node (``mta``) or a private Postfix (``postfix``), started the
-same way for ingress (accept only) and relay (accept and deliver to a loopback sink)."""
+"""What a scenario measures: our node (``mta``), two nodes replicating each other's spool
+(``mta-replicated``) or a private Postfix (``postfix``), started the same way for ingress (accept
+only) and relay (accept and deliver to a loopback sink).
+
+``mta-replicated`` (issue 16): etcd and 2 node processes sharing one SMTP port (SO_REUSEPORT:
+the kernel spreads the client's connections over both), each with its own spool directory,
+``[spool] replicas = 2`` and ``min_insync = 2``. Each owns half the shards and follows the
+other's, so each message is acknowledged only once it is on both disks. Runs start once every
+shard has both copies in its in-sync set."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import signal
+import subprocess
 import tempfile
 import urllib.request
+import uuid
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import free_port, launch_node, node_sections, rss_kb, stop_node
+from benchmarks.common import (
+    free_port,
+    launch_node,
+    node_sections,
+    rss_kb,
+    spawn_node,
+    stop_node,
+    wait_ready,
+)
 from benchmarks.harness import ROOT
 from benchmarks.postfix import PrivatePostfix, postfix_missing
+from benchmarks.replicated import owners, replicated_sections, wait_replicated
+from harness.config import toml_dumps
+from harness.etcd import EtcdServer
+
+NAMES = ("mta", "mta-replicated", "postfix")
+REPLICATED_NODES = 2
+REPLICATED_TTL = 5.0  # the default lease: nothing fails during an ingress run
 
 
 @dataclass
@@ -26,24 +53,38 @@ class Handle:
     work: Path
     admin_port: int = 0
     pid: int = 0
+    # Every node process of the target (mta-replicated has 2; pid/admin_port: the first).
+    admin_ports: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    facts: dict[str, float] = field(default_factory=dict)  # kept with the run's figures
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        return sum(rss_kb(p) for p in self.pids or [self.pid])
 
     def metrics(self) -> dict[str, float]:
-        """Our node's group-commit batch size and live messages (Postfix has neither)."""
-        if not self.admin_port:
+        """Our nodes' group-commit batch size (records per local fdatasync, over every node)
+        and live messages (Postfix has neither)."""
+        ports = self.admin_ports or ([self.admin_port] if self.admin_port else [])
+        total: dict[str, float] = {}
+        received = []
+        for port in ports:
+            text = urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            for name in ("mta_spool_batch_records_count", "mta_spool_batch_records_sum",
+                         "mta_spool_live_messages", "mta_received_messages_total"):
+                m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+                total[name] = total.get(name, 0.0) + (float(m.group(1)) if m else 0.0)
+                if name == "mta_received_messages_total":
+                    received.append(float(m.group(1)) if m else 0.0)
+        if not ports:
             return {}
-        text = urllib.request.urlopen(
-            f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10).read().decode()
-
-        def metric(name: str) -> float:
-            m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-            return float(m.group(1)) if m else 0.0
-
-        batches = metric("mta_spool_batch_records_count")
-        return {"batch": metric("mta_spool_batch_records_sum") / batches if batches else 0.0,
-                "live": metric("mta_spool_live_messages")}
+        batches = total["mta_spool_batch_records_count"]
+        out = {"batch": total["mta_spool_batch_records_sum"] / batches if batches else 0.0,
+               "live": total["mta_spool_live_messages"], **self.facts}
+        if len(received) > 1 and sum(received):
+            # How evenly SO_REUSEPORT spread the sessions: the busiest node's share.
+            out["busiest_node_share"] = max(received) / sum(received)
+        return out
 
 
 def workdir(prefix: str) -> Path:
@@ -51,8 +92,18 @@ def workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT / "var"))
 
 
-def peers(choice: str) -> list[str]:
-    """Targets to run for ``--peer auto|postfix|none``; says why Postfix is left out."""
+def peers(choice: str, targets: str = "") -> list[str]:
+    """Targets to run: ``--targets mta,mta-replicated,postfix`` when given (in that order,
+    interleaved per run), else ``mta`` and, for ``--peer auto|postfix|none``, Postfix; says
+    why Postfix is left out."""
+    if targets:
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        if bad := [t for t in names if t not in NAMES]:
+            raise SystemExit(f"--targets: unknown {', '.join(bad)} (choose from "
+                             f"{', '.join(NAMES)})")
+        if "postfix" in names and (why := postfix_missing()) is not None:
+            raise SystemExit(f"cannot compare with Postfix: {why}")
+        return names
     if choice == "none":
         return ["mta"]
     why = postfix_missing()
@@ -76,15 +127,12 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
             with PrivatePostfix(work, port, relay=relay):
                 yield Handle(name, port, work)
             return
+        if name == "mta-replicated":
+            with replicated(work, concurrency, relay, delivery, log_level, shards) as handle:
+                yield handle
+            return
         smtp_port, admin_port = free_port(), free_port()
-        if relay is None:
-            # Durable accept only; relay runs measure accept + delivery together.
-            sections = node_sections(work, shards=shards)
-        else:
-            sections = node_sections(work, (
-                f'smarthost = "{relay[0]}:{relay[1]}"\n' if "nameservers" not in delivery
-                else "") + delivery + "max_connections = 20\nmax_messages_per_connection = 1000\n",
-                shards)
+        sections = node_sections(work, _delivery(relay, delivery), shards)
         node, log = launch_node(work, smtp_port, admin_port, concurrency, log_level, sections)
         try:
             yield Handle(name, smtp_port, work, admin_port, node.pid)
@@ -92,3 +140,66 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
             stop_node(node, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _delivery(relay: tuple[str, int] | None, delivery: str) -> str:
+    """A node's ``[delivery]`` keys: off for durable accept only; relay runs measure accept +
+    delivery together."""
+    if relay is None:
+        return "enabled = false\n"
+    return ((f'smarthost = "{relay[0]}:{relay[1]}"\n' if "nameservers" not in delivery
+             else "") + delivery + "max_connections = 20\nmax_messages_per_connection = 1000\n")
+
+
+@contextmanager
+def replicated(work: Path, concurrency: int, relay: tuple[str, int] | None, delivery: str,
+               log_level: str, shards: int) -> Iterator[Handle]:
+    """etcd and ``REPLICATED_NODES`` nodes behind one SMTP port, each its own spool, every
+    shard on 2 copies (both needed for a 250); yields once every shard has both in sync."""
+    port = free_port()
+    name = f"b{uuid.uuid4().hex[:8]}"
+    with ExitStack() as stack:
+        etcd = EtcdServer(work / "etcd").start()
+        stack.callback(etcd.kill)
+        nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
+        stack.callback(_stop_all, nodes)
+        admin_ports = []
+        for i in range(REPLICATED_NODES):
+            node_dir = work / f"n{i + 1}"
+            node_dir.mkdir()
+            more = replicated_sections(etcd, name, REPLICATED_TTL, replicas=2, min_insync=2)
+            spool = toml_dumps({"spool": more["spool"]}).split("\n", 1)[1].strip() + "\n"
+            extra = (node_sections(node_dir, _delivery(relay, delivery), shards, spool)
+                     + toml_dumps({"cluster": more["cluster"]}))
+            admin_ports.append(free_port())
+            nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
+                                    extra, smtp_extra="reuse_port = true\n",
+                                    node_id=f"n{i + 1}"))
+        # All at once: the leader then splits the shards between them from the start (a
+        # node that joins later gets shards only once it has caught-up copies of them).
+        for i, (node, log) in enumerate(nodes):
+            wait_ready(node, log, work / f"n{i + 1}", admin_ports[i], timeout=90)
+        ids = {f"n{i + 1}" for i in range(REPLICATED_NODES)}
+        wait_replicated(etcd, name, ids, shards, copies=2)
+        # The shards each node owns (and so writes first; it follows the others'): the load
+        # is spread over both only if these are near even.
+        per = Counter(owners(etcd, name).values())
+        facts = {"owned_min": min(per.get(n, 0) for n in ids),
+                 "owned_max": max(per.get(n, 0) for n in ids)}
+        yield Handle("mta-replicated", port, work, admin_ports[0], nodes[0][0].pid,
+                     admin_ports, [n.pid for n, _ in nodes], facts)
+
+
+def _stop_all(nodes: list[tuple[subprocess.Popen[bytes], Any]]) -> None:
+    """Stop every node at once (one by one, each would hand its shards to the next one just
+    before that one stops too); their spools are thrown away, so a straggler is killed."""
+    for node, _log in nodes:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+    for node, log in nodes:
+        try:
+            node.wait(15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        log.close()
