@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -381,9 +382,11 @@ def _port(value: Any) -> int:
     return value
 
 
-_TLS_MODES = ("opportunistic", "required", "disabled")
-_DOMAIN_TLS_MODES = ("opportunistic", "required")
-_SITE_TLS_MODES = ("opportunistic", "disabled")
+# verify: TLS with a certificate that chains to the trust store ([delivery] tls_ca_file, or
+# the system's) and names the MX host; required: TLS, any certificate.
+_TLS_MODES = ("opportunistic", "required", "verify", "disabled")
+_DOMAIN_TLS_MODES = ("opportunistic", "required", "verify")
+_SITE_TLS_MODES = ("opportunistic", "required", "verify", "disabled")
 
 # Keys a [delivery.domains] table once took that belong to the receiving hosts: many domains
 # share one site (all of a provider's hosted domains), and whichever domain reached it first
@@ -520,6 +523,8 @@ class DeliveryConfig:
     max_inflight: int = _opt(_positive_int, 1000)
     rate: float | None = _opt(_optional_rate, None)
     tls: str = _opt(_choice(*_TLS_MODES), "opportunistic")
+    # The CA bundle a "verify" certificate must chain to; empty: the system's trust store.
+    tls_ca_file: str = _opt(_path, "")
     connect_timeout: float = _opt(parse_duration, 30.0)
     command_timeout: float = _opt(parse_duration, 300.0)
     data_timeout: float = _opt(parse_duration, 600.0)
@@ -859,6 +864,12 @@ def _build_section(cls: type, raw: Any, path: str, section: str) -> Any:
     return cls(**values)
 
 
+def describe_ssl(exc: BaseException) -> str:
+    """An ssl or file error in a few words (``No such file or directory``, ``no
+    certificate or crl found``)."""
+    return str(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
+
+
 def _check_consistency(cfg: Config, path: str) -> None:
     smtp = cfg.smtp
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
@@ -868,6 +879,13 @@ def _check_consistency(cfg: Config, path: str) -> None:
         value = getattr(smtp, key)
         if value and not os.path.isfile(value):
             raise ConfigError(path, f"[smtp] {key}", f"file {value!r} does not exist")
+    if cfg.delivery.tls_ca_file:
+        try:
+            ssl.create_default_context(cafile=cfg.delivery.tls_ca_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(path, "[delivery] tls_ca_file",
+                              f"cannot load {cfg.delivery.tls_ca_file!r} as PEM CA "
+                              f"certificates: {describe_ssl(exc)}") from None
     if smtp.reserved_connections is not None and (
             smtp.reserved_connections >= smtp.max_connections):
         raise ConfigError(path, "[smtp] reserved_connections",

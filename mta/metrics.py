@@ -77,6 +77,16 @@ class NodeMetrics:
             "mta_outbound_stale_connections",
             "Pooled outbound connections dropped because the first command on reuse was not "
             "answered (the job moved to a fresh connection)", registry=r)
+        self.outbound_tls = Counter(
+            "mta_outbound_tls_connections",
+            "Outbound connections by TLS outcome: verified (chain and host name), unverified "
+            "(TLS with a certificate that did not verify or was not checked), none (clear)",
+            ["outcome"], registry=r)
+        self.outbound_tls_policy_failures = Counter(
+            "mta_outbound_tls_policy_failures",
+            "Transactions deferred because the connection did not meet the TLS policy "
+            "(required: no TLS; verify: no verified certificate)",
+            ["policy"], registry=r)
         self.stalled_commands = Counter(
             "mta_outbound_stalled_commands",
             "Outbound commands unanswered for stall_timeout (their connection stopped "

@@ -231,7 +231,7 @@ class Dispatcher:
             policy = policy_for(domain, self.dcfg.domains)
             tls = policy.tls if policy and policy.tls else self.dcfg.tls
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
-                      stored.body, env.smtputf8, env.body_8bit, tls_required=tls == "required")
+                      stored.body, env.smtputf8, env.body_8bit, tls=tls)
             return await self._deliver_job(site, job, idx)
 
     def _held(self, domain: str, route: Route | None, key: str, idx: list[int]

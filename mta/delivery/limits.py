@@ -65,8 +65,11 @@ def site_limits(dcfg: DeliveryConfig, route: Route, helo: str) -> SiteLimits:
         max_messages_per_connection=((policy and policy.max_messages_per_connection)
                                      or dcfg.max_messages_per_connection),
         rate=policy.rate if policy is not None and policy.rate is not None else dcfg.rate,
-        # Connections STARTTLS whenever offered; "required" is enforced per message (Job).
+        # Connections STARTTLS whenever offered; "required" and "verify" are enforced per
+        # transaction, the stronger of the site's and the message's domain's.
         tls="disabled" if tls == "disabled" else "opportunistic",
+        tls_policy=tls if tls in ("required", "verify") else "",
+        tls_ca_file=dcfg.tls_ca_file,
         connect_timeout=dcfg.connect_timeout,
         command_timeout=dcfg.command_timeout,
         data_timeout=dcfg.data_timeout,

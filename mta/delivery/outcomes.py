@@ -135,6 +135,8 @@ class OutcomeRecorder:
         log.info(f"delivery.{kind.lower()}", message_id=mid, node_id=self.node_id,
                  recipient=rcpt, response=result.reply, remote=result.remote, attempt=attempt,
                  **extra)
+        if result.tls:
+            extra["tls"] = result.tls  # "TLSv1.3 TLS_AES_256_GCM_SHA384 verified"
         return self.accounting.line(kind, mid, recipient=rcpt, sender=env.sender,
                                     site=result.remote, response=result.reply,
                                     attempt=attempt, **extra)

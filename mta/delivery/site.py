@@ -63,7 +63,7 @@ class SiteLimits:
     max_connections: int
     max_messages_per_connection: int
     rate: float | None
-    tls: str  # opportunistic | disabled; "required" is per domain, checked per Job
+    tls: str  # opportunistic | disabled: whether connections STARTTLS at all
     connect_timeout: float
     command_timeout: float
     data_timeout: float
@@ -72,6 +72,10 @@ class SiteLimits:
     reuse_timeout: float = 5.0  # first command on a reused pooled connection
     stall_timeout: float = 30.0  # unanswered this long: the worker stops counting as capacity
     keepalive: float = 15.0  # TCP keepalive idle time on outbound sockets; 0 = off
+    # What the site itself demands of every transaction: "", "required" or "verify" (the
+    # stronger of it and the message's domain policy applies).
+    tls_policy: str = ""
+    tls_ca_file: str = ""  # the trust store for "verify" (empty: the system's)
 
 
 @dataclass(slots=True)
@@ -81,6 +85,7 @@ class RecipientResult:
     code: int
     text: str
     remote: str = ""
+    tls: str = ""  # the connection's TLS as the accounting record shows it (empty: clear)
 
     @property
     def reply(self) -> str:
@@ -98,9 +103,10 @@ class Job:
     body: bytes
     smtputf8: bool
     body_8bit: bool
-    # The domain's own policy, checked per transaction: a site's connections are shared by
-    # every domain on its MX set, and must not decide TLS for all of them from the first.
-    tls_required: bool = False
+    # The domain's own TLS policy (opportunistic | required | verify), checked per
+    # transaction: a site's connections are shared by every domain on its MX set, and must
+    # not decide TLS for all of them from the first.
+    tls: str = "opportunistic"
     future: asyncio.Future[list[RecipientResult]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -115,7 +121,7 @@ class Job:
 
 def _opportunistic_context() -> ssl.SSLContext:
     # Opportunistic STARTTLS (RFC 3207 as commonly deployed): encrypt whenever offered, do not
-    # reject on certificate problems; MTA-STS/DANE verification would go here.
+    # reject on certificate problems.
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -123,6 +129,32 @@ def _opportunistic_context() -> ssl.SSLContext:
 
 
 _TLS_CONTEXT = _opportunistic_context()
+_VERIFYING: dict[str, ssl.SSLContext] = {}
+_UNVERIFIED_FOR = 600.0  # a host whose certificate did not verify is not asked again for this
+_POLICY_RANK = {"opportunistic": 0, "": 0, "required": 1, "verify": 2}
+
+
+def _verifying_context(ca_file: str) -> ssl.SSLContext:
+    """Chains to ``ca_file`` (or the system's trust store) and names the MX host."""
+    ctx = _VERIFYING.get(ca_file)
+    if ctx is None:
+        ctx = _VERIFYING[ca_file] = ssl.create_default_context(cafile=ca_file or None)
+    return ctx
+
+
+def _cert_error(exc: BaseException) -> str | None:
+    """Why a certificate did not verify, if that is what ``exc`` (or its cause) says."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return one_line(seen.verify_message or str(seen))[:200]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tls_policy(*policies: str) -> str:
+    """The strongest of ``policies`` (opportunistic < required < verify)."""
+    return max(policies, key=lambda p: _POLICY_RANK.get(p, 0))
 
 
 class ReadyQueue:
@@ -194,15 +226,39 @@ class _ReplyWatch:
             self._site.stalled -= 1
 
 
+@dataclass(slots=True)
+class TlsState:
+    """How a connection is protected: ``verified`` (the certificate chains to the trust store
+    and names the host), ``unverified`` (TLS, any certificate: ``why`` it did not verify, if
+    that was tried) or ``none`` (clear text); the protocol and cipher for the records."""
+
+    state: str = "none"
+    why: str = ""
+    version: str = ""
+    cipher: str = ""
+
+    def record(self) -> str:
+        """``TLSv1.3 TLS_AES_256_GCM_SHA384 verified``; empty in clear text."""
+        return "" if self.state == "none" else f"{self.version} {self.cipher} {self.state}"
+
+
+def _tls_state(smtp: aiosmtplib.SMTP, state: str, why: str) -> TlsState:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    version = ssl_object.version() if ssl_object is not None else None
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return TlsState(state, why, version or "", cipher[0] if cipher else "")
+
+
 class _Connection:
     """A worker's SMTP connection (None between connections) and what it has carried."""
 
-    __slots__ = ("remote", "sent", "smtp")
+    __slots__ = ("remote", "sent", "smtp", "tls")
 
     def __init__(self) -> None:
         self.smtp: aiosmtplib.SMTP | None = None
         self.remote = ""
         self.sent = 0  # transactions sent over it
+        self.tls = TlsState()
 
     async def quit(self) -> None:
         if self.smtp is not None:
@@ -240,6 +296,9 @@ class Site:
         # DATA: a node that lost its shard stops between commands, never mid-DATA.
         self._permit = permit
         self._metrics = metrics
+        # MX host -> (until when, why): its certificate did not verify; connections to it
+        # use any certificate meanwhile, and mail that needs a verified one is deferred.
+        self._unverified: dict[str, tuple[float, str]] = {}
         self.stalled = 0  # workers waiting for a reply for longer than stall_timeout
         # Attempts routed here and not finished (waiting on a domain throttle, or queued):
         # the engine must not forget a site someone is about to use.
@@ -446,7 +505,7 @@ class Site:
         """Open ``conn`` for ``job``; False (the job failed, breaker told) if no host took
         the connection."""
         try:
-            conn.smtp, conn.remote = await self._connect()
+            conn.smtp, conn.remote, conn.tls = await self._connect()
         except DeliveryError as exc:
             self._connection_failed(job, exc)
             return False
@@ -464,7 +523,8 @@ class Site:
             return None
         assert conn.smtp is not None
         try:
-            results = await self._send(conn.smtp, job, conn.remote, reused=conn.sent > 0)
+            results = await self._send(conn.smtp, job, conn.remote, reused=conn.sent > 0,
+                                       tls=conn.tls)
         except _StaleConnection as exc:
             # Gone dark (or closed) while pooled: the job was not tried, so it is no
             # failure of the message; a fresh connection (full timeouts) takes it.
@@ -505,22 +565,34 @@ class Site:
                 self.ready.popleft().fail(TemporaryError(
                     451, f"4.4.1 Site {self.key} unreachable (circuit open)", connection=True))
 
-    async def _connect(self) -> tuple[aiosmtplib.SMTP, str]:
+    async def _connect(self) -> tuple[aiosmtplib.SMTP, str, TlsState]:
         last: DeliveryError | None = None
-        for addr, port, name in self.route.hosts:
+        hosts = list(self.route.hosts)
+        while hosts:
+            addr, port, name = hosts[0]
             smtp = aiosmtplib.SMTP(hostname=addr, port=port, local_hostname=self.limits.helo,
                                    timeout=self.limits.command_timeout, start_tls=False,
                                    validate_certs=False)
+            tls = TlsState()
+            # Verification first (its outcome is what the records and the metrics report,
+            # and what "verify" mail needs); a host whose certificate failed it recently gets
+            # any certificate, never clear text.
+            until, why = self._unverified.get(name, (0.0, ""))
+            verify = time.monotonic() >= until
             try:
                 await asyncio.wait_for(smtp.connect(timeout=self.limits.connect_timeout),
                                        self.limits.connect_timeout + 1)
                 _keepalive(smtp, self.limits.keepalive)
                 await smtp.ehlo()
                 if self.limits.tls != "disabled" and smtp.supports_extension("starttls"):
-                    await smtp.starttls(tls_context=_TLS_CONTEXT, server_hostname=name)
+                    ctx = (_verifying_context(self.limits.tls_ca_file) if verify
+                           else _TLS_CONTEXT)
+                    await smtp.starttls(tls_context=ctx, server_hostname=name)
+                    tls = _tls_state(smtp, "verified" if verify else "unverified", why)
                     await smtp.ehlo()
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
+                hosts.pop(0)
                 last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
                                       one_line(exc.message) or "4.4.2 refused at greeting",
                                       remote=name,
@@ -528,6 +600,13 @@ class Site:
                 continue
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await _quit(smtp)
+                if verify and (reason := _cert_error(exc)) is not None:
+                    # Its certificate did not verify: again, taking any certificate.
+                    self._unverified[name] = (time.monotonic() + _UNVERIFIED_FOR, reason)
+                    log.info("delivery.tls_unverified", site=self.key, node_id=self.node_id,
+                             host=name, reason=reason)
+                    continue
+                hosts.pop(0)
                 # describe(): a bare TimeoutError() would leave "failed: TimeoutError", and
                 # asyncio's refusal carries the address as a tuple repr.
                 last = TemporaryError(451, f"4.4.1 Connection to {name} [{addr}]:{port} failed:"
@@ -535,17 +614,20 @@ class Site:
                                       connection=True)
                 continue
             self.breaker.on_success()
-            return smtp, name
+            if self._metrics is not None:
+                self._metrics.outbound_tls.labels(tls.state).inc()
+            return smtp, name, tls
         assert last is not None
         raise last
 
-    async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, reused: bool = False
-                    ) -> list[RecipientResult]:
+    async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, reused: bool = False,
+                    tls: TlsState | None = None) -> list[RecipientResult]:
         """One SMTP transaction; per-recipient results. Raises TemporaryError if the
         connection fails mid-way (nothing can be known about that transaction),
         NotOwnerError if this node stopped provably holding the shard before DATA, and
         _StaleConnection if a ``reused`` connection does not answer MAIL in reuse_timeout."""
-        options, encoding, refused = self._prepare(smtp, job, remote)
+        tls = tls or TlsState()
+        options, encoding, refused = self._prepare(smtp, job, remote, tls)
         if refused is not None:
             return [refused] * len(job.recipients)
         # Decided here, before MAIL: no remote server answered for these (so no remote).
@@ -574,9 +656,14 @@ class Site:
                                       f"{describe(exc)}", remote=remote) from None
         for i in accepted:
             results[i] = final
-        return [r for r in results if r is not None]
+        shown = tls.record()
+        out = [r for r in results if r is not None]
+        for r in out:
+            if r.remote:
+                r.tls = shown
+        return out
 
-    def _prepare(self, smtp: aiosmtplib.SMTP, job: Job, remote: str
+    def _prepare(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, tls: TlsState
                  ) -> tuple[list[str], str, RecipientResult | None]:
         """MAIL options and the address encoding for ``job`` on this connection, or the
         result for every recipient when the job cannot be sent over it at all."""
@@ -591,13 +678,26 @@ class Site:
             encoding = "utf-8"
         if job.body_8bit and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        if job.tls_required and smtp.get_transport_info("sslcontext") is None:
+        policy = tls_policy(job.tls, self.limits.tls_policy)
+        if policy != "opportunistic" and tls.state == "none":
+            self._policy_failure(policy)
             return options, encoding, RecipientResult(
                 451, f"4.7.5 {remote} does not offer STARTTLS and TLS is required for "
                      f"{job.domain}", remote)
+        if policy == "verify" and tls.state != "verified":
+            # Never sent with a certificate that did not verify: deferred, and retried.
+            self._policy_failure(policy)
+            why = tls.why or "not checked"
+            return options, encoding, RecipientResult(
+                451, f"4.7.5 TLS certificate of {remote} not verified ({why}) and "
+                     f"{job.domain} requires a verified one", remote)
         if (why := _unsendable(job.sender, encoding)) is not None:
             return options, encoding, _bad_sender(why)
         return options, encoding, None
+
+    def _policy_failure(self, policy: str) -> None:
+        if self._metrics is not None:
+            self._metrics.outbound_tls_policy_failures.labels(policy).inc()
 
     async def _mail(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, options: list[str],
                     encoding: str, reused: bool) -> RecipientResult | None:

@@ -53,6 +53,7 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {
     "[smtp] tls_cert": {6}, "[smtp] tls_key": {6}, "[smtp] users_file": {6},  # must exist
+    "[delivery] tls_ca_file": {6},  # must load as PEM CA certificates
     "[smtp] max_message_size": set(),  # beyond the default max_inflight_bytes
     "[spool] shards": set(),  # at most 4096
     "[spool] compact_live_ratio": {10},  # a ratio

@@ -151,10 +151,12 @@ async def test_domain_throttle_holds_at_the_sink(world: World) -> None:
     await asyncio.gather(*(world.submit([f"r{n}@slow.test"], n=n) for n in range(16)))
     got = await sink.wait_for(16)
     times = sorted(r.at for r in got)
-    # 16 messages at 10/s take at least 1.5 s; no 1-second window holds more than 10 (+1).
+    # 16 messages at 10/s take at least 1.5 s; no 1-second window holds more than 10 (+2:
+    # the sink stamps the end of DATA, and on a loaded machine two sends released 0.1 s
+    # apart can finish together at the edge of a window).
     assert times[-1] - times[0] >= 1.4
     for t in times:
-        assert sum(1 for u in times if t <= u < t + 1.0) <= 11
+        assert sum(1 for u in times if t <= u < t + 1.0) <= 12
 
 
 async def test_retry_then_success_and_partial_success_across_recipients(world: World) -> None:
