@@ -63,8 +63,11 @@ class Follower:
     """This node's copies of other nodes' shards, and the handler for their connections."""
 
     def __init__(self, node_id: str, root: Path, writer: CopyWriter,
-                 owns: Callable[[int], bool], shards: int) -> None:
+                 owns: Callable[[int], bool], shards: int, idle_timeout: float = 60.0) -> None:
         self.node_id = node_id
+        # An owner that says nothing this long is gone (its end dropped the connection
+        # without a word reaching us): close ours, or each such partition leaks one.
+        self.idle_timeout = idle_timeout
         self.shards = shards  # the spool's count: a frame for another shard is an error
         self.root = root
         self._writer = writer
@@ -123,10 +126,14 @@ class Follower:
         try:
             while True:
                 await state.room.wait()
-                header, payload = await conn.recv()
+                async with asyncio.timeout(self.idle_timeout):
+                    header, payload = await conn.recv()
                 await self._dispatch(state, m.parse(header), payload)
         except ConnectionClosed:
             pass
+        except TimeoutError:
+            log.info("replication.owner_silent", node_id=self.node_id, peer=conn.peer,
+                     seconds=self.idle_timeout)
         except ReplicationError as exc:
             log.warning("replication.owner_dropped", node_id=self.node_id, peer=conn.peer,
                         error=describe(exc))

@@ -48,6 +48,10 @@ __all__ = [
 Position = tuple[int, int]  # (segment seq, offset); compares in log order
 NOTHING: Position = (0, 0)  # an empty copy: before any segment
 
+# How close behind what is acknowledged (same segment) a follower must be before the owner
+# waits for it: it closes the gap in well under replica_timeout.
+_JOIN_GAP = 4 << 20
+
 
 @dataclass(frozen=True)
 class SyncRecord:
@@ -149,6 +153,11 @@ class FollowerView:
     # Numbers each catch-up plan sent to the follower; an ack counts only if it echoes the
     # current one, so an ack of bytes the plan then cut can never be taken for our bytes.
     stream: int = 0
+    # Joining: once it is close behind what is acknowledged, its acks are required
+    # (``joining``, since when) so acknowledgements stop outrunning it, and it joins as soon
+    # as it has everything acknowledged; after a failed try, not again before ``rejoin``.
+    joining: float | None = None
+    rejoin: float = float("-inf")
 
 
 @dataclass
@@ -200,11 +209,12 @@ class OwnerReplica:
             view.acked = NOTHING  # another disk: nothing it said before holds
         view.copy_id, view.connected, view.last_seen = copy_id, True, now
         view.stream += 1
+        view.joining = None
         return view.stream
 
     def disconnected(self, node: str) -> None:
         if (view := self.followers.get(node)) is not None:
-            view.connected = False
+            view.connected, view.joining = False, None
 
     def acked(self, node: str, position: Position, now: float, stream: int) -> None:
         """``node`` says its copy is durable up to ``position`` (cumulative), having applied
@@ -232,6 +242,9 @@ class OwnerReplica:
         if committed is not None:
             self.record = committed
         self.proposed = None
+        for node in self.record.members:
+            if (view := self.followers.get(node)) is not None:
+                view.joining = None  # a member now: required as one
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -241,6 +254,7 @@ class OwnerReplica:
         need = set(self.record.members)
         if self.proposed is not None:
             need |= set(self.proposed.members)
+        need |= {n for n, v in self.followers.items() if v.joining is not None}
         need.discard(self.node)
         return need
 
@@ -251,7 +265,8 @@ class OwnerReplica:
         if view is None:
             return NOTHING
         expected = (self.proposed.members.get(node) if self.proposed is not None
-                    and node in self.proposed.members else self.record.members.get(node))
+                    and node in self.proposed.members else self.record.members.get(
+                        node, view.copy_id if view.joining is not None else None))
         if view.copy_id != expected:
             return NOTHING  # a replaced disk: its acks do not make the old copy
         return view.acked
@@ -311,12 +326,30 @@ class OwnerReplica:
                 continue
             if placed and node not in placed:
                 continue  # streamed to until the placement's change reaches us: not added
+            fresh = now - view.last_seen <= self.replica_timeout
             # It has everything acknowledged so far, and from the proposal on its acks are
             # required: when the change commits it holds every acknowledged record.
-            if view.acked >= acknowledged and now - view.last_seen <= self.replica_timeout:
+            if view.acked >= acknowledged and fresh:
                 members[node] = view.copy_id
                 return self._propose(members)
+            self._join_step(view, acknowledged, now, fresh)
         return None
+
+    def _join_step(self, view: FollowerView, acknowledged: Position, now: float,
+                   fresh: bool) -> None:
+        """Under steady writes what is acknowledged moves on with every batch the other
+        copies ack: a follower a little behind would never have it all. Once it is within
+        :data:`_JOIN_GAP` of it, require its acks (acknowledgements wait for it, and it
+        catches up); if it does not within replica_timeout, stop, and try again later."""
+        if view.joining is None:
+            close = (view.acked[0] == acknowledged[0]
+                     and acknowledged[1] - view.acked[1] <= _JOIN_GAP)
+            if fresh and close and now >= view.rejoin:
+                view.joining = now
+        elif now - view.joining > self.replica_timeout or not fresh:
+            # Slower than the writes: stop holding acknowledgements for it a while (a slow
+            # disk must not stall the owner again and again).
+            view.joining, view.rejoin = None, now + 2 * self.replica_timeout
 
     def _unplaced(self, members: Mapping[str, str], placed: Collection[str],
                   replicas: int) -> str | None:

@@ -669,9 +669,20 @@ class OwnerSide:
                     rep.link_down(link.node)
 
     async def _read_link(self, link: _Peer, conn: Connection) -> None:
+        # A follower that says nothing (no ack to our pings, no status) for this long is
+        # gone, whatever TCP says: drop the connection, the link loop dials again.
+        silence = max(2 * self.replica_timeout, 1.0)
         try:
             while True:
-                header, _ = await conn.recv()
+                try:
+                    async with asyncio.timeout(silence):
+                        header, _ = await conn.recv()
+                except TimeoutError:
+                    if not link.shards:
+                        continue
+                    log.warning("replication.follower_silent", node_id=self.node_id,
+                                peer=link.node, seconds=silence)
+                    return
                 msg = m.parse(header)
                 if (rep := self.shards.get(msg.shard)) is not None:
                     rep.receive(link.node, msg)

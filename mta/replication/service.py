@@ -101,8 +101,12 @@ class ReplicationService:
         self.copy_ids = await asyncio.to_thread(self._make_copy_ids)
         loop = asyncio.get_running_loop()
         self.writer = CopyWriter(loop)
+        # Owners ping every streamed shard each replica_timeout / 4, and drop a link they
+        # hear nothing on after 2 x replica_timeout: silence far longer than that is a dead
+        # connection (an owner with no shard to stream here redials when it has one).
         self.follower = Follower(self.cfg.node.id, self.root, self.writer, self.spool.owns,
-                                 self.cfg.spool.shards)
+                                 self.cfg.spool.shards,
+                                 idle_timeout=max(10.0, 8 * self.cfg.spool.replica_timeout))
         listen = self.cfg.cluster.replication_listen
         assert listen is not None  # the config refuses replicas > 1 without it
         self.listener = await serve(listen[0], listen[1], self.auth, self.follower.handle)

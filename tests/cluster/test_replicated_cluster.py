@@ -11,15 +11,24 @@ import signal
 import smtplib
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mta.envelope import shard_of
 from tests.support import EtcdServer, Sink, SinkScript, message
 from tests.support import wait_until_sync as _poll
-from tests.support.cluster import SHARDS, TTL, Cluster, Load, all_delivered
+from tests.support.cluster import (
+    SHARDS,
+    TTL,
+    Cluster,
+    Load,
+    Reply,
+    Submitter,
+    all_delivered,
+    closed_sink,
+    deliver_all,
+    stop_all,
+)
 
 
 @pytest.mark.slow
@@ -67,114 +76,9 @@ def test_sigkill_and_disk_loss_under_load_lose_no_acknowledged_message(
 # --- SIGSTOP / min_insync tests -----------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    key: str  # worker-n, as the sink reports it (delivered_ids)
-    sent: float  # monotonic time the message's DATA began
-    code: int
-    text: bytes
-
-    @property
-    def shard(self) -> int:
-        return shard_of(self.text.decode().rsplit("queued as ", 1)[1].strip())
-
-
-class Submitter:
-    """One SMTP client sending to one node until stopped, reconnecting whenever the node
-    closes on it or stalls; every DATA reply is kept (the 250s also in ``acked``)."""
-
-    def __init__(self, port: int, worker: int, acked: dict[str, bytes],
-                 lock: threading.Lock) -> None:
-        self.port, self.worker, self.acked, self.lock = port, worker, acked, lock
-        self.replies: list[Reply] = []
-        self.errors: list[str] = []  # why a connection ended (for failure messages)
-        self._stop = threading.Event()
-        self._n = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def ok(self, since: float = 0.0) -> list[Reply]:
-        return [r for r in list(self.replies) if r.code == 250 and r.sent >= since]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(15)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=3) as s:
-                    s.ehlo("client.test")
-                    while not self._stop.is_set():
-                        self._one(s)
-            except (smtplib.SMTPException, OSError) as exc:
-                self.errors.append(repr(exc))
-                self._stop.wait(0.1)  # a fenced or frozen node: connect again
-
-    def _one(self, s: smtplib.SMTP) -> None:
-        self._n += 1
-        key = f"{self.worker}-{self._n}"
-        body = message(self.worker * 100000 + self._n, 1500)
-        code, text = s.mail("app@sender.test")
-        if code == 250:
-            code, text = s.rcpt(f"r{key}@dest.test")
-        if code != 250:
-            self.errors.append(f"{code} {text!r}")
-            s.rset()
-            self._stop.wait(0.05)
-            return
-        t = time.monotonic()
-        try:
-            code, text = s.data(body)
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
-            code, text = exc.smtp_code, exc.smtp_error
-        if code == 250:
-            with self.lock:
-                self.acked[key] = body
-        self.replies.append(Reply(key, t, code, text))
-        if code != 250:
-            self._stop.wait(0.05)
-
-
-def _closed_sink() -> tuple[Sink, threading.Event]:
-    """A sink answering 451 until the event is set: nothing is delivered (so nothing can be
-    delivered twice) while the test breaks things; every acknowledged message is still queued
-    on some copy when it opens."""
-    open_ = threading.Event()
-    sink = Sink("127.0.0.1", 0, SinkScript(
-        data_reply=lambda _rcpts, _n: None if open_.is_set() else "451 4.3.0 not yet"))
-    sink.start()
-    return sink, open_
-
-
 def _cluster(tmp_path: Path, etcd: EtcdServer, sink: Sink, **kw: object) -> Cluster:
     return Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
                    max_connections=2, retry_initial="300ms", retry_max="1s", **kw)
-
-
-def _start(c: Cluster, nodes: list[str], copies: int) -> None:
-    """Start ``nodes``; return once they own every shard between them and every shard has
-    at least ``copies`` copies in its in-sync set (more may linger: members beyond
-    ``replicas`` are not pruned yet)."""
-    for n in nodes:
-        c.start_node(n)
-    c.wait(c.settled(set(nodes)), 30, "settled")
-    _poll(lambda: len(m := c.members()) == SHARDS and all(len(v) >= copies for v in m.values()),
-          30, f"every shard on {copies} copies")
-
-
-def _stop_all(subs: list[Submitter]) -> None:
-    for sub in subs:
-        sub.stop()
-
-
-def _deliver_all(subs: list[Submitter], open_: threading.Event, acked: dict[str, bytes],
-                 sink: Sink) -> None:
-    """Stop the clients, open the sink: every acknowledged message arrives, none twice."""
-    _stop_all(subs)
-    open_.set()
-    got = all_delivered(acked, sink.messages, 60, max_dupes=0)
-    assert all(v == 1 for v in got.values()), {k: v for k, v in got.items() if v > 1}
 
 
 def _taken_over(c: Cluster, lost: set[int], old: str, revs0: dict[int, int],
@@ -197,14 +101,14 @@ def _owner_revisions(c: Cluster) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigstopped_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = _closed_sink()
+    sink, open_ = closed_sink()
     c = _cluster(tmp_path, etcd, sink, replicas=3, min_insync=2, replica_timeout="1s")
     acked: dict[str, bytes] = {}
     lock = threading.Lock()
     subs: list[Submitter] = []
     t0 = time.monotonic()
     try:
-        _start(c, ["n1", "n2", "n3"], copies=3)
+        c.start_replicated(["n1", "n2", "n3"], copies=3)
         shard = min(s for s, o in c.state()["owner"].items() if o == "n1")
         subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
                 for i, n in enumerate(("n1", "n2"))]
@@ -228,12 +132,12 @@ def test_sigstopped_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
         # back into the in-sync set of the shard it follows.
         _poll(lambda: "n3" in c.members()[shard], 25, f"n3 back in sync/{shard}")
         t_rejoin = time.monotonic()
-        _deliver_all(subs, open_, acked, sink)
+        deliver_all(subs, open_, acked, sink)
         print(f"sigstop follower: {len(acked)} acked ({n_frozen} by the frozen time), "
               f"dropped from sync/{shard} {t_drop - t_stop:.2f}s after SIGSTOP, rejoined "
               f"{t_rejoin - t_cont:.2f}s after SIGCONT, total {time.monotonic() - t0:.1f}s")
     finally:
-        _stop_all(subs)
+        stop_all(subs)
         c.stop()
         sink.stop()
 
@@ -274,14 +178,14 @@ def _assert_claimed_anew(c: Cluster, node: str, replies: list[Reply],
 @pytest.mark.slow
 def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_them(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = _closed_sink()
+    sink, open_ = closed_sink()
     c = _cluster(tmp_path, etcd, sink, replicas=2)
     acked: dict[str, bytes] = {}
     lock = threading.Lock()
     subs: list[Submitter] = []
     t0 = time.monotonic()
     try:
-        _start(c, ["n1", "n2", "n3"], copies=2)
+        c.start_replicated(["n1", "n2", "n3"], copies=2)
         subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
                 for i, n in enumerate(("n1", "n2", "n3"))]
         _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by all")
@@ -315,20 +219,20 @@ def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_t
         subs.append(late)
         c.wait(c.settled({"n1", "n2", "n3"}), 30, "n2 back in service")
         _poll(lambda: len(late.ok()) >= 5, 15, "n2 accepting again on shards it owns now")
-        _stop_all(subs)
+        stop_all(subs)
         # Never a 250 from n2 for a shard it does not own under a newer claim than before.
         late.replies.append(Reply("pending", t_cont, code, reply))
         _assert_claimed_anew(c, "n2", late.replies, tokens0)
         log = old.log()
         assert "cluster.fenced" in log or "node.fenced" in log, log[-2000:]
-        _deliver_all(subs, open_, acked, sink)
+        deliver_all(subs, open_, acked, sink)
         refused = sum(r.code != 250 for r in late.replies)
         print(f"sigstop owner: {len(acked)} acked, {len(lost)} shards taken over "
               f"{t_over - t_stop:.2f}s after SIGSTOP, pending DATA answered {code}, "
               f"{refused} refused and {len(late.ok())} accepted by n2 after SIGCONT "
               f"({time.monotonic() - t_cont:.1f}s), total {time.monotonic() - t0:.1f}s")
     finally:
-        _stop_all(subs)
+        stop_all(subs)
         c.stop()
         sink.stop()
 
@@ -336,14 +240,14 @@ def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_t
 @pytest.mark.slow
 def test_min_insync_unreachable_answers_451_until_the_copy_returns(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = _closed_sink()
+    sink, open_ = closed_sink()
     c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=2)
     acked: dict[str, bytes] = {}
     lock = threading.Lock()
     subs: list[Submitter] = []
     t0 = time.monotonic()
     try:
-        _start(c, ["n1", "n2"], copies=2)
+        c.start_replicated(["n1", "n2"], copies=2)
         subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
                 for i, n in enumerate(("n1", "n2"))]
         _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by both")
@@ -373,12 +277,12 @@ def test_min_insync_unreachable_answers_451_until_the_copy_returns(
         # Not one 250 for DATA sent while n2 was down.
         bad = [r for r in subs[0].ok(t_kill) if r.sent < t_back]
         assert not bad, bad[:5]
-        _deliver_all(subs, open_, acked, sink)
+        deliver_all(subs, open_, acked, sink)
         n451 = sum(r.code == 451 for r in subs[0].replies)
         print(f"min_insync unreachable: {len(acked)} acked, {n451} answered 451, takeover "
               f"{t_over - t_kill:.2f}s, in sync {t_insync - t_back:.2f}s after the restart, "
               f"total {time.monotonic() - t0:.1f}s")
     finally:
-        _stop_all(subs)
+        stop_all(subs)
         c.stop()
         sink.stop()

@@ -141,6 +141,17 @@ async def test_frames_for_a_shard_the_spool_does_not_have_end_the_connection(
     assert not (tmp_path / "b" / "shard-002").exists()
 
 
+async def test_an_owner_that_goes_silent_is_disconnected(follower: FollowerNode) -> None:
+    """A peer that authenticates and then says nothing (its end of a partition lost the
+    connection) does not hold a connection and its task for ever."""
+    assert follower.follower is not None
+    follower.follower.idle_timeout = 0.3
+    conn = await dial(follower, "a")
+    async with asyncio.timeout(5):
+        with pytest.raises(ConnectionClosed):
+            await conn.recv()
+
+
 @pytest.mark.parametrize("header", [
     {"k": "hello", "s": -1, "t": 1},
     {"k": "hello", "s": 0, "t": True},

@@ -265,3 +265,39 @@ def test_a_follower_needs_nothing_compaction_deleted_to_join() -> None:
     assert rep.advance()[0] == NOTHING, "from its joining on, b's acks are required"
     rep.acked("b", (4, 100), 0.4, stream)
     assert rep.advance()[0] == (4, 100)
+
+
+@pytest.mark.parametrize(("write_every", "lag"), [(0.05, 0.2), (0.02, 0.1), (0.1, 0.2)])
+def test_a_follower_a_little_behind_joins_under_steady_writes(write_every: float,
+                                                              lag: float) -> None:
+    """What is acknowledged moves on with every batch the near member acks; a joiner ``lag``
+    behind must still get in (the owner waits for it once it is close), and the wait is
+    bounded: acknowledgements never stall longer than replica_timeout for it."""
+    rep = OwnerReplica("a", "ca", SyncRecord(1, "a", {"a": "ca", "b": "cb"}), 1, 1.0)
+    rep.begin((1, 0), 0.0)
+    sb, sc = rep.connected("b", "cb", 0.0), rep.connected("c", "cc", 0.0)
+    history: list[tuple[float, tuple[int, int]]] = []
+    end, t, next_write, next_tick, joined = (1, 0), 0.0, 0.0, 0.0, None
+    last_progress, worst_stall, acked = 0.0, 0.0, NOTHING
+    while t < 30 and joined is None:
+        if t >= next_write:
+            end = (1, end[1] + 500)
+            rep.wrote(end)
+            rep.synced(end)
+            history.append((t, end))
+            next_write += write_every
+        rep.acked("b", end, t, sb)  # the near member: at once
+        if seen := [e for (w, e) in history if w <= t - lag]:
+            rep.acked("c", seen[-1], t, sc)
+        frontier = rep.advance()[0]
+        if frontier > acked:
+            acked, last_progress = frontier, t
+        worst_stall = max(worst_stall, t - last_progress)
+        if t >= next_tick:  # the owner's tick: replica_timeout / 4
+            if (p := rep.proposal(t)) is not None:
+                rep.settled(p)
+                joined = t if "c" in p.members else None
+            next_tick += 0.25
+        t = round(t + 0.01, 2)
+    assert joined is not None and joined < 5, "never joined"
+    assert worst_stall <= 1.0 + lag, worst_stall

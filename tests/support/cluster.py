@@ -1,5 +1,7 @@
 """Node processes coordinated through a real etcd: sharing one spool directory, or (with
-``replicas`` > 1) each with its own spool, replicating to each other."""
+``replicas`` > 1) each with its own spool, replicating to each other; SMTP clients that keep
+every reply (:class:`Submitter`) and a sink that defers everything until opened
+(:func:`closed_sink`), to check that every acknowledged message is delivered once."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from harness.etcd import EtcdServer
 from harness.mail import message
 from harness.node import NodeProcess
 from harness.poll import wait_until_sync
+from harness.sink import Sink, SinkScript
+from mta.envelope import shard_of
 
 TTL = 3.0  # fence margin 2 s: enough headroom for a loaded 2-core CI machine
 SHARDS = 64
@@ -41,14 +46,21 @@ class Cluster:
         self.nodes: dict[str, NodeProcess] = {}
 
     def start_node(self, node_id: str, smtp_port: int | None = None,
-                   endpoints: list[str] | None = None, **smtp: Any) -> NodeProcess:
+                   endpoints: list[str] | None = None, replication_listen: str | None = None,
+                   replication_advertise: str | None = None, **smtp: Any) -> NodeProcess:
+        """Start ``node_id``. Replicated: its replication listener is ``replication_listen``
+        (default a free port) and peers dial ``replication_advertise`` (default the
+        listener; a test's proxy in front of it puts the node behind that proxy)."""
         work = self.tmp_path / node_id
         work.mkdir(exist_ok=True)
         cluster: dict[str, Any] = {"etcd": endpoints or [self.etcd.endpoint],
                                    "name": self.name, "lease_ttl": TTL}
         spool: dict[str, Any] = {"shards": SHARDS}
         if self.replicas > 1:
-            cluster |= {"replication_listen": "127.0.0.1:0", "secret": REPLICATION_SECRET}
+            cluster |= {"replication_listen": replication_listen or "127.0.0.1:0",
+                        "secret": REPLICATION_SECRET}
+            if replication_advertise is not None:
+                cluster["replication_advertise"] = replication_advertise
             spool |= {"replicas": self.replicas, "replica_timeout": self.replica_timeout}
             if self.min_insync is not None:
                 spool["min_insync"] = self.min_insync
@@ -90,6 +102,24 @@ class Cluster:
     def members(self) -> dict[int, set[str]]:
         """Each shard's in-sync set (node ids)."""
         return {s: set(r["members"]) for s, r in self.sync_records().items()}
+
+    def placement(self) -> dict[int, list[str]]:
+        """Each shard's followers as the leader placed them (``replicas/<shard>``)."""
+        return {int(key.rsplit("/", 1)[1]): json.loads(value)
+                for key, (value, _rev) in self.etcd.get_prefix(self.prefix + "replicas/").items()}
+
+    def start_replicated(self, nodes: list[str], copies: int, timeout: float = 30,
+                         **start: Any) -> None:
+        """Start ``nodes`` (``start``: per node id, keyword arguments of :meth:`start_node`);
+        return once they own every shard between them and every shard has at least
+        ``copies`` copies in its in-sync set (more may linger: members beyond ``replicas``
+        are not pruned yet)."""
+        for n in nodes:
+            self.start_node(n, **start.get(n, {}))
+        self.wait(self.settled(set(nodes)), timeout, "settled")
+        wait_until_sync(lambda: len(m := self.members()) == SHARDS
+                        and all(len(v) >= copies for v in m.values()),
+                        timeout, f"every shard on {copies} copies")
 
     def wait(self, pred: Any, timeout: float, what: str) -> dict[str, Any]:
         try:
@@ -180,3 +210,107 @@ def all_delivered(acked: dict[str, bytes], messages: list[Any], timeout: float,
     dupes = {k: v for k, v in got.items() if v > 1}
     assert len(dupes) <= max_dupes, dupes
     return got
+
+
+# --- clients that keep every reply, a sink that opens on demand ---------------------------------
+
+
+@dataclass
+class Reply:
+    """One DATA transaction's outcome as a :class:`Submitter` saw it."""
+
+    key: str  # worker-n, as the sink reports it (delivered_ids)
+    sent: float  # monotonic time the message's DATA began
+    code: int
+    text: bytes
+    done: float = 0.0  # monotonic time the final reply came (0: not recorded)
+
+    @property
+    def queue_id(self) -> str:
+        return self.text.decode().rsplit("queued as ", 1)[1].strip()
+
+    @property
+    def shard(self) -> int:
+        return shard_of(self.queue_id)
+
+
+class Submitter:
+    """One SMTP client sending to one node until stopped, reconnecting whenever the node
+    closes on it or stalls; every DATA reply is kept (the 250s also in ``acked``)."""
+
+    def __init__(self, port: int, worker: int, acked: dict[str, bytes],
+                 lock: threading.Lock) -> None:
+        self.port, self.worker, self.acked, self.lock = port, worker, acked, lock
+        self.replies: list[Reply] = []
+        self.errors: list[str] = []  # why a connection ended (for failure messages)
+        self._stop = threading.Event()
+        self._n = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def ok(self, since: float = 0.0) -> list[Reply]:
+        return [r for r in list(self.replies) if r.code == 250 and r.sent >= since]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=3) as s:
+                    s.ehlo("client.test")
+                    while not self._stop.is_set():
+                        self._one(s)
+            except (smtplib.SMTPException, OSError) as exc:
+                self.errors.append(repr(exc))
+                self._stop.wait(0.1)  # a fenced or frozen node: connect again
+
+    def _one(self, s: smtplib.SMTP) -> None:
+        self._n += 1
+        key = f"{self.worker}-{self._n}"
+        body = message(self.worker * 100000 + self._n, 1500)
+        code, text = s.mail("app@sender.test")
+        if code == 250:
+            code, text = s.rcpt(f"r{key}@dest.test")
+        if code != 250:
+            self.errors.append(f"{code} {text!r}")
+            s.rset()
+            self._stop.wait(0.05)
+            return
+        t = time.monotonic()
+        try:
+            code, text = s.data(body)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
+            code, text = exc.smtp_code, exc.smtp_error
+        if code == 250:
+            with self.lock:
+                self.acked[key] = body
+        self.replies.append(Reply(key, t, code, text, time.monotonic()))
+        if code != 250:
+            self._stop.wait(0.05)
+
+
+def stop_all(subs: list[Submitter]) -> None:
+    for sub in subs:
+        sub.stop()
+
+
+def closed_sink() -> tuple[Sink, threading.Event]:
+    """A sink answering 451 until the event is set: nothing is delivered (so nothing can be
+    delivered twice) while the test breaks things; every acknowledged message is still queued
+    on some copy when it opens."""
+    open_ = threading.Event()
+    sink = Sink("127.0.0.1", 0, SinkScript(
+        data_reply=lambda _rcpts, _n: None if open_.is_set() else "451 4.3.0 not yet"))
+    sink.start()
+    return sink, open_
+
+
+def deliver_all(subs: list[Submitter], open_: threading.Event, acked: dict[str, bytes],
+                sink: Sink, timeout: float = 60) -> None:
+    """Stop the clients, open the sink: every acknowledged message arrives, none twice."""
+    stop_all(subs)
+    open_.set()
+    got = all_delivered(acked, sink.messages, timeout, max_dupes=0)
+    assert all(v == 1 for v in got.values()), {k: v for k, v in got.items() if v > 1}
