@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -214,6 +215,11 @@ def _endpoints(value: Any) -> tuple[str, ...]:
             scheme = match.group(1).lower()
             schemes.setdefault(scheme, item)
             text = text[match.end():]
+        if isinstance(text, str) and ("://" in text or "@" in text or "/" in text):
+            # ftp://..., user:password@host: not an endpoint (and never echoed whole).
+            raise _Invalid("expected \"host:port\" or \"http(s)://host:port\" (no other "
+                           "scheme, no user or path; etcd_username and etcd_password are "
+                           "keys of their own)")
         host, port = parse_listen(text)
         if port == 0:
             raise _Invalid(f"expected an etcd endpoint with a port 1-65535, got {item!r}")
@@ -696,7 +702,7 @@ class ClusterConfig:
 def _selector(value: Any) -> str:
     if value == "":
         return ""
-    if not isinstance(value, str) or not re.fullmatch(
+    if not isinstance(value, str) or len(value) > 200 or not re.fullmatch(
             r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}))*",
             value):
         raise _Invalid(f"expected a DKIM selector (DNS labels such as \"s2026\"), got "
@@ -714,7 +720,8 @@ def _signing_domain(value: Any) -> str:
 
 def _header_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(
-            isinstance(v, str) and re.fullmatch(r"[!-9;-~]+", v) for v in value):
+            isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,75}", v)
+            for v in value):
         raise _Invalid(f"expected a list of header field names such as [\"from\", "
                        f"\"subject\"], got {_short(value)}")
     return tuple(v.lower() for v in value)
@@ -943,6 +950,7 @@ def _check_etcd(cluster: ClusterConfig, raw: Any, path: str) -> None:
         value = getattr(cluster, key)
         if value and (problem := _pem_problem(value)):
             raise ConfigError(path, f"[cluster] {key}", problem)
+    _check_etcd_tls_files(cluster, path)
     if cluster.etcd_password_file and (problem := _file_problem(cluster.etcd_password_file)):
         raise ConfigError(path, "[cluster] etcd_password_file", problem)
     if cluster.etcd_password is not None and cluster.etcd_password_file:
@@ -968,9 +976,30 @@ def _check_etcd(cluster: ClusterConfig, raw: Any, path: str) -> None:
 # --- replication (issue 16): the keys are checked now, the node replicates later ----------
 
 
-def _file_problem(path: str) -> str | None:
-    """Why ``path`` cannot be read (open() is the test: permissions, ACLs and root alike)."""
+def _check_etcd_tls_files(cluster: ClusterConfig, path: str) -> None:
+    """What gRPC would load at start (it says why only on stderr, and exits as if etcd were
+    down): a CA that holds no certificate, a key that is not the certificate's."""
     try:
+        if cluster.etcd_ca:
+            ssl.create_default_context(cafile=cluster.etcd_ca)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(path, "[cluster] etcd_ca", f"cannot load {cluster.etcd_ca!r} as CA "
+                          f"certificates: {describe_ssl(exc)}") from None
+    try:
+        if cluster.etcd_cert:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cluster.etcd_cert,
+                                                                    cluster.etcd_key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(path, "[cluster] etcd_cert", f"cannot load {cluster.etcd_cert!r} "
+                          f"with the key {cluster.etcd_key!r}: {describe_ssl(exc)}") from None
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read (open() is the test: permissions, ACLs and root alike;
+    a FIFO or a device, which would block the open or the read, is refused first)."""
+    try:
+        if not os.path.isdir(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            return f"{path!r} is not a regular file"
         with open(path, "rb"):
             return None
     except FileNotFoundError:
@@ -1001,6 +1030,8 @@ def _check_cluster_files(cluster: ClusterConfig, path: str) -> None:
 def _read_secret_file(file: str, path: str, key: str, at_least: int, hint: str = "") -> Secret:
     """The content of ``file`` (named by ``key``) as a secret: surrounding whitespace (an
     editor's final newline) is not part of it. Only its length is ever reported."""
+    if problem := _file_problem(file):
+        raise ConfigError(path, key, problem)
     try:
         with open(file, "rb") as fh:
             data = fh.read(_MAX_SECRET_FILE + 1)
@@ -1092,6 +1123,10 @@ def _check_dkim(dkim: DkimConfig, path: str) -> None:
     """Every configured key is there, readable, and of its algorithm: a config error at
     start (and a failed reload that keeps the old keys), never mail sent unsigned."""
     for name, entry in dkim.domains.items():
+        if entry.dual is not None and entry.dual.selector == entry.selector:
+            raise ConfigError(path, f'[dkim.domains."{name}".dual] selector',
+                              f"{entry.selector!r} is the first key's selector too: each key "
+                              "needs its own (its own TXT record)")
         for where, key in ((f'[dkim.domains."{name}"]', entry),
                            (f'[dkim.domains."{name}".dual]', entry.dual)):
             if key is None:
@@ -1121,6 +1156,26 @@ def _expand_home(cfg_dict: dict[str, Any]) -> None:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate a TOML config file; raise :class:`ConfigError` on any problem."""
     spath = str(path)
+    raw = _read_toml(spath)
+    try:
+        return config_from_dict(raw, spath)
+    except RecursionError:  # a deeply nested value in a known key, echoed in an error
+        raise ConfigError(spath, "", "a value is nested too deeply") from None
+
+
+def load_admin(path: str | os.PathLike[str]) -> AdminConfig:
+    """Only the ``[admin]`` table of a config file (what mtactl needs to reach the node):
+    a node's file that the running node accepts but this version would refuse elsewhere
+    (after an upgrade that changed a default) still tells mtactl where the API is."""
+    spath = str(path)
+    raw = _read_toml(spath)
+    try:
+        return _build_section(AdminConfig, raw.get("admin", {}), spath, "admin")  # type: ignore[no-any-return]
+    except RecursionError:
+        raise ConfigError(spath, "", "a value is nested too deeply") from None
+
+
+def _read_toml(spath: str) -> dict[str, Any]:
     try:
         with open(spath, "rb") as fh:
             raw = tomllib.load(fh)
@@ -1141,10 +1196,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, ValueError, TypeError, OverflowError, MemoryError) as exc:
         # Whatever else the parser or the read may raise: one line, never a traceback.
         raise ConfigError(spath, "", f"cannot read the config file: {_one_line(exc)}") from None
-    try:
-        return config_from_dict(raw, spath)
-    except RecursionError:  # a deeply nested value in a known key, echoed in an error
-        raise ConfigError(spath, "", "a value is nested too deeply") from None
+    return raw
 
 
 def _one_line(exc: BaseException) -> str:

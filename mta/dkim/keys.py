@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -62,6 +64,9 @@ def load_key(path: str, selector: str, algorithm: str) -> SigningKey:
     if algorithm not in ALGORITHMS:
         raise DkimKeyError(f"algorithm {algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     try:
+        # A FIFO or a device would block the open or the read: regular files only.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DkimKeyError(f"{path!r} is not a regular file")
         with open(path, "rb") as fh:
             data = fh.read(64 * 1024)
     except OSError as exc:

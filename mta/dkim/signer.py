@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,7 +28,14 @@ __all__ = ["DomainKeys", "Signer", "Unsignable", "build_signer"]
 _FOLD_AT = 72
 
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
+_LARGE = 256 * 1024  # bytes: signed in the bulk pool
+_MAX_HEADER = 256 * 1024  # a header section larger than this is not signed
+_MAX_FROM = 4096  # a From: field longer than this names no sender we sign for
+_MAX_INSTANCES = 8  # instances of one header name signed (bottom up)
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                       r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 def build_signer(cfg: DkimConfig) -> Signer | None:
@@ -78,7 +86,8 @@ class Signer:
         self.clock = clock
 
     def keys_for(self, domain: str) -> DomainKeys | None:
-        """The entry for ``domain``: its own, else the nearest ``*.parent`` pattern."""
+        """The entry for ``domain`` (an A-label name): its own, else the nearest
+        ``*.parent`` pattern, else ``*``."""
         domain = domain.lower().rstrip(".")
         if (entry := self.domains.get(domain)) is not None:
             return entry
@@ -86,11 +95,20 @@ class Signer:
         for i in range(1, len(labels)):
             if (entry := self.domains.get("*." + ".".join(labels[i:]))) is not None:
                 return entry
-        return None
+        return self.domains.get("*")
 
     def sign(self, message: bytes) -> bytes:
-        """``message`` (CRLF lines, as spooled) with its DKIM-Signature fields prepended;
-        unchanged when its From: domain has no key and signing is not required."""
+        """``message`` with its line endings made CRLF (what delivery sends) and its
+        DKIM-Signature fields prepended; only the line endings change when its From: domain
+        has no key and signing is not required."""
+        message = _crlf(message)
+        head = message.find(b"\r\n\r\n")
+        if head > _MAX_HEADER or (head < 0 and len(message) > _MAX_HEADER):
+            # Abnormal, and costly to canonicalise: not signed (refused when required).
+            if self.required:
+                raise Unsignable(f"header section larger than {_MAX_HEADER // 1024} KiB: "
+                                 "not signed (DKIM signing is required)", permanent=True)
+            return message
         fields, body = split_message(message)
         domain = _from_domain(fields)
         entry = self.keys_for(domain) if domain else None
@@ -102,11 +120,7 @@ class Signer:
                                  "required)", permanent=True)
             raise Unsignable(f"no DKIM key for the From: domain {_shown(domain)} (signing "
                              "is required)", permanent=True)
-        try:
-            d = (entry.signing_domain or domain or "").encode("idna").decode("ascii")
-        except UnicodeError:
-            raise Unsignable(f"From: domain {_shown(domain or '')} is not a valid domain "
-                             "name", permanent=True) from None
+        d = entry.signing_domain or domain or ""
         bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode()
         now = int(self.clock())
         try:
@@ -117,18 +131,21 @@ class Signer:
 
     async def sign_async(self, message: bytes) -> bytes:
         """:meth:`sign` in a worker thread: an RSA signature costs as much CPU as the rest
-        of a submission, and the crypto library lets the event loop run meanwhile."""
-        global _pool
-        if _pool is None:
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="dkim")
-        return await asyncio.get_running_loop().run_in_executor(_pool, self.sign, message)
+        of a submission, and the crypto library lets the event loop run meanwhile. Large
+        messages (whose body hash takes long) have a pool of their own, so a few of them
+        never hold up the ordinary ones."""
+        pool = _pool("bulk" if len(message) > _LARGE else "small")
+        return await asyncio.get_running_loop().run_in_executor(pool, self.sign, message)
 
     def _signature(self, fields: list[HeaderField], key: SigningKey, d: str, bh: str,
                    now: int) -> bytes:
         counts = Counter(f.name.decode("latin-1") for f in fields)
         names: list[str] = []
         for name in self.headers:
-            names += [name] * (counts.get(name, 0) + (name in self.oversign))
+            # The last few instances of a name (h= takes them bottom up): a message with a
+            # million To: lines must not get a signature as large.
+            names += [name] * (min(counts.get(name, 0), _MAX_INSTANCES)
+                               + (name in self.oversign))
         tags = [f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={d}; s={key.selector};",
                 f"t={now};" + (f" x={now + int(self.expire)};" if self.expire else ""),
                 *_fold_list("h=", names), f"bh={bh};", "b="]
@@ -169,18 +186,42 @@ def _fold_list(tag: str, names: list[str]) -> list[str]:
 
 
 def _from_domain(fields: list[HeaderField]) -> str | None:
-    """The one domain of the From: header's addresses; None when there is no From:, more
-    than one, or its addresses name different domains (nothing DMARC could align)."""
+    """The one domain of the From: header's addresses, as an A-label name; None when there
+    is no From:, more than one, its addresses name different domains (nothing DMARC could
+    align), it is not a domain name, or the header is too long to be a sender's."""
     froms = [f for f in fields if f.name == b"from"]
-    if len(froms) != 1:
+    if len(froms) != 1 or len(froms[0].raw) > _MAX_FROM:
         return None
     value = froms[0].value().decode("utf-8", "replace")
-    domains = {addr.rpartition("@")[2].strip().lower().rstrip(".")
-               for _, addr in getaddresses([value]) if "@" in addr}
+    try:
+        domains = {addr.rpartition("@")[2].strip().lower().rstrip(".")
+                   for _, addr in getaddresses([value]) if "@" in addr}
+    except (RecursionError, ValueError, IndexError):  # the stdlib parser on odd input
+        return None
     if len(domains) != 1:
         return None
-    domain = domains.pop()
-    return domain or None
+    try:
+        domain = domains.pop().encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return domain if _HOSTNAME.fullmatch(domain) else None
+
+
+def _crlf(message: bytes) -> bytes:
+    """Bare CR and bare LF made CRLF, as delivery sends them (the bytes signed must be
+    the bytes that arrive)."""
+    rest = message.replace(b"\r\n", b"")
+    if b"\r" not in rest and b"\n" not in rest:
+        return message
+    return _LINE_END.sub(b"\r\n", message)
+
+
+def _pool(kind: str) -> ThreadPoolExecutor:
+    pool = _pools.get(kind)
+    if pool is None:
+        pool = _pools[kind] = ThreadPoolExecutor(2 if kind == "small" else 1,
+                                                 thread_name_prefix=f"dkim-{kind}")
+    return pool
 
 
 def _shown(domain: str) -> str:

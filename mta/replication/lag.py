@@ -1,11 +1,13 @@
 """How far behind a follower is, in records and in time: marks of where each written batch
-ended, how many records the log held then, and when it was written."""
+ended, how many records the log held then, and when it was written. Only this owner's writes
+are marked: for a follower behind where the log stood when the owner opened the shard (after
+a takeover), the records are unknown and the age is at least the time since then."""
 
 from __future__ import annotations
 
 from bisect import bisect_right
 
-from mta.replication.insync import Position
+from mta.replication.insync import NOTHING, Position
 
 __all__ = ["WriteMarks"]
 
@@ -15,8 +17,10 @@ _LIMIT = 65536  # marks kept; a follower that acks nothing for longer gets a low
 class WriteMarks:
     """The owner's writes since it opened the shard, for :meth:`lag`."""
 
-    def __init__(self, limit: int = _LIMIT) -> None:
+    def __init__(self, start: Position = NOTHING, opened: float = 0.0,
+                 limit: int = _LIMIT) -> None:
         self.records = 0  # records written since the shard was opened
+        self.start, self.opened = start, opened  # the log's end at open, and when
         self._limit = limit
         self._ends: list[Position] = []  # ascending: the log only grows
         self._counts: list[int] = []  # self.records before each batch
@@ -30,11 +34,16 @@ class WriteMarks:
         self._counts.append(self.records)
         self._times.append(now)
         self.records += records
-        if len(self._ends) > self._limit:
+        if len(self._ends) > self._limit + self._limit // 8:
+            # In chunks: deleting from the front of the lists on every write would cost
+            # their length each time.
             self.prune(self._ends[len(self._ends) - self._limit - 1])
 
-    def lag(self, acked: Position, now: float) -> tuple[int, float]:
-        """Records written past ``acked`` and the age of the oldest of them (seconds)."""
+    def lag(self, acked: Position, now: float) -> tuple[int | None, float]:
+        """Records written past ``acked`` (None: unknown, it lacks some of what the log held
+        at open) and the age of the oldest of them (seconds; at least, when unknown)."""
+        if acked < self.start:
+            return None, max(0.0, now - self.opened)
         first = bisect_right(self._ends, acked)  # the first batch that ends past acked
         if first == len(self._ends):
             return 0, 0.0

@@ -149,7 +149,7 @@ class ShardReplica:
         # Segment sizes (seq -> bytes) for the lag in status(): those on disk at open, then
         # what the writer wrote.
         self.sizes = dict(sizes or {})
-        self.marks = WriteMarks()  # for the lag in records and age
+        self.marks = WriteMarks(end, side.clock())  # for the lag in records and age
         if end != NOTHING:
             self.sizes[end[0]] = max(self.sizes.get(end[0], 0), end[1])
         targets = [*followers, *record.members]

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -483,3 +485,19 @@ def test_the_running_node_logs_and_serves_no_secret(tmp_path: Path) -> None:
     assert "[cluster] secret: expected at least 16 bytes" in log, log
     for secret in (SECRET, OTHER_SECRET, "tiny-secret"):
         assert secret not in log
+
+
+def test_mtactl_reaches_a_node_whose_config_predates_the_replicated_default(
+        tmp_path: Path) -> None:
+    """A shared-spool cluster's file from before replication: this version's node refuses it
+    (one line saying what to set), but mtactl needs only [admin] from it and still works."""
+    path = tmp_path / "old.toml"
+    path.write_text(toml_dumps({"spool": {"path": str(tmp_path / "spool")},
+                                "admin": {"listen": "127.0.0.1:9", "token": "t"},
+                                "cluster": {"etcd": ETCD}}))
+    assert "replicas = 1" in one_line_error(mta("--config", str(path), "--check",
+                                                cwd=tmp_path))
+    res = subprocess.run([sys.executable, "-m", "mta.cli.ctl", "--config", str(path),
+                          "status"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "127.0.0.1:9" in res.stderr and "config" not in res.stderr.split(":", 1)[0]

@@ -7,6 +7,7 @@ naming the key and the file."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,10 +191,49 @@ def test_no_user_against_etcd_with_auth_is_a_one_line_start_error(
 # --- config --------------------------------------------------------------------------------------
 
 
+_CA = trustme.CA()
+_LEAF = _CA.issue_cert("mta-node")
+
+
 def _pem(tmp_path: Path, name: str) -> str:
+    """Real PEM material, as gRPC would load it: ``ca*`` the CA, ``k*`` a key, else the
+    certificate that goes with that key."""
     path = tmp_path / name
-    path.write_text("-----BEGIN PLACEHOLDER-----\n")
+    if name.startswith("ca"):
+        _CA.cert_pem.write_to_path(str(path))
+    elif name.startswith("k"):
+        _LEAF.private_key_pem.write_to_path(str(path))
+    else:
+        _LEAF.cert_chain_pems[0].write_to_path(str(path))
     return str(path)
+
+
+def test_tls_files_that_grpc_could_not_load_are_refused_naming_them(tmp_path: Path) -> None:
+    key, cert = _pem(tmp_path, "k.pem"), _pem(tmp_path, "c.pem")
+    text = _refused(tmp_path, "[cluster] etcd_ca", etcd_ca=key)  # a key, not a CA
+    assert "as CA certificates" in text and key in text
+    text = _refused(tmp_path, "[cluster] etcd_cert", etcd_cert=key, etcd_key=cert)  # swapped
+    assert cert in text and key in text
+    other = tmp_path / "other-key.pem"
+    _CA.issue_cert("another").private_key_pem.write_to_path(str(other))
+    assert "etcd_cert" in _refused(tmp_path, "[cluster] etcd_cert", etcd_cert=cert,
+                                   etcd_key=str(other))
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://127.0.0.1:2379", "https://u:pw@127.0.0.1:2379",
+                                      "127.0.0.1:2379/v3"])
+def test_endpoints_with_another_scheme_a_user_or_a_path_are_refused(
+        tmp_path: Path, endpoint: str) -> None:
+    text = _refused(tmp_path, "[cluster] etcd", etcd=[endpoint])
+    assert "no other scheme" in text and "u:pw" not in text  # a password is never echoed
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "pw.fifo"
+    os.mkfifo(fifo)
+    text = _refused(tmp_path, "[cluster] etcd_password_file", etcd_username="mta",
+                    etcd_password_file=str(fifo))
+    assert "not a regular file" in text
 
 
 def _load(tmp_path: Path, **cluster: Any) -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cluster.placement import Node, place_followers, promotable_assignment
+from cluster.placement import Node, add_handoff_targets, place_followers, promotable_assignment
 from cluster.rendezvous import assign
 
 SHARDS = 64
@@ -73,3 +73,24 @@ def test_a_balanced_move_waits_until_the_new_node_joined() -> None:
     assert out[0] == "a"
     out = promotable_assignment({0: "d"}, {0: "a"}, {0: ["a", "b", "d"]}, {"a", "b", "d"})
     assert out[0] == "d"
+
+
+def test_the_balanced_node_and_the_node_a_shard_is_handed_to_are_placed() -> None:
+    ns = nodes("a", "b", "c", "d")
+    # a holds shard 0, c is to take it over now (a draining or dead owner's in-sync copy), d
+    # is where it belongs once caught up: both are streamed to, besides the follower b.
+    placed = {0: ["b"]}
+    add_handoff_targets(placed, {0: "c"}, {0: "d"}, {0: "a"}, ns)
+    assert sorted(placed[0]) == ["b", "c", "d"]
+    # c holds it now: never its own follower; d still catching up.
+    placed = {0: ["b"]}
+    add_handoff_targets(placed, {0: "c"}, {0: "d"}, {0: "c"}, ns)
+    assert sorted(placed[0]) == ["b", "d"]
+    # Unowned (no owner key): the node it is assigned to is not its own follower.
+    placed = {0: ["b"]}
+    add_handoff_targets(placed, {0: "c"}, {0: "c"}, {}, ns)
+    assert placed[0] == ["b"]
+    # Already placed: not twice. A node out of service (draining): never placed.
+    placed = {0: ["b"]}
+    add_handoff_targets(placed, {0: "b"}, {0: "e"}, {0: "a"}, ns)
+    assert placed[0] == ["b"]

@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from structlog.testing import capture_logs
@@ -20,7 +21,7 @@ from structlog.testing import capture_logs
 from cluster.coordinator import ClusterCoordinator, parse_hostport
 from cluster.keys import Keys
 from cluster.rendezvous import assign
-from cluster.store import Entry, Put, Txn, decode
+from cluster.store import Entry, Owner, Put, Snapshot, Txn, decode
 from mta.coordinator import Replication
 from mta.replication.insync import SyncRecord
 from tests.support import wait_until as until
@@ -395,3 +396,25 @@ def test_a_sync_record_that_does_not_decode_has_no_members() -> None:
     assert v.sync[1].members == {} and v.sync[2] == good
     assert v.replicas == {2: ("n2", "n3")}
     assert [e["log_level"] for e in logs if e["event"] == "cluster.bad_sync_record"] == ["error"]
+
+
+def _snapshot(assignment: dict[int, str], owners: dict[int, Owner]) -> Snapshot:
+    members = {n: {"weight": 1.0} for n in ("n1", "n2", "n3")}
+    record = SyncRecord(5, "n1", {"n1": "c1", "n2": "c2", "n3": "c3"})
+    return Snapshot(members=members, assignment=assignment, owners=owners, sync={0: record},
+                    replicas={0: ("n2", "n3")})
+
+
+def test_the_new_owner_stays_placed_until_it_holds_the_shard() -> None:
+    # The leader gave shard 0 to n3 (caught up, in the set); n1 still holds it (its owner
+    # key): n3 must stay a placed follower of n1, else n1 prunes it from the set as a copy
+    # the placement dropped and n3's claim is then refused (the move never completes).
+    leader = SimpleNamespace(replicas=2)
+    want = {0: "n3"}
+    v = _snapshot({0: "n3"}, {0: Owner("n1", 7)})
+    placed = ClusterCoordinator._followers(leader, v, want, want)  # type: ignore[arg-type]
+    assert "n3" in placed.get(0, v.replicas[0]), placed
+    # Once n3 holds it, it is no follower of its own shard.
+    v = _snapshot({0: "n3"}, {0: Owner("n3", 9)})
+    placed = ClusterCoordinator._followers(leader, v, want, want)  # type: ignore[arg-type]
+    assert placed[0] == ["n2"], placed

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from harness.config import node_config, toml_dumps
+from mta.config import ConfigError, config_from_dict
 from mta.dkim.keys import load_key
 from mta.dkim.signer import DomainKeys, Signer
 from tests.support import DNSServer, ctl
@@ -74,3 +77,20 @@ def test_a_missing_or_wrong_key_stops_the_node_naming_the_file(tmp_path: Path) -
     nosel = config(tmp_path, **{"example.org": {"key": str(ed), "algorithm": "ed25519-sha256"}})
     line = one_line_error(mta("--config", str(nosel), "--check", cwd=tmp_path))
     assert '[dkim.domains."example.org"] selector' in line
+
+
+def test_settings_that_would_break_every_signature_are_config_errors(tmp_path: Path) -> None:
+    key = str(write_key(tmp_path, "r.pem"))
+    cases = [
+        ({"headers": ["from", "x;s=evil"]}, "[dkim] headers"),
+        ({"headers": ["subject"]}, "[dkim] headers"),  # From: is always signed
+        ({"domains": {"example.org": {"selector": "s" * 300, "key": key}}},
+         '[dkim] domains'),
+        ({"domains": {"example.org": {"selector": "s1", "key": key,
+                                      "dual": {"selector": "s1", "key": key}}}},
+         '[dkim.domains."example.org".dual] selector'),
+    ]
+    for dkim, key_name in cases:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"dkim": dkim}, "/etc/mta/node.toml")
+        assert key_name in str(info.value) and "\n" not in str(info.value), info.value

@@ -4,6 +4,7 @@ bodies the issue names, tampering after signing, and the policy's refusals."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,66 @@ def test_unusable_keys_are_refused_naming_the_file(tmp_path: Path, make: object,
 
 def test_the_key_never_shows_in_its_repr(keys: dict[str, SigningKey]) -> None:
     assert "r2026" in repr(keys["rsa"]) and "private" not in repr(keys["rsa"]).lower()
+
+
+def test_bare_line_ends_are_made_crlf_before_signing(keys: dict[str, SigningKey],
+                                                     dns: DNSServer) -> None:
+    # Delivery sends CRLF whatever arrived: the bytes signed are the bytes sent.
+    for message in (HEADERS + b"\r\nline1\nline2\n", HEADERS + b"\r\nl1\rl2\r\n",
+                    b"From: a@example.org\nSubject: s\nX-A: b\n\nbody\n"):
+        signed = signer(keys, "rsa").sign(message)
+        assert b"\n" not in signed.replace(b"\r\n", b"")
+        assert b"\r" not in signed.replace(b"\r\n", b"")
+        assert signatures_verify(signed, dns) == [True]
+
+
+@pytest.mark.parametrize("from_value", [
+    b"a@example.org " + b"(" * 2000 + b")" * 2000,  # the stdlib parser recurses
+    b":" * 2700,
+    b"a@[x; s=evil; b=].example.net",  # no domain name, on a wildcard
+    b"a@x\x00.example.net",
+    b"\"a\"@[1.2.3.4].example.net",
+    b"a@example.org, " * 400,  # longer than a sender's From:
+])
+def test_a_from_that_names_no_domain_is_not_signed_and_raises_nothing(
+        keys: dict[str, SigningKey], from_value: bytes) -> None:
+    message = b"From: " + from_value + b"\r\nSubject: x\r\n\r\nbody\r\n"
+    assert not signer(keys, "rsa").sign(message).startswith(b"DKIM-Signature")
+    with pytest.raises(Unsignable):
+        signer(keys, "rsa", required=True).sign(message)
+
+
+def test_an_idn_from_domain_finds_its_key_under_its_a_label(keys: dict[str, SigningKey],
+                                                          dns: DNSServer) -> None:
+    s = Signer({"xn--bcher-kva.example": DomainKeys((keys["rsa"],))}, required=True)
+    signed = s.sign("From: a@bücher.example\r\n\r\nhi\r\n".encode())
+    assert b"d=xn--bcher-kva.example;" in signed
+
+
+def test_a_star_entry_signs_every_domain(keys: dict[str, SigningKey]) -> None:
+    s = Signer({"*": DomainKeys((keys["rsa"],), "example.org")}, required=True)
+    assert b"d=example.org;" in s.sign(b"From: a@anything.test\r\n\r\nhi\r\n")
+
+
+def test_the_signature_lists_a_bounded_number_of_instances(keys: dict[str, SigningKey],
+                                                           dns: DNSServer) -> None:
+    message = HEADERS + b"To: x@y.test\r\n" * 5000 + b"\r\nbody\r\n"
+    signed = signer(keys, "rsa").sign(message)
+    header = signed[:signed.index(b"\r\nFrom:")]
+    assert len(header) < 2000, len(header)
+    assert signatures_verify(signed, dns) == [True]
+
+
+def test_a_huge_header_section_is_not_signed(keys: dict[str, SigningKey]) -> None:
+    message = HEADERS + b"X-Pad: " + b"y" * 300_000 + b"\r\n\r\nbody\r\n"
+    assert not signer(keys, "rsa").sign(message).startswith(b"DKIM-Signature")
+    with pytest.raises(Unsignable, match="header section"):
+        signer(keys, "rsa", required=True).sign(message)
+
+
+def test_a_key_path_that_is_not_a_regular_file_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DkimKeyError, match="not a regular file"):
+        load_key(str(fifo), "s", "rsa-sha256")

@@ -301,3 +301,44 @@ def test_a_follower_a_little_behind_joins_under_steady_writes(write_every: float
         t = round(t + 0.01, 2)
     assert joined is not None and joined < 5, "never joined"
     assert worst_stall <= 1.0 + lag, worst_stall
+
+
+def test_prune_drops_one_copy_at_a_time_and_never_below_replicas() -> None:
+    # Four copies in sync, replicas 3, and the placement moved two of them away (c, d) for
+    # one new node (e): one of them goes, the other stays until the set is back to three.
+    rep = owner({"b": "cb", "c": "cc", "d": "cd"})
+    for node in ("b", "c", "d"):
+        rep.acked(node, (1, 100), 0.1, rep.connected(node, f"c{node}", 0.0))
+    prune = rep.proposal(0.1, placed=("b", "e"), replicas=3)
+    assert prune == SyncRecord(5, "a", {"a": "ca", "b": "cb", "d": "cd"}), prune
+    rep.settled(prune)
+    assert rep.proposal(0.2, placed=("b", "e"), replicas=3) is None, "never below replicas"
+
+
+def test_no_prune_is_proposed_while_another_change_is_in_flight() -> None:
+    # The set holds three copies (replicas 2) and d, placed too, catches up: its grow is in
+    # flight when the placement drops c. Nothing else may be proposed until the grow settles,
+    # else the grow's member would no longer be required while its change can still commit.
+    rep = owner({"b": "cb", "c": "cc"})
+    for node in ("b", "c", "d"):
+        rep.acked(node, (1, 100), 0.1, rep.connected(node, f"c{node}", 0.0))
+    grow = rep.proposal(0.1, placed=("b", "c", "d"), replicas=2)
+    assert grow is not None and set(grow.members) == {"a", "b", "c", "d"}
+    assert rep.proposal(0.2, placed=("b", "d"), replicas=2) is None, "one change at a time"
+    assert rep.proposed == grow
+    assert "d" in rep._required()
+
+
+def test_forget_keeps_a_member_and_it_is_not_taken_for_silent() -> None:
+    rep = owner({"b": "cb"})
+    rep.acked("b", (1, 100), 0.1, rep.connected("b", "cb", 0.0))
+    rep.forget("b")  # still a member: its view (acks, last heard) stays
+    assert rep.frontier == (1, 100)
+    assert rep.proposal(0.2, placed=("b",), replicas=2) is None, "b is not silent"
+    # Nor one that is being added.
+    rep = owner({})
+    rep.acked("b", (1, 100), 0.1, rep.connected("b", "cb", 0.0))
+    grow = rep.proposal(0.1, placed=("b",), replicas=2)
+    assert grow is not None and "b" in grow.members
+    rep.forget("b")
+    assert "b" in rep.followers

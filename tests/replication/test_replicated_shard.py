@@ -130,7 +130,8 @@ async def test_a_follower_the_leader_replaces_leaves_only_once_its_successor_joi
     required) until c has caught up and joined, then is pruned and no longer streamed to;
     the set never has fewer than two copies on the way."""
     placement: dict[int, tuple[str, ...]] = {0: ("b",)}
-    w = await start_pair(tmp_path, 2, TIMEOUT, shards=SHARDS, replicas=2,
+    # replica_timeout 1 s: on a loaded machine b must not pass for silent meanwhile.
+    w = await start_pair(tmp_path, 2, 1.0, shards=SHARDS, replicas=2,
                          followers=lambda s: placement.get(s, ()))
     c = await FollowerNode("c", tmp_path / "c").start(w.peers)
     try:
@@ -336,3 +337,56 @@ async def test_new_mail_goes_to_a_shard_that_accepts(tmp_path: Path) -> None:
         assert {shard_of(spool.allocate_id()) for _ in range(10)} == {0}
     finally:
         await spool.close()
+
+
+async def test_a_member_the_placement_moved_away_is_streamed_to_until_pruned(
+        tmp_path: Path) -> None:
+    """The placement replaces b by c, which cannot catch up yet (not reachable): b stays a
+    member, so the owner keeps streaming to it and mail is still acknowledged on two copies;
+    b is not dropped as silent, and the set never dips below two."""
+    placement: dict[int, tuple[str, ...]] = {0: ("b",)}
+    timeout = 1.0  # b must not pass for silent on a loaded machine; c's absence must show
+    w = await start_pair(tmp_path, 2, timeout, shards=SHARDS, replicas=2,
+                         followers=lambda s: placement.get(s, ()))
+    try:
+        rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+        await wait_until(lambda: w.members() == {"a", "b"}, what="b joined")
+        placement[0] = ("c",)  # c: no address, no node; it never catches up here
+        await wait_until(lambda: "c" in rep.streams, what="c placed")
+        for _ in range(4):  # past replica_timeout twice over
+            ids = await asyncio.wait_for(submit_many(w, 5), 3 * timeout)
+            assert len(set(ids)) == 5
+            await asyncio.sleep(timeout / 2)
+        assert "b" in rep.streams and w.members() == {"a", "b"}
+        assert rep.replica.lagging()["b"] >= rep.replica.acknowledged
+        assert all(len(r.members) >= 2 for r in w.store.history[1:]), w.store.history
+    finally:
+        await w.close()
+
+
+async def test_the_writer_reports_each_batch_s_records_and_none_for_a_header(
+        tmp_path: Path) -> None:
+    """What lag_records counts: a message is one MSG record and its batch's COMMIT, a new
+    segment's header no record."""
+    from tests.support.replication import envelope
+
+    w = await start_pair(tmp_path, 1, TIMEOUT, shards=SHARDS)
+    try:
+        rep = await open_owner(w.spool, w.side, w.store, 0, 10, ["b"])
+        calls: list[tuple[int, int]] = []
+        real = rep.written
+
+        def written(seq: int, offset: int, data: bytes, records: int = 0) -> None:
+            calls.append((offset, records))
+            real(seq, offset, data, records)
+
+        rep.written = written  # type: ignore[method-assign]
+        before = rep.marks.records
+        for n in range(12):  # one at a time: one message per batch; segments roll over
+            await w.spool.submit(envelope(n), b"x" * 700)
+        headers = [r for off, r in calls if off == 0]
+        assert headers and set(headers) == {0}, calls
+        assert [r for off, r in calls if off > 0] == [2] * 12, calls
+        assert rep.marks.records - before == 24
+    finally:
+        await w.close()

@@ -25,22 +25,27 @@ from harness.config import make_config
 from mta.admin.facade import NodeFacade
 from mta.admin.routes.cluster import shard_table
 from mta.admin.server import AdminServer
-from mta.cli.ctl.shards import render
+from mta.cli.ctl.shards import _follower_lag, render
 from mta.coordinator import Member, ShardInfo
 from mta.gauges import ReplicationGauges
 from mta.metrics import NodeMetrics
 from mta.node import Node
 from mta.replication.copy import log_segments
+from mta.replication.insync import NOTHING, SyncRecord
 from mta.replication.lag import WriteMarks
-from mta.replication.owner import lag_bytes, shard_state
+from mta.replication.owner import OwnerSide, lag_bytes, shard_state
+from mta.replication.peerauth import PeerAuth
 from mta.spool.shard import shard_dir
 from tests.support import wait_until
 from tests.support.memcluster import CopyHost as Host
 from tests.support.memcluster import ReplicatedMem as MemWorld
 from tests.support.memcluster import settled_replicated as settled
 from tests.support.replication import (
+    SECRET,
     FollowerNode,
+    MemorySyncStore,
     Pair,
+    Peers,
     envelope,
     open_owner,
     start_pair,
@@ -385,3 +390,151 @@ def test_write_marks_count_the_records_and_age_past_a_position() -> None:
     marks.wrote((2, 90), 1, 4.0)
     marks.wrote((2, 99), 1, 5.0)  # past the limit: the oldest batch is forgotten
     assert marks.lag((0, 0), 9.0) == (6, 6.0), "a lower bound once the oldest is gone"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def side() -> AsyncIterator[tuple[OwnerSide, MemorySyncStore, Clock, dict]]:
+    clock, store, placement = Clock(), MemorySyncStore(), {}
+    s = OwnerSide("a", PeerAuth("a", secret=SECRET), Peers(), store, min_insync=2,
+                  replica_timeout=1.0, replicas=3, clock=clock,
+                  followers=lambda shard: placement.get(shard, ()))
+    yield s, store, clock, placement
+    await s.stop()
+
+
+async def test_each_follower_s_lag_in_records_and_age_counts_from_its_own_ack(
+        side: tuple[OwnerSide, MemorySyncStore, Clock, dict], tmp_path: Path) -> None:
+    s, _, clock, _ = side
+    rep = s.open(0, 10, tmp_path, "ca", SyncRecord(10, "a", {"a": "ca"}), ["b", "c", "d"],
+                 NOTHING)
+    rep.written(1, 0, b"h" * 16, 0)  # a segment header: no record
+    rep.written(1, 16, b"x" * 100, 3)  # at 100
+    clock.now = 101
+    rep.written(1, 116, b"y" * 100, 2)
+    for node, pos in (("b", (1, 216)), ("c", (1, 116))):  # d never acks
+        rep.replica.acked(node, pos, clock.now, rep.replica.connected(node, f"c{node}", 101))
+    rep.written(2, 0, b"h" * 16, 0)  # a new segment: what every follower has is forgotten
+    clock.now = 103
+    rep.written(2, 16, b"z" * 50, 4)
+    clock.now = 105
+    lag = {p: (f["lag_records"], f["lag_age"])
+           for p, f in rep.status()["followers"].items()}  # type: ignore[union-attr]
+    assert lag == {"b": (4, 2.0), "c": (6, 4.0), "d": (9, 5.0)}
+    rep.replica.acked("d", (2, 82), 105, rep.replica.connected("d", "cd", 105))
+    rep.written(3, 0, b"h" * 16, 0)  # pruned up to the slowest (c): its part stays
+    lag = {p: (f["lag_records"], f["lag_age"])
+           for p, f in rep.status()["followers"].items()}  # type: ignore[union-attr]
+    assert lag == {"b": (4, 2.0), "c": (6, 4.0), "d": (0, 0.0)}
+
+
+async def test_the_owner_prunes_the_set_back_to_replicas_not_to_min_insync(
+        side: tuple[OwnerSide, MemorySyncStore, Clock, dict], tmp_path: Path) -> None:
+    # replicas 3, min_insync 2: four copies in sync after a move, and the placement kept only
+    # b of them (e is the new follower): one copy goes, three stay.
+    s, store, clock, placement = side
+    placement[0] = ("b", "e")
+    record = store.records[0] = SyncRecord(10, "a", {"a": "ca", "b": "cb", "c": "cc",
+                                                     "d": "cd"})
+    rep = s.open(0, 10, tmp_path, "ca", record, ["b", "e"], NOTHING)
+    for node in ("b", "c", "d"):
+        rep.replica.connected(node, f"c{node}", clock.now)
+    for _ in range(4):
+        rep._propose(clock.now)
+        if rep._proposing is not None:
+            await rep._proposing
+    assert set(store.records[0].members) == {"a", "b", "d"}, store.history
+
+
+def test_pruning_write_marks_keeps_every_batch_past_the_position() -> None:
+    marks = WriteMarks()
+    marks.wrote((1, 100), 3, 1.0)
+    marks.wrote((1, 200), 2, 2.0)
+    marks.wrote((2, 50), 4, 3.0)
+    marks.prune((1, 100))
+    assert marks.lag((1, 100), 9.0) == (6, 7.0)
+    marks.prune((1, 150))  # inside a batch: the batch stays
+    assert marks.lag((1, 150), 9.0) == (6, 7.0)
+    assert marks.lag((1, 200), 9.0) == (4, 6.0)
+
+
+def test_a_follower_lacking_bytes_is_not_shown_caught_up() -> None:
+    # Bytes behind but no record counted (what it lacks was written before this owner opened
+    # the shard, or is a segment header): not "0".
+    f = {"lag_bytes": 5000, "lag_records": 0, "lag_age": 0.0, "connected": True}
+    assert _follower_lag(f) == "4.9KiB/0rec/0.0s"
+    assert _follower_lag({"lag_bytes": 0, "lag_records": 0, "lag_age": 0.0}) == "0"
+
+
+async def test_a_follower_being_added_is_streamed_to_even_once_no_longer_placed(
+        side: tuple[OwnerSide, MemorySyncStore, Clock, dict], tmp_path: Path) -> None:
+    # x caught up and its grow is in flight when the leader's placement drops it: its acks are
+    # required from the proposal on, and if the grow commits it is a member; the owner must
+    # not stop streaming to it meanwhile (a member with no stream never acks again).
+    import asyncio
+    s, store, clock, placement = side
+    gate = asyncio.Event()
+    real = store.change
+
+    async def slow(shard: int, old: SyncRecord, new: SyncRecord) -> SyncRecord | None:
+        await gate.wait()
+        return await real(shard, old, new)
+
+    store.change = slow  # type: ignore[method-assign]
+    placement[0] = ("b", "x")
+    record = store.records[0] = SyncRecord(10, "a", {"a": "ca", "b": "cb"})
+    rep = s.open(0, 10, tmp_path, "ca", record, ["b", "x"], NOTHING)
+    for node in ("b", "x"):
+        rep.replica.connected(node, f"c{node}", clock.now)
+    rep._propose(clock.now)
+    assert rep.replica.proposed is not None and "x" in rep.replica.proposed.members
+    placement[0] = ("b",)
+    rep._follow_placement()
+    assert "x" in rep.streams, "x is being added"
+    gate.set()
+    await rep._proposing  # type: ignore[misc]
+    assert "x" in store.records[0].members
+    rep._follow_placement()
+    assert "x" in rep.streams, "a member is streamed to until it is pruned"
+
+
+async def test_a_follower_the_placement_dropped_is_forgotten(
+        side: tuple[OwnerSide, MemorySyncStore, Clock, dict], tmp_path: Path) -> None:
+    s, store, clock, placement = side
+    placement[0] = ("b", "y")
+    record = store.records[0] = SyncRecord(10, "a", {"a": "ca", "b": "cb"})
+    rep = s.open(0, 10, tmp_path, "ca", record, ["b", "y"], NOTHING)
+    for node in ("b", "y"):
+        rep.replica.connected(node, f"c{node}", clock.now)
+    placement[0] = ("b",)
+    rep._follow_placement()
+    assert "y" not in rep.streams and "y" not in rep.replica.followers
+    assert "b" in rep.streams and "b" in rep.replica.followers
+
+
+def test_a_replicated_node_prunes_its_in_sync_sets_back_to_the_configured_copies(
+        tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, spool={"replicas": 3, "min_insync": 2}, cluster={
+        "etcd": ["127.0.0.1:2379"], "replication_listen": "127.0.0.1:0", "secret": "s" * 32})
+    node = Node(cfg)
+    assert node.replication is not None
+    owner = node.replication.owner
+    assert (owner.replicas, owner.min_insync) == (3, 2)
+
+
+def test_lag_behind_what_the_log_held_at_open_is_unknown_not_zero() -> None:
+    """After a takeover the owner knows nothing of the records before its own writes: a
+    follower behind them lacks an unknown number, for at least as long as the term."""
+    marks = WriteMarks(start=(3, 100), opened=10.0)
+    marks.wrote((3, 160), 2, 11.0)
+    assert marks.lag((2, 0), 15.0) == (None, 5.0)
+    assert marks.lag((3, 100), 15.0) == (2, 4.0)
+    shown = _follower_lag({"lag_bytes": 5000, "lag_records": None, "lag_age": 5.0})
+    assert shown == "4.9KiB/?rec/>5.0s"

@@ -32,17 +32,17 @@ def resolve_target(args: argparse.Namespace) -> None:
     token = args.token or os.environ.get("MTACTL_TOKEN", "")
     config = args.config or os.environ.get("MTACTL_CONFIG", "")
     if config and (not url or not token):
-        from mta.config import ConfigError, load_config
+        from mta.config import ConfigError, load_admin
 
         try:
-            cfg = load_config(config)
+            admin = load_admin(config)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
-        host, port = cfg.admin.listen
+        host, port = admin.listen
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         host = f"[{host}]" if ":" in host else host
         url = url or f"http://{host}:{port}"
-        token = token or cfg.admin.token
+        token = token or admin.token
     args.url = url or DEFAULT_URL
     args.token = token
     try:

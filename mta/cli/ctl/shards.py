@@ -4,6 +4,7 @@ copies are, which are in sync, and how far each follower lags)."""
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from mta.cli.ctl.client import call, emit, table
@@ -49,10 +50,26 @@ def _lag(shard: dict[str, Any]) -> str:
 
 
 def _follower_lag(f: dict[str, Any]) -> str:
-    size, records = int(f.get("lag_bytes") or 0), int(f.get("lag_records") or 0)
+    size = _number(f.get("lag_bytes"))
+    if "lag_records" not in f:  # an owner of an earlier version: bytes only
+        return _bytes(int(size))
+    age = _number(f.get("lag_age"))
+    if f.get("lag_records") is None and size:
+        # Behind what the log held when its owner opened it: records unknown, older than.
+        return f"{_bytes(size)}/?rec/>{age:.1f}s"
+    records = int(_number(f.get("lag_records")))
     if not size and not records:
         return "0"
-    return f"{_bytes(size)}/{records}rec/{float(f.get('lag_age') or 0):.1f}s"
+    return f"{_bytes(int(size))}/{records}rec/{age:.1f}s"
+
+
+def _number(value: Any) -> float:
+    """A figure from a peer's answer; 0 if it is not one (never a traceback)."""
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def render(data: dict[str, Any]) -> str:
