@@ -141,7 +141,7 @@ class ReplicationService:
         if self.follower is not None:
             await self.follower.release(shard)
         try:
-            await self.spool.acquire_shard(shard, token)
+            await self.spool.acquire_shard(shard, token, replicated=True)
         except BaseException:
             if self.follower is not None:
                 self.follower.resume(shard)

@@ -98,6 +98,9 @@ class Shard:
         self._pending: dict[str, int] = {}
         # Set when the shard is replicated: acknowledgements wait for the in-sync copies.
         self.replica: ReplicaGate | None = None
+        # Opened to be replicated, its gate not installed yet (the owner side needs the
+        # recovered log first): no new mail, and STATE/DONE wait, until replicate().
+        self.awaiting_gate: asyncio.Event | None = None
         self._commit_end: Position = (0, 0)  # the end of the newest durable COMMIT
 
     async def open(self) -> RecoveryReport:
@@ -141,13 +144,25 @@ class Shard:
         assert self._log is not None
         loop = asyncio.get_running_loop()
         self.replica = gate
+        if self.awaiting_gate is not None:
+            self.awaiting_gate.set()
+            self.awaiting_gate = None
 
         def on_write(seq: int, offset: int, data: bytes, records: int) -> None:
             loop.call_soon_threadsafe(gate.written, seq, offset, data, records)
 
         self._log.on_write = on_write
 
+    @property
+    def accepting(self) -> bool:
+        """May new mail be taken into this shard now?"""
+        if self.awaiting_gate is not None:
+            return False
+        return self.replica is None or self.replica.accepting
+
     async def _replicated(self, pos: Position, size: int, reception: bool) -> None:
+        if self.awaiting_gate is not None:
+            await self.awaiting_gate.wait()
         if self.replica is not None:
             # Up to the end of the record's batch (its COMMIT), not of the record: a copy
             # that holds a record without its batch's COMMIT drops it when it is opened.
@@ -181,6 +196,8 @@ class Shard:
                   after: Callable[[], None] | None = None, side: bytes | None = None) -> None:
         """Append a new message; returns once it is durable. ``after`` runs on the loop once
         it is, even if the caller was cancelled meanwhile (a client gone during the fsync)."""
+        if self.awaiting_gate is not None:
+            raise ShardReadOnly(self.number, "taken over, not replicating yet")
         if self.replica is not None and not self.replica.accepting:
             raise ShardReadOnly(self.number, "fewer in-sync copies than [spool] min_insync")
         data = encode_msg(message_id, envelope, body)
@@ -194,7 +211,7 @@ class Shard:
                 after()
 
         pos = await asyncio.shield(self._append(data, durable, side))
-        if self.replica is not None:
+        if self.replica is not None or self.awaiting_gate is not None:
             await self._replicated(pos, size, reception=True)
 
     async def _append_tracked(self, message_id: str, data: bytes, durable: Any,
@@ -209,7 +226,7 @@ class Shard:
         pos = await asyncio.shield(fut)
         # A DONE counts only once every promotable copy has it: else a takeover by a copy
         # without it would deliver the recipient again.
-        if self.replica is not None:
+        if self.replica is not None or self.awaiting_gate is not None:
             await self._replicated(pos, len(data), reception=False)
 
     def _unpend(self, message_id: str) -> None:

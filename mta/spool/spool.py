@@ -131,8 +131,11 @@ class Spool:
 
     # --- ownership -------------------------------------------------------------------------
 
-    async def acquire_shard(self, number: int, token: int) -> RecoveryReport:
-        """Take a shard: claim its owner file with ``token``, recover it, accept writes."""
+    async def acquire_shard(self, number: int, token: int,
+                            replicated: bool = False) -> RecoveryReport:
+        """Take a shard: claim its owner file with ``token``, recover it, accept writes.
+        ``replicated``: no new mail, and no STATE or DONE acknowledged, until
+        :meth:`replicate` installs its gate (else a 250 could come from this copy alone)."""
         if self._writer is None:
             raise SpoolError("spool is not started")
         if not 0 <= number < self.total_shards:
@@ -143,6 +146,8 @@ class Spool:
                       ownership.OwnerToken(self.node_id, token), self._segment_size,
                       self._side_log)
         t0 = time.perf_counter()
+        if replicated:
+            shard.awaiting_gate = asyncio.Event()
         report = await shard.open()
         shard.fenced = self.fenced
         self._shards[number] = shard
@@ -204,7 +209,7 @@ class Spool:
         start = self._cursor % len(order)
         for step in range(len(order)):
             shard = self._shards[order[(start + step) % len(order)]]
-            if shard.replica is None or shard.replica.accepting:
+            if shard.accepting:
                 return new_message_id(shard.number)
         return new_message_id(order[start])
 

@@ -390,3 +390,30 @@ async def test_the_writer_reports_each_batch_s_records_and_none_for_a_header(
         assert rep.marks.records - before == 24
     finally:
         await w.close()
+
+
+async def test_a_shard_taken_over_takes_no_mail_until_it_replicates(tmp_path: Path) -> None:
+    """Between opening a shard it takes over and installing its replication gate (the owner
+    side needs the recovered log), a 250 would rest on this copy alone: no new mail goes
+    there, and a DONE waits for the gate."""
+    spool = Spool(tmp_path / "s", "a", shards=1)
+    await spool.start()
+    try:
+        await spool.acquire_shard(0, 10)
+        mid = await spool.submit(envelope(0), b"before the handover")
+        await spool.release_shard(0)
+        await spool.acquire_shard(0, 11, replicated=True)
+        with pytest.raises(ShardReadOnly):
+            await spool.submit(envelope(1), b"x", spool.allocate_id())
+        done = asyncio.ensure_future(spool.mark_done(mid))
+        await asyncio.sleep(0)  # let it reach the gate
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            assert not done.done(), "acknowledged before the gate was there"
+        gate = _Gate()
+        spool.replicate(0, gate)
+        await asyncio.wait_for(done, 5)
+        assert gate.waits and gate.waits[-1][1] is False
+        await spool.submit(envelope(2), b"now")
+    finally:
+        await spool.close()

@@ -82,7 +82,7 @@ class FollowerNode:
 async def open_owner(spool: Spool, side: OwnerSide, store: MemorySyncStore, shard: int,
                      token: int, followers: list[str]) -> ShardReplica:
     """Acquire ``shard`` on ``spool`` under ``token`` and replicate it through ``side``."""
-    await spool.acquire_shard(shard, token)
+    await spool.acquire_shard(shard, token, replicated=True)
     directory = shard_dir(spool.root, shard)
     cid = await asyncio.to_thread(copy_id, directory)
     record = store.records.get(shard)
