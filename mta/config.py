@@ -463,6 +463,22 @@ def _table_key_problem(name: str, ports: bool) -> str | None:
     return None
 
 
+def _table_values(cls: type, table: dict[str, Any], where: str,
+                  hint: Callable[[str], str | None] = lambda _: None) -> dict[str, Any]:
+    """``table``'s keys parsed by ``cls``'s fields; an error names ``where`` and the key."""
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, raw in table.items():
+        if key not in known:
+            raise _Invalid(f"{where}{key}: " + (hint(key) or (
+                f"unknown key; known keys are {', '.join(sorted(known))}")))
+        try:
+            values[key] = known[key].metadata["parse"](raw)
+        except _Invalid as exc:
+            raise _Invalid(f"{where}{key}: {exc}") from None
+    return values
+
+
 def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = lambda _: None,
                    parent: str = "delivery") -> Callable[[Any], dict[str, Any]]:
     def key_of(name: str, seen: dict[str, str]) -> str:
@@ -480,22 +496,11 @@ def _policy_tables(cls: type, section: str, hint: Callable[[str], str | None] = 
             raise _Invalid(f"expected tables like [{parent}.{section}.\"example.com\"], "
                            f"got {value!r}")
         out, seen = {}, {}
-        known = {f.name: f for f in fields(cls)}
         for name, table in value.items():
             entry = key_of(name, seen)
             if not isinstance(table, dict):
                 raise _Invalid(f"{name!r}: expected a table of settings")
-            values = {}
-            for key, raw in table.items():
-                if key not in known:
-                    why = hint(key)
-                    raise _Invalid(f"{name!r}.{key}: " + (why or (
-                        f"unknown key; known keys are {', '.join(sorted(known))}")))
-                try:
-                    values[key] = known[key].metadata["parse"](raw)
-                except _Invalid as exc:
-                    raise _Invalid(f"{name!r}.{key}: {exc}") from None
-            out[entry] = cls(**values)
+            out[entry] = cls(**_table_values(cls, table, f"{name!r}.", hint))
         return out
     return parse
 
@@ -748,16 +753,7 @@ def _dkim_key(value: Any) -> DkimKey:
     if not isinstance(value, dict):
         raise _Invalid(f"expected a table with selector, key and algorithm, got "
                        f"{_short(value)}")
-    known = {f.name: f for f in fields(DkimKey)}
-    values = {}
-    for key, raw in value.items():
-        if key not in known:
-            raise _Invalid(f"{key}: unknown key; known keys are {', '.join(sorted(known))}")
-        try:
-            values[key] = known[key].metadata["parse"](raw)
-        except _Invalid as exc:
-            raise _Invalid(f"{key}: {exc}") from None
-    return DkimKey(**values)
+    return DkimKey(**_table_values(DkimKey, value, ""))
 
 
 @dataclass(frozen=True)
@@ -877,6 +873,15 @@ def describe_ssl(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
 
 
+def _ca_problem(path: str) -> str | None:
+    """Why ``path`` does not load as PEM CA certificates (a TLS client's trust store)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return f"cannot load {path!r} as CA certificates (PEM): {describe_ssl(exc)}"
+    return None
+
+
 def _check_consistency(cfg: Config, path: str) -> None:
     smtp = cfg.smtp
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
@@ -886,13 +891,8 @@ def _check_consistency(cfg: Config, path: str) -> None:
         value = getattr(smtp, key)
         if value and not os.path.isfile(value):
             raise ConfigError(path, f"[smtp] {key}", f"file {value!r} does not exist")
-    if cfg.delivery.tls_ca_file:
-        try:
-            ssl.create_default_context(cafile=cfg.delivery.tls_ca_file)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(path, "[delivery] tls_ca_file",
-                              f"cannot load {cfg.delivery.tls_ca_file!r} as PEM CA "
-                              f"certificates: {describe_ssl(exc)}") from None
+    if cfg.delivery.tls_ca_file and (problem := _ca_problem(cfg.delivery.tls_ca_file)):
+        raise ConfigError(path, "[delivery] tls_ca_file", problem)
     if smtp.reserved_connections is not None and (
             smtp.reserved_connections >= smtp.max_connections):
         raise ConfigError(path, "[smtp] reserved_connections",
@@ -979,12 +979,8 @@ def _check_etcd(cluster: ClusterConfig, raw: Any, path: str) -> None:
 def _check_etcd_tls_files(cluster: ClusterConfig, path: str) -> None:
     """What gRPC would load at start (it says why only on stderr, and exits as if etcd were
     down): a CA that holds no certificate, a key that is not the certificate's."""
-    try:
-        if cluster.etcd_ca:
-            ssl.create_default_context(cafile=cluster.etcd_ca)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(path, "[cluster] etcd_ca", f"cannot load {cluster.etcd_ca!r} as CA "
-                          f"certificates: {describe_ssl(exc)}") from None
+    if cluster.etcd_ca and (problem := _ca_problem(cluster.etcd_ca)):
+        raise ConfigError(path, "[cluster] etcd_ca", problem)
     try:
         if cluster.etcd_cert:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cluster.etcd_cert,
