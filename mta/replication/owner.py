@@ -485,10 +485,11 @@ class ShardReplica:
         """Forget the sizes of segments every follower has acked past (and keep a bounded
         number whatever happens: an older one then counts 0 in the lag)."""
         acked = self.replica.lagging()
-        low = min((acked.get(p, NOTHING)[0] for p in self.streams), default=newest)
-        for seq in [q for q in self.sizes if q < low or q <= newest - _SIZES_KEPT]:
+        # The slowest follower's position (none streamed to: the end, in segment ``newest``).
+        slowest = min((acked.get(p, NOTHING) for p in self.streams), default=self.end)
+        for seq in [q for q in self.sizes if q < slowest[0] or q <= newest - _SIZES_KEPT]:
             del self.sizes[seq]
-        self.marks.prune(min((acked.get(p, NOTHING) for p in self.streams), default=self.end))
+        self.marks.prune(slowest)
 
     def lag(self) -> dict[str, int]:
         """Per follower streamed to: bytes of the log it has not acked (:func:`lag_bytes`)."""
