@@ -16,7 +16,8 @@ def node_config(spool: Path, /, **sections: dict[str, Any]) -> dict[str, Any]:
         "spool": {"path": str(spool), "shards": 4},
         "admin": {"listen": "127.0.0.1:0", "token": "t0ken"},
         # Ingress and spool tests keep what they submit; delivery tests turn this on.
-        "delivery": {"enabled": False, "accounting_log": str(spool.parent / "accounting.jsonl")},
+        "delivery": {"enabled": False, "accounting_log": str(spool.parent / "accounting.jsonl"),
+                     "mta_sts_cache": str(spool.parent / f"{spool.name}.mta-sts.json")},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -16,8 +16,11 @@ import dns.rrset
 class DNSServer:
     """Authoritative answers from ``zone`` over real UDP on 127.0.0.1.
 
-    zone: name -> "NXDOMAIN" | "SERVFAIL" | {"MX": [(pref, host)], "A": [ip], "AAAA": [ip]}
-    An entry may carry "TTL": seconds for its answers (default ``ttl``). With
+    zone: name -> "NXDOMAIN" | "SERVFAIL" | {"MX": [(pref, host)], "A": [ip], "AAAA": [ip],
+    "TXT": ['"text" "more"'], "TLSA": ["3 1 1 <hex>"]} (values in presentation format)
+    An entry may carry "TTL": seconds for its answers (default ``ttl``) and "SECURE": True
+    (its answers, empty ones too, carry the AD bit, as a validating resolver sets it for
+    DNSSEC-validated data). With
     ``negative_ttl`` set, NXDOMAIN and empty answers carry an SOA whose TTL and MINIMUM are
     that (RFC 2308: how long the "no" may be cached); without it, no SOA.
     """
@@ -49,6 +52,8 @@ class DNSServer:
         elif entry == "SERVFAIL":
             resp.set_rcode(dns.rcode.SERVFAIL)
         else:
+            if entry.get("SECURE"):
+                resp.flags |= dns.flags.AD
             values = entry.get(rtype, [])
             if values:
                 texts = [f"{p} {h}." if h != "." else f"{p} ." for p, h in values] \

@@ -534,8 +534,21 @@ class DeliveryConfig:
     max_inflight: int = _opt(_positive_int, 1000)
     rate: float | None = _opt(_optional_rate, None)
     tls: str = _opt(_choice(*_TLS_MODES), "opportunistic")
-    # The CA bundle a "verify" certificate must chain to; empty: the system's trust store.
+    # The CA bundle a "verify" certificate (and an MTA-STS policy server's) must chain to;
+    # empty: the system's trust store.
     tls_ca_file: str = _opt(_path, "")
+    # MTA-STS (RFC 8461): domains that publish a policy get mail only over verified TLS to
+    # the MX hosts it names (mode enforce); policies are cached for their max_age, in
+    # mta_sts_cache across restarts. mta_sts_port: where policies are fetched (443).
+    mta_sts: bool = _opt(_boolean, True)
+    mta_sts_cache: str = _opt(_path, "./var/lib/mta-sts.json")
+    mta_sts_port: int = _opt(_port, 443)
+    mta_sts_timeout: float = _opt(parse_duration, 10.0)
+    # DANE (RFC 7672): MX hosts with DNSSEC-validated TLSA records get mail only over TLS
+    # that the records authenticate. Trusts the AD bit of the nameservers' answers, so they
+    # must validate DNSSEC and be reached over a path this node trusts (e.g. unbound on
+    # loopback).
+    dane: bool = _opt(_boolean, False)
     connect_timeout: float = _opt(parse_duration, 30.0)
     command_timeout: float = _opt(parse_duration, 300.0)
     data_timeout: float = _opt(parse_duration, 600.0)

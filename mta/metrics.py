@@ -87,6 +87,16 @@ class NodeMetrics:
             "Transactions deferred because the connection did not meet the TLS policy "
             "(required: no TLS; verify: no verified certificate)",
             ["policy"], registry=r)
+        self.outbound_mta_sts = Counter(
+            "mta_outbound_mta_sts_transactions",
+            "Transactions to domains with an MTA-STS policy, by mode and result: ok (a "
+            "matching MX host, a verified certificate), failed (enforce: deferred; testing: "
+            "sent, and logged as delivery.mta_sts_testing_failure)",
+            ["mode", "result"], registry=r)
+        self.mta_sts_fetches = Counter(
+            "mta_mta_sts_policy_fetches",
+            "MTA-STS policy fetches over HTTPS, by result (fetched, failed)",
+            ["result"], registry=r)
         self.stalled_commands = Counter(
             "mta_outbound_stalled_commands",
             "Outbound commands unanswered for stall_timeout (their connection stopped "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from mta.config import Config
+from mta.config import Config, DeliveryConfig
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.breaker import Breaker
 from mta.delivery.errors import (
@@ -34,8 +34,10 @@ from mta.delivery.loops import LoopGuard
 from mta.delivery.outcomes import Outcome, Verdict
 from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.runtime import RuntimeIndex
-from mta.delivery.site import Job, RecipientResult, Site
+from mta.delivery.site import Job, RecipientResult, Site, tls_policy
+from mta.delivery.stspolicies import StsPolicies, StsSettings, StsStore
 from mta.delivery.throttle import Throttle
+from mta.envelope import domain_key
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.spool import StoredMessage
@@ -88,8 +90,20 @@ class Dispatcher:
         # route_cache_size): what to retry at once when that site is resumed.
         self._held_by_site: OrderedDict[str, Route] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
+        self.sts = StsPolicies(StsStore(cfg.delivery.mta_sts_cache), _sts_settings(self.dcfg),
+                               lambda: self.router.resolver,
+                               self._addresses,
+                               metrics, size=10 * cfg.delivery.route_cache_size,
+                               node_id=self.node_id)
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    async def _addresses(self, name: str) -> list[str]:
+        return await self.router.addresses(name)  # the router of the day (reload replaces it)
+
+    async def open(self) -> None:
+        """Load what must be known before the first delivery (cached MTA-STS policies)."""
+        await self.sts.open()
 
     def start(self) -> None:
         """Start reaping idle sites."""
@@ -104,6 +118,7 @@ class Dispatcher:
         """Close every site: queued jobs fail, connections are closed."""
         for site in self.sites.values():
             await site.close()
+        await self.sts.close()
 
     def drop(self, match: Callable[[Job], bool]) -> int:
         """Fail at once, unsent, the queued jobs ``match`` selects; returns how many."""
@@ -161,6 +176,7 @@ class Dispatcher:
         and smarthosts; sites keep their open connections."""
         self.dcfg = cfg.delivery
         self.router = Router(cfg.delivery)
+        self.sts.reconfigure(_sts_settings(cfg.delivery))
         self._domain_throttles.clear()
         for site in self.sites.values():
             site.limits = site_limits(self.dcfg, site.route, self.helo)
@@ -215,6 +231,21 @@ class Dispatcher:
             return _every(idx, Verdict.BOUNCED, RecipientResult(
                 554, f"5.4.6 mail for {domain} loops back to myself"))
         route = outside
+        sts = None
+        if route.mx and self.dcfg.mta_sts:
+            sts = await self.sts.policy(domain_key(domain))
+            if sts is not None and sts.mode == "none":
+                sts = None
+            if sts is not None and sts.mode == "enforce":
+                # RFC 8461 4.1: only MX hosts the policy names; none left is a temporary
+                # failure, never a delivery elsewhere.
+                kept = route.only(sts.matches)
+                if kept is None:
+                    self.metrics.outbound_mta_sts.labels("enforce", "failed").inc()
+                    return _every(idx, Verdict.DEFERRED, RecipientResult(
+                        451, f"4.7.5 No MX host of {domain} matches its MTA-STS policy "
+                             f"(mx: {', '.join(sts.mx)[:200]})"))
+                route = kept
         site = self._site_for(route)
         self._note_site_of(domain, route.site)
         if site.held_by is not None:
@@ -230,8 +261,10 @@ class Dispatcher:
                 return self._held(domain, None, hold, idx)  # suspended while it waited
             policy = policy_for(domain, self.dcfg.domains)
             tls = policy.tls if policy and policy.tls else self.dcfg.tls
+            if sts is not None and sts.mode == "enforce":
+                tls = tls_policy(tls, "verify")
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
-                      stored.body, env.smtputf8, env.body_8bit, tls=tls)
+                      stored.body, env.smtputf8, env.body_8bit, tls=tls, sts=sts)
             return await self._deliver_job(site, job, idx)
 
     def _held(self, domain: str, route: Route | None, key: str, idx: list[int]
@@ -354,3 +387,7 @@ class Dispatcher:
             if idle >= limit:
                 gone.add(key)
         return gone
+
+
+def _sts_settings(dcfg: DeliveryConfig) -> StsSettings:
+    return StsSettings(dcfg.mta_sts_port, dcfg.mta_sts_timeout, dcfg.tls_ca_file)

@@ -75,6 +75,7 @@ class DeliveryEngine:
 
     async def start(self) -> None:
         """Follow the cluster's runtime settings, start scheduling and reaping."""
+        await self.dispatcher.open()
         self.dispatcher.apply_runtime(self.coordinator.runtime())
         self.coordinator.watch_runtime(self._on_runtime)
         self.queue.start()

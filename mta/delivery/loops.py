@@ -114,7 +114,7 @@ class LoopGuard:
                         log.warning("delivery.loop_detected", node_id=self._node_id,
                                     site=route.site, host=host, port=port, ours=lst.node,
                                     kept=n)
-                        return Route(route.site, route.hosts[:n]) if n else None
+                        return Route(route.site, route.hosts[:n], route.mx) if n else None
         return route
 
     # --- our listeners ---------------------------------------------------------------------

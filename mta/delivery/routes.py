@@ -16,18 +16,20 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
 from mta.config import DeliveryConfig, DomainPolicy
+from mta.delivery.dane import Tlsa, usable
 from mta.delivery.errors import DeliveryError, PermanentError, TemporaryError
 from mta.envelope import domain_key
 
@@ -38,10 +40,35 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Route:
-    """Ordered (address, port, mx name) candidates for one site."""
+    """Ordered (address, port, mx name) candidates for one site; ``mx``: found through DNS
+    (MX records, or the domain as its implicit MX), which is when MTA-STS and DANE apply
+    (not to a smarthost or an address literal)."""
 
     site: str
     hosts: tuple[tuple[str, int, str], ...]
+    mx: bool = False
+    # DANE (RFC 7672): MX host -> its usable TLSA records, for hosts with a DNSSEC-validated
+    # TLSA RRset; an empty tuple: TLSA present but none usable (TLS mandatory, not
+    # authenticated).
+    dane: tuple[tuple[str, tuple[Tlsa, ...]], ...] = ()
+
+    def tlsa(self, host: str) -> tuple[Tlsa, ...] | None:
+        """``host``'s usable TLSA records, () if it must use TLS unauthenticated, None if
+        DANE does not apply to it."""
+        for name, records in self.dane:
+            if name == host:
+                return records
+        return None
+
+    def only(self, keep: Callable[[str], bool]) -> Route | None:
+        """This route with only the hosts whose name ``keep`` accepts (its own site key if
+        some went), or None if none is left."""
+        hosts = tuple(h for h in self.hosts if keep(h[2]))
+        if len(hosts) == len(self.hosts):
+            return self
+        if not hosts:
+            return None
+        return Route(",".join(sorted({h[2] for h in hosts})), hosts, self.mx, self.dane)
 
 
 def wildcard_match(name: str, table: Mapping[str, T]) -> tuple[int, T] | None:
@@ -105,6 +132,11 @@ def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
                default=_NEGATIVE_TTL_DEFAULT)
 
 
+def _secure(response: dns.message.Message | None) -> bool:
+    """Did the (validating) resolver set AD: is this answer DNSSEC-validated?"""
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
 def _remaining(answer: dns.resolver.Answer) -> float:
     """Seconds ``answer`` is still valid (dnspython's expiration is wall-clock)."""
     return answer.expiration - time.time()
@@ -147,6 +179,10 @@ class Router:
                                for host, port in cfg.nameservers]
         res.lifetime = timeout
         res.timeout = min(timeout, 3.0)
+        if cfg.dane:
+            # DNSSEC OK: a validating resolver sets AD on the answers it validated, which is
+            # all DANE trusts (the resolver must be one this node trusts, e.g. on loopback).
+            res.use_edns(0, dns.flags.DO, 1232)
         # The answers beneath the routes: the MX hosts of a big provider serve many domains,
         # and their addresses are looked up once per TTL, not once per domain.
         self._answers = _ClampedCache(cfg.route_cache_size, cfg.route_ttl_min, cfg.route_ttl_max)
@@ -200,6 +236,15 @@ class Router:
             raise found.with_traceback(None)
         return found
 
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The resolver routes are looked up with (the configured nameservers, the cache)."""
+        return self._resolver
+
+    async def addresses(self, name: str) -> list[str]:
+        """The A and AAAA addresses of ``name`` (empty if none or the lookup failed)."""
+        return (await self._lookup_addresses(name))[0]
+
     def prune(self) -> int:
         """Drop expired routes and DNS answers (a domain mailed once must not stay for ever
         in a table sized for the busy ones); returns how many routes went."""
@@ -217,6 +262,7 @@ class Router:
         try:
             answer = await self._resolver.resolve(domain, "MX")
             ttl = _remaining(answer)
+            secure = _secure(answer.response)
             mxs = sorted(((r.preference, r.exchange.to_text(omit_final_dot=True).lower())
                           for r in answer), key=lambda m: (m[0], random.random()))
         except dns.resolver.NXDOMAIN as exc:
@@ -224,6 +270,7 @@ class Router:
                     _nxdomain_ttl(exc))
         except dns.resolver.NoAnswer as exc:
             ttl = _negative_ttl(exc.response())
+            secure = _secure(exc.response())
             mxs = []  # RFC 5321 5.1: no MX, the domain itself is the implicit MX
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
             # SERVFAIL or silence: retried, so trusted only for the shortest time.
@@ -236,26 +283,52 @@ class Router:
         if len(mxs) == 1 and mxs[0][1] in ("", "."):
             return PermanentError(556, f"5.1.10 Domain {domain} accepts no mail (null MX)"), ttl
         names = [name for _, name in mxs] or [domain]
-        hosts: list[tuple[str, int, str]] = []
-        for name in names:
-            addrs, addr_ttl = await self._addresses(name)
-            ttl = min(ttl, addr_ttl)
-            for addr in addrs:
-                hosts.append((addr, self.cfg.mx_port, name))
-        if not hosts:
+        hosts, host_ttl = await self._hosts(names, secure)
+        ttl = min(ttl, host_ttl)
+        if isinstance(hosts, str):
+            return TemporaryError(451, f"4.7.5 DANE: TLSA lookup failed for every MX host of "
+                                       f"{domain} ({hosts[:300]})"), 0.0
+        if not hosts.hosts:
             if not mxs:
                 return PermanentError(550, f"5.1.2 Domain {domain} has no MX and no address"
                                       ), ttl
             return TemporaryError(451, f"4.4.3 No address found for the MX hosts of {domain}"
                                   ), ttl
-        site = ",".join(sorted(set(names)))
-        return Route(site, tuple(hosts)), ttl
+        return hosts, ttl
 
-    async def _addresses(self, name: str) -> tuple[list[str], float]:
-        """The addresses of ``name`` and the shortest TTL among the answers (negative ones
-        too: an address added later is seen once the "none" has expired)."""
+    async def _hosts(self, names: list[str], secure: bool) -> tuple[Route | str, float]:
+        """The route through MX hosts ``names`` (their addresses, and their TLSA records
+        when DANE is on and the MX answer was ``secure``), and how long it holds; why, if
+        every host was left out for a failed TLSA lookup."""
+        hosts: list[tuple[str, int, str]] = []
+        dane: list[tuple[str, tuple[Tlsa, ...]]] = []
+        failed: dict[str, str] = {}  # hosts left out: their TLSA lookup failed (and why)
+        ttl = float("inf")
+        for name in names:
+            addrs, addr_ttl, addr_secure = await self._lookup_addresses(name)
+            ttl = min(ttl, addr_ttl)
+            if addrs and self.cfg.dane and secure and addr_secure:
+                records, tlsa_ttl = await self._tlsa(name, self.cfg.mx_port)
+                ttl = min(ttl, tlsa_ttl)
+                if isinstance(records, str):
+                    # RFC 7672 2.2: a host whose TLSA lookup failed is not used.
+                    failed[name] = records
+                    continue
+                if records is not None:
+                    dane.append((name, records))
+            hosts.extend((addr, self.cfg.mx_port, name) for addr in addrs)
+        if not hosts and failed:
+            return "; ".join(f"{n}: {why}" for n, why in failed.items()), 0.0
+        site = ",".join(sorted(set(names) - set(failed)))
+        return Route(site, tuple(hosts), mx=True, dane=tuple(dane)), ttl
+
+    async def _lookup_addresses(self, name: str) -> tuple[list[str], float, bool]:
+        """The addresses of ``name``, the shortest TTL among the answers (negative ones
+        too: an address added later is seen once the "none" has expired), and whether every
+        answer was DNSSEC-validated."""
         out: list[str] = []
         ttl = float("inf")
+        secure = True
         for rtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rtype)
@@ -264,10 +337,30 @@ class Router:
                 continue
             except dns.resolver.NoAnswer as exc:
                 ttl = min(ttl, _negative_ttl(exc.response()))
+                secure = secure and _secure(exc.response())
                 continue
             except dns.exception.DNSException:
                 ttl = 0.0  # SERVFAIL, timeout, bad name: no address of this type for now
+                secure = False
                 continue
             ttl = min(ttl, _remaining(answer))
+            secure = secure and _secure(answer.response)
             out.extend(r.to_text() for r in answer)
-        return out, ttl
+        return out, ttl, secure
+
+    async def _tlsa(self, name: str, port: int
+                    ) -> tuple[tuple[Tlsa, ...] | str | None, float]:
+        """``name``'s usable TLSA records (() if some exist but none is usable), None if it
+        has no validated TLSA RRset, or why the lookup failed; and how long that holds."""
+        try:
+            answer = await self._resolver.resolve(f"_{port}._tcp.{name}", "TLSA")
+        except dns.resolver.NXDOMAIN as exc:
+            return None, _nxdomain_ttl(exc)
+        except dns.resolver.NoAnswer as exc:
+            return None, _negative_ttl(exc.response())
+        except dns.exception.DNSException as exc:
+            return f"{type(exc).__name__}", 0.0
+        if not _secure(answer.response):
+            return None, _remaining(answer)  # not validated: as if there were none
+        records = usable(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer)
+        return records, _remaining(answer)

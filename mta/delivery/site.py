@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import heapq
@@ -18,7 +19,9 @@ import structlog
 from aiosmtplib.email import quote_address
 
 from mta.delivery.breaker import Breaker
+from mta.delivery.dane import DaneError, Tlsa, authenticate
 from mta.delivery.errors import DeliveryError, NotOwnerError, SuspendedError, TemporaryError
+from mta.delivery.mtasts import StsPolicy
 from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
 from mta.logs import describe
@@ -107,6 +110,10 @@ class Job:
     # transaction: a site's connections are shared by every domain on its MX set, and must
     # not decide TLS for all of them from the first.
     tls: str = "opportunistic"
+    # The domain's MTA-STS policy (enforce or testing), if it has one: enforce made ``tls``
+    # "verify" and left only matching MX hosts in the route; both are checked and counted
+    # per transaction, testing failures logged.
+    sts: StsPolicy | None = None
     future: asyncio.Future[list[RecipientResult]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -229,8 +236,9 @@ class _ReplyWatch:
 @dataclass(slots=True)
 class TlsState:
     """How a connection is protected: ``verified`` (the certificate chains to the trust store
-    and names the host), ``unverified`` (TLS, any certificate: ``why`` it did not verify, if
-    that was tried) or ``none`` (clear text); the protocol and cipher for the records."""
+    and names the host), ``dane-ee`` / ``dane-ta`` (authenticated by the host's TLSA
+    records), ``unverified`` (TLS, any certificate: ``why`` it did not verify, if that was
+    tried) or ``none`` (clear text); the protocol and cipher for the records."""
 
     state: str = "none"
     why: str = ""
@@ -240,6 +248,41 @@ class TlsState:
     def record(self) -> str:
         """``TLSv1.3 TLS_AES_256_GCM_SHA384 verified``; empty in clear text."""
         return "" if self.state == "none" else f"{self.version} {self.cipher} {self.state}"
+
+    @property
+    def authenticated(self) -> bool:
+        """Is the server the host it should be (PKIX or DANE)?"""
+        return self.state in _AUTHENTICATED
+
+
+_AUTHENTICATED = frozenset(("verified", "dane-ee", "dane-ta"))
+
+
+class _DaneFailure(Exception):
+    """The host has usable TLSA records and the connection did not meet them."""
+
+
+def _peer_chain(smtp: aiosmtplib.SMTP) -> list[bytes]:
+    """The certificates the server presented (DER, leaf first), unverified."""
+    obj = smtp.get_transport_info("ssl_object")
+    if obj is None:
+        return []
+    getter = getattr(obj, "get_unverified_chain", None)  # public from Python 3.13
+    if getter is None:
+        inner = getattr(obj, "_sslobj", None)
+        getter = getattr(inner, "get_unverified_chain", None)
+    chain = getter() if getter is not None else None
+    if not chain:
+        leaf = obj.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+
+
+def _dane_authenticate(smtp: aiosmtplib.SMTP, records: tuple[Tlsa, ...], name: str) -> str:
+    try:
+        return authenticate(_peer_chain(smtp), records, name)
+    except DaneError as exc:
+        raise _DaneFailure(str(exc)) from None
 
 
 def _tls_state(smtp: aiosmtplib.SMTP, state: str, why: str) -> TlsState:
@@ -573,23 +616,30 @@ class Site:
             smtp = aiosmtplib.SMTP(hostname=addr, port=port, local_hostname=self.limits.helo,
                                    timeout=self.limits.command_timeout, start_tls=False,
                                    validate_certs=False)
-            tls = TlsState()
             # Verification first (its outcome is what the records and the metrics report,
             # and what "verify" mail needs); a host whose certificate failed it recently gets
             # any certificate, never clear text.
             until, why = self._unverified.get(name, (0.0, ""))
             verify = time.monotonic() >= until
+            # DANE (RFC 7672): a host with validated TLSA records gets TLS or nothing, and
+            # usable records decide who it is (no PKIX check then). A site an operator set
+            # to tls = "disabled" is left as set.
+            dane = self.route.tlsa(name) if self.limits.tls != "disabled" else None
             try:
                 await asyncio.wait_for(smtp.connect(timeout=self.limits.connect_timeout),
                                        self.limits.connect_timeout + 1)
                 _keepalive(smtp, self.limits.keepalive)
                 await smtp.ehlo()
-                if self.limits.tls != "disabled" and smtp.supports_extension("starttls"):
-                    ctx = (_verifying_context(self.limits.tls_ca_file) if verify
-                           else _TLS_CONTEXT)
-                    await smtp.starttls(tls_context=ctx, server_hostname=name)
-                    tls = _tls_state(smtp, "verified" if verify else "unverified", why)
-                    await smtp.ehlo()
+                tls = await self._start_tls(smtp, name, dane, verify, why)
+            except _DaneFailure as exc:
+                await _quit(smtp)
+                hosts.pop(0)
+                self._policy_failure("dane")
+                log.warning("delivery.dane_failed", site=self.key, node_id=self.node_id,
+                            host=name, error=str(exc))
+                last = TemporaryError(451, f"4.7.5 DANE: {name} refused: {exc}", remote=name,
+                                      connection=True)
+                continue
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
                 hosts.pop(0)
@@ -619,6 +669,25 @@ class Site:
             return smtp, name, tls
         assert last is not None
         raise last
+
+    async def _start_tls(self, smtp: aiosmtplib.SMTP, name: str, dane: tuple[Tlsa, ...] | None,
+                         verify: bool, why: str) -> TlsState:
+        """STARTTLS if offered (and not disabled); how the connection is protected. Raises
+        _DaneFailure if ``dane`` records exist and the connection does not meet them."""
+        offered = smtp.supports_extension("starttls")
+        if dane is not None and not offered:
+            raise _DaneFailure("it does not offer STARTTLS")
+        if self.limits.tls == "disabled" or not offered:
+            return TlsState()
+        ctx = (_verifying_context(self.limits.tls_ca_file) if verify and not dane
+               else _TLS_CONTEXT)
+        await smtp.starttls(tls_context=ctx, server_hostname=name)
+        if dane:
+            tls = _tls_state(smtp, _dane_authenticate(smtp, dane, name), "")
+        else:
+            tls = _tls_state(smtp, "verified" if verify else "unverified", why)
+        await smtp.ehlo()
+        return tls
 
     async def _send(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, reused: bool = False,
                     tls: TlsState | None = None) -> list[RecipientResult]:
@@ -679,21 +748,43 @@ class Site:
         if job.body_8bit and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         policy = tls_policy(job.tls, self.limits.tls_policy)
+        if job.sts is not None:
+            self._sts_report(job, remote, tls)
+        by = " by its MTA-STS policy" if job.sts is not None and job.sts.mode == "enforce" \
+            else ""
         if policy != "opportunistic" and tls.state == "none":
             self._policy_failure(policy)
             return options, encoding, RecipientResult(
                 451, f"4.7.5 {remote} does not offer STARTTLS and TLS is required for "
-                     f"{job.domain}", remote)
-        if policy == "verify" and tls.state != "verified":
+                     f"{job.domain}{by}", remote)
+        if policy == "verify" and not tls.authenticated:
             # Never sent with a certificate that did not verify: deferred, and retried.
             self._policy_failure(policy)
             why = tls.why or "not checked"
             return options, encoding, RecipientResult(
                 451, f"4.7.5 TLS certificate of {remote} not verified ({why}) and "
-                     f"{job.domain} requires a verified one", remote)
+                     f"{job.domain} requires a verified one{by}", remote)
         if (why := _unsendable(job.sender, encoding)) is not None:
             return options, encoding, _bad_sender(why)
         return options, encoding, None
+
+    def _sts_report(self, job: Job, remote: str, tls: TlsState) -> None:
+        """Count the transaction against the domain's MTA-STS policy; in testing mode, log
+        what enforce would have refused (the mail goes all the same)."""
+        assert job.sts is not None
+        problem = ""
+        if not job.sts.matches(remote):
+            problem = f"MX host {remote} is not in the policy"
+        elif not tls.authenticated:
+            problem = ("no TLS" if tls.state == "none"
+                       else f"certificate not verified ({tls.why or 'not checked'})")
+        if self._metrics is not None:
+            self._metrics.outbound_mta_sts.labels(job.sts.mode,
+                                                  "failed" if problem else "ok").inc()
+        if problem and job.sts.mode == "testing":
+            log.warning("delivery.mta_sts_testing_failure", message_id=job.message_id,
+                        domain=job.domain, node_id=self.node_id, remote=remote,
+                        policy_id=job.sts.id, problem=problem)
 
     def _policy_failure(self, policy: str) -> None:
         if self._metrics is not None:

@@ -6,7 +6,6 @@ CA (trustme): a good one, one for another name, an expired one."""
 
 from __future__ import annotations
 
-import datetime
 import ssl
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,8 @@ import pytest
 import trustme
 
 from harness.sink import Sink
+from tests.support.certs import server_context
 from tests.support.world import World
-
-NOW = datetime.datetime.now(datetime.UTC)
-
-
-def server_context(ca: trustme.CA, *names: str, expired: bool = False) -> ssl.SSLContext:
-    kw: dict[str, Any] = {}
-    if expired:
-        kw = {"not_before": NOW - datetime.timedelta(days=30),
-              "not_after": NOW - datetime.timedelta(days=1)}
-    cert = ca.issue_cert(*names, **kw)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    return ctx
 
 
 @pytest.fixture
