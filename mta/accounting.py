@@ -81,7 +81,7 @@ class AccountingLog:
     def reception(self, message_id: str, envelope: Envelope, size: int) -> bytes | None:
         return self._line("Reception", message_id, {
             "sender": envelope.sender, "recipients": envelope.recipients, "size": size,
-            "client_ip": envelope.client_ip})
+            "client_ip": envelope.client_ip, **envelope.labels()})
 
     # --- SideFile (the spool's writer thread) and SideCheck (recovery) --------------------
 

@@ -799,6 +799,82 @@ class DkimConfig:
     domains: dict[str, DkimDomain] = _opt(_dkim_domains, dict)  # noqa: RUF009
 
 
+# A tenant or campaign name: what a header or the users file may carry, and what the
+# accounting records, the admin API and metrics labels show.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _header_name(value: Any) -> str:
+    value = _string(value)
+    if value and not re.fullmatch(r"[!-9;-~]{1,76}", value):
+        raise _Invalid(f"expected a header field name (or empty: off), got {value!r}")
+    return value
+
+
+def _weight(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise _Invalid(f"expected a weight 1-1000, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """``[tenants."<name>"]``: one sender's share of the node (its weight against other
+    tenants' backlogs) and its throttle, cluster-wide."""
+
+    weight: int = _opt(_weight, 1)
+    rate: float | None = _opt(_optional_rate, None)
+
+
+def _tenant_policies(value: Any) -> dict[str, TenantPolicy]:
+    # [tenants] names = { acme = { ... } }: the same as [tenants."acme"] tables.
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected tables like [tenants.\"acme\"], got {value!r}")
+    out = {}
+    for name, table in value.items():
+        if not TENANT_NAME.fullmatch(name):
+            raise _Invalid(f"{name[:80]!r}: a tenant name is 1-64 letters, digits, '.', '_' "
+                           "or '-', starting with a letter or digit")
+        if not isinstance(table, dict):
+            raise _Invalid(f"{name!r}: expected a table of settings")
+        out[name] = TenantPolicy(**_table_values(TenantPolicy, table, f"{name!r}."))
+    return out
+
+
+def _build_tenants(raw: Any, path: str) -> TenantsConfig:
+    """``[tenants]``: its own keys, and a ``[tenants."<name>"]`` table per tenant (errors
+    name that table)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "[tenants]", "expected a table")
+    names: dict[str, TenantPolicy] = {}
+    own_keys = {f.name for f in fields(TenantsConfig)}
+    for name, table in raw.items():
+        if not isinstance(table, dict) or name in own_keys:
+            continue
+        where = f'[tenants."{name[:80]}"]'
+        if not TENANT_NAME.fullmatch(name):
+            raise ConfigError(path, where, "a tenant name is 1-64 letters, digits, '.', '_' "
+                                           "or '-', starting with a letter or digit")
+        try:
+            names[name] = TenantPolicy(**_table_values(TenantPolicy, table, ""))
+        except _Invalid as exc:
+            raise ConfigError(path, where, str(exc)) from None
+    own = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in own_keys}
+    built = _build_section(TenantsConfig, own, path, "tenants")
+    return replace(built, names={**built.names, **names})
+
+
+@dataclass(frozen=True)
+class TenantsConfig:
+    """``[tenants]``: who a message is sent for (the tenant: the AUTH user's, from the users
+    file, else the ``header``) and its campaign (``campaign_header``); both headers are
+    removed at reception. ``[tenants."<name>"]`` tables set weights and throttles."""
+
+    header: str = _opt(_header_name, "X-MTA-Tenant")
+    campaign_header: str = _opt(_header_name, "X-MTA-Campaign")
+    names: dict[str, TenantPolicy] = _opt(_tenant_policies, dict)  # noqa: RUF009
+
+
 def _optional_address(value: Any) -> str:
     value = _string(value)
     if value and (value.count("@") != 1 or not value.rpartition("@")[2]):
@@ -839,6 +915,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     slo: SloConfig = field(default_factory=SloConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
     source: str = "<defaults>"
 
     @property
@@ -856,6 +933,7 @@ _SECTIONS: dict[str, type] = {
     "probe": ProbeConfig,
     "slo": SloConfig,
     "dkim": DkimConfig,
+    "tenants": TenantsConfig,
 }
 
 
@@ -1222,7 +1300,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
             )
     _expand_home(raw)
     sections = {
-        name: _build_section(cls, raw.get(name, {}), source, name)
+        # [tenants."acme"] tables sit beside [tenants]'s own keys.
+        name: _build_tenants(raw.get(name, {}), source) if name == "tenants"
+        else _build_section(cls, raw.get(name, {}), source, name)
         for name, cls in _SECTIONS.items()
     }
     cfg = Config(**sections, source=source)

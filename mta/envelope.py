@@ -108,9 +108,11 @@ class Envelope:
     helo: str = ""
     auth_user: str = ""
     received_at: float = field(default_factory=time.time)
+    tenant: str = ""  # who the message is sent for (see [tenants]); "" if nobody said
+    campaign: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "from": self.sender,
             "to": self.recipients,
             "utf8": self.smtputf8,
@@ -120,6 +122,17 @@ class Envelope:
             "user": self.auth_user,
             "at": self.received_at,
         }
+        if self.tenant:
+            d["tenant"] = self.tenant
+        if self.campaign:
+            d["campaign"] = self.campaign
+        return d
+
+    def labels(self) -> dict[str, str]:
+        """``tenant`` and ``campaign`` where set: what every accounting record carries."""
+        if not self.tenant and not self.campaign:
+            return {}
+        return {k: v for k, v in (("tenant", self.tenant), ("campaign", self.campaign)) if v}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Envelope:
@@ -132,6 +145,8 @@ class Envelope:
             helo=d.get("helo", ""),
             auth_user=d.get("user", ""),
             received_at=float(d.get("at", 0.0)),
+            tenant=str(d.get("tenant", "")),
+            campaign=str(d.get("campaign", "")),
         )
 
 

@@ -194,6 +194,7 @@ class Node:
             raise StartupError(f"{cfg.source}: [cluster] etcd: {exc}") from None
         ingress = self.ingress = IngressServer(cfg.smtp, self.spool, self.metrics, users, tls)
         ingress.signer = signer
+        ingress.tenants = cfg.tenants
         try:
             await ingress.start()
         except OSError as exc:
@@ -438,6 +439,7 @@ class Node:
         self.ingress.users = users
         self.ingress.tls = tls
         self.ingress.signer = signer
+        self.ingress.tenants = cfg.tenants
         if self.engine is not None:
             self.engine.reload(cfg)
         self.cfg = cfg

@@ -88,6 +88,8 @@ _REFUSALS = {
     "unsigned": (422, "DKIM signing is required and the message cannot be signed",
                  "send it From: a domain with a key in [dkim.domains]"),
     "sign_failed": (503, "DKIM signing failed", "retry later"),
+    "bad_label": (422, "bad tenant or campaign header", "use 1-64 letters, digits, '.', '_' "
+                                                        "or '-'"),
 }
 
 

@@ -116,7 +116,8 @@ class NodeFacade:
         mid, _size = await store_submission(self.spool, smtp.hostname, env, raw, "HTTP",
                                             max_hops=smtp.max_hops, metrics=self._metrics,
                                             via="http",
-                                            signer=ingress.signer if ingress else None)
+                                            signer=ingress.signer if ingress else None,
+                                            tenants=self._config().tenants)
         return mid
 
     async def probe(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
     held_by = (engine.held_by if engine is not None
                else RuntimeIndex(node.coordinator.runtime()).domain_hold)
     domains: dict[str, dict[str, Any]] = {}
+    labels: dict[tuple[str, str], dict[str, Any]] = {}
     total = 0
     oldest_all = now
     refs = engine.live_refs() if engine is not None else [
@@ -40,6 +41,16 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
         received = received_at_of(ref.id)
         oldest_all = min(oldest_all, received)
         due = engine.next_attempt(ref.id) if engine is not None else None
+        sending = due is None and engine is not None and engine.in_flight(ref.id)
+        if ref.labels is not None:
+            entry = labels.get(ref.labels)
+            if entry is None:
+                entry = labels[ref.labels] = {"tenant": ref.tenant, "campaign": ref.campaign,
+                                              "messages": 0, "in_flight": 0,
+                                              "oldest_age": now - received}
+            entry["messages"] += 1
+            entry["in_flight"] += sending
+            entry["oldest_age"] = max(entry["oldest_age"], now - received)
         for domain in ref.pending_domains():
             entry = domains.get(domain)
             if entry is None:
@@ -47,7 +58,7 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
                                            "next_attempt": None, "in_flight": 0}
             entry["messages"] += 1
             entry["oldest"] = min(entry["oldest"], received)
-            if due is None and engine is not None and engine.in_flight(ref.id):
+            if sending:
                 entry["in_flight"] += 1
             elif due is not None:
                 nxt = max(due, now)
@@ -81,14 +92,22 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
         "oldest_age": round(now - oldest_all, 1) if total else 0.0,
         "domains": sorted(domains.values(), key=lambda d: (-d["messages"], d["domain"])),
         "sites": sites,
+        # By (tenant, campaign), for mail that has either.
+        "tenants": _by_messages([{**e, "oldest_age": round(e["oldest_age"], 1)}
+                                 for e in labels.values()]),
     }
+
+
+def _by_messages(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(entries, key=lambda e: (-e["messages"], e["tenant"], e["campaign"]))
 
 
 def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
     """One queue summary from several nodes' summaries (counts add, ages take the worst)."""
     out: dict[str, Any] = {"nodes": [], "unreachable": [], "total": 0, "oldest_age": 0.0,
-                           "domains": [], "sites": []}
+                           "domains": [], "sites": [], "tenants": []}
     domains: dict[str, dict[str, Any]] = {}
+    labels: dict[tuple[str, str], dict[str, Any]] = {}
     sites: dict[str, dict[str, Any]] = {}
     for view in views:
         out["nodes"] += view["nodes"]
@@ -109,6 +128,14 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
             # A node that has not routed the domain yet cannot see a site suspension.
             cur["held_by"] = cur.get("held_by") or d.get("held_by")
             cur["suspended"] = cur["suspended"] or d["suspended"]
+        for t in view.get("tenants", ()):  # absent from a node older than tenants
+            cur = labels.get((t["tenant"], t["campaign"]))
+            if cur is None:
+                labels[(t["tenant"], t["campaign"])] = dict(t)
+                continue
+            cur["messages"] += t["messages"]
+            cur["in_flight"] += t["in_flight"]
+            cur["oldest_age"] = max(cur["oldest_age"], t["oldest_age"])
         for s in view["sites"]:
             cur = sites.get(s["site"])
             if cur is None:
@@ -125,6 +152,7 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
                 cur["breaker"] = s["breaker"] if cur["breaker"] == "closed" else cur["breaker"]
     out["domains"] = sorted(domains.values(), key=lambda d: (-d["messages"], d["domain"]))
     out["sites"] = [sites[k] for k in sorted(sites)]
+    out["tenants"] = _by_messages(list(labels.values()))
     return out
 
 
@@ -192,6 +220,8 @@ def message_view(node: NodeFacade, stored: StoredMessage, part: str | None = Non
         "in_flight": engine.in_flight(stored.id) if engine is not None else False,
         "last_reply": state.last_reply or None,
         "client_ip": env.client_ip,
+        "tenant": env.tenant,
+        "campaign": env.campaign,
         "helo": env.helo,
         "auth_user": env.auth_user or None,
         "headers": headers.decode("utf-8", "replace"),
@@ -216,6 +246,8 @@ class QueueFilter:
     newer_than: float | None = None
     state: str | None = None  # one of QUEUE_STATES
     next_before: float | None = None
+    tenant: str | None = None  # exactly ("" = mail with no tenant)
+    campaign: str | None = None
 
     def empty(self) -> bool:
         """No criterion at all: every message matches."""
@@ -226,7 +258,11 @@ class QueueFilter:
         return self.sender is not None or self.recipient is not None
 
     def matches_ref(self, node: NodeFacade, ref: MessageRef, now: float) -> bool:
-        """The criteria the index answers: domain, age, state, next attempt."""
+        """The criteria the index answers: tenant, campaign, domain, age, state, next
+        attempt."""
+        if (self.tenant is not None and ref.tenant != self.tenant) or (
+                self.campaign is not None and ref.campaign != self.campaign):
+            return False
         age = now - received_at_of(ref.id)
         if self.domain is not None and domain_key(self.domain) not in ref.pending_domains():
             return False
@@ -320,6 +356,7 @@ def _list_item(node: NodeFacade, ref: MessageRef, stored: StoredMessage, now: fl
         "in_flight": node.engine is not None and node.engine.in_flight(stored.id),
         "attempts": state.attempts, "next_attempt": _next_attempt(node, ref),
         "last_reply": state.last_reply or None,
+        "tenant": env.tenant, "campaign": env.campaign,
     }
 
 

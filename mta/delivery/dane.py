@@ -22,6 +22,11 @@ from cryptography.x509 import verification
 __all__ = ["DaneError", "Tlsa", "authenticate", "usable"]
 
 DANE_TA, DANE_EE = 2, 3
+# A chain longer than this is refused before anything is parsed, and at most this many
+# distinct anchors are tried: a hostile server's 150 self-issued CAs under one key would
+# otherwise be 150 path builds (seconds of CPU) per connection.
+MAX_CHAIN = 10
+MAX_ANCHORS = 4
 _DIGESTS = {1: hashlib.sha256, 2: hashlib.sha512}
 # The leaf's extensions are not held to the Web PKI's profile (a mail server's certificate
 # under a private DANE-TA anchor need not be a browser's); its subjectAltName must be there,
@@ -70,9 +75,22 @@ def _matches(record: Tlsa, cert: x509.Certificate, der: bytes) -> bool:
 def authenticate(chain: list[bytes], records: tuple[Tlsa, ...], host: str) -> str:
     """Check the presented ``chain`` (DER, leaf first) against usable ``records`` of MX host
     ``host``; returns how it was authenticated (``dane-ee`` or ``dane-ta``), raises DaneError
-    if no record authenticates it."""
+    if no record authenticates it (a certificate this library cannot read, an unsupported
+    key included: the server's chain is the attacker's to choose)."""
     if not chain:
         raise DaneError("the server presented no certificate")
+    if len(chain) > MAX_CHAIN:
+        raise DaneError(f"certificate chain of {len(chain)} certificates (at most "
+                        f"{MAX_CHAIN} are checked)")
+    try:
+        return _authenticate(chain, records, host)
+    except DaneError:
+        raise
+    except Exception as exc:
+        raise DaneError(f"certificate not usable: {type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _authenticate(chain: list[bytes], records: tuple[Tlsa, ...], host: str) -> str:
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:
@@ -80,23 +98,23 @@ def authenticate(chain: list[bytes], records: tuple[Tlsa, ...], host: str) -> st
     leaf = certs[0]
     if any(r.usage == DANE_EE and _matches(r, leaf, chain[0]) for r in records):
         return "dane-ee"
-    anchors = [(i, certs[i]) for i in range(len(certs)) for r in records
-               if r.usage == DANE_TA and _matches(r, certs[i], chain[i])]
+    ta_records = [r for r in records if r.usage == DANE_TA]
     # A full certificate in DNS (selector 0, exact match) anchors even if the server left it
-    # out of the chain.
-    for r in records:
-        if r.usage == DANE_TA and r.selector == 0 and r.mtype == 0:
+    # out of the chain; it comes first, as DNS (not the server) vouches for it.
+    anchors: list[tuple[int, x509.Certificate]] = []
+    for r in ta_records:
+        if r.selector == 0 and r.mtype == 0:
             try:
                 anchors.append((len(certs), x509.load_der_x509_certificate(r.data)))
             except ValueError:
                 continue
+    anchors += [(i, certs[i]) for i in range(1, len(certs))
+                if any(_matches(r, certs[i], chain[i]) for r in ta_records)]
     if not anchors:
         names = ", ".join(sorted({str(r) for r in records}))
         raise DaneError(f"no TLSA record ({names}) matches the certificate chain")
     why = ""
-    for i, anchor in anchors:
-        if i == 0:
-            continue  # a DANE-TA record naming the leaf itself anchors nothing above it
+    for i, anchor in anchors[:MAX_ANCHORS]:
         try:
             verifier = (verification.PolicyBuilder()
                         .store(verification.Store([anchor]))

@@ -72,6 +72,7 @@ class Dispatcher:
     def __init__(self, cfg: Config, coordinator: Coordinator, metrics: NodeMetrics,
                  permit: Callable[[str], bool]) -> None:
         self.dcfg = cfg.delivery
+        self.tenants = cfg.tenants
         self.node_id = cfg.node.id
         self.coordinator = coordinator
         self.metrics = metrics
@@ -176,6 +177,7 @@ class Dispatcher:
         and smarthosts; sites keep their open connections."""
         self.dcfg = cfg.delivery
         self.router = Router(cfg.delivery)
+        self.tenants = cfg.tenants
         self.sts.reconfigure(_sts_settings(cfg.delivery))
         self._domain_throttles.clear()
         for site in self.sites.values():
@@ -264,7 +266,8 @@ class Dispatcher:
             if sts is not None and sts.mode == "enforce":
                 tls = tls_policy(tls, "verify")
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
-                      stored.body, env.smtputf8, env.body_8bit, tls=tls, sts=sts)
+                      stored.body, env.smtputf8, env.body_8bit, tls=tls, sts=sts,
+                      tenant=env.tenant, dane=route.dane)
             return await self._deliver_job(site, job, idx)
 
     def _held(self, domain: str, route: Route | None, key: str, idx: list[int]
@@ -309,11 +312,15 @@ class Dispatcher:
         site = Site(route.site, route, site_limits(d, route, self.helo),
                     Breaker(d.breaker_failures, d.breaker_cooldown),
                     self.coordinator.rate_share, self.node_id,
-                    permit=self._permit, metrics=self.metrics)
+                    permit=self._permit, metrics=self.metrics, weight_of=self._weight)
         site.rate_override = self._runtime.site_rate(route)
         site.held_by = self._runtime.site_hold(route)
         self.sites[route.site] = site
         return site
+
+    def _weight(self, tenant: str) -> int:
+        policy = self.tenants.names.get(tenant)
+        return policy.weight if policy is not None else 1
 
     def _note_site_of(self, domain: str, key: str) -> None:
         self._site_of[domain] = key

@@ -9,6 +9,7 @@ round: handing mail to ourselves would accept it again, as a new message, for ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import socket
 import time
@@ -114,7 +115,8 @@ class LoopGuard:
                         log.warning("delivery.loop_detected", node_id=self._node_id,
                                     site=route.site, host=host, port=port, ours=lst.node,
                                     kept=n)
-                        return Route(route.site, route.hosts[:n], route.mx) if n else None
+                        return dataclasses.replace(route, hosts=route.hosts[:n]) if n \
+                            else None
         return route
 
     # --- our listeners ---------------------------------------------------------------------

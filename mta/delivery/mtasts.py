@@ -72,6 +72,8 @@ class StsPolicy:
             raise StsPolicyError(f"bad cached policy: {exc}") from None
         if policy.mode not in _MODES or not 0 <= policy.max_age <= MAX_AGE_LIMIT:
             raise StsPolicyError("bad cached policy: mode or max_age out of range")
+        if not 0 <= policy.fetched <= time.time() + 86_400:
+            raise StsPolicyError("bad cached policy: fetched in the future")
         return policy
 
 
@@ -103,8 +105,11 @@ def parse_txt(strings: list[bytes]) -> str:
 def is_sts_txt(strings: list[bytes]) -> bool:
     """Does this TXT record claim to be an MTA-STS record (begin with ``v=STSv1``)? Others
     at ``_mta-sts`` are ignored (RFC 8461 3.1)."""
-    head = b"".join(strings)[:8].replace(b" ", b"").replace(b"\t", b"")
-    return head.startswith(b"v=STSv1")
+    head = b"".join(strings)[:16].lstrip(b" \t")
+    if not head.startswith(b"v=STSv1"):
+        return False
+    rest = head[len(b"v=STSv1"):].lstrip(b" \t")
+    return not rest or rest.startswith(b";")  # "v=STSv10" is another version
 
 
 def parse_policy(text: str, ident: str = "", fetched: float = 0.0) -> StsPolicy:

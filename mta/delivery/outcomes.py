@@ -139,4 +139,4 @@ class OutcomeRecorder:
             extra["tls"] = result.tls  # "TLSv1.3 TLS_AES_256_GCM_SHA384 verified"
         return self.accounting.line(kind, mid, recipient=rcpt, sender=env.sender,
                                     site=result.remote, response=result.reply,
-                                    attempt=attempt, **extra)
+                                    attempt=attempt, **env.labels(), **extra)

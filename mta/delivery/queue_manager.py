@@ -27,6 +27,7 @@ from mta.delivery.dispatch import Dispatcher
 from mta.delivery.loops import received_count
 from mta.delivery.outcomes import BOUNCES, FINAL, Outcome, OutcomeRecorder, Verdict
 from mta.delivery.site import RecipientResult
+from mta.delivery.throttle import Throttle
 from mta.envelope import Envelope, domain_key, shard_of
 from mta.logs import describe
 from mta.queue import Scheduler
@@ -122,7 +123,10 @@ class QueueManager:
         self.dispatcher = dispatcher
         self.recorder = recorder
         self.scheduler = Scheduler(
-            self._on_due, can_dispatch=lambda: len(self._inflight) < self.dcfg.max_inflight)
+            self._on_due, can_dispatch=lambda: len(self._inflight) < self.dcfg.max_inflight,
+            tenant_of=self._tenant_of, weight_of=self._tenant_weight, gate=self._tenant_gate)
+        # tenant -> its throttle ([tenants."name"] rate x this node's share), made on use.
+        self._tenant_throttles: dict[str, Throttle] = {}
         self._shards: set[int] = set()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._bounces: dict[str, _BounceRequest] = {}
@@ -148,9 +152,34 @@ class QueueManager:
         await finish_or_cancel(list(self._inflight.values()), grace)
 
     def reload(self, cfg: Config) -> None:
-        """Retry, expiry and hop limits from a re-read config."""
+        """Retry, expiry and hop limits, tenants' weights and rates from a re-read config."""
         self.cfg = cfg
         self.dcfg = cfg.delivery
+        self._tenant_throttles = {t: thr for t, thr in self._tenant_throttles.items()
+                                  if t in cfg.tenants.names}
+        self.scheduler.wake()
+
+    # --- tenants: turns and throttles in the scheduler ------------------------------------
+
+    def _tenant_of(self, message_id: str) -> str:
+        ref = self.spool.live_ref(message_id)
+        return ref.tenant if ref is not None else ""
+
+    def _tenant_weight(self, tenant: str) -> int:
+        policy = self.cfg.tenants.names.get(tenant)
+        return policy.weight if policy is not None else 1
+
+    def _tenant_gate(self, tenant: str) -> float:
+        """0 (and the slot taken) if ``tenant``'s next message may start now; else how long
+        until it may. A tenant's rate is cluster-wide: this node sends its share of it."""
+        policy = self.cfg.tenants.names.get(tenant)
+        if policy is None or policy.rate is None:
+            return 0.0
+        throttle = self._tenant_throttles.get(tenant)
+        if throttle is None:
+            throttle = self._tenant_throttles[tenant] = Throttle(policy.rate)
+        throttle.rate = policy.rate * self.coordinator.rate_share()
+        return throttle.take()
 
     def fence(self) -> None:
         """Schedule nothing until unfence (attempts in flight stop at their next command)."""
@@ -385,7 +414,8 @@ class QueueManager:
         pending = [i for i in range(len(env.recipients)) if i not in settled]
         lines = list(unsaved.lines) + [
             self.recorder.accounting.line("AdminDelete", stored.id, recipient=env.recipients[i],
-                                          sender=env.sender, attempt=state.attempts)
+                                          sender=env.sender, attempt=state.attempts,
+                                          **env.labels())
             for i in pending]
         await self.spool.mark_done(stored.id, b"".join(lines))
         self._unsaved.pop(stored.id, None)

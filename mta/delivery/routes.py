@@ -68,7 +68,8 @@ class Route:
             return self
         if not hosts:
             return None
-        return Route(",".join(sorted({h[2] for h in hosts})), hosts, self.mx, self.dane)
+        return Route(",".join(sorted({h[2] for h in hosts})) + ("+dane" if self.dane else ""),
+                     hosts, self.mx, self.dane)
 
 
 def wildcard_match(name: str, table: Mapping[str, T]) -> tuple[int, T] | None:
@@ -320,6 +321,10 @@ class Router:
         if not hosts and failed:
             return "; ".join(f"{n}: {why}" for n, why in failed.items()), 0.0
         site = ",".join(sorted(set(names) - set(failed)))
+        if dane:
+            # Its own connections: never a pooled one opened for a route without DANE (an
+            # unsigned domain pointing at the same hosts), nor the other way round.
+            site += "+dane"
         return Route(site, tuple(hosts), mx=True, dane=tuple(dane)), ttl
 
     async def _lookup_addresses(self, name: str) -> tuple[list[str], float, bool]:

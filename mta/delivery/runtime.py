@@ -72,7 +72,7 @@ class RuntimeIndex:
     def site_rate(self, route: Route) -> float | None:
         """The runtime rate of the site ``route`` leads to: a bare key equal to its site key
         (it names exactly this site), else the most specific ``site:`` key."""
-        rate = self.domain_rates.get(route.site)
+        rate = self.domain_rates.get(route.site.removesuffix("+dane"))
         if rate is None and self.site_rates:
             rate = route_match(route, self.site_rates)
         return rate

@@ -110,6 +110,10 @@ class Job:
     # transaction: a site's connections are shared by every domain on its MX set, and must
     # not decide TLS for all of them from the first.
     tls: str = "opportunistic"
+    tenant: str = ""  # whose mail: tenants take turns in the site's ready queue
+    # DANE: the TLSA records of the route's MX hosts when the job was queued. Checked per
+    # transaction too: a connection opened for another route (a pooled one) must meet them.
+    dane: tuple[tuple[str, tuple[Tlsa, ...]], ...] = ()
     # The domain's MTA-STS policy (enforce or testing), if it has one: enforce made ``tls``
     # "verify" and left only matching MX hosts in the route; both are checked and counted
     # per transaction, testing failures logged.
@@ -165,38 +169,71 @@ def tls_policy(*policies: str) -> str:
 
 
 class ReadyQueue:
-    """A site's jobs, oldest message first (ids are time-ordered).
+    """A site's jobs: tenants take turns in proportion to their weights (stride scheduling),
+    and each tenant's jobs go oldest message first (ids are time-ordered).
 
     FIFO would put mail that waited longest (retries, and above all the backlog of a dead node
     this one just took over) behind everything that arrived since: after a failover its first
-    delivery would wait for the whole local queue to drain. Ties keep arrival order.
+    delivery would wait for the whole local queue to drain. Ties keep arrival order. Turns
+    keep one tenant's backlog from holding up another's mail at a shared site.
     """
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[str, int, Job]] = []
+    def __init__(self, weight_of: Callable[[str], int] = lambda _tenant: 1) -> None:
+        self._weight_of = weight_of
+        self._heaps: dict[str, list[tuple[str, int, Job]]] = {}
+        self._turns: list[tuple[float, int, str]] = []  # (pass, seq, tenant) per tenant waiting
+        self._passes: dict[str, float] = {}  # where an idle tenant's turns stopped
+        self._vtime = 0.0
         self._seq = itertools.count()
+        self._len = 0
 
     def append(self, job: Job) -> None:
-        heapq.heappush(self._heap, (job.message_id, next(self._seq), job))
+        heap = self._heaps.get(job.tenant)
+        if heap is None:
+            heap = self._heaps[job.tenant] = []
+            start = max(self._passes.pop(job.tenant, 0.0), self._vtime)
+            heapq.heappush(self._turns, (start, next(self._seq), job.tenant))
+        heapq.heappush(heap, (job.message_id, next(self._seq), job))
+        self._len += 1
 
     def popleft(self) -> Job:
-        return heapq.heappop(self._heap)[2]
+        pass_, seq, tenant = heapq.heappop(self._turns)
+        heap = self._heaps[tenant]
+        job = heapq.heappop(heap)[2]
+        self._len -= 1
+        self._vtime = pass_
+        following = pass_ + 1.0 / max(1, self._weight_of(tenant))
+        if heap:
+            heapq.heappush(self._turns, (following, seq, tenant))
+        else:
+            del self._heaps[tenant]
+            if len(self._passes) < 4096:  # more idle tenants than that restart at vtime
+                self._passes[tenant] = following
+        return job
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._len
 
     def __bool__(self) -> bool:
-        return bool(self._heap)
+        return self._len > 0
 
     def __iter__(self) -> Iterator[Job]:
-        return (entry[2] for entry in self._heap)
+        return (entry[2] for heap in self._heaps.values() for entry in heap)
 
     def remove_if(self, match: Callable[[Job], bool]) -> list[Job]:
         """Take out (and return) the jobs ``match`` selects; the others keep their order."""
-        taken = [entry[2] for entry in self._heap if match(entry[2])]
+        taken = [job for job in self if match(job)]
         if taken:
-            self._heap = [entry for entry in self._heap if not match(entry[2])]
-            heapq.heapify(self._heap)
+            for tenant, heap in list(self._heaps.items()):
+                kept = [entry for entry in heap if not match(entry[2])]
+                if kept:
+                    heapq.heapify(kept)
+                    self._heaps[tenant] = kept
+                else:
+                    del self._heaps[tenant]
+            self._turns = [turn for turn in self._turns if turn[2] in self._heaps]
+            heapq.heapify(self._turns)
+            self._len -= len(taken)
         return taken
 
 
@@ -278,9 +315,11 @@ def _peer_chain(smtp: aiosmtplib.SMTP) -> list[bytes]:
     return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
 
 
-def _dane_authenticate(smtp: aiosmtplib.SMTP, records: tuple[Tlsa, ...], name: str) -> str:
+async def _dane_authenticate(smtp: aiosmtplib.SMTP, records: tuple[Tlsa, ...],
+                             name: str) -> str:
+    # In a thread: a DANE-TA path build over a server-chosen chain is CPU work.
     try:
-        return authenticate(_peer_chain(smtp), records, name)
+        return await asyncio.to_thread(authenticate, _peer_chain(smtp), records, name)
     except DaneError as exc:
         raise _DaneFailure(str(exc)) from None
 
@@ -315,7 +354,8 @@ class Site:
     def __init__(self, key: str, route: Route, limits: SiteLimits, breaker: Breaker,
                  share: Callable[[], float], node_id: str,
                  permit: Callable[[str], bool] = lambda _mid: True,
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None,
+                 weight_of: Callable[[str], int] = lambda _tenant: 1) -> None:
         self.key = key
         self.route = route
         self.limits = limits
@@ -328,7 +368,7 @@ class Site:
         # The runtime key (``site:...``) an operator suspended this site with, or None: while
         # set, no job is queued here and no connection is opened for one.
         self.held_by: str | None = None
-        self.ready = ReadyQueue()
+        self.ready = ReadyQueue(weight_of)
         self.connections = 0
         self._workers: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event = asyncio.Event()
@@ -683,7 +723,7 @@ class Site:
                else _TLS_CONTEXT)
         await smtp.starttls(tls_context=ctx, server_hostname=name)
         if dane:
-            tls = _tls_state(smtp, _dane_authenticate(smtp, dane, name), "")
+            tls = _tls_state(smtp, await _dane_authenticate(smtp, dane, name), "")
         else:
             tls = _tls_state(smtp, "verified" if verify else "unverified", why)
         await smtp.ehlo()
@@ -752,6 +792,13 @@ class Site:
             self._sts_report(job, remote, tls)
         by = " by its MTA-STS policy" if job.sts is not None and job.sts.mode == "enforce" \
             else ""
+        for host, records in job.dane:
+            if host == remote and (tls.state == "none" or (
+                    records and tls.state not in ("dane-ee", "dane-ta"))):
+                self._policy_failure("dane")
+                return options, encoding, RecipientResult(
+                    451, f"4.7.5 DANE: {remote} has TLSA records and this connection is not "
+                         "authenticated by them", remote)
         if policy != "opportunistic" and tls.state == "none":
             self._policy_failure(policy)
             return options, encoding, RecipientResult(

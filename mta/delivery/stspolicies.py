@@ -110,6 +110,20 @@ class StsStore:
             os.close(dfd)
 
 
+async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first ``limit`` bytes if it is longer (``read(n)`` returns
+    what has arrived so far, not n bytes)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 class _Resolver(aiohttp.abc.AbstractResolver):
     """aiohttp's host lookups through the delivery resolver (the configured nameservers),
     not the system's: the policy host is found the way the MX hosts are."""
@@ -147,8 +161,9 @@ class StsPolicies:
         self.size = size
         self.node_id = node_id
         self._cache: OrderedDict[str, StsPolicy] = OrderedDict()
-        # (domain, TXT id) -> monotonic time before which a failed fetch is not retried.
-        self._failed: dict[tuple[str, str], float] = {}
+        # (domain, TXT id) -> monotonic time before which a failed fetch is not retried;
+        # oldest first, at most ``size``.
+        self._failed: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._fetching: dict[str, asyncio.Task[StsPolicy | None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._dirty = asyncio.Event()
@@ -203,6 +218,8 @@ class StsPolicies:
         ident = await self._txt_id(domain)
         if ident is None:
             return cached  # no record (or no answer): the cached policy still holds
+        if cached is not None:
+            self._cache.move_to_end(domain)  # least recently used goes first
         if cached is not None and cached.id == ident:
             if time.time() - cached.fetched > min(_REFRESH_AFTER, cached.max_age / 2):
                 self._start_fetch(domain, ident)  # refreshed while it stays in use
@@ -256,6 +273,9 @@ class StsPolicies:
             policy = await self.fetch(domain, ident)
         except StsFetchError as exc:
             self._failed[key] = time.monotonic() + _FETCH_RETRY
+            self._failed.move_to_end(key)
+            while len(self._failed) > self.size:
+                self._failed.popitem(last=False)
             self._count("failed")
             log.warning("delivery.mta_sts_fetch_failed", domain=domain, node_id=self.node_id,
                         policy_id=ident, error=str(exc))
@@ -273,9 +293,6 @@ class StsPolicies:
         self._cache.move_to_end(domain)
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        if len(self._failed) > self.size:
-            now = time.monotonic()
-            self._failed = {k: v for k, v in self._failed.items() if v > now}
         self._dirty.set()
 
     def _count(self, result: str) -> None:
@@ -297,7 +314,7 @@ class StsPolicies:
                 ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
                 if ctype != "text/plain":
                     raise StsFetchError(f"{url}: media type {ctype[:40]!r}, not text/plain")
-                body = await resp.content.read(MAX_POLICY_BYTES + 1)
+                body = await _read_at_most(resp.content, MAX_POLICY_BYTES + 1)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise StsFetchError(f"{url}: {describe(exc)}") from None
         if len(body) > MAX_POLICY_BYTES:

@@ -34,6 +34,19 @@ class Throttle:
         self._tat = tat + interval
         return wait
 
+    def take(self) -> float:
+        """Book a slot only if one is free now (returns 0); otherwise book nothing and return
+        the seconds until one is."""
+        if not self.rate:
+            return 0.0
+        interval = 1.0 / self.rate
+        now = self._clock()
+        wait = max(0.0, max(self._tat, now) - now - (self.burst - 1) * interval)
+        if wait > 0:
+            return wait
+        self._tat = max(self._tat, now) + interval
+        return 0.0
+
     async def acquire(self) -> None:
         wait = self.reserve()
         if wait > 0:

@@ -24,7 +24,9 @@ __all__ = ["UsersFile", "UsersFileError", "hash_password"]
 
 _LINE_RE = re.compile(
     r"^(?P<user>[^:\s]+):\$scrypt\$ln=(?P<ln>\d+),r=(?P<r>\d+),p=(?P<p>\d+)"
-    r"\$(?P<salt>[A-Za-z0-9+/=]+)\$(?P<hash>[A-Za-z0-9+/=]+)$"
+    r"\$(?P<salt>[A-Za-z0-9+/=]+)\$(?P<hash>[A-Za-z0-9+/=]+)"
+    # Optionally the tenant the user sends for (see [tenants]).
+    r"(?::(?P<tenant>[A-Za-z0-9][A-Za-z0-9._-]{0,63}))?$"
 )
 
 
@@ -60,8 +62,10 @@ class UsersFile:
 
     _CACHE_SIZE = 4096
 
-    def __init__(self, users: dict[str, _Hash], source: str = "") -> None:
+    def __init__(self, users: dict[str, _Hash], source: str = "",
+                 tenants: dict[str, str] | None = None) -> None:
         self._users = users
+        self._tenants = tenants or {}
         self.source = source
         self._key = os.urandom(32)
         self._ok: OrderedDict[bytes, None] = OrderedDict()
@@ -76,6 +80,7 @@ class UsersFile:
         except UnicodeDecodeError:
             raise UsersFileError(f"{path}: users file is not UTF-8 text") from None
         users: dict[str, _Hash] = {}
+        tenants: dict[str, str] = {}
         for lineno, raw_line in enumerate(lines, 1):
             line = raw_line.strip()
             if not line or line.startswith("#"):
@@ -84,6 +89,7 @@ class UsersFile:
             if not m:
                 raise UsersFileError(
                     f"{path}:{lineno}: expected 'user:$scrypt$ln=N,r=N,p=N$salt$hash' "
+                    "or the same and ':tenant' "
                     "(make one with 'mtactl passwd USER')"
                 )
             try:
@@ -91,13 +97,19 @@ class UsersFile:
                                          base64.b64decode(m["salt"]), base64.b64decode(m["hash"]))
             except ValueError:
                 raise UsersFileError(f"{path}:{lineno}: salt or hash is not base64") from None
-        return cls(users, path)
+            if m["tenant"]:
+                tenants[m["user"]] = m["tenant"]
+        return cls(users, path, tenants)
 
     def __len__(self) -> int:
         return len(self._users)
 
     def __contains__(self, user: object) -> bool:
         return user in self._users
+
+    def tenant_of(self, user: str) -> str:
+        """The tenant ``user`` sends for (the users file's third field), or ""."""
+        return self._tenants.get(user, "")
 
     def _cache_key(self, user: str, password: bytes) -> bytes:
         return hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()

@@ -34,6 +34,7 @@ _REFUSAL_REPLIES = {
     "unavailable": "451 4.3.0 Spool not available, try again later",
     "unsigned": "550 5.7.1 {}",
     "sign_failed": "451 4.7.0 DKIM signing failed, try again later",
+    "bad_label": "550 5.6.0 {}",
 }
 
 _EXTRA_EHLO = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES")
@@ -109,6 +110,8 @@ class IngressHandler:
             helo=session.host_name or "",
             auth_user=str(session.auth_data) if session.authenticated else "",
         )
+        if env.auth_user and srv.users is not None:
+            env.tenant = srv.users.tenant_of(env.auth_user)
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"
@@ -118,7 +121,7 @@ class IngressHandler:
         try:
             message_id, _size = await store_submission(
                 srv.spool, srv.cfg.hostname, env, raw, protocol, max_hops=srv.cfg.max_hops,
-                metrics=srv.metrics, via="smtp", signer=srv.signer)
+                metrics=srv.metrics, via="smtp", signer=srv.signer, tenants=srv.tenants)
         except SubmissionRefused as exc:  # counted and logged by store_submission
             return _REFUSAL_REPLIES[exc.kind].format(exc)
         return f"250 2.0.0 Ok: queued as {message_id}"

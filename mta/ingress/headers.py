@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import time
 
 from mta.text import escape_controls
 
-__all__ = ["prepare_content", "received_header"]
+__all__ = ["prepare_content", "received_header", "take_fields"]
 
 _NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 # An escape cut in two by the length limit: dropped rather than left half-written.
@@ -47,6 +48,52 @@ def _split_headers(content: bytes) -> tuple[int, set[bytes]]:
         names.add(m.group(1).lower())
         pos = line_end
     return pos, names
+
+
+@functools.lru_cache(maxsize=16)
+def _fields_re(names: tuple[str, ...]) -> re.Pattern[bytes]:
+    alternatives = b"|".join(re.escape(n.encode()) for n in names)
+    return re.compile(rb"(?im)^(?:" + alternatives + rb")[ \t]*:")
+
+
+def take_fields(content: bytes, names: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
+    """``content`` without the header fields ``names`` (every occurrence, continuation lines
+    too; names compared ignoring case), and the first value found of each, unfolded and
+    stripped, keyed by the lower-case name. Mail without them is returned as it is."""
+    names = tuple(n for n in names if n)
+    blank = content.find(b"\r\n\r\n")
+    if not names or not _fields_re(names).search(content, 0, blank if blank >= 0 else
+                                                  len(content)):
+        return content, {}  # the common case: one search of the header section
+    wanted = {n.lower().encode() for n in names}
+    end, _ = _split_headers(content)
+    kept: list[bytes] = []
+    found: dict[str, bytearray] = {}
+    taking: bytearray | None = None  # the value being read (None: dropping a repeat)
+    dropping = False
+    pos = 0
+    while pos < end:
+        eol = content.find(b"\r\n", pos)
+        line_end = end if eol < 0 or eol + 2 > end else eol + 2
+        line = content[pos:line_end]
+        pos = line_end
+        if line[:1] in (b" ", b"\t"):
+            if dropping:
+                if taking is not None:
+                    taking += b" " + line.strip()
+                continue
+            kept.append(line)
+            continue
+        m = _NAME_RE.match(line)
+        name = m.group(1).lower() if m is not None else b""
+        dropping = name in wanted
+        taking = None
+        if dropping and name.decode() not in found:
+            taking = found[name.decode()] = bytearray(line[m.end():].strip())  # type: ignore[union-attr]
+        elif not dropping:
+            kept.append(line)
+    values = {k: bytes(v).decode("utf-8", "replace").strip() for k, v in found.items()}
+    return b"".join(kept) + content[end:], values
 
 
 def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message_id: str,

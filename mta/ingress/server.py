@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
-from mta.config import SmtpConfig
+from mta.config import SmtpConfig, TenantsConfig
 from mta.dkim.signer import Signer
 from mta.ingress.auth import UsersFile
 from mta.ingress.guard import AuthAttempt, AuthGuard
@@ -76,6 +76,8 @@ class IngressServer:
         self.users = users
         self.tls = tls
         self.signer: Signer | None = None  # DKIM, set (and replaced on reload) by the node
+        # Which headers name the tenant and campaign (replaced on reload by the node).
+        self.tenants = TenantsConfig()
         self.limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_ip,
                                          reserved_for(cfg))
         self.auth_guard = AuthGuard(cfg.auth_max_failures, cfg.auth_lockout,

@@ -14,10 +14,11 @@ import time
 
 import structlog
 
+from mta.config import TENANT_NAME, TenantsConfig
 from mta.delivery.loops import received_count
 from mta.dkim.signer import Signer, Unsignable
 from mta.envelope import Envelope
-from mta.ingress.headers import prepare_content, received_header
+from mta.ingress.headers import prepare_content, received_header, take_fields
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.spool import FencedError, NoShardsOwned, Spool, SpoolError, SpoolWriteError
@@ -28,13 +29,14 @@ log = structlog.get_logger("mta.ingress")
 
 # Why a submission was not stored; every door answers each of these.
 REFUSAL_KINDS = ("too_many_hops", "no_shards", "fenced", "disk", "unavailable", "unsigned",
-                 "sign_failed")
+                 "sign_failed", "bad_label")
 
 
 class SubmissionRefused(Exception):
     """The message was not stored. ``kind`` is one of :data:`REFUSAL_KINDS`; only
-    ``too_many_hops`` and ``unsigned`` (DKIM signing required, no key for the message) are
-    permanent. Already counted and logged when raised."""
+    ``too_many_hops``, ``unsigned`` (DKIM signing required, no key for the message) and
+    ``bad_label`` (a tenant or campaign header that is not a name) are permanent. Already
+    counted and logged when raised."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -53,10 +55,31 @@ class TooManyHops(SubmissionRefused):
         self.max_hops = max_hops
 
 
+def take_labels(raw: bytes, env: Envelope, tenants: TenantsConfig, via: str) -> bytes:
+    """Remove the tenant and campaign headers from ``raw``; set ``env.tenant`` from the
+    first (unless the AUTH user's tenant already set it) and ``env.campaign`` from the
+    second. Raises SubmissionRefused (``bad_label``) for a value that is not a name."""
+    raw, found = take_fields(raw, (tenants.header, tenants.campaign_header))
+    for header, attr in ((tenants.header, "tenant"), (tenants.campaign_header, "campaign")):
+        value = found.get(header.lower())
+        if value is None or (attr == "tenant" and env.tenant):
+            continue
+        if not TENANT_NAME.fullmatch(value):
+            log.warning(f"{via}.bad_label", sender=env.sender, client_ip=env.client_ip,
+                        header=header)
+            raise SubmissionRefused("bad_label", f"{header}: expected 1-64 letters, digits, "
+                                                 "'.', '_' or '-', starting with a letter or "
+                                                 "digit")
+        setattr(env, attr, value)
+    return raw
+
+
 async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: bytes,
                            protocol: str, *, max_hops: int, metrics: NodeMetrics,
-                           via: str, signer: Signer | None = None) -> tuple[str, int]:
-    """Check the hop count, add trace and missing submission headers, store durably, count.
+                           via: str, signer: Signer | None = None,
+                           tenants: TenantsConfig | None = None) -> tuple[str, int]:
+    """Check the hop count, take the tenant and campaign headers, add trace and missing
+    submission headers, store durably, count.
 
     ``via`` names the door (``smtp`` or ``http``) in logs and in ``mta_fenced_refusals``.
     Returns (message id, stored size) once fsynced; raises :class:`SubmissionRefused`.
@@ -66,6 +89,9 @@ async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: byte
         log.warning(f"{via}.too_many_hops", sender=env.sender, client_ip=env.client_ip,
                     hops=hops, max_hops=max_hops)
         raise TooManyHops(hops, max_hops)
+    if tenants is not None:
+        # Before signing: the signed bytes are the bytes sent.
+        raw = take_labels(raw, env, tenants, via)
     try:
         message_id = spool.allocate_id()
         received = received_header(
@@ -104,5 +130,6 @@ async def store_submission(spool: Spool, hostname: str, env: Envelope, raw: byte
     # RFC 3848 protocol names: ESMTPS / ESMTPSA mean the message came over TLS.
     log.info(f"{via}.received", message_id=message_id, sender=env.sender,
              recipients=len(env.recipients), size=size, client_ip=env.client_ip,
-             auth_user=env.auth_user or None, tls=protocol.rstrip("A").endswith("S"))
+             auth_user=env.auth_user or None, tls=protocol.rstrip("A").endswith("S"),
+             **env.labels())
     return message_id, size

@@ -1,10 +1,13 @@
-"""Messages waiting for their next attempt, in a heap; due ones are handed to a callback."""
+"""Messages waiting for their next attempt, in a heap; due ones are handed to a callback,
+shared fairly between tenants when they must wait their turn."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 
 from mta.tasks import cancel_and_wait
@@ -13,17 +16,38 @@ __all__ = ["Scheduler"]
 
 
 class Scheduler:
-    """A timer heap of (due, message id). Re-adding an id moves it; removal is lazy."""
+    """A timer heap of (due, message id). Re-adding an id moves it; removal is lazy.
+
+    Due messages that cannot be handed out at once (back-pressure: ``can_dispatch`` says no)
+    wait in one FIFO per tenant, and the tenants take turns in proportion to their weights
+    (stride scheduling): one tenant's backlog of a million never holds up another's next
+    message. A tenant whose ``gate`` says to wait (its throttle) is passed over meanwhile.
+    """
 
     def __init__(self, on_due: Callable[[str], None], clock: Callable[[], float] = time.time,
-                 can_dispatch: Callable[[], bool] | None = None) -> None:
+                 can_dispatch: Callable[[], bool] | None = None,
+                 tenant_of: Callable[[str], str] | None = None,
+                 weight_of: Callable[[str], int] | None = None,
+                 gate: Callable[[str], float] | None = None) -> None:
         self._on_due = on_due
         self._clock = clock
-        # Back-pressure: while this says no, due messages wait in the heap (call wake() when
-        # it may say yes again).
+        # Back-pressure: while this says no, due messages wait (call wake() when it may say
+        # yes again).
         self._can_dispatch = can_dispatch or (lambda: True)
+        self._tenant_of = tenant_of or (lambda _mid: "")
+        self._weight_of = weight_of or (lambda _tenant: 1)
+        # Seconds before a tenant may have its next message (0: now, and the slot is
+        # taken); None when tenants are not throttled.
+        self._gate = gate
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
+        # tenant -> due messages in arrival order, (id, due) checked against _due on the way
+        # out; a tenant with waiting messages has one entry in _turns: (pass, seq, tenant).
+        self._ready: dict[str, deque[tuple[str, float]]] = {}
+        self._turns: list[tuple[float, int, str]] = []
+        self._passes: dict[str, float] = {}
+        self._vtime = 0.0  # the pass of the last turn taken
+        self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.paused = False
@@ -49,6 +73,11 @@ class Scheduler:
     def ids(self) -> list[str]:
         return list(self._due)
 
+    def waiting_by_tenant(self) -> dict[str, int]:
+        """Due messages waiting for their turn, per tenant (entries not yet checked included:
+        an upper bound)."""
+        return {t: len(q) for t, q in self._ready.items()}
+
     def reschedule_all(self, due: float, match: Callable[[str], bool] | None = None) -> int:
         """Move every (matching) waiting message to ``due``; returns how many moved."""
         moved = [mid for mid in self._due if match is None or match(mid)]
@@ -72,20 +101,69 @@ class Scheduler:
         while True:
             self._wake.clear()
             now = self._clock()
-            while self._heap and not self.paused and self._can_dispatch():
-                due, mid = self._heap[0]
-                if self._due.get(mid) != due:
-                    heapq.heappop(self._heap)  # stale entry: moved or removed
-                    continue
-                if due > now:
-                    break
-                heapq.heappop(self._heap)
-                del self._due[mid]
-                self._on_due(mid)
-            timeout = None  # paused or held back: wait for wake()/add(), do not spin
-            if self._heap and not self.paused and self._can_dispatch():
-                timeout = max(0.0, self._heap[0][0] - now)
+            self._collect(now)
+            timeout = None  # paused, held back or nothing due: wait for wake()/add()
+            if not self.paused:
+                gated = self._dispatch()
+                if self._ready and self._can_dispatch():
+                    timeout = gated  # every waiting tenant is throttled: until the first
+                if self._heap:
+                    until = max(0.0, self._heap[0][0] - now)
+                    timeout = until if timeout is None else min(timeout, until)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def _collect(self, now: float) -> None:
+        """Move the messages whose time has come from the timer heap to their tenants'
+        queues."""
+        heap, due_of = self._heap, self._due
+        while heap and heap[0][0] <= now:
+            due, mid = heapq.heappop(heap)
+            if due_of.get(mid) != due:
+                continue  # stale entry: moved or removed
+            tenant = self._tenant_of(mid)
+            queue = self._ready.get(tenant)
+            if queue is None:
+                queue = self._ready[tenant] = deque()
+                # A tenant back from idle starts at the current turn: no credit saved up.
+                start = max(self._passes.get(tenant, 0.0), self._vtime)
+                heapq.heappush(self._turns, (start, next(self._seq), tenant))
+            queue.append((mid, due))
+
+    def _dispatch(self) -> float | None:
+        """Hand out due messages, tenants taking turns, while there is room; the seconds
+        until the first throttled tenant may go again (None if none is throttled)."""
+        turns, gated = self._turns, []
+        wait: float | None = None
+        while turns and self._can_dispatch() and not self.paused:
+            pass_, seq, tenant = heapq.heappop(turns)
+            queue = self._ready[tenant]
+            mid = self._next_live(queue)
+            if mid is None:
+                del self._ready[tenant]
+                self._passes[tenant] = pass_
+                continue
+            if self._gate is not None and (hold := self._gate(tenant)) > 0:
+                queue.appendleft((mid, self._due[mid]))
+                gated.append((pass_, seq, tenant))
+                wait = hold if wait is None else min(wait, hold)
+                continue
+            del self._due[mid]
+            self._vtime = pass_
+            heapq.heappush(turns, (pass_ + 1.0 / max(1, self._weight_of(tenant)), seq, tenant))
+            self._on_due(mid)
+        for entry in gated:
+            heapq.heappush(turns, entry)
+        if len(self._passes) > 4 * len(self._ready) + 1024:
+            # Forget the passes of tenants long idle (they restart at the current turn).
+            self._passes = {t: p for t, p in self._passes.items() if t in self._ready}
+        return wait
+
+    def _next_live(self, queue: deque[tuple[str, float]]) -> str | None:
+        while queue:
+            mid, due = queue.popleft()
+            if self._due.get(mid) == due:
+                return mid
+        return None

@@ -14,7 +14,8 @@ from typing import Any
 from mta.envelope import domain_key
 from mta.queue.state import final_indexes
 
-__all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "recipient_domains"]
+__all__ = ["Destinations", "MessageRef", "SegmentUsage", "ShardIndex", "labels_of",
+           "recipient_domains"]
 
 
 Destinations = tuple[tuple[str, ...], bytes | None]
@@ -34,6 +35,14 @@ def recipient_domains(recipients: Sequence[str]) -> Destinations:
     return domains, bytes(where[d] for d in per_rcpt)
 
 
+def labels_of(envelope: dict[str, Any]) -> tuple[str, str] | None:
+    """A stored envelope's (tenant, campaign), interned; None when it has neither."""
+    tenant, campaign = envelope.get("tenant", ""), envelope.get("campaign", "")
+    if not tenant and not campaign:
+        return None
+    return sys.intern(str(tenant)), sys.intern(str(campaign))
+
+
 @dataclass(slots=True)
 class MessageRef:
     """Where a live message's records are, and its latest delivery state (opaque here: the
@@ -48,6 +57,15 @@ class MessageRef:
     state_size: int = 0
     domains: tuple[str, ...] = ()  # distinct recipient domains (queue summaries, flush)
     rcpt_map: bytes | None = None  # recipient index -> index in domains (several domains)
+    labels: tuple[str, str] | None = None  # (tenant, campaign), if either was given
+
+    @property
+    def tenant(self) -> str:
+        return self.labels[0] if self.labels else ""
+
+    @property
+    def campaign(self) -> str:
+        return self.labels[1] if self.labels else ""
 
     def pending_domains(self) -> tuple[str, ...]:
         """Domains that still have a recipient without a final outcome."""
@@ -111,7 +129,8 @@ class ShardIndex:
             ref.state_seq, ref.state_size = -1, 0
 
     def on_msg(self, message_id: str, seq: int, offset: int, size: int,
-               state: dict[str, Any] | None, dests: Destinations = ((), None)) -> None:
+               state: dict[str, Any] | None, dests: Destinations = ((), None),
+               labels: tuple[str, str] | None = None) -> None:
         """A MSG record; a later copy (from compaction) replaces the earlier one."""
         self.note(seq, offset, size)
         old = self.messages.get(message_id)
@@ -119,8 +138,10 @@ class ShardIndex:
             self._unref(old.seq, old.size)
             self._drop_state(old)
             dests = dests if dests[0] else (old.domains, old.rcpt_map)
+            labels = labels or old.labels
         self.messages[message_id] = MessageRef(message_id, seq, offset, size, state,
-                                               domains=dests[0], rcpt_map=dests[1])
+                                               domains=dests[0], rcpt_map=dests[1],
+                                               labels=labels)
         self._ref(seq, size)
 
     def on_state(self, message_id: str, seq: int, offset: int, size: int,

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from mta.logs import describe
-from mta.spool.index import ShardIndex, recipient_domains
+from mta.spool.index import ShardIndex, labels_of, recipient_domains
 from mta.spool.record import Kind, ScanIssue, ScannedRecord, scan
 from mta.spool.segment import fsync_dir, list_segments, segment_path
 
@@ -147,7 +147,7 @@ def _apply(index: ShardIndex, report: RecoveryReport, seq: int, rec: ScannedReco
         kind = meta[0]
         if kind == Kind.MSG:
             index.on_msg(meta[1], seq, rec.offset, rec.size, meta[3],
-                         recipient_domains(meta[2]["to"]))
+                         recipient_domains(meta[2]["to"]), labels_of(meta[2]))
         elif kind == Kind.STATE:
             index.on_state(meta[1], seq, rec.offset, rec.size, meta[2])
         elif kind == Kind.DONE:

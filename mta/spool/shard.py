@@ -21,7 +21,7 @@ from mta.spool.errors import (
     SpoolError,
     SpoolWriteError,
 )
-from mta.spool.index import MessageRef, ShardIndex, recipient_domains
+from mta.spool.index import MessageRef, ShardIndex, labels_of, recipient_domains
 from mta.spool.record import Kind, ScannedRecord, encode_done, encode_msg, encode_state, scan
 from mta.spool.recovery import RecoveryReport, recover_shard
 from mta.spool.segment import fsync_dir, read_range, segment_path, sync_segments
@@ -204,9 +204,10 @@ class Shard:
         size = len(data)
         index = self.index
         dests = recipient_domains(envelope["to"])
+        labels = labels_of(envelope)
 
         def durable(pos: Position) -> None:
-            index.on_msg(message_id, pos[0], pos[1], size, None, dests)
+            index.on_msg(message_id, pos[0], pos[1], size, None, dests, labels)
             if after is not None:
                 after()
 

@@ -49,6 +49,8 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "_signed_headers": set(),  # header names, "from" among them
     "_header_names": {2},  # header names, or none
     "_dkim_domains": {4},
+    "_header_name": {6, 7, 8, 13, 17},  # "" (off); a header field name
+    "_tenant_policies": {4},  # no tenants
 }
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {

@@ -20,7 +20,8 @@ _PLACEHOLDERS = {("node", "id"): "<hostname>", ("smtp", "hostname"): "<fqdn>"}
 # Defaults computed from other keys: the README shows the value of the default config.
 _COMPUTED = {("smtp", "reserved_connections"), ("spool", "min_insync")}
 # Example tables under a section (policies per destination), not keys with defaults.
-_EXAMPLES = {("delivery", "domains"), ("delivery", "sites"), ("dkim", "domains")}
+_EXAMPLES = {("delivery", "domains"), ("delivery", "sites"), ("dkim", "domains"),
+             ("tenants", "names")}  # [tenants."name"] tables, shown as comments
 
 
 def _readme_config() -> dict[str, Any]:

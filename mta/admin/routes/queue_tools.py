@@ -20,14 +20,14 @@ from aiohttp import web
 from mta.admin.errors import ApiError, json_response
 from mta.admin.routes.base import Api, Resource
 from mta.admin.views import QUEUE_STATES, QueueFilter, list_view, matching_ids, merge_lists
-from mta.config import parse_duration
+from mta.config import TENANT_NAME, parse_duration
 from mta.ingress.policy import address_problem
 from mta.spool import MessageNotFound
 
 __all__ = ["QueueTools", "parse_filter"]
 
 _FILTER_KEYS = ("sender", "recipient", "domain", "older_than", "newer_than", "state",
-                "next_before")
+                "next_before", "tenant", "campaign")
 _LIST_KEYS = frozenset({*_FILTER_KEYS, "limit", "cursor", "local"})
 _ACTION_KEYS = frozenset({*_FILTER_KEYS, "dry_run"})
 _CURSOR = re.compile(r"[0-9A-Za-z]{1,26}")
@@ -65,6 +65,14 @@ def _address(key: str, value: Any) -> str:
     return text
 
 
+def _label(key: str, value: Any) -> str:
+    """A tenant or campaign filter: a name as [tenants] allows, or "" (mail without one)."""
+    if value == "" or (isinstance(value, str) and TENANT_NAME.fullmatch(value)):
+        return value
+    raise ApiError.bad_request(f"{key}: expected 1-64 letters, digits, '.', '_' or '-' (or "
+                               f"\"\" for none), got {str(value)[:100]!r}")
+
+
 def parse_filter(api: Api, args: Mapping[str, Any], allowed: frozenset[str]) -> QueueFilter:
     """The filter in a query string or JSON body; a 400 on an unknown key or on a present
     key with a bad value (wrong type, empty, null: a filter that is dropped would widen an
@@ -84,7 +92,8 @@ def parse_filter(api: Api, args: Mapping[str, Any], allowed: frozenset[str]) -> 
     return QueueFilter(
         sender=given("sender", _address), recipient=given("recipient", _address),
         domain=api.domain_arg(args), older_than=given("older_than", _duration),
-        newer_than=given("newer_than", _duration), state=state, next_before=nxt)
+        newer_than=given("newer_than", _duration), state=state, next_before=nxt,
+        tenant=given("tenant", _label), campaign=given("campaign", _label))
 
 
 def _limit(query: Mapping[str, str]) -> int:

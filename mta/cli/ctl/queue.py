@@ -11,7 +11,7 @@ from typing import Any
 from mta.cli.ctl.client import UsageError, age, call, emit, table, when
 
 _FILTERS = ("sender", "recipient", "domain", "older_than", "newer_than", "state",
-            "next_before")
+            "next_before", "tenant", "campaign")
 
 
 def _rate(value: float | None) -> str:
@@ -46,6 +46,10 @@ def _summary(args: argparse.Namespace) -> int:
                  _rate(s["rate"]), s["backoff"], _held(s) or "-") for s in data["sites"]]
         parts.append(table(rows, ("SITE", "READY", "CONNS", "BREAKER", "RATE", "BACKOFF",
                                   "HELD")))
+    if data.get("tenants"):
+        rows = [(t["tenant"] or "-", t["campaign"] or "-", t["messages"], t["in_flight"],
+                 age(t["oldest_age"])) for t in data["tenants"]]
+        parts.append(table(rows, ("TENANT", "CAMPAIGN", "MSGS", "SENDING", "OLDEST")))
     parts += _warnings(data)
     return emit(args, data, "\n\n".join(parts))
 
@@ -88,7 +92,8 @@ def _act(args: argparse.Namespace) -> int:
     body: dict[str, Any] = _filter(args)
     if not body:
         raise UsageError(f"queue {args.queue_action} needs a filter (--sender, --recipient, "
-                         "--domain, --older-than, --newer-than, --state, --next-before); for "
+                         "--domain, --older-than, --newer-than, --state, --next-before, "
+                         "--tenant, --campaign); for "
                          f"one message: mtactl message {args.queue_action} ID")
     confirm = args.queue_action in ("delete", "bounce")
     dry_run = confirm and not args.yes
@@ -133,6 +138,9 @@ def _filter_options(p: argparse.ArgumentParser) -> None:
                         "held (by an operator)")
     p.add_argument("--next-before", dest="next_before", metavar="DURATION",
                    help="next attempt within DURATION from now (0: due now)")
+    p.add_argument("--tenant", help="sent for this tenant (\"\" for mail with none)")
+    p.add_argument("--campaign", help="of this campaign: `queue bounce --campaign C --yes` "
+                                      "cancels a campaign cluster-wide")
 
 
 def register(sub: Any) -> None:
