@@ -671,7 +671,12 @@ class QueueManager:
         await self._save(run, state)
         self._unsaved.pop(run.id, None)
         if not self._closing and shard_of(run.id) in self._shards:
-            self.scheduler.add(run.id, state.next_attempt)
+            due = state.next_attempt
+            if not bounced and not deferred and not self._still_held(run):
+                # Held when it was tried, resumed while its state was being written: the
+                # resume's flush could not see it (neither scheduled nor done).
+                due = 0.0
+            self.scheduler.add(run.id, due)
 
     def _next_state(self, run: _Attempt, bounced: bool, deferred: list[int]) -> DeliveryState:
         """Retry back-off: retry_initial x 2^(attempt-1), capped at retry_max, +-10%."""
@@ -689,6 +694,12 @@ class QueueManager:
             # Only suspended domains are left: look again soon, without counting an attempt.
             state.next_attempt = now + min(60.0, self.dcfg.retry_initial)
         return state
+
+    def _still_held(self, run: _Attempt) -> bool:
+        """Is a pending recipient's domain (or its site) still suspended?"""
+        rcpts, done = run.envelope.recipients, run.unsaved.results
+        return any(self.dispatcher.held_by(_domain(rcpts[i])) is not None
+                   for i in range(len(rcpts)) if i not in done)
 
     async def _end_not_owner(self, run: _Attempt) -> None:
         """End an attempt some of whose recipients were not tried because this node may not

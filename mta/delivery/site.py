@@ -792,7 +792,7 @@ class Site:
             self._sts_report(job, remote, tls)
         by = " by its MTA-STS policy" if job.sts is not None and job.sts.mode == "enforce" \
             else ""
-        for host, records in job.dane:
+        for host, records in () if self.limits.tls == "disabled" else job.dane:
             if host == remote and (tls.state == "none" or (
                     records and tls.state not in ("dane-ee", "dane-ta"))):
                 self._policy_failure("dane")

@@ -216,6 +216,7 @@ class StsPolicies:
             self._dirty.set()
             cached = None
         ident = await self._txt_id(domain)
+        cached = self._cache.get(domain, cached)  # a fetch may have ended meanwhile
         if ident is None:
             return cached  # no record (or no answer): the cached policy still holds
         if cached is not None:

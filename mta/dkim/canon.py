@@ -10,7 +10,6 @@ __all__ = ["HeaderField", "relaxed_body", "relaxed_header", "split_message"]
 _WSP_RUN = re.compile(rb"[ \t]+")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _TRAILING_WSP = re.compile(rb"[ \t]+(?=\r\n)")
-_EMPTY_TAIL = re.compile(rb"(?:\r\n)+\Z")
 
 
 class HeaderField:
@@ -63,5 +62,12 @@ def relaxed_body(body: bytes) -> bytes:
         return b""
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    body = _EMPTY_TAIL.sub(b"\r\n", _TRAILING_WSP.sub(b"", _WSP_RUN.sub(b" ", body)))
+    # Most bodies have no tab, no double space and no space before a line end: then the
+    # two whole-body regex passes would change nothing (they were a third of signing).
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        body = _TRAILING_WSP.sub(b"", _WSP_RUN.sub(b" ", body))
+    end = len(body)
+    while end >= 4 and body[end - 4:end] == b"\r\n\r\n":  # empty lines at the end
+        end -= 2
+    body = body[:end]
     return b"" if body == b"\r\n" else body

@@ -369,6 +369,33 @@ def test_bounce_by_filter_needs_yes_and_sends_dsns(node: NodeProcess, sink: Sink
     wait_until_sync(lambda: _delivered(sink, "bnc@ok.test"), 30, "the DSN to the sender")
 
 
+def test_queue_by_tenant_and_campaign_and_a_cancelled_campaign(node: NodeProcess,
+                                                                 sink: Sink) -> None:
+    spring = [submit(node, [f"s{i}@held.test"], 60 + i, sender="shop@ok.test",
+                     extra_headers="X-MTA-Tenant: acme\r\nX-MTA-Campaign: spring\r\n")
+              for i in range(2)]
+    other = submit(node, ["o@held.test"], 62, sender="shop@ok.test",
+                   extra_headers="X-MTA-Tenant: acme\r\nX-MTA-Campaign: autumn\r\n")
+    plain = submit(node, ["p@held.test"], 63)
+    _wait_deferred(node, *spring, other, plain)
+
+    summary = ctl_json(node, "queue")
+    rows = {(t["tenant"], t["campaign"]): t["messages"] for t in summary["tenants"]}
+    assert rows == {("acme", "spring"): 2, ("acme", "autumn"): 1}, summary["tenants"]
+    table = ctl(node, "queue").stdout
+    assert "TENANT" in table and "spring" in table and "autumn" in table
+    assert sorted(_listed(node, "--tenant", "acme")) == sorted([*spring, other])
+    assert _listed(node, "--tenant", "") == [plain]
+    assert ctl(node, "queue", "list", "--campaign", "bad name").returncode != 0
+
+    done = ctl_json(node, "queue", "bounce", "--campaign", "spring", "--yes")
+    assert (done["matched"], done["messages"]) == (2, 2)
+    assert sorted(_listed(node)) == sorted([other, plain])
+    for mid in spring:
+        [rec] = _records(node.workdir, "AdminBounce", mid)
+        assert (rec["tenant"], rec["campaign"]) == ("acme", "spring"), rec
+
+
 # --- cluster-wide ------------------------------------------------------------------------
 
 

@@ -6,33 +6,15 @@ without AD are ignored, a failed TLSA lookup takes the host out."""
 
 from __future__ import annotations
 
-import hashlib
-import ssl
 from typing import Any
 
 import pytest
 import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.support.tlspolicy import issued
 from tests.support.world import World
 
 DOMAIN = "dane.test"
-
-
-def issued(ca: trustme.CA, *names: str) -> tuple[ssl.SSLContext, bytes, bytes]:
-    """A server context for ``names`` and the leaf's and its issuer's SPKI digests
-    (SHA-256), as TLSA ``3 1 1`` / ``2 1 1`` data."""
-    cert = ca.issue_cert(*names)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(ctx)
-    digests = []
-    for pem in cert.cert_chain_pems[:2] if len(cert.cert_chain_pems) > 1 else \
-            [cert.cert_chain_pems[0], ca.cert_pem]:
-        spki = x509.load_pem_x509_certificate(pem.bytes()).public_key().public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        digests.append(hashlib.sha256(spki).digest())
-    return ctx, digests[0], digests[1]
 
 
 def dane_zone(world: World, tlsa: list[str] | str | None, secure: bool = True,

@@ -36,14 +36,15 @@ def queued_id(reply: bytes | str) -> str:
     return text.rsplit("queued as ", 1)[1].strip()
 
 
-def submit(node: NodeProcess, rcpts: list[str], n: int, sender: str = "app@ok.test") -> str:
+def submit(node: NodeProcess, rcpts: list[str], n: int, sender: str = "app@ok.test",
+           extra_headers: str = "") -> str:
     """Submit ``message(n)`` to a node process; its queue id (the 250 is asserted)."""
     with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=10) as smtp:
         smtp.ehlo("client.test")
         smtp.mail(sender)
         for r in rcpts:
             smtp.rcpt(r)
-        code, reply = smtp.data(message(n, 1200))
+        code, reply = smtp.data(message(n, 1200, extra_headers=extra_headers))
     assert code == 250, reply
     return reply.decode().rsplit(" ", 1)[1]
 
