@@ -41,7 +41,12 @@ def commit_info() -> dict[str, Any]:
     (a dirty figure cannot be reproduced from its commit)."""
     root = measured_root()
     dirty = bool(git("status", "--porcelain", "--", "mta", "cluster", cwd=root))
-    return {"commit": git("rev-parse", "--short", "HEAD", cwd=root), "dirty": dirty}
+    rev = git("rev-parse", "--short", "HEAD", cwd=root)
+    if not rev and (root / ".commit").is_file():
+        # A snapshot (git archive HEAD | tar -x) is no repository: the commit it was made
+        # from, written beside it (git rev-parse --short HEAD > SNAPSHOT/.commit).
+        rev = (root / ".commit").read_text().strip()
+    return {"commit": rev, "dirty": dirty}
 
 
 def machine_info() -> dict[str, Any]:
@@ -108,6 +113,9 @@ class Result:
         # The tree as it is when the runs start: a commit made during a long run must not
         # relabel its figures.
         self.commit = commit_info()
+        # 1/5/15-minute load averages at the start and at the end (another job on the
+        # machine shows here).
+        self.loadavg = {"start": list(os.getloadavg())}
 
     def add(self, labels: dict[str, Any], run: Run) -> None:
         for group in self.groups:
@@ -132,7 +140,8 @@ class Result:
                                                           if m in r]) for m in metrics}})
         return {"scenario": self.scenario, "started": self.started, **self.commit,
                 "machine": machine_info(), "argv": sys.argv[1:], "params": self.params,
-                "groups": groups, "series": self.series, "notes": self.notes}
+                "groups": groups, "series": self.series, "notes": self.notes,
+                "loadavg": {**self.loadavg, "end": list(os.getloadavg())}}
 
     def save(self) -> Path:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -262,8 +271,9 @@ def load_options(ap: Any, messages: int, concurrency: str = "50", procs: int = 2
 def target_options(ap: Any) -> None:
     """``--targets``: which targets run, interleaved (overrides ``--peer``)."""
     ap.add_argument("--targets", default="",
-                    help="comma list of mta, mta-replicated (2 nodes, each its own spool, "
-                         "every message on both disks before 250), postfix; overrides --peer")
+                    help="comma list of mta, mta-dkim (every message DKIM-signed, RSA-2048), "
+                         "mta-replicated (2 nodes, each its own spool, every message on both "
+                         "disks before 250), postfix; overrides --peer")
 
 
 def common_options(ap: Any, repeat: int) -> None:

@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+from benchmarks.dkim_cost import dkim_cost_line, signing_breakdown
 from benchmarks.harness import (
     Result,
     Tick,
@@ -44,6 +45,7 @@ from benchmarks.targets import peers, target
 def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool = False,
                 client: str = "loadgen") -> dict[str, Any]:
     with target(name, load.concurrency) as handle:
+        cpu0 = handle.cpu_seconds()
         prof = Profiler(handle.pid, handle.work / "profile.txt") if profile and handle.pid \
             else None
         with prof or nullcontext():
@@ -53,9 +55,15 @@ def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool =
                 wall = time.time() - t0
             else:
                 res = run_load(handle.port, load, tick)
+        cpu = handle.cpu_seconds() - cpu0
         extra: dict[str, Any] = handle.metrics()
+        if name == "mta-dkim":
+            extra["signed"] = handle.spool_count()
         if prof is not None and prof.summary:
             extra["profile"] = prof.summary
+    # Our node's CPU over the run (every thread, user + system, from /proc; NaN for Postfix).
+    done = accepted if client == "smtp-source" else res.accepted
+    extra.update(node_cpu_s=cpu, node_cpu_us_per_msg=cpu / max(1, done) * 1e6)
     if client == "smtp-source":
         # It reports no latencies; msg/s counts from its start to its exit, MB/s from the
         # payload size it was given (it adds its own few headers).
@@ -70,13 +78,14 @@ def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool =
 
 def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[str]:
     """``ours / postfix`` per configuration and per target of ours (``mta`` as ``what``,
-    ``mta-replicated`` as ``what-replicated``), kept in the result's series for the report."""
+    ``mta-replicated`` as ``what-replicated``, ``mta-dkim`` as ``what-dkim``), kept in the
+    result's series for the report."""
     lines = []
     ratios = result.series.setdefault("ratios", [])
     for group in result.groups:
         lab = group["labels"]
         tgt = lab.get("target")
-        if tgt not in ("mta", "mta-replicated") or any(lab.get(k) != v
+        if tgt not in ("mta", "mta-replicated", "mta-dkim") or any(lab.get(k) != v
                                                        for k, v in labels.items()):
             continue
         other = {**lab, "target": "postfix"}
@@ -86,7 +95,7 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
         ours = result.summary(metric, **lab)
         ratio = ours["median"] / theirs["median"] if theirs["median"] else float("inf")
         where = ", ".join(f"{k} {v}" for k, v in lab.items() if k != "target")
-        name = what if tgt == "mta" else f"{what}-replicated"
+        name = what if tgt == "mta" else f"{what}-{tgt.removeprefix('mta-')}"
         ratios.append({"what": name, "labels": lab, "ratio": ratio})
         lines.append(f"{name} {where}: {tgt} {ours['median']:.0f} / postfix "
                      f"{theirs['median']:.0f} = {ratio:.2f}x")
@@ -107,6 +116,10 @@ def main() -> None:
     names = peers(args.peer, args.targets)
     concs = sweep(args.concurrency)
     result = Result("ingress", {**vars(args), "targets": names})
+    if "mta-dkim" in names:
+        # What signing one message costs alone (this process, one thread), before the load.
+        cost = result.series["dkim_sign_cost"] = signing_breakdown(size=args.size)
+        print(dkim_cost_line(cost), flush=True)
     total = args.repeat * len(concs) * len(names) * args.messages
     with progress(total, "ingress") as bar:
         for i in range(args.repeat):
@@ -117,13 +130,19 @@ def main() -> None:
                     settle(args.settle)
                     run = run_ingress(name, load, bar.update, args.profile, args.client)
                     if "profile" in run:
-                        result.series["profile"] = run.pop("profile")  # the latest run's
+                        # The latest run's, and whose it is.
+                        result.series.update(profile=run.pop("profile"), profile_target=name)
                     result.add({"target": name, "concurrency": c}, run)
+                    if name == "mta-dkim" and run["signed"] < run["accepted"]:
+                        raise SystemExit(f"mta-dkim: {run['signed']} signatures in the spool "
+                                         f"for {run['accepted']} messages accepted: not a "
+                                         "signing figure")
                     bar.say(f"run {i + 1}: {name} c={c}: {run['msgs_per_s']:.0f} msg/s, "
                             f"p50 {run.get('p50_ms', float('nan')):.1f} ms, "
                             f"p99 {run.get('p99_ms', float('nan')):.1f} ms"
                             + (f", {run['batch']:.1f} records/fsync" if "batch" in run else "")
                             + (f", refused {run['refused']}" if run.get("refused") else "")
+                            + (f", {run['signed']} stored signed" if "signed" in run else "")
                             + (f", busiest node {run['busiest_node_share']:.0%} of the mail, "
                                f"shards owned {run['owned_min']:.0f}-{run['owned_max']:.0f}"
                                if "busiest_node_share" in run else ""))
@@ -134,7 +153,8 @@ def main() -> None:
             f"ingress {lab['target']} c={lab['concurrency']}: "
             f"{fmt(result.summary('msgs_per_s', **lab))} msg/s, "
             f"p50 {fmt(result.summary('p50_ms', **lab), 1)} ms, "
-            f"p99 {fmt(result.summary('p99_ms', **lab), 1)} ms")
+            f"p99 {fmt(result.summary('p99_ms', **lab), 1)} ms, "
+            f"node CPU {fmt(result.summary('node_cpu_us_per_msg', **lab))} us/msg")
     lines += ratio_lines(result, "msgs_per_s", "ingress")
     finish(result, lines, args)
 

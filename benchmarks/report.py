@@ -55,9 +55,10 @@ class Target:
 
     def __init__(self, name: str, goal: str, scenario: str,
                  measure: Callable[[Data], tuple[float, str] | None],
-                 met: Callable[[float], bool]) -> None:
+                 met: Callable[[float], bool], see: str = "") -> None:
         self.name, self.goal, self.scenario = name, goal, scenario
         self.measure, self.met = measure, met
+        self.see = see  # where the page says more on a miss
 
 
 def standard(r: Data) -> bool:
@@ -79,7 +80,7 @@ def _ratio(what: str) -> Callable[[Data], tuple[float, str] | None]:
         lab = pick["labels"]
         ours = group_summary(r, "msgs_per_s", **lab)
         theirs = group_summary(r, "msgs_per_s", **{**lab, "target": "postfix"})
-        return pick["ratio"], (f"{pick['ratio']:.2f}x: mta {fmt(ours)} vs Postfix "
+        return pick["ratio"], (f"{pick['ratio']:.2f}x: {lab.get('target')} {fmt(ours)} vs Postfix "
                                f"{fmt(theirs)} msg/s ({load_desc(r['params'])}, "
                                f"{lab.get('concurrency')} sessions)")
     return measure
@@ -144,6 +145,10 @@ TARGETS = [
     Target("Failover with disk loss (issue 16)", "RTO <= TTL + 2 s, 0 lost",
            "failover-replicated", _disk_loss, lambda v: v <= 0.0),
     Target("Relay vs Postfix", ">= 2x", "relay", _ratio("relay"), lambda v: v >= 2.0),
+    Target("Relay, every message DKIM-signed (RSA-2048), vs Postfix unsigned (issue 17)",
+           ">= 2x", "relay", _ratio("relay-dkim"), lambda v: v >= 2.0,
+           see="The cost of signing per message, split into its parts, and both relay and "
+               "ingress beside plain mta: *DKIM signing (issue 17)* below."),
     Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7),
     Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
            lambda v: v <= 20.0),
@@ -153,7 +158,7 @@ TARGETS = [
 
 
 def targets_section(by: dict[str, list[Data]]) -> list[str]:
-    out = ["## Targets (issues 7 and 16)", "",
+    out = ["## Targets (issues 7, 16 and 17)", "",
            "Each goal is checked against the latest result that measures it from a committed "
            "tree (ingress and relay: default client, 5 KB, connection reuse, no profiler).",
            "",
@@ -182,6 +187,8 @@ def targets_section(by: dict[str, list[Data]]) -> list[str]:
         out += ["", "### Where we miss, and why", ""]
         for t, pr in misses:
             out.append(f"**{t.name}** ({t.goal}).")
+            if t.see:
+                out += ["", t.see]
             prof = _profile(pr) if pr else None
             note = NOTES / f"miss-{t.scenario}.md"
             if note.exists():
@@ -203,7 +210,8 @@ def _profile(r: Data) -> Data | None:
              for f in prof["top"]]
     if "threads_pct" in prof:
         rows.append(f"\n{prof['threads_pct']:.0f}% of the samples are in worker threads (the "
-                    f"spool's group-commit writer), the rest on the event loop.")
+                    f"spool's group-commit writer; with DKIM on, the signing threads too), "
+                    f"the rest on the event loop.")
     return {"samples": prof["samples"], "table": rows}
 
 
@@ -233,7 +241,8 @@ SECTIONS: dict[str, Data] = {
                  ("load", lambda r, g: load_desc(r["params"])),
                  ("msg/s", metric("msgs_per_s")), ("MB/s", metric("mb_per_s", 1)),
                  ("p50 ms", metric("p50_ms", 1)), ("p99 ms", metric("p99_ms", 1)),
-                 ("records/fsync", metric("batch", 1))],
+                 ("records/fsync", metric("batch", 1)),
+                 ("node CPU us/msg", metric("node_cpu_us_per_msg"))],
     },
     "relay": {
         "title": "Relay: accept and deliver to a loopback sink, end to end",
@@ -246,7 +255,9 @@ SECTIONS: dict[str, Data] = {
                  ("msg/s", metric("msgs_per_s")), ("lost", total("lost")),
                  ("duplicates", total("duplicates")),
                  ("delivery p50 ms", metric("delivery_p50_ms")),
-                 ("delivery p99 ms", metric("delivery_p99_ms"))],
+                 ("delivery p99 ms", metric("delivery_p99_ms")),
+                 ("node CPU us/msg", metric("node_cpu_us_per_msg")),
+                 ("signed", total("signed"))],
     },
     "latency": {
         "title": "Latency at fixed offered loads (open loop)",
@@ -368,6 +379,120 @@ def section(name: str, results: list[Data], plots: list[str]) -> list[str]:
     if (reading := NOTES / f"{name}.md").exists():
         out += ["", reading.read_text().strip()]
     out.append("")
+    return out
+
+
+# -- DKIM signing (issue 17) ----------------------------------------------------------------
+
+def _has(r: Data, tgt: str) -> bool:
+    return any(g["labels"].get("target") == tgt for g in r["groups"])
+
+
+def _loadavg(r: Data) -> str:
+    la = r.get("loadavg") or {}
+    if not la:
+        return "load average not recorded"
+    return (f"load average (1/5/15 min) {' / '.join(f'{x:.2f}' for x in la['start'])} at the "
+            f"start, {' / '.join(f'{x:.2f}' for x in la['end'])} at the end")
+
+
+def _median(r: Data, metric_name: str, **labels: Any) -> float | None:
+    s = group_summary(r, metric_name, **labels)
+    return s["median"] if s and s.get("n") else None
+
+
+def _dkim_rows(r: Data, relay: bool) -> list[str]:
+    extra = " signed / received | lost |" if relay else " signed (in spool) |"
+    out = ["| target | msg/s | node CPU us/msg | node CPU s per 1,000 msgs |" + extra,
+           "|---|---|---|---|" + "---|" * extra.count("|")]
+    for g in r["groups"]:
+        tgt = g["labels"]["target"]
+        cpu = g["summary"].get("node_cpu_us_per_msg")
+        # us per message / 1000 = CPU-seconds per 1,000 messages
+        per_k = fmt({**cpu, **{k: cpu[k] / 1000 for k in ("min", "median", "max")}}
+                    if cpu and cpu.get("n") else None, 2)
+        row = f"| {tgt} | {fmt(g['summary'].get('msgs_per_s'))} | {fmt(cpu)} | {per_k} |"
+        signed = sum(int(x.get("signed") or 0) for x in g["runs"])
+        if relay:
+            got = sum(int(x.get("sink_received") or 0) for x in g["runs"])
+            ok = sum(1 for x in g["runs"] if x.get("sample_verified"))
+            verified = f", {ok}/{len(g['runs'])} samples verify" if tgt == "mta-dkim" else ""
+            row += (f" {signed:,} / {got:,}{verified} | "
+                    f"{sum(int(x.get('lost') or 0) for x in g['runs'])} |")
+        else:
+            row += f" {signed:,} |" if tgt == "mta-dkim" else " - |"
+        out.append(row)
+    return [*out, ""]
+
+
+def _dkim_facts(r: Data, relay: bool) -> list[str]:
+    facts = []
+    pf = _median(r, "msgs_per_s", target="postfix")
+    signed_rate = _median(r, "msgs_per_s", target="mta-dkim")
+    plain = _median(r, "msgs_per_s", target="mta")
+    if pf and signed_rate:
+        verdict = (" (goal >= 2x: " + ("met" if signed_rate / pf >= 2.0 else "**missed**")
+                   + ")") if relay else ""
+        facts.append(f"mta-dkim / Postfix **{signed_rate / pf:.2f}x**{verdict}"
+                     + (f"; mta / Postfix {plain / pf:.2f}x" if plain else ""))
+    if plain and signed_rate:
+        facts.append(f"signing keeps {signed_rate / plain:.0%} of the unsigned throughput")
+    c1 = _median(r, "node_cpu_us_per_msg", target="mta-dkim")
+    c0 = _median(r, "node_cpu_us_per_msg", target="mta")
+    if c1 is not None and c0 is not None:
+        facts.append(f"cost of signing: **{c1 - c0:,.0f} us of node CPU per message** "
+                     f"({c0:,.0f} -> {c1:,.0f}; {(c1 - c0) / 1000:.2f} CPU-seconds per "
+                     "1,000 messages)")
+    cost = r.get("series", {}).get("dkim_sign_cost") or {}
+    if "sign_us" in cost:
+        facts.append(
+            f"signing alone (this tree's signer run by the harness on one thread, "
+            f"{cost['messages']} messages) takes {cost['sign_us']:,.0f} us of CPU per message: "
+            f"the RSA-2048 operation {cost['rsa_us']:,.0f}, the relaxed body canonicalisation "
+            f"{cost['body_canon_us']:,.0f}, the rest (header fields, h=, base64, folding) "
+            f"{cost['other_us']:,.0f}"
+            + (f"; the node's other {c1 - c0 - cost['sign_us']:,.0f} us per signed message are "
+               "spent outside the signer (most likely handing each message to a signing "
+               "thread and back, and those threads contending with the event loop for the GIL)"
+               if c1 is not None and c0 is not None else ""))
+    return [("Relay: " if relay else "Ingress: ") + "; ".join(facts) + ".", ""] if facts else []
+
+
+def dkim_section(by: dict[str, list[Data]]) -> list[str]:
+    """Issue 17: the latest relay and ingress results with an ``mta-dkim`` target (every
+    message signed, RSA-2048) beside plain ``mta`` and Postfix, same invocation, interleaved."""
+    out = ["## DKIM signing (issue 17)", "",
+           "`python -m benchmarks relay --targets mta-dkim,postfix,mta` and `ingress --targets "
+           "mta,mta-dkim,postfix`: `mta-dkim` is our node with `[dkim] required = true` and an "
+           "rsa-sha256 key of 2048 bits made for the run, for the load's From: domain, so every "
+           "message is signed (one it could not sign would be refused). Relay runs count the "
+           "messages the sink received with a `DKIM-Signature` and verify the first one's "
+           "signature (dkimpy, the run's public key); ingress runs count the signatures in the "
+           "spool. A run where any message went unsigned stops the scenario. Postfix relays "
+           "unsigned. *Node CPU* is user + system of the node process (every thread) from "
+           "`/proc`, over the run, per message (relay: reception and delivery).", ""]
+    relay = next((r for r in reversed(by.get("relay", []))
+                  if _has(r, "mta-dkim") and standard(r)), None)
+    ingress = next((r for r in reversed(by.get("ingress", []))
+                    if _has(r, "mta-dkim") and standard(r)), None)
+    if relay is None and ingress is None:
+        return [*out, "No saved result yet.", ""]
+    for r, what in ((relay, "Relay"), (ingress, "Ingress (durable accept, no delivery)")):
+        if r is None:
+            out += [f"{what}: no saved result yet.", ""]
+            continue
+        conc = r["groups"][0]["labels"].get("concurrency")
+        runs = len(r["groups"][0]["runs"])
+        out += [f"**{what}**: `{r['file']}` ({commit(r)}, {date(r)}; "
+                f"{load_desc(r['params'])}, {conc} sessions, median (min-max) of {runs} "
+                f"interleaved runs; {_loadavg(r)}).", "",
+                *_dkim_rows(r, what == "Relay"), *_dkim_facts(r, what == "Relay")]
+    prof = next((x for x in reversed(by.get("relay", []) + by.get("ingress", []))
+                 if x.get("series", {}).get("profile_target") == "mta-dkim"), None)
+    if prof and (table := _profile(prof)):
+        out += [f"Profile of `mta-dkim` under that load (py-spy, {table['samples']} samples, "
+                f"`{prof['file']}`, a separate profiled run; *total* includes callees):", "",
+                *table["table"], ""]
     return out
 
 
@@ -536,6 +661,7 @@ def render(results: list[Data], plots_dir: Path = PLOTS) -> str:
         out += ["(Plots need matplotlib: `pip install -e '.[bench]'`.)", ""]
     for name in SECTIONS:
         out += section(name, by.get(name, []), (plots or {}).get(name, []))
+    out += dkim_section(by)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,5 +1,7 @@
 """A fast loopback SMTP sink in its own process: pipelining, no checks, counts messages and
-writes each one's ``X-Bench-Id`` to a file so a relay run can prove nothing was lost."""
+writes each one's ``X-Bench-Id`` to a file so a relay run can prove nothing was lost; it also
+counts the messages that arrive signed (a ``DKIM-Signature`` first field) and keeps the first
+message it receives, so a signing run can check the signature itself."""
 
 from __future__ import annotations
 
@@ -10,12 +12,18 @@ from pathlib import Path
 from typing import IO
 
 TAG = b"\nX-Bench-Id: "
+SIGNED = b"\r\ndkim-signature:"  # a signer prepends its field: the body's first line
+_sampled = [False]
 
 
 class _SinkProtocol(asyncio.Protocol):
-    def __init__(self, counter: mp.Value, ids: IO[bytes]) -> None:  # type: ignore[valid-type]
+    def __init__(self, counter: mp.Value, signed: mp.Value,  # type: ignore[valid-type]
+                 ids: IO[bytes], sample: Path) -> None:
         self.counter = counter
+        self.signed = signed
         self.ids = ids
+        self.sample = sample
+        self.n_signed = 0
         self.buf = b""
         self.in_data = False
 
@@ -36,6 +44,12 @@ class _SinkProtocol(asyncio.Protocol):
                 if at >= 0:
                     at += len(TAG)
                     got.append(self.buf[at:self.buf.find(b"\r\n", at)] + b"\n")
+                # The buffer starts with the DATA line's CRLF, then the message.
+                if self.buf[:len(SIGNED)].lower() == SIGNED:
+                    self.n_signed += 1
+                if not _sampled[0]:
+                    _sampled[0] = True  # one per sink process: the first message
+                    self.sample.write_bytes(self.buf[2:end + 2])
                 self.buf = self.buf[end + 5:]
                 self.in_data = False
                 out.append(b"250 2.0.0 ok\r\n")
@@ -62,6 +76,10 @@ class _SinkProtocol(asyncio.Protocol):
         self._flush(out, got)
 
     def _flush(self, out: list[bytes], got: list[bytes]) -> None:
+        if self.n_signed:  # before the count: a run reads it once the count is complete
+            with self.signed.get_lock():
+                self.signed.value += self.n_signed
+            self.n_signed = 0
         if got:
             # Ids first: a message counts as received once its id is on record.
             self.ids.write(b"".join(got))
@@ -72,8 +90,9 @@ class _SinkProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out))  # type: ignore[attr-defined]
 
 
-def _sink_main(host: str, port: int, counter: mp.Value, ready: mp.Event,  # type: ignore[valid-type]
-               ids_path: str) -> None:
+def _sink_main(host: str, port: int, counter: mp.Value,  # type: ignore[valid-type]
+               signed: mp.Value, ready: mp.Event, ids_path: str,  # type: ignore[valid-type]
+               sample: str) -> None:
     try:
         import uvloop
 
@@ -84,8 +103,8 @@ def _sink_main(host: str, port: int, counter: mp.Value, ready: mp.Event,  # type
     async def run() -> None:
         loop = asyncio.get_running_loop()
         with open(ids_path, "ab") as ids:
-            await loop.create_server(lambda: _SinkProtocol(counter, ids), host, port,
-                                     backlog=1024)
+            await loop.create_server(lambda: _SinkProtocol(counter, signed, ids, Path(sample)),
+                                     host, port, backlog=1024)
             ready.set()
             await asyncio.Event().wait()
 
@@ -94,14 +113,18 @@ def _sink_main(host: str, port: int, counter: mp.Value, ready: mp.Event,  # type
 
 class Sink:
     """``with Sink(work, port) as sink:`` a sink process; ``sink.count`` messages so far,
-    ``sink.ids()`` how often each id arrived."""
+    ``sink.ids()`` how often each id arrived, ``sink.signed`` how many arrived with a
+    DKIM-Signature first field, ``sink.sample`` the first message received (or None)."""
 
     def __init__(self, work: Path, port: int, host: str = "127.0.0.1") -> None:
         self.path = work / "sink-ids.txt"
+        self.sample_path = work / "sink-sample.eml"
         self.counter = mp.Value("q", 0)
+        self.signed_counter = mp.Value("q", 0)
         self.ready = mp.Event()
-        self.proc = mp.Process(target=_sink_main, args=(host, port, self.counter, self.ready,
-                                                        str(self.path)), daemon=True)
+        self.proc = mp.Process(target=_sink_main,
+                               args=(host, port, self.counter, self.signed_counter, self.ready,
+                                     str(self.path), str(self.sample_path)), daemon=True)
 
     def __enter__(self) -> Sink:
         self.proc.start()
@@ -116,6 +139,14 @@ class Sink:
     @property
     def count(self) -> int:
         return int(self.counter.value)
+
+    @property
+    def signed(self) -> int:
+        return int(self.signed_counter.value)
+
+    @property
+    def sample(self) -> bytes | None:
+        return self.sample_path.read_bytes() if self.sample_path.exists() else None
 
     def ids(self) -> Counter[str]:
         return Counter(self.path.read_text().split()) if self.path.exists() else Counter()

@@ -121,6 +121,44 @@ def test_a_scenario_runs_end_to_end() -> None:
     assert "saved" not in proc.stdout
 
 
+def test_a_dkim_relay_run_delivers_signed_mail() -> None:
+    """Issue 17: the mta-dkim target signs every message; the sink counts the signed ones and
+    the sample's signature verifies with the run's key."""
+    pytest.importorskip("dkim")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "relay", "--targets", "mta-dkim", "--messages",
+         "200", "--concurrency", "5", "--repeat", "1", "--settle", "0", "--no-save"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "signed 200/200, sample signature verifies: True" in out, out[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("relay mta-dkim c=5:"))
+    assert "lost 0" in line and "signed 200" in line
+
+
+def test_report_dkim_section(tmp_path: Path) -> None:
+    relay = _result("relay", [
+        ({"target": "mta-dkim", "concurrency": 50},
+         [{"msgs_per_s": 500.0, "node_cpu_us_per_msg": 1500.0, "signed": 1000,
+           "sink_received": 1000, "sample_verified": True, "lost": 0}]),
+        ({"target": "postfix", "concurrency": 50},
+         [{"msgs_per_s": 400.0, "signed": 0, "sink_received": 1000, "lost": 0}]),
+        ({"target": "mta", "concurrency": 50},
+         [{"msgs_per_s": 1000.0, "node_cpu_us_per_msg": 600.0, "signed": 0,
+           "sink_received": 1000, "lost": 0}])],
+        ratios=[{"what": "relay-dkim", "labels": {"target": "mta-dkim", "concurrency": 50},
+                 "ratio": 1.25}])
+    relay["loadavg"] = {"start": [1.0, 2.0, 3.0], "end": [1.5, 2.0, 3.0]}
+    text = render([relay], tmp_path / "plots")
+    dkim = text.split("## DKIM signing (issue 17)", 1)[1]
+    assert "| mta-dkim | 500 | 1,500 | 1.50 | 1,000 / 1,000, 1/1 samples verify | 0 |" in dkim
+    assert "mta-dkim / Postfix **1.25x** (goal >= 2x: **missed**)" in dkim
+    assert "**900 us of node CPU per message**" in dkim
+    assert "1.00 / 2.00 / 3.00 at the start" in dkim
+    row = next(x for x in text.splitlines() if x.startswith("| Relay, every message DKIM"))
+    assert "**missed**" in row and "1.25x: mta-dkim 500" in row
+
+
 def test_without_postfix_the_comparison_says_how_to_get_it(tmp_path: Path) -> None:
     # A PATH without /usr/sbin: no postfix binary. Never a made-up figure: exit 2 and say how.
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
