@@ -875,6 +875,27 @@ class TenantsConfig:
     names: dict[str, TenantPolicy] = _opt(_tenant_policies, dict)  # noqa: RUF009
 
 
+def _webhook_url(value: Any) -> str:
+    value = _string(value)
+    if value and not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s#]*)?", value):
+        raise _Invalid(f"expected an http:// or https:// URL (or empty: off), got "
+                       f"{value[:100]!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """``[events]``: every accounting record POSTed to the sending application's webhook,
+    in batches, signed with ``secret``, at least once (a cursor kept on disk)."""
+
+    url: str = _opt(_webhook_url, "")  # empty: no webhook
+    secret: Secret | None = _opt(_secret, None)  # noqa: RUF009
+    batch_size: int = _opt(_positive_int, 500)  # records per POST at most
+    timeout: float = _opt(parse_duration, 10.0)  # one POST; then retried, backing off
+    retry_max: float = _opt(parse_duration, 60.0)  # the longest wait between retries
+    cursor: str = _opt(_path, "")  # default: the accounting log's path + ".events-cursor"
+
+
 def _optional_address(value: Any) -> str:
     value = _string(value)
     if value and (value.count("@") != 1 or not value.rpartition("@")[2]):
@@ -916,6 +937,7 @@ class Config:
     slo: SloConfig = field(default_factory=SloConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     source: str = "<defaults>"
 
     @property
@@ -934,6 +956,7 @@ _SECTIONS: dict[str, type] = {
     "slo": SloConfig,
     "dkim": DkimConfig,
     "tenants": TenantsConfig,
+    "events": EventsConfig,
 }
 
 
@@ -974,6 +997,10 @@ def _ca_problem(path: str) -> str | None:
 
 
 def _check_consistency(cfg: Config, path: str) -> None:
+    if cfg.events.url and cfg.events.secret is None:
+        raise ConfigError(path, "[events] secret", "a webhook needs a secret to sign its "
+                                                   "POSTs; e.g. the output of: openssl rand "
+                                                   "-hex 32")
     smtp = cfg.smtp
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         key = "tls_key" if smtp.tls_cert else "tls_cert"

@@ -22,6 +22,7 @@ from mta.delivery.engine import DeliveryEngine
 from mta.dkim.keys import DkimKeyError
 from mta.dkim.signer import Signer, build_signer
 from mta.envelope import Envelope
+from mta.events import EventShipper
 from mta.gauges import NodeGauges, ReplicationGauges
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
@@ -111,6 +112,9 @@ class Node:
                               self.metrics.registry, self.ready,
                               cfg.delivery.accounting_log, tick=cfg.slo.sample_interval)
         self.prober = Prober(self)
+        # Every accounting record to the sending application's webhook, if one is set.
+        self.events = (EventShipper(cfg.events, cfg.delivery.accounting_log, self.node_id,
+                                    self.metrics) if cfg.events.url else None)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         # What start() opened, closed by stop(); None until a start has succeeded.
@@ -241,6 +245,8 @@ class Node:
         }
         if cfg.probe.interval > 0:
             loops["probe"] = lambda: self.prober.run_forever(cfg.probe.interval)
+        if self.events is not None:
+            loops["events"] = self.events.run
         for name, run in loops.items():
             self._tasks.append(asyncio.create_task(
                 supervise(name, run, node_id=self.node_id, errors=self._loop_errors,
@@ -427,7 +433,8 @@ class Node:
             log.error("node.reload_failed", node_id=self.node_id, error=describe(exc))
             notify("STATUS=reload failed, kept the previous configuration")
             return False
-        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe")
+        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe",
+                                            "events")
                           if getattr(cfg, name) != getattr(self.cfg, name)]
         if cfg.slo.sample_interval != self.cfg.slo.sample_interval:
             restart_needed.append("slo.sample_interval")  # objectives apply at once

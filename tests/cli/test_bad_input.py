@@ -51,6 +51,7 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "_dkim_domains": {4},
     "_header_name": {6, 7, 8, 13, 17},  # "" (off); a header field name
     "_tenant_policies": {4},  # no tenants
+    "_webhook_url": {6},  # "" (off); an http(s) URL
 }
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {

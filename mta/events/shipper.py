@@ -1,0 +1,232 @@
+"""Every accounting record, POSTed to ``[events] url`` in batches, at least once.
+
+The accounting log is the source (it says exactly what the spool says, see
+:mod:`mta.accounting`); a cursor on disk (the file's identity and the offset of the first
+record not yet acknowledged by the receiver) is moved only after a 2xx, and written with
+fsync. So nothing is lost across a restart or a kill -9, and what is sent twice carries the
+same ``event_id`` (a digest of the record's bytes) for the receiver to drop.
+
+The body is ``{"node": ..., "events": [record, ...]}``, each record the accounting line's JSON
+plus ``event_id``; ``X-MTA-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">``
+with the shared secret (as Stripe signs its webhooks: the receiver recomputes it, compares in
+constant time and refuses an old ``t``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import random
+import tempfile
+import time
+
+import aiohttp
+import structlog
+
+from mta.config import EventsConfig
+from mta.logs import describe
+from mta.metrics import NodeMetrics
+
+__all__ = ["EventCursor", "EventShipper", "event_id", "signature"]
+
+log = structlog.get_logger("mta.events")
+
+_READ = 1 << 20  # bytes read from the log at a time
+_IDLE = 0.2  # seconds between looks at the log when everything was sent
+
+
+def event_id(line: bytes) -> str:
+    """A record's stable id: the same bytes (a record sent again) give the same id."""
+    return hashlib.sha256(line).hexdigest()[:32]
+
+
+def signature(secret: bytes, body: bytes, at: int) -> str:
+    """The ``X-MTA-Signature`` value of ``body`` sent at ``at`` (unix seconds)."""
+    mac = hmac.new(secret, f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+class EventCursor:
+    """Where shipping stands: ``{"ident": "dev:ino", "offset": N}`` in a small file, replaced
+    atomically with fsync. Blocking: call through a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> tuple[str, int]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                raw = json.load(f)
+            return str(raw["ident"]), int(raw["offset"])
+        except FileNotFoundError:
+            return "", 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("events.cursor_unreadable", path=self.path, error=describe(exc))
+            return "", 0
+
+    def save(self, ident: str, offset: int) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".events-cursor.", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"ident": ident, "offset": offset}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _Log:
+    """The accounting log, read from an offset by whole lines (the writer appends; this
+    reader follows the inode it opened, as the writer keeps its file across a rename)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.ident = ""
+
+    def open(self) -> bool:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        st = os.fstat(self.fd)
+        self.ident = f"{st.st_dev}:{st.st_ino}"
+        return True
+
+    def read(self, offset: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` whole lines from ``offset`` (a torn last line waits)."""
+        assert self.fd is not None
+        size = _READ
+        while True:
+            data = os.pread(self.fd, size, offset)
+            if b"\n" in data or len(data) < size:
+                break
+            size *= 2  # one record longer than a read (a message with many recipients)
+        lines = data.split(b"\n")[:-1]  # the last piece has no newline yet
+        return [line + b"\n" for line in lines[:limit]]
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size if self.fd is not None else 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class EventShipper:
+    """Tails the accounting log and POSTs what the receiver has not acknowledged yet."""
+
+    def __init__(self, cfg: EventsConfig, accounting_log: str, node_id: str,
+                 metrics: NodeMetrics | None = None) -> None:
+        assert cfg.url and cfg.secret is not None
+        self.cfg = cfg
+        self.node_id = node_id
+        self._secret = cfg.secret.reveal()
+        self._log = _Log(accounting_log)
+        self.cursor = EventCursor(cfg.cursor or f"{accounting_log}.events-cursor")
+        self._metrics = metrics
+        self.offset = 0
+        self.sent = 0  # events acknowledged since start
+
+    def backlog(self) -> int:
+        """Bytes of the log not acknowledged yet."""
+        return max(0, self._log.size() - self.offset)
+
+    async def run(self) -> None:
+        """Ship for ever (a supervised loop: cancel it to stop; the cursor is always on
+        disk, so nothing is owed at a stop)."""
+        while not await asyncio.to_thread(self._log.open):
+            await asyncio.sleep(_IDLE)  # no accounting log yet
+        try:
+            ident, offset = await asyncio.to_thread(self.cursor.load)
+            if ident and ident != self._log.ident:
+                # Another file than the one the cursor was for (rotated while stopped):
+                # its unsent tail is not here to read.
+                log.warning("events.log_replaced", node_id=self.node_id,
+                            path=self._log.path, skipped_from=offset)
+                offset = 0
+            self.offset = min(offset, self._log.size()) if ident else 0
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+                    headers={"User-Agent": "mta (events)"}) as session:
+                await self._ship(session)
+        finally:
+            self._log.close()
+
+    async def _ship(self, session: aiohttp.ClientSession) -> None:
+        failures = 0
+        while True:
+            lines = await asyncio.to_thread(self._log.read, self.offset, self.cfg.batch_size)
+            self._gauge()
+            if not lines:
+                await asyncio.sleep(_IDLE)
+                continue
+            body = self._body(lines)
+            try:
+                await self._post(session, body)
+            except _PostFailed as exc:
+                failures += 1
+                wait = min(self.cfg.retry_max, 0.5 * 2 ** min(failures, 16))
+                wait *= random.uniform(0.8, 1.2)
+                if self._metrics is not None:
+                    self._metrics.events_failures.inc()
+                log.warning("events.post_failed", node_id=self.node_id, url=self.cfg.url,
+                            error=str(exc), events=len(lines), retry_in=round(wait, 2),
+                            failures=failures)
+                await asyncio.sleep(wait)
+                continue
+            failures = 0
+            self.offset += sum(len(line) for line in lines)
+            await asyncio.to_thread(self.cursor.save, self._log.ident, self.offset)
+            self.sent += len(lines)
+            if self._metrics is not None:
+                self._metrics.events_sent.inc(len(lines))
+                self._metrics.events_last_success.set(time.time())
+
+    def _body(self, lines: list[bytes]) -> bytes:
+        events = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # not a record (cannot happen unless the file was edited)
+            if isinstance(record, dict):
+                record["event_id"] = event_id(line)
+                events.append(record)
+        return json.dumps({"node": self.node_id, "events": events},
+                          ensure_ascii=False, separators=(",", ":")).encode()
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        headers = {"Content-Type": "application/json",
+                   "X-MTA-Signature": signature(self._secret, body, int(time.time()))}
+        try:
+            async with session.post(self.cfg.url, data=body, headers=headers,
+                                    allow_redirects=False) as resp:
+                await resp.read()
+                if not 200 <= resp.status < 300:
+                    raise _PostFailed(f"HTTP status {resp.status}")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise _PostFailed(describe(exc)) from None
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.events_backlog.set(self.backlog())
+
+
+class _PostFailed(Exception):
+    """The receiver did not acknowledge the batch (the reason in one line)."""
