@@ -7,11 +7,12 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from mta.config import TENANT_NAME
 from mta.delivery.runtime import SITE_PREFIX
 from mta.envelope import domain_key
 from mta.ingress.policy import domain_problem
 
-__all__ = ["PatternError", "domain_pattern", "site_pattern"]
+__all__ = ["PatternError", "domain_pattern", "label_key", "site_pattern"]
 
 _WITH_PORT = re.compile(r"(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})")
 
@@ -39,6 +40,15 @@ def domain_pattern(text: str) -> str:
     if problem := _host_problem(rest):
         raise PatternError(problem)
     return domain_key(text)
+
+
+def label_key(kind: str, value: object) -> str:
+    """The stored key holding a tenant's or a campaign's mail (``tenant:acme``); raises
+    PatternError for a value that is not a name."""
+    if not isinstance(value, str) or not TENANT_NAME.fullmatch(value):
+        raise PatternError(f"a {kind} is 1-64 letters, digits, '.', '_' or '-', starting "
+                           "with a letter or digit")
+    return f"{kind}:{value}"
 
 
 def _literal(text: str) -> str:

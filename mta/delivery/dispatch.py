@@ -90,6 +90,7 @@ class Dispatcher:
         # domain -> the route its mail was held on by a site suspension (LRU, at most
         # route_cache_size): what to retry at once when that site is resumed.
         self._held_by_site: OrderedDict[str, Route] = OrderedDict()
+        self.labels_released: set[str] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.sts = StsPolicies(StsStore(cfg.delivery.mta_sts_cache), _sts_settings(self.dcfg),
                                lambda: self.router.resolver,
@@ -132,6 +133,8 @@ class Dispatcher:
         domain or a site suspension) and no longer are, to retry now; None if none can be."""
         before, now = self._runtime, RuntimeIndex(settings)
         self._runtime = now
+        # tenant:/campaign: keys resumed now: the engine retries their mail at once.
+        self.labels_released = before.labels_held - now.labels_held
         for site in self.sites.values():
             site.rate_override = now.site_rate(site.route)
             held = now.site_hold(site.route)
@@ -155,8 +158,14 @@ class Dispatcher:
         return resumed
 
     def _hold_of(self, site: Site, job: Job) -> str | None:
-        """The runtime key holding a job queued at ``site`` (the site's, or its domain's)."""
-        return site.held_by or self._runtime.domain_hold(job.domain)
+        """The runtime key holding a job queued at ``site`` (the site's, its domain's, its
+        tenant's or its campaign's)."""
+        return (site.held_by or self._runtime.domain_hold(job.domain)
+                or self._runtime.label_hold(job.tenant, job.campaign))
+
+    def label_hold(self, tenant: str, campaign: str) -> str | None:
+        """The ``tenant:``/``campaign:`` key an operator holds this mail with, or None."""
+        return self._runtime.label_hold(tenant, campaign)
 
     def suspended(self, domain: str) -> bool:
         """Is delivery to ``domain`` suspended by an operator (exactly or by a wildcard)?"""
@@ -220,6 +229,8 @@ class Dispatcher:
     async def _deliver(self, stored: StoredMessage, domain: str, idx: list[int]
                        ) -> dict[int, Outcome]:
         env = stored.envelope
+        if (hold := self._runtime.label_hold(env.tenant, env.campaign)) is not None:
+            return self._held(domain, None, hold, idx)
         try:
             route = await self.router.route(domain)
         except DeliveryError as exc:
@@ -267,7 +278,7 @@ class Dispatcher:
                 tls = tls_policy(tls, "verify")
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
                       stored.body, env.smtputf8, env.body_8bit, tls=tls, sts=sts,
-                      tenant=env.tenant, dane=route.dane)
+                      tenant=env.tenant, campaign=env.campaign, dane=route.dane)
             return await self._deliver_job(site, job, idx)
 
     def _held(self, domain: str, route: Route | None, key: str, idx: list[int]

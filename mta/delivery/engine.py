@@ -121,6 +121,10 @@ class DeliveryEngine:
             # Mail a resume released goes now, not at its next periodic look.
             flushed = self.queue.flush_matching(resumed)
             log.info("delivery.resumed", node_id=self.node_id, rescheduled=flushed)
+        if released := self.dispatcher.labels_released:
+            flushed = self.queue.flush_labels(released)
+            log.info("delivery.resumed", node_id=self.node_id, keys=sorted(released),
+                     rescheduled=flushed)
 
     # --- shards and messages ---------------------------------------------------------------
 
@@ -140,8 +144,11 @@ class DeliveryEngine:
         """A message just accepted: try it now."""
         self.queue.enqueue(message_id)
 
-    def flush(self, domain: str | None = None) -> int:
-        """Retry now every waiting message (for ``domain`` only, if given)."""
+    def flush(self, domain: str | None = None, labels: set[str] | None = None) -> int:
+        """Retry now every waiting message (for ``domain`` only, or of the ``tenant:`` /
+        ``campaign:`` keys in ``labels``, if given)."""
+        if labels:
+            return self.queue.flush_labels(labels)
         return self.queue.flush(domain)
 
     def live_refs(self) -> list[MessageRef]:

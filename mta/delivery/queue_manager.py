@@ -282,6 +282,13 @@ class QueueManager:
         ids = {ref.id for ref in self.live_refs() if any(map(match, ref.pending_domains()))}
         return self.scheduler.reschedule_all(0.0, ids.__contains__) if ids else 0
 
+    def flush_labels(self, keys: set[str]) -> int:
+        """Retry now every waiting message sent for a ``tenant:`` or of a ``campaign:`` key
+        in ``keys``."""
+        ids = {ref.id for ref in self.live_refs() if ref.labels is not None and (
+            f"tenant:{ref.tenant}" in keys or f"campaign:{ref.campaign}" in keys)}
+        return self.scheduler.reschedule_all(0.0, ids.__contains__) if ids else 0
+
     def live_refs(self) -> list[MessageRef]:
         """Index entries of every live message in the shards this engine delivers."""
         return [ref for shard in sorted(self._shards) for ref in self.spool.live_messages(shard)]
@@ -696,8 +703,12 @@ class QueueManager:
         return state
 
     def _still_held(self, run: _Attempt) -> bool:
-        """Is a pending recipient's domain (or its site) still suspended?"""
+        """Is the message's tenant or campaign, or a pending recipient's domain (or its
+        site), still suspended?"""
         rcpts, done = run.envelope.recipients, run.unsaved.results
+        env = run.envelope
+        if self.dispatcher.label_hold(env.tenant, env.campaign) is not None:
+            return True
         return any(self.dispatcher.held_by(_domain(rcpts[i])) is not None
                    for i in range(len(rcpts)) if i not in done)
 

@@ -12,6 +12,8 @@ and ``config/throttle/<key>``) is one of:
   ``site:*.mail.protection.outlook.com``, ``site:relay.example:2525`` (a smarthost),
   ``site:[192.0.2.1]``. No domain has a colon, so the prefix cannot be mistaken for one,
   and every key stored before sites existed reads as the domain it always was;
+- (suspensions only) a tenant or a campaign: ``tenant:acme``, ``campaign:spring`` holds
+  every message sent for that tenant or of that campaign, whatever its domains;
 - (throttles only, as before) a bare key equal to a site's key as ``mtactl queue`` shows
   it (``mx1.example.net,mx2.example.net``, ``smarthost:host:port``) sets that site's rate.
 
@@ -26,9 +28,10 @@ from mta.coordinator import RuntimeSettings
 from mta.delivery.limits import route_match
 from mta.delivery.routes import Route, wildcard_match
 
-__all__ = ["SITE_PREFIX", "RuntimeIndex"]
+__all__ = ["LABEL_PREFIXES", "SITE_PREFIX", "RuntimeIndex"]
 
 SITE_PREFIX = "site:"
+LABEL_PREFIXES = ("tenant:", "campaign:")
 
 class RuntimeIndex:
     """One :class:`RuntimeSettings`, split by kind of key for matching."""
@@ -37,8 +40,11 @@ class RuntimeIndex:
         self.settings = settings
         self.domains_held: dict[str, str] = {}
         self.sites_held: dict[str, str] = {}  # [delivery.sites]-style pattern -> stored key
+        self.labels_held: set[str] = set()  # tenant:NAME, campaign:NAME
         for key in settings.suspended:
-            if key.startswith(SITE_PREFIX):
+            if key.startswith(LABEL_PREFIXES):
+                self.labels_held.add(key)
+            elif key.startswith(SITE_PREFIX):
                 self.sites_held[key[len(SITE_PREFIX):]] = key
             else:
                 self.domains_held[key] = key
@@ -56,6 +62,16 @@ class RuntimeIndex:
             return domain
         found = wildcard_match(domain, self.domains_held)
         return found[1] if found is not None else None
+
+    def label_hold(self, tenant: str, campaign: str) -> str | None:
+        """The ``tenant:`` or ``campaign:`` key holding mail of ``tenant`` / ``campaign``."""
+        if not self.labels_held:
+            return None
+        for key in (f"tenant:{tenant}" if tenant else "", f"campaign:{campaign}" if campaign
+                    else ""):
+            if key in self.labels_held:
+                return key
+        return None
 
     def site_hold(self, route: Route) -> str | None:
         """The site key holding the site ``route`` leads to, or None."""

@@ -111,6 +111,7 @@ class Job:
     # not decide TLS for all of them from the first.
     tls: str = "opportunistic"
     tenant: str = ""  # whose mail: tenants take turns in the site's ready queue
+    campaign: str = ""
     # DANE: the TLSA records of the route's MX hosts when the job was queued. Checked per
     # transaction too: a connection opened for another route (a pooled one) must meet them.
     dane: tuple[tuple[str, tuple[Tlsa, ...]], ...] = ()

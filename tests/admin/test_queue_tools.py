@@ -388,6 +388,15 @@ def test_queue_by_tenant_and_campaign_and_a_cancelled_campaign(node: NodeProcess
     assert _listed(node, "--tenant", "") == [plain]
     assert ctl(node, "queue", "list", "--campaign", "bad name").returncode != 0
 
+    # Suspending a tenant is cluster-wide state, shown with the other suspensions.
+    assert ctl(node, "suspend", "--tenant", "acme").returncode == 0
+    assert "tenant:acme" in ctl_json(node, "throttle", "show")["suspended"]
+    assert ctl(node, "suspend", "--tenant", "bad name").returncode != 0
+    assert ctl(node, "resume", "--tenant", "acme").returncode == 0
+    assert ctl(node, "resume", "--tenant", "acme").returncode != 0  # not suspended: said
+    flushed = ctl_json(node, "flush", "--campaign", "autumn")
+    assert flushed["rescheduled"] == 1, flushed
+
     done = ctl_json(node, "queue", "bounce", "--campaign", "spring", "--yes")
     assert (done["matched"], done["messages"]) == (2, 2)
     assert sorted(_listed(node)) == sorted([other, plain])

@@ -166,3 +166,24 @@ def test_tenant_config_errors_name_the_table() -> None:
     for raw, why in cases:
         with pytest.raises(ConfigError, match=re.escape(why)):
             config_from_dict({"tenants": raw})
+
+
+@pytest.mark.parametrize(("key", "held_for"), [("tenant:bulk", "bulk"),
+                                               ("campaign:spring", "bulk")])
+async def test_a_suspended_tenant_or_campaign_waits_and_goes_on_resume(
+        world: World, key: str, held_for: str) -> None:
+    world.zone(ZONE)
+    world.sink("127.0.0.2")
+    node = await world.start(retry_initial="30s")
+    await node.coordinator.change_runtime(suspended={key: True})
+    for n in range(3):
+        await world.submit([f"bulk{n}@dest.test"],
+                           body=tagged(n, "bulk", "spring"))
+        await world.submit([f"other{n}@dest.test"], body=tagged(10 + n, "other", "autumn"))
+    await wait_until(lambda: delivered_for(world, "other") == 3, 10, "other's mail")
+    assert delivered_for(world, held_for) == 0
+    assert not [r for r in world.accounting() if r["type"] == "TransientFailure"]
+    assert node.engine is not None
+    await node.coordinator.change_runtime(suspended={key: False})
+    # Retried at once on resume, not after retry_initial (30 s).
+    await wait_until(lambda: delivered_for(world, held_for) == 3, 10, "the held mail")

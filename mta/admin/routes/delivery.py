@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from mta.admin.errors import ApiError, json_response
+from mta.admin.keys import PatternError, label_key
 from mta.admin.routes.base import Resource
 from mta.config import parse_rate
 from mta.delivery.runtime import RuntimeIndex
@@ -49,15 +50,21 @@ class Delivery(Resource):
         return domain
 
     async def flush(self, request: web.Request) -> web.Response:
-        """Retry now what waits for one domain (or everything), on every node."""
-        domain = self.api.domain_arg(await self.api.optional_json_body(request))
+        """Retry now what waits for one domain, tenant or campaign (or everything), on every
+        node."""
+        body = await self.api.optional_json_body(request)
+        domain = self.api.domain_arg(body)
+        label = self._label_key(body)
+        if label and domain:
+            raise ApiError.bad_request("give one of domain, tenant or campaign")
         engine = self.api.engine()
 
         async def local() -> dict[str, Any]:
-            return {"rescheduled": engine.flush(domain)}
+            return {"rescheduled": engine.flush(domain, {label} if label else None)}
 
-        answers = await self.api.fan_out(request, "/api/v1/flush", local,
-                                         {"domain": domain} if domain else {})
+        forward = {"domain": domain} if domain else (
+            {label.split(":", 1)[0]: label.split(":", 1)[1]} if label else {})
+        answers = await self.api.fan_out(request, "/api/v1/flush", local, forward)
         return json_response({"rescheduled": sum(a["rescheduled"] for a in answers.all),
                                   "nodes": len(answers.all),
                                   "unreachable": answers.unreachable})
@@ -84,7 +91,8 @@ class Delivery(Resource):
             "unreachable": answers.unreachable})
 
     async def _set_suspended(self, request: web.Request, suspend: bool) -> web.Response:
-        key = self.api.runtime_key(await self.api.json_body(request))
+        body = await self.api.json_body(request)
+        key = self._label_key(body) or self.api.runtime_key(body)
         if key is None:
             raise ApiError.bad_request(_KEY_SHAPE, "a site holds every domain routed to it")
         coordinator = self.api.node.coordinator
@@ -100,6 +108,21 @@ class Delivery(Resource):
         log.info("admin.suspended" if suspend else "admin.resumed", key=key,
                  node_id=self.api.node.node_id)
         return json_response({"suspended": sorted(after.suspended)})
+
+    @staticmethod
+    def _label_key(body: dict[str, Any]) -> str | None:
+        """``tenant:NAME`` / ``campaign:NAME`` when the body names one (and nothing else)."""
+        given = [k for k in ("tenant", "campaign") if k in body]
+        if not given:
+            return None
+        if len(given) > 1 or "domain" in body or "site" in body:
+            raise ApiError.bad_request("give one of domain, site, tenant or campaign",
+                                       "suspend them one at a time")
+        try:
+            return label_key(given[0], body[given[0]])
+        except PatternError as exc:
+            raise ApiError.bad_request(f"{given[0]}: {exc}, got "
+                                       f"{str(body[given[0]])[:100]!r}") from None
 
     async def suspend(self, request: web.Request) -> web.Response:
         """Stop delivering to a domain, its subdomains (``*.domain``) or a site,

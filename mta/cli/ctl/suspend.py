@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mta.cli.ctl.client import call, emit
+from mta.cli.ctl.client import UsageError, call, emit
 
 _KEY_HELP = (
     "a domain (example.com: that domain only); *.example.com: every subdomain at any depth "
@@ -23,10 +23,14 @@ def body_of(key: str, site: bool, field: str = "domain") -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = call(args, f"/api/v1/{args.command}", body_of(args.key, args.site))
+    kind = "tenant" if args.tenant else "campaign" if args.campaign else None
+    if sum((args.site, args.tenant, args.campaign)) > 1:
+        raise UsageError("give one of --site, --tenant, --campaign")
+    body = {kind: args.key} if kind else body_of(args.key, args.site)
+    data = call(args, f"/api/v1/{args.command}", body)
     held = ", ".join(data["suspended"]) or "none"
     done = "suspended" if args.command == "suspend" else "resumed"
-    what = f"site {args.key}" if args.site else args.key
+    what = f"site {args.key}" if args.site else f"{kind} {args.key}" if kind else args.key
     return emit(args, data, f"{done} {what}; suspended domains: {held}")
 
 
@@ -38,5 +42,9 @@ def register(sub: Any) -> None:
                         "the queue without counting attempts, and goes out on resume.")
         p.add_argument("--site", action="store_true",
                        help="KEY is a delivery site (MX host, *.suffix or host:port)")
+        p.add_argument("--tenant", action="store_true",
+                       help="KEY is a tenant: every message sent for it is held")
+        p.add_argument("--campaign", action="store_true",
+                       help="KEY is a campaign: every message of it is held")
         p.add_argument("key", metavar="KEY", help=_KEY_HELP)
         p.set_defaults(func=run)
