@@ -7,12 +7,9 @@ must not turn enforcement off)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import socket
 import ssl
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -26,6 +23,7 @@ import dns.resolver
 import structlog
 
 from mta.delivery.mtasts import StsPolicy, StsPolicyError, is_sts_txt, parse_policy, parse_txt
+from mta.durable import replace_file
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.tasks import cancel_and_wait
@@ -90,24 +88,8 @@ class StsStore:
         return out
 
     def save(self, policies: dict[str, StsPolicy]) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".mta-sts.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({d: p.to_json() for d, p in policies.items()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(self.path, json.dumps({d: p.to_json() for d, p in policies.items()}
+                                           ).encode())
 
 
 async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:

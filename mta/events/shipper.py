@@ -15,19 +15,18 @@ constant time and refuses an old ``t``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import random
-import tempfile
 import time
 
 import aiohttp
 import structlog
 
 from mta.config import EventsConfig
+from mta.durable import replace_file
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 
@@ -69,24 +68,7 @@ class EventCursor:
             return "", 0
 
     def save(self, ident: str, offset: int) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".events-cursor.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"ident": ident, "offset": offset}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(self.path, json.dumps({"ident": ident, "offset": offset}).encode())
 
 
 class _Log:
