@@ -7,7 +7,6 @@ import math
 import signal
 import smtplib
 import socket
-import threading
 import time
 import urllib.request
 import uuid
@@ -20,7 +19,7 @@ import pytest
 
 from tests.support import EtcdServer, NodeProcess, message, node_config
 from tests.support import wait_until_sync as _poll
-from tests.support.cluster import SHARDS, TTL, Cluster, Load, all_delivered, submit_until
+from tests.support.cluster import SHARDS, TTL, Cluster, Load, all_delivered
 
 
 @pytest.fixture
@@ -31,8 +30,7 @@ def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
 
 
 def test_three_nodes_elect_one_leader_spread_shards_and_reelect(cluster: Cluster) -> None:
-    for n in ("n1", "n2", "n3"):
-        cluster.start_node(n)
+    cluster.start_nodes(["n1", "n2", "n3"])
     st = cluster.wait(cluster.settled({"n1", "n2", "n3"}), 20, "3 nodes settled")
     counts = Counter(st["owner"].values())
     assert max(counts.values()) <= math.ceil(SHARDS / 3) + 1, counts
@@ -114,8 +112,7 @@ def test_sigkill_under_load_every_acknowledged_message_is_delivered(
     load = Load()
     acked = load.acked
     try:
-        for n in ("n1", "n2", "n3"):
-            c.start_node(n)
+        c.start_nodes(["n1", "n2", "n3"])
         c.wait(c.settled({"n1", "n2", "n3"}), 20, "settled")
         load.start([c.nodes[n].smtp_port for n in ("n1", "n2", "n3")])
         # Under load before the kill: every node has acknowledged mail (some still queued).
@@ -206,24 +203,13 @@ def test_etcd_killed_30s_under_load_fences_then_resumes_without_losing_mail(
     sink.start()
     c = Cluster(tmp_path, own, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
                 retry_initial="300ms", retry_max="1s")
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
+    load = Load()  # its clients reconnect when a fenced node closes on them
+    acked = load.acked
     try:
         for n in ("n1", "n2"):
             c.start_node(n)
         c.wait(c.settled({"n1", "n2"}), 20, "settled")
-
-        def load(worker: int, node: str) -> None:
-            while not stop.is_set():
-                submit_until(c.nodes[node].smtp_port, stop, acked, lock, worker)
-                time.sleep(0.1)  # a fenced node closed us: reconnect
-
-        threads = [threading.Thread(target=load, args=(i, n), daemon=True)
-                   for i, n in enumerate(("n1", "n2"))]
-        for t in threads:
-            t.start()
+        load.start([c.nodes[n].smtp_port for n in ("n1", "n2")])
         _poll(lambda: len(acked) >= 20, 20, "load before the outage")
         own.kill()  # SIGKILL etcd for 30 s under load; it comes back with the same data
         t_kill = time.monotonic()
@@ -247,9 +233,7 @@ def test_etcd_killed_30s_under_load_fences_then_resumes_without_losing_mail(
         c.wait(c.settled({"n1", "n2"}), 30, "cluster back after the outage")
         before = len(acked)
         _poll(lambda: len(acked) >= before + 20, 20, "mail accepted again after the outage")
-        stop.set()
-        for t in threads:
-            t.join(15)
+        load.stop()
         want = {f"X-Test-Id: {int(k.split('-')[0]) * 100000 + int(k.split('-')[1])}".encode()
                  for k in acked}
 
@@ -265,10 +249,8 @@ def test_etcd_killed_30s_under_load_fences_then_resumes_without_losing_mail(
         assert want <= got, f"{len(want - got)} acknowledged messages lost"
         assert len(acked) > 50
     finally:
-        stop.set()  # a failure must not leave the load running (and the run hanging)
+        load.stop()  # a failure must not leave the load running (and the run hanging)
         c.stop()
-        for t in threads:
-            t.join(15)
         sink.stop()
         own.stop()
 
@@ -282,10 +264,9 @@ def test_cluster_wide_domain_throttle_holds_at_the_sink(tmp_path: Path, etcd: Et
     c = Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
                 domains={"slow.test": {"rate": f"{rate:g}/s"}})
     try:
-        for n in ("n1", "n2", "n3"):
-            c.start_node(n)
+        c.start_nodes(["n1", "n2", "n3"])
         c.wait(c.settled({"n1", "n2", "n3"}), 20, "settled")
-        total = 36
+        total = 18  # three seconds at the cluster's rate; three times that if it were per node
         for i in range(total):
             node = c.nodes[("n1", "n2", "n3")[i % 3]]
             with smtplib.SMTP("127.0.0.1", node.smtp_port) as s:

@@ -37,6 +37,10 @@ from tests.support.memcluster import MemCluster, mem
 TTL = 3.0  # fence_after 2 s: a loop stall under CPU load does not fence by accident
 SHARDS = 8
 NAME = "decisions"
+# Elections that wait out a lease run on uvloop only (the loop a node picks when it is
+# installed): the decision under test is the same on either loop, and the timing tests
+# (fence deadlines, hung refreshes) and the fast ones here still run on both.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
 class Host:
@@ -187,6 +191,7 @@ async def test_of_two_nodes_claiming_one_shard_only_the_live_owner_gets_a_token(
     assert ha.owned == {}, "the stale claim reached the host"
 
 
+@ONE_LOOP
 async def test_a_drain_set_during_the_election_is_obeyed_by_the_new_leader(
         world: World) -> None:
     hosts = {n: Host() for n in ("n1", "n2", "n3")}
@@ -219,6 +224,7 @@ async def test_a_drain_set_during_the_election_is_obeyed_by_the_new_leader(
     assert not any(cs["n1"].may_send(s) for s in range(SHARDS))
 
 
+@ONE_LOOP
 async def test_leader_loss_and_reelection_then_the_old_leader_rejoins(world: World) -> None:
     h1, h2 = Host(), Host()
     n1, n2 = world.coordinator("n1"), world.coordinator("n2")

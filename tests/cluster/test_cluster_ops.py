@@ -21,8 +21,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer,
     c = Cluster(tmp_path_factory.mktemp("cops"), etcd, enabled=True,
                 smarthost=f"127.0.0.1:{sink.port}", retry_initial="1h", retry_max="2h",
                 idle_timeout="1s")
-    for n in ("n1", "n2", "n3"):
-        c.start_node(n)
+    c.start_nodes(["n1", "n2", "n3"])
     c.wait(c.settled({"n1", "n2", "n3"}), 30, "3 nodes settled")
     yield c
     c.stop()

@@ -29,6 +29,12 @@ from tests.support import wait_until as until
 
 TTL = 2.0
 
+# The slow scenarios (each seconds of waiting on leases, fences and slow hosts) run on uvloop
+# only, the loop a node picks when it is installed ([node] loop = "auto"). What the loop
+# flavour could change (timers firing, tasks running concurrently, gRPC calls cut off) the
+# other tests of this module still check on both loops.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
+
 
 class Host:
     """A ShardHost whose acquire and release take as long as asked, recording every call."""
@@ -153,6 +159,7 @@ def settled(shards: int, owners: dict[int, str] | None = None) -> Callable[[Any]
 
 
 @pytest.mark.slow
+@ONE_LOOP
 async def test_fence_timer_fires_at_last_refresh_plus_fence_after_while_etcd_is_silent(
         world: World) -> None:
     proxy = await world.proxy()
@@ -258,6 +265,7 @@ async def test_may_send_is_false_once_the_shard_has_another_owner(world: World) 
     assert next(i.token for i in await c.shards() if i.shard == 1) > token
 
 
+@ONE_LOOP
 async def test_releases_run_at_once_and_never_hold_up_a_dead_nodes_shards(
         world: World) -> None:
     # n1 (leader) and n2 own 6 of 12 shards each. n2 is cut off from etcd (silently) while
@@ -299,6 +307,7 @@ async def test_releases_run_at_once_and_never_hold_up_a_dead_nodes_shards(
           f"last refresh; n1 released {len(released)} shards at once")
 
 
+@ONE_LOOP
 async def test_a_stopping_coordinator_claims_nothing_and_releases_what_it_was_claiming(
         world: World) -> None:
     shards = 12

@@ -9,24 +9,20 @@ from __future__ import annotations
 import shutil
 import signal
 import smtplib
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import EtcdServer, Sink, SinkScript, message
+from tests.support import EtcdServer, message
 from tests.support import wait_until_sync as _poll
 from tests.support.cluster import (
     SHARDS,
     TTL,
     Cluster,
-    Load,
     Reply,
-    Submitter,
     all_delivered,
-    closed_sink,
-    deliver_all,
+    replicated,
     stop_all,
 )
 
@@ -36,49 +32,32 @@ def test_sigkill_and_disk_loss_under_load_lose_no_acknowledged_message(
         tmp_path: Path, etcd: EtcdServer) -> None:
     # Closed (451) until the kill: every acknowledged message is still queued then, so the
     # victim's share exists only on its followers' copies once its disk is gone.
-    open_ = threading.Event()
-    sink = Sink("127.0.0.1", 0, SinkScript(
-        data_reply=lambda _rcpts, _n: None if open_.is_set() else "451 4.3.0 not yet"))
-    sink.start()
-    c = Cluster(tmp_path, etcd, replicas=2, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
-                max_connections=2, retry_initial="300ms", retry_max="1s")
-    load = Load()
-    acked = load.acked
-    try:
-        for n in ("n1", "n2", "n3"):
-            c.start_node(n)
+    with replicated(tmp_path, etcd, replicas=2) as run:
+        c, acked = run.c, run.acked
+        c.start_nodes(["n1", "n2", "n3"])
         c.wait(c.settled({"n1", "n2", "n3"}), 30, "settled")
         # Every shard has its second copy in the in-sync set before the load starts.
         _poll(lambda: len(m := c.members()) == SHARDS
               and all(len(v) >= 2 for v in m.values()), 60, "every shard on two copies")
-        load.start([c.nodes[n].smtp_port for n in ("n1", "n2", "n3")])
+        run.submit("n1", "n2", "n3")
         _poll(lambda: {k.split("-")[0] for k in list(acked)} == {"0", "1", "2"}
               and len(acked) >= 60, 30, "mail acknowledged by every node")
         victim = "n2"
         c.nodes[victim].kill()  # under load: its last acknowledgements were just sent
         shutil.rmtree(c.spool_of(victim))  # the disk is gone with the node
         t_kill = time.monotonic()
-        load.stop()
-        assert not sink.messages, "nothing may have been delivered before the kill"
-        open_.set()
+        stop_all(run.subs)
+        assert not run.sink.messages, "nothing may have been delivered before the kill"
+        run.open_.set()
         c.wait(c.settled({"n1", "n3"}), TTL + 15, "survivors own every shard")
         rto = time.monotonic() - t_kill
-        got = all_delivered(acked, sink.messages, 90, max_dupes=2 * 2)
+        got = all_delivered(acked, run.sink.messages, 90, max_dupes=2 * 2)
         dupes = {k: v for k, v in got.items() if v > 1}
         print(f"replicated failover with disk loss: {len(acked)} acked, takeover {rto:.2f}s, "
               f"duplicates {len(dupes)}")
-    finally:
-        load.stop()
-        c.stop()
-        sink.stop()
 
 
 # --- SIGSTOP / min_insync tests -----------------------------------------------------------------
-
-
-def _cluster(tmp_path: Path, etcd: EtcdServer, sink: Sink, **kw: object) -> Cluster:
-    return Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
-                   max_connections=2, retry_initial="300ms", retry_max="1s", **kw)
 
 
 def _taken_over(c: Cluster, lost: set[int], old: str, revs0: dict[int, int],
@@ -101,17 +80,11 @@ def _owner_revisions(c: Cluster) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigstopped_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=3, min_insync=2, replica_timeout="1s")
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
+    with replicated(tmp_path, etcd, replicas=3, min_insync=2, replica_timeout="1s") as run:
+        c, acked, subs = run.c, run.acked, run.subs
         c.start_replicated(["n1", "n2", "n3"], copies=3)
         shard = min(s for s, o in c.state()["owner"].items() if o == "n1")
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2"))]
+        run.submit("n1", "n2")
         _poll(lambda: len(subs[0].ok()) >= 20, 15, "mail acknowledged by n1")
         follower = c.nodes["n3"]
         follower.signal(signal.SIGSTOP)
@@ -132,14 +105,10 @@ def test_sigstopped_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
         # back into the in-sync set of the shard it follows.
         _poll(lambda: "n3" in c.members()[shard], 25, f"n3 back in sync/{shard}")
         t_rejoin = time.monotonic()
-        deliver_all(subs, open_, acked, sink)
+        run.deliver_all()
         print(f"sigstop follower: {len(acked)} acked ({n_frozen} by the frozen time), "
               f"dropped from sync/{shard} {t_drop - t_stop:.2f}s after SIGSTOP, rejoined "
-              f"{t_rejoin - t_cont:.2f}s after SIGCONT, total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        sink.stop()
+              f"{t_rejoin - t_cont:.2f}s after SIGCONT, total {run.elapsed():.1f}s")
 
 
 def _open_transaction(port: int) -> smtplib.SMTP:
@@ -178,16 +147,10 @@ def _assert_claimed_anew(c: Cluster, node: str, replies: list[Reply],
 @pytest.mark.slow
 def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_them(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2)
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
+    with replicated(tmp_path, etcd, replicas=2) as run:
+        c, acked, subs = run.c, run.acked, run.subs
         c.start_replicated(["n1", "n2", "n3"], copies=2)
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2", "n3"))]
+        run.submit("n1", "n2", "n3")
         _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by all")
         owners0, tokens0 = (c.state()["owner"],
                             {s: r["token"] for s, r in c.sync_records().items()})
@@ -215,8 +178,7 @@ def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_t
             old.signal(signal.SIGCONT)
         t_cont = time.monotonic()
         code, reply = _finish_transaction(pending)
-        late = Submitter(old.smtp_port, 3, acked, lock)  # whatever n2 answers once awake
-        subs.append(late)
+        (late,) = run.submit("n2")  # whatever n2 answers once awake
         c.wait(c.settled({"n1", "n2", "n3"}), 30, "n2 back in service")
         _poll(lambda: len(late.ok()) >= 5, 15, "n2 accepting again on shards it owns now")
         stop_all(subs)
@@ -225,31 +187,21 @@ def test_sigstopped_owner_past_its_lease_loses_its_shards_and_sends_no_250_for_t
         _assert_claimed_anew(c, "n2", late.replies, tokens0)
         log = old.log()
         assert "cluster.fenced" in log or "node.fenced" in log, log[-2000:]
-        deliver_all(subs, open_, acked, sink)
+        run.deliver_all()
         refused = sum(r.code != 250 for r in late.replies)
         print(f"sigstop owner: {len(acked)} acked, {len(lost)} shards taken over "
               f"{t_over - t_stop:.2f}s after SIGSTOP, pending DATA answered {code}, "
               f"{refused} refused and {len(late.ok())} accepted by n2 after SIGCONT "
-              f"({time.monotonic() - t_cont:.1f}s), total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        sink.stop()
+              f"({time.monotonic() - t_cont:.1f}s), total {run.elapsed():.1f}s")
 
 
 @pytest.mark.slow
 def test_min_insync_unreachable_answers_451_until_the_copy_returns(
         tmp_path: Path, etcd: EtcdServer) -> None:
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=2)
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
+    with replicated(tmp_path, etcd, replicas=2, min_insync=2) as run:
+        c, acked, subs = run.c, run.acked, run.subs
         c.start_replicated(["n1", "n2"], copies=2)
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2"))]
+        run.submit("n1", "n2")
         _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "mail acknowledged by both")
         c.nodes["n2"].kill()
         t_kill = time.monotonic()  # n2 is reaped: from here only one disk exists
@@ -271,18 +223,14 @@ def test_min_insync_unreachable_answers_451_until_the_copy_returns(
         _poll(lambda: len(m := c.members()) == SHARDS
               and all(len(v) == 2 for v in m.values()), 30, "every shard on two copies again")
         t_insync = time.monotonic()
-        subs.append(Submitter(c.nodes["n2"].smtp_port, 2, acked, lock))
+        run.submit("n2")
         _poll(lambda: len(subs[0].ok(t_insync)) >= 10 and len(subs[2].ok()) >= 10, 20,
               "mail accepted again")
         # Not one 250 for DATA sent while n2 was down.
         bad = [r for r in subs[0].ok(t_kill) if r.sent < t_back]
         assert not bad, bad[:5]
-        deliver_all(subs, open_, acked, sink)
+        run.deliver_all()
         n451 = sum(r.code == 451 for r in subs[0].replies)
         print(f"min_insync unreachable: {len(acked)} acked, {n451} answered 451, takeover "
               f"{t_over - t_kill:.2f}s, in sync {t_insync - t_back:.2f}s after the restart, "
-              f"total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        sink.stop()
+              f"total {run.elapsed():.1f}s")

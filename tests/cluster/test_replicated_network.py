@@ -4,7 +4,11 @@ proxy (tests/support/netproxy.py) that delays, drops or blackholes what owners s
 what it answers; and a new node with an empty spool joins a loaded cluster.
 
 Only the owners' channel to n2 goes through the proxy: n2's lease, its clients and its own
-channel to n1 (for the shards it owns) are untouched, a partial partition."""
+channel to n1 (for the shards it owns) are untouched, a partial partition.
+
+The partition tests share one such cluster per min_insync (a class each): each test heals
+what it broke, and the next starts only once every shard is on both copies again, with new
+clients and the sink closed, as on a fresh cluster."""
 
 from __future__ import annotations
 
@@ -12,25 +16,19 @@ import contextlib
 import json
 import os
 import shutil
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mta.spool.recovery import recover_shard
 from mta.spool.segment import list_segments, segment_path
 from mta.spool.shard import shard_dir
-from tests.support import EtcdServer, Sink, free_port
+from tests.support import EtcdServer, free_port
 from tests.support import wait_until_sync as _poll
-from tests.support.cluster import (
-    Cluster,
-    Reply,
-    Submitter,
-    closed_sink,
-    deliver_all,
-    stop_all,
-)
+from tests.support.cluster import SHARDS, Cluster, Replicated, Reply, Submitter, replicated
 from tests.support.netproxy import NetProxy
 
 REPLICA_TIMEOUT = 1.0
@@ -45,24 +43,45 @@ REJOIN_WITHIN = 15.0
 JOIN_DELAY = 0.2
 
 
-def _cluster(tmp_path: Path, etcd: EtcdServer, sink: Sink, **kw: object) -> Cluster:
-    return Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
-                   max_connections=2, retry_initial="300ms", retry_max="1s",
-                   replica_timeout=f"{REPLICA_TIMEOUT:g}s", **kw)
+def _replicated(tmp_path: Path, etcd: EtcdServer, **kw: object) -> Any:
+    return replicated(tmp_path, etcd, replica_timeout=f"{REPLICA_TIMEOUT:g}s", **kw)
 
 
-def _start_behind_proxy(c: Cluster) -> NetProxy:
-    """Start n1 and n2 with n2's replication listener behind a proxy; return the proxy once
-    every shard is on both copies."""
+def _start_behind_proxy(run: Replicated) -> NetProxy:
+    """Start n1 and n2 with n2's replication listener behind a proxy (closed with the run);
+    return the proxy once every shard is on both copies."""
     listen = free_port()
     proxy = NetProxy(listen).start()
-    try:
-        c.start_replicated(["n1", "n2"], copies=2, n2={
-            "replication_listen": f"127.0.0.1:{listen}", "replication_advertise": proxy.address})
-    except BaseException:
-        proxy.close()
-        raise
+    run.cleanups.append(proxy.close)
+    run.c.start_replicated(["n1", "n2"], copies=2, n2={
+        "replication_listen": f"127.0.0.1:{listen}", "replication_advertise": proxy.address})
     return proxy
+
+
+@contextlib.contextmanager
+def _behind_proxy(tmp_path: Path, etcd: EtcdServer,
+                  min_insync: int) -> Iterator[tuple[Replicated, NetProxy]]:
+    """n1 and n2 (replicas 2) with n2's replication listener behind a proxy, for a class of
+    tests to share: each test heals what it broke and waits until it is whole again."""
+    with _replicated(tmp_path, etcd, replicas=2, min_insync=min_insync) as run:
+        yield run, _start_behind_proxy(run)
+
+
+@contextlib.contextmanager
+def _turn(shared: tuple[Replicated, NetProxy]) -> Iterator[tuple[Replicated, NetProxy]]:
+    """One test's turn on a shared cluster: it starts as a fresh one would, every shard on
+    both copies (what the test before it left, once healed), with no clients and the sink
+    closed; the proxy passes everything again on the way out."""
+    base, proxy = shared
+    with base.round() as run:
+        try:
+            proxy.heal()
+            _poll(lambda: len(m := run.c.members()) == SHARDS
+                  and all(v == {"n1", "n2"} for v in m.values()), 30,
+                  "every shard on both copies")
+            yield run, proxy
+        finally:
+            proxy.heal()
 
 
 def _owned_by(c: Cluster, node: str) -> set[int]:
@@ -96,159 +115,140 @@ def _partition(proxy: NetProxy, mode: str) -> None:
         proxy.delay(2.5 * REPLICA_TIMEOUT)
 
 
+@pytest.fixture(scope="class")
+def min1(tmp_path_factory: pytest.TempPathFactory,
+         etcd: EtcdServer) -> Iterator[tuple[Replicated, NetProxy]]:
+    """The cluster of a class: replicas 2, min_insync 1."""
+    with _behind_proxy(tmp_path_factory.mktemp("min1"), etcd, min_insync=1) as shared:
+        yield shared
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [
-    "blackhole", "blackhole-hold", "drop", "delay"])
-def test_partitioned_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
-        tmp_path: Path, etcd: EtcdServer, mode: str) -> None:
-    """replicas 2, min_insync 1. n1 drops the cut-off n2 from the in-sync sets of its shards
-    within about replica_timeout and keeps answering 250 on them, without waiting for n2;
-    n2's own shards keep both copies. After the heal n2 catches up and rejoins; every
-    acknowledged message is delivered, none twice."""
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=1)
-    proxy: NetProxy | None = None
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
-        proxy = _start_behind_proxy(c)
-        cut = _owned_by(c, "n1")  # n1 ships these to n2 through the proxy
-        theirs = _owned_by(c, "n2")  # n2 ships these to n1 directly
-        assert cut and theirs, c.state()["owner"]
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2"))]
-        _poll(lambda: len(_ok_on(subs[0], cut, 0)) >= 10, 15, "250s from n1")
-        _partition(proxy, mode)
-        t_cut = time.monotonic()
-        try:
-            _poll(lambda: all(m[s] == {"n1"} for m in [c.members()] for s in cut),
-                  SHRINK_WITHIN, f"n2 out of the in-sync sets of n1's shards ({mode})")
-            t_drop = time.monotonic()
+class TestMinInsyncOne:
+    """replicas 2, min_insync 1: one cluster for the class, n2's replication behind a proxy."""
+
+    @pytest.mark.parametrize("mode", [
+        "blackhole", "blackhole-hold", "drop", "delay"])
+    def test_partitioned_follower_leaves_the_insync_set_then_catches_up_and_rejoins(
+            self, min1: tuple[Replicated, NetProxy], mode: str) -> None:
+        """replicas 2, min_insync 1. n1 drops the cut-off n2 from the in-sync sets of its shards
+        within about replica_timeout and keeps answering 250 on them, without waiting for n2;
+        n2's own shards keep both copies. After the heal n2 catches up and rejoins; every
+        acknowledged message is delivered, none twice."""
+        with _turn(min1) as (run, proxy):
+            c, acked, subs = run.c, run.acked, run.subs
+            cut = _owned_by(c, "n1")  # n1 ships these to n2 through the proxy
+            theirs = _owned_by(c, "n2")  # n2 ships these to n1 directly
+            assert cut and theirs, c.state()["owner"]
+            run.submit("n1", "n2")
+            _poll(lambda: len(_ok_on(subs[0], cut, 0)) >= 10, 15, "250s from n1")
+            _partition(proxy, mode)
+            t_cut = time.monotonic()
+            try:
+                _poll(lambda: all(m[s] == {"n1"} for m in [c.members()] for s in cut),
+                      SHRINK_WITHIN, f"n2 out of the in-sync sets of n1's shards ({mode})")
+                t_drop = time.monotonic()
+                members = c.members()
+                assert all(members[s] == {"n1", "n2"} for s in theirs), members
+                # n1 keeps acknowledging on its shards, without waiting for the cut follower
+                # (its acks, if any get through, come 5 s late with the delay).
+                _poll(lambda: len(_ok_on(subs[0], cut, t_drop)) >= 5, 15,
+                      f"250s from n1 after the shrink ({mode})")
+                _poll(lambda: len(_ok_on(subs[1], theirs, t_drop)) >= 5, 15,
+                      f"250s from n2 after the shrink ({mode})")
+                slow = [r for r in _ok_on(subs[0], cut, t_drop)
+                        if r.done - r.sent >= 2.5 * REPLICA_TIMEOUT]
+                assert not slow, slow[:3]
+            finally:
+                proxy.heal()
+            t_heal = time.monotonic()
+            _poll(lambda: all(m[s] == {"n1", "n2"} for m in [c.members()] for s in cut),
+                  REJOIN_WITHIN, f"n2 back in the in-sync sets of n1's shards ({mode})")
+            t_rejoin = time.monotonic()
+            _poll(lambda: len(_ok_on(subs[0], cut, t_rejoin)) >= 3, 15,
+                  "250s from n1 after the heal")
+            run.deliver_all()
+            print(f"partition ({mode}): {len(acked)} acked, n2 out of {len(cut)} in-sync sets "
+                  f"{t_drop - t_cut:.2f}s after the cut, back {t_rejoin - t_heal:.2f}s after the "
+                  f"heal; proxy accepted {proxy.accepted}, reset {proxy.reset}, lost {proxy.lost} "
+                  f"bytes; total {run.elapsed():.1f}s")
+
+    def test_follower_slower_than_the_network_but_within_replica_timeout_holds_every_250(
+            self, min1: tuple[Replicated, NetProxy]) -> None:
+        """A delay below replica_timeout on the channel to n2: n2 stays in the in-sync sets of
+        n1's shards, and every 250 on them waits for n2's ack, a round trip through the delay."""
+        delay = 0.15
+        with _turn(min1) as (run, proxy):
+            c, subs = run.c, run.subs
+            cut = _owned_by(c, "n1")
+            run.submit("n1")
+            _poll(lambda: len(subs[0].ok()) >= 5, 15, "250s from n1")
+            log_from = len(c.nodes["n1"].log())
+            proxy.delay(delay)
+            t_delay = time.monotonic()
+            _poll(lambda: len(_ok_on(subs[0], cut, t_delay)) >= 15, 20, "250s through the delay")
             members = c.members()
-            assert all(members[s] == {"n1", "n2"} for s in theirs), members
-            # n1 keeps acknowledging on its shards, without waiting for the cut follower
-            # (its acks, if any get through, come 5 s late with the delay).
-            _poll(lambda: len(_ok_on(subs[0], cut, t_drop)) >= 5, 15,
-                  f"250s from n1 after the shrink ({mode})")
-            _poll(lambda: len(_ok_on(subs[1], theirs, t_drop)) >= 5, 15,
-                  f"250s from n2 after the shrink ({mode})")
-            slow = [r for r in _ok_on(subs[0], cut, t_drop)
-                    if r.done - r.sent >= 2.5 * REPLICA_TIMEOUT]
-            assert not slow, slow[:3]
-        finally:
+            assert all("n2" in members[s] for s in cut), members
+            # A shard whose set changed meanwhile (a shrink under heavy load) may answer without
+            # n2 for a while: only the others are judged, and most must be.
+            changed = _insync_changes(c.nodes["n1"].log()[log_from:])
+            judged = _ok_on(subs[0], cut - changed, t_delay)
+            assert len(judged) >= 10, (len(judged), sorted(changed))
+            fast = [r for r in judged if r.done - r.sent < 2 * delay]
+            assert not fast, fast[:3]
             proxy.heal()
-        t_heal = time.monotonic()
-        _poll(lambda: all(m[s] == {"n1", "n2"} for m in [c.members()] for s in cut),
-              REJOIN_WITHIN, f"n2 back in the in-sync sets of n1's shards ({mode})")
-        t_rejoin = time.monotonic()
-        _poll(lambda: len(_ok_on(subs[0], cut, t_rejoin)) >= 3, 15, "250s from n1 after the heal")
-        deliver_all(subs, open_, acked, sink)
-        print(f"partition ({mode}): {len(acked)} acked, n2 out of {len(cut)} in-sync sets "
-              f"{t_drop - t_cut:.2f}s after the cut, back {t_rejoin - t_heal:.2f}s after the "
-              f"heal; proxy accepted {proxy.accepted}, reset {proxy.reset}, lost {proxy.lost} "
-              f"bytes; total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        if proxy is not None:
-            proxy.close()
-        sink.stop()
+            run.deliver_all()
+            latency = sorted(r.done - r.sent for r in judged)
+            print(f"delay {delay}s: {len(judged)} 250s judged, latency min {latency[0]:.3f}s "
+                  f"median {latency[len(latency) // 2]:.3f}s, in-sync changes on "
+                  f"{len(changed)} shards; total {run.elapsed():.1f}s")
+
+
+@pytest.fixture(scope="class")
+def min2(tmp_path_factory: pytest.TempPathFactory,
+         etcd: EtcdServer) -> Iterator[tuple[Replicated, NetProxy]]:
+    """The cluster of a class: replicas = min_insync = 2."""
+    with _behind_proxy(tmp_path_factory.mktemp("min2"), etcd, min_insync=2) as shared:
+        yield shared
 
 
 @pytest.mark.slow
-def test_follower_slower_than_the_network_but_within_replica_timeout_holds_every_250(
-        tmp_path: Path, etcd: EtcdServer) -> None:
-    """A delay below replica_timeout on the channel to n2: n2 stays in the in-sync sets of
-    n1's shards, and every 250 on them waits for n2's ack, a round trip through the delay."""
-    delay = 0.15
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=1)
-    proxy: NetProxy | None = None
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
-        proxy = _start_behind_proxy(c)
-        cut = _owned_by(c, "n1")
-        subs = [Submitter(c.nodes["n1"].smtp_port, 0, acked, lock)]
-        _poll(lambda: len(subs[0].ok()) >= 5, 15, "250s from n1")
-        log_from = len(c.nodes["n1"].log())
-        proxy.delay(delay)
-        t_delay = time.monotonic()
-        _poll(lambda: len(_ok_on(subs[0], cut, t_delay)) >= 15, 20, "250s through the delay")
-        members = c.members()
-        assert all("n2" in members[s] for s in cut), members
-        # A shard whose set changed meanwhile (a shrink under heavy load) may answer without
-        # n2 for a while: only the others are judged, and most must be.
-        changed = _insync_changes(c.nodes["n1"].log()[log_from:])
-        judged = _ok_on(subs[0], cut - changed, t_delay)
-        assert len(judged) >= 10, (len(judged), sorted(changed))
-        fast = [r for r in judged if r.done - r.sent < 2 * delay]
-        assert not fast, fast[:3]
-        proxy.heal()
-        deliver_all(subs, open_, acked, sink)
-        latency = sorted(r.done - r.sent for r in judged)
-        print(f"delay {delay}s: {len(judged)} 250s judged, latency min {latency[0]:.3f}s "
-              f"median {latency[len(latency) // 2]:.3f}s, in-sync changes on "
-              f"{len(changed)} shards; total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        if proxy is not None:
-            proxy.close()
-        sink.stop()
+class TestMinInsyncTwo:
+    """replicas = min_insync = 2: one cluster for the class, n2's replication behind a proxy."""
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("hold", [
-    pytest.param(False, id="blackhole"), pytest.param(True, id="blackhole-hold")])
-def test_blackholed_follower_with_min_insync_all_answers_451_never_250_then_recovers(
-        tmp_path: Path, etcd: EtcdServer, hold: bool) -> None:
-    """replicas = min_insync = 2, the owners' channel to n2 blackholed: n1's shards (all
-    followed by n2) answer 451, and never 250 for a message that reached only n1's disk,
-    until the heal; n2's shards (followed by n1, not cut) keep taking mail all along."""
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2, min_insync=2)
-    proxy: NetProxy | None = None
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
-        proxy = _start_behind_proxy(c)
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2"))]
-        _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "250s from both")
-        proxy.blackhole(hold=hold)
-        t_cut = time.monotonic()
-        try:
-            _poll(lambda: sum(r.code == 451 and r.sent >= t_cut for r in subs[0].replies) >= 3,
-                  SHRINK_WITHIN, "451s from n1")
-            t_451 = time.monotonic()
-            _poll(lambda: len(subs[1].ok(t_451)) >= 5, 15, "250s from n2 meanwhile")
-        finally:
-            proxy.heal()
-        t_heal = time.monotonic()
-        _poll(lambda: len(subs[0].ok(t_heal)) >= 5, REJOIN_WITHIN, "250s from n1 after the heal")
-        t_back = time.monotonic()
-        # Nothing n1 received after the cut reached n2 before the heal: no 250 for any of it.
-        bad = [r for r in subs[0].ok(t_cut) if r.done < t_heal]
-        assert not bad, bad[:5]
-        refused = [r for r in subs[0].replies if t_cut <= r.sent and r.done < t_heal]
-        assert all(r.code == 451 and r.text.startswith(b"4.3.0") for r in refused), refused[:5]
-        deliver_all(subs, open_, acked, sink)
-        print(f"blackhole (hold={hold}), min_insync 2: {len(acked)} acked, first 451s "
-              f"{t_451 - t_cut:.2f}s after the cut, {len(refused)} refused, 250s again "
-              f"{t_back - t_heal:.2f}s after the heal; total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        if proxy is not None:
-            proxy.close()
-        sink.stop()
+    @pytest.mark.parametrize("hold", [
+        pytest.param(False, id="blackhole"), pytest.param(True, id="blackhole-hold")])
+    def test_blackholed_follower_with_min_insync_all_answers_451_never_250_then_recovers(
+            self, min2: tuple[Replicated, NetProxy], hold: bool) -> None:
+        """replicas = min_insync = 2, the owners' channel to n2 blackholed: n1's shards (all
+        followed by n2) answer 451, and never 250 for a message that reached only n1's disk,
+        until the heal; n2's shards (followed by n1, not cut) keep taking mail all along."""
+        with _turn(min2) as (run, proxy):
+            acked, subs = run.acked, run.subs
+            run.submit("n1", "n2")
+            _poll(lambda: all(len(s.ok()) >= 10 for s in subs), 15, "250s from both")
+            proxy.blackhole(hold=hold)
+            t_cut = time.monotonic()
+            try:
+                _poll(lambda: sum(r.code == 451 and r.sent >= t_cut
+                                  for r in subs[0].replies) >= 3, SHRINK_WITHIN, "451s from n1")
+                t_451 = time.monotonic()
+                _poll(lambda: len(subs[1].ok(t_451)) >= 5, 15, "250s from n2 meanwhile")
+            finally:
+                proxy.heal()
+            t_heal = time.monotonic()
+            _poll(lambda: len(subs[0].ok(t_heal)) >= 5, REJOIN_WITHIN,
+                  "250s from n1 after the heal")
+            t_back = time.monotonic()
+            # Nothing n1 received after the cut reached n2 before the heal: no 250 for any of it.
+            bad = [r for r in subs[0].ok(t_cut) if r.done < t_heal]
+            assert not bad, bad[:5]
+            refused = [r for r in subs[0].replies if t_cut <= r.sent and r.done < t_heal]
+            assert all(r.code == 451 and r.text.startswith(b"4.3.0") for r in refused), refused[:5]
+            run.deliver_all()
+            print(f"blackhole (hold={hold}), min_insync 2: {len(acked)} acked, first 451s "
+                  f"{t_451 - t_cut:.2f}s after the cut, {len(refused)} refused, 250s again "
+                  f"{t_back - t_heal:.2f}s after the heal; total {run.elapsed():.1f}s")
 
 
 # --- a new node joins ---------------------------------------------------------------------------
@@ -356,20 +356,15 @@ def test_new_empty_node_gets_copies_rebuilt_and_joins_the_insync_sets(
     taken the moment it is seen in sync is byte for byte a prefix of the owner's log and holds
     every message acknowledged before. Shards the leader then moves to it are claimed, and
     every acknowledged message is delivered exactly once."""
-    sink, open_ = closed_sink()
-    c = _cluster(tmp_path, etcd, sink, replicas=2)
-    listen = free_port()
-    proxy = NetProxy(listen).start()
-    proxy.delay(JOIN_DELAY)
-    snaps = Snapshots(c, "n3", tmp_path / "snapshots")
-    acked: dict[str, bytes] = {}
-    lock = threading.Lock()
-    subs: list[Submitter] = []
-    t0 = time.monotonic()
-    try:
+    with _replicated(tmp_path, etcd, replicas=2) as run:
+        c, acked, subs = run.c, run.acked, run.subs
+        listen = free_port()
+        proxy = NetProxy(listen).start()
+        run.cleanups.append(proxy.close)
+        proxy.delay(JOIN_DELAY)
+        snaps = Snapshots(c, "n3", tmp_path / "snapshots")
         c.start_replicated(["n1", "n2"], copies=2)
-        subs = [Submitter(c.nodes[n].smtp_port, i, acked, lock)
-                for i, n in enumerate(("n1", "n2"))]
+        run.submit("n1", "n2")
         _poll(lambda: all(len(s.ok()) >= 30 for s in subs), 20, "a backlog on both")
         assert not c.spool_of("n3").exists()
         t_start = time.monotonic()
@@ -399,7 +394,7 @@ def test_new_empty_node_gets_copies_rebuilt_and_joins_the_insync_sets(
         assert checked, (snaps.seen, insync)  # a copy that got no mail proves little
         # In sync, n3 may be given shards (balancing): it claims them, and every
         # acknowledged message is still delivered, once.
-        subs.append(Submitter(c.nodes["n3"].smtp_port, 2, acked, lock))
+        run.submit("n3")
         try:
             mine = _poll(lambda: {s for s, n in c.state()["assign"].items() if n == "n3"},
                          15, "shards assigned to n3")
@@ -408,13 +403,8 @@ def test_new_empty_node_gets_copies_rebuilt_and_joins_the_insync_sets(
         if mine:
             _poll(lambda: all(c.state()["owner"].get(s) == "n3" for s in mine), 20,
                   f"n3 claims the {len(mine)} shards assigned to it")
-        deliver_all(subs, open_, acked, sink)
+        run.deliver_all()
         print(f"new node: placed on {len(placed)} shards, in sync on {len(insync)} "
               f"{t_insync - t_start:.2f}s after its start, {len(checked)} copies checked "
               f"when seen in sync, assigned {len(mine)} shards, {len(acked)} acked, "
-              f"total {time.monotonic() - t0:.1f}s")
-    finally:
-        stop_all(subs)
-        c.stop()
-        proxy.close()
-        sink.stop()
+              f"total {run.elapsed():.1f}s")

@@ -34,6 +34,10 @@ from tests.support.replication import (
 
 SHARDS = 2
 TIMEOUT = 0.4  # replica_timeout: short, so shrinking is quick; nothing here sleeps on it
+# Tests that wait out replica_timeouts on purpose run on uvloop only (the loop a node picks
+# when it is installed): the loop flavour changes no protocol decision, and the channel on
+# both loops is tests/replication/test_channel.py's subject.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
 class World(Pair):
@@ -253,6 +257,7 @@ async def test_with_min_insync_1_the_owner_alone_acknowledges(tmp_path: Path,
         await w.spool.close()
 
 
+@ONE_LOOP
 async def test_an_idle_shard_keeps_its_follower(world2: World) -> None:
     """No mail for several replica_timeouts: pings and their acks keep b in the set."""
     w = world2
@@ -339,6 +344,7 @@ async def test_new_mail_goes_to_a_shard_that_accepts(tmp_path: Path) -> None:
         await spool.close()
 
 
+@ONE_LOOP
 async def test_a_member_the_placement_moved_away_is_streamed_to_until_pruned(
         tmp_path: Path) -> None:
     """The placement replaces b by c, which cannot catch up yet (not reachable): b stays a

@@ -52,6 +52,9 @@ from tests.support.replication import (
 )
 
 TIMEOUT = 0.4  # replica_timeout
+# The test that waits out replica_timeouts on purpose runs on uvloop only (the loop a node
+# picks when it is installed); the others here check the same gauges on both loops.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
 @dataclass
@@ -100,6 +103,7 @@ def _states(w: Ops) -> dict[str, float | None]:
             for s in ("in_sync", "under_replicated", "read_only")}
 
 
+@ONE_LOOP
 async def test_metrics_and_log_lines_follow_a_shard_to_read_only_and_back(ops2: Ops) -> None:
     w = ops2
     # Every known label exported at 0 before anything happened.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -40,15 +41,23 @@ def run_seeds(params: Params, seeds: range) -> tuple[int, int, int]:
     return acked, takeovers, wipes
 
 
+# The schedules are pure computation: one worker per core halves the suite's wait.
+WORKERS = max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ProcessPoolExecutor]:
+    """Worker processes for every shape (spawned once: each spawn imports the protocol)."""
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as p:
+        yield p
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_no_schedule_breaks_an_invariant(shape: str) -> None:
+def test_no_schedule_breaks_an_invariant(shape: str, pool: ProcessPoolExecutor) -> None:
     params = SHAPES[shape]
-    # The schedules are pure computation: one worker per core halves the suite's wait.
-    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(run_seeds, [params] * workers,
-                              [range(w, SEEDS, workers) for w in range(workers)]))
+    parts = list(pool.map(run_seeds, [params] * WORKERS,
+                          [range(w, SEEDS, WORKERS) for w in range(WORKERS)]))
     acked, takeovers, wipes = (sum(p[i] for p in parts) for i in range(3))
     # The schedules must exercise what they claim to: mail acknowledged, owners replaced,
     # disks lost (where allowed).

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.support import NodeProcess, Sink, message, node_config, read_accounting
+from tests.support import NodeProcess, Sink, message, node_config, read_accounting, wait_until_sync
 
 FINAL = ("Delivery", "Bounce", "Expiration", "AdminBounce")
 
@@ -35,6 +35,14 @@ def _submitter(port_of: Any, stop: threading.Event, acked: dict[str, int]) -> No
             time.sleep(0.05)  # the node is being killed and restarted
 
 
+def _under_load(acked: dict[str, int], sink: Sink) -> None:
+    """Return once the node has acknowledged new mail and delivered some since the call: a
+    kill then lands amid receptions and deliveries alike."""
+    a0, d0 = len(acked), len(sink.messages)
+    wait_until_sync(lambda: len(acked) >= a0 + 20 and len(sink.messages) >= d0 + 5, 30,
+                    "new mail acknowledged and delivered")
+
+
 def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
     sink = Sink("127.0.0.1", 0)
     sink.start()
@@ -50,11 +58,11 @@ def test_accounting_matches_the_spool_across_sigkill(tmp_path: Path) -> None:
     thread.start()
     try:
         for _ in range(3):
-            time.sleep(1.5)
+            _under_load(acked, sink)
             node.signal(signal.SIGKILL)
             node.wait()
             node.start()
-        time.sleep(1.0)
+        _under_load(acked, sink)
         stop.set()
         thread.join(30)
 

@@ -5,13 +5,17 @@ every reply (:class:`Submitter`) and a sink that defers everything until opened
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import smtplib
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,16 @@ class Cluster:
         self.nodes[node_id] = node
         return node
 
+    def start_nodes(self, nodes: list[str], **start: Any) -> None:
+        """Start ``nodes`` (``start``: per node id, keyword arguments of :meth:`start_node`):
+        the first alone, so that it is the leader as when each waits for the one before (a
+        node joins the cluster before it opens its SMTP port), then the others at once."""
+        first, *rest = nodes
+        self.start_node(first, **start.get(first, {}))
+        with ThreadPoolExecutor(max(1, len(rest))) as pool:
+            for f in [pool.submit(self.start_node, n, **start.get(n, {})) for n in rest]:
+                f.result()
+
     def spool_of(self, node_id: str) -> Path:
         """The node's spool: its own when replicated, else the shared one."""
         return self.tmp_path / node_id / "spool" if self.replicas > 1 else self.spool
@@ -114,8 +128,7 @@ class Cluster:
         return once they own every shard between them and every shard has at least
         ``copies`` copies in its in-sync set (more may linger: members beyond ``replicas``
         are not pruned yet)."""
-        for n in nodes:
-            self.start_node(n, **start.get(n, {}))
+        self.start_nodes(nodes, **start)
         self.wait(self.settled(set(nodes)), timeout, "settled")
         wait_until_sync(lambda: len(m := self.members()) == SHARDS
                         and all(len(v) >= copies for v in m.values()),
@@ -140,27 +153,6 @@ class Cluster:
             node.kill()
 
 
-def submit_until(port: int, stop: threading.Event, acked: dict[str, bytes],
-                 lock: threading.Lock, worker: int) -> None:
-    """Send messages to ``port`` until ``stop``; record each one answered 250 in ``acked``
-    (key ``worker-n``, the message carries ``X-Test-Id: worker * 100000 + n``)."""
-    n = 0
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-            while not stop.is_set():
-                n += 1
-                body = message(worker * 100000 + n, 1500)
-                try:
-                    s.sendmail("app@sender.test", [f"r{worker}-{n}@dest.test"], body)
-                except smtplib.SMTPResponseException:
-                    continue
-                # smtplib hides the queue id; the test identifies messages by their X-Test-Id.
-                with lock:
-                    acked[f"{worker}-{n}"] = body
-    except (smtplib.SMTPException, OSError):
-        return
-
-
 def delivered_ids(messages: list[Any]) -> Counter[str]:
     """How often each test message (``worker-n``) reached the sink."""
     ids: Counter[str] = Counter()
@@ -173,27 +165,22 @@ def delivered_ids(messages: list[Any]) -> Counter[str]:
 
 
 class Load:
-    """One SMTP client per node sending until :meth:`stop`; ``acked`` holds what got 250."""
+    """One :class:`Submitter` per node sending until :meth:`stop`; ``acked`` holds what got
+    250. A client reconnects whenever its node closes on it (a ``421``: the node fenced itself
+    for a moment, or handed the shard over mid-transaction), as a real client would: a
+    client that gave up on the first ``421`` would leave that node out of the load for good."""
 
     def __init__(self) -> None:
         self.acked: dict[str, bytes] = {}
         self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.subs: list[Submitter] = []
 
     def start(self, ports: list[int]) -> Load:
-        self.threads = [threading.Thread(target=submit_until,
-                                         args=(port, self._stop, self.acked, self.lock, i),
-                                         daemon=True)
-                        for i, port in enumerate(ports)]
-        for t in self.threads:
-            t.start()
+        self.subs = [Submitter(port, i, self.acked, self.lock) for i, port in enumerate(ports)]
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        for t in self.threads:
-            t.join(15)
+        stop_all(self.subs)
 
 
 def all_delivered(acked: dict[str, bytes], messages: list[Any], timeout: float,
@@ -314,3 +301,72 @@ def deliver_all(subs: list[Submitter], open_: threading.Event, acked: dict[str, 
     open_.set()
     got = all_delivered(acked, sink.messages, timeout, max_dupes=0)
     assert all(v == 1 for v in got.values()), {k: v for k, v in got.items() if v > 1}
+
+
+# --- one replicated scenario: a cluster, a closed sink, clients, and their teardown --------------
+
+
+@dataclass
+class Replicated:
+    """What :func:`replicated` sets up: the cluster ``c``, the closed ``sink`` (opened by
+    ``open_``), the clients ``subs`` and what they got 250 for (``acked``), and ``t0``."""
+
+    c: Cluster
+    sink: Sink
+    open_: threading.Event
+    acked: dict[str, bytes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    subs: list[Submitter] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
+    # Worker numbers (they prefix the acked keys), shared by the rounds of one cluster.
+    workers: Iterator[int] = field(default_factory=itertools.count)
+
+    def submit(self, *nodes: str) -> list[Submitter]:
+        """Start one client per node in ``nodes``, numbered on from the earlier ones (the
+        worker number prefixes their ``acked`` keys); also kept in ``subs``."""
+        new = [Submitter(self.c.nodes[n].smtp_port, next(self.workers), self.acked, self.lock)
+               for n in nodes]
+        self.subs.extend(new)
+        return new
+
+    @contextlib.contextmanager
+    def round(self) -> Iterator[Replicated]:
+        """The next test's turn on this cluster (one that tests share): the sink closed
+        again, no clients yet, nothing acknowledged; the clients stopped on the way out. The
+        sink keeps what earlier rounds delivered, under other worker numbers: their keys
+        never mix, and :meth:`deliver_all` still finds any of them delivered twice."""
+        stop_all(self.subs)
+        self.open_.clear()
+        run = Replicated(self.c, self.sink, self.open_, workers=self.workers)
+        try:
+            yield run
+        finally:
+            stop_all(run.subs)
+
+    def deliver_all(self) -> None:
+        """Stop the clients, open the sink: every acknowledged message arrives, none twice."""
+        deliver_all(self.subs, self.open_, self.acked, self.sink)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+@contextlib.contextmanager
+def replicated(tmp_path: Path, etcd: EtcdServer, **kw: Any) -> Iterator[Replicated]:
+    """A replicated cluster (``kw``: ``replicas``, ``min_insync``, ``replica_timeout``) whose
+    nodes relay to a sink that defers everything until opened, quick to retry; on the way
+    out the clients stop, the nodes are killed, ``cleanups`` run (last first) and the sink
+    stops, whatever the test left running."""
+    sink, open_ = closed_sink()
+    c = Cluster(tmp_path, etcd, enabled=True, smarthost=f"127.0.0.1:{sink.port}",
+                max_connections=2, retry_initial="300ms", retry_max="1s", **kw)
+    run = Replicated(c, sink, open_)
+    try:
+        yield run
+    finally:
+        stop_all(run.subs)
+        c.stop()
+        for cleanup in reversed(run.cleanups):
+            cleanup()
+        sink.stop()
