@@ -19,6 +19,10 @@ from tests.support import SINK_HOSTS, DNSServer, World, wait_until
 
 _HOSTS = SINK_HOSTS
 
+# Slow (seconds of waiting on throttles, timeouts and retries): uvloop only, the loop a node
+# picks when it is installed; what the loop changes is covered by the faster tests.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
+
 
 async def _start(world: World, zone: dict[str, Any], ttl: int, **delivery: Any) -> Node:
     """Serve ``zone`` with answers of ``ttl`` seconds (negative ones too), start the node."""
@@ -31,6 +35,7 @@ def _series(node: Node, name: str) -> int:
     return sum(len(m.samples) for m in node.metrics.registry.collect() if m.name == name)
 
 
+@ONE_LOOP
 async def test_many_domains_leave_no_site_or_route_behind(world: World) -> None:
     """1,000 domains, each with an MX host of its own (so a site of its own), over 4 sinks;
     a route cache bounded at 50. Every message is delivered, the route cache never holds
@@ -103,6 +108,7 @@ async def test_a_moved_mx_is_followed_once_its_ttl_runs_out(world: World) -> Non
     assert world.dns.queries.count(("moved.test", "MX")) >= 2
 
 
+@ONE_LOOP
 async def test_a_down_site_is_remembered_past_site_idle(world: World) -> None:
     """A healthy site goes after site_idle; one whose breaker is open stays (its state must
     outlive its cooldown, or the next message would hit it at full width) and goes later."""

@@ -25,6 +25,10 @@ from tests.support.world import World
 SECRET = "0123456789abcdef0123456789abcdef"
 ZONE = {"dest.test": {"MX": [(10, "mx.dest.test")]}, "mx.dest.test": {"A": ["127.0.0.2"]}}
 
+# Slow (seconds of waiting on throttles, timeouts and retries): uvloop only, the loop a node
+# picks when it is installed; what the loop changes is covered by the faster tests.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
+
 
 class Receiver:
     """A webhook receiver: checks each POST's signature, keeps the events in arrival order;
@@ -99,6 +103,7 @@ def events_section(receiver: Receiver) -> dict[str, Any]:
                        "batch_size": 7, "timeout": "300ms", "retry_max": "200ms"}}
 
 
+@ONE_LOOP
 async def test_every_record_arrives_signed_in_order_despite_a_flaky_receiver(
         world: World, receiver: Receiver) -> None:
     world.zone(ZONE)
@@ -119,6 +124,7 @@ async def test_every_record_arrives_signed_in_order_despite_a_flaky_receiver(
                      "the backlog drained")
 
 
+@ONE_LOOP
 async def test_nothing_is_lost_across_a_restart_while_the_receiver_is_down(
         world: World, tmp_path: Path) -> None:
     receiver = Receiver()

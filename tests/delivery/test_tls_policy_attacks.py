@@ -41,6 +41,10 @@ POLICY = "version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
 
 # --- helpers -----------------------------------------------------------------------------
 
+# Slow (seconds of waiting on throttles, timeouts and retries): uvloop only, the loop a node
+# picks when it is installed; what the loop changes is covered by the faster tests.
+ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
+
 
 def _spki(cert_der: bytes) -> bytes:
     return x509.load_der_x509_certificate(cert_der).public_key().public_bytes(
@@ -372,6 +376,7 @@ async def test_a_policy_body_that_arrives_in_two_pieces_is_read_whole(
     assert policy.mx == ("mx1.split.test", "mx2.split.test")
 
 
+@ONE_LOOP
 async def test_a_gzip_bomb_policy_is_refused_without_inflating_it(
         tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """Holds. A policy server answering Content-Encoding: gzip with 1 MiB that inflates to
@@ -397,6 +402,7 @@ async def test_a_gzip_bomb_policy_is_refused_without_inflating_it(
     assert lag.worst < 0.5
 
 
+@ONE_LOOP
 async def test_a_slowloris_policy_server_costs_at_most_the_timeout(
         tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """Holds. A server that sends headers and then a byte a second: the fetch gives up at
