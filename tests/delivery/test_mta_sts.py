@@ -21,14 +21,6 @@ from tests.support.world import World
 DOMAIN = "sts.test"
 
 @pytest.fixture
-def ca(tmp_path: Path) -> tuple[trustme.CA, str]:
-    authority = trustme.CA()
-    path = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(path))
-    return authority, str(path)
-
-
-@pytest.fixture
 async def policy_server(ca: tuple[trustme.CA, str]) -> Any:
     server = PolicyServer(server_context(ca[0], f"mta-sts.{DOMAIN}"))
     await server.start()

@@ -7,7 +7,6 @@ CA (trustme): a good one, one for another name, an expired one."""
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,14 +15,6 @@ import trustme
 from harness.sink import Sink
 from tests.support.certs import server_context
 from tests.support.world import World
-
-
-@pytest.fixture
-def ca(tmp_path: Path) -> tuple[trustme.CA, str]:
-    authority = trustme.CA()
-    path = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(path))
-    return authority, str(path)
 
 
 async def start(world: World, ca_file: str, ctx: ssl.SSLContext, **delivery: Any) -> Sink:

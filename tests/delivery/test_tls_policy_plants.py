@@ -44,14 +44,6 @@ ENFORCE = POLICY.format(mode="enforce", mx="mx.dest.test")
 TESTING = POLICY.format(mode="testing", mx="mx.dest.test")
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> tuple[trustme.CA, str]:
-    authority = trustme.CA()
-    path = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(path))
-    return authority, str(path)
-
-
 class MovingPolicyServer(PolicyServer):
     """A policy server that also serves a valid policy at ``/moved`` (where a redirect may
     point), and can hold its answers until ``gate`` is set."""
