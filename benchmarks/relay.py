@@ -123,6 +123,16 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
         if tick is not None:
             tick(max(0, load.messages - reported))
         time.sleep(0.5)  # the accounting log flushes every 200 ms
+        events: dict[str, float] = {}
+        if handle.events is not None:
+            # Every message's Reception and Delivery records must reach the webhook.
+            want, done_at = 2 * res.accepted, time.time()
+            until = done_at + 60
+            while handle.events.events < want and time.time() < until:
+                time.sleep(0.05)
+            events = {"events_received": handle.events.events, "events_expected": want,
+                      "events_lag_s": time.time() - done_at,
+                      "events_bad_signatures": handle.events.bad_signatures}
         latencies = _delivery_latencies(handle)
         verified = None
         if name == "mta-dkim" and (sample := sink.sample) is not None:
@@ -143,6 +153,7 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
             **({"sample_verified": verified} if verified is not None else {}),
             # Node CPU (every thread), reception and delivery together: NaN for Postfix.
             "node_cpu_s": cpu, "node_cpu_us_per_msg": cpu / max(1, delivered) * 1e6,
+            **events,
             **facts, **({"profile": prof.summary} if prof is not None and prof.summary else {})}
 
 
@@ -183,6 +194,13 @@ def main() -> None:
                             f"{run['signed']}/{run['sink_received']}"
                             + (f", sample signature verifies: {run['sample_verified']}"
                                if "sample_verified" in run else ""))
+                    if name == "mta-events" and (
+                            run["events_received"] < run["events_expected"]
+                            or run["events_bad_signatures"]):
+                        raise SystemExit(
+                            f"mta-events: the webhook got {run['events_received']} of "
+                            f"{run['events_expected']} events in 60 s after the last "
+                            "delivery: not an events figure")
                     if name == "mta-dkim" and (run["signed"] < run["sink_received"]
                                                or not run["sink_received"]
                                                or not run.get("sample_verified")):

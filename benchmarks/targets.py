@@ -42,13 +42,15 @@ from benchmarks.common import (
     stop_node,
     wait_ready,
 )
+from benchmarks.events_receiver import EventsReceiver
 from benchmarks.harness import ROOT
 from benchmarks.postfix import PrivatePostfix, postfix_missing
 from benchmarks.replicated import owners, replicated_sections, wait_replicated
 from harness.config import toml_dumps
 from harness.etcd import EtcdServer
 
-NAMES = ("mta", "mta-dkim", "mta-replicated", "postfix")
+NAMES = ("mta", "mta-dkim", "mta-events", "mta-replicated", "postfix")
+EVENTS_SECRET = "benchmark-events-secret-0123456789"
 DKIM_DOMAIN = "example.com"  # the load generator's From: domain
 DKIM_SELECTOR = "bench"
 REPLICATED_NODES = 2
@@ -68,6 +70,7 @@ class Handle:
     admin_ports: list[int] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     facts: dict[str, float] = field(default_factory=dict)  # kept with the run's figures
+    events: EventsReceiver | None = None  # mta-events: the webhook receiving its records
 
     def cpu_seconds(self) -> float:
         """user + system CPU of every node process so far (all its threads); NaN for
@@ -164,11 +167,18 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
         if name == "mta-dkim":
             sections += dkim_section(work)
             facts["dkim_rsa_bits"] = 2048
+        receiver = EventsReceiver(EVENTS_SECRET).start() if name == "mta-events" else None
+        if receiver is not None:
+            sections += (f'[events]\nurl = "http://127.0.0.1:{receiver.port}/hook"\n'
+                         f'secret = "{EVENTS_SECRET}"\n')
         node, log = launch_node(work, smtp_port, admin_port, concurrency, log_level, sections)
         try:
-            yield Handle(name, smtp_port, work, admin_port, node.pid, facts=facts)
+            yield Handle(name, smtp_port, work, admin_port, node.pid, facts=facts,
+                         events=receiver)
         finally:
             stop_node(node, log)
+            if receiver is not None:
+                receiver.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -260,3 +260,15 @@ def test_partition_needs_root_and_iptables(tmp_path: Path) -> None:
                           text=True, timeout=60, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "partition: iptables not found: apt-get install iptables"
+
+
+def test_an_events_relay_run_gets_every_event_to_the_webhook() -> None:
+    """Issue 18: the mta-events target ships every Reception and Delivery record to a
+    webhook receiver in the harness, each POST's signature checked; the run says so."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "relay", "--targets", "mta-events", "--messages",
+         "200", "--concurrency", "5", "--repeat", "1", "--settle", "0", "--no-save"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("relay mta-events c=5:"))
+    assert "lost 0" in line
