@@ -85,7 +85,7 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
     for group in result.groups:
         lab = group["labels"]
         tgt = lab.get("target")
-        if tgt not in ("mta", "mta-replicated", "mta-dkim") or any(lab.get(k) != v
+        if tgt not in ("mta", "mta-replicated", "mta-dkim", "mta-events") or any(lab.get(k) != v
                                                        for k, v in labels.items()):
             continue
         other = {**lab, "target": "postfix"}

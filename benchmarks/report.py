@@ -149,6 +149,8 @@ TARGETS = [
            ">= 2x", "relay", _ratio("relay-dkim"), lambda v: v >= 2.0,
            see="The cost of signing per message, split into its parts, and both relay and "
                "ingress beside plain mta: *DKIM signing (issue 17)* below."),
+    Target("Relay, every record shipped to an events webhook, vs Postfix (issue 18)", ">= 2x",
+           "relay", _ratio("relay-events"), lambda v: v >= 2.0),
     Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7),
     Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
            lambda v: v <= 20.0),
