@@ -35,6 +35,7 @@ from mta.delivery.routes import Route, Router
 from mta.delivery.stspolicies import StsPolicies, StsSettings, StsStore
 from tests.support import make_config
 from tests.support.certs import server_context
+from tests.support.tlspolicy import PolicyServer
 from tests.support.world import World
 
 POLICY = "version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
@@ -137,31 +138,10 @@ class LagMeter:
         self._task.cancel()
 
 
-class HostilePolicyServer:
-    """An HTTPS server on 127.0.0.1 for ``mta-sts.<name>`` of every name given; ``handler``
-    decides the answer (a raw aiohttp handler, so it can stream, stall, compress)."""
-
-    def __init__(self, ca: trustme.CA, names: list[str]) -> None:
-        self.ctx = server_context(ca, *[f"mta-sts.{n}" for n in names])
-        self.port = free_port_on("127.0.0.1")
-        self.requests: list[str] = []
-        self.handler: Any = None
-        self._runner: web.AppRunner | None = None
-
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(request.host.split(":")[0])
-        return await self.handler(request)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", self._serve)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ctx).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+def hostile_server(ca: trustme.CA, names: list[str]) -> PolicyServer:
+    """The policy server of ``mta-sts.<name>`` for every name given; the test sets its
+    ``handler``."""
+    return PolicyServer(server_context(ca, *[f"mta-sts.{n}" for n in names]))
 
 
 def _sts_zone(domains: list[str], txt_id: str = "1") -> dict[str, Any]:
@@ -170,14 +150,6 @@ def _sts_zone(domains: list[str], txt_id: str = "1") -> dict[str, Any]:
         z[f"_mta-sts.{d}"] = {"TXT": [f'"v=STSv1; id={txt_id}"']}
         z[f"mta-sts.{d}"] = {"A": ["127.0.0.1"]}
     return z
-
-
-@pytest.fixture
-def authority(tmp_path: Path) -> tuple[trustme.CA, str]:
-    ca = trustme.CA()
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return ca, str(path)
 
 
 @pytest.fixture
@@ -350,14 +322,14 @@ async def test_a_dane_ta_record_for_an_intermediate_does_not_pass_a_leaf_for_ano
 
 
 async def test_a_policy_body_that_arrives_in_two_pieces_is_read_whole(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """MEDIUM. fetch() reads the body with one resp.content.read(64 KiB + 1), which returns
     whatever is buffered, not up to the limit: a policy sent in two TLS records / TCP
     segments (any policy over 16 KiB, a chunked reply, a server that flushes line by line)
     is cut. Here the cut policy still parses, and names only the first MX host: mail for
     the domain's real MX is deferred "No MX host ... matches" until the policy expires."""
-    ca, ca_file = authority
-    server = sts_world["server"] = HostilePolicyServer(ca, ["split.test"])
+    authority, ca_file = ca
+    server = sts_world["server"] = hostile_server(authority, ["split.test"])
     first = "version: STSv1\nmode: enforce\nmx: mx1.split.test\nmax_age: 86400\n"
 
     async def in_two_pieces(request: web.Request) -> web.StreamResponse:
@@ -378,12 +350,12 @@ async def test_a_policy_body_that_arrives_in_two_pieces_is_read_whole(
 
 @ONE_LOOP
 async def test_a_gzip_bomb_policy_is_refused_without_inflating_it(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """Holds. A policy server answering Content-Encoding: gzip with 1 MiB that inflates to
     1 GiB: the fetch fails (too large) quickly, and no more than the limit is inflated."""
     import gzip
-    ca, ca_file = authority
-    server = sts_world["server"] = HostilePolicyServer(ca, ["bomb.test"])
+    authority, ca_file = ca
+    server = sts_world["server"] = hostile_server(authority, ["bomb.test"])
     bomb = gzip.compress(b"version: STSv1\nmode: enforce\nmx: mx.bomb.test\nmax_age: 1\n"
                          + b" " * (1 << 30), compresslevel=9)
 
@@ -404,11 +376,11 @@ async def test_a_gzip_bomb_policy_is_refused_without_inflating_it(
 
 @ONE_LOOP
 async def test_a_slowloris_policy_server_costs_at_most_the_timeout(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """Holds. A server that sends headers and then a byte a second: the fetch gives up at
     mta_sts_timeout (3 s here) and the domain is not fetched again at once."""
-    ca, ca_file = authority
-    server = sts_world["server"] = HostilePolicyServer(ca, ["slow.test"])
+    authority, ca_file = ca
+    server = sts_world["server"] = hostile_server(authority, ["slow.test"])
 
     async def drip(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -426,15 +398,15 @@ async def test_a_slowloris_policy_server_costs_at_most_the_timeout(
     assert await sts.policy("slow.test") is None
     assert loop.time() - t < 6.0
     assert await sts.policy("slow.test") is None
-    assert len(server.requests) == 1
+    assert server.requests == 1
 
 
 async def test_the_failed_fetch_table_stays_bounded_when_every_fetch_fails(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """MEDIUM (memory). ``_failed`` is pruned only in _keep(), i.e. after a *successful*
     fetch: mail to many distinct domains whose _mta-sts TXT exists (a wildcard does it) and
     whose policy fetch fails grows it without bound (size is 10 x route_cache_size)."""
-    _, ca_file = authority
+    _, ca_file = ca
     domains = [f"d{i}.flood.test" for i in range(60)]
     zone = {f"_mta-sts.{d}": {"TXT": ['"v=STSv1; id=1"']} for d in domains}
     sts = await _policies(tmp_path, sts_world, zone, free_port_on("127.0.0.1"), ca_file,
@@ -445,14 +417,14 @@ async def test_the_failed_fetch_table_stays_bounded_when_every_fetch_fails(
 
 
 async def test_a_policy_in_use_is_not_evicted_before_ones_never_used_again(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any]) -> None:
     """LOW. The cache is called an LRU but a hit never moves the entry (only a fetch does):
     it is FIFO by fetch time. A busy domain's enforce policy is evicted by a flood of
     one-off domains with policies, after which a network attacker who strips its TXT record
     gets its mail delivered as without MTA-STS."""
-    ca, ca_file = authority
+    authority, ca_file = ca
     names = ["busy.test", "one.test", "two.test"]
-    server = sts_world["server"] = HostilePolicyServer(ca, names)
+    server = sts_world["server"] = hostile_server(authority, names)
 
     async def policy(request: web.Request) -> web.StreamResponse:
         host = request.host.split(":")[0].removeprefix("mta-sts.")
@@ -480,12 +452,12 @@ async def test_a_policy_in_use_is_not_evicted_before_ones_never_used_again(
     "SERVFAIL",
 ])
 async def test_dns_tricks_do_not_turn_off_a_cached_enforce_policy(
-        tmp_path: Path, authority: tuple[trustme.CA, str], sts_world: dict[str, Any],
+        tmp_path: Path, ca: tuple[trustme.CA, str], sts_world: dict[str, Any],
         txt: Any) -> None:
     """Holds. Once an enforce policy is cached, stripping, duplicating or breaking the TXT
     record (or SERVFAIL) leaves the cached policy in force, without a fetch."""
-    ca, ca_file = authority
-    server = sts_world["server"] = HostilePolicyServer(ca, ["victim.test"])
+    authority, ca_file = ca
+    server = sts_world["server"] = hostile_server(authority, ["victim.test"])
 
     async def policy(request: web.Request) -> web.StreamResponse:
         return web.Response(text=POLICY.format(mode="enforce", mx="mx.victim.test"),
@@ -511,17 +483,17 @@ async def test_dns_tricks_do_not_turn_off_a_cached_enforce_policy(
     sts._resolver().cache.flush()
     again = await sts.policy("victim.test")
     assert again == first
-    assert len(server.requests) == 1
+    assert server.requests == 1
 
 
 @pytest.mark.parametrize("spelling", ["VICTIM.TEST", "Victim.Test"])
 async def test_the_cached_policy_protects_every_spelling_of_the_domain(
-        world: World, authority: tuple[trustme.CA, str], spelling: str) -> None:
+        world: World, ca: tuple[trustme.CA, str], spelling: str) -> None:
     """Holds. The policy learnt for victim.test applies to mail addressed to VICTIM.TEST (the
     dispatcher keys the cache with domain_key): a stripped TXT record does not make the
     other spelling a way around it. (A trailing dot is refused at ingress: 501 5.1.3.)"""
-    ca, ca_file = authority
-    server = HostilePolicyServer(ca, ["victim.test"])
+    authority, ca_file = ca
+    server = hostile_server(authority, ["victim.test"])
 
     async def policy(request: web.Request) -> web.StreamResponse:
         return web.Response(text=POLICY.format(mode="enforce", mx="mx.victim.test"),

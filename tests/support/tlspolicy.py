@@ -23,18 +23,22 @@ POLICY = "version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
 
 class PolicyServer:
     """``https://mta-sts.<domain>/.well-known/mta-sts.txt`` on 127.0.0.1, answering what the
-    test sets in ``reply`` (status, content type, body, a redirect); counts requests."""
+    test sets in ``reply`` (status, content type, body, a redirect), or what ``handler`` (a
+    raw aiohttp handler: it may stream, stall, compress) answers; counts requests."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
         self.port = free_port_on("127.0.0.1")
         self.reply: dict[str, Any] = {"status": 200, "type": "text/plain",
                                       "body": POLICY.format(mode="enforce", mx="mx.dest.test")}
+        self.handler: Any = None
         self.requests = 0
         self._runner: web.AppRunner | None = None
 
-    async def _policy(self, request: web.Request) -> web.Response:
+    async def _policy(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        if self.handler is not None:
+            return await self.handler(request)  # type: ignore[no-any-return]
         r = self.reply
         if "location" in r:
             raise web.HTTPFound(r["location"])
