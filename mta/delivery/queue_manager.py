@@ -279,14 +279,16 @@ class QueueManager:
     def flush_matching(self, match: Callable[[str], bool]) -> int:
         """Retry now every waiting message with a pending recipient at a domain ``match``
         selects (the domains a resume released)."""
-        ids = {ref.id for ref in self.live_refs() if any(map(match, ref.pending_domains()))}
-        return self.scheduler.reschedule_all(0.0, ids.__contains__) if ids else 0
+        return self._flush_refs(lambda ref: any(map(match, ref.pending_domains())))
 
     def flush_labels(self, keys: set[str]) -> int:
         """Retry now every waiting message sent for a ``tenant:`` or of a ``campaign:`` key
         in ``keys``."""
-        ids = {ref.id for ref in self.live_refs() if ref.labels is not None and (
-            f"tenant:{ref.tenant}" in keys or f"campaign:{ref.campaign}" in keys)}
+        return self._flush_refs(lambda ref: ref.labels is not None and (
+            f"tenant:{ref.tenant}" in keys or f"campaign:{ref.campaign}" in keys))
+
+    def _flush_refs(self, match: Callable[[MessageRef], bool]) -> int:
+        ids = {ref.id for ref in self.live_refs() if match(ref)}
         return self.scheduler.reschedule_all(0.0, ids.__contains__) if ids else 0
 
     def live_refs(self) -> list[MessageRef]:

@@ -23,29 +23,27 @@ class Throttle:
         self._clock = clock
         self._tat = 0.0  # theoretical arrival time of the next event
 
-    def reserve(self) -> float:
-        """Book a slot; return seconds to wait before using it (0 when free now)."""
+    def _book(self, only_if_free: bool) -> float:
+        """Seconds until the next free slot; the slot is booked unless ``only_if_free`` and
+        it is not free now."""
         if not self.rate:
             return 0.0
         interval = 1.0 / self.rate
         now = self._clock()
         tat = max(self._tat, now)
         wait = max(0.0, tat - now - (self.burst - 1) * interval)
-        self._tat = tat + interval
+        if not (only_if_free and wait > 0):
+            self._tat = tat + interval
         return wait
+
+    def reserve(self) -> float:
+        """Book a slot; return seconds to wait before using it (0 when free now)."""
+        return self._book(only_if_free=False)
 
     def take(self) -> float:
         """Book a slot only if one is free now (returns 0); otherwise book nothing and return
         the seconds until one is."""
-        if not self.rate:
-            return 0.0
-        interval = 1.0 / self.rate
-        now = self._clock()
-        wait = max(0.0, max(self._tat, now) - now - (self.burst - 1) * interval)
-        if wait > 0:
-            return wait
-        self._tat = max(self._tat, now) + interval
-        return 0.0
+        return self._book(only_if_free=True)
 
     async def acquire(self) -> None:
         wait = self.reserve()
