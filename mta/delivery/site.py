@@ -26,6 +26,7 @@ from mta.delivery.routes import Route
 from mta.delivery.throttle import Backoff, Throttle
 from mta.logs import describe
 from mta.metrics import NodeMetrics
+from mta.queue.turns import Turns
 from mta.tasks import cancel_and_wait
 from mta.text import has_controls, one_line
 
@@ -180,11 +181,8 @@ class ReadyQueue:
     """
 
     def __init__(self, weight_of: Callable[[str], int] = lambda _tenant: 1) -> None:
-        self._weight_of = weight_of
         self._heaps: dict[str, list[tuple[str, int, Job]]] = {}
-        self._turns: list[tuple[float, int, str]] = []  # (pass, seq, tenant) per tenant waiting
-        self._passes: dict[str, float] = {}  # where an idle tenant's turns stopped
-        self._vtime = 0.0
+        self._turns = Turns(weight_of)  # one per tenant with jobs waiting
         self._seq = itertools.count()
         self._len = 0
 
@@ -192,24 +190,18 @@ class ReadyQueue:
         heap = self._heaps.get(job.tenant)
         if heap is None:
             heap = self._heaps[job.tenant] = []
-            start = max(self._passes.pop(job.tenant, 0.0), self._vtime)
-            heapq.heappush(self._turns, (start, next(self._seq), job.tenant))
+            self._turns.join(job.tenant)
         heapq.heappush(heap, (job.message_id, next(self._seq), job))
         self._len += 1
 
     def popleft(self) -> Job:
-        pass_, seq, tenant = heapq.heappop(self._turns)
-        heap = self._heaps[tenant]
+        turn = self._turns.pop()
+        heap = self._heaps[turn[2]]
         job = heapq.heappop(heap)[2]
         self._len -= 1
-        self._vtime = pass_
-        following = pass_ + 1.0 / max(1, self._weight_of(tenant))
-        if heap:
-            heapq.heappush(self._turns, (following, seq, tenant))
-        else:
-            del self._heaps[tenant]
-            if len(self._passes) < 4096:  # more idle tenants than that restart at vtime
-                self._passes[tenant] = following
+        if not heap:
+            del self._heaps[turn[2]]
+        self._turns.took(turn, more=bool(heap))
         return job
 
     def __len__(self) -> int:
@@ -232,8 +224,7 @@ class ReadyQueue:
                     self._heaps[tenant] = kept
                 else:
                     del self._heaps[tenant]
-            self._turns = [turn for turn in self._turns if turn[2] in self._heaps]
-            heapq.heapify(self._turns)
+            self._turns.keep(self._heaps)
             self._len -= len(taken)
         return taken
 

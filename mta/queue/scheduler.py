@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable
 
+from mta.queue.turns import Turn, Turns
 from mta.tasks import cancel_and_wait
 
 __all__ = ["Scheduler"]
@@ -35,19 +35,15 @@ class Scheduler:
         # yes again).
         self._can_dispatch = can_dispatch or (lambda: True)
         self._tenant_of = tenant_of or (lambda _mid: "")
-        self._weight_of = weight_of or (lambda _tenant: 1)
         # Seconds before a tenant may have its next message (0: now, and the slot is
         # taken); None when tenants are not throttled.
         self._gate = gate
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         # tenant -> due messages in arrival order, (id, due) checked against _due on the way
-        # out; a tenant with waiting messages has one entry in _turns: (pass, seq, tenant).
+        # out; a tenant with waiting messages has one turn.
         self._ready: dict[str, deque[tuple[str, float]]] = {}
-        self._turns: list[tuple[float, int, str]] = []
-        self._passes: dict[str, float] = {}
-        self._vtime = 0.0  # the pass of the last turn taken
-        self._seq = itertools.count()
+        self._turns = Turns(weight_of or (lambda _tenant: 1))
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.paused = False
@@ -72,11 +68,6 @@ class Scheduler:
 
     def ids(self) -> list[str]:
         return list(self._due)
-
-    def waiting_by_tenant(self) -> dict[str, int]:
-        """Due messages waiting for their turn, per tenant (entries not yet checked included:
-        an upper bound)."""
-        return {t: len(q) for t, q in self._ready.items()}
 
     def reschedule_all(self, due: float, match: Callable[[str], bool] | None = None) -> int:
         """Move every (matching) waiting message to ``due``; returns how many moved."""
@@ -127,38 +118,35 @@ class Scheduler:
             queue = self._ready.get(tenant)
             if queue is None:
                 queue = self._ready[tenant] = deque()
-                # A tenant back from idle starts at the current turn: no credit saved up.
-                start = max(self._passes.get(tenant, 0.0), self._vtime)
-                heapq.heappush(self._turns, (start, next(self._seq), tenant))
+                self._turns.join(tenant)
             queue.append((mid, due))
 
     def _dispatch(self) -> float | None:
         """Hand out due messages, tenants taking turns, while there is room; the seconds
         until the first throttled tenant may go again (None if none is throttled)."""
-        turns, gated = self._turns, []
+        turns, gated = self._turns, list[Turn]()
         wait: float | None = None
         while turns and self._can_dispatch() and not self.paused:
-            pass_, seq, tenant = heapq.heappop(turns)
+            turn = turns.pop()
+            tenant = turn[2]
             queue = self._ready[tenant]
             mid = self._next_live(queue)
             if mid is None:
                 del self._ready[tenant]
-                self._passes[tenant] = pass_
+                turns.skip(turn)
                 continue
             if self._gate is not None and (hold := self._gate(tenant)) > 0:
                 queue.appendleft((mid, self._due[mid]))
-                gated.append((pass_, seq, tenant))
+                gated.append(turn)
                 wait = hold if wait is None else min(wait, hold)
                 continue
             del self._due[mid]
-            self._vtime = pass_
-            heapq.heappush(turns, (pass_ + 1.0 / max(1, self._weight_of(tenant)), seq, tenant))
+            if not queue:
+                del self._ready[tenant]
+            turns.took(turn, more=bool(queue))
             self._on_due(mid)
-        for entry in gated:
-            heapq.heappush(turns, entry)
-        if len(self._passes) > 4 * len(self._ready) + 1024:
-            # Forget the passes of tenants long idle (they restart at the current turn).
-            self._passes = {t: p for t, p in self._passes.items() if t in self._ready}
+        for turn in gated:
+            turns.put_back(turn)
         return wait
 
     def _next_live(self, queue: deque[tuple[str, float]]) -> str | None:
