@@ -6,6 +6,7 @@ the file, the dotted key and what was expected, so the daemon can print one line
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import ipaddress
 import math
@@ -425,6 +426,7 @@ class DomainPolicy:
     rate: float | None = _opt(_optional_rate, None)
     tls: str | None = _opt(_domain_tls, None)
     smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
+    pool: str = _opt(lambda v: _pool_name(v), "")  # noqa: PLW0108 ([egress.pools]; below)
 
 
 @dataclass(frozen=True)
@@ -811,6 +813,14 @@ def _header_name(value: Any) -> str:
     return value
 
 
+def _pool_name(value: Any) -> str:
+    value = _string(value)
+    if value and not TENANT_NAME.fullmatch(value):
+        raise _Invalid(f"expected a pool name of 1-64 letters, digits, '.', '_' or '-', got "
+                       f"{_short(value)}")
+    return value
+
+
 def _weight(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
         raise _Invalid(f"expected a weight 1-1000, got {value!r}")
@@ -824,6 +834,11 @@ class TenantPolicy:
 
     weight: int = _opt(_weight, 1)
     rate: float | None = _opt(_optional_rate, None)
+    pool: str = _opt(_pool_name, "")  # its [egress.pools] pool; empty: the domain's or default
+    # Its own webhook: this tenant's records are POSTed here too (signed with events_secret,
+    # else [events] secret), from a cursor of its own.
+    events_url: str = _opt(lambda v: _webhook_url(v), "")  # noqa: PLW0108 (defined below)
+    events_secret: Secret | None = _opt(_secret, None)  # noqa: RUF009
 
 
 def _tenant_policies(value: Any) -> dict[str, TenantPolicy]:
@@ -896,6 +911,152 @@ class EventsConfig:
     cursor: str = _opt(_path, "")  # default: the accounting log's path + ".events-cursor"
 
 
+# --- egress: the addresses mail leaves from ------------------------------------------------
+
+
+def _bind_address(value: Any) -> str:
+    value = _string(value).strip()
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise _Invalid(f"expected an IP address of this host (or empty: the system's "
+                           f"choice), got {_short(value)}") from None
+    return value
+
+
+_DAILY_RE = re.compile(r"\s*(\d+)\s*/\s*d\s*")
+
+
+def _warmup(value: Any) -> tuple[int, ...]:
+    """``["200/d", "500/d", 1000]``: one day's cap per step."""
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of daily caps such as [\"200/d\", \"500/d\"], got "
+                       f"{_short(value)}")
+    steps = []
+    for raw in value:
+        item = int(m.group(1)) if isinstance(raw, str) and (m := _DAILY_RE.fullmatch(raw)) \
+            else raw
+        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+            raise _Invalid(f"expected a daily cap such as \"200/d\" (or 200), got "
+                           f"{_short(item)}")
+        steps.append(item)
+    return tuple(steps)
+
+
+def _date(value: Any) -> datetime.date | None:
+    if value in ("", None):
+        return None
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value
+    try:
+        return datetime.date.fromisoformat(str(value))
+    except ValueError:
+        raise _Invalid(f"expected a date such as 2026-12-01, got {_short(value)}") from None
+
+
+def _patterns(value: Any) -> tuple[re.Pattern[str], ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of regular expressions, got {_short(value)}")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f"expected a non-empty regular expression, got {_short(item)}")
+        try:
+            out.append(re.compile(item, re.IGNORECASE))
+        except re.error as exc:
+            raise _Invalid(f"{_short(item)} is not a regular expression: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SourceSitePolicy:
+    """``[egress.sources."<name>".sites."<MX host or *.suffix>"]``: what one sending address
+    may do at one site (large providers count per IP); rates here are this node's own."""
+
+    max_connections: int | None = _opt(_positive_int, None)
+    max_messages_per_connection: int | None = _opt(_positive_int, None)
+    rate: float | None = _opt(_optional_rate, None)
+
+
+_parse_source_sites = _policy_tables(SourceSitePolicy, "sites", parent="egress.sources.NAME")
+
+
+def _source_sites(value: Any) -> dict[str, SourceSitePolicy]:
+    return _parse_source_sites(value)
+
+
+@dataclass(frozen=True)
+class EgressSource:
+    """``[egress.sources."<name>"]``: an address mail leaves from, the EHLO name that goes
+    with it, and its warm-up ramp (a daily cap per site, one step per day from
+    ``warmup_start``; past the last step, none)."""
+
+    address: str = _opt(_bind_address, "")
+    ehlo: str = _opt(_string, "")  # empty: [delivery] helo
+    warmup: tuple[int, ...] = _opt(_warmup, tuple)
+    warmup_start: datetime.date | None = _opt(_date, None)  # noqa: RUF009
+    sites: dict[str, SourceSitePolicy] = _opt(_source_sites, dict)  # noqa: RUF009
+
+
+def _pool_weights(value: Any) -> dict[str, int]:
+    # ["a", "b"]: equal weights; {a = 3, b = 1}: weighted.
+    if isinstance(value, list):
+        value = dict.fromkeys(value, 1) if all(isinstance(v, str) for v in value) else value
+    if not isinstance(value, dict) or not value:
+        raise _Invalid(f"expected source names such as [\"ip1\", \"ip2\"] or weights such as "
+                       f"{{ ip1 = 3, ip2 = 1 }}, got {_short(value)}")
+    return {name: _weight(w) for name, w in value.items()}
+
+
+@dataclass(frozen=True)
+class EgressPool:
+    """``[egress.pools."<name>"]``: sources taking turns by weight; ``over_cap``: when the
+    chosen source has reached its warm-up cap at the site, ``spill`` (another source of the
+    pool with room takes it) or ``wait`` (the message is deferred)."""
+
+    sources: dict[str, int] = _opt(_pool_weights, dict)  # noqa: RUF009
+    over_cap: str = _opt(_choice("spill", "wait"), "spill")
+
+
+def _named_tables(cls: type, what: str) -> Callable[[Any], dict[str, Any]]:
+    def parse(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise _Invalid(f"expected tables like [egress.{what}.\"name\"], got {_short(value)}")
+        out = {}
+        for name, table in value.items():
+            if not TENANT_NAME.fullmatch(name):
+                raise _Invalid(f"{name[:80]!r}: a name is 1-64 letters, digits, '.', '_' or "
+                               "'-', starting with a letter or digit")
+            if not isinstance(table, dict):
+                raise _Invalid(f"{name!r}: expected a table of settings")
+            out[name] = cls(**_table_values(cls, table, f"{name!r}."))
+        return out
+    return parse
+
+
+# Replies that say the sending address is refused (a blocklist), not the message: the
+# message is deferred (another source may take it), the source backs off at that site.
+DEFAULT_BLOCK_PATTERNS = ("blocked using", "spamhaus", "blacklisted", "blocklisted",
+                          "poor reputation")
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    """``[egress]``: the sources (addresses) this node sends from and the pools a tenant or a
+    domain picks; with none, mail leaves from the system's choice of address."""
+
+    sources: dict[str, EgressSource] = _opt(_named_tables(EgressSource, "sources"), dict)  # noqa: RUF009
+    pools: dict[str, EgressPool] = _opt(_named_tables(EgressPool, "pools"), dict)  # noqa: RUF009
+    default_pool: str = _opt(_pool_name, "")  # mail no tenant or domain names a pool for
+    # Warm-up counts (per source and site, today's) across restarts.
+    state: str = _opt(_path, "./var/lib/egress.json")
+    block_patterns: tuple[re.Pattern[str], ...] = _opt(
+        _patterns, lambda: _patterns(list(DEFAULT_BLOCK_PATTERNS)))
+    block_backoff: float = _opt(parse_duration, 600.0)  # first; doubles while blocks recur
+    block_backoff_max: float = _opt(parse_duration, 4 * 3600.0)
+
+
 def _optional_address(value: Any) -> str:
     value = _string(value)
     if value and (value.count("@") != 1 or not value.rpartition("@")[2]):
@@ -938,6 +1099,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     tenants: TenantsConfig = field(default_factory=TenantsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
     source: str = "<defaults>"
 
     @property
@@ -957,6 +1119,7 @@ _SECTIONS: dict[str, type] = {
     "dkim": DkimConfig,
     "tenants": TenantsConfig,
     "events": EventsConfig,
+    "egress": EgressConfig,
 }
 
 
@@ -996,11 +1159,64 @@ def _ca_problem(path: str) -> str | None:
     return None
 
 
+def _bind_problem(address: str) -> str | None:
+    """Why this host cannot send from ``address`` (not one of its addresses), or None."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        return f"cannot send from {address}: {exc.strerror or exc} (is it an address of " \
+               "this host?)"
+    return None
+
+
+def _check_egress(cfg: Config, path: str) -> None:
+    """Pools name sources that exist, tenants and domains name pools that exist, and every
+    source's address is one this host can bind."""
+    egress = cfg.egress
+    for name, source in egress.sources.items():
+        if source.address and (problem := _bind_problem(source.address)):
+            raise ConfigError(path, f'[egress.sources."{name}"] address', problem)
+        if source.warmup and source.warmup_start is None:
+            raise ConfigError(path, f'[egress.sources."{name}"] warmup_start',
+                              "a warm-up ramp needs the day it starts (such as 2026-12-01)")
+    for name, pool in egress.pools.items():
+        for source in pool.sources:
+            if source not in egress.sources:
+                raise ConfigError(path, f'[egress.pools."{name}"] sources',
+                                  f"no source {source!r}: define [egress.sources.\"{source}\"]"
+                                  f" (known: {', '.join(sorted(egress.sources)) or 'none'})")
+    known = ", ".join(sorted(egress.pools)) or "none"
+    users = [("[egress] default_pool", egress.default_pool)]
+    users += [(f'[tenants."{t}"] pool', p.pool) for t, p in cfg.tenants.names.items()]
+    users += [(f'[delivery.domains."{d}"] pool', p.pool)
+              for d, p in cfg.delivery.domains.items()]
+    for key, pool_name in users:
+        if pool_name and pool_name not in egress.pools:
+            raise ConfigError(path, key, f"no pool {pool_name!r}: define [egress.pools."
+                                         f"\"{pool_name}\"] (known: {known})")
+    if egress.block_backoff > egress.block_backoff_max:
+        raise ConfigError(path, "[egress] block_backoff",
+                          f"expected at most block_backoff_max "
+                          f"({egress.block_backoff_max:g}s), got {egress.block_backoff:g}s")
+
+
+def _check_tenant_hooks(cfg: Config, path: str) -> None:
+    for name, tenant in cfg.tenants.names.items():
+        if tenant.events_url and tenant.events_secret is None and cfg.events.secret is None:
+            raise ConfigError(path, f'[tenants."{name}"] events_secret',
+                              "its webhook needs a secret to sign its POSTs (or set [events] "
+                              "secret); e.g. the output of: openssl rand -hex 32")
+
+
 def _check_consistency(cfg: Config, path: str) -> None:
     if cfg.events.url and cfg.events.secret is None:
         raise ConfigError(path, "[events] secret", "a webhook needs a secret to sign its "
                                                    "POSTs; e.g. the output of: openssl rand "
                                                    "-hex 32")
+    _check_tenant_hooks(cfg, path)
+    _check_egress(cfg, path)
     smtp = cfg.smtp
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         key = "tls_key" if smtp.tls_cert else "tls_cert"
