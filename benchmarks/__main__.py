@@ -28,6 +28,8 @@ SCENARIOS = {
                 "(--replicated: with disk loss)",
     "replicated": "issue 16's three: replicated ingress vs Postfix, p99 at 1,000/s, "
                   "failover with disk loss",
+    "tenants": "one tenant's 20,000-message backlog at a paced site, then another's 100: "
+               "when the second's mail arrives (vs one tenant name for both)",
     "soak": "chaos under load, then reconcile the accounting logs",
     "partition": "network partitions and pauses in namespaces (root): fencing, takeover",
     "loadgen": "calibration: the load generators against a null sink",

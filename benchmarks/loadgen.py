@@ -3,7 +3,8 @@ not the bottleneck, with or without connection reuse, fixed or mixed message siz
 loop (as fast as replies come) or open loop (a fixed offered rate).
 
 Every message carries a unique ``X-Bench-Id`` header; the generator returns the ids it got a
-``250`` for, so a relay run can check that each of them reached the sink.
+``250`` for (and when: ``acked_at``), so a relay run can check that each of them reached the
+sink. ``Load.headers`` adds header lines to every message (``X-MTA-Tenant: bulk``).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def mean_size_kb(spec: str) -> float:
     return float(spec)
 
 
-def message(token: str, size: int, filler: bytes) -> bytes:
+def message(token: str, size: int, filler: bytes, headers: str = "") -> bytes:
+    """A message of about ``size`` bytes; ``headers``: more header lines, each ending in
+    CRLF."""
     head = (f"From: bench@example.com\r\nTo: sink@example.org\r\nSubject: bench {token}\r\n"
-            f"Message-ID: <{token}@bench.example>\r\nX-Bench-Id: {token}\r\n"
+            f"Message-ID: <{token}@bench.example>\r\nX-Bench-Id: {token}\r\n{headers}"
             f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n").encode()
     lines = max(1, (size - len(head)) // len(LINE))
     return head + filler[: lines * len(LINE)]
@@ -76,6 +79,7 @@ class Load:
     rate: float = 0.0
     sender: str = "bench@example.com"
     rcpt: str = "sink@example.org"
+    headers: str = ""  # more header lines for every message, each ending in CRLF
 
 
 @dataclass
@@ -87,6 +91,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     service: list[float] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)  # time.time() of each id's 250
     bytes: int = 0
     start: float = 0.0
     end: float = 0.0
@@ -165,6 +170,7 @@ class _Worker:
         if ok:
             self.res.accepted += 1
             self.res.ids.append(f"{self.tag}.{k}")
+            self.res.acked_at.append(time.time())
             self.res.latencies.append(now - t_sched)
             self.res.service.append(now - sent)
             self.res.bytes += size
@@ -183,7 +189,7 @@ class _Worker:
         if conn is None:
             conn = _Conn(self.port, self.load)
             await conn.open()
-        msg = message(f"{self.tag}.{k}", self.sizes[k], self.filler)
+        msg = message(f"{self.tag}.{k}", self.sizes[k], self.filler, self.load.headers)
         ok, sent = await conn.send(msg)
         self._record(k, ok, sent if t_sched is None else t_sched, sent, len(msg))
         if not self.load.reuse:
@@ -300,6 +306,7 @@ def run_load(port: int, load: Load, tick: Tick | None = None) -> LoadResult:
         res.latencies += p.latencies
         res.service += p.service
         res.ids += p.ids
+        res.acked_at += p.acked_at
     res.latencies.sort()
     res.service.sort()
     return res

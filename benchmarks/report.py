@@ -121,6 +121,25 @@ def _replicated_p99(r: Data) -> tuple[float, str] | None:
     return s["median"], f"{fmt(s, 1)} ms (2 nodes, replicas 2, min_insync 2)"
 
 
+def _tenants(r: Data) -> tuple[float, str] | None:
+    """B's span in the worst run with tenants (inf when A had nothing left queued at B's
+    last: then the run cannot tell fairness from an empty queue)."""
+    runs = [x for x in all_runs(r) if x.get("mode") == "tenants"]
+    if r.get("dirty") or not runs:
+        return None
+    worst = max(x["b_span_s"] if x.get("b_span_s") is not None else float("inf")
+                for x in runs)
+    left = group_summary(r, "a_left_at_b_done", mode="tenants")
+    base = group_summary(r, "b_span_s", mode="one-tenant")
+    span = group_summary(r, "b_span_s", mode="tenants")
+    p = r["params"]
+    value = worst if left and left.get("n") and left["min"] > 0 else float("inf")
+    return value, (f"B's {p['urgent']} at the sink {fmt(span, 2)} s "
+                   f"after its first submission (worst {worst:.2f} s), {fmt(left)} of A's "
+                   f"{p['bulk']:,} still queued; one tenant name: {fmt(base, 2)} s "
+                   f"({p['rate']} site)")
+
+
 def _disk_loss(r: Data) -> tuple[float, str] | None:
     """RTO against TTL + 2 s (the worst trial; any lost message misses the goal)."""
     runs = all_runs(r)
@@ -151,6 +170,9 @@ TARGETS = [
                "ingress beside plain mta: *DKIM signing (issue 17)* below."),
     Target("Relay, every record shipped to an events webhook, vs Postfix (issue 18)", ">= 2x",
            "relay", _ratio("relay-events"), lambda v: v >= 2.0),
+    Target("One tenant's backlog does not hold up another's mail (issue 18)",
+           "B's mail within a few seconds (<= 5 s), not after A's", "tenants", _tenants,
+           lambda v: v <= 5.0),
     Target("2 node processes vs 1", ">= 1.7x", "scale", _scale, lambda v: v >= 1.7),
     Target("1M queued: recovery time", "<= 20 s", "recovery", _recovery("seconds"),
            lambda v: v <= 20.0),
@@ -160,7 +182,7 @@ TARGETS = [
 
 
 def targets_section(by: dict[str, list[Data]]) -> list[str]:
-    out = ["## Targets (issues 7, 16 and 17)", "",
+    out = ["## Targets (issues 7, 16, 17 and 18)", "",
            "Each goal is checked against the latest result that measures it from a committed "
            "tree (ingress and relay: default client, 5 KB, connection reuse, no profiler).",
            "",
@@ -498,6 +520,71 @@ def dkim_section(by: dict[str, list[Data]]) -> list[str]:
     return out
 
 
+# -- tenants (issue 18) ----------------------------------------------------------------------
+
+_TENANT_MODES = {"tenants": "tenants (B: `alerts`)", "one-tenant": "one tenant (B: `bulk`)"}
+
+
+def tenants_section(by: dict[str, list[Data]]) -> list[str]:
+    """Issue 18: tenant A's backlog at a paced site, then tenant B's few messages; with
+    tenants and, as the baseline, under A's name (first come, first served)."""
+    out = ["## Tenants: one tenant's backlog and another's mail (issue 18)", "",
+           "`python -m benchmarks tenants`: one standalone node relays to a loopback sink "
+           "standing for one receiving site, paced by the node (`[delivery.sites] rate`, 20 "
+           "connections). Tenant A (`X-MTA-Tenant: bulk`) submits its messages over 50 "
+           "sessions as fast as the node takes them; once it has every `250`, tenant B "
+           "(`X-MTA-Tenant: alerts`) submits its own over 4 sessions. The sink records when "
+           "each message arrived. *B span*: from B's first submission to its last message at "
+           "the sink; *B p50/p99*: each B message from its `250` to the sink; *A queued*: A's "
+           "messages not yet at the sink when B began, and when B's last arrived; *A drained*: "
+           "A's first submission to its last message at the sink. Baseline *one tenant*: B's "
+           "mail carries A's name, so it waits oldest-first behind A's backlog (no fairness "
+           "without changing the node). Every run waits for every accepted message (*lost* "
+           "must be 0). Goal: B's mail within a few seconds (read: <= 5 s), not after A's.", ""]
+    results = by.get("tenants", [])
+    if not results:
+        return [*out, "No saved result yet.", ""]
+    out += ["![tenants-timeline.png](plots/tenants-timeline.png)", "",
+            "| date | commit | mode | load | B span s | B p50 s | B p99 s | A queued when B "
+            "began | A queued at B's last | A drained s | site msg/s | lost | load average "
+            "(1/5/15 min) at the start | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results[-RECENT:]:
+        p = r["params"]
+        la = (r.get("loadavg") or {}).get("start")
+        for g in r["groups"]:
+            s = g["summary"]
+            mode = g["labels"]["mode"]
+            out.append(
+                f"| {date(r)} | {commit(r)} | {_TENANT_MODES.get(mode, mode)} | A {p['bulk']:,} "
+                f"then B {p['urgent']:,} x {p['size']} KB, site {p['rate']} | "
+                f"{fmt(s.get('b_span_s'), 2)} | {fmt(s.get('b_p50_s'), 2)} | "
+                f"{fmt(s.get('b_p99_s'), 2)} | {fmt(s.get('a_queued_at_b_start'))} | "
+                f"{fmt(s.get('a_left_at_b_done'))} | {fmt(s.get('a_drained_s'), 1)} | "
+                f"{fmt(s.get('site_msgs_per_s'))} | "
+                f"{sum(int(x.get('lost') or 0) for x in g['runs'])} | "
+                f"{' / '.join(f'{x:.2f}' for x in la) if la else 'n/a'} | {machine(r)} |")
+    r = results[-1]
+    fair = group_summary(r, "b_span_s", mode="tenants")
+    base = group_summary(r, "b_span_s", mode="one-tenant")
+    runs = len(r["groups"][0]["runs"])
+    facts = [f"Latest: `{r['file']}` ({commit(r)}, {date(r)}; median (min-max) of {runs} "
+             f"interleaved runs per mode; {_loadavg(r)})"]
+    if fair and fair.get("n"):
+        left = group_summary(r, "a_left_at_b_done", mode="tenants")
+        facts.append(f"with tenants, B's {r['params']['urgent']} messages were all at the sink "
+                     f"**{fmt(fair, 2)} s** after its first submission while {fmt(left)} of "
+                     f"A's were still queued (goal <= 5 s: "
+                     + ("met" if fair["max"] <= 5.0 and left and left["min"] > 0
+                        else "**missed**") + ")")
+    if base and base.get("n"):
+        facts.append(f"under A's name they took **{fmt(base, 2)} s**, behind A's backlog")
+    out += ["", "; ".join(facts) + ".", ""]
+    if (reading := NOTES / "tenants.md").exists():
+        out += [reading.read_text().strip(), ""]
+    return out
+
+
 # -- plots ---------------------------------------------------------------------------------
 
 def _plot_ingress(plt: Any, by: dict[str, list[Data]]) -> Any:
@@ -605,13 +692,51 @@ def _plot_backlog(plt: Any, by: dict[str, list[Data]]) -> Any:
     return fig
 
 
+def _plot_tenants(plt: Any, by: dict[str, list[Data]]) -> Any:
+    """Cumulative arrivals at the sink of A's and B's mail, the median run of each mode."""
+    if not (tn := by.get("tenants")):
+        return None
+    r = tn[-1]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    b_axis = ax.twinx()
+    for g, style in zip(r["groups"], ("-", "--"), strict=False):
+        runs = sorted((x for x in g["runs"] if x.get("timeline")),
+                      key=lambda x: x.get("b_span_s") or 0)
+        if not runs:
+            continue
+        run = runs[len(runs) // 2]
+        tl = run["timeline"]
+        mode = g["labels"]["mode"]
+        for key, axis, color, who in (("a", ax, "tab:blue", "A (bulk)"),
+                                      ("b", b_axis, "tab:red", "B")):
+            total, ys = 0, []
+            for n in tl[key]:
+                total += n
+                ys.append(total)
+            xs = [(i + 1) * tl["bin_s"] for i in range(len(ys))]
+            axis.plot(xs, ys, style, color=color, label=f"{who}, {mode}")
+        ax.axvline(tl["b_start_s"], color="grey", ls=style, lw=0.8)
+    ax.set_xlabel("seconds from A's first submission (grey: B's first submission)")
+    ax.set_ylabel("A's messages at the sink", color="tab:blue")
+    b_axis.set_ylabel("B's messages at the sink", color="tab:red")
+    ax.set_ylim(bottom=0)
+    b_axis.set_ylim(bottom=0)
+    ax.set_title(f"Tenants: A's backlog, then B's mail ({commit(r)}, site {r['params']['rate']})")
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    more = b_axis.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    return fig
+
+
 # (scenario, file, plotter): drawn in this order, each when the results allow it.
 _PLOTTERS = (("ingress", "ingress-concurrency.png", _plot_ingress),
              ("latency", "latency-cdf.png", _plot_latency),
              ("failover", "failover-timeline.png", _plot_failover),
              ("failover-replicated", "failover-replicated-timeline.png",
               lambda plt, by: _plot_failover(plt, by, "failover-replicated")),
-             ("backlog", "backlog-rss.png", _plot_backlog))
+             ("backlog", "backlog-rss.png", _plot_backlog),
+             ("tenants", "tenants-timeline.png", _plot_tenants))
 
 
 def _plots(by: dict[str, list[Data]], plots_dir: Path) -> dict[str, list[str]] | None:
@@ -664,6 +789,7 @@ def render(results: list[Data], plots_dir: Path = PLOTS) -> str:
     for name in SECTIONS:
         out += section(name, by.get(name, []), (plots or {}).get(name, []))
     out += dkim_section(by)
+    out += tenants_section(by)
     return "\n".join(out).rstrip() + "\n"
 
 

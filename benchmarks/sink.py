@@ -1,13 +1,17 @@
 """A fast loopback SMTP sink in its own process: pipelining, no checks, counts messages and
 writes each one's ``X-Bench-Id`` to a file so a relay run can prove nothing was lost; it also
 counts the messages that arrive signed (a ``DKIM-Signature`` first field) and keeps the first
-message it receives, so a signing run can check the signature itself."""
+message it receives, so a signing run can check the signature itself. With ``times`` it also
+writes each id's arrival time (``time.time()`` when its final dot was read), for a scenario
+that asks when each message got there."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
@@ -18,10 +22,11 @@ _sampled = [False]
 
 class _SinkProtocol(asyncio.Protocol):
     def __init__(self, counter: mp.Value, signed: mp.Value,  # type: ignore[valid-type]
-                 ids: IO[bytes], sample: Path) -> None:
+                 ids: IO[bytes], sample: Path, times: IO[bytes] | None = None) -> None:
         self.counter = counter
         self.signed = signed
         self.ids = ids
+        self.times = times
         self.sample = sample
         self.n_signed = 0
         self.buf = b""
@@ -81,6 +86,11 @@ class _SinkProtocol(asyncio.Protocol):
                 self.signed.value += self.n_signed
             self.n_signed = 0
         if got:
+            if self.times is not None:
+                # Every message of this read arrived by now ("id time" lines).
+                now = f" {time.time():.6f}\n".encode()
+                self.times.write(b"".join(g[:-1] + now for g in got))
+                self.times.flush()
             # Ids first: a message counts as received once its id is on record.
             self.ids.write(b"".join(got))
             self.ids.flush()
@@ -92,7 +102,7 @@ class _SinkProtocol(asyncio.Protocol):
 
 def _sink_main(host: str, port: int, counter: mp.Value,  # type: ignore[valid-type]
                signed: mp.Value, ready: mp.Event, ids_path: str,  # type: ignore[valid-type]
-               sample: str) -> None:
+               sample: str, times_path: str = "") -> None:
     try:
         import uvloop
 
@@ -102,9 +112,11 @@ def _sink_main(host: str, port: int, counter: mp.Value,  # type: ignore[valid-ty
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        with open(ids_path, "ab") as ids:
-            await loop.create_server(lambda: _SinkProtocol(counter, signed, ids, Path(sample)),
-                                     host, port, backlog=1024)
+        with open(ids_path, "ab") as ids, ExitStack() as stack:
+            times = stack.enter_context(open(times_path, "ab")) if times_path else None
+            await loop.create_server(
+                lambda: _SinkProtocol(counter, signed, ids, Path(sample), times),
+                host, port, backlog=1024)
             ready.set()
             await asyncio.Event().wait()
 
@@ -114,17 +126,21 @@ def _sink_main(host: str, port: int, counter: mp.Value,  # type: ignore[valid-ty
 class Sink:
     """``with Sink(work, port) as sink:`` a sink process; ``sink.count`` messages so far,
     ``sink.ids()`` how often each id arrived, ``sink.signed`` how many arrived with a
-    DKIM-Signature first field, ``sink.sample`` the first message received (or None)."""
+    DKIM-Signature first field, ``sink.sample`` the first message received (or None);
+    ``times=True``: ``sink.arrivals()`` when each id arrived."""
 
-    def __init__(self, work: Path, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, work: Path, port: int, host: str = "127.0.0.1",
+                 times: bool = False) -> None:
         self.path = work / "sink-ids.txt"
         self.sample_path = work / "sink-sample.eml"
+        self.times_path = work / "sink-times.txt" if times else None
         self.counter = mp.Value("q", 0)
         self.signed_counter = mp.Value("q", 0)
         self.ready = mp.Event()
         self.proc = mp.Process(target=_sink_main,
                                args=(host, port, self.counter, self.signed_counter, self.ready,
-                                     str(self.path), str(self.sample_path)), daemon=True)
+                                     str(self.path), str(self.sample_path),
+                                     str(self.times_path or "")), daemon=True)
 
     def __enter__(self) -> Sink:
         self.proc.start()
@@ -150,3 +166,14 @@ class Sink:
 
     def ids(self) -> Counter[str]:
         return Counter(self.path.read_text().split()) if self.path.exists() else Counter()
+
+    def arrivals(self) -> dict[str, float]:
+        """Each id's first arrival (``time.time()``); a sink made with ``times=True``."""
+        out: dict[str, float] = {}
+        if self.times_path is None or not self.times_path.exists():
+            return out
+        for line in self.times_path.read_text().splitlines():
+            ident, _, at = line.partition(" ")
+            if at and ident not in out:
+                out[ident] = float(at)
+        return out
