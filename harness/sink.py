@@ -26,6 +26,8 @@ class Received:
     session: int
     at: float
     tls: bool = False  # the session had negotiated TLS (STARTTLS) before this DATA
+    peer: str = ""  # the client's address (the sender's egress source)
+    helo: str = ""  # the name it gave in EHLO/HELO
 
 
 @dataclass
@@ -36,7 +38,8 @@ class SinkScript:
     rcpt: dict[str, str] = field(default_factory=dict)  # address -> reply
     data_reply: Callable[[list[str], int], str | None] | None = None
     data_delay: float = 0.0
-    greeting_reply: str | None = None  # e.g. "421 busy": refuse at connect
+    # e.g. "421 busy": refuse at connect; or a function of the client's address.
+    greeting_reply: str | Callable[[str], str | None] | None = None
     drop_on_data: bool = False
 
 
@@ -55,16 +58,27 @@ class _CountingSMTP(SMTP):
                 self.session_no = self._sink.sessions
                 self._sink.active += 1
                 self._sink.max_active = max(self._sink.max_active, self._sink.active)
-                self._sink.peers.append(transport.get_extra_info("peername")[0])
+                peer = transport.get_extra_info("peername")[0]
+                self._sink.peers.append(peer)
+                by_peer = self._sink.active_by_peer
+                by_peer[peer] = by_peer.get(peer, 0) + 1
+                self._sink.max_active_by_peer[peer] = max(
+                    self._sink.max_active_by_peer.get(peer, 0), by_peer[peer])
 
     def connection_lost(self, exc: Exception | None) -> None:
         with self._sink.lock:
             self._sink.active -= 1
+            peer = self.session.peer[0] if self.session is not None else None
+            if peer in self._sink.active_by_peer:
+                self._sink.active_by_peer[peer] -= 1
         super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
-        if self._sink.script.greeting_reply:
-            await self.push(self._sink.script.greeting_reply)
+        reply = self._sink.script.greeting_reply
+        if callable(reply):
+            reply = reply(self.session.peer[0])
+        if reply:
+            await self.push(reply)
             self.transport.close()
             return
         await super()._handle_client()
@@ -100,7 +114,8 @@ class _SinkHandler:
         with self.sink.lock:
             self.sink.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                                envelope.original_content, server.session_no,
-                                               time.monotonic(), session.ssl is not None))
+                                               time.monotonic(), session.ssl is not None,
+                                               session.peer[0], session.host_name or ""))
         return "250 2.0.0 OK queued"
 
 
@@ -116,7 +131,9 @@ class Sink(Controller):
         self.active = 0
         self.max_active = 0
         self.data_count = 0
-        self.peers: list[str] = []
+        self.peers: list[str] = []  # the client address of each session
+        self.active_by_peer: dict[str, int] = {}
+        self.max_active_by_peer: dict[str, int] = {}  # most sessions at once per client
         self.lock = threading.Lock()
         self._tls = tls_context
         self._rcpt_attempts: dict[str, int] = {}
@@ -144,6 +161,7 @@ class Sink(Controller):
         with self.lock:
             self.sessions = self.max_active = 0
             self.peers.clear()
+            self.max_active_by_peer.clear()
 
     def _probe_ended(self) -> bool:
         with self.lock:

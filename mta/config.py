@@ -418,6 +418,27 @@ def _domain_tls(value: Any) -> str:
     return _choice(*_DOMAIN_TLS_MODES)(value)
 
 
+# A tenant or campaign name: what a header or the users file may carry, and what the
+# accounting records, the admin API and metrics labels show.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _pool_name(value: Any) -> str:
+    value = _string(value)
+    if value and not TENANT_NAME.fullmatch(value):
+        raise _Invalid(f"expected a pool name of 1-64 letters, digits, '.', '_' or '-', got "
+                       f"{_short(value)}")
+    return value
+
+
+def _webhook_url(value: Any) -> str:
+    value = _string(value)
+    if value and not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s#]*)?", value):
+        raise _Invalid(f"expected an http:// or https:// URL (or empty: off), got "
+                       f"{value[:100]!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DomainPolicy:
     """Per-destination overrides under ``[delivery.domains."<domain or *.suffix>"]``: what is
@@ -426,7 +447,7 @@ class DomainPolicy:
     rate: float | None = _opt(_optional_rate, None)
     tls: str | None = _opt(_domain_tls, None)
     smarthost: tuple[str, int] | None = _opt(_optional_hostport, None)
-    pool: str = _opt(lambda v: _pool_name(v), "")  # noqa: PLW0108 ([egress.pools]; below)
+    pool: str = _opt(_pool_name, "")  # its [egress.pools] pool (a tenant's wins)
 
 
 @dataclass(frozen=True)
@@ -801,23 +822,12 @@ class DkimConfig:
     domains: dict[str, DkimDomain] = _opt(_dkim_domains, dict)  # noqa: RUF009
 
 
-# A tenant or campaign name: what a header or the users file may carry, and what the
-# accounting records, the admin API and metrics labels show.
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _header_name(value: Any) -> str:
     value = _string(value)
     if value and not re.fullmatch(r"[!-9;-~]{1,76}", value):
         raise _Invalid(f"expected a header field name (or empty: off), got {value!r}")
-    return value
-
-
-def _pool_name(value: Any) -> str:
-    value = _string(value)
-    if value and not TENANT_NAME.fullmatch(value):
-        raise _Invalid(f"expected a pool name of 1-64 letters, digits, '.', '_' or '-', got "
-                       f"{_short(value)}")
     return value
 
 
@@ -837,7 +847,7 @@ class TenantPolicy:
     pool: str = _opt(_pool_name, "")  # its [egress.pools] pool; empty: the domain's or default
     # Its own webhook: this tenant's records are POSTed here too (signed with events_secret,
     # else [events] secret), from a cursor of its own.
-    events_url: str = _opt(lambda v: _webhook_url(v), "")  # noqa: PLW0108 (defined below)
+    events_url: str = _opt(_webhook_url, "")
     events_secret: Secret | None = _opt(_secret, None)  # noqa: RUF009
 
 
@@ -888,14 +898,6 @@ class TenantsConfig:
     header: str = _opt(_header_name, "X-MTA-Tenant")
     campaign_header: str = _opt(_header_name, "X-MTA-Campaign")
     names: dict[str, TenantPolicy] = _opt(_tenant_policies, dict)  # noqa: RUF009
-
-
-def _webhook_url(value: Any) -> str:
-    value = _string(value)
-    if value and not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s#]*)?", value):
-        raise _Invalid(f"expected an http:// or https:// URL (or empty: off), got "
-                       f"{value[:100]!r}")
-    return value
 
 
 @dataclass(frozen=True)

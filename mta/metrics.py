@@ -93,6 +93,20 @@ class NodeMetrics:
             "matching MX host, a verified certificate), failed (enforce: deferred; testing: "
             "sent, and logged as delivery.mta_sts_testing_failure)",
             ["mode", "result"], registry=r)
+        self.egress_transactions = Counter(
+            "mta_egress_transactions",
+            "Messages handed to each egress source (the default address: source=\"\")",
+            ["source"], registry=r)
+        self.egress_blocks = Counter(
+            "mta_egress_source_blocks",
+            "Times a source was found blocked at a site (a reply matched [egress] "
+            "block_patterns); it backs off there on its own",
+            ["source"], registry=r)
+        self.egress_deferrals = Counter(
+            "mta_egress_deferrals",
+            "Deliveries deferred for want of a source: warmup (every usable source at its "
+            "warm-up cap), blocked (every source blocked at the site)",
+            ["reason"], registry=r)
         self.mta_sts_fetches = Counter(
             "mta_mta_sts_policy_fetches",
             "MTA-STS policy fetches over HTTPS, by result (fetched, failed)",

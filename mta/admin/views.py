@@ -84,6 +84,8 @@ def queue_view(node: NodeFacade) -> dict[str, Any]:
                 else site.limits.rate,
                 "backoff": round(site.backoff.factor, 3),
                 "held_by": site.held_by,
+                "source": site.source,
+                "blocked_for": round(max(0.0, site.blocked_until - time.monotonic()), 1),
             })
     return {
         "nodes": [node.node_id],
@@ -146,6 +148,7 @@ def merge_queues(views: list[dict[str, Any]]) -> dict[str, Any]:
             cur["connections"] += s["connections"]
             cur["max_connections"] += s["max_connections"]
             cur["retry_in"] = max(cur["retry_in"], s["retry_in"])
+            cur["blocked_for"] = max(cur.get("blocked_for", 0.0), s.get("blocked_for", 0.0))
             cur["held_by"] = cur.get("held_by") or s.get("held_by")
             if s["breaker"] != "closed":
                 cur["breaker_nodes"][view["nodes"][0]] = s["breaker"]

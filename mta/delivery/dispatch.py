@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from mta.config import Config, DeliveryConfig
+from mta.config import Config, DeliveryConfig, DomainPolicy
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.breaker import Breaker
+from mta.delivery.egress import Egress, Pick
 from mta.delivery.errors import (
     DeliveryError,
     NotOwnerError,
@@ -29,12 +30,13 @@ from mta.delivery.errors import (
     SuspendedError,
     TemporaryError,
 )
-from mta.delivery.limits import site_limits
+from mta.delivery.limits import site_limits, site_rate
 from mta.delivery.loops import LoopGuard
+from mta.delivery.mtasts import StsPolicy
 from mta.delivery.outcomes import Outcome, Verdict
 from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.runtime import RuntimeIndex
-from mta.delivery.site import Job, RecipientResult, Site, tls_policy
+from mta.delivery.site import Job, RecipientResult, Site, SourceBlockedError, tls_policy
 from mta.delivery.stspolicies import StsPolicies, StsSettings, StsStore
 from mta.delivery.throttle import Throttle
 from mta.envelope import domain_key
@@ -92,6 +94,8 @@ class Dispatcher:
         self._held_by_site: OrderedDict[str, Route] = OrderedDict()
         self.labels_released: set[str] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self._egress_writer: asyncio.Task[None] | None = None
+        self.egress = Egress(cfg.egress, metrics)
         self.sts = StsPolicies(StsStore(cfg.delivery.mta_sts_cache), _sts_settings(self.dcfg),
                                lambda: self.router.resolver,
                                self._addresses,
@@ -104,12 +108,15 @@ class Dispatcher:
         return await self.router.addresses(name)  # the router of the day (reload replaces it)
 
     async def open(self) -> None:
-        """Load what must be known before the first delivery (cached MTA-STS policies)."""
+        """Load what must be known before the first delivery (cached MTA-STS policies,
+        today's warm-up counts)."""
         await self.sts.open()
+        await self.egress.open()
 
     def start(self) -> None:
-        """Start reaping idle sites."""
+        """Start reaping idle sites, and writing the warm-up counts."""
         self._reaper = asyncio.create_task(self._reap_loop(), name="delivery:reaper")
+        self._egress_writer = asyncio.create_task(self.egress.run(), name="delivery:egress")
 
     async def stop_reaping(self) -> None:
         """Stop the reaper (before the sites close)."""
@@ -121,6 +128,9 @@ class Dispatcher:
         for site in self.sites.values():
             await site.close()
         await self.sts.close()
+        await cancel_and_wait(self._egress_writer)
+        self._egress_writer = None
+        await self.egress.close()
 
     def drop(self, match: Callable[[Job], bool]) -> int:
         """Fail at once, unsent, the queued jobs ``match`` selects; returns how many."""
@@ -136,7 +146,8 @@ class Dispatcher:
         # tenant:/campaign: keys resumed now: the engine retries their mail at once.
         self.labels_released = before.labels_held - now.labels_held
         for site in self.sites.values():
-            site.rate_override = now.site_rate(site.route)
+            # A source's site: the runtime rate is the site's as a whole (the dispatcher's).
+            site.rate_override = None if site.source else now.site_rate(site.route)
             held = now.site_hold(site.route)
             if held != site.held_by:
                 log.info("delivery.site_suspended" if held else "delivery.site_resumed",
@@ -188,9 +199,10 @@ class Dispatcher:
         self.router = Router(cfg.delivery)
         self.tenants = cfg.tenants
         self.sts.reconfigure(_sts_settings(cfg.delivery))
+        self.egress.reconfigure(cfg.egress)
         self._domain_throttles.clear()
         for site in self.sites.values():
-            site.limits = site_limits(self.dcfg, site.route, self.helo)
+            self._configure(site)
 
     def domain_rate(self, domain: str) -> float | None:
         """The rate of ``domain`` (msgs/s, cluster-wide), or None: the most specific runtime
@@ -259,9 +271,30 @@ class Dispatcher:
                         451, f"4.7.5 No MX host of {domain} matches its MTA-STS policy "
                              f"(mx: {', '.join(sts.mx)[:200]})"))
                 route = kept
-        site = self._site_for(route)
-        self._note_site_of(domain, route.site)
+        policy = policy_for(domain, self.dcfg.domains)
+        pool = self.egress.pool_for(self._tenant_pool(env.tenant), policy.pool if policy else "")
+        # A source the site refuses before the job is tried hands it to the next source.
+        for _ in range(len(self.egress.cfg.pools[pool].sources) + 1 if pool else 2):
+            pick = self.egress.choose(pool, route.site,
+                                      functools.partial(self._blocked_until, route))
+            if pick.refused is not None:
+                return _every(idx, Verdict.DEFERRED, pick.refused)
+            out = await self._deliver_via(stored, domain, idx, route, pick, pool, policy, sts)
+            if out is not None:
+                return out
+            self.egress.refund(pick.source, route.site)
+        return _every(idx, Verdict.DEFERRED, RecipientResult(
+            451, f"4.7.0 Every source is blocked at {route.site}"))
+
+    async def _deliver_via(self, stored: StoredMessage, domain: str, idx: list[int],
+                           route: Route, pick: Pick, pool: str, policy: DomainPolicy | None,
+                           sts: StsPolicy | None) -> dict[int, Outcome] | None:
+        """The job through ``pick``'s source; None if the site refused the source first."""
+        env = stored.envelope
+        site = self._site_for(route, pick.source)
+        self._note_site_of(domain, site.key)
         if site.held_by is not None:
+            self.egress.refund(pick.source, route.site)
             return self._held(domain, route, site.held_by, idx)
         # Held from here (no await before) until its job is done: the reaper must not forget
         # a site an attempt is about to queue on.
@@ -269,17 +302,35 @@ class Dispatcher:
             # Wait for the domain's own throttle here, not on a pooled connection: a slow
             # domain behind a shared site (a smarthost, a big provider's MX set) must not
             # hold a connection that other domains' mail could use.
-            await self._domain_throttle_wait(domain)
+            await self._throttle_wait(domain, self.domain_rate(domain))
+            if pool:
+                # The site's rate is for all its sources together.
+                await self._throttle_wait(f"site:{route.site}", self._site_rate(route))
             if (hold := self._runtime.domain_hold(domain)) is not None:
+                self.egress.refund(pick.source, route.site)
                 return self._held(domain, None, hold, idx)  # suspended while it waited
-            policy = policy_for(domain, self.dcfg.domains)
             tls = policy.tls if policy and policy.tls else self.dcfg.tls
             if sts is not None and sts.mode == "enforce":
                 tls = tls_policy(tls, "verify")
             job = Job(stored.id, domain, env.sender, [env.recipients[i] for i in idx],
                       stored.body, env.smtputf8, env.body_8bit, tls=tls, sts=sts,
                       tenant=env.tenant, campaign=env.campaign, dane=route.dane)
-            return await self._deliver_job(site, job, idx)
+            out = await self._deliver_job(site, job, idx)
+        if out is not None and pick.source and not any(o.result.source for o in out.values()):
+            self.egress.refund(pick.source, route.site)  # nothing went out through it
+        return out
+
+    def _tenant_pool(self, tenant: str) -> str:
+        policy = self.tenants.names.get(tenant) if tenant else None
+        return policy.pool if policy is not None else ""
+
+    def _blocked_until(self, route: Route, source: str) -> float:
+        site = self.sites.get(_site_key(route.site, source))
+        return site.blocked_until if site is not None else 0.0
+
+    def _site_rate(self, route: Route) -> float | None:
+        rate = self._runtime.site_rate(route)
+        return rate if rate is not None else site_rate(self.dcfg, route)
 
     def _held(self, domain: str, route: Route | None, key: str, idx: list[int]
               ) -> dict[int, Outcome]:
@@ -294,9 +345,12 @@ class Dispatcher:
         return _every(idx, Verdict.HELD, RecipientResult(
             451, f"4.3.2 Delivery suspended by the operator ({key})"))
 
-    async def _deliver_job(self, site: Site, job: Job, idx: list[int]) -> dict[int, Outcome]:
+    async def _deliver_job(self, site: Site, job: Job, idx: list[int]
+                           ) -> dict[int, Outcome] | None:
         try:
             results = await site.deliver(job)
+        except SourceBlockedError:
+            return None
         except SuspendedError as exc:
             site_hold = exc.key == site.held_by
             return self._held(job.domain, site.route if site_hold else None, exc.key, idx)
@@ -314,20 +368,30 @@ class Dispatcher:
             out[i] = Outcome(verdict, result)
         return out
 
-    def _site_for(self, route: Route) -> Site:
-        site = self.sites.get(route.site)
+    def _site_for(self, route: Route, source: str = "") -> Site:
+        key = _site_key(route.site, source)
+        site = self.sites.get(key)
         if site is not None:
             site.route = route
             return site
         d = self.dcfg
-        site = Site(route.site, route, site_limits(d, route, self.helo),
+        site = Site(key, route, site_limits(d, route, self.helo),
                     Breaker(d.breaker_failures, d.breaker_cooldown),
                     self.coordinator.rate_share, self.node_id,
                     permit=self._permit, metrics=self.metrics, weight_of=self._weight)
-        site.rate_override = self._runtime.site_rate(route)
+        site.source = source
+        self._configure(site)
+        site.rate_override = None if source else self._runtime.site_rate(route)
         site.held_by = self._runtime.site_hold(route)
-        self.sites[route.site] = site
+        self.sites[key] = site
         return site
+
+    def _configure(self, site: Site) -> None:
+        """A site's limits and block handling from the config of the day."""
+        source = self.egress.source(site.source) if site.source else None
+        site.limits = site_limits(self.dcfg, site.route, self.helo, source)
+        site.is_block = self.egress.is_block
+        site.block_backoff = (self.egress.cfg.block_backoff, self.egress.cfg.block_backoff_max)
 
     def _weight(self, tenant: str) -> int:
         policy = self.tenants.names.get(tenant)
@@ -339,14 +403,15 @@ class Dispatcher:
         while len(self._site_of) > self.dcfg.route_cache_size:
             self._site_of.popitem(last=False)
 
-    async def _domain_throttle_wait(self, domain: str) -> None:
-        rate = self.domain_rate(domain)
+    async def _throttle_wait(self, key: str, rate: float | None) -> None:
+        """Wait for a slot of the cluster-wide ``rate`` of ``key`` (a domain, or ``site:``
+        and a site's key: a site reached through several sources)."""
         if rate is None:
             return
         rate *= self.coordinator.rate_share()
-        entry = self._domain_throttles.get(domain)
+        entry = self._domain_throttles.get(key)
         if entry is None:
-            entry = self._domain_throttles[domain] = _DomainThrottle(Throttle(rate))
+            entry = self._domain_throttles[key] = _DomainThrottle(Throttle(rate))
         entry.throttle.rate = rate
         wait = entry.throttle.reserve()
         entry.until = time.monotonic() + wait + 1.0 / rate
@@ -397,6 +462,8 @@ class Dispatcher:
             idle = site.idle_for(now)
             if idle <= 0.0:
                 continue
+            if site.blocked(now):
+                continue  # forgetting it would end its block early
             limit = d.site_idle if site.settled() else unsettled
             if site.throttle.rate:
                 # Its throttle's last slot must have passed too, or a new site for the same
@@ -405,6 +472,11 @@ class Dispatcher:
             if idle >= limit:
                 gone.add(key)
         return gone
+
+
+def _site_key(site: str, source: str) -> str:
+    """A site's key in the table: one per source it is reached through."""
+    return f"{site}@{source}" if source else site
 
 
 def _sts_settings(dcfg: DeliveryConfig) -> StsSettings:

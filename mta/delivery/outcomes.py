@@ -137,6 +137,8 @@ class OutcomeRecorder:
                  **extra)
         if result.tls:
             extra["tls"] = result.tls  # "TLSv1.3 TLS_AES_256_GCM_SHA384 verified"
+        if result.source:
+            extra["source"] = result.source  # the egress source it left from
         return self.accounting.line(kind, mid, recipient=rcpt, sender=env.sender,
                                     site=result.remote, response=result.reply,
                                     attempt=attempt, **env.labels(), **extra)

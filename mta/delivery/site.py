@@ -80,6 +80,10 @@ class SiteLimits:
     # stronger of it and the message's domain policy applies).
     tls_policy: str = ""
     tls_ca_file: str = ""  # the trust store for "verify" (empty: the system's)
+    source_address: str = ""  # the egress source's address to send from ("": any)
+    # The rate is cluster-wide (this node takes its share), or this node's own (a source's:
+    # an address belongs to one machine).
+    rate_shared: bool = True
 
 
 @dataclass(slots=True)
@@ -90,6 +94,7 @@ class RecipientResult:
     text: str
     remote: str = ""
     tls: str = ""  # the connection's TLS as the accounting record shows it (empty: clear)
+    source: str = ""  # the egress source it went out through (empty: the default address)
 
     @property
     def reply(self) -> str:
@@ -287,6 +292,11 @@ class TlsState:
 _AUTHENTICATED = frozenset(("verified", "dane-ee", "dane-ta"))
 
 
+class SourceBlockedError(TemporaryError):
+    """The site refused the sending address (a reply matched a block pattern) before the
+    job was tried: another source may take it at once."""
+
+
 class _DaneFailure(Exception):
     """The host has usable TLSA records and the connection did not meet them."""
 
@@ -379,6 +389,16 @@ class Site:
         # the engine must not forget a site someone is about to use.
         self.holders = 0
         self._last_used = time.monotonic()
+        # Egress: the source this site's connections leave from (its address and EHLO are in
+        # limits), and whether the site has refused it (a block pattern matched a reply):
+        # then it is not used here until blocked_until (monotonic), doubling while blocks
+        # recur, reset by a message the site accepts.
+        self.source = ""
+        self.is_block: Callable[[str], bool] = lambda _text: False
+        self.block_backoff = (600.0, 4 * 3600.0)
+        self.blocked_until = 0.0
+        self.block_level = 0
+        self.block_reply = ""
 
     # --- use, for reaping ------------------------------------------------------------------
 
@@ -403,13 +423,46 @@ class Site:
         """Nothing worth remembering: breaker closed and no back-off in force."""
         return self.breaker.state == "closed" and self.backoff.factor >= 1.0
 
+    def blocked(self, now: float | None = None) -> bool:
+        """Is this site refusing its source now?"""
+        return self.blocked_until > (time.monotonic() if now is None else now)
+
+    def _blocked_by(self, code: int, text: str) -> bool:
+        """Note a reply that refuses the sending address (True), else False. A block found
+        while one is in force does not lengthen it (concurrent connections see the same)."""
+        if not self.is_block(text):
+            return False
+        now = time.monotonic()
+        if self.blocked(now):
+            return True
+        self.block_level += 1
+        base, ceiling = self.block_backoff
+        seconds = min(ceiling, base * 2 ** (self.block_level - 1))
+        self.blocked_until = now + seconds
+        self.block_reply = f"{code} {one_line(text)}"[:300]
+        if self._metrics is not None:
+            self._metrics.egress_blocks.labels(self.source).inc()
+        log.warning("delivery.source_blocked", site=self.key, source=self.source,
+                    node_id=self.node_id, reply=self.block_reply, seconds=seconds,
+                    level=self.block_level)
+        # What waits here goes back to the dispatcher for another source (or a deferral).
+        error = self._block_error()
+        while self.ready:
+            self.ready.popleft().fail(error)
+        return True
+
+    def _block_error(self) -> SourceBlockedError:
+        return SourceBlockedError(451, f"4.7.0 {self.key} refuses source "
+                                       f"{self.source or '(default)'}: {self.block_reply}")
+
     # --- limits that move at run time ------------------------------------------------------
 
     def _effective_rate(self) -> float | None:
         rate = self.rate_override if self.rate_override is not None else self.limits.rate
         if rate is None:
             return None
-        return rate * self._share() * self.backoff.factor
+        share = self._share() if self.limits.rate_shared else 1.0
+        return rate * share * self.backoff.factor
 
     def _max_connections(self) -> int:
         return max(1, int(self.limits.max_connections * self.backoff.factor))
@@ -434,6 +487,8 @@ class Site:
             raise self._not_owner(job, "queued", log_it=False)
         if self.held_by is not None:
             raise SuspendedError(self.held_by)
+        if self.blocked():
+            raise self._block_error()
         self.ready.append(job)
         self._wakeup.set()
         self._spawn()
@@ -581,6 +636,9 @@ class Site:
         the connection."""
         try:
             conn.smtp, conn.remote, conn.tls = await self._connect()
+        except SourceBlockedError as exc:
+            job.fail(exc)  # not the site's failure: no breaker
+            return False
         except DeliveryError as exc:
             self._connection_failed(job, exc)
             return False
@@ -645,9 +703,11 @@ class Site:
         hosts = list(self.route.hosts)
         while hosts:
             addr, port, name = hosts[0]
+            source = self.limits.source_address
             smtp = aiosmtplib.SMTP(hostname=addr, port=port, local_hostname=self.limits.helo,
                                    timeout=self.limits.command_timeout, start_tls=False,
-                                   validate_certs=False)
+                                   validate_certs=False,
+                                   source_address=(source, 0) if source else None)
             # Verification first (its outcome is what the records and the metrics report,
             # and what "verify" mail needs); a host whose certificate failed it recently gets
             # any certificate, never clear text.
@@ -674,6 +734,8 @@ class Site:
                 continue
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(smtp)
+                if self._blocked_by(exc.code, exc.message):
+                    raise self._block_error() from None
                 hosts.pop(0)
                 last = TemporaryError(exc.code if 400 <= exc.code < 500 else 451,
                                       one_line(exc.message) or "4.4.2 refused at greeting",
@@ -762,6 +824,9 @@ class Site:
         for r in out:
             if r.remote:
                 r.tls = shown
+                r.source = self.source
+        if self._metrics is not None:
+            self._metrics.egress_transactions.labels(self.source).inc()
         return out
 
     def _prepare(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, tls: TlsState
@@ -838,8 +903,10 @@ class Site:
                                 timeout=(self.limits.reuse_timeout if reused
                                          else self.limits.command_timeout))
         except aiosmtplib.SMTPResponseException as exc:
-            self._note_reply(exc.code)
             await _rset(smtp)
+            if self._blocked_by(exc.code, exc.message):
+                raise self._block_error() from None  # nothing tried: another source may
+            self._note_reply(exc.code)
             return RecipientResult(exc.code, one_line(exc.message), remote)
         except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
             return _bad_sender(str(exc))
@@ -864,8 +931,7 @@ class Site:
                     await smtp.rcpt(rcpt, encoding=encoding)
                 accepted.append(i)
             except aiosmtplib.SMTPResponseException as exc:
-                self._note_reply(exc.code)
-                results[i] = RecipientResult(exc.code, one_line(exc.message), remote)
+                results[i] = self._refusal(exc, remote)
             except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
                 results[i] = _bad_recipient(str(exc))
         return accepted
@@ -877,11 +943,21 @@ class Site:
             with _ReplyWatch(self, job):
                 resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
         except aiosmtplib.SMTPResponseException as exc:
-            self._note_reply(exc.code)
             await _rset(smtp)
-            return RecipientResult(exc.code, one_line(exc.message), remote)
+            return self._refusal(exc, remote)
         self.backoff.on_success()
+        self.block_level = 0
         return RecipientResult(resp.code, one_line(resp.message), remote)
+
+    def _refusal(self, exc: aiosmtplib.SMTPResponseException, remote: str) -> RecipientResult:
+        """A refused RCPT or DATA: its reply, or a deferral when it refuses the source (the
+        message is not at fault, another source or a later try may carry it)."""
+        if self._blocked_by(exc.code, exc.message):
+            return RecipientResult(451, f"4.7.0 {self.key} refuses source "
+                                        f"{self.source or '(default)'}: {exc.code} "
+                                        f"{one_line(exc.message)}"[:500], remote)
+        self._note_reply(exc.code)
+        return RecipientResult(exc.code, one_line(exc.message), remote)
 
     def _note_reply(self, code: int) -> None:
         if 400 <= code < 500 and self.backoff.on_temp_failure(code):

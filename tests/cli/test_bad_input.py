@@ -52,6 +52,9 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "_header_name": {6, 7, 8, 13, 17},  # "" (off); a header field name
     "_tenant_policies": {4},  # no tenants
     "_webhook_url": {6},  # "" (off); an http(s) URL
+    "_pool_name": {6, 13, 17},  # "" (none); letters, digits, ".", "_", "-"
+    "_named_tables.<locals>.parse": {4},  # no sources, no pools
+    "_patterns": {2},  # regular expressions, or none
 }
 # Keys where a check across keys, or the file system, refuses more than the parser does.
 ACCEPTED_BY_KEY: dict[str, set[int]] = {
@@ -65,6 +68,9 @@ ACCEPTED_BY_KEY: dict[str, set[int]] = {
     "[spool] replicas": set(),  # > 1 needs [cluster] etcd
     "[spool] min_insync": set(),  # at most replicas (default 1)
     "[cluster] secret_file": {6},  # must exist
+    "[egress] default_pool": {6},  # must name a pool (these cases define none)
+    "x.test.pool": {6},
+    "[egress] block_backoff_max": set(),  # at least block_backoff (10 min)
     "[cluster] tls_ca": {6}, "[cluster] tls_cert": {6}, "[cluster] tls_key": {6},
     # the etcd TLS and user keys need [cluster] etcd (these cases set none)
     **{f"[cluster] etcd_{k}": {6} for k in ("ca", "cert", "key", "username", "password",
@@ -75,6 +81,7 @@ NAMED_AS: dict[tuple[str, int], str] = {
     ("[smtp] max_message_size", 11): "[smtp] max_inflight_bytes",
     ("[smtp] max_message_size", 17): "[smtp] max_inflight_bytes",
     ("[delivery] route_ttl_max", 12): "[delivery] route_ttl_min",
+    ("[egress] block_backoff_max", 12): "[egress] block_backoff",
     # a certificate without its key (or the other way round) names the one missing
     **{("[smtp] tls_cert", i): "[smtp] tls_key" for i in _TEXT - {6}},
     **{("[smtp] tls_key", i): "[smtp] tls_cert" for i in _TEXT - {6}},

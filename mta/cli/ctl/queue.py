@@ -43,9 +43,11 @@ def _summary(args: argparse.Namespace) -> int:
     if data["sites"]:
         rows = [(s["site"], s["ready"], f"{s['connections']}/{s['max_connections']}",
                  s["breaker"] + (f" ({age(s['retry_in'])})" if s["retry_in"] else ""),
-                 _rate(s["rate"]), s["backoff"], _held(s) or "-") for s in data["sites"]]
+                 _rate(s["rate"]), s["backoff"],
+                 age(s["blocked_for"]) if s.get("blocked_for") else "-",
+                 _held(s) or "-") for s in data["sites"]]
         parts.append(table(rows, ("SITE", "READY", "CONNS", "BREAKER", "RATE", "BACKOFF",
-                                  "HELD")))
+                                  "BLOCKED", "HELD")))
     if data.get("tenants"):
         rows = [(t["tenant"] or "-", t["campaign"] or "-", t["messages"], t["in_flight"],
                  age(t["oldest_age"])) for t in data["tenants"]]
