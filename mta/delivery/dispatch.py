@@ -218,6 +218,14 @@ class Dispatcher:
         """Key of the site ``domain`` was last routed to, if it has been tried."""
         return self._site_of.get(domain)
 
+    def tenant_rate(self, tenant: str) -> float | None:
+        """The rate of ``tenant``'s messages (cluster-wide): its runtime throttle, else its
+        ``[tenants."x"] rate``, else None."""
+        rate = self._runtime.tenant_rates.get(tenant)
+        if rate is None and (policy := self.tenants.names.get(tenant)) is not None:
+            rate = policy.rate
+        return rate
+
     def sizes(self) -> dict[str, int]:
         """How big each table is (sites, routes, domains routed, domain throttles)."""
         return {"sites": len(self.sites), "routes": len(self.router),

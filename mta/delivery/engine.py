@@ -117,6 +117,7 @@ class DeliveryEngine:
 
     def _on_runtime(self, settings: RuntimeSettings) -> None:
         resumed = self.dispatcher.apply_runtime(settings)
+        self.queue.scheduler.wake()  # a tenant's new rate applies to its waiting mail now
         if resumed is not None:
             # Mail a resume released goes now, not at its next periodic look.
             flushed = self.queue.flush_matching(resumed)

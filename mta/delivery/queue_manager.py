@@ -155,8 +155,6 @@ class QueueManager:
         """Retry, expiry and hop limits, tenants' weights and rates from a re-read config."""
         self.cfg = cfg
         self.dcfg = cfg.delivery
-        self._tenant_throttles = {t: thr for t, thr in self._tenant_throttles.items()
-                                  if t in cfg.tenants.names}
         self.scheduler.wake()
 
     # --- tenants: turns and throttles in the scheduler ------------------------------------
@@ -172,13 +170,15 @@ class QueueManager:
     def _tenant_gate(self, tenant: str) -> float:
         """0 (and the slot taken) if ``tenant``'s next message may start now; else how long
         until it may. A tenant's rate is cluster-wide: this node sends its share of it."""
-        policy = self.cfg.tenants.names.get(tenant)
-        if policy is None or policy.rate is None:
+        rate = self.dispatcher.tenant_rate(tenant) if tenant else None
+        if rate is None:
+            # Only tenants with a rate keep a throttle (configured or runtime: bounded).
+            self._tenant_throttles.pop(tenant, None)
             return 0.0
         throttle = self._tenant_throttles.get(tenant)
         if throttle is None:
-            throttle = self._tenant_throttles[tenant] = Throttle(policy.rate)
-        throttle.rate = policy.rate * self.coordinator.rate_share()
+            throttle = self._tenant_throttles[tenant] = Throttle(rate)
+        throttle.rate = rate * self.coordinator.rate_share()
         return throttle.take()
 
     def fence(self) -> None:

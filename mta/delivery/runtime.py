@@ -14,6 +14,8 @@ and ``config/throttle/<key>``) is one of:
   and every key stored before sites existed reads as the domain it always was;
 - (suspensions only) a tenant or a campaign: ``tenant:acme``, ``campaign:spring`` holds
   every message sent for that tenant or of that campaign, whatever its domains;
+- (throttles) a tenant: ``tenant:acme`` limits that tenant's messages (its runtime rate, over
+  ``[tenants."acme"] rate``), in the scheduler;
 - (throttles only, as before) a bare key equal to a site's key as ``mtactl queue`` shows
   it (``mx1.example.net,mx2.example.net``, ``smarthost:host:port``) sets that site's rate.
 
@@ -28,10 +30,11 @@ from mta.coordinator import RuntimeSettings
 from mta.delivery.limits import route_match
 from mta.delivery.routes import Route, wildcard_match
 
-__all__ = ["LABEL_PREFIXES", "SITE_PREFIX", "RuntimeIndex"]
+__all__ = ["LABEL_PREFIXES", "SITE_PREFIX", "TENANT_PREFIX", "RuntimeIndex"]
 
 SITE_PREFIX = "site:"
-LABEL_PREFIXES = ("tenant:", "campaign:")
+TENANT_PREFIX = "tenant:"
+LABEL_PREFIXES = (TENANT_PREFIX, "campaign:")
 
 class RuntimeIndex:
     """One :class:`RuntimeSettings`, split by kind of key for matching."""
@@ -50,9 +53,12 @@ class RuntimeIndex:
                 self.domains_held[key] = key
         self.domain_rates: dict[str, float] = {}  # bare keys: domains, and legacy site keys
         self.site_rates: dict[str, float] = {}
+        self.tenant_rates: dict[str, float] = {}  # tenant name -> rate
         for key, rate in settings.throttles.items():
             if key.startswith(SITE_PREFIX):
                 self.site_rates[key[len(SITE_PREFIX):]] = rate
+            elif key.startswith(TENANT_PREFIX):
+                self.tenant_rates[key[len(TENANT_PREFIX):]] = rate
             else:
                 self.domain_rates[key] = rate
 

@@ -11,6 +11,7 @@ released it, not because a retry came round."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -150,6 +151,24 @@ def test_bad_keys_are_refused_with_a_400_naming_the_problem(
     assert ctl_json(node, "throttle", "show")["runtime"] == {}
 
 
+def test_a_tenant_throttle_is_set_shown_and_cleared(node: NodeProcess) -> None:
+    res = ctl(node, "throttle", "set", "--tenant", "acme", "5/s")
+    assert res.returncode == 0 and "throttle for tenant acme set to 5/s" in res.stdout, res
+    assert ctl_json(node, "throttle", "show")["runtime"] == {"tenant:acme": 5.0}
+    shown = ctl(node, "throttle", "show").stdout
+    assert re.search(r"tenant:acme\s+5\.000\s+runtime, tenant", shown), shown
+    res = ctl(node, "throttle", "set", "--tenant", "not a name", "5/s")
+    assert res.returncode == 1 and "a tenant is 1-64 letters" in res.stderr, res.stderr
+    assert ctl(node, "throttle", "set", "--tenant", "--site", "x", "5/s").returncode == 2
+    status, answer = _http(node, "/api/v1/throttles", {"campaign": "spring", "spec": "1/s"})
+    assert status == 400 and "campaign has no throttle" in answer["error"], answer
+    status, answer = _http(node, "/api/v1/throttles", {"tenant": "a", "key": "b.test",
+                                                      "spec": "1/s"})
+    assert status == 400, answer
+    assert ctl(node, "throttle", "clear", "--tenant", "acme").returncode == 0
+    assert ctl_json(node, "throttle", "show")["runtime"] == {}
+
+
 def test_mtactl_exit_codes_for_wildcard_and_site_keys(node: NodeProcess) -> None:
     res = ctl(node, "suspend", "mx1.example.net:25")
     assert res.returncode == 1 and "host:port names a site" in res.stderr, res.stderr
@@ -160,7 +179,7 @@ def test_mtactl_exit_codes_for_wildcard_and_site_keys(node: NodeProcess) -> None
     assert res.returncode == 0, res.stderr
     assert ctl(node, "suspend").returncode == 2  # no KEY: a usage error
     res = ctl(node, "throttle", "show", "--site")
-    assert res.returncode == 2 and "takes no KEY or --site" in res.stderr
+    assert res.returncode == 2 and "takes no KEY, --site or --tenant" in res.stderr
     assert ctl(node, "throttle", "set", "--site", "*.x.test").returncode == 2  # no SPEC
     res = ctl(node, "throttle", "set", "*.x.*.test", "5/s")
     assert res.returncode == 1 and "at the start only" in res.stderr

@@ -108,6 +108,24 @@ async def test_a_tenant_rate_throttles_that_tenant_only(world: World) -> None:
     assert len(times["fast"]) == 30
 
 
+@ONE_LOOP
+async def test_a_runtime_tenant_throttle_overrides_the_configured_rate(world: World) -> None:
+    world.zone(ZONE)
+    world.sink("127.0.0.2")
+    # Configured at 1000/s (no limit to speak of); the runtime throttle makes it 20/s.
+    node = await world.start({"tenants": {"slow": {"rate": "1000/s"}}})
+    await node.coordinator.change_runtime(throttles={"tenant:slow": 20.0})
+    await send_many(world, 30, "slow")
+    await send_many(world, 30, "fast")
+    await wait_until(lambda: world.delivered() == 60, 30, "all delivered")
+    times = sorted(r["time"] for r in world.accounting()
+                   if r["type"] == "Delivery" and r.get("tenant") == "slow")
+    assert times[-1] - times[0] >= 29 / 20 * 0.95, times
+    assert node.engine is not None and node.engine.dispatcher.tenant_rate("slow") == 20.0
+    await node.coordinator.change_runtime(throttles={"tenant:slow": None})
+    assert node.engine.dispatcher.tenant_rate("slow") == 1000.0
+
+
 async def test_headers_are_removed_and_names_are_in_every_record(world: World) -> None:
     world.zone({**ZONE, "bad.test": {"MX": [(10, "mx.dest.test")]}})
     sink = world.sink("127.0.0.2")

@@ -27,8 +27,9 @@ log = structlog.get_logger("mta.admin")
 _DOMAIN_SHAPE = "expected {\"domain\": \"example.com\"}"
 _KEY_SHAPE = ("expected {\"domain\": \"example.com\" or \"*.example.com\"} or "
               "{\"site\": \"mx1.example.net\", \"*.suffix\" or \"host:port\"}")
-_THROTTLE_SHAPE = ("expected {\"key\": domain or *.domain, \"spec\": \"100/s\"} or "
-                   "{\"site\": host, *.suffix or host:port, \"spec\": \"100/s\"}")
+_THROTTLE_SHAPE = ("expected {\"key\": domain or *.domain, \"spec\": \"100/s\"}, "
+                   "{\"site\": host, *.suffix or host:port, \"spec\": \"100/s\"} or "
+                   "{\"tenant\": name, \"spec\": \"100/s\"}")
 
 
 class Delivery(Resource):
@@ -140,8 +141,9 @@ class Delivery(Resource):
         delivery = node.cfg.delivery
         configured = {d: p.rate for d, p in delivery.domains.items() if p.rate}
         sites = {s: p.rate for s, p in delivery.sites.items() if p.rate is not None}
+        tenants = {t: p.rate for t, p in node.cfg.tenants.names.items() if p.rate is not None}
         return json_response({"runtime": rt.throttles, "configured": configured,
-                                  "configured_sites": sites,
+                                  "configured_sites": sites, "configured_tenants": tenants,
                                   "default_site_rate": delivery.rate,
                                   "suspended": sorted(rt.suspended),
                                   "unit": "messages per second"})
@@ -168,6 +170,14 @@ class Delivery(Resource):
     def _throttle_key(self, body: dict[str, Any], current: dict[str, float], *,
                       clear: bool) -> str:
         """The stored key a throttle request names (see :meth:`Api.runtime_key`)."""
+        if "campaign" in body:
+            raise ApiError.bad_request("a campaign has no throttle: throttle its tenant, or "
+                                       "suspend the campaign")
+        if "tenant" in body and "key" in body:
+            raise ApiError.bad_request("give key, site or tenant, not several",
+                                       "throttle them one at a time")
+        if (tenant := self._label_key(body)) is not None:
+            return tenant
         raw = body.get("key")
         if clear and isinstance(raw, str) and raw in current and "site" not in body:
             # A key stored before keys were checked (a site's MX list, say) can still go.
