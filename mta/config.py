@@ -853,17 +853,7 @@ class TenantPolicy:
 
 def _tenant_policies(value: Any) -> dict[str, TenantPolicy]:
     # [tenants] names = { acme = { ... } }: the same as [tenants."acme"] tables.
-    if not isinstance(value, dict):
-        raise _Invalid(f"expected tables like [tenants.\"acme\"], got {value!r}")
-    out = {}
-    for name, table in value.items():
-        if not TENANT_NAME.fullmatch(name):
-            raise _Invalid(f"{name[:80]!r}: a tenant name is 1-64 letters, digits, '.', '_' "
-                           "or '-', starting with a letter or digit")
-        if not isinstance(table, dict):
-            raise _Invalid(f"{name!r}: expected a table of settings")
-        out[name] = TenantPolicy(**_table_values(TenantPolicy, table, f"{name!r}."))
-    return out
+    return _named_tables(TenantPolicy, "tenants")(value)
 
 
 def _build_tenants(raw: Any, path: str) -> TenantsConfig:
@@ -1021,10 +1011,11 @@ class EgressPool:
     over_cap: str = _opt(_choice("spill", "wait"), "spill")
 
 
-def _named_tables(cls: type, what: str) -> Callable[[Any], dict[str, Any]]:
+def _named_tables(cls: type, section: str) -> Callable[[Any], dict[str, Any]]:
+    """A table of ``cls`` tables keyed by name (a tenant's, a source's, a pool's)."""
     def parse(value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise _Invalid(f"expected tables like [egress.{what}.\"name\"], got {_short(value)}")
+            raise _Invalid(f"expected tables like [{section}.\"name\"], got {_short(value)}")
         out = {}
         for name, table in value.items():
             if not TENANT_NAME.fullmatch(name):
@@ -1048,8 +1039,8 @@ class EgressConfig:
     """``[egress]``: the sources (addresses) this node sends from and the pools a tenant or a
     domain picks; with none, mail leaves from the system's choice of address."""
 
-    sources: dict[str, EgressSource] = _opt(_named_tables(EgressSource, "sources"), dict)  # noqa: RUF009
-    pools: dict[str, EgressPool] = _opt(_named_tables(EgressPool, "pools"), dict)  # noqa: RUF009
+    sources: dict[str, EgressSource] = _opt(_named_tables(EgressSource, "egress.sources"), dict)  # noqa: RUF009
+    pools: dict[str, EgressPool] = _opt(_named_tables(EgressPool, "egress.pools"), dict)  # noqa: RUF009
     default_pool: str = _opt(_pool_name, "")  # mail no tenant or domain names a pool for
     # Warm-up counts (per source and site, today's) across restarts.
     state: str = _opt(_path, "./var/lib/egress.json")

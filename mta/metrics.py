@@ -111,18 +111,20 @@ class NodeMetrics:
             "mta_mta_sts_policy_fetches",
             "MTA-STS policy fetches over HTTPS, by result (fetched, failed)",
             ["result"], registry=r)
+        # Per destination: target="all" ([events] url), "tenant:<name>" (its events_url).
         self.events_sent = Counter("mta_events_sent",
                                    "Accounting records the events webhook acknowledged",
-                                   registry=r)
+                                   ["target"], registry=r)
         self.events_failures = Counter("mta_events_post_failures",
                                        "Webhook POSTs that failed (retried, backing off)",
-                                       registry=r)
+                                       ["target"], registry=r)
         self.events_backlog = Gauge("mta_events_backlog_bytes",
-                                    "Bytes of the accounting log not yet acknowledged by the "
-                                    "events webhook", registry=r)
+                                    "Bytes of the accounting log not yet acknowledged (nor "
+                                    "passed over: other tenants' records) by the events "
+                                    "webhook", ["target"], registry=r)
         self.events_last_success = Gauge("mta_events_last_success_timestamp_seconds",
                                          "When the events webhook last acknowledged a batch",
-                                         registry=r)
+                                         ["target"], registry=r)
         self.stalled_commands = Counter(
             "mta_outbound_stalled_commands",
             "Outbound commands unanswered for stall_timeout (their connection stopped "

@@ -16,13 +16,13 @@ import structlog
 from prometheus_client import Counter
 
 from mta.accounting import AccountingLog
-from mta.config import Config, ConfigError, load_config
+from mta.config import Config, ConfigError, Secret, load_config
 from mta.coordinator import Coordinator, LocalCoordinator, Replication
 from mta.delivery.engine import DeliveryEngine
 from mta.dkim.keys import DkimKeyError
 from mta.dkim.signer import Signer, build_signer
 from mta.envelope import Envelope
-from mta.events import EventShipper
+from mta.events import EventShipper, shippers
 from mta.gauges import NodeGauges, ReplicationGauges
 from mta.ingress import IngressServer, load_tls_context
 from mta.ingress.auth import UsersFile, UsersFileError
@@ -36,7 +36,7 @@ from mta.spool import RecoveryReport, Spool
 from mta.supervise import supervise
 from mta.tasks import cancel_and_wait
 
-__all__ = ["Node", "StartupError"]
+__all__ = ["Node", "StartupError", "needs_restart"]
 
 log = structlog.get_logger("mta.node")
 
@@ -73,6 +73,34 @@ def _load_signer(cfg: Config) -> Signer | None:
         return build_signer(cfg.dkim)
     except DkimKeyError as exc:  # the file changed between the config check and now
         raise StartupError(f"{cfg.source}: [dkim] key: {exc}", 2) from None
+
+
+def _tenant_hooks(cfg: Config) -> dict[str, tuple[str, Secret | None]]:
+    """Each tenant's webhook (url and secret): what its event shipper was built from."""
+    return {name: (t.events_url, t.events_secret) for name, t in cfg.tenants.names.items()
+            if t.events_url or t.events_secret is not None}
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """What a reload from ``old`` to ``new`` changes that only a restart applies (logged by
+    SIGHUP as ``needs_restart``): section names, or ``section.key``."""
+    out = [name for name in ("node", "spool", "cluster", "admin", "probe", "events")
+           if getattr(new, name) != getattr(old, name)]
+    if new.slo.sample_interval != old.slo.sample_interval:
+        out.append("slo.sample_interval")  # objectives apply at once
+    if new.delivery.enabled != old.delivery.enabled:
+        out.append("delivery.enabled")
+    if _tenant_hooks(new) != _tenant_hooks(old):
+        out.append("tenants.events")  # a tenant's events_url or events_secret: its shipper
+    files = {"tls_cert": "", "tls_key": "", "users_file": ""}
+    if replace(new.smtp, **files) != replace(old.smtp, **files):
+        out.append("smtp")
+    return out
+
+
+def _events_loop(shipper: EventShipper) -> str:
+    """The loop's name: "events" (every record), "events:tenant:acme" (one tenant's)."""
+    return "events" if shipper.target == "all" else f"events:{shipper.target}"
 
 
 class Node:
@@ -112,9 +140,9 @@ class Node:
                               self.metrics.registry, self.ready,
                               cfg.delivery.accounting_log, tick=cfg.slo.sample_interval)
         self.prober = Prober(self)
-        # Every accounting record to the sending application's webhook, if one is set.
-        self.events = (EventShipper(cfg.events, cfg.delivery.accounting_log, self.node_id,
-                                    self.metrics) if cfg.events.url else None)
+        # Every accounting record to the sending application's webhook, if one is set, and
+        # each tenant's to its own events_url: one shipper (and cursor) per destination.
+        self.events: list[EventShipper] = shippers(cfg, self.node_id, self.metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         # What start() opened, closed by stop(); None until a start has succeeded.
@@ -126,7 +154,8 @@ class Node:
             "Passes of a background loop (sweep, compaction, slo, probe) that raised; "
             "the loop runs again after a pause.",
             ["loop"], registry=self.metrics.registry)
-        for name in ("sweep", "compaction", "slo", "probe"):
+        for name in ("sweep", "compaction", "slo", "probe",
+                     *(_events_loop(s) for s in self.events)):
             self._loop_errors.labels(name)
         # Read at scrape time, so they are never stale and need no loop of their own.
         self.metrics.registry.register(NodeGauges(self))
@@ -245,8 +274,8 @@ class Node:
         }
         if cfg.probe.interval > 0:
             loops["probe"] = lambda: self.prober.run_forever(cfg.probe.interval)
-        if self.events is not None:
-            loops["events"] = self.events.run
+        for shipper in self.events:
+            loops[_events_loop(shipper)] = shipper.run
         for name, run in loops.items():
             self._tasks.append(asyncio.create_task(
                 supervise(name, run, node_id=self.node_id, errors=self._loop_errors,
@@ -433,16 +462,7 @@ class Node:
             log.error("node.reload_failed", node_id=self.node_id, error=describe(exc))
             notify("STATUS=reload failed, kept the previous configuration")
             return False
-        restart_needed = [name for name in ("node", "spool", "cluster", "admin", "probe",
-                                            "events")
-                          if getattr(cfg, name) != getattr(self.cfg, name)]
-        if cfg.slo.sample_interval != self.cfg.slo.sample_interval:
-            restart_needed.append("slo.sample_interval")  # objectives apply at once
-        if cfg.delivery.enabled != self.cfg.delivery.enabled:
-            restart_needed.append("delivery.enabled")
-        files = {"tls_cert": "", "tls_key": "", "users_file": ""}
-        if replace(cfg.smtp, **files) != replace(self.cfg.smtp, **files):
-            restart_needed.append("smtp")
+        restart_needed = needs_restart(self.cfg, cfg)
         self.ingress.users = users
         self.ingress.tls = tls
         self.ingress.signer = signer

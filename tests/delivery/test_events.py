@@ -5,89 +5,22 @@ lost or re-ordered across a restart: the cursor on disk moves only after a 2xx."
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
-import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from harness.net import free_port_on
 from harness.poll import wait_until
 from mta.config import ConfigError, config_from_dict
 from mta.events import EventCursor
+from tests.support.webhook import SECRET, Receiver
 from tests.support.world import World
 
-SECRET = "0123456789abcdef0123456789abcdef"
 ZONE = {"dest.test": {"MX": [(10, "mx.dest.test")]}, "mx.dest.test": {"A": ["127.0.0.2"]}}
 
 # Slow (seconds of waiting on throttles, timeouts and retries): uvloop only, the loop a node
 # picks when it is installed; what the loop changes is covered by the faster tests.
 ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
-
-
-class Receiver:
-    """A webhook receiver: checks each POST's signature, keeps the events in arrival order;
-    ``fail`` (0-1) of the POSTs get a 500 and ``stall`` of them no answer in time."""
-
-    def __init__(self, fail: float = 0.0, stall: float = 0.0, seed: int = 7) -> None:
-        self.port = free_port_on("127.0.0.1")
-        self.fail, self.stall = fail, stall
-        self.down = False
-        self.rng = random.Random(seed)
-        self.events: list[dict[str, Any]] = []
-        self.posts = self.refused = 0
-        self.bad_signatures = 0
-        self.duplicated = False
-        self._runner: web.AppRunner | None = None
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.posts += 1
-        t, _, mac = request.headers.get("X-MTA-Signature", "").partition(",v1=")
-        want = hmac.new(SECRET.encode(), f"{t[2:]}.".encode() + body,
-                        hashlib.sha256).hexdigest()
-        if not t.startswith("t=") or not hmac.compare_digest(mac, want):
-            self.bad_signatures += 1
-            return web.Response(status=401)
-        roll = self.rng.random()
-        if self.down or roll < self.fail:
-            self.refused += 1
-            return web.Response(status=503 if self.down else 500)
-        if roll < self.fail + self.stall:
-            # Taken in, but answered after the shipper's timeout: it sends the batch again,
-            # and the receiver sees the same events twice (with the same ids).
-            self.events.extend(json.loads(body)["events"])
-            self.duplicated = True
-            await asyncio.sleep(2)
-            return web.Response(status=200)
-        self.events.extend(json.loads(body)["events"])
-        return web.Response(status=204)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def unique(self) -> dict[str, dict[str, Any]]:
-        """Events by id, first arrival kept (duplicates are the same event)."""
-        out: dict[str, dict[str, Any]] = {}
-        for e in self.events:
-            out.setdefault(e["event_id"], e)
-        return out
-
-    def kinds(self, mid: str) -> list[str]:
-        return [e["type"] for e in self.unique().values() if e["message_id"] == mid]
 
 
 @pytest.fixture
@@ -120,7 +53,7 @@ async def test_every_record_arrives_signed_in_order_despite_a_flaky_receiver(
     assert len(receiver.unique()) == len(lines)
     assert world.node is not None
     await wait_until(lambda: world.node is not None
-                     and world.node.metrics.events_backlog._value.get() == 0, 10,
+                     and world.node.metrics.events_backlog.labels("all")._value.get() == 0, 10,
                      "the backlog drained")
 
 

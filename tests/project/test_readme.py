@@ -21,7 +21,8 @@ _PLACEHOLDERS = {("node", "id"): "<hostname>", ("smtp", "hostname"): "<fqdn>"}
 _COMPUTED = {("smtp", "reserved_connections"), ("spool", "min_insync")}
 # Example tables under a section (policies per destination), not keys with defaults.
 _EXAMPLES = {("delivery", "domains"), ("delivery", "sites"), ("dkim", "domains"),
-             ("tenants", "names")}  # [tenants."name"] tables, shown as comments
+             ("tenants", "names"),  # [tenants."name"] tables, shown as comments
+             ("egress", "sources"), ("egress", "pools")}  # also shown as comments
 
 
 def _readme_config() -> dict[str, Any]:
