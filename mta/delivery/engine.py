@@ -28,6 +28,7 @@ from mta.delivery.outcomes import OutcomeRecorder
 from mta.delivery.queue_manager import QueueManager
 from mta.delivery.routes import Router
 from mta.delivery.site import Site
+from mta.delivery.smtpdata import install as install_data_fast_paths
 from mta.metrics import NodeMetrics
 from mta.queue import Scheduler
 from mta.spool import Spool
@@ -43,6 +44,7 @@ class DeliveryEngine:
 
     def __init__(self, cfg: Config, spool: Spool, coordinator: Coordinator,
                  metrics: NodeMetrics, accounting: AccountingLog) -> None:
+        install_data_fast_paths()
         self.node_id = cfg.node.id
         self.coordinator = coordinator
         self.recorder = OutcomeRecorder(accounting, metrics, self.node_id)
