@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from mta.delivery.errors import (
     SuspendedError,
     TemporaryError,
 )
-from mta.delivery.limits import site_limits, site_rate
+from mta.delivery.limits import route_match, site_limits, site_rate
 from mta.delivery.loops import LoopGuard
 from mta.delivery.mtasts import StsPolicy
 from mta.delivery.outcomes import Outcome, Verdict
@@ -96,6 +97,8 @@ class Dispatcher:
         self._reaper: asyncio.Task[None] | None = None
         self._egress_writer: asyncio.Task[None] | None = None
         self.egress = Egress(cfg.egress, metrics)
+        # [delivery.sites] and sources' sites keys, each naming one provider (see _provider).
+        self._provider_keys: dict[str, str] | None = None
         self.sts = StsPolicies(StsStore(cfg.delivery.mta_sts_cache), _sts_settings(self.dcfg),
                                lambda: self.router.resolver,
                                self._addresses,
@@ -156,7 +159,6 @@ class Dispatcher:
             # Jobs already queued there go back unsent: a suspension takes effect for them
             # too, not only for the attempts that start after it.
             site.give_back(functools.partial(self._hold_of, site))
-        self._domain_throttles.clear()
         freed = {d for d, route in self._held_by_site.items() if now.site_hold(route) is None}
         for domain in freed:
             del self._held_by_site[domain]
@@ -200,7 +202,7 @@ class Dispatcher:
         self.tenants = cfg.tenants
         self.sts.reconfigure(_sts_settings(cfg.delivery))
         self.egress.reconfigure(cfg.egress)
-        self._domain_throttles.clear()
+        self._provider_keys = None
         for site in self.sites.values():
             self._configure(site)
 
@@ -279,18 +281,37 @@ class Dispatcher:
                         451, f"4.7.5 No MX host of {domain} matches its MTA-STS policy "
                              f"(mx: {', '.join(sts.mx)[:200]})"))
                 route = kept
+        return await self._through_sources(stored, domain, idx, route, sts)
+
+    async def _through_sources(self, stored: StoredMessage, domain: str, idx: list[int],
+                               route: Route, sts: StsPolicy | None) -> dict[int, Outcome]:
+        """The job through the sources of its pool in turn: one the site refuses before the
+        job is tried (blocked, gone from the config, unable to reach it) hands it to the
+        next one."""
         policy = policy_for(domain, self.dcfg.domains)
-        pool = self.egress.pool_for(self._tenant_pool(env.tenant), policy.pool if policy else "")
-        # A source the site refuses before the job is tried hands it to the next source.
+        pool = self.egress.pool_for(self._tenant_pool(stored.envelope.tenant),
+                                    policy.pool if policy else "")
+        tried: set[str] = set()
+
+        def blocked(source: str) -> float:
+            return math.inf if source and source in tried else self._blocked_until(route,
+                                                                                   source)
         for _ in range(len(self.egress.cfg.pools[pool].sources) + 1 if pool else 2):
-            pick = self.egress.choose(pool, route.site,
-                                      functools.partial(self._blocked_until, route))
+            pick = self.egress.choose(pool, route.site, blocked, self._provider(route))
             if pick.refused is not None:
                 return _every(idx, Verdict.DEFERRED, pick.refused)
-            out = await self._deliver_via(stored, domain, idx, route, pick, pool, policy, sts)
+            try:
+                out = await self._deliver_via(stored, domain, idx, route, pick, pool, policy,
+                                              sts)
+            except BaseException:
+                # Cancelled (shutdown, a shard handed over) or crashed: nothing went out
+                # through it, so its warm-up booking comes back.
+                self.egress.give_back(pick)
+                raise
             if out is not None:
                 return out
-            self.egress.refund(pick.source, route.site)
+            tried.add(pick.source)
+            self.egress.give_back(pick)
         return _every(idx, Verdict.DEFERRED, RecipientResult(
             451, f"4.7.0 Every source is blocked at {route.site}"))
 
@@ -302,7 +323,7 @@ class Dispatcher:
         site = self._site_for(route, pick.source)
         self._note_site_of(domain, site.key)
         if site.held_by is not None:
-            self.egress.refund(pick.source, route.site)
+            self.egress.give_back(pick)
             return self._held(domain, route, site.held_by, idx)
         # Held from here (no await before) until its job is done: the reaper must not forget
         # a site an attempt is about to queue on.
@@ -311,11 +332,12 @@ class Dispatcher:
             # domain behind a shared site (a smarthost, a big provider's MX set) must not
             # hold a connection that other domains' mail could use.
             await self._throttle_wait(domain, self.domain_rate(domain))
-            if pool:
-                # The site's rate is for all its sources together.
+            if pool or self.egress.cfg.pools:
+                # The site's rate is for all its sources together, the default address
+                # (mail of no pool) among them.
                 await self._throttle_wait(f"site:{route.site}", self._site_rate(route))
             if (hold := self._runtime.domain_hold(domain)) is not None:
-                self.egress.refund(pick.source, route.site)
+                self.egress.give_back(pick)
                 return self._held(domain, None, hold, idx)  # suspended while it waited
             tls = policy.tls if policy and policy.tls else self.dcfg.tls
             if sts is not None and sts.mode == "enforce":
@@ -325,12 +347,26 @@ class Dispatcher:
                       tenant=env.tenant, campaign=env.campaign, dane=route.dane)
             out = await self._deliver_job(site, job, idx)
         if out is not None and pick.source and not any(o.result.source for o in out.values()):
-            self.egress.refund(pick.source, route.site)  # nothing went out through it
+            self.egress.give_back(pick)  # nothing went out through it
         return out
 
     def _tenant_pool(self, tenant: str) -> str:
         policy = self.tenants.names.get(tenant) if tenant else None
         return policy.pool if policy is not None else ""
+
+    def _provider(self, route: Route) -> str:
+        """What a warm-up cap at ``route``'s site counts against: the ``[delivery.sites]``
+        or ``[egress.sources."x".sites]`` key it falls under (``*.mail.protection.outlook.
+        com``: one provider, an MX set per customer domain), else the site itself."""
+        if self._provider_keys is None:
+            keys = set(self.dcfg.sites)
+            for source in self.egress.cfg.sources.values():
+                keys.update(source.sites)
+            keys.discard("*")
+            self._provider_keys = {k: k for k in keys}
+        if not self._provider_keys:
+            return route.site
+        return route_match(route, self._provider_keys) or route.site
 
     def _blocked_until(self, route: Route, source: str) -> float:
         site = self.sites.get(_site_key(route.site, source))
@@ -396,6 +432,10 @@ class Dispatcher:
 
     def _configure(self, site: Site) -> None:
         """A site's limits and block handling from the config of the day."""
+        if site.source and site.source not in self.egress.cfg.sources:
+            site.retire()  # gone from the config: never from another address than its own
+            return
+        site.retired = False
         source = self.egress.source(site.source) if site.source else None
         site.limits = site_limits(self.dcfg, site.route, self.helo, source)
         site.is_block = self.egress.is_block
@@ -418,9 +458,10 @@ class Dispatcher:
             return
         rate *= self.coordinator.rate_share()
         entry = self._domain_throttles.get(key)
-        if entry is None:
+        if entry is None or entry.throttle.rate != rate:
+            # A new rate applies at once (its slots start now); any other change (a runtime
+            # setting of someone else, a reload) keeps the slots already booked.
             entry = self._domain_throttles[key] = _DomainThrottle(Throttle(rate))
-        entry.throttle.rate = rate
         wait = entry.throttle.reserve()
         entry.until = time.monotonic() + wait + 1.0 / rate
         if wait > 0:

@@ -36,6 +36,7 @@ log = structlog.get_logger("mta.delivery")
 
 DEFAULT_SOURCE = EgressSource()  # the system's choice of address, [delivery] helo
 _TURN_STATES = 10_000  # (pool, site) round-robin states kept, least recently used out first
+_BLOCK_TEXT = 1000  # characters of a reply the block patterns are matched against
 _SAVE_EVERY = 1.0  # seconds between writes of the warm-up counts (a crash loses at most this)
 
 
@@ -58,6 +59,11 @@ class WarmupLedger:
     def today(self) -> datetime.date:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()
 
+    @property
+    def day(self) -> str:
+        """The day the counts are of (ISO)."""
+        return self._day
+
     def _roll(self) -> None:
         day = self.today().isoformat()
         if day != self._day:
@@ -79,7 +85,7 @@ class WarmupLedger:
         """Read today's counts (a file from another day is no count). Blocking."""
         try:
             with open(self.path, "rb") as fh:
-                data = json.loads(fh.read(16 << 20))
+                data = json.loads(fh.read())  # our own file: a day of counts, however many
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
@@ -116,6 +122,8 @@ class Pick:
 
     source: str = ""
     refused: RecipientResult | None = None
+    provider: str = ""  # what its warm-up booking counts against
+    day: str = ""  # the (UTC) day it was booked on; "" if it was not (no cap)
 
 
 class Egress:
@@ -170,32 +178,38 @@ class Egress:
         cap = self.cap(name)
         return cap is not None and self.ledger.count(name, site) >= cap
 
-    def choose(self, pool: str, site: str, blocked: Callable[[str], float]) -> Pick:
+    def choose(self, pool: str, site: str, blocked: Callable[[str], float],
+               counted_at: str = "") -> Pick:
         """The next source of ``pool`` at ``site``: sources ``blocked`` there (a monotonic
         time it is blocked until, 0 if not) are passed over; a capped one is too, or its
-        turn is a deferral (``over_cap = "wait"``)."""
+        turn is a deferral (``over_cap = "wait"``). ``counted_at``: the provider the
+        warm-up caps count against (a ``[delivery.sites]`` key the site falls under, many
+        MX sets of one provider); default, the site."""
+        key = counted_at or site
         if not pool:
             if (until := blocked("")) > time.monotonic():
                 return self._refused("blocked", f"Sending to {site} is blocked (retry in "
                                                 f"{until - time.monotonic():.0f}s)")
             return Pick("")
-        spec = self.cfg.pools[pool]
+        spec = self.cfg.pools.get(pool)
+        if spec is None:  # a reload took it away while the attempt was under way
+            return self._refused("reload", f"Pool {pool} is no longer configured")
         now = time.monotonic()
         open_ = {s: w for s, w in spec.sources.items() if blocked(s) <= now}
         if not open_:
             return self._refused("blocked", f"Every source of pool {pool} is blocked at "
                                             f"{site}")
         name = self._turn(pool, site, open_)
-        if not self._capped(name, site):
-            return self._charged(name, site)
+        if not self._capped(name, key):
+            return self._charged(name, key)
         if spec.over_cap == "spill":
-            room = {s: w for s, w in open_.items() if not self._capped(s, site)}
+            room = {s: w for s, w in open_.items() if not self._capped(s, key)}
             if room:
-                return self._charged(self._turn(pool, site, room), site)
+                return self._charged(self._turn(pool, site, room), key)
             return self._refused("warmup", f"Every source of pool {pool} has reached its "
-                                           f"warm-up cap at {provider(site)} today")
+                                           f"warm-up cap at {provider(key)} today")
         return self._refused("warmup", f"Source {name} has reached its warm-up cap "
-                                       f"({self.cap(name)} today) at {provider(site)}")
+                                       f"({self.cap(name)} today) at {provider(key)}")
 
     def _turn(self, pool: str, site: str, weights: dict[str, int]) -> str:
         key = (pool, site)
@@ -212,15 +226,17 @@ class Egress:
         return best
 
     def _charged(self, name: str, site: str) -> Pick:
-        if self.cap(name) is not None:
-            # Booked now, given back if nothing went out: concurrent picks see it.
-            self.ledger.add(name, site, 1)
-        return Pick(name)
+        if self.cap(name) is None:
+            return Pick(name, provider=site)
+        # Booked now, given back if nothing went out: concurrent picks see it.
+        self.ledger.add(name, site, 1)
+        return Pick(name, provider=site, day=self.ledger.day)
 
-    def refund(self, name: str, site: str) -> None:
-        """Nothing went out through ``name`` for a pick: its booking is given back."""
-        if self.cap(name) is not None:
-            self.ledger.add(name, site, -1)
+    def give_back(self, pick: Pick) -> None:
+        """Nothing went out through ``pick``'s source: its booking is given back, if it was
+        booked today (yesterday's count is gone; today's is not its to lower)."""
+        if pick.day and pick.day == self.ledger.today().isoformat():
+            self.ledger.add(pick.source, pick.provider, -1)
 
     def _refused(self, reason: str, text: str) -> Pick:
         if self._metrics is not None:
@@ -228,6 +244,10 @@ class Egress:
         return Pick(refused=RecipientResult(451, f"4.7.0 {text}"))
 
     def is_block(self, text: str) -> bool:
-        """Does a reply say the sending address is refused (a blocklist), not the message?"""
-        return any(p.search(text) for p in self.cfg.block_patterns)
+        """Does a reply say the sending address is refused (a blocklist), not the message?
+        Only its first 1,000 characters are looked at: the patterns are the operator's
+        regular expressions, the reply is the remote's, up to 32 KiB, matched on the event
+        loop (a blocklist names itself early)."""
+        head = text[:_BLOCK_TEXT]
+        return any(p.search(head) for p in self.cfg.block_patterns)
 

@@ -6,6 +6,7 @@ import _ssl
 import asyncio
 import contextlib
 import heapq
+import ipaddress
 import itertools
 import re
 import socket
@@ -37,6 +38,32 @@ log = structlog.get_logger("mta.delivery")
 # An unquoted ASCII local part and a host name: sent exactly as it is, no parse needed.
 _PLAIN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                        r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+# An address a reply echoes in brackets (``<a@b>``, ``<"x y"@b>``); linear: it starts at a
+# "<" and stops at the next bracket.
+_BRACKETED_RE = re.compile(r"<[^<>@]*@[^<>]*>")
+
+
+def _unechoed(text: str, echoes: tuple[str, ...]) -> str:
+    """``text`` without the envelope addresses a reply may repeat (``<spamhaus@x>: Sender
+    address rejected``): the client chose them, so they must not decide that a site refuses
+    the sending address. Bracketed addresses and words with an "@" go (in linear time: the
+    text is the remote's); an address with a space or a bracket in it (a quoted local part)
+    is taken out as it is first."""
+    for address in echoes:
+        if any(c.isspace() or c in "<>" for c in address):
+            text = re.sub(re.escape(address), " ", text, flags=re.IGNORECASE)
+    text = _BRACKETED_RE.sub(" ", text)
+    return " ".join(word for word in text.split() if "@" not in word)
+
+
+def _family(host: str) -> int | None:
+    """4 or 6 for an address literal, None for a host name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def _unsendable(address: str, encoding: str) -> str | None:
@@ -399,6 +426,8 @@ class Site:
         self.blocked_until = 0.0
         self.block_level = 0
         self.block_reply = ""
+        # The source is gone from the config (a reload): nothing new is queued here.
+        self.retired = False
 
     # --- use, for reaping ------------------------------------------------------------------
 
@@ -427,15 +456,17 @@ class Site:
         """Is this site refusing its source now?"""
         return self.blocked_until > (time.monotonic() if now is None else now)
 
-    def _blocked_by(self, code: int, text: str) -> bool:
+    def _blocked_by(self, code: int, text: str, echoes: tuple[str, ...] = ()) -> bool:
         """Note a reply that refuses the sending address (True), else False. A block found
-        while one is in force does not lengthen it (concurrent connections see the same)."""
-        if not self.is_block(text):
+        while one is in force does not lengthen it (concurrent connections see the same).
+        ``echoes``: the envelope addresses the reply may repeat, which do not count."""
+        if not self.is_block(text) or not self.is_block(_unechoed(text, echoes)):
             return False
         now = time.monotonic()
         if self.blocked(now):
             return True
-        self.block_level += 1
+        # Bounded: 2 ** 1024 is no float, and block_backoff_max is reached long before.
+        self.block_level = min(self.block_level + 1, 64)
         base, ceiling = self.block_backoff
         seconds = min(ceiling, base * 2 ** (self.block_level - 1))
         self.blocked_until = now + seconds
@@ -450,6 +481,30 @@ class Site:
         while self.ready:
             self.ready.popleft().fail(error)
         return True
+
+    def retire(self) -> None:
+        """The source left the config: what waits here goes back to the dispatcher (for a
+        source of the config of the day); connections in flight keep their address."""
+        self.retired = True
+        error = self._retired_error()
+        while self.ready:
+            self.ready.popleft().fail(error)
+
+    def _retired_error(self) -> SourceBlockedError:
+        return SourceBlockedError(451, f"4.7.0 Source {self.source} is no longer configured")
+
+    def _hosts(self) -> list[tuple[str, int, str]]:
+        """The route's hosts this site's source can reach: addresses of its family (a host
+        name, a smarthost's, is left to the connection)."""
+        source = self.limits.source_address
+        if not source:
+            return list(self.route.hosts)
+        return [h for h in self.route.hosts if _family(h[0]) in (None, _family(source))]
+
+    def _unreachable_error(self) -> SourceBlockedError:
+        family = "IPv6" if ":" in self.limits.source_address else "IPv4"
+        return SourceBlockedError(451, f"4.4.1 No {family} address at {self.route.site} for "
+                                       f"source {self.source} ({self.limits.source_address})")
 
     def _block_error(self) -> SourceBlockedError:
         return SourceBlockedError(451, f"4.7.0 {self.key} refuses source "
@@ -489,6 +544,10 @@ class Site:
             raise SuspendedError(self.held_by)
         if self.blocked():
             raise self._block_error()
+        if self.retired:
+            raise self._retired_error()
+        if self.limits.source_address and not self._hosts():
+            raise self._unreachable_error()  # another source of the pool may take it
         self.ready.append(job)
         self._wakeup.set()
         self._spawn()
@@ -700,7 +759,9 @@ class Site:
 
     async def _connect(self) -> tuple[aiosmtplib.SMTP, str, TlsState]:
         last: DeliveryError | None = None
-        hosts = list(self.route.hosts)
+        hosts = self._hosts()
+        if not hosts:
+            raise self._unreachable_error()
         while hosts:
             addr, port, name = hosts[0]
             source = self.limits.source_address
@@ -904,7 +965,7 @@ class Site:
                                          else self.limits.command_timeout))
         except aiosmtplib.SMTPResponseException as exc:
             await _rset(smtp)
-            if self._blocked_by(exc.code, exc.message):
+            if self._blocked_by(exc.code, exc.message, (job.sender,)):
                 raise self._block_error() from None  # nothing tried: another source may
             self._note_reply(exc.code)
             return RecipientResult(exc.code, one_line(exc.message), remote)
@@ -931,7 +992,7 @@ class Site:
                     await smtp.rcpt(rcpt, encoding=encoding)
                 accepted.append(i)
             except aiosmtplib.SMTPResponseException as exc:
-                results[i] = self._refusal(exc, remote)
+                results[i] = self._refusal(exc, remote, (job.sender, rcpt))
             except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
                 results[i] = _bad_recipient(str(exc))
         return accepted
@@ -944,15 +1005,16 @@ class Site:
                 resp = await smtp.data(job.body, timeout=self.limits.data_timeout)
         except aiosmtplib.SMTPResponseException as exc:
             await _rset(smtp)
-            return self._refusal(exc, remote)
+            return self._refusal(exc, remote, (job.sender, *job.recipients))
         self.backoff.on_success()
         self.block_level = 0
         return RecipientResult(resp.code, one_line(resp.message), remote)
 
-    def _refusal(self, exc: aiosmtplib.SMTPResponseException, remote: str) -> RecipientResult:
+    def _refusal(self, exc: aiosmtplib.SMTPResponseException, remote: str,
+                 echoes: tuple[str, ...]) -> RecipientResult:
         """A refused RCPT or DATA: its reply, or a deferral when it refuses the source (the
         message is not at fault, another source or a later try may carry it)."""
-        if self._blocked_by(exc.code, exc.message):
+        if self._blocked_by(exc.code, exc.message, echoes):
             return RecipientResult(451, f"4.7.0 {self.key} refuses source "
                                         f"{self.source or '(default)'}: {exc.code} "
                                         f"{one_line(exc.message)}"[:500], remote)

@@ -250,9 +250,10 @@ def test_weighted_turns_skip_blocked_and_capped_sources() -> None:
     assert picks == ["a", "b", "a", "b", "b", "b"]
     refused = egress_.choose("wait", "mx", free).refused
     assert refused is not None and refused.code == 451 and "cap (2 today)" in refused.text
-    assert egress_.choose("wait", "other-mx", free).source == "a"  # counted per site
-    egress_.refund("a", "mx")
-    assert egress_.choose("wait", "mx", free).source == "a"  # a refunded turn is free again
+    booked = egress_.choose("wait", "other-mx", free)  # counted per site
+    assert booked.source == "a" and booked.day == "2025-12-01"
+    egress_.give_back(booked)
+    assert egress_.ledger.count("a", "other-mx") == 0  # a turn given back is free again
     now[0] += 86_400  # the next day: the second step, a new count
     assert egress_.cap("a") == 4 and egress_.ledger.count("a", "mx") == 0
     now[0] += 86_400  # past the ramp: no cap
@@ -295,3 +296,11 @@ def test_the_ledger_keeps_only_todays_counts(tmp_path: Path) -> None:
 def test_egress_config_errors_name_the_key(raw: dict[str, Any], where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
         config_from_dict(raw)
+
+
+def test_block_patterns_look_at_the_start_of_a_reply_only() -> None:
+    # The operator's patterns (".*spamhaus" is quadratic) run on the event loop against a
+    # reply of the remote's choosing, up to 32 KiB: only its first 1,000 characters count.
+    egress_ = Egress(config_from_dict({"egress": {"block_patterns": [".*spamhaus"]}}).egress)
+    assert egress_.is_block("554 5.7.1 " + "x" * 900 + " listed by Spamhaus")
+    assert not egress_.is_block("554 5.7.1 " + "x" * 1000 + " listed by Spamhaus")
