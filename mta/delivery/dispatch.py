@@ -514,6 +514,10 @@ class Dispatcher:
             if site.blocked(now):
                 continue  # forgetting it would end its block early
             limit = d.site_idle if site.settled() else unsettled
+            if site.block_level:
+                # Blocked before and not yet cleared by a delivery: the next block there must
+                # last longer, so its level outlives the longest back-off.
+                limit = max(limit, 2 * self.egress.cfg.block_backoff_max)
             if site.throttle.rate:
                 # Its throttle's last slot must have passed too, or a new site for the same
                 # hosts would send sooner than the rate allows.

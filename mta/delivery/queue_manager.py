@@ -175,10 +175,12 @@ class QueueManager:
             # Only tenants with a rate keep a throttle (configured or runtime: bounded).
             self._tenant_throttles.pop(tenant, None)
             return 0.0
+        rate *= self.coordinator.rate_share()
         throttle = self._tenant_throttles.get(tenant)
-        if throttle is None:
+        if throttle is None or throttle.rate != rate:
+            # A new rate applies at once (a raised one does not leave the tenant's mail
+            # waiting for slots the old one booked); its slots start now.
             throttle = self._tenant_throttles[tenant] = Throttle(rate)
-        throttle.rate = rate * self.coordinator.rate_share()
         return throttle.take()
 
     def fence(self) -> None:
