@@ -4,6 +4,7 @@ bodies the issue names, tampering after signing, and the policy's refusals."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +215,26 @@ def test_a_key_path_that_is_not_a_regular_file_is_refused_without_blocking(
     os.mkfifo(fifo)
     with pytest.raises(DkimKeyError, match="not a regular file"):
         load_key(str(fifo), "s", "rsa-sha256")
+
+
+async def test_concurrent_submissions_each_get_their_own_signature_or_refusal(
+        keys: dict[str, SigningKey], dns: DNSServer) -> None:
+    # Many sessions end DATA in one turn of the loop: signed in batches, each message must
+    # get back its own signature, or its own refusal, whatever else is in its batch.
+    s = signer(keys, "rsa", required=True)
+    bodies = [HEADERS.replace(b"Hello", b"Hello %d" % n) + b"\r\nbody %d\r\n" % n
+              if n % 3 else b"From: x@other.example\r\n\r\nnot ours %d\r\n" % n
+              for n in range(30)]
+    results = await asyncio.gather(*(s.sign_async(b) for b in bodies), return_exceptions=True)
+    for n, (body, result) in enumerate(zip(bodies, results, strict=True)):
+        if n % 3:
+            assert isinstance(result, bytes) and result.endswith(body), n
+            assert signatures_verify(result, dns) == [True], n
+        else:
+            assert isinstance(result, Unsignable) and b"%d" % n in body, n
+    # A submission cancelled while its batch is signed does not disturb the others.
+    first = asyncio.ensure_future(s.sign_async(bodies[1]))
+    second = asyncio.ensure_future(s.sign_async(bodies[2]))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert (await second).endswith(bodies[2])
