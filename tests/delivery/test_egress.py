@@ -6,7 +6,6 @@ bound to 127.0.0.11-13; the sink records each session's client address and EHLO 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import re
 from collections import Counter
@@ -15,50 +14,25 @@ from typing import Any
 
 import pytest
 
-from harness.mail import message
 from harness.sink import AnyAddress, SinkScript
 from mta.config import ConfigError, EgressConfig, config_from_dict
 from mta.delivery.egress import Egress
 from tests.support.ctl import ctl
+from tests.support.egress import (
+    BLOCKED,
+    IP1,
+    IP2,
+    IP3,
+    ZONE,
+    egress,
+    peers,
+    send,
+    sources,
+    today,
+)
 from tests.support.world import World
 
-ZONE = {"dest.test": {"MX": [(10, "mx.dest.test")]},
-        "other.test": {"MX": [(10, "mx.dest.test")]},
-        "mx.dest.test": {"A": ["127.0.0.2"]}}
-IP1, IP2, IP3 = "127.0.0.11", "127.0.0.12", "127.0.0.13"
 ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
-BLOCKED = "554 5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org"
-
-
-def sources(**extra: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "ip1": {"address": IP1, "ehlo": "one.sender.test"},
-        "ip2": {"address": IP2, "ehlo": "two.sender.test"},
-        "ip3": {"address": IP3, "ehlo": "three.sender.test"},
-    }
-    for name, more in extra.items():
-        out[name] = {**out[name], **more}
-    return out
-
-
-def egress(tmp_path: Path, pools: dict[str, Any], **keys: Any) -> dict[str, Any]:
-    srcs = keys.pop("sources", sources())
-    return {"sources": srcs, "pools": pools, "state": str(tmp_path / "egress.json"), **keys}
-
-
-async def send(world: World, count: int, domain: str = "dest.test", tenant: str = "",
-               start: int = 0) -> None:
-    extra = f"X-MTA-Tenant: {tenant}\r\n" if tenant else ""
-    for n in range(start, start + count):
-        await world.submit([f"r{n}@{domain}"], body=message(n, 300, extra_headers=extra))
-
-
-def peers(world: World) -> Counter[str]:
-    return Counter(m.peer for s in world.sinks for m in s.messages)
-
-
-def today() -> str:
-    return datetime.datetime.now(datetime.UTC).date().isoformat()
 
 
 @ONE_LOOP

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import json
 import threading
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,43 +26,20 @@ from mta.delivery.egress import Egress, WarmupLedger
 from mta.delivery.limits import site_limits
 from mta.delivery.routes import Route
 from mta.delivery.site import Job, Site, SourceBlockedError
+from tests.support.egress import (
+    BLOCKED,
+    IP1,
+    IP2,
+    ZONE,
+    egress,
+    peers,
+    send,
+    sources,
+    today,
+)
 from tests.support.world import World
 
-ZONE = {"dest.test": {"MX": [(10, "mx.dest.test")]},
-        "mx.dest.test": {"A": ["127.0.0.2"]}}
-IP1, IP2 = "127.0.0.11", "127.0.0.12"
 ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
-BLOCKED = "554 5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org"
-
-
-def sources(**extra: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "ip1": {"address": IP1, "ehlo": "one.sender.test"},
-        "ip2": {"address": IP2, "ehlo": "two.sender.test"},
-        "ip3": {"address": "127.0.0.13", "ehlo": "three.sender.test"},
-    }
-    for name, more in extra.items():
-        out[name] = {**out[name], **more}
-    return out
-
-
-def egress(tmp_path: Path, pools: dict[str, Any], **keys: Any) -> dict[str, Any]:
-    srcs = keys.pop("sources", sources())
-    return {"sources": srcs, "pools": pools, "state": str(tmp_path / "egress.json"), **keys}
-
-
-async def send(world: World, count: int, tenant: str = "", start: int = 0) -> None:
-    extra = f"X-MTA-Tenant: {tenant}\r\n" if tenant else ""
-    for n in range(start, start + count):
-        await world.submit([f"r{n}@dest.test"], body=message(n, 300, extra_headers=extra))
-
-
-def peers(world: World) -> Counter[str]:
-    return Counter(m.peer for s in world.sinks for m in s.messages)
-
-
-def today() -> str:
-    return datetime.datetime.now(datetime.UTC).date().isoformat()
 
 
 class _Hooks(_SinkHandler):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import json
 import re
 import smtplib
@@ -38,41 +37,23 @@ from mta.delivery.site import Job, Site
 from mta.node import Node
 from tests.support.cluster import Cluster
 from tests.support.ctl import ctl, ctl_json
+from tests.support.egress import (
+    BLOCKED,
+    IP1,
+    IP2,
+    SITE,
+    ZONE,
+    egress,
+    peers,
+    send,
+    sources,
+    today,
+)
 from tests.support.world import World
 
-ZONE = {"dest.test": {"MX": [(10, "mx.dest.test")]},
-        "other.test": {"MX": [(10, "mx.dest.test")]},
-        "mx.dest.test": {"A": ["127.0.0.2"]}}
-IP1, IP2 = "127.0.0.11", "127.0.0.12"
-SITE = "mx.dest.test"
 ONE_LOOP = pytest.mark.asyncio(loop_factories=["uvloop"])
-BLOCKED = "554 5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org"
 BLOCKED_RCPT = "550 5.7.1 Client host rejected: blocked using b.barracudacentral.org"
 DAY = 1_764_547_200.0  # 2025-12-01 00:00 UTC
-
-
-def today() -> str:
-    return datetime.datetime.now(datetime.UTC).date().isoformat()
-
-
-def sources(**extra: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"ip1": {"address": IP1, "ehlo": "one.sender.test"},
-                           "ip2": {"address": IP2, "ehlo": "two.sender.test"}}
-    for name, more in extra.items():
-        out[name] = {**out[name], **more}
-    return out
-
-
-def egress(tmp_path: Path, pools: dict[str, Any], **keys: Any) -> dict[str, Any]:
-    srcs = keys.pop("sources", sources())
-    return {"sources": srcs, "pools": pools, "state": str(tmp_path / "egress.json"), **keys}
-
-
-async def send(world: World, count: int, domain: str = "dest.test", tenant: str = "",
-               start: int = 0) -> list[str]:
-    extra = f"X-MTA-Tenant: {tenant}\r\n" if tenant else ""
-    return [await world.submit([f"r{n}@{domain}"], body=message(n, 300, extra_headers=extra))
-            for n in range(start, start + count)]
 
 
 async def send_fast(world: World, count: int, tenant: str, domain: str = "dest.test",
@@ -90,10 +71,6 @@ async def send_fast(world: World, count: int, tenant: str, domain: str = "dest.t
         await smtp.quit()
 
     await asyncio.gather(*(one(range(i, count, connections)) for i in range(connections)))
-
-
-def peers(world: World) -> Counter[str]:
-    return Counter(m.peer for s in world.sinks for m in s.messages)
 
 
 def engine(node: Node) -> Any:
