@@ -37,7 +37,14 @@ from mta.delivery.mtasts import StsPolicy
 from mta.delivery.outcomes import Outcome, Verdict
 from mta.delivery.routes import Route, Router, policy_for
 from mta.delivery.runtime import RuntimeIndex
-from mta.delivery.site import Job, RecipientResult, Site, SourceBlockedError, tls_policy
+from mta.delivery.site import (
+    Job,
+    RecipientResult,
+    Site,
+    SiteLimits,
+    SourceBlockedError,
+    tls_policy,
+)
 from mta.delivery.stspolicies import StsPolicies, StsSettings, StsStore
 from mta.delivery.throttle import Throttle
 from mta.envelope import domain_key
@@ -292,12 +299,14 @@ class Dispatcher:
         pool = self.egress.pool_for(self._tenant_pool(stored.envelope.tenant),
                                     policy.pool if policy else "")
         tried: set[str] = set()
+        # Warm-up caps count per provider; only a pool's sources have caps.
+        provider = self._provider(route) if pool else ""
 
         def blocked(source: str) -> float:
             return math.inf if source and source in tried else self._blocked_until(route,
                                                                                    source)
         for _ in range(len(self.egress.cfg.pools[pool].sources) + 1 if pool else 2):
-            pick = self.egress.choose(pool, route.site, blocked, self._provider(route))
+            pick = self.egress.choose(pool, route.site, blocked, provider)
             if pick.refused is not None:
                 return _every(idx, Verdict.DEFERRED, pick.refused)
             try:
@@ -419,25 +428,30 @@ class Dispatcher:
             site.route = route
             return site
         d = self.dcfg
-        site = Site(key, route, site_limits(d, route, self.helo),
+        site = Site(key, route, self._limits(route, source),
                     Breaker(d.breaker_failures, d.breaker_cooldown),
                     self.coordinator.rate_share, self.node_id,
                     permit=self._permit, metrics=self.metrics, weight_of=self._weight)
         site.source = source
-        self._configure(site)
+        self._configure(site, site.limits)
         site.rate_override = None if source else self._runtime.site_rate(route)
         site.held_by = self._runtime.site_hold(route)
         self.sites[key] = site
         return site
 
-    def _configure(self, site: Site) -> None:
-        """A site's limits and block handling from the config of the day."""
+    def _limits(self, route: Route, source: str) -> SiteLimits:
+        """The limits of ``route``'s site through ``source`` ("": the default address)."""
+        spec = self.egress.source(source) if source else None
+        return site_limits(self.dcfg, route, self.helo, spec)
+
+    def _configure(self, site: Site, limits: SiteLimits | None = None) -> None:
+        """A site's limits (``limits``, if just computed) and block handling from the config
+        of the day."""
         if site.source and site.source not in self.egress.cfg.sources:
             site.retire()  # gone from the config: never from another address than its own
             return
         site.retired = False
-        source = self.egress.source(site.source) if site.source else None
-        site.limits = site_limits(self.dcfg, site.route, self.helo, source)
+        site.limits = limits or self._limits(site.route, site.source)
         site.is_block = self.egress.is_block
         site.block_backoff = (self.egress.cfg.block_backoff, self.egress.cfg.block_backoff_max)
 

@@ -477,16 +477,17 @@ class Site:
                     node_id=self.node_id, reply=self.block_reply, seconds=seconds,
                     level=self.block_level)
         # What waits here goes back to the dispatcher for another source (or a deferral).
-        error = self._block_error()
-        while self.ready:
-            self.ready.popleft().fail(error)
+        self._fail_ready(self._block_error())
         return True
 
     def retire(self) -> None:
         """The source left the config: what waits here goes back to the dispatcher (for a
         source of the config of the day); connections in flight keep their address."""
         self.retired = True
-        error = self._retired_error()
+        self._fail_ready(self._retired_error())
+
+    def _fail_ready(self, error: DeliveryError) -> None:
+        """Fail every queued job with ``error`` (their messages stay in the spool)."""
         while self.ready:
             self.ready.popleft().fail(error)
 
@@ -506,9 +507,12 @@ class Site:
         return SourceBlockedError(451, f"4.4.1 No {family} address at {self.route.site} for "
                                        f"source {self.source} ({self.limits.source_address})")
 
+    def _refuses_source(self, reply: str) -> str:
+        """The text of a deferral because the site refuses this site's source."""
+        return f"4.7.0 {self.key} refuses source {self.source or '(default)'}: {reply}"
+
     def _block_error(self) -> SourceBlockedError:
-        return SourceBlockedError(451, f"4.7.0 {self.key} refuses source "
-                                       f"{self.source or '(default)'}: {self.block_reply}")
+        return SourceBlockedError(451, self._refuses_source(self.block_reply))
 
     # --- limits that move at run time ------------------------------------------------------
 
@@ -623,9 +627,7 @@ class Site:
                 if self.breaker.allow():
                     self._start_worker()
                 else:
-                    error = self._circuit_open_error()
-                    while self.ready:
-                        self.ready.popleft().fail(error)
+                    self._fail_ready(self._circuit_open_error())
             return
         while self.ready and len(self.ready) > self._idle and self._room():
             if not self._start_worker():
@@ -753,9 +755,8 @@ class Site:
                         error=exc.reply)
             # Everything queued behind it fails fast and is retried on its own schedule;
             # the messages stay in the spool.
-            while self.ready:
-                self.ready.popleft().fail(TemporaryError(
-                    451, f"4.4.1 Site {self.key} unreachable (circuit open)", connection=True))
+            self._fail_ready(TemporaryError(
+                451, f"4.4.1 Site {self.key} unreachable (circuit open)", connection=True))
 
     async def _connect(self) -> tuple[aiosmtplib.SMTP, str, TlsState]:
         last: DeliveryError | None = None
@@ -1015,9 +1016,8 @@ class Site:
         """A refused RCPT or DATA: its reply, or a deferral when it refuses the source (the
         message is not at fault, another source or a later try may carry it)."""
         if self._blocked_by(exc.code, exc.message, echoes):
-            return RecipientResult(451, f"4.7.0 {self.key} refuses source "
-                                        f"{self.source or '(default)'}: {exc.code} "
-                                        f"{one_line(exc.message)}"[:500], remote)
+            return RecipientResult(451, self._refuses_source(
+                f"{exc.code} {one_line(exc.message)}")[:500], remote)
         self._note_reply(exc.code)
         return RecipientResult(exc.code, one_line(exc.message), remote)
 
@@ -1029,8 +1029,7 @@ class Site:
     async def close(self) -> None:
         self._closed = True
         self._wakeup.set()
-        while self.ready:
-            self.ready.popleft().fail(TemporaryError(451, "4.3.2 Delivery engine shutting down"))
+        self._fail_ready(TemporaryError(451, "4.3.2 Delivery engine shutting down"))
         await cancel_and_wait(*self._workers)
 
 
