@@ -29,6 +29,7 @@ from tests.support.egress import (
     send,
     sources,
     today,
+    warm_wait,
 )
 from tests.support.world import World
 
@@ -126,9 +127,7 @@ async def test_over_its_cap_mail_waits_and_the_count_survives_a_restart(
         world: World, tmp_path: Path) -> None:
     world.zone(ZONE)
     world.sink("127.0.0.2")
-    srcs = sources(ip1={"warmup": ["5/d"], "warmup_start": today()})
-    section = {"egress": egress(tmp_path, {"warm": {"sources": ["ip1"], "over_cap": "wait"}},
-                                sources=srcs, default_pool="warm")}
+    section = {"egress": warm_wait(tmp_path, "5/d")}
     await world.start(section)
     await send(world, 8)
     failures = await world.wait_records("TransientFailure", 3, 20)

@@ -36,6 +36,7 @@ from tests.support.egress import (
     send,
     sources,
     today,
+    warm_wait,
 )
 from tests.support.world import World
 
@@ -189,10 +190,7 @@ async def test_an_attempt_cancelled_at_shutdown_gives_its_warm_up_booking_back(
     # then waits for tomorrow).
     world.zone(ZONE)
     sink = world.sink("127.0.0.2")
-    srcs = sources(ip1={"warmup": [50], "warmup_start": today()})
-    await world.start({"egress": egress(tmp_path, {"warm": {"sources": ["ip1"],
-                                                            "over_cap": "wait"}},
-                                        sources=srcs, default_pool="warm"),
+    await world.start({"egress": warm_wait(tmp_path, 50),
                        "smtp": {"shutdown_grace": "100ms"}},
                       sites={"mx.dest.test": {"rate": "2/s"}})
     await send(world, 5)

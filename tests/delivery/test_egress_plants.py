@@ -48,6 +48,7 @@ from tests.support.egress import (
     send,
     sources,
     today,
+    warm_wait,
 )
 from tests.support.world import World
 
@@ -388,10 +389,7 @@ async def test_a_cap_counts_per_site_for_every_domain_there_and_is_written_while
         world: World, tmp_path: Path) -> None:
     world.zone(ZONE)
     sink = world.sink("127.0.0.2")
-    srcs = sources(ip1={"warmup": [4], "warmup_start": today()})
-    node = await world.start({"egress": egress(
-        tmp_path, {"warm": {"sources": ["ip1"], "over_cap": "wait"}}, sources=srcs,
-        default_pool="warm")})
+    node = await world.start({"egress": warm_wait(tmp_path, 4)})
     await send(world, 3, "dest.test")
     await send(world, 3, "other.test", start=10)  # the same MX: the same provider
     await sink.wait_for(4, 10)
@@ -423,10 +421,7 @@ async def test_attempts_that_sent_nothing_give_their_warm_up_turn_back(
 
     world.zone(ZONE)
     sink = world.sink("127.0.0.2", SinkScript(greeting_reply=greeting))
-    srcs = sources(ip1={"warmup": [3], "warmup_start": today()})
-    node = await world.start({"egress": egress(
-        tmp_path, {"warm": {"sources": ["ip1"], "over_cap": "wait"}}, sources=srcs,
-        default_pool="warm")})
+    node = await world.start({"egress": warm_wait(tmp_path, 3)})
     await send(world, 3)
     await sink.wait_for(3, 15)
     assert greeted[0] > 3  # the first attempts were turned away at the greeting
@@ -438,10 +433,7 @@ async def test_mail_held_by_a_site_suspension_uses_no_warm_up_turn(
         world: World, tmp_path: Path) -> None:
     world.zone(ZONE)
     sink = world.sink("127.0.0.2")
-    srcs = sources(ip1={"warmup": [5], "warmup_start": today()})
-    node = await world.start({"egress": egress(
-        tmp_path, {"warm": {"sources": ["ip1"], "over_cap": "wait"}}, sources=srcs,
-        default_pool="warm")})
+    node = await world.start({"egress": warm_wait(tmp_path, 5)})
     dispatcher = engine(node).dispatcher
     await node.coordinator.change_runtime(suspended={f"site:{SITE}": True})
     await send(world, 2)

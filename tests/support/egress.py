@@ -54,3 +54,11 @@ def peers(world: World) -> Counter[str]:
 def today() -> str:
     """Today (UTC), as warm-up days are counted."""
     return datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
+def warm_wait(tmp_path: Path, cap: int | str, **keys: Any) -> dict[str, Any]:
+    """An [egress] section whose default pool is ip1 alone, warming up from today at ``cap``
+    a day, its mail waiting (``over_cap = "wait"``) once the cap is reached."""
+    srcs = sources(ip1={"warmup": [cap], "warmup_start": today()})
+    return egress(tmp_path, {"warm": {"sources": ["ip1"], "over_cap": "wait"}}, sources=srcs,
+                  default_pool="warm", **keys)
