@@ -61,7 +61,8 @@ def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool =
             extra["signed"] = handle.spool_count()
         if prof is not None and prof.summary:
             extra["profile"] = prof.summary
-    # Our node's CPU over the run (every thread, user + system, from /proc; NaN for Postfix).
+    # CPU over the run (user + system, from /proc): every thread of our node, every process
+    # of Postfix's.
     done = accepted if client == "smtp-source" else res.accepted
     extra.update(node_cpu_s=cpu, node_cpu_us_per_msg=cpu / max(1, done) * 1e6)
     if client == "smtp-source":

@@ -3,7 +3,7 @@ check that every ``250`` the load generator got reached the sink (lost must be 0
 
     python -m benchmarks relay [--messages 10000] [--size 5|mix] [--route smarthost|mx]
                                [--repeat 3] [--peer auto|postfix|none]
-                               [--targets mta,mta-dkim,postfix]
+                               [--targets mta,mta-dkim,postfix] [--client smtp-source]
 
 Our node delivers with aiosmtplib over a real spool; ``--route mx`` resolves the recipient
 domain through a DNS server on loopback (Postfix always relays to the sink as relayhost).
@@ -23,6 +23,7 @@ import json
 import shutil
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.common import free_port
@@ -43,6 +44,7 @@ from benchmarks.ingress import ratio_lines
 from benchmarks.loadgen import Load, run_load
 from benchmarks.profile import Profiler
 from benchmarks.sink import Sink
+from benchmarks.smtp_source import run_smtp_source
 from benchmarks.targets import (
     DKIM_DOMAIN,
     DKIM_SELECTOR,
@@ -86,7 +88,8 @@ def _delivery_latencies(handle: Handle) -> list[float]:
 
 
 def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None = None,
-              wait: float = 300.0, profile: bool = False) -> dict[str, Any]:
+              wait: float = 300.0, profile: bool = False,
+              client: str = "loadgen") -> dict[str, Any]:
     work = workdir("sink-")
     sink_port = free_port()
     host = "127.0.0.2" if route == "mx" and name == "mta" else "127.0.0.1"
@@ -105,23 +108,17 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
         cpu0 = handle.cpu_seconds()
         prof = stack.enter_context(Profiler(handle.pid, handle.work / "profile.txt")) \
             if profile and handle.pid else None  # stops (and reads its samples) first
-        res = run_load(handle.port, load, tick)
+        if client == "smtp-source":
+            # Its messages carry no id of ours: loss and duplicates are counted, not named.
+            res = _SmtpSourceRun(time.time(), load.messages)
+            run_smtp_source(handle.port, load)
+        else:
+            res = run_load(handle.port, load, tick)
         ingress_end = time.time()
-        deadline = time.time() + wait
-        reported = 0
         accepted = set(res.ids)
-        while time.time() < deadline:
-            if tick is not None and sink.count > reported:
-                tick(min(sink.count, load.messages) - reported)
-                reported = min(sink.count, load.messages)
-            # The count includes duplicates: once it is high enough, check the ids themselves.
-            if sink.count >= res.accepted and not accepted - set(sink.ids()):
-                break
-            time.sleep(0.01 if sink.count < res.accepted else 0.1)
+        _wait_for_sink(sink, res.accepted, accepted, load.messages, wait, tick)
         elapsed = time.time() - res.start
         cpu = handle.cpu_seconds() - cpu0
-        if tick is not None:
-            tick(max(0, load.messages - reported))
         time.sleep(0.5)  # the accounting log flushes every 200 ms
         events: dict[str, float] = {}
         if handle.events is not None:
@@ -140,10 +137,16 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
         facts = handle.facts
     seen = sink.ids()
     shutil.rmtree(work, ignore_errors=True)
-    delivered = len(accepted & set(seen))
+    if client == "smtp-source":
+        delivered = min(sink.count, res.accepted)
+        lost, duplicates = res.accepted - delivered, sink.count - delivered
+    else:
+        delivered = len(accepted & set(seen))
+        lost = len(accepted - set(seen))
+        duplicates = sum(n - 1 for n in seen.values() if n > 1)
     return {"accepted": res.accepted, "refused": res.refused, "errors": res.errors,
-            "unsent": res.unsent, "delivered": delivered, "lost": len(accepted - set(seen)),
-            "duplicates": sum(n - 1 for n in seen.values() if n > 1),
+            "unsent": res.unsent, "delivered": delivered, "lost": lost,
+            "duplicates": duplicates,
             "seconds": elapsed, "ingress_seconds": ingress_end - res.start,
             "msgs_per_s": delivered / elapsed,
             "delivery_p50_ms": percentile(latencies, 50) * 1000,
@@ -151,10 +154,41 @@ def run_relay(name: str, load: Load, route: str = "smarthost", tick: Tick | None
             # Every message the sink got (duplicates too) and those with a DKIM-Signature.
             "sink_received": sink.count, "signed": sink.signed,
             **({"sample_verified": verified} if verified is not None else {}),
-            # Node CPU (every thread), reception and delivery together: NaN for Postfix.
+            # CPU of every node thread (of every Postfix process), reception and delivery.
             "node_cpu_s": cpu, "node_cpu_us_per_msg": cpu / max(1, delivered) * 1e6,
             **events,
             **facts, **({"profile": prof.summary} if prof is not None and prof.summary else {})}
+
+
+def _wait_for_sink(sink: Sink, count: int, ids: set[str], messages: int, wait: float,
+                   tick: Tick | None) -> None:
+    """Until the sink holds ``count`` messages and every one of ``ids`` (none: count only),
+    for at most ``wait`` seconds."""
+    deadline = time.time() + wait
+    reported = 0
+    while time.time() < deadline:
+        if tick is not None and sink.count > reported:
+            tick(min(sink.count, messages) - reported)
+            reported = min(sink.count, messages)
+        # The count includes duplicates: once it is high enough, check the ids themselves.
+        if sink.count >= count and (not ids or not ids - set(sink.ids())):
+            break
+        time.sleep(0.01 if sink.count < count else 0.1)
+    if tick is not None:
+        tick(max(0, messages - reported))
+
+
+@dataclass
+class _SmtpSourceRun:
+    """What a relay run reads of its client, for smtp-source (which stops at the first
+    refusal: it either sent every message or failed the run)."""
+
+    start: float
+    accepted: int
+    refused: int = 0
+    errors: int = 0
+    unsent: int = 0
+    ids: tuple[str, ...] = ()
 
 
 def main() -> None:
@@ -163,6 +197,8 @@ def main() -> None:
     load_options(ap, messages=10000, procs=1)
     target_options(ap)
     ap.add_argument("--route", choices=("smarthost", "mx"), default="smarthost")
+    ap.add_argument("--client", choices=("loadgen", "smtp-source"), default="loadgen",
+                    help="smtp-source: Postfix's C client (cheaper; loss counted, not named)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy our node from the first message to the last delivery; the "
                          "latest run's top functions go in the JSON (not a figure to judge)")
@@ -184,7 +220,8 @@ def main() -> None:
                     load = Load(args.messages, c, args.procs, args.size, not args.no_reuse)
                     bar.status(f"run {i + 1}/{args.repeat} {name} c={c}")
                     settle(args.settle)
-                    run = run_relay(name, load, args.route, bar.update, profile=args.profile)
+                    run = run_relay(name, load, args.route, bar.update, profile=args.profile,
+                                    client=args.client)
                     if "profile" in run:  # the latest run's
                         result.series.update(profile=run.pop("profile"), profile_target=name)
                     result.add({"target": name, "concurrency": c}, run)

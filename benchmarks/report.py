@@ -248,6 +248,16 @@ def metric(name: str, digits: int = 0) -> Callable[[Data, Data], str]:
     return lambda r, g: fmt(g["summary"].get(name), digits)
 
 
+def per_thousand(name: str) -> Callable[[Data, Data], str]:
+    """A us-per-message metric as seconds per 1,000 messages (us / 1000)."""
+    def cell(r: Data, g: Data) -> str:
+        s = g["summary"].get(name)
+        if not s or not s.get("n"):
+            return fmt(s, 2)
+        return fmt({**s, **{k: s[k] / 1000 for k in ("min", "median", "max")}}, 2)
+    return cell
+
+
 def label(name: str) -> Callable[[Data, Data], str]:
     return lambda r, g: str(g["labels"].get(name, ""))
 
@@ -260,19 +270,23 @@ SECTIONS: dict[str, Data] = {
     "ingress": {
         "title": "Ingress: durable accept (`250` only after fdatasync)",
         "how": "`python -m benchmarks ingress`: msg/s from the common start to the last "
-               "`250`; latency from the final dot to the `250` (includes the group commit).",
+               "`250`; latency from the final dot to the `250` (includes the group commit); CPU: "
+               "every thread of our node, or every process of Postfix's (the exited ones "
+               "from its master's children's times), from /proc, over the run.",
         "cols": [("target", label("target")), ("sessions", label("concurrency")),
                  ("load", lambda r, g: load_desc(r["params"])),
                  ("msg/s", metric("msgs_per_s")), ("MB/s", metric("mb_per_s", 1)),
                  ("p50 ms", metric("p50_ms", 1)), ("p99 ms", metric("p99_ms", 1)),
                  ("records/fsync", metric("batch", 1)),
-                 ("node CPU us/msg", metric("node_cpu_us_per_msg"))],
+                 ("CPU us/msg", metric("node_cpu_us_per_msg")),
+                 ("CPU s/1,000 msgs", per_thousand("node_cpu_us_per_msg"))],
     },
     "relay": {
         "title": "Relay: accept and deliver to a loopback sink, end to end",
         "how": "`python -m benchmarks relay`: msg/s until the sink holds every accepted "
                "message; *lost* counts `250`s whose message never reached the sink (must be "
-               "0); delivery latency (reception to remote `250`) from our accounting log.",
+               "0); delivery latency (reception to remote `250`) from our accounting log; CPU "
+               "as for ingress (the client and the sink not included).",
         "cols": [("target", label("target")), ("sessions", label("concurrency")),
                  ("load", lambda r, g: f"{load_desc(r['params'])}, "
                                        f"{r['params'].get('route')}"),
@@ -280,7 +294,8 @@ SECTIONS: dict[str, Data] = {
                  ("duplicates", total("duplicates")),
                  ("delivery p50 ms", metric("delivery_p50_ms")),
                  ("delivery p99 ms", metric("delivery_p99_ms")),
-                 ("node CPU us/msg", metric("node_cpu_us_per_msg")),
+                 ("CPU us/msg", metric("node_cpu_us_per_msg")),
+                 ("CPU s/1,000 msgs", per_thousand("node_cpu_us_per_msg")),
                  ("signed", total("signed"))],
     },
     "latency": {
@@ -432,9 +447,7 @@ def _dkim_rows(r: Data, relay: bool) -> list[str]:
     for g in r["groups"]:
         tgt = g["labels"]["target"]
         cpu = g["summary"].get("node_cpu_us_per_msg")
-        # us per message / 1000 = CPU-seconds per 1,000 messages
-        per_k = fmt({**cpu, **{k: cpu[k] / 1000 for k in ("min", "median", "max")}}
-                    if cpu and cpu.get("n") else None, 2)
+        per_k = per_thousand("node_cpu_us_per_msg")(r, g)
         row = f"| {tgt} | {fmt(g['summary'].get('msgs_per_s'))} | {fmt(cpu)} | {per_k} |"
         signed = sum(int(x.get("signed") or 0) for x in g["runs"])
         if relay:

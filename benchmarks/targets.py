@@ -71,10 +71,13 @@ class Handle:
     pids: list[int] = field(default_factory=list)
     facts: dict[str, float] = field(default_factory=dict)  # kept with the run's figures
     events: EventsReceiver | None = None  # mta-events: the webhook receiving its records
+    postfix: PrivatePostfix | None = None
 
     def cpu_seconds(self) -> float:
-        """user + system CPU of every node process so far (all its threads); NaN for
-        Postfix (many short-lived processes)."""
+        """user + system CPU of every node process so far (all its threads); for Postfix,
+        of all its processes, those that have exited included."""
+        if self.postfix is not None:
+            return self.postfix.cpu_seconds()
         pids = self.pids or ([self.pid] if self.pid else [])
         return sum(cpu_seconds(p) for p in pids) if pids else float("nan")
 
@@ -154,8 +157,8 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
     try:
         if name == "postfix":
             port = free_port()
-            with PrivatePostfix(work, port, relay=relay):
-                yield Handle(name, port, work)
+            with PrivatePostfix(work, port, relay=relay) as postfix:
+                yield Handle(name, port, work, postfix=postfix)
             return
         if name == "mta-replicated":
             with replicated(work, concurrency, relay, delivery, log_level, shards) as handle:

@@ -88,6 +88,14 @@ class _SinkHandler:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            # aiosmtpd reads and answers commands in order, so pipelined ones just work.
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
         reply = self.sink.script.rcpt.get(address.lower())
@@ -123,8 +131,10 @@ class Sink(Controller):
     """A scripted "remote" SMTP server on ``host``:``port`` running in its own thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 script: SinkScript | None = None, tls_context: Any = None) -> None:
+                 script: SinkScript | None = None, tls_context: Any = None,
+                 pipelining: bool = True) -> None:
         self.script = script or SinkScript()
+        self.pipelining = pipelining  # advertise PIPELINING (RFC 2920), as real servers do
         self.messages: list[Received] = []
         self.refused: list[tuple[str, str]] = []
         self.sessions = 0

@@ -25,6 +25,7 @@ from mta.config import Config
 from mta.coordinator import Coordinator, RuntimeSettings
 from mta.delivery.dispatch import Dispatcher
 from mta.delivery.outcomes import OutcomeRecorder
+from mta.delivery.pipelining import install as install_pipelining
 from mta.delivery.queue_manager import QueueManager
 from mta.delivery.routes import Router
 from mta.delivery.site import Site
@@ -45,6 +46,7 @@ class DeliveryEngine:
     def __init__(self, cfg: Config, spool: Spool, coordinator: Coordinator,
                  metrics: NodeMetrics, accounting: AccountingLog) -> None:
         install_data_fast_paths()
+        install_pipelining()
         self.node_id = cfg.node.id
         self.coordinator = coordinator
         self.recorder = OutcomeRecorder(accounting, metrics, self.node_id)

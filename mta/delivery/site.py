@@ -14,11 +14,13 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import aiosmtplib
 import structlog
 from aiosmtplib.email import quote_address
 
+from mta.delivery import pipelining
 from mta.delivery.breaker import Breaker
 from mta.delivery.dane import DaneError, Tlsa, authenticate
 from mta.delivery.errors import DeliveryError, NotOwnerError, SuspendedError, TemporaryError
@@ -259,6 +261,11 @@ class ReadyQueue:
             self._turns.keep(self._heaps)
             self._len -= len(taken)
         return taken
+
+
+# A transaction's end: the result for every recipient (MAIL refused), or the recipients
+# accepted and the result they share (None when none was accepted).
+_Outcome: TypeAlias = RecipientResult | tuple[list[int], RecipientResult | None]
 
 
 class _StaleConnection(Exception):
@@ -866,19 +873,18 @@ class Site:
         if not self.may_send(job):
             raise self._not_owner(job, "before MAIL")
         try:
-            refused = await self._mail(smtp, job, remote, options, encoding, reused)
-            if refused is not None:
-                return [refused] * len(job.recipients)
-            accepted = await self._rcpts(smtp, job, remote, encoding, results)
-            if not accepted:
-                await _rset(smtp)
-                return [r for r in results if r is not None]
-            if not self.may_send(job):
-                raise self._not_owner(job, "before DATA")
-            final = await self._data(smtp, job, remote)
+            if pipelining.can_pipeline(smtp):
+                outcome = await self._pipelined(smtp, job, remote, options, encoding, reused,
+                                                results)
+            else:
+                outcome = await self._one_by_one(smtp, job, remote, options, encoding, reused,
+                                                 results)
         except _LOST as exc:
             raise TemporaryError(451, f"4.4.2 Connection to {remote} lost: "
                                       f"{describe(exc)}", remote=remote) from None
+        if isinstance(outcome, RecipientResult):  # MAIL refused: the same for everyone
+            return [outcome] * len(job.recipients)
+        accepted, final = outcome
         for i in accepted:
             results[i] = final
         shown = tls.record()
@@ -890,6 +896,94 @@ class Site:
         if self._metrics is not None:
             self._metrics.egress_transactions.labels(self.source).inc()
         return out
+
+    async def _one_by_one(self, smtp: aiosmtplib.SMTP, job: Job, remote: str,
+                          options: list[str], encoding: str, reused: bool,
+                          results: list[RecipientResult | None]) -> _Outcome:
+        """MAIL, each RCPT, DATA and the message, each after the previous reply (a server
+        that does not advertise PIPELINING)."""
+        refused = await self._mail(smtp, job, remote, options, encoding, reused)
+        if refused is not None:
+            return refused
+        accepted = await self._rcpts(smtp, job, remote, encoding, results)
+        if not accepted:
+            await _rset(smtp)
+            return accepted, None
+        if not self.may_send(job):
+            raise self._not_owner(job, "before DATA")
+        return accepted, await self._data(smtp, job, remote)
+
+    async def _pipelined(self, smtp: aiosmtplib.SMTP, job: Job, remote: str,
+                         options: list[str], encoding: str, reused: bool,
+                         results: list[RecipientResult | None]) -> _Outcome:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then the message once DATA's
+        354 is in. The ownership check before MAIL covers the group (none of it delivers
+        anything); the one before the message, after the 354, ends the connection instead
+        of sending it (a server in DATA takes any line as the message's)."""
+        group = _group(job, options, encoding, results)
+        if isinstance(group, RecipientResult):
+            return group
+        commands, sent = group
+        if not sent:
+            return [], None
+        protocol = smtp.protocol
+        try:
+            with _ReplyWatch(self, job):
+                replies = await pipelining.envelope(
+                    smtp, commands, self.limits.command_timeout,
+                    self.limits.reuse_timeout if reused else None)
+        except _LOST as exc:
+            if reused and not getattr(protocol, "received", None):
+                raise _StaleConnection(f"MAIL: {describe(exc)}") from None
+            raise
+        outcome = await self._group_replies(smtp, job, remote, replies, sent, results)
+        if outcome is not None:
+            return outcome
+        accepted = [i for i in sent if results[i] is None]
+        if not self.may_send(job):
+            smtp.close()  # in DATA: only a closed connection ends it without a message
+            raise self._not_owner(job, "before DATA")
+        with _ReplyWatch(self, job):
+            final = await pipelining.body(smtp, job.body, self.limits.data_timeout)
+        if final.code != 250:
+            await _rset(smtp)
+            return accepted, self._refusal(aiosmtplib.SMTPDataError(final.code, final.message),
+                                           remote, (job.sender, *job.recipients))
+        return accepted, self._accepted(final, remote)
+
+    async def _group_replies(self, smtp: aiosmtplib.SMTP, job: Job, remote: str,
+                             replies: list[aiosmtplib.SMTPResponse], sent: list[int],
+                             results: list[RecipientResult | None]) -> _Outcome | None:
+        """Judge a pipelined group's replies (refused RCPTs go to ``results``): the outcome
+        if the message is not to be sent, None if it goes (DATA answered 354)."""
+        mail, rcpts, data = replies[0], replies[1:-1], replies[-1]
+        in_data = data.code == 354
+        if mail.code != 250:
+            await _end_transaction(smtp, in_data)
+            if self._blocked_by(mail.code, mail.message, (job.sender,)):
+                raise self._block_error()  # nothing tried: another source may
+            self._note_reply(mail.code)
+            return RecipientResult(mail.code, one_line(mail.message), remote)
+        accepted = []
+        for i, reply in zip(sent, rcpts, strict=True):
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                rcpt = job.recipients[i]
+                results[i] = self._refusal(aiosmtplib.SMTPRecipientRefused(
+                    reply.code, reply.message, rcpt), remote, (job.sender, rcpt))
+        if in_data and accepted:
+            return None
+        await _end_transaction(smtp, in_data)
+        if not accepted:
+            return accepted, None
+        return accepted, self._refusal(aiosmtplib.SMTPDataError(data.code, data.message),
+                                       remote, (job.sender, *job.recipients))
+
+    def _accepted(self, reply: aiosmtplib.SMTPResponse, remote: str) -> RecipientResult:
+        self.backoff.on_success()
+        self.block_level = 0
+        return RecipientResult(reply.code, one_line(reply.message), remote)
 
     def _prepare(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, tls: TlsState
                  ) -> tuple[list[str], str, RecipientResult | None]:
@@ -1007,9 +1101,7 @@ class Site:
         except aiosmtplib.SMTPResponseException as exc:
             await _rset(smtp)
             return self._refusal(exc, remote, (job.sender, *job.recipients))
-        self.backoff.on_success()
-        self.block_level = 0
-        return RecipientResult(resp.code, one_line(resp.message), remote)
+        return self._accepted(resp, remote)
 
     def _refusal(self, exc: aiosmtplib.SMTPResponseException, remote: str,
                  echoes: tuple[str, ...]) -> RecipientResult:
@@ -1070,6 +1162,36 @@ def _bad_recipient(why: str) -> RecipientResult:
 async def _rset(smtp: aiosmtplib.SMTP) -> None:
     with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
         await smtp.rset()
+
+
+def _group(job: Job, options: list[str], encoding: str, results: list[RecipientResult | None]
+           ) -> tuple[list[bytes], list[int]] | RecipientResult:
+    """A pipelined group's command lines (MAIL, a RCPT for each recipient still without a
+    result, DATA) and the indexes of the recipients in it; the result for everyone if MAIL
+    cannot be written. A recipient that cannot be written gets its result here."""
+    try:
+        commands = [pipelining.mail_command(job.sender, options, encoding)]
+    except ValueError as exc:  # nothing was sent
+        return _bad_sender(str(exc))
+    sent = []
+    for i, rcpt in enumerate(job.recipients):
+        if results[i] is None:
+            try:
+                commands.append(pipelining.rcpt_command(rcpt, encoding))
+                sent.append(i)
+            except ValueError as exc:
+                results[i] = _bad_recipient(str(exc))
+    commands.append(b"DATA\r\n")
+    return commands, sent
+
+
+async def _end_transaction(smtp: aiosmtplib.SMTP, in_data: bool) -> None:
+    """After a pipelined group that will not be sent: RSET, or, if a server answered DATA
+    with 354 all the same, close the connection (any line would be taken as the message)."""
+    if in_data:
+        smtp.close()
+    else:
+        await _rset(smtp)
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:
