@@ -29,6 +29,7 @@ class _SinkProtocol(asyncio.Protocol):
         self.times = times
         self.sample = sample
         self.n_signed = 0
+        self.n_received = 0  # messages of this read (smtp-source's carry no id)
         self.buf = b""
         self.in_data = False
 
@@ -56,6 +57,7 @@ class _SinkProtocol(asyncio.Protocol):
                     _sampled[0] = True  # one per sink process: the first message
                     self.sample.write_bytes(self.buf[2:end + 2])
                 self.buf = self.buf[end + 5:]
+                self.n_received += 1
                 self.in_data = False
                 out.append(b"250 2.0.0 ok\r\n")
                 continue
@@ -94,8 +96,10 @@ class _SinkProtocol(asyncio.Protocol):
             # Ids first: a message counts as received once its id is on record.
             self.ids.write(b"".join(got))
             self.ids.flush()
+        if self.n_received:
             with self.counter.get_lock():
-                self.counter.value += len(got)
+                self.counter.value += self.n_received
+            self.n_received = 0
         if out:
             self.transport.write(b"".join(out))  # type: ignore[attr-defined]
 
