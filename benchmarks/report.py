@@ -250,10 +250,15 @@ def targets_section(by: dict[str, list[Data]]) -> list[str]:
             misses.append((t, prof))
     if misses:
         out += ["", "### Where we miss, and why", ""]
+        told: set[str] = set()  # scenarios whose note and profile are already on the page
         for t, pr in misses:
             out.append(f"**{t.name}** ({t.goal}).")
             if t.see:
                 out += ["", t.see]
+            if t.scenario in told:
+                out += ["", "Why: as for the miss above of the same scenario.", ""]
+                continue
+            told.add(t.scenario)
             prof = _profile(pr) if pr else None
             note = NOTES / f"miss-{t.scenario}.md"
             if note.exists():

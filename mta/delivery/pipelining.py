@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import aiosmtplib
 import aiosmtplib.smtp as _smtp
@@ -24,13 +24,18 @@ from aiosmtplib.response import SMTPResponse
 
 from mta.delivery.smtpdata import normalize_line_endings, stuff_periods
 
-__all__ = ["PipeliningProtocol", "body", "can_pipeline", "envelope", "install",
+__all__ = ["OutOfStep", "PipeliningProtocol", "body", "can_pipeline", "envelope", "install",
            "mail_command", "rcpt_command"]
 
 # An address aiosmtplib's quote_address would return unchanged inside <>: no specials,
 # one @, no whitespace or controls. Anything else goes through the library's parser.
 _PLAIN_ADDRESS = re.compile(r'[^\x00-\x20\x7f<>()\[\]\\,;:@"]+@[^\x00-\x20\x7f<>()\[\]\\,;:@"]+')
 _DOMAIN_UNAVAILABLE = 421
+
+
+class OutOfStep(aiosmtplib.SMTPServerDisconnected):
+    """The server sent more replies than the group had commands (the connection is closed):
+    which reply answers which command is anybody's guess, so none of them is judged."""
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -40,20 +45,29 @@ class PipeliningProtocol(SMTPProtocol):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # The group being read: its replies so far (kept afterwards, so a caller can tell
         # whether any reply came before the connection failed), how many are still owed,
-        # and futures for its first reply and for all of them.
+        # what ended it early (a malformed reply, the connection lost), and a future the
+        # reader waits on, resolved by each reply read and by the end.
         self.received: list[SMTPResponse] = []
         self._owed = 0
-        self._first: asyncio.Future[None] | None = None
-        self._all: asyncio.Future[None] | None = None
+        self._reading = False
+        self._error: BaseException | None = None
+        self._progress: asyncio.Future[None] | None = None
+
+    @property
+    def unsolicited(self) -> bool:
+        """Does the buffer hold data no command asked for (between groups, or after the last
+        reply of one: a server out of step with its commands)?"""
+        return bool(self._buffer)
 
     def data_received(self, data: bytes) -> None:
-        if self._all is None:
+        if not self._reading:
             super().data_received(data)
             return
         self._buffer.extend(data)
         self._collect()
 
     def _collect(self) -> None:
+        before = len(self.received)
         try:
             while self._owed:
                 response = self._read_response_from_buffer()
@@ -64,58 +78,75 @@ class PipeliningProtocol(SMTPProtocol):
                     break
                 self.received.append(response)
                 self._owed -= 1
+                if response.code == _DOMAIN_UNAVAILABLE:
+                    # 421: the server is closing (RFC 5321 3.8), whether or not it closes
+                    # at once; the replies it did not send are that 421.
+                    self._owed = 0
         except aiosmtplib.SMTPException as exc:
             self._fail(exc)
             return
-        if self.received and self._first is not None and not self._first.done():
-            self._first.set_result(None)
-        if not self._owed and self._all is not None and not self._all.done():
-            self._all.set_result(None)
+        if len(self.received) > before:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._progress is not None and not self._progress.done():
+            self._progress.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
-        for fut in (self._first, self._all):
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be waiting any more
+        if self._error is None:
+            self._error = exc
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._all is not None and not self._all.done():
-            if self.received and self.received[-1].code == _DOMAIN_UNAVAILABLE:
-                # 421 and gone (RFC 5321 3.8): the replies it did not send are that 421.
-                self._owed = 0
-                self._collect()
-            else:
-                lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
-                lost.__cause__ = exc
-                self._fail(lost)
+        if self._reading and self._owed:
+            lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+            lost.__cause__ = exc
+            self._fail(lost)
         super().connection_lost(exc)
 
     async def exchange(self, data: bytes, replies: int, timeout: float | None,
-                       first_timeout: float | None = None) -> list[SMTPResponse]:
+                       first_timeout: float | None = None,
+                       on_reply: Callable[[], None] | None = None) -> list[SMTPResponse]:
         """Write ``data`` (whole command lines, or a message and its final dot) and return
-        the next ``replies`` replies in order; fewer only when the server said 421 and
-        closed. ``first_timeout`` bounds the wait for the first reply, ``timeout`` each
-        wait after it. Raises SMTPServerDisconnected, SMTPReadTimeoutError, or
-        SMTPResponseException for a malformed reply."""
+        the next ``replies`` replies in order; fewer only when the server said 421.
+        ``first_timeout`` bounds the wait for the first reply, ``timeout`` each wait after
+        it (a server that takes its time over every RCPT is not cut off for having many);
+        ``on_reply()`` is called after each wait that read a reply.
+        Raises SMTPServerDisconnected, SMTPReadTimeoutError, or SMTPResponseException for a
+        malformed reply or one that came before any command of the group was written."""
         if self._command_lock is None:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         async with self._command_lock:
             self.received = []
             self._owed = replies
-            self._first = self._loop.create_future()
-            self._all = self._loop.create_future()
+            self._error = None
+            self._reading = True
             try:
+                if self._buffer:
+                    # A reply nobody asked for (with an earlier one's, or one's second): it
+                    # would be taken for MAIL's, and every reply after for the command
+                    # before. Nothing is written.
+                    raise aiosmtplib.SMTPResponseException(
+                        aiosmtplib.SMTPStatus.invalid_response, "unsolicited reply: "
+                        + bytes(self._buffer[:200]).decode("utf-8", "replace"))
                 self.write(data)
                 self._collect()  # as aiosmtplib does: whatever the buffer already holds
-                try:
-                    if first_timeout is not None and not self._first.done():
-                        await asyncio.wait_for(self._first, first_timeout)
-                    await asyncio.wait_for(self._all, timeout)
-                except TimeoutError:
-                    raise aiosmtplib.SMTPReadTimeoutError(
-                        "Timed out waiting for server response") from None
+                while self._owed and self._error is None:
+                    self._progress = self._loop.create_future()
+                    wait = timeout if self.received or first_timeout is None \
+                        else first_timeout
+                    try:
+                        await asyncio.wait_for(self._progress, wait)
+                    except TimeoutError:
+                        raise aiosmtplib.SMTPReadTimeoutError(
+                            "Timed out waiting for server response") from None
+                    if on_reply is not None and self._error is None:
+                        on_reply()
+                if self._error is not None:
+                    raise self._error
             finally:
-                self._first = self._all = None
+                self._reading = False
+                self._progress = None
                 self._owed = 0
         return self.received
 
@@ -156,26 +187,31 @@ def rcpt_command(recipient: str, encoding: str) -> bytes:
 
 
 async def envelope(smtp: aiosmtplib.SMTP, commands: list[bytes], timeout: float,
-                   first_timeout: float | None = None) -> list[SMTPResponse]:
+                   first_timeout: float | None = None,
+                   on_reply: Callable[[], None] | None = None) -> list[SMTPResponse]:
     """Send ``commands`` (MAIL, RCPTs, DATA) in one write; one reply per command, in order.
-    A connection that fails or times out is closed, as aiosmtplib closes it."""
-    return await _exchange(smtp, b"".join(commands), len(commands), timeout, first_timeout)
+    A connection that fails or times out is closed, as aiosmtplib closes it, and so is one
+    whose server sent more than those replies (OutOfStep: which reply answers which command
+    is anybody's guess, and after a 354 the message must not follow)."""
+    return await _exchange(smtp, b"".join(commands), len(commands), timeout, first_timeout,
+                           strict=True, on_reply=on_reply)
 
 
 async def body(smtp: aiosmtplib.SMTP, message: bytes, timeout: float) -> SMTPResponse:
     """After DATA's 354: the message (line endings made CRLF, dot-stuffed) and the final
-    dot; its reply."""
+    dot; its reply. More than that reply closes the connection (the message's is kept)."""
     data = stuff_periods(normalize_line_endings(message)) + b".\r\n"
     return (await _exchange(smtp, data, 1, timeout))[0]
 
 
 async def _exchange(smtp: aiosmtplib.SMTP, data: bytes, replies: int, timeout: float,
-                    first_timeout: float | None = None) -> list[SMTPResponse]:
+                    first_timeout: float | None = None, *, strict: bool = False,
+                    on_reply: Callable[[], None] | None = None) -> list[SMTPResponse]:
     protocol = smtp.protocol
     if not isinstance(protocol, PipeliningProtocol):
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
     try:
-        out = await protocol.exchange(data, replies, timeout, first_timeout)
+        out = await protocol.exchange(data, replies, timeout, first_timeout, on_reply)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()  # a reply given up on would be paired with the next command
         raise
@@ -186,5 +222,10 @@ async def _exchange(smtp: aiosmtplib.SMTP, data: bytes, replies: int, timeout: f
             f"unreadable reply: {exc.message[:200]}") from None
     if len(out) < replies or any(r.code == _DOMAIN_UNAVAILABLE for r in out):
         smtp.close()
-        out = out + [out[-1]] * (replies - len(out))
+        return out + [out[-1]] * (replies - len(out))
+    if protocol.unsolicited:
+        # More replies than commands: the connection cannot be trusted with another.
+        smtp.close()
+        if strict:
+            raise OutOfStep("more replies than commands")
     return out

@@ -291,6 +291,16 @@ class _ReplyWatch:
         self.stalled = True
         self._site.on_stalled(self._job)
 
+    def progress(self) -> None:
+        """A reply of a pipelined group came: the wait for the next one starts afresh, as
+        each command's does one at a time (a group is not stalled for being long)."""
+        self._timer.cancel()
+        if self.stalled:
+            self.stalled = False
+            self._site.stalled -= 1
+        self._timer = asyncio.get_running_loop().call_later(
+            self._site.limits.stall_timeout, self._stall)
+
     def __enter__(self) -> _ReplyWatch:
         return self
 
@@ -723,6 +733,20 @@ class Site:
             job.fail(SuspendedError(self.held_by))
             return None
         assert conn.smtp is not None
+        if not conn.smtp.is_connected:
+            # Closed (by the server, or by us after a 421 or replies out of step): what it
+            # offered (SMTPUTF8, PIPELINING) is forgotten with it, and the job would be
+            # judged against nothing. Pooled: a fresh connection takes the job. Fresh: the
+            # server hung up after its greeting; that is the connection failing (retrying
+            # at once would reconnect in a loop), for the breaker to count.
+            conn.smtp.close()
+            conn.smtp = None
+            if conn.sent > 0:
+                return job
+            self._connection_failed(job, TemporaryError(
+                451, f"4.4.2 Connection to {conn.remote} lost before MAIL", remote=conn.remote,
+                connection=True))
+            return None
         try:
             results = await self._send(conn.smtp, job, conn.remote, reused=conn.sent > 0,
                                        tls=conn.tls)
@@ -928,13 +952,18 @@ class Site:
             return [], None
         protocol = smtp.protocol
         try:
-            with _ReplyWatch(self, job):
+            with _ReplyWatch(self, job) as watch:
                 replies = await pipelining.envelope(
                     smtp, commands, self.limits.command_timeout,
-                    self.limits.reuse_timeout if reused else None)
+                    self.limits.reuse_timeout if reused else None, watch.progress)
         except _LOST as exc:
-            if reused and not getattr(protocol, "received", None):
+            received = list(getattr(protocol, "received", None) or [])
+            if reused and not received:
                 raise _StaleConnection(f"MAIL: {describe(exc)}") from None
+            refused = None if isinstance(exc, pipelining.OutOfStep) else \
+                self._lost_group(job, remote, received, sent)
+            if refused is not None:
+                return refused
             raise
         outcome = await self._group_replies(smtp, job, remote, replies, sent, results)
         if outcome is not None:
@@ -963,7 +992,7 @@ class Site:
             if self._blocked_by(mail.code, mail.message, (job.sender,)):
                 raise self._block_error()  # nothing tried: another source may
             self._note_reply(mail.code)
-            return RecipientResult(mail.code, one_line(mail.message), remote)
+            return _refused(mail.code, mail.message, remote)
         accepted = []
         for i, reply in zip(sent, rcpts, strict=True):
             if reply.code in (250, 251):
@@ -979,6 +1008,25 @@ class Site:
             return accepted, None
         return accepted, self._refusal(aiosmtplib.SMTPDataError(data.code, data.message),
                                        remote, (job.sender, *job.recipients))
+
+    def _lost_group(self, job: Job, remote: str, received: list[aiosmtplib.SMTPResponse],
+                    sent: list[int]) -> RecipientResult | None:
+        """The connection failed after ``received``, the first replies of a group: judged as
+        one command at a time would have judged them before finding the connection gone. A
+        refused MAIL is every recipient's result (or a block); refused RCPTs count (a
+        block, a back-off) and the loss defers the job (None)."""
+        if received and received[0].code != 250:
+            mail = received[0]
+            if self._blocked_by(mail.code, mail.message, (job.sender,)):
+                raise self._block_error()
+            self._note_reply(mail.code)
+            return _refused(mail.code, mail.message, remote)
+        for i, reply in zip(sent, received[1:], strict=False):
+            if reply.code not in (250, 251):
+                rcpt = job.recipients[i]
+                self._refusal(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt),
+                              remote, (job.sender, rcpt))
+        return None
 
     def _accepted(self, reply: aiosmtplib.SMTPResponse, remote: str) -> RecipientResult:
         self.backoff.on_success()
@@ -1063,7 +1111,7 @@ class Site:
             if self._blocked_by(exc.code, exc.message, (job.sender,)):
                 raise self._block_error() from None  # nothing tried: another source may
             self._note_reply(exc.code)
-            return RecipientResult(exc.code, one_line(exc.message), remote)
+            return _refused(exc.code, exc.message, remote)
         except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
             return _bad_sender(str(exc))
         except _LOST as exc:
@@ -1111,7 +1159,7 @@ class Site:
             return RecipientResult(451, self._refuses_source(
                 f"{exc.code} {one_line(exc.message)}")[:500], remote)
         self._note_reply(exc.code)
-        return RecipientResult(exc.code, one_line(exc.message), remote)
+        return _refused(exc.code, exc.message, remote)
 
     def _note_reply(self, code: int) -> None:
         if 400 <= code < 500 and self.backoff.on_temp_failure(code):
@@ -1149,6 +1197,17 @@ def _keepalive(smtp: aiosmtplib.SMTP, idle: float) -> None:
     except (OSError, AttributeError, aiosmtplib.SMTPException):
         # Best effort: an exotic transport without a socket still delivers.
         pass
+
+
+def _refused(code: int, text: str, remote: str) -> RecipientResult:
+    """The result of a reply that did not take the message (a refused MAIL, RCPT, DATA or
+    message). A 4xx or 5xx is the result as it stands; any other code (DATA answered 250,
+    RCPT 252, a 1xx or 3xx) accepted nothing either, and as a result its 2xx would record
+    a delivery of a message that never went: deferred, with the reply in the text."""
+    if 400 <= code < 600:
+        return RecipientResult(code, one_line(text), remote)
+    return RecipientResult(451, f"4.5.0 Unexpected reply {code} {one_line(text)}"[:500],
+                           remote)
 
 
 def _bad_sender(why: str) -> RecipientResult:

@@ -16,7 +16,9 @@ class RawServer:
     message 250, QUIT 221; ``script(line)`` may answer a command line instead (None: the
     default). ``hold_until``: keep replies back until a line starting with it has been read
     (a client that waits for the MAIL reply before its next command then never gets one).
-    ``close_after``: close the connection right after answering a line starting with it."""
+    ``close_after``: close the connection right after answering a line starting with it.
+    ``delay(line)``: seconds to wait before answering a command line (a slow or tarpitting
+    server; None or 0: at once)."""
 
     host: str
     port: int
@@ -25,6 +27,7 @@ class RawServer:
     hold_until: bytes | None = None
     close_after: bytes | None = None
     message_reply: bytes = b"250 2.0.0 queued\r\n"
+    delay: Callable[[bytes], float] | None = None
     lines: list[bytes] = field(default_factory=list)  # every command line, in order
     messages: list[bytes] = field(default_factory=list)  # every message ended by its dot
     cut_in_data: int = 0  # connections that ended in the middle of a message
@@ -67,6 +70,8 @@ class RawServer:
         try:
             while line := await reader.readline():
                 self.lines.append(line.rstrip(b"\r\n"))
+                if self.delay is not None and (pause := self.delay(line)):
+                    await asyncio.sleep(pause)
                 reply = self._reply(line)
                 held.append(reply)
                 holding = self.hold_until is not None and line[:4].upper() not in (b"EHLO",
