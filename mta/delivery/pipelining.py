@@ -176,13 +176,15 @@ def _quoted(address: str, encoding: str) -> bytes:
 
 
 def mail_command(sender: str, options: Iterable[str], encoding: str) -> bytes:
-    """The MAIL line aiosmtplib would send. Raises ValueError (nothing may be sent)."""
+    """The MAIL line aiosmtplib would send (its address parsing included, which may rewrite
+    an odd address: callers refuse those first). Raises ValueError where aiosmtplib would."""
     return _command(b"MAIL", b"FROM:" + _quoted(sender, encoding),
                     *(option.encode("ascii") for option in options))
 
 
 def rcpt_command(recipient: str, encoding: str) -> bytes:
-    """The RCPT line aiosmtplib would send. Raises ValueError (nothing may be sent)."""
+    """The RCPT line aiosmtplib would send, as ``mail_command``. Raises ValueError where
+    aiosmtplib would."""
     return _command(b"RCPT", b"TO:" + _quoted(recipient, encoding))
 
 
