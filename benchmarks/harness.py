@@ -273,7 +273,8 @@ def target_options(ap: Any) -> None:
     ap.add_argument("--targets", default="",
                     help="comma list of mta, mta-dkim (every message DKIM-signed, RSA-2048), "
                          "mta-replicated (2 nodes, each its own spool, every message on both "
-                         "disks before 250), postfix; overrides --peer")
+                         "disks before 250), mta-x2 (2 standalone node processes on one "
+                         "port, SO_REUSEPORT), postfix; overrides --peer")
 
 
 def common_options(ap: Any, repeat: int) -> None:

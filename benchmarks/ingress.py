@@ -86,7 +86,8 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
     for group in result.groups:
         lab = group["labels"]
         tgt = lab.get("target")
-        if tgt not in ("mta", "mta-replicated", "mta-dkim", "mta-events") or any(lab.get(k) != v
+        if tgt not in ("mta", "mta-replicated", "mta-dkim", "mta-events", "mta-x2") or any(
+                lab.get(k) != v
                                                        for k, v in labels.items()):
             continue
         other = {**lab, "target": "postfix"}
@@ -144,9 +145,10 @@ def main() -> None:
                             + (f", {run['batch']:.1f} records/fsync" if "batch" in run else "")
                             + (f", refused {run['refused']}" if run.get("refused") else "")
                             + (f", {run['signed']} stored signed" if "signed" in run else "")
-                            + (f", busiest node {run['busiest_node_share']:.0%} of the mail, "
-                               f"shards owned {run['owned_min']:.0f}-{run['owned_max']:.0f}"
-                               if "busiest_node_share" in run else ""))
+                            + (f", busiest node {run['busiest_node_share']:.0%} of the mail"
+                               if "busiest_node_share" in run else "")
+                            + (f", shards owned {run['owned_min']:.0f}-{run['owned_max']:.0f}"
+                               if "owned_min" in run else ""))
     lines = []
     for g in result.groups:
         lab = g["labels"]

@@ -73,12 +73,12 @@ def verify_sample(message: bytes, record: str) -> bool:
 
 
 def _delivery_latencies(handle: Handle) -> list[float]:
-    acct = handle.work / "acct.jsonl"
-    if not acct.exists():
-        return []
     received: dict[str, float] = {}
     out = []
-    for line in acct.read_text().splitlines():
+    # One accounting log per node process (mta-x2 has one in each node's directory).
+    lines = [line for acct in handle.work.rglob("acct.jsonl")
+             for line in acct.read_text().splitlines()]
+    for line in lines:
         rec = json.loads(line)
         if rec["type"] == "Reception":
             received[rec["message_id"]] = rec["time"]

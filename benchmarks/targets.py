@@ -10,7 +10,11 @@ shard has both copies in its in-sync set.
 
 ``mta-dkim`` (issue 17): ``mta`` signing every message with DKIM, rsa-sha256 and a 2048-bit key
 made for the run (the load generator's From: is ``bench@example.com``, the signing domain);
-relay runs count the signed messages the sink receives, so the figure is of signed mail."""
+relay runs count the signed messages the sink receives, so the figure is of signed mail.
+
+``mta-x2`` (issue 20): 2 standalone node processes sharing one SMTP port (``[smtp]
+reuse_port``), each its own spool and, in relay runs, delivering what it accepted: the way to
+use a second core on one machine (Postfix's processes use both)."""
 
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ from benchmarks.replicated import owners, replicated_sections, wait_replicated
 from harness.config import toml_dumps
 from harness.etcd import EtcdServer
 
-NAMES = ("mta", "mta-dkim", "mta-events", "mta-replicated", "postfix")
+NAMES = ("mta", "mta-dkim", "mta-events", "mta-replicated", "mta-x2", "postfix")
+STANDALONE_PROCESSES = 2  # mta-x2
 EVENTS_SECRET = "benchmark-events-secret-0123456789"
 DKIM_DOMAIN = "example.com"  # the load generator's From: domain
 DKIM_SELECTOR = "bench"
@@ -164,6 +169,11 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
             with replicated(work, concurrency, relay, delivery, log_level, shards) as handle:
                 yield handle
             return
+        if name == "mta-x2":
+            with standalone_processes(work, concurrency, relay, delivery, log_level,
+                                      shards) as handle:
+                yield handle
+            return
         smtp_port, admin_port = free_port(), free_port()
         sections = node_sections(work, _delivery(relay, delivery), shards)
         facts: dict[str, float] = {}
@@ -259,6 +269,29 @@ def replicated(work: Path, concurrency: int, relay: tuple[str, int] | None, deli
                  "owned_max": max(per.get(n, 0) for n in ids)}
         yield Handle("mta-replicated", port, work, admin_ports[0], nodes[0][0].pid,
                      admin_ports, [n.pid for n, _ in nodes], facts)
+
+
+@contextmanager
+def standalone_processes(work: Path, concurrency: int, relay: tuple[str, int] | None,
+                         delivery: str, log_level: str, shards: int) -> Iterator[Handle]:
+    """``STANDALONE_PROCESSES`` standalone nodes behind one SMTP port (SO_REUSEPORT), each
+    its own spool (and accounting log) under ``work/n<i>``."""
+    port = free_port()
+    with ExitStack() as stack:
+        nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
+        stack.callback(_stop_all, nodes)
+        admin_ports = []
+        for i in range(STANDALONE_PROCESSES):
+            node_dir = work / f"n{i + 1}"
+            node_dir.mkdir()
+            admin_ports.append(free_port())
+            nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
+                                    node_sections(node_dir, _delivery(relay, delivery), shards),
+                                    smtp_extra="reuse_port = true\n", node_id=f"n{i + 1}"))
+        for i, (node, log) in enumerate(nodes):
+            wait_ready(node, log, work / f"n{i + 1}", admin_ports[i])
+        yield Handle("mta-x2", port, work, admin_ports[0], nodes[0][0].pid, admin_ports,
+                     [n.pid for n, _ in nodes])
 
 
 def _stop_all(nodes: list[tuple[subprocess.Popen[bytes], Any]]) -> None:
