@@ -57,7 +57,7 @@ def run_ingress(name: str, load: Load, tick: Tick | None = None, profile: bool =
                 res = run_load(handle.port, load, tick)
         cpu = handle.cpu_seconds() - cpu0
         extra: dict[str, Any] = handle.metrics()
-        if name == "mta-dkim":
+        if name.startswith("mta-dkim"):
             extra["signed"] = handle.spool_count()
         if prof is not None and prof.summary:
             extra["profile"] = prof.summary
@@ -86,7 +86,8 @@ def ratio_lines(result: Result, metric: str, what: str, **labels: Any) -> list[s
     for group in result.groups:
         lab = group["labels"]
         tgt = lab.get("target")
-        if tgt not in ("mta", "mta-replicated", "mta-dkim", "mta-events", "mta-x2") or any(
+        if tgt not in ("mta", "mta-replicated", "mta-dkim", "mta-events", "mta-x2",
+                       "mta-dkim-x2") or any(
                 lab.get(k) != v
                                                        for k, v in labels.items()):
             continue
@@ -118,7 +119,7 @@ def main() -> None:
     names = peers(args.peer, args.targets)
     concs = sweep(args.concurrency)
     result = Result("ingress", {**vars(args), "targets": names})
-    if "mta-dkim" in names:
+    if {"mta-dkim", "mta-dkim-x2"} & set(names):
         # What signing one message costs alone (this process, one thread), before the load.
         cost = result.series["dkim_sign_cost"] = signing_breakdown(size=args.size)
         print(dkim_cost_line(cost), flush=True)
@@ -135,8 +136,8 @@ def main() -> None:
                         # The latest run's, and whose it is.
                         result.series.update(profile=run.pop("profile"), profile_target=name)
                     result.add({"target": name, "concurrency": c}, run)
-                    if name == "mta-dkim" and run["signed"] < run["accepted"]:
-                        raise SystemExit(f"mta-dkim: {run['signed']} signatures in the spool "
+                    if name.startswith("mta-dkim") and run["signed"] < run["accepted"]:
+                        raise SystemExit(f"{name}: {run['signed']} signatures in the spool "
                                          f"for {run['accepted']} messages accepted: not a "
                                          "signing figure")
                     bar.say(f"run {i + 1}: {name} c={c}: {run['msgs_per_s']:.0f} msg/s, "

@@ -194,6 +194,9 @@ TARGETS = [
            ">= 2x", "relay", _ratio("relay-dkim"), lambda v: v >= 2.0,
            see="The cost of signing per message, split into its parts, and both relay and "
                "ingress beside plain mta: *DKIM signing (issue 17)* below."),
+    Target("Relay, every message DKIM-signed, 2 node processes on one port, vs Postfix "
+           "unsigned (issues 17, 20)", ">= 2x", "relay", _ratio("relay-dkim-x2"),
+           lambda v: v >= 2.0),
     Target("Relay, every record shipped to an events webhook, vs Postfix (issue 18)", ">= 2x",
            "relay", _ratio("relay-events"), lambda v: v >= 2.0),
     Target("One tenant's backlog does not hold up another's mail (issue 18)",

@@ -14,7 +14,8 @@ relay runs count the signed messages the sink receives, so the figure is of sign
 
 ``mta-x2`` (issue 20): 2 standalone node processes sharing one SMTP port (``[smtp]
 reuse_port``), each its own spool and, in relay runs, delivering what it accepted: the way to
-use a second core on one machine (Postfix's processes use both)."""
+use a second core on one machine (Postfix's processes use both). ``mta-dkim-x2``: both sign
+as ``mta-dkim`` does, with one key."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from benchmarks.replicated import owners, replicated_sections, wait_replicated
 from harness.config import toml_dumps
 from harness.etcd import EtcdServer
 
-NAMES = ("mta", "mta-dkim", "mta-events", "mta-replicated", "mta-x2", "postfix")
+NAMES = ("mta", "mta-dkim", "mta-events", "mta-replicated", "mta-x2", "mta-dkim-x2", "postfix")
 STANDALONE_PROCESSES = 2  # mta-x2
 EVENTS_SECRET = "benchmark-events-secret-0123456789"
 DKIM_DOMAIN = "example.com"  # the load generator's From: domain
@@ -91,8 +92,8 @@ class Handle:
         uncompressed): an ingress run of ``mta-dkim`` checks that every message it accepted
         was stored signed."""
         found = 0
-        for path in (self.work / "spool").rglob("*"):
-            if path.is_file():
+        for path in self.work.rglob("*"):  # every node's spool (mta-dkim-x2 has two)
+            if "spool" in path.relative_to(self.work).parts and path.is_file():
                 found += path.read_bytes().count(needle)
         return found
 
@@ -169,9 +170,13 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
             with replicated(work, concurrency, relay, delivery, log_level, shards) as handle:
                 yield handle
             return
-        if name == "mta-x2":
+        if name in ("mta-x2", "mta-dkim-x2"):
+            signing = dkim_section(work) if name == "mta-dkim-x2" else ""
             with standalone_processes(work, concurrency, relay, delivery, log_level,
-                                      shards) as handle:
+                                      shards, signing) as handle:
+                handle.name = name
+                if signing:
+                    handle.facts["dkim_rsa_bits"] = 2048
                 yield handle
             return
         smtp_port, admin_port = free_port(), free_port()
@@ -273,9 +278,10 @@ def replicated(work: Path, concurrency: int, relay: tuple[str, int] | None, deli
 
 @contextmanager
 def standalone_processes(work: Path, concurrency: int, relay: tuple[str, int] | None,
-                         delivery: str, log_level: str, shards: int) -> Iterator[Handle]:
+                         delivery: str, log_level: str, shards: int, extra: str = ""
+                         ) -> Iterator[Handle]:
     """``STANDALONE_PROCESSES`` standalone nodes behind one SMTP port (SO_REUSEPORT), each
-    its own spool (and accounting log) under ``work/n<i>``."""
+    its own spool (and accounting log) under ``work/n<i>``; ``extra``: more TOML for each."""
     port = free_port()
     with ExitStack() as stack:
         nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
@@ -286,7 +292,8 @@ def standalone_processes(work: Path, concurrency: int, relay: tuple[str, int] | 
             node_dir.mkdir()
             admin_ports.append(free_port())
             nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
-                                    node_sections(node_dir, _delivery(relay, delivery), shards),
+                                    node_sections(node_dir, _delivery(relay, delivery), shards)
+                                    + extra,
                                     smtp_extra="reuse_port = true\n", node_id=f"n{i + 1}"))
         for i, (node, log) in enumerate(nodes):
             wait_ready(node, log, work / f"n{i + 1}", admin_ports[i])
