@@ -4,27 +4,83 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import logging
 import os
 import re
 import sys
+import threading
+from typing import TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "describe"]
+__all__ = ["LineWriter", "configure_logging", "describe"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
 
+class LineWriter:
+    """structlog's logger: writes each rendered line to ``file``. Debug and info lines
+    logged on the event loop's thread are gathered and written together at the end of the
+    loop's turn (a line per message at info cost a write system call per message: 17% of
+    durable ingress's CPU); a warning or worse, a line from another thread, or one logged with
+    no loop running is written at once, after the lines gathered before it. A SIGKILL loses at
+    most the info lines of the turn it interrupts; nothing waits in memory longer."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+        self._gathered: list[str] = []  # touched on the loop's thread only
+        atexit.register(self.flush)
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self._file.write(text)
+            self._file.flush()
+
+    def flush(self) -> None:
+        """Write the gathered lines (the loop calls this once per turn that logged)."""
+        if self._gathered:
+            text = "\n".join(self._gathered) + "\n"
+            self._gathered.clear()
+            self._write(text)
+
+    def gather(self, message: str) -> None:
+        """A debug or info line: at the end of this turn of the loop, if one runs here."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.now(message)
+            return
+        if not self._gathered:
+            loop.call_soon(self.flush)
+        self._gathered.append(message)
+
+    def now(self, message: str) -> None:
+        """Any other line: at once, after what this thread's loop gathered before it."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # another thread (or no loop): the loop's gathered lines are not ours
+        else:
+            self.flush()
+        self._write(message + "\n")
+
+    debug = info = gather
+    msg = warning = warn = error = err = critical = fatal = exception = failure = now
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
     """Configure structlog (and stdlib logging of libraries) for the daemon."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
-    # One write per line even into a file or pipe: a crash (or SIGKILL) must not swallow
-    # the last events before it, which are the ones an incident needs.
+    # One write per line (or per turn of the loop, for its info lines: LineWriter) even
+    # into a file or pipe: a crash (or SIGKILL) must not swallow the last events before it,
+    # which are the ones an incident needs.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+    writer = LineWriter(sys.stdout)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json_out
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
@@ -39,7 +95,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
     if node_id:
