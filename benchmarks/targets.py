@@ -28,7 +28,7 @@ import tempfile
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,24 +247,17 @@ def replicated(work: Path, concurrency: int, relay: tuple[str, int] | None, deli
     with ExitStack() as stack:
         etcd = EtcdServer(work / "etcd").start()
         stack.callback(etcd.kill)
-        nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
-        stack.callback(_stop_all, nodes)
-        admin_ports = []
-        for i in range(REPLICATED_NODES):
-            node_dir = work / f"n{i + 1}"
-            node_dir.mkdir()
+
+        def sections(node_dir: Path) -> str:
             more = replicated_sections(etcd, name, REPLICATED_TTL, replicas=2, min_insync=2)
             spool = toml_dumps({"spool": more["spool"]}).split("\n", 1)[1].strip() + "\n"
-            extra = (node_sections(node_dir, _delivery(relay, delivery), shards, spool)
-                     + toml_dumps({"cluster": more["cluster"]}))
-            admin_ports.append(free_port())
-            nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
-                                    extra, smtp_extra="reuse_port = true\n",
-                                    node_id=f"n{i + 1}"))
+            return (node_sections(node_dir, _delivery(relay, delivery), shards, spool)
+                    + toml_dumps({"cluster": more["cluster"]}))
+
         # All at once: the leader then splits the shards between them from the start (a
         # node that joins later gets shards only once it has caught-up copies of them).
-        for i, (node, log) in enumerate(nodes):
-            wait_ready(node, log, work / f"n{i + 1}", admin_ports[i], timeout=90)
+        nodes, admin_ports = _sharing_one_port(stack, work, port, REPLICATED_NODES,
+                                               concurrency, log_level, sections, timeout=90)
         ids = {f"n{i + 1}" for i in range(REPLICATED_NODES)}
         wait_replicated(etcd, name, ids, shards, copies=2)
         # The shards each node owns (and so writes first; it follows the others'): the load
@@ -284,21 +277,32 @@ def standalone_processes(work: Path, concurrency: int, relay: tuple[str, int] | 
     its own spool (and accounting log) under ``work/n<i>``; ``extra``: more TOML for each."""
     port = free_port()
     with ExitStack() as stack:
-        nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
-        stack.callback(_stop_all, nodes)
-        admin_ports = []
-        for i in range(STANDALONE_PROCESSES):
-            node_dir = work / f"n{i + 1}"
-            node_dir.mkdir()
-            admin_ports.append(free_port())
-            nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
-                                    node_sections(node_dir, _delivery(relay, delivery), shards)
-                                    + extra,
-                                    smtp_extra="reuse_port = true\n", node_id=f"n{i + 1}"))
-        for i, (node, log) in enumerate(nodes):
-            wait_ready(node, log, work / f"n{i + 1}", admin_ports[i])
+        nodes, admin_ports = _sharing_one_port(
+            stack, work, port, STANDALONE_PROCESSES, concurrency, log_level,
+            lambda node_dir: node_sections(node_dir, _delivery(relay, delivery), shards) + extra)
         yield Handle("mta-x2", port, work, admin_ports[0], nodes[0][0].pid, admin_ports,
                      [n.pid for n, _ in nodes])
+
+
+def _sharing_one_port(stack: ExitStack, work: Path, port: int, count: int, concurrency: int,
+                      log_level: str, sections: Callable[[Path], str], timeout: float = 20.0
+                      ) -> tuple[list[tuple[subprocess.Popen[bytes], Any]], list[int]]:
+    """``count`` node processes on ``port`` (SO_REUSEPORT), node ``n<i>`` working under
+    ``work/n<i>`` with ``sections(its directory)`` in its config; all started before any is
+    waited for (stopped when ``stack`` closes). Returns them and their admin ports."""
+    nodes: list[tuple[subprocess.Popen[bytes], Any]] = []
+    stack.callback(_stop_all, nodes)
+    admin_ports = []
+    for i in range(count):
+        node_dir = work / f"n{i + 1}"
+        node_dir.mkdir()
+        admin_ports.append(free_port())
+        nodes.append(spawn_node(node_dir, port, admin_ports[-1], concurrency, log_level,
+                                sections(node_dir), smtp_extra="reuse_port = true\n",
+                                node_id=f"n{i + 1}"))
+    for i, (node, log) in enumerate(nodes):
+        wait_ready(node, log, work / f"n{i + 1}", admin_ports[i], timeout=timeout)
+    return nodes, admin_ports
 
 
 def _stop_all(nodes: list[tuple[subprocess.Popen[bytes], Any]]) -> None:

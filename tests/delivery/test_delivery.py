@@ -9,7 +9,6 @@ import email.policy
 import time
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from mta.node import Node
@@ -402,12 +401,7 @@ async def test_an_undeliverable_idn_domain_bounces_instead_of_sticking(world: Wo
     world.zone({})
     sender_box = world.sink("127.0.0.5")
     await world.start()
-    assert world.node is not None and world.node.ingress is not None
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=world.node.ingress.port)
-    await smtp.connect()
-    await smtp.sendmail("app@sender.test", ["bob@☃.net"], message(1, 500),
-                        mail_options=["SMTPUTF8"])
-    await smtp.quit()
+    await world.submit(["bob@☃.net"], message(1, 500), mail_options=["SMTPUTF8"])
     [bounce] = await world.wait_records("Bounce", 1)
     assert "5.1.2" in bounce["response"]
     await sender_box.wait_for(1)

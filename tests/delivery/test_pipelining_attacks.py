@@ -6,41 +6,14 @@ recorded delivered only on a 250 to the final dot of a message it received."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from harness.mail import message
 from tests.support import World, wait_until
-from tests.support.rawsmtp import RawServer
-
-MX = "127.0.0.2"
-
-
-@pytest.fixture
-async def raw(world: World) -> AsyncIterator[Callable[..., Any]]:
-    servers: list[RawServer] = []
-
-    async def start(delivery: dict[str, Any] | None = None,
-                    sections: dict[str, dict[str, Any]] | None = None, **kw: Any) -> RawServer:
-        world.zone({"dest.test": {"MX": [(10, "mx.dest.test")]},
-                    "mx.dest.test": {"A": [MX]}})
-        world.sink("127.0.0.5")  # the sender's mailbox, for DSNs
-        server = await RawServer(MX, world.port, **kw).start()
-        servers.append(server)
-        await world.start(sections, **(delivery or {}))
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
-
-
-def _verbs(server: RawServer) -> list[bytes]:
-    return [line[:4].upper() for line in server.lines]
 
 
 async def _first_record(world: World, rcpt: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -175,12 +148,7 @@ async def test_a_connection_closed_after_a_421_is_not_reused_for_smtputf8_mail(
         return None
 
     server = await raw(pipelining=pipelining, script=script)
-    assert world.node is not None and world.node.ingress is not None
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=world.node.ingress.port)
-    await smtp.connect()
-    await smtp.sendmail("app@sender.test", ["jörg@dest.test"], message(0, 500),
-                        mail_options=["SMTPUTF8"])
-    await smtp.quit()
+    await world.submit(["jörg@dest.test"], message(0, 500), mail_options=["SMTPUTF8"])
     await wait_until(lambda: bool(server.messages) or any(
         r["type"] == "Bounce" for r in world.accounting()), 10, "a delivery or a bounce")
     assert [r["type"] for r in world.accounting() if r["type"] != "Queued"
@@ -260,7 +228,7 @@ async def test_a_hundred_recipients_in_one_group_each_get_their_own_reply(
     server = await raw(script=_per_recipient)
     await world.submit(rcpts)
     records = {rcpt: await _first_record(world, rcpt) for rcpt in rcpts}
-    assert _verbs(server)[1:103] == [b"MAIL"] + [b"RCPT"] * 100 + [b"DATA"]
+    assert server.verbs()[1:103] == [b"MAIL"] + [b"RCPT"] * 100 + [b"DATA"]
     for i, rcpt in enumerate(rcpts):
         record = records[rcpt]
         if i % 7 == 3:

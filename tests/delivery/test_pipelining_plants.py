@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiosmtplib
@@ -17,63 +17,7 @@ from aiosmtplib.protocol import MAX_RESPONSE_LENGTH
 
 from mta.delivery import pipelining
 from tests.support import World, wait_until
-from tests.support.rawsmtp import RawServer
-
-MX = "127.0.0.2"
-
-
-class _Server(RawServer):
-    """RawServer that also keeps what it read of a message cut off in DATA (``partial``),
-    can hold back the reply to the first ``hold_messages`` messages (a server that never
-    answers the final dot), and can wait ``message_delay`` seconds before each reply to a
-    message (a slow server)."""
-
-    def __init__(self, *args: Any, hold_messages: int = 0, message_delay: float = 0.0,
-                 **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.partial: list[bytes] = []
-        self.hold_messages = hold_messages
-        self.message_delay = message_delay
-        self.dots = 0
-        self.let_go = asyncio.Event()  # held replies: the connections close instead
-
-    async def _message(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                       ) -> bool:
-        body = bytearray()
-        while line := await reader.readline():
-            if line == b".\r\n":
-                self.messages.append(bytes(body))
-                self.dots += 1
-                if self.dots <= self.hold_messages:
-                    await self.let_go.wait()  # never answers
-                    return False
-                if self.message_delay:
-                    await asyncio.sleep(self.message_delay)
-                writer.write(self.message_reply)
-                return True
-            body += line
-        self.partial.append(bytes(body))
-        self.cut_in_data += 1
-        return False
-
-
-@pytest.fixture
-async def raw(world: World) -> AsyncIterator[Callable[..., Any]]:
-    servers: list[RawServer] = []
-
-    async def start(delivery: dict[str, Any] | None = None,
-                    sections: dict[str, dict[str, Any]] | None = None, **kw: Any) -> _Server:
-        world.zone({"dest.test": {"MX": [(10, "mx.dest.test")]},
-                    "mx.dest.test": {"A": [MX]}})
-        world.sink("127.0.0.5")  # the sender's mailbox, for DSNs
-        server = await _Server(MX, world.port, **kw).start()
-        servers.append(server)
-        await world.start(sections, **(delivery or {}))
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
+from tests.support.rawsmtp import pipelining_client
 
 
 def _records(world: World, kind: str) -> list[dict[str, Any]]:
@@ -246,33 +190,6 @@ async def test_a_reused_connection_that_answered_then_failed_is_no_stale_connect
 
 # --- the protocol alone ----------------------------------------------------------------------
 
-async def _connect(replies: Callable[[bytes], bytes | None], slow: bytes = b"",
-                   delay: float = 0.0) -> tuple[aiosmtplib.SMTP, asyncio.Server, list[bytes]]:
-    """aiosmtplib connected (with our protocol) to a server answering each line with
-    ``replies(line)`` (None: no answer), ``delay`` seconds late for lines starting with
-    ``slow``."""
-    pipelining.install()
-    got: list[bytes] = []
-
-    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 x\r\n")
-        while line := await reader.readline():
-            got.append(line)
-            reply = (b"250-x\r\n250 PIPELINING\r\n" if line.startswith(b"EHLO")
-                     else replies(line))
-            if reply:
-                if slow and line.startswith(slow):
-                    await asyncio.sleep(delay)  # a slow server, not synchronisation
-                writer.write(reply)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(session, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
-    await smtp.connect()
-    await smtp.ehlo()
-    return smtp, server, got
 
 
 def _group() -> list[bytes]:
@@ -281,7 +198,7 @@ def _group() -> list[bytes]:
 
 
 async def test_the_first_reply_deadline_is_kept_and_not_the_whole_timeout() -> None:
-    smtp, server, _ = await _connect(lambda line: None)
+    smtp, server, _ = await pipelining_client(lambda line: None)
     try:
         start = time.monotonic()
         with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
@@ -296,7 +213,7 @@ async def test_the_first_reply_deadline_is_kept_and_not_the_whole_timeout() -> N
 async def test_the_first_reply_deadline_ends_with_the_first_reply() -> None:
     # MAIL answered at once, RCPT later than first_timeout but within timeout: no timeout.
     answers = {b"MAIL": b"250 ok\r\n", b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n"}
-    smtp, server, _ = await _connect(lambda line: answers.get(line[:4]), slow=b"RCPT",
+    smtp, server, _ = await pipelining_client(lambda line: answers.get(line[:4]), slow=b"RCPT",
                                      delay=0.5)
     try:
         replies = await pipelining.envelope(smtp, _group(), timeout=10, first_timeout=0.2)
@@ -309,7 +226,8 @@ async def test_the_first_reply_deadline_ends_with_the_first_reply() -> None:
 async def test_a_reply_too_long_ends_the_connection_at_once() -> None:
     # An endless line: the client stops reading at aiosmtplib's limit, not at the timeout.
     junk = b"250-" + b"x" * (MAX_RESPONSE_LENGTH + 100)
-    smtp, server, _ = await _connect(lambda line: junk if line.startswith(b"MAIL") else None)
+    smtp, server, _ = await pipelining_client(
+        lambda line: junk if line.startswith(b"MAIL") else None)
     try:
         with pytest.raises(aiosmtplib.SMTPServerDisconnected, match="unreadable reply"):
             await asyncio.wait_for(pipelining.envelope(smtp, _group(), timeout=30), 5)
@@ -320,7 +238,7 @@ async def test_a_reply_too_long_ends_the_connection_at_once() -> None:
 
 
 async def test_the_message_is_sent_with_crlf_line_endings_and_dot_stuffed() -> None:
-    smtp, server, got = await _connect(lambda line: b"250 queued\r\n"
+    smtp, server, got = await pipelining_client(lambda line: b"250 queued\r\n"
                                        if line == b".\r\n" else None)
     try:
         before = len(got)

@@ -63,11 +63,13 @@ class World:
         return self.node
 
     async def submit(self, rcpts: list[str], body: bytes | None = None,
-                     sender: str = "app@sender.test", n: int = 0) -> str:
+                     sender: str = "app@sender.test", n: int = 0,
+                     mail_options: list[str] | None = None) -> str:
         assert self.node is not None and self.node.ingress is not None
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.node.ingress.port)
         await smtp.connect()
-        _, reply = await smtp.sendmail(sender, rcpts, body or message(n, 1500))
+        _, reply = await smtp.sendmail(sender, rcpts, body or message(n, 1500),
+                                       mail_options=mail_options or [])
         await smtp.quit()
         return reply.rsplit(" ", 1)[1]
 
