@@ -48,11 +48,18 @@ def _scan_lines(data: bytes, prev: bytes, carry: int, max_line: int) -> tuple[in
     last = data.rfind(b"\r\n", start)
     if last < 0:
         return carry + len(data) - start, long
-    if carry + last - start > max_line:  # otherwise no line ending here can be too long
-        lines = data.split(b"\r\n")
-        lines.pop()  # the part after the last CRLF is still open
-        long = (long or len(lines[0]) + carry - start > max_line
-                or max(map(len, lines[1:]), default=0) > max_line)
+    # From the start of each line (the first began ``carry`` bytes before this piece), the
+    # last CRLF within max_line bytes ends every line up to it: no line is too long while
+    # one is always found. Most jumps cross many lines (splitting the piece into lines cost
+    # 5% of ingress).
+    begin = start - carry
+    while not long and begin <= last:
+        lo, hi = max(begin, start), begin + max_line + 2
+        end = data.rfind(b"\r\n", lo, hi) if hi - lo >= 2 else -1  # (hi may be < 0)
+        if end < 0:
+            long = True
+        else:
+            begin = end + 2
     return len(data) - last - 2, long
 
 
