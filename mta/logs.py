@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import TextIO
 
 import structlog
@@ -72,6 +73,25 @@ class LineWriter:
     msg = warning = warn = error = err = critical = fatal = exception = failure = now
 
 
+class _Stamper:
+    """structlog's ISO-8601 UTC ``timestamp`` (``2026-12-01T11:04:08.367064Z``), the date and
+    time of day formatted once per second instead of per line (a fifth of a line's cost)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: object, _name: str, event: dict[str, object]
+                 ) -> dict[str, object]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
     """Configure structlog (and stdlib logging of libraries) for the daemon."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -88,7 +108,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Stamper(),
         structlog.processors.format_exc_info if json_out else structlog.dev.set_exc_info,
         renderer,
     ]

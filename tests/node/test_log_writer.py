@@ -1,15 +1,18 @@
 """The log writer (mta/logs.py LineWriter): info lines logged on the event loop go out
 together at the end of the loop's turn, in order; a warning or worse, a line from another
 thread, or one with no loop running goes out at once, never ahead of lines logged before it
-on the same loop."""
+on the same loop. And the lines' timestamp (``_Stamper``): ISO 8601, UTC, microseconds."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
+import re
 import threading
+import time
 
-from mta.logs import LineWriter
+from mta.logs import LineWriter, _Stamper
 
 
 class _File(io.StringIO):
@@ -67,3 +70,18 @@ def test_without_a_loop_every_line_goes_at_once() -> None:
     writer.info("a")
     writer.info("b")
     assert out.writes == ["a\n", "b\n"]
+
+
+def test_the_timestamp_is_iso_8601_utc_with_microseconds_and_follows_the_clock() -> None:
+    stamp = _Stamper()
+    seen = []
+    for _ in range(3):
+        before = time.time()
+        text = stamp(None, "info", {})["timestamp"]
+        after = time.time()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(text)), text
+        at = datetime.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.UTC).timestamp()
+        assert before - 1e-6 <= at <= after + 1e-6
+        seen.append(text)
+    assert seen == sorted(seen)
