@@ -222,7 +222,9 @@ async def _exchange(smtp: aiosmtplib.SMTP, data: bytes, replies: int, timeout: f
         smtp.close()
         raise aiosmtplib.SMTPServerDisconnected(
             f"unreadable reply: {exc.message[:200]}") from None
-    if len(out) < replies or any(r.code == _DOMAIN_UNAVAILABLE for r in out):
+    if out[-1].code == _DOMAIN_UNAVAILABLE:
+        # Collecting stops at a 421 (it is always the last reply, and the only reason for
+        # fewer replies than commands): the connection ends, the rest of the group is that.
         smtp.close()
         return out + [out[-1]] * (replies - len(out))
     if protocol.unsolicited:

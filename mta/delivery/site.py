@@ -284,8 +284,11 @@ class _ReplyWatch:
         self._site = site
         self._job = job
         self.stalled = False
-        self._timer = asyncio.get_running_loop().call_later(
-            site.limits.stall_timeout, self._stall)
+        self._timer = self._arm()
+
+    def _arm(self) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(self._site.limits.stall_timeout,
+                                                     self._stall)
 
     def _stall(self) -> None:
         self.stalled = True
@@ -294,12 +297,8 @@ class _ReplyWatch:
     def progress(self) -> None:
         """A reply of a pipelined group came: the wait for the next one starts afresh, as
         each command's does one at a time (a group is not stalled for being long)."""
-        self._timer.cancel()
-        if self.stalled:
-            self.stalled = False
-            self._site.stalled -= 1
-        self._timer = asyncio.get_running_loop().call_later(
-            self._site.limits.stall_timeout, self._stall)
+        self.__exit__()
+        self._timer = self._arm()
 
     def __enter__(self) -> _ReplyWatch:
         return self
@@ -989,18 +988,8 @@ class Site:
         in_data = data.code == 354
         if mail.code != 250:
             await _end_transaction(smtp, in_data)
-            if self._blocked_by(mail.code, mail.message, (job.sender,)):
-                raise self._block_error()  # nothing tried: another source may
-            self._note_reply(mail.code)
-            return _refused(mail.code, mail.message, remote)
-        accepted = []
-        for i, reply in zip(sent, rcpts, strict=True):
-            if reply.code in (250, 251):
-                accepted.append(i)
-            else:
-                rcpt = job.recipients[i]
-                results[i] = self._refusal(aiosmtplib.SMTPRecipientRefused(
-                    reply.code, reply.message, rcpt), remote, (job.sender, rcpt))
+            return self._mail_refused(job, mail.code, mail.message, remote)
+        accepted = self._rcpt_replies(job, remote, sent, rcpts, results)
         if in_data and accepted:
             return None
         await _end_transaction(smtp, in_data)
@@ -1016,17 +1005,34 @@ class Site:
         refused MAIL is every recipient's result (or a block); refused RCPTs count (a
         block, a back-off) and the loss defers the job (None)."""
         if received and received[0].code != 250:
-            mail = received[0]
-            if self._blocked_by(mail.code, mail.message, (job.sender,)):
-                raise self._block_error()
-            self._note_reply(mail.code)
-            return _refused(mail.code, mail.message, remote)
-        for i, reply in zip(sent, received[1:], strict=False):
-            if reply.code not in (250, 251):
-                rcpt = job.recipients[i]
-                self._refusal(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt),
-                              remote, (job.sender, rcpt))
+            return self._mail_refused(job, received[0].code, received[0].message, remote)
+        # Judged for what they tell about the site (a block, a back-off); the job is deferred.
+        self._rcpt_replies(job, remote, sent, received[1:], [None] * len(job.recipients))
         return None
+
+    def _mail_refused(self, job: Job, code: int, text: str, remote: str) -> RecipientResult:
+        """A refused MAIL: every recipient's result; raises the block error if the reply
+        blocks this source (nothing was tried: another source may take the job)."""
+        if self._blocked_by(code, text, (job.sender,)):
+            raise self._block_error()
+        self._note_reply(code)
+        return _refused(code, text, remote)
+
+    def _rcpt_replies(self, job: Job, remote: str, sent: list[int],
+                      replies: list[aiosmtplib.SMTPResponse],
+                      results: list[RecipientResult | None]) -> list[int]:
+        """Judge the RCPT replies of a group (``sent``: their recipients' indexes, in order;
+        fewer replies when the connection failed): refusals go to ``results``; returns the
+        indexes accepted."""
+        accepted = []
+        for i, reply in zip(sent, replies, strict=False):
+            if reply.code in (250, 251):
+                accepted.append(i)
+            else:
+                rcpt = job.recipients[i]
+                results[i] = self._refusal(aiosmtplib.SMTPRecipientRefused(
+                    reply.code, reply.message, rcpt), remote, (job.sender, rcpt))
+        return accepted
 
     def _accepted(self, reply: aiosmtplib.SMTPResponse, remote: str) -> RecipientResult:
         self.backoff.on_success()
@@ -1108,17 +1114,16 @@ class Site:
                                          else self.limits.command_timeout))
         except aiosmtplib.SMTPResponseException as exc:
             await _rset(smtp)
-            if self._blocked_by(exc.code, exc.message, (job.sender,)):
-                raise self._block_error() from None  # nothing tried: another source may
-            self._note_reply(exc.code)
-            return _refused(exc.code, exc.message, remote)
+            refused = exc.code, exc.message
         except ValueError as exc:  # refused by aiosmtplib itself: nothing was sent
             return _bad_sender(str(exc))
         except _LOST as exc:
             if reused:
                 raise _StaleConnection(f"MAIL: {describe(exc)}") from None
             raise
-        return None
+        else:
+            return None
+        return self._mail_refused(job, *refused, remote)  # out of the except: no chained cause
 
     async def _rcpts(self, smtp: aiosmtplib.SMTP, job: Job, remote: str, encoding: str,
                      results: list[RecipientResult | None]) -> list[int]:
