@@ -101,9 +101,15 @@ def stop_node(node: subprocess.Popen[bytes], log: Any) -> None:
     log.close()
 
 
+def stat_fields(stat: Path) -> list[str]:
+    """A ``/proc/<pid>/stat`` file's fields after the command name (state, ppid, ...; utime
+    and stime at 11 and 12, the reaped children's at 13 and 14, in clock ticks)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

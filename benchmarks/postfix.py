@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from benchmarks.common import stat_fields
+
 __all__ = ["PrivatePostfix", "postfix_missing"]
 
 
@@ -118,12 +120,12 @@ class PrivatePostfix:
         # twice (a few ms), never missed.
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                fields = stat_fields(stat)
             except (OSError, IndexError):
                 continue  # gone meanwhile
             if int(fields[1]) == master:  # ppid
                 total += int(fields[11]) + int(fields[12])
-        fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(Path(f"/proc/{master}/stat"))
         # utime, stime, and the reaped children's cutime, cstime
         total += sum(int(f) for f in fields[11:15])
         return total / os.sysconf("SC_CLK_TCK")
