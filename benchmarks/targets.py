@@ -172,11 +172,8 @@ def target(name: str, concurrency: int, relay: tuple[str, int] | None = None,
             return
         if name in ("mta-x2", "mta-dkim-x2"):
             signing = dkim_section(work) if name == "mta-dkim-x2" else ""
-            with standalone_processes(work, concurrency, relay, delivery, log_level,
+            with standalone_processes(name, work, concurrency, relay, delivery, log_level,
                                       shards, signing) as handle:
-                handle.name = name
-                if signing:
-                    handle.facts["dkim_rsa_bits"] = 2048
                 yield handle
             return
         smtp_port, admin_port = free_port(), free_port()
@@ -270,18 +267,19 @@ def replicated(work: Path, concurrency: int, relay: tuple[str, int] | None, deli
 
 
 @contextmanager
-def standalone_processes(work: Path, concurrency: int, relay: tuple[str, int] | None,
-                         delivery: str, log_level: str, shards: int, extra: str = ""
-                         ) -> Iterator[Handle]:
+def standalone_processes(name: str, work: Path, concurrency: int,
+                         relay: tuple[str, int] | None, delivery: str, log_level: str,
+                         shards: int, signing: str = "") -> Iterator[Handle]:
     """``STANDALONE_PROCESSES`` standalone nodes behind one SMTP port (SO_REUSEPORT), each
-    its own spool (and accounting log) under ``work/n<i>``; ``extra``: more TOML for each."""
+    its own spool (and accounting log) under ``work/n<i>``; ``signing``: a ``[dkim]``
+    section for each (``dkim_section``), or none."""
     port = free_port()
     with ExitStack() as stack:
         nodes, admin_ports = _sharing_one_port(
             stack, work, port, STANDALONE_PROCESSES, concurrency, log_level,
-            lambda node_dir: node_sections(node_dir, _delivery(relay, delivery), shards) + extra)
-        yield Handle("mta-x2", port, work, admin_ports[0], nodes[0][0].pid, admin_ports,
-                     [n.pid for n, _ in nodes])
+            lambda node_dir: node_sections(node_dir, _delivery(relay, delivery), shards) + signing)
+        yield Handle(name, port, work, admin_ports[0], nodes[0][0].pid, admin_ports,
+                     [n.pid for n, _ in nodes], {"dkim_rsa_bits": 2048} if signing else {})
 
 
 def _sharing_one_port(stack: ExitStack, work: Path, port: int, count: int, concurrency: int,
