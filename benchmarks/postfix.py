@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import stat_fields
+from benchmarks.common import cpu_seconds
 
 __all__ = ["PrivatePostfix", "postfix_missing"]
 
@@ -115,20 +115,7 @@ class PrivatePostfix:
         (smtpd, cleanup, qmgr, smtp, ...) and every daemon that has exited (the master
         reaps them, so theirs is in its children's times). Read from /proc."""
         master = int((self.work / "queue" / "pid" / "master.pid").read_text().split()[0])
-        total = 0.0
-        # The live children first: one that exits between the two reads is then counted
-        # twice (a few ms), never missed.
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat_fields(stat)
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            if int(fields[1]) == master:  # ppid
-                total += int(fields[11]) + int(fields[12])
-        fields = stat_fields(Path(f"/proc/{master}/stat"))
-        # utime, stime, and the reaped children's cutime, cstime
-        total += sum(int(f) for f in fields[11:15])
-        return total / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(master)
 
     def queued(self) -> int:
         """Messages in its queue (every queue directory)."""

@@ -137,6 +137,14 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _count_or_auto(value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise _Invalid(f'expected "auto" or a count of 0 to 64, got {value!r}')
+    return value
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Invalid(f"expected an integer of 0 or more, got {value!r}")
@@ -820,6 +828,8 @@ class DkimConfig:
     oversign: tuple[str, ...] = _opt(_header_names, DEFAULT_OVERSIGN)
     expire: float = _opt(_duration_or_off, 0.0)  # the signature's x= after this long; 0: none
     domains: dict[str, DkimDomain] = _opt(_dkim_domains, dict)  # noqa: RUF009
+    # Child processes that sign (off the event loop's GIL); 0: threads of the node itself.
+    processes: int | str = _opt(_count_or_auto, "auto")
 
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -128,6 +128,8 @@ class Node:
             DeliveryEngine(cfg, self.spool, self.coordinator, self.metrics, self.accounting)
             if cfg.delivery.enabled else None)
         self.ingress: IngressServer | None = None
+        self._signer: Signer | None = None  # DKIM: the ingress's, closed at the stop
+        self._retiring: set[asyncio.Task[None]] = set()  # signers replaced by a reload
         self.admin = None
         self.fenced = False
         # [spool] replicas > 1: this node's copies of other nodes' shards and the owner side
@@ -182,6 +184,7 @@ class Node:
         tls = _load_tls(cfg)
         signer = _load_signer(cfg)
         stack.push_async_callback(self._close_admin)
+        await self._start_signer(stack, signer)
         try:
             await self.spool.start()
         except OSError as exc:
@@ -304,6 +307,29 @@ class Node:
         # The slo loop was cancelled first; its final count comes now that every line
         # (those of attempts that settled during the stop too) is in the accounting log.
         await self.slo.stop()
+
+    async def _start_signer(self, stack: contextlib.AsyncExitStack,
+                            signer: Signer | None) -> None:
+        # Whichever signer is current at the stop (a reload replaces it) is closed, after
+        # the sessions have drained.
+        stack.push_async_callback(self._close_signer)
+        self._signer = signer
+        if signer is not None:
+            try:
+                await signer.start()
+            except OSError as exc:
+                raise StartupError(f"{self.cfg.source}: [dkim] processes: cannot start a "
+                                   f"signing process: {exc.strerror or exc}") from None
+
+    async def _close_signer(self) -> None:
+        await asyncio.gather(*self._retiring)
+        if self._signer is not None:
+            await self._signer.aclose()
+
+    def _retire(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _close_admin(self) -> None:
         if self.admin is not None:
@@ -465,7 +491,12 @@ class Node:
         restart_needed = needs_restart(self.cfg, cfg)
         self.ingress.users = users
         self.ingress.tls = tls
+        old_signer, self._signer = self._signer, signer
         self.ingress.signer = signer
+        if old_signer is not None:
+            # Its processes end once the signatures already asked of them are made; the
+            # new signer starts its own on first use.
+            self._retire(old_signer.aclose())
         self.ingress.tenants = cfg.tenants
         if self.engine is not None:
             self.engine.reload(cfg)

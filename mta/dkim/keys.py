@@ -13,7 +13,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-__all__ = ["ALGORITHMS", "DkimKeyError", "SigningKey", "load_key", "txt_strings"]
+__all__ = ["ALGORITHMS", "DkimKeyError", "SigningKey", "key_from_pem", "load_key", "txt_strings"]
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 RSA_BITS = (1024, 4096)
@@ -44,6 +44,13 @@ class SigningKey:
         # RFC 8463: Ed25519 over the SHA-256 hash of the canonical headers.
         return self.private.sign(hashlib.sha256(data).digest())
 
+    def pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM: for a signing process of this node
+        only (over a pipe), never for a log or an API."""
+        return self.private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+
     def dns_record(self, domain: str) -> tuple[str, str]:
         """(name, TXT value) to publish: ``selector._domainkey.domain`` and ``v=DKIM1; ...``."""
         public = self.private.public_key()
@@ -71,6 +78,11 @@ def load_key(path: str, selector: str, algorithm: str) -> SigningKey:
             data = fh.read(64 * 1024)
     except OSError as exc:
         raise DkimKeyError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return key_from_pem(data, path, selector, algorithm)
+
+
+def key_from_pem(data: bytes, path: str, selector: str, algorithm: str) -> SigningKey:
+    """The key in ``data`` (PEM, read from ``path``), checked against ``algorithm``."""
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import concurrent.futures
 import hashlib
+import os
 import re
 import time
 from collections import Counter
@@ -15,11 +16,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mta.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN
 from mta.dkim.canon import HeaderField, relaxed_body, relaxed_header, split_message
-from mta.dkim.keys import SigningKey, load_key
+from mta.dkim.errors import Unsignable
+from mta.dkim.keys import SigningKey, key_from_pem, load_key
+from mta.dkim.pool import SigningPool
 
 if TYPE_CHECKING:
     from mta.config import DkimConfig
@@ -52,16 +55,15 @@ def build_signer(cfg: DkimConfig) -> Signer | None:
             keys.append(load_key(entry.dual.key, entry.dual.selector, entry.dual.algorithm))
         domains[name] = DomainKeys(tuple(keys), entry.signing_domain)
     return Signer(domains, headers=cfg.headers, oversign=cfg.oversign, expire=cfg.expire,
-                  required=cfg.required)
+                  required=cfg.required, processes=signing_processes(cfg.processes))
 
 
-class Unsignable(Exception):
-    """The message cannot be signed under the policy: ``permanent`` (no key for its From:
-    domain while signing is required, no usable From:) or not (signing failed)."""
-
-    def __init__(self, detail: str, *, permanent: bool) -> None:
-        super().__init__(detail)
-        self.permanent = permanent
+def signing_processes(setting: int | str) -> int:
+    """``[dkim] processes``: a count, or ``auto``: half the cores, at least 1 and at most 4
+    (each signs about 3,000 messages a second: more than one node's event loop feeds it)."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 @dataclass(frozen=True)
@@ -79,14 +81,48 @@ class Signer:
     def __init__(self, domains: Mapping[str, DomainKeys], *,
                  headers: Sequence[str] = DEFAULT_HEADERS,
                  oversign: Iterable[str] = DEFAULT_OVERSIGN, expire: float = 0.0,
-                 required: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 required: bool = False, clock: Callable[[], float] = time.time,
+                 processes: int = 0) -> None:
         self.domains = {d.lower().rstrip("."): v for d, v in domains.items()}
         self.headers = tuple(h.lower() for h in headers)
         self.oversign = {h.lower() for h in oversign}
         self.expire = expire
         self.required = required
         self.clock = clock
+        self.processes = processes  # 0: signed in threads of this process
         self._batches = _Batches(self.sign)
+        self._pool: SigningPool | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """What a signing process needs to build this signer (key material included: for
+        this node's own child processes only)."""
+        return {"headers": list(self.headers), "oversign": sorted(self.oversign),
+                "expire": self.expire, "required": self.required,
+                "domains": {name: [entry.signing_domain,
+                                   [[k.selector, k.algorithm, k.path, k.pem()]
+                                    for k in entry.keys]]
+                            for name, entry in self.domains.items()}}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Signer:
+        """The signer :meth:`spec` describes, signing in the calling process."""
+        domains = {name: DomainKeys(tuple(key_from_pem(pem, path, selector, algorithm)
+                                          for selector, algorithm, path, pem in keys), d)
+                   for name, (d, keys) in spec["domains"].items()}
+        return cls(domains, headers=spec["headers"], oversign=spec["oversign"],
+                   expire=spec["expire"], required=spec["required"])
+
+    async def start(self) -> None:
+        """Start the signing processes (when it has any); raises OSError."""
+        if self.processes and self._pool is None:
+            self._pool = SigningPool(self.spec(), self.processes)
+        if self._pool is not None:
+            await self._pool.start()
+
+    async def aclose(self) -> None:
+        """End the signing processes once what they were sent is signed."""
+        if self._pool is not None:
+            await self._pool.aclose()
 
     def keys_for(self, domain: str) -> DomainKeys | None:
         """The entry for ``domain`` (an A-label name): its own, else the nearest
@@ -104,6 +140,12 @@ class Signer:
         """``message`` with its line endings made CRLF (what delivery sends) and its
         DKIM-Signature fields prepended; only the line endings change when its From: domain
         has no key and signing is not required."""
+        signatures, message = self.signatures(message)
+        return signatures + message if signatures else message
+
+    def signatures(self, message: bytes) -> tuple[bytes, bytes]:
+        """(the DKIM-Signature fields to prepend, ``message`` with CRLF line endings: the
+        very object passed in when its line endings were all CRLF already)."""
         message = _crlf(message)
         head = message.find(b"\r\n\r\n")
         if head > _MAX_HEADER or (head < 0 and len(message) > _MAX_HEADER):
@@ -111,13 +153,13 @@ class Signer:
             if self.required:
                 raise Unsignable(f"header section larger than {_MAX_HEADER // 1024} KiB: "
                                  "not signed (DKIM signing is required)", permanent=True)
-            return message
+            return b"", message
         fields, body = split_message(message)
         domain = _from_domain(fields)
         entry = self.keys_for(domain) if domain else None
         if entry is None:
             if not self.required:
-                return message
+                return b"", message
             if domain is None:
                 raise Unsignable("no single From: domain to sign for (DKIM signing is "
                                  "required)", permanent=True)
@@ -130,16 +172,26 @@ class Signer:
             signatures = [self._signature(fields, key, d, bh, now) for key in entry.keys]
         except (ValueError, TypeError) as exc:  # a key the crypto library refuses
             raise Unsignable(f"signing failed: {exc}", permanent=False) from None
-        return b"".join(signatures) + message
+        return b"".join(signatures), message
 
     async def sign_async(self, message: bytes) -> bytes:
-        """:meth:`sign` in a worker thread: an RSA signature costs as much CPU as the rest
-        of a submission, and the crypto library lets the event loop run meanwhile. Large
-        messages (whose body hash takes long) have a pool of their own, so a few of them
-        never hold up the ordinary ones; the others go in batches (see _Batches)."""
+        """:meth:`sign` off the event loop: an RSA signature costs as much CPU as the rest
+        of a submission. In the signing processes when there are any (see SigningPool),
+        else in batches to a thread pool (see _Batches). Large messages (whose body hash
+        takes long) have a thread of their own, so a few of them never hold up the
+        ordinary ones."""
         if len(message) > _LARGE:
             return await asyncio.get_running_loop().run_in_executor(
                 _pool("bulk"), self.sign, message)
+        if self.processes:
+            if self._pool is None or not self._pool.started:
+                try:
+                    await self.start()
+                except OSError as exc:
+                    raise Unsignable(f"cannot start a DKIM signing process: "
+                                     f"{exc.strerror or exc}", permanent=False) from None
+            assert self._pool is not None
+            return await self._pool.sign(message)
         return await self._batches.submit(message)
 
     def _signature(self, fields: list[HeaderField], key: SigningKey, d: str, bh: str,

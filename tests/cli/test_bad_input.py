@@ -40,6 +40,7 @@ ACCEPTED_BY_PARSER: dict[str, set[int]] = {
     "parse_size": {11, 17},  # positive integers, or digits with a unit
     "_positive_int": {11},
     "_non_negative_int": {10},
+    "_count_or_auto": {10},  # "auto", or 0 to 64
     "_ratio": {10},  # 0 to 1
     "_optional_rate": {6},  # "" (none); a rate is "N/unit"
     "_optional_hostport": {6},  # "" (none)

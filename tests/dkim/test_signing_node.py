@@ -16,6 +16,7 @@ import pytest
 from harness.dns import DNSServer
 from harness.poll import wait_until
 from tests.support.dkim import dkim_zone, signatures_verify, write_key
+from tests.support.procs import alive
 from tests.support.world import World
 
 HEAD = (b"From: News <news@example.org>\r\nTo: Bob <bob@dest.test>\r\n"
@@ -124,3 +125,23 @@ async def test_reload_keeps_the_old_key_when_the_new_one_is_unreadable(
     await wait_until(lambda: len(sink.messages) == 2, 10, "delivered")
     assert signatures_verify(sink.messages[1].content, dns) == [True, True]
     assert signatures_verify(sink.messages[0].content, dns) == [False, True], "old RSA key"
+
+
+async def test_the_node_signs_in_its_own_processes_and_ends_them(
+        world: World, tmp_path: Path) -> None:
+    dns, sink = await start(world, tmp_path)
+    node = world.node
+    assert node is not None and node._signer is not None and node._signer._pool is not None
+    first = node._signer._pool.pids
+    assert first and all(alive(p) for p in first)
+    # A reload builds a new signer: its processes take over, the old ones end.
+    assert node.reload()
+    await send(world, HEAD + b"\r\nafter a reload\r\n")
+    await wait_until(lambda: len(sink.messages) == 1, 10, "delivered")
+    assert signatures_verify(sink.messages[0].content, dns) == [True, True]
+    await wait_until(lambda: not any(alive(p) for p in first), 30, "the old processes' end")
+    assert node._signer._pool is not None
+    second = node._signer._pool.pids
+    assert second and not set(second) & set(first)
+    await node.stop()
+    assert not any(alive(p) for p in second), "a stopped node left a signing process"

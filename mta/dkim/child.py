@@ -1,0 +1,65 @@
+"""A signing process (``python -m mta.dkim.child``): the node writes it the signer's spec,
+then ``[seq, message]`` requests, on its stdin (msgpack); it answers each on stdout with
+``[seq, signatures, whole]`` (``whole``: the message with its line endings made CRLF, None
+when they were CRLF already) or ``[seq, None, detail, permanent]``. It ends when its stdin
+does: the node closed it, or the node died."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import msgpack
+
+from mta.dkim.errors import Unsignable
+from mta.dkim.signer import Signer
+
+__all__ = ["main"]
+
+_MAX_FRAME = 64 * 1024 * 1024  # the node sends messages up to 256 KiB here; a spec is small
+
+
+def _answer(signer: Signer, seq: int, message: bytes) -> bytes:
+    try:
+        signatures, whole = signer.signatures(message)
+    except Unsignable as exc:
+        return msgpack.packb([seq, None, str(exc), exc.permanent])
+    except Exception as exc:  # a key the crypto library refuses, or a bug: that message's
+        return msgpack.packb([seq, None, f"signing failed: {type(exc).__name__}: {exc}",
+                              False])
+    return msgpack.packb([seq, signatures, None if whole is message else whole])
+
+
+def _write_all(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+
+
+def main() -> int:
+    """Serve the node on stdin/stdout until stdin ends; 2 on a spec it cannot use."""
+    # The node stops it by closing its stdin once the last message it sent is answered: a
+    # Ctrl-C or a SIGTERM meant for the service must not cut signatures the node awaits.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_FRAME)
+    signer: Signer | None = None
+    while data := os.read(0, 1 << 20):
+        unpacker.feed(data)
+        for item in unpacker:
+            if signer is None:
+                try:
+                    signer = Signer.from_spec(item)
+                except Exception as exc:  # the node checked these keys: not expected
+                    print(f"mta.dkim.child: cannot use the signer spec: {exc}", file=sys.stderr)
+                    return 2
+                continue
+            seq, message = item
+            # One write per answer: the node reads them as they come, in batches under load.
+            _write_all(_answer(signer, seq, message))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

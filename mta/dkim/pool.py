@@ -1,0 +1,212 @@
+"""Signing processes: the node's DKIM signatures made in child processes it feeds over
+pipes, so the RSA operation and the canonicalisation run on other cores without taking the
+event loop's GIL (signing threads in the node's own process wait for it after every
+signature while the loop is busy: a third of the loop's time went to that contention)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import structlog
+
+import mta
+from mta.dkim.errors import Unsignable
+
+__all__ = ["SigningPool"]
+
+log = structlog.get_logger("mta.dkim")
+
+_MAX_FRAME = 64 * 1024 * 1024
+_QUICK_EXIT = 1.0  # seconds: a process that ends sooner is restarted only after this long
+_CLOSE_GRACE = 30.0  # seconds: signatures in flight at a stop or reload get this long
+
+
+def _child_env() -> dict[str, str]:
+    # The child imports the very tree this node runs (a source checkout, a benchmark
+    # snapshot), wherever its working directory is.
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mta.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class _Child:
+    """One signing process, the messages sent to it that await their answer, and the task
+    reading its answers."""
+
+    def __init__(self, proc: asyncio.subprocess.Process,
+                 on_exit: Callable[[_Child, int | None], None]) -> None:
+        self.proc = proc
+        self.started = time.monotonic()
+        self.waiting: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+        self.alive = True
+        self._on_exit = on_exit
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def spawn(cls, spec: bytes, on_exit: Callable[[_Child, int | None], None]) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mta.dkim.child", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=_child_env())
+        assert proc.stdin is not None
+        proc.stdin.write(spec)
+        return cls(proc, on_exit)
+
+    def send(self, items: list[tuple[int, bytes, asyncio.Future[bytes]]]) -> None:
+        """Write ``items`` (seq, message, future) in one write."""
+        assert self.proc.stdin is not None
+        frames = []
+        for seq, message, future in items:
+            self.waiting[seq] = (message, future)
+            frames.append(msgpack.packb([seq, message]))
+        self.proc.stdin.write(b"".join(frames))
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_FRAME)
+        try:
+            while data := await self.proc.stdout.read(1 << 20):
+                unpacker.feed(data)
+                for answer in unpacker:
+                    self._settle(answer)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            log.error("dkim.signing_process_garbled", pid=self.proc.pid,
+                      error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.alive = False
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # it may hang on after garbled output: not answered again
+            code = await self.proc.wait()
+            failure = Unsignable(f"the DKIM signing process (pid {self.proc.pid}) exited "
+                                 f"with code {code}", permanent=False)
+            for _, future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(failure)
+            self.waiting.clear()
+            self._on_exit(self, code)
+
+    def _settle(self, answer: list[Any]) -> None:
+        message, future = self.waiting.pop(answer[0])
+        if future.done():  # its session went away meanwhile
+            return
+        if answer[1] is None:
+            future.set_exception(Unsignable(answer[2], permanent=bool(answer[3])))
+            return
+        body = message if answer[2] is None else answer[2]
+        future.set_result(answer[1] + body if answer[1] else body)
+
+    async def stop(self) -> None:
+        """Close its stdin (it ends once it has answered all it read) and wait for it."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.reader), timeout=_CLOSE_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.reader
+
+
+class SigningPool:
+    """``count`` signing processes, each given ``spec`` (Signer.spec()); :meth:`sign`
+    returns the signed message. A process that dies fails the signatures it owed (a 4xx to
+    their clients: nothing was accepted yet) and is started again."""
+
+    def __init__(self, spec: dict[str, Any], count: int) -> None:
+        self._spec = msgpack.packb(spec)
+        self._count = count
+        self._children: list[_Child] = []
+        self._pending: list[tuple[bytes, asyncio.Future[bytes]]] = []
+        self._scheduled = False
+        self._closed = False
+        self._seq = 0
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._starting = asyncio.Lock()
+        self.started = False  # the first start has ended (later ones only replace)
+
+    @property
+    def pids(self) -> list[int]:
+        """The live processes' pids."""
+        return [c.proc.pid for c in self._children if c.alive]
+
+    async def start(self) -> None:
+        """Start the processes not running yet; raises OSError when one cannot start."""
+        async with self._starting:  # two callers at once must not start two each
+            while len(self._children) < self._count and not self._closed:
+                self._children.append(await _Child.spawn(self._spec, self._exited))
+            self.started = True
+
+    async def sign(self, message: bytes) -> bytes:
+        """``message`` signed (Signer.sign) by one of the processes; raises Unsignable."""
+        if self._closed:
+            raise Unsignable("DKIM signing is stopping", permanent=False)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending.append((message, future))
+        if not self._scheduled:
+            # Gathered over one turn of the loop: one write per process per turn.
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        live = [c for c in self._children if c.alive]
+        if not live:
+            failure = Unsignable("no DKIM signing process is running", permanent=False)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        parts: dict[int, list[tuple[int, bytes, asyncio.Future[bytes]]]] = {}
+        load = [len(c.waiting) for c in live]
+        for message, future in batch:
+            if future.done():
+                continue
+            i = load.index(min(load))  # the least busy process
+            load[i] += 1
+            self._seq += 1
+            parts.setdefault(i, []).append((self._seq, message, future))
+        for i, items in parts.items():
+            live[i].send(items)
+
+    def _exited(self, child: _Child, code: int | None) -> None:
+        with contextlib.suppress(ValueError):
+            self._children.remove(child)
+        if self._closed:
+            return
+        log.error("dkim.signing_process_exited", pid=child.proc.pid, code=code)
+        self._schedule_start(max(0.0, _QUICK_EXIT - (time.monotonic() - child.started)))
+
+    def _schedule_start(self, delay: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart(delay))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.start()
+        except OSError as exc:
+            log.error("dkim.signing_process_start_failed", error=str(exc))
+            if not self._closed:
+                self._schedule_start(_QUICK_EXIT)
+
+    async def aclose(self) -> None:
+        """Stop taking messages, let those sent be answered, then end the processes."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.sleep(0)  # a flush scheduled this turn still goes out
+        await asyncio.gather(*(c.stop() for c in list(self._children)))
+        self._children.clear()
