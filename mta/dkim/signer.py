@@ -39,6 +39,10 @@ _MAX_HEADER = 256 * 1024  # a header section larger than this is not signed
 _MAX_FROM = 4096  # a From: field longer than this names no sender we sign for
 _MAX_INSTANCES = 8  # instances of one header name signed (bottom up)
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+# ``local@domain`` or ``Display Name <local@domain>``, ASCII, no quoting, no comments.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]"
+_SIMPLE_FROM = re.compile(rf"(?:[A-Za-z0-9 !#$%&'*+/=?^_`{{|}}~.-]*<{_ATEXT}+@([A-Za-z0-9.-]+)>"
+                          rf"|{_ATEXT}+@([A-Za-z0-9.-]+))")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
                        r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
 
@@ -304,6 +308,16 @@ def _from_domain(fields: list[HeaderField]) -> str | None:
     if len(froms) != 1 or len(froms[0].raw) > _MAX_FROM:
         return None
     value = froms[0].value().decode("utf-8", "replace")
+    if simple := _SIMPLE_FROM.fullmatch(value):
+        # The common form, read without the stdlib's address parser (a twentieth of the
+        # signing process's time): the same answer, tested against it.
+        domain = (simple[1] or simple[2]).lower().rstrip(".")
+        return domain if _HOSTNAME.fullmatch(domain) else None
+    return _parsed_from_domain(value)
+
+
+def _parsed_from_domain(value: str) -> str | None:
+    """:func:`_from_domain` of any From: value, by the stdlib's address parser."""
     try:
         domains = {addr.rpartition("@")[2].strip().lower().rstrip(".")
                    for _, addr in getaddresses([value]) if "@" in addr}
@@ -321,8 +335,8 @@ def _from_domain(fields: list[HeaderField]) -> str | None:
 def _crlf(message: bytes) -> bytes:
     """Bare CR and bare LF made CRLF, as delivery sends them (the bytes signed must be
     the bytes that arrive)."""
-    rest = message.replace(b"\r\n", b"")
-    if b"\r" not in rest and b"\n" not in rest:
+    crlf = message.count(b"\r\n")  # counted, not copied: most messages are all CRLF
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
         return message
     return _LINE_END.sub(b"\r\n", message)
 

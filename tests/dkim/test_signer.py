@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.dns import DNSServer
+from mta.dkim import signer as signer_module
+from mta.dkim.canon import HeaderField
 from mta.dkim.keys import DkimKeyError, SigningKey, load_key
 from mta.dkim.signer import DomainKeys, Signer, Unsignable
 from tests.support.dkim import WEAK_RSA_512, dkim_zone, signatures_verify, write_key
@@ -238,3 +241,31 @@ async def test_concurrent_submissions_each_get_their_own_signature_or_refusal(
     await asyncio.sleep(0)
     first.cancel()
     assert (await second).endswith(bodies[2])
+
+
+def test_the_quick_from_reading_agrees_with_the_address_parser() -> None:
+    # From: values read by the quick pattern must give what the stdlib parser gives; the
+    # corpus mixes the common forms with near misses that must go to the parser.
+    rng = random.Random(20261201)
+    atoms = ["alice", "a.b", "x+tag", "o'neil", "a_b-c", "", " ", ".", "@", "<", ">", '"',
+             "(c)", ",", ";", ":", "\\", "ü", "Alice Smith", "a@b", "[1.2.3.4]", "example.org",
+             "EXAMPLE.ORG.", "xn--bcher-kva.example", "-bad-.example", "a..b", "1.2.3.4"]
+    values = ["alice@example.org", "Alice <alice@example.org>", "<alice@example.org>",
+              "Alice Smith <a.b+c@Sub.Example.ORG.>", "a@b@c.org", "Alice <a@b.org",
+              "a@b.org>", "a@-x.org", "a@x..org", "\"Q\" <a@b.org>", "a@b.org, c@d.org",
+              "Büro <a@b.org>", "a@bücher.example"]
+    for _ in range(20000):
+        parts = [rng.choice(atoms) for _ in range(rng.randint(1, 6))]
+        joiner = rng.choice(["", " ", "@", "<", ">"])
+        values.append(joiner.join(parts))
+        values.append(f"{rng.choice(atoms)} <{rng.choice(atoms)}@{rng.choice(atoms)}>")
+        values.append(f"{rng.choice(atoms)}@{rng.choice(atoms)}")
+    quick = 0
+    for value in values:
+        if signer_module._SIMPLE_FROM.fullmatch(value) is None:
+            continue
+        quick += 1
+        field = HeaderField(b"From: " + value.encode())
+        assert signer_module._from_domain([field]) == signer_module._parsed_from_domain(
+            value), value
+    assert quick > 3000, "the corpus must exercise the quick reading"
