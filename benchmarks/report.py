@@ -328,7 +328,8 @@ SECTIONS: dict[str, Data] = {
         "title": "Ingress: durable accept (`250` only after fdatasync)",
         "how": "`python -m benchmarks ingress`: msg/s from the common start to the last "
                "`250`; latency from the final dot to the `250` (includes the group commit); CPU: "
-               "every thread of our node, or every process of Postfix's (the exited ones "
+               "every thread of our node and its DKIM signing processes, or every process of "
+               "Postfix's (the exited ones "
                "from its master's children's times), from /proc, over the run.",
         "cols": [("target", label("target")), ("sessions", label("concurrency")),
                  ("load", lambda r, g: load_desc(r["params"])),
@@ -546,8 +547,9 @@ def _dkim_facts(r: Data, relay: bool) -> list[str]:
             f"{cost['body_canon_us']:,.0f}, the rest (header fields, h=, base64, folding) "
             f"{cost['other_us']:,.0f}"
             + (f"; the node's other {c1 - c0 - cost['sign_us']:,.0f} us per signed message are "
-               "spent outside the signer (most likely handing each message to a signing "
-               "thread and back, and those threads contending with the event loop for the GIL)"
+               "spent outside the signer: handing each message to the signer and back (a "
+               "signing process since 7944302, threads that contended with the event loop for "
+               "the GIL before), and storing and sending the larger message"
                if c1 is not None and c0 is not None else ""))
     return [("Relay: " if relay else "Ingress: ") + "; ".join(facts) + ".", ""] if facts else []
 
@@ -563,8 +565,9 @@ def dkim_section(by: dict[str, list[Data]]) -> list[str]:
            "messages the sink received with a `DKIM-Signature` and verify the first one's "
            "signature (dkimpy, the run's public key); ingress runs count the signatures in the "
            "spool. A run where any message went unsigned stops the scenario. Postfix relays "
-           "unsigned. *Node CPU* is user + system of the node process (every thread) from "
-           "`/proc`, over the run, per message (relay: reception and delivery).", ""]
+           "unsigned. *Node CPU* is user + system of the node process (every thread) and of its "
+           "child processes (the DKIM signing processes, `[dkim] processes`) from `/proc`, "
+           "over the run, per message (relay: reception and delivery).", ""]
     relay = next((r for r in reversed(by.get("relay", []))
                   if _has(r, "mta-dkim") and standard(r)), None)
     ingress = next((r for r in reversed(by.get("ingress", []))

@@ -19,6 +19,7 @@ from mta.accounting import AccountingLog
 from mta.config import Config, ConfigError, Secret, load_config
 from mta.coordinator import Coordinator, LocalCoordinator, Replication
 from mta.delivery.engine import DeliveryEngine
+from mta.dkim.errors import SigningStartError
 from mta.dkim.keys import DkimKeyError
 from mta.dkim.signer import Signer, build_signer
 from mta.envelope import Envelope
@@ -317,9 +318,8 @@ class Node:
         if signer is not None:
             try:
                 await signer.start()
-            except OSError as exc:
-                raise StartupError(f"{self.cfg.source}: [dkim] processes: cannot start a "
-                                   f"signing process: {exc.strerror or exc}") from None
+            except SigningStartError as exc:
+                raise StartupError(f"{self.cfg.source}: [dkim] processes: {exc}") from None
 
     async def _close_signer(self) -> None:
         await asyncio.gather(*self._retiring)

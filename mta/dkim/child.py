@@ -1,8 +1,9 @@
 """A signing process (``python -m mta.dkim.child``): the node writes it the signer's spec,
-then ``[seq, message]`` requests, on its stdin (msgpack); it answers each on stdout with
-``[seq, signatures, whole]`` (``whole``: the message with its line endings made CRLF, None
-when they were CRLF already) or ``[seq, None, detail, permanent]``. It ends when its stdin
-does: the node closed it, or the node died."""
+then ``[seq, message]`` requests, on its stdin (msgpack). It writes ``READY`` once it has
+built its signer, then answers each request on stdout with ``[seq, signatures, whole]``
+(``whole``: the message with its line endings made CRLF, None when they were CRLF already)
+or ``[seq, None, detail, permanent]``. It ends when its stdin does: the node closed it, or
+the node died."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import msgpack
 
 from mta.dkim.errors import Unsignable
+from mta.dkim.pool import PROTOCOL, READY
 from mta.dkim.signer import Signer
 
 __all__ = ["main"]
@@ -44,6 +46,9 @@ def main() -> int:
     # Ctrl-C or a SIGTERM meant for the service must not cut signatures the node awaits.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # Nothing of the node's but the pipes: uvloop's subprocesses keep the descriptors the
+    # node has as inheritable (asyncio's close them), e.g. ones it inherited itself.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_FRAME)
     signer: Signer | None = None
     answers: list[bytes] = []
@@ -51,11 +56,19 @@ def main() -> int:
         unpacker.feed(data)
         for item in unpacker:
             if signer is None:
+                if not isinstance(item, dict) or item.get("protocol") != PROTOCOL:
+                    # An upgrade replaced the code under a running node: only a restart of
+                    # the node brings the two back together.
+                    theirs = item.get("protocol") if isinstance(item, dict) else None
+                    print(f"mta.dkim.child: the node speaks protocol {theirs!r}, this code "
+                          f"{PROTOCOL}: restart the node after an upgrade", file=sys.stderr)
+                    return 2
                 try:
                     signer = Signer.from_spec(item)
                 except Exception as exc:  # the node checked these keys: not expected
                     print(f"mta.dkim.child: cannot use the signer spec: {exc}", file=sys.stderr)
                     return 2
+                _write_all(READY)
                 continue
             seq, message = item
             answers.append(_answer(signer, seq, message))

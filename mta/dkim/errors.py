@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Unsignable"]
+__all__ = ["SigningStartError", "Unsignable"]
 
 
 class Unsignable(Exception):
@@ -12,3 +12,7 @@ class Unsignable(Exception):
     def __init__(self, detail: str, *, permanent: bool) -> None:
         super().__init__(detail)
         self.permanent = permanent
+
+
+class SigningStartError(Exception):
+    """A DKIM signing process could not be started, or ended before it was ready."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mta.dkim import DEFAULT_HEADERS, DEFAULT_OVERSIGN
 from mta.dkim.canon import HeaderField, relaxed_body, relaxed_header, split_message
-from mta.dkim.errors import Unsignable
+from mta.dkim.errors import SigningStartError, Unsignable
 from mta.dkim.keys import SigningKey, key_from_pem, load_key
 from mta.dkim.pool import SigningPool
 
@@ -117,7 +117,7 @@ class Signer:
                    expire=spec["expire"], required=spec["required"])
 
     async def start(self) -> None:
-        """Start the signing processes (when it has any); raises OSError."""
+        """Start the signing processes (when it has any); raises SigningStartError."""
         if self.processes and self._pool is None:
             self._pool = SigningPool(self.spec(), self.processes)
         if self._pool is not None:
@@ -191,9 +191,8 @@ class Signer:
             if self._pool is None or not self._pool.started:
                 try:
                     await self.start()
-                except OSError as exc:
-                    raise Unsignable(f"cannot start a DKIM signing process: "
-                                     f"{exc.strerror or exc}", permanent=False) from None
+                except SigningStartError as exc:
+                    raise Unsignable(str(exc), permanent=False) from None
             assert self._pool is not None
             return await self._pool.sign(message)
         return await self._batches.submit(message)

@@ -325,7 +325,10 @@ class OwnerReplica:
             if node in members or not view.connected or view.copy_id is None:
                 continue
             if placed and node not in placed:
-                continue  # streamed to until the placement's change reaches us: not added
+                # Streamed to until the placement's change reaches us: not added, and a join
+                # it had begun is off (acknowledgements must not wait for it any more).
+                view.joining = None
+                continue
             fresh = now - view.last_seen <= self.replica_timeout
             # It has everything acknowledged so far, and from the proposal on its acks are
             # required: when the change commits it holds every acknowledged record.
@@ -365,7 +368,11 @@ class OwnerReplica:
         return self.proposed
 
     def forget(self, node: str) -> None:
-        """``node`` is no longer streamed to (the placement dropped it and it is no member)."""
+        """``node`` is no longer streamed to (the placement dropped it and it is no member):
+        a join it had begun is abandoned, since no ack of it will come."""
+        view = self.followers.get(node)
+        if view is not None:
+            view.joining = None
         if node not in self._required():
             self.followers.pop(node, None)
 

@@ -342,3 +342,34 @@ def test_forget_keeps_a_member_and_it_is_not_taken_for_silent() -> None:
     assert grow is not None and "b" in grow.members
     rep.forget("b")
     assert "b" in rep.followers
+
+
+# A real loss of liveness found under load (the SIGSTOPped-owner cluster test, 2 runs in 11
+# with survivors paused ~1 s at random): a follower dropped as silent came back and began
+# joining, the leader then placed the copy elsewhere, and the owner kept requiring the acks
+# of a node it no longer streamed to. Every later write on the shard waited for ever.
+
+def test_a_joiner_the_placement_moved_away_holds_nothing_up() -> None:
+    # a owns the shard alone (its follower b was dropped as silent); b comes back a little
+    # behind and starts joining (its acks are required from now on) ...
+    rep = OwnerReplica("a", "ca", SyncRecord(5, "a", {"a": "ca"}), 2, 1.0)
+    rep.begin((1, 100), 0.0)
+    rep.acked("b", (1, 100), 0.0, rep.connected("b", "cb", 0.0))
+    rep.wrote((1, 200))
+    rep.synced((1, 200))
+    rep.advance()
+    assert rep.proposal(0.1, placed=("b",), replicas=2) is None
+    assert rep.followers["b"].joining is not None
+    # ... when the leader places the shard's copy on c instead: the owner stops streaming to
+    # b (owner.py _follow_placement) and c catches up and joins.
+    rep.forget("b")
+    rep.acked("c", (1, 200), 0.2, rep.connected("c", "cc", 0.2))
+    rep.settled(rep.proposal(0.3, placed=("c",), replicas=2))
+    assert dict(rep.record.members) == {"a": "ca", "c": "cc"}
+    # Every later write is durable on a and c: it must be acknowledged, whatever b did.
+    rep.wrote((1, 300))
+    rep.synced((1, 300))
+    rep.acked("c", (1, 300), 2.0, 1)
+    rep.proposal(2.0, placed=("c",), replicas=2)
+    assert "b" not in rep._required()
+    assert rep.advance()[0] == (1, 300)
