@@ -132,14 +132,21 @@ class PipeliningProtocol(SMTPProtocol):
                 self.write(data)
                 self._collect()  # as aiosmtplib does: whatever the buffer already holds
                 while self._owed and self._error is None:
-                    self._progress = self._loop.create_future()
+                    self._progress = progress = self._loop.create_future()
                     wait = timeout if self.received or first_timeout is None \
                         else first_timeout
+                    # A timer on the future itself: asyncio.wait_for adds a waiter future
+                    # and callbacks, twice per message delivered.
+                    timer = (None if wait is None
+                             else self._loop.call_later(wait, _expire, progress))
                     try:
-                        await asyncio.wait_for(self._progress, wait)
+                        await progress
                     except TimeoutError:
                         raise aiosmtplib.SMTPReadTimeoutError(
                             "Timed out waiting for server response") from None
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
                     if on_reply is not None and self._error is None:
                         on_reply()
                 if self._error is not None:
@@ -149,6 +156,11 @@ class PipeliningProtocol(SMTPProtocol):
                 self._progress = None
                 self._owed = 0
         return self.received
+
+
+def _expire(progress: asyncio.Future[None]) -> None:
+    if not progress.done():
+        progress.set_exception(TimeoutError())
 
 
 def install() -> None:
