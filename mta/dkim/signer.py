@@ -95,6 +95,7 @@ class Signer:
         self.clock = clock
         self.processes = processes  # 0: signed in threads of this process
         self._batches = _Batches(self.sign)
+        self._h_tags: dict[tuple[int, ...], tuple[list[str], list[str]]] = {}
         self._pool: SigningPool | None = None
 
     def spec(self) -> dict[str, Any]:
@@ -200,21 +201,33 @@ class Signer:
     def _signature(self, fields: list[HeaderField], key: SigningKey, d: str, bh: str,
                    now: int) -> bytes:
         counts = Counter(f.name.decode("latin-1") for f in fields)
-        names: list[str] = []
-        for name in self.headers:
-            # The last few instances of a name (h= takes them bottom up): a message with a
-            # million To: lines must not get a signature as large.
-            names += [name] * (min(counts.get(name, 0), _MAX_INSTANCES)
-                               + (name in self.oversign))
+        # The last few instances of a name (h= takes them bottom up): a message with a
+        # million To: lines must not get a signature as large.
+        present = tuple(min(counts.get(name, 0), _MAX_INSTANCES) for name in self.headers)
+        names, h = self._h_tag(present)
         tags = [f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={d}; s={key.selector};",
                 f"t={now};" + (f" x={now + int(self.expire)};" if self.expire else ""),
-                *_fold_list("h=", names), f"bh={bh};", "b="]
+                *h, f"bh={bh};", "b="]
         unsigned = "DKIM-Signature: " + "\r\n\t".join(tags)
         data = _selected(fields, names) + relaxed_header(
             b"dkim-signature", unsigned.split(":", 1)[1].encode())
         b = base64.b64encode(key.sign(data)).decode()
         folded = "\r\n\t ".join(b[i:i + _FOLD_AT] for i in range(0, len(b), _FOLD_AT))
         return (unsigned + folded + "\r\n").encode()
+
+
+    def _h_tag(self, present: tuple[int, ...]) -> tuple[list[str], list[str]]:
+        """The names ``h=`` lists for a message with ``present`` instances of each signed
+        header, and the tag folded: the same for most messages of a sender, so kept."""
+        made = self._h_tags.get(present)
+        if made is None:
+            names: list[str] = []
+            for name, count in zip(self.headers, present, strict=True):
+                names += [name] * (count + (name in self.oversign))
+            if len(self._h_tags) >= 256:
+                self._h_tags.clear()
+            made = self._h_tags[present] = (names, _fold_list("h=", names))
+        return made
 
 
 class _Batches:
