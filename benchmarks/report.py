@@ -291,7 +291,8 @@ def _profile(r: Data) -> Data | None:
              for f in prof["top"]]
     if "threads_pct" in prof:
         rows.append(f"\n{prof['threads_pct']:.0f}% of the samples are in worker threads (the "
-                    f"spool's group-commit writer; with DKIM on, the signing threads too), "
+                    f"spool's group-commit writer; with DKIM signed in threads, before 7944302 or "
+                    f"with `processes = 0`, those threads too), "
                     f"the rest on the event loop.")
     return {"samples": prof["samples"], "table": rows}
 
