@@ -19,9 +19,9 @@ import pytest
 from harness.dns import DNSServer
 from harness.poll import wait_until, wait_until_sync
 from mta.config import ConfigError, load_config
-from mta.dkim.keys import SigningKey, load_key
-from mta.dkim.signer import DomainKeys, Signer, Unsignable, signing_processes
-from tests.support.dkim import dkim_zone, signatures_verify, write_key
+from mta.dkim.keys import SigningKey
+from mta.dkim.signer import Unsignable, signing_processes
+from tests.support.dkim import dkim_zone, pooled, signatures_verify
 from tests.support.procs import alive
 
 HEAD = (b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\n"
@@ -29,23 +29,10 @@ HEAD = (b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\n"
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SigningKey]:
-    d = tmp_path_factory.mktemp("keys")
-    return {"rsa": load_key(str(write_key(d, "rsa.pem")), "r2026", "rsa-sha256"),
-            "ed": load_key(str(write_key(d, "ed.pem", "ed25519-sha256")), "e2026",
-                           "ed25519-sha256")}
-
-
-@pytest.fixture(scope="module")
 def dns(keys: dict[str, SigningKey]) -> Iterator[DNSServer]:
     server = DNSServer(dkim_zone("example.org", *keys.values()))
     yield server
     server.close()
-
-
-def pooled(keys: dict[str, SigningKey], processes: int, **kw: object) -> Signer:
-    return Signer({"example.org": DomainKeys((keys["rsa"], keys["ed"]))},
-                  processes=processes, **kw)  # type: ignore[arg-type]
 
 
 def message(n: int, body: bytes = b"body %d\r\n") -> bytes:

@@ -23,28 +23,15 @@ from structlog.testing import capture_logs
 
 from harness.poll import wait_until
 from mta.dkim import pool as pool_module
-from mta.dkim.keys import SigningKey, load_key
+from mta.dkim.keys import SigningKey
 from mta.dkim.pool import _Child, _child_env
-from mta.dkim.signer import _LARGE, DomainKeys, Signer, Unsignable
-from tests.support.dkim import write_key
+from mta.dkim.signer import _LARGE, Unsignable
+from tests.support.dkim import pooled, write_key
 from tests.support.procs import alive
 from tests.support.world import World
 
 ROOT = Path(__file__).parents[2]
 HEAD = b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\nSubject: %d\r\n"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SigningKey]:
-    d = tmp_path_factory.mktemp("keys")
-    return {"rsa": load_key(str(write_key(d, "rsa.pem")), "r2026", "rsa-sha256"),
-            "ed": load_key(str(write_key(d, "ed.pem", "ed25519-sha256")), "e2026",
-                           "ed25519-sha256")}
-
-
-def pooled(keys: dict[str, SigningKey], processes: int, **kw: Any) -> Signer:
-    return Signer({"example.org": DomainKeys((keys["rsa"], keys["ed"]))},
-                  processes=processes, **kw)
 
 
 def message(n: int) -> bytes:
@@ -142,16 +129,22 @@ async def test_a_close_during_the_first_start_leaves_no_process(
                 os.kill(pid, signal.SIGKILL)
 
 
-async def test_a_reload_during_the_first_start_leaves_no_process(
-        world: World, tmp_path: Path) -> None:
-    # The same race through the node: SIGHUP while the new signer's first message starts
-    # its processes.
+async def signing_node(world: World, tmp_path: Path, processes: int) -> Any:
+    """A node signing mail From: example.org in ``processes`` processes, delivering to a
+    sink for dest.test."""
     key = write_key(tmp_path, "rsa.pem")
     world.zone({"dest.test": {"MX": [(10, "mx.dest.test")]},
                 "mx.dest.test": {"A": ["127.0.0.2"]}})
     world.sink("127.0.0.2")
-    node = await world.start(sections={"dkim": {"processes": 2, "domains": {
+    return await world.start(sections={"dkim": {"processes": processes, "domains": {
         "example.org": {"selector": "r1", "key": str(key), "algorithm": "rsa-sha256"}}}})
+
+
+async def test_a_reload_during_the_first_start_leaves_no_process(
+        world: World, tmp_path: Path) -> None:
+    # The same race through the node: SIGHUP while the new signer's first message starts
+    # its processes.
+    node = await signing_node(world, tmp_path, processes=2)
     assert node.reload()
     starting = node._signer
     assert starting is not None
@@ -386,12 +379,7 @@ async def test_a_client_gets_451_not_silence_when_the_process_is_wedged(
     # Through the node: the SMTP client of a wedged process's message waited for the DATA
     # timeout (600 s by default), then lost its connection without a reply.
     monkeypatch.setattr(pool_module, "_STALL", 1.0, raising=False)
-    key = write_key(tmp_path, "rsa.pem")
-    world.zone({"dest.test": {"MX": [(10, "mx.dest.test")]},
-                "mx.dest.test": {"A": ["127.0.0.2"]}})
-    world.sink("127.0.0.2")
-    node = await world.start(sections={"dkim": {"processes": 1, "domains": {
-        "example.org": {"selector": "r1", "key": str(key), "algorithm": "rsa-sha256"}}}})
+    node = await signing_node(world, tmp_path, processes=1)
     assert node._signer is not None and node._signer._pool is not None
     [pid] = node._signer._pool.pids
     os.kill(pid, signal.SIGSTOP)

@@ -36,14 +36,6 @@ BODIES = {
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SigningKey]:
-    d = tmp_path_factory.mktemp("keys")
-    return {"rsa": load_key(str(write_key(d, "rsa.pem")), "r2026", "rsa-sha256"),
-            "ed": load_key(str(write_key(d, "ed.pem", "ed25519-sha256")), "e2026",
-                           "ed25519-sha256")}
-
-
-@pytest.fixture(scope="module")
 def dns(keys: dict[str, SigningKey]) -> Iterator[DNSServer]:
     server = DNSServer({**dkim_zone("example.org", *keys.values()),
                         **dkim_zone("news.example.net", *keys.values())})

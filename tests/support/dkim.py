@@ -4,6 +4,7 @@ server, and an independent verifier (dkimpy) that looks the records up over that
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dkim
 import dns.resolver
@@ -12,8 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from harness.dns import DNSServer
 from mta.dkim.keys import SigningKey, load_key, txt_strings
+from mta.dkim.signer import DomainKeys, Signer
 
-__all__ = ["WEAK_RSA_512", "dkim_zone", "signatures_verify", "write_key"]
+__all__ = ["WEAK_RSA_512", "dkim_zone", "pooled", "signatures_verify", "write_key"]
 
 # Too short for DKIM (cryptography will not make one): what a config must refuse.
 WEAK_RSA_512 = b"""\
@@ -75,3 +77,10 @@ def signatures_verify(message: bytes, server: DNSServer) -> list[bool]:
         except dkim.DKIMException:
             results.append(False)
     return results
+
+
+def pooled(keys: dict[str, SigningKey], processes: int, **kw: Any) -> Signer:
+    """A signer for example.org with both ``keys`` (RSA and Ed25519), signing in
+    ``processes`` child processes."""
+    return Signer({"example.org": DomainKeys((keys["rsa"], keys["ed"]))},
+                  processes=processes, **kw)
