@@ -224,7 +224,8 @@ class SigningPool:
         live = [c for c in self._children if c.alive]
         if not live:
             due = self._restart_due
-            if due is not None and due - time.monotonic() <= _PARK_LIMIT:
+            dying = len(live) < len(self._children)  # ended, its exit not yet reaped
+            if dying or (due is not None and due - time.monotonic() <= _PARK_LIMIT):
                 # A process is about to be started again: these wait for it, not 451.
                 self._parked += batch
             else:
@@ -254,6 +255,10 @@ class SigningPool:
         delay = self._backoff() if self._quick_exits else 0.0
         log.error("dkim.signing_process_exited", pid=child.proc.pid, code=code,
                   restart_in=round(delay, 1))
+        if delay > _PARK_LIMIT:  # parked while it was dying: too long to wait now
+            parked, self._parked = self._parked, []
+            _fail(parked, f"the DKIM signing process exited with code {code}; restarting "
+                          f"in {delay:.0f}s")
         self._schedule_start(delay)
 
     def _backoff(self) -> float:

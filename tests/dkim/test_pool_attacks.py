@@ -27,7 +27,7 @@ from mta.dkim.keys import SigningKey
 from mta.dkim.pool import _Child, _child_env
 from mta.dkim.signer import _LARGE, Unsignable
 from tests.support.dkim import pooled, write_key
-from tests.support.procs import alive
+from tests.support.procs import alive, signing_children
 from tests.support.world import World
 
 ROOT = Path(__file__).parents[2]
@@ -36,24 +36,6 @@ HEAD = b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\nSubject
 
 def message(n: int) -> bytes:
     return HEAD % n + b"\r\nbody\r\n"
-
-
-def signing_children() -> list[int]:
-    """This process's live children running ``mta.dkim.child``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"mta.dkim.child" in cmdline:
-            found.append(int(entry))
-    return found
 
 
 # --- 1. The child imports `mta` from the node's working directory ---------------------------
