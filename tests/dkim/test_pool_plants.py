@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,22 @@ from tests.support.world import World
 
 HEAD = b"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.com>\r\nSubject: %d\r\n"
 BROKEN_INSTALL = "/nonexistent"  # PYTHONHOME: no interpreter starts (no `encodings`)
+
+
+@contextlib.asynccontextmanager
+async def one_process(keys: dict[str, SigningKey]
+                      ) -> AsyncIterator[tuple[Signer, SigningPool, int]]:
+    """A signer with one signing process, started: (signer, its pool, the process's pid);
+    closed on the way out."""
+    signer = pooled(keys, 1)
+    try:
+        await signer.start()
+        pool = signer._pool
+        assert pool is not None
+        [pid] = pool.pids
+        yield signer, pool, pid
+    finally:
+        await signer.aclose()
 
 
 def message(n: int) -> bytes:
@@ -113,12 +129,7 @@ async def test_a_process_that_died_young_is_restarted_after_a_back_off(
     # the restart is. Any process killed within 30 s of its start died young here: its
     # restart is 30 s away, more than _PARK_LIMIT, so a message gets its 4xx at once.
     monkeypatch.setattr(pool_module, "_QUICK_EXIT", 30.0)
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         with capture_logs() as logs:
             os.kill(pid, signal.SIGKILL)
             await wait_until(lambda: events(logs, "dkim.signing_process_exited"), 10,
@@ -129,28 +140,19 @@ async def test_a_process_that_died_young_is_restarted_after_a_back_off(
             await asyncio.wait_for(signer.sign_async(message(1)), 10)
         assert not info.value.permanent
         assert not pool.pids, "restarted before its back-off"
-    finally:
-        await signer.aclose()
 
 
 async def test_a_message_waits_for_a_restart_due_soon_and_is_signed(
         keys: dict[str, SigningKey], monkeypatch: pytest.MonkeyPatch) -> None:
     # Plants: fail instead of park; parked messages never sent once the process is back.
     monkeypatch.setattr(pool_module, "_QUICK_EXIT", 0.0)  # no exit is young: restart at once
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         os.kill(pid, signal.SIGKILL)
         # Sent in the turn the restart is scheduled: its process cannot be ready yet.
         await wait_until(lambda: pool._restart_due is not None, 10, "the restart", step=0)
         result = await asyncio.wait_for(signer.sign_async(message(1)), 20)
         assert signed(result)
         assert pool.pids and pool.pids != [pid]
-    finally:
-        await signer.aclose()
 
 
 async def test_a_stop_fails_the_messages_waiting_for_a_restart(
@@ -186,12 +188,7 @@ async def test_a_process_that_cannot_start_again_is_retried_less_and_less_often(
     # pointing nowhere) after the first start: every restart fails until it is fixed.
     monkeypatch.setattr(pool_module, "_QUICK_EXIT", 0.2)
     monkeypatch.setattr(pool_module, "_MAX_BACKOFF", 0.5)
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         with capture_logs() as logs:
             monkeypatch.setenv("PYTHONHOME", BROKEN_INSTALL)
             os.kill(pid, signal.SIGKILL)
@@ -213,8 +210,6 @@ async def test_a_process_that_cannot_start_again_is_retried_less_and_less_often(
         assert seen[:4] == [0.2, 0.4, 0.5, 0.5], delays()
         await wait_until(lambda: pool.pids, 10, "a process once the install is fixed")
         assert signed(await asyncio.wait_for(signer.sign_async(message(2)), 20))
-    finally:
-        await signer.aclose()
 
 
 # --- the watchdog ---------------------------------------------------------------------------
@@ -223,12 +218,7 @@ async def test_a_pause_shorter_than_the_stall_limit_kills_nothing(
         keys: dict[str, SigningKey], monkeypatch: pytest.MonkeyPatch) -> None:
     # Plant: the process killed on the watchdog's first quiet turn (interval 0.75 s here).
     monkeypatch.setattr(pool_module, "_STALL", 3.0)
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         with stopped(pid):
             owed = asyncio.ensure_future(signer.sign_async(message(1)))
             await wait_until(lambda: pool._children and pool._children[0].waiting, 10,
@@ -240,27 +230,18 @@ async def test_a_pause_shorter_than_the_stall_limit_kills_nothing(
             assert pool.pids == [pid] and alive(pid), "killed before _STALL"
         assert signed(await asyncio.wait_for(owed, 20))
         assert pool.pids == [pid]
-    finally:
-        await signer.aclose()
 
 
 async def test_an_idle_process_is_not_taken_for_a_stalled_one(
         keys: dict[str, SigningKey], monkeypatch: pytest.MonkeyPatch) -> None:
     # Plant: the watchdog counting quiet turns while the process owes nothing.
     monkeypatch.setattr(pool_module, "_STALL", 0.5)
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         idle = time.monotonic()
         await wait_until(lambda: time.monotonic() - idle >= 4 * 0.5, 10, "four _STALLs idle")
         assert pool.pids == [pid]
         assert signed(await asyncio.wait_for(signer.sign_async(message(1)), 20))
         assert pool.pids == [pid]
-    finally:
-        await signer.aclose()
 
 
 async def test_a_stalled_process_is_named_as_stalled(
@@ -287,12 +268,7 @@ async def test_a_node_frozen_with_its_process_does_not_kill_it_when_thawed(
     # SIGSTOP to the process group, a suspended VM): thawed, the watchdog's overdue turn
     # runs before the process, thawed too, has answered. One quiet turn is not a stall.
     monkeypatch.setattr(pool_module, "_STALL", 2.0)  # a turn every 0.5 s, killed after 4
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         with capture_logs() as logs:
             with stopped(pid):
                 owed = asyncio.ensure_future(signer.sign_async(message(1)))
@@ -313,8 +289,6 @@ async def test_a_node_frozen_with_its_process_does_not_kill_it_when_thawed(
             assert signed(await asyncio.wait_for(owed, 20))
         assert not events(logs, "dkim.signing_process_stalled"), logs
         assert pool.pids == [pid]
-    finally:
-        await signer.aclose()
 
 
 # --- where messages go ----------------------------------------------------------------------
@@ -385,18 +359,11 @@ async def test_a_signal_for_the_service_does_not_end_the_process(
         keys: dict[str, SigningKey]) -> None:
     # Plant: the child not ignoring SIGINT/SIGTERM/SIGHUP (a Ctrl-C or a service stop sent
     # to the process group cut the signatures the node awaits).
-    signer = pooled(keys, 1)
-    try:
-        await signer.start()
-        pool = signer._pool
-        assert pool is not None
-        [pid] = pool.pids
+    async with one_process(keys) as (signer, pool, pid):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             os.kill(pid, sig)
         assert signed(await asyncio.wait_for(signer.sign_async(message(1)), 20))
         assert pool.pids == [pid] and alive(pid)
-    finally:
-        await signer.aclose()
 
 
 # --- the close ------------------------------------------------------------------------------
