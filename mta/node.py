@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from mta.sdnotify import notify, watchdog_interval
 from mta.slo import SloTracker
 from mta.spool import RecoveryReport, Spool
 from mta.supervise import supervise
-from mta.tasks import cancel_and_wait
+from mta.tasks import cancel_and_wait, keep
 
 __all__ = ["Node", "StartupError", "needs_restart"]
 
@@ -326,11 +326,6 @@ class Node:
         if self._signer is not None:
             await self._signer.aclose()
 
-    def _retire(self, closing: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(closing)
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
     async def _close_admin(self) -> None:
         if self.admin is not None:
             await self.admin.close()
@@ -496,7 +491,7 @@ class Node:
         if old_signer is not None:
             # Its processes end once the signatures already asked of them are made; the
             # new signer starts its own on first use.
-            self._retire(old_signer.aclose())
+            keep(self._retiring, old_signer.aclose())
         self.ingress.tenants = cfg.tenants
         if self.engine is not None:
             self.engine.reload(cfg)

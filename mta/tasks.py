@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
-__all__ = ["cancel_and_wait", "finish_or_cancel"]
+__all__ = ["cancel_and_wait", "finish_or_cancel", "keep"]
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -63,3 +63,13 @@ async def finish_or_cancel(tasks: Iterable[asyncio.Task[Any]], grace: float,
             task.cancel()
         raise
     return await _cancel(pending, timeout)
+
+
+def keep(tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any],
+         name: str | None = None) -> asyncio.Task[Any]:
+    """Run ``coro`` as a task held in ``tasks`` until it ends (the loop keeps only a weak
+    reference to a task: one nobody holds may be collected mid-way)."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["escape_controls", "has_controls", "one_line"]
+__all__ = ["all_crlf", "escape_controls", "has_controls", "one_line"]
 
 # C0, DEL and C1 controls, the Unicode line and paragraph separators (str.splitlines() and
 # some mail parsers break lines there) and lone surrogates (JSON can carry them; no wire
@@ -34,3 +34,10 @@ def one_line(reply: str) -> str:
     become a line or a field of its own wherever it is kept."""
     text = " ".join(CONTROLS_RE.sub("", line) for line in reply.splitlines())
     return " ".join(text.split())
+
+
+def all_crlf(data: bytes) -> bool:
+    """Does every CR and every LF in ``data`` belong to a CRLF pair? (Counted, not copied:
+    most messages are all CRLF.)"""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") == crlf and data.count(b"\r") == crlf

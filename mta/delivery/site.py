@@ -30,7 +30,7 @@ from mta.delivery.throttle import Backoff, Throttle
 from mta.logs import describe
 from mta.metrics import NodeMetrics
 from mta.queue.turns import Turns
-from mta.tasks import cancel_and_wait
+from mta.tasks import cancel_and_wait, keep
 from mta.text import has_controls, one_line
 
 __all__ = ["Job", "RecipientResult", "Site", "SiteLimits"]
@@ -654,9 +654,7 @@ class Site:
         if job is None:
             return False
         self.connections += 1
-        task = asyncio.create_task(self._worker(job), name=f"site:{self.key}")
-        self._workers.add(task)
-        task.add_done_callback(self._workers.discard)
+        keep(self._workers, self._worker(job), name=f"site:{self.key}")
         return True
 
     async def _next_job(self, wait: float) -> Job | None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import aiosmtplib.protocol as _protocol
 
+from mta.text import all_crlf
+
 __all__ = ["install", "normalize_line_endings", "stuff_periods"]
 
 _original_normalize = _protocol.normalize_message_line_endings
@@ -25,8 +27,7 @@ _ORIGINAL_PERIOD = _protocol.PERIOD_REGEX
 def normalize_line_endings(message: bytes) -> bytes:
     """aiosmtplib's ``normalize_message_line_endings``: lone CR and LF made CRLF, and a
     final CRLF added if missing."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+    if all_crlf(message):
         return message if message.endswith(b"\r\n") else message + b"\r\n"
     return _original_normalize(message)
 

@@ -14,12 +14,11 @@ import sys
 import msgpack
 
 from mta.dkim.errors import Unsignable
-from mta.dkim.pool import PROTOCOL, READY
+from mta.dkim.pool import MAX_FRAME, PROTOCOL, READY
 from mta.dkim.signer import Signer
 
 __all__ = ["main"]
 
-_MAX_FRAME = 64 * 1024 * 1024  # the node sends messages up to 256 KiB here; a spec is small
 _BATCH = 16
 
 
@@ -49,7 +48,7 @@ def main() -> int:
     # Nothing of the node's but the pipes: uvloop's subprocesses keep the descriptors the
     # node has as inheritable (asyncio's close them), e.g. ones it inherited itself.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_FRAME)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)
     signer: Signer | None = None
     answers: list[bytes] = []
     while data := os.read(0, 1 << 20):

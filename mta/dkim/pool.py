@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -18,12 +18,13 @@ import structlog
 
 import mta
 from mta.dkim.errors import SigningStartError, Unsignable
+from mta.tasks import keep
 
 __all__ = ["SigningPool"]
 
 log = structlog.get_logger("mta.dkim")
 
-_MAX_FRAME = 64 * 1024 * 1024
+MAX_FRAME = 64 * 1024 * 1024  # either way: messages up to 256 KiB are sent, a spec is small
 _QUICK_EXIT = 1.0  # seconds: a process that ends sooner is restarted after a back-off
 _MAX_BACKOFF = 60.0  # seconds: the longest back-off
 PROTOCOL = 1  # the spec's and the messages' form: a child of another version refuses to run
@@ -99,7 +100,7 @@ class _Child:
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MAX_FRAME)
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)
         try:
             while data := await self.proc.stdout.read(1 << 20):
                 unpacker.feed(data)
@@ -116,13 +117,9 @@ class _Child:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()  # it may hang on after garbled output: not answered again
             code = await self.proc.wait()
-            failure = Unsignable(
-                f"the DKIM signing process (pid {self.proc.pid}) "
-                + (f"gave no answer for {_STALL:g}s and was killed" if self.stalled
-                   else f"exited with code {code}"), permanent=False)
-            for _, future in self.waiting.values():
-                if not future.done():
-                    future.set_exception(failure)
+            _fail(self.waiting.values(), f"the DKIM signing process (pid {self.proc.pid}) "
+                  + (f"gave no answer for {_STALL:g}s and was killed" if self.stalled
+                     else f"exited with code {code}"))
             self.waiting.clear()
             self._on_exit(self, code)
 
@@ -212,11 +209,14 @@ class SigningPool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending.append((message, future))
-        if not self._scheduled:
-            # Gathered over one turn of the loop: one write per process per turn.
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._schedule_flush()
         return await future
+
+    def _schedule_flush(self) -> None:
+        # Gathered over one turn of the loop: one write per process per turn.
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -266,9 +266,7 @@ class SigningPool:
 
     def _schedule_start(self, delay: float) -> None:
         self._restart_due = time.monotonic() + delay
-        task = asyncio.get_running_loop().create_task(self._restart(delay))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        keep(self._restarts, self._restart(delay))
 
     async def _restart(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -287,9 +285,7 @@ class SigningPool:
         self._restart_due = None
         if self._parked:
             self._pending[:0], self._parked = self._parked, []
-            if not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule_flush()
 
     async def aclose(self) -> None:
         """Stop taking messages, let those sent be answered, then end the processes."""
@@ -308,7 +304,7 @@ class SigningPool:
             self._children.clear()
 
 
-def _fail(batch: list[tuple[bytes, asyncio.Future[bytes]]], detail: str) -> None:
+def _fail(batch: Iterable[tuple[bytes, asyncio.Future[bytes]]], detail: str) -> None:
     failure = Unsignable(detail, permanent=False)
     for _, future in batch:
         if not future.done():

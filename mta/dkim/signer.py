@@ -23,6 +23,7 @@ from mta.dkim.canon import HeaderField, relaxed_body, relaxed_header, split_mess
 from mta.dkim.errors import SigningStartError, Unsignable
 from mta.dkim.keys import SigningKey, key_from_pem, load_key
 from mta.dkim.pool import SigningPool
+from mta.text import all_crlf
 
 if TYPE_CHECKING:
     from mta.config import DkimConfig
@@ -347,10 +348,7 @@ def _parsed_from_domain(value: str) -> str | None:
 def _crlf(message: bytes) -> bytes:
     """Bare CR and bare LF made CRLF, as delivery sends them (the bytes signed must be
     the bytes that arrive)."""
-    crlf = message.count(b"\r\n")  # counted, not copied: most messages are all CRLF
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
-        return message
-    return _LINE_END.sub(b"\r\n", message)
+    return message if all_crlf(message) else _LINE_END.sub(b"\r\n", message)
 
 
 def _pool(kind: str) -> ThreadPoolExecutor:

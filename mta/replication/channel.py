@@ -47,6 +47,7 @@ from mta.replication.frames import (
     ReplicationError,
 )
 from mta.replication.peerauth import PeerAuth, Session, client_handshake, server_handshake
+from mta.tasks import keep
 
 __all__ = [
     "DEFAULT_HIGH_WATER",
@@ -365,9 +366,7 @@ class Listener:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _accepted(self, proto: _FrameProtocol) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(proto))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        keep(self._tasks, self._run(proto))
 
     async def _run(self, proto: _FrameProtocol) -> None:
         assert proto.transport is not None
