@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import (
-    MISSING,
     LoginPassword,
     TLSSetupException,
     _AuthMechAttr,
@@ -237,6 +236,20 @@ class IngressSession(AuthExchange, DataReader):
         await self.push(f"220 {self.hostname} {self.__ident__}")
         await self._command_loop()
 
+    def _buffered_line(self) -> bytes:
+        """The next command line if the reader already holds all of it (pipelined commands),
+        taken without a coroutine; else b"" and the caller awaits :meth:`_read_line`. The same
+        line, limit and exception rules as ``StreamReader.readuntil``."""
+        reader: Any = self._reader
+        buffer = reader._buffer
+        end = buffer.find(b"\n")
+        if end < 0 or end > reader._limit or reader._exception is not None:
+            return b""
+        line = bytes(buffer[:end + 1])
+        del buffer[:end + 1]
+        reader._maybe_resume_transport()
+        return line
+
     async def _read_line(self) -> bytes | None:
         """One line from the client; None (the whole line discarded) if it is too long.
         Raises IncompleteReadError when the client has closed its side."""
@@ -261,11 +274,9 @@ class IngressSession(AuthExchange, DataReader):
         bogus = 0
         while self.transport is not None and not self.transport.is_closing():
             try:
-                raw = await self._read_line()
+                raw = self._buffered_line() or await self._read_line()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
-            if self._server.trace.active and self._traced().wanted:
-                self._trace_command(raw)
             parsed = self._parse_command(raw)
             if isinstance(parsed, str):
                 await self.push(parsed)
@@ -282,7 +293,11 @@ class IngressSession(AuthExchange, DataReader):
                 continue
             self._reset_timeout()
             try:
-                await method(arg)
+                answer = _ANSWERED_AT_ONCE.get(command)
+                if answer is None:
+                    await method(arg)
+                elif self._reply(answer(self, arg)):
+                    await self._writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break
             except TLSSetupException:
@@ -300,6 +315,8 @@ class IngressSession(AuthExchange, DataReader):
     def _parse_command(self, raw: bytes | None) -> tuple[str, str | None] | str:
         """A command line as (verb, argument), or the reply refusing it before its verb is
         looked up (``raw`` None: the line was too long and has been discarded)."""
+        if self._server.trace.active and self._traced().wanted:
+            self._trace_command(raw)
         if raw is None:
             return "500 5.5.2 Command line too long"
         line = raw.rstrip(b"\r\n")
@@ -353,14 +370,97 @@ class IngressSession(AuthExchange, DataReader):
         self.command_size_limits.clear()
         await super().smtp_EHLO(hostname)
 
+    # MAIL and RCPT are answered by plain functions (the command loop calls them through
+    # _ANSWERED_AT_ONCE): aiosmtpd's coroutines awaited four more per command (HELO and AUTH
+    # checks, the handler hook, the reply), a tenth of the ingress event loop. The checks and
+    # replies are aiosmtpd's, in its order; the handler decides the address.
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd checks SIZE with str.isdigit(), which lets "²" through to int().
-        m = _SIZE_PARAM.search(arg or "")
-        if m is not None and not (m.group(1).isascii() and m.group(1).isdigit()):
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]")
-            return
-        await super().smtp_MAIL(arg)
+        if self._reply(self._mail(arg)):
+            await self._writer.drain()
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if self._reply(self._rcpt(arg)):
+            await self._writer.drain()
+
+    def _mail(self, arg: str | None) -> str:
+        """The reply to ``MAIL``; the envelope takes the sender if it is accepted."""
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        syntaxerr = ("501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+                     if session.extended_smtp else "501 Syntax: MAIL FROM: <address>")
+        if arg and "=" in arg:
+            # aiosmtpd checks SIZE with str.isdigit(), which lets "²" through to int().
+            m = _SIZE_PARAM.search(arg)
+            if m is not None and not (m.group(1).isascii() and m.group(1).isdigit()):
+                return "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+        if not session.host_name:
+            return "503 Error: send HELO first"
+        if arg is None or (arg := self._strip_command_keyword("FROM:", arg)) is None:
+            return syntaxerr
+        address, addrparams = self._getaddr(arg)
+        if address is None:
+            return "553 5.1.3 Error: malformed address"
+        if not address or (addrparams and not session.extended_smtp):
+            return syntaxerr
+        if envelope.mail_from:
+            return "503 Error: nested MAIL command"
+        mail_options = addrparams.upper().split() if addrparams else []
+        refusal = self._mail_params(mail_options, syntaxerr)
+        if refusal is not None:
+            return refusal
+        return self.event_handler.mail(self, session, envelope, address, mail_options)
+
+    def _mail_params(self, mail_options: list[str], syntaxerr: str) -> str | None:
+        """aiosmtpd's checks of MAIL's parameters: the reply refusing them, or None (and
+        the envelope's SMTPUTF8 flag set)."""
+        params = self._getparams(mail_options)
+        if params is None:
+            return syntaxerr
+        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+            return "501 Error: BODY can only be one of 7BIT, 8BITMIME"
+        smtputf8 = params.pop("SMTPUTF8", False)
+        if not isinstance(smtputf8, bool):
+            return "501 Error: SMTPUTF8 takes no arguments"
+        assert self.envelope is not None
+        self.envelope.smtp_utf8 = smtputf8
+        size = params.pop("SIZE", None)
+        if size:
+            if isinstance(size, bool) or not size.isdigit():
+                return syntaxerr
+            if self.data_size_limit and int(size) > self.data_size_limit:
+                return "552 Error: message size exceeds fixed maximum message size"
+        if params:
+            return "555 MAIL FROM parameters not recognized or not implemented"
+        return None
+
+    def _rcpt(self, arg: str | None) -> str:
+        """The reply to ``RCPT``; the envelope takes the recipient if it is accepted."""
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        if not session.host_name:
+            return "503 Error: send HELO first"
+        if not envelope.mail_from:
+            return "503 Error: need MAIL command"
+        syntaxerr = ("501 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
+                     if session.extended_smtp else "501 Syntax: RCPT TO: <address>")
+        if arg is None or (arg := self._strip_command_keyword("TO:", arg)) is None:
+            return syntaxerr
+        address, params = self._getaddr(arg)
+        if address is None:
+            return "553 5.1.3 Error: malformed address"
+        if not address or (params and not session.extended_smtp):
+            return syntaxerr
+        rcpt_options = params.upper().split() if params else []
+        options = self._getparams(rcpt_options)
+        if options is None:
+            return syntaxerr
+        if options:
+            # No RCPT parameter is supported (no DSN extension).
+            return "555 RCPT TO parameters not recognized or not implemented"
+        return self.event_handler.rcpt(self, session, envelope, address, rcpt_options)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -407,16 +507,16 @@ class IngressSession(AuthExchange, DataReader):
     async def _data(self, arg: str) -> None:
         """DATA with the same replies as aiosmtpd's; the body is read by ``DataReader``
         (mta/ingress/data.py), in pieces instead of line by line."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        refusal = ("503 Error: send HELO first" if not session.host_name
+                   else "503 Error: need RCPT command" if not envelope.rcpt_tos
+                   else "501 5.5.4 Syntax: DATA" if arg else None)
+        if refusal is not None:
+            await self.push(refusal)
             return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        if self._reply("354 End data with <CR><LF>.<CR><LF>"):
+            await self._writer.drain()
         content, error = await self._read_body()
         if error is not None:
             if self._server.trace.active and self._traced().wanted:
@@ -424,12 +524,13 @@ class IngressSession(AuthExchange, DataReader):
             await self.push(error)
             self._set_post_data_state()
             return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        envelope.content = envelope.original_content = content
+        status = await self.event_handler.handle_DATA(self, session, envelope)
         if self._server.trace.active and self._traced().wanted:
             self._trace_data(len(content), status)
         self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        if self._reply(status):
+            await self._writer.drain()
 
     # --- addresses -------------------------------------------------------------------------
 
@@ -456,6 +557,12 @@ class IngressSession(AuthExchange, DataReader):
     # --- replies ---------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        if self._reply(status):
+            await self._writer.drain()
+
+    def _reply(self, status: str | bytes) -> bool:
+        """:meth:`push` without a coroutine: the reply queued or sent. True when the caller
+        must await ``self._writer.drain()`` (the transport is paused, closing or gone)."""
         if isinstance(status, str):
             status = _REWRITES.get(status, status)
             if status[:1] in "45" and not _ENHANCED_RE.match(status):
@@ -477,25 +584,33 @@ class IngressSession(AuthExchange, DataReader):
         # replies back and send them in one write (RFC 2920 4). A multi-line reply's
         # continuation lines always wait for its last line.
         if data[3:4] == b"-" and code == "250":
-            return
+            return False
         buffered = getattr(self._reader, "_buffer", None)
         if code in _DEFERRABLE and buffered and b"\n" in buffered:
-            return
-        await self._flush()
+            return False
+        return self._send_out()
 
     async def _flush(self) -> None:
+        if self._send_out():
+            await self._writer.drain()
+
+    def _send_out(self) -> bool:
+        """Write the queued replies; True when ``drain()`` must be awaited after them. Only
+        then does drain do anything: it waits while the transport is paused for writing and
+        raises once the connection is lost (FlowControlMixin's own flags)."""
         if not self._out:
-            return
+            return False
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
-        if self.transport is None or self.transport.is_closing():
-            return  # the client is gone: nobody to tell
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # the client is gone: nobody to tell
         try:
             self._writer.write(data)
         except (RuntimeError, AttributeError) as exc:
             # A transport torn down under us (a failed TLS layer): the connection is dead.
             raise ConnectionResetError(f"transport gone: {describe(exc)}") from None
-        await self._writer.drain()
+        return self._paused or self._connection_lost or transport.is_closing()
 
     def shorten_timeout(self, seconds: float) -> None:
         """Stress: from now on wait at most ``seconds`` for the next command."""
@@ -563,3 +678,7 @@ class IngressSession(AuthExchange, DataReader):
         cipher = ssl_object.cipher() if ssl_object is not None else None
         self._traced().emit("tls", version=version, cipher=cipher[0] if cipher else None)
 
+
+
+# The commands the loop answers with a plain function (reply text, rewritten by _reply).
+_ANSWERED_AT_ONCE: dict[str, Any] = {"MAIL": IngressSession._mail, "RCPT": IngressSession._rcpt}
