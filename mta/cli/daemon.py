@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -56,6 +57,9 @@ async def _serve(cfg: Config) -> int:
         # would hide mail. Part of the node may be up already (admin API, a writer thread).
         await node.stop()
         return _fail(f"config error: {cfg.source}: [spool] shards: {exc}", 2)
+    # What start-up built (modules, the recovered spool index: a million entries with a full
+    # queue) lives as long as the node; no full collection needs to walk it again.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -80,7 +84,21 @@ async def _serve(cfg: Config) -> int:
     return 0
 
 
+# The cyclic collector's young generation, collected every this many new container objects
+# (CPython: 700). A message makes a few hundred short-lived ones; at 700 the collector ran
+# several times per message and took 3-4% of the event loop. Memory held by cyclic garbage
+# stays bounded (a few MB at most); acyclic objects are freed at once as always.
+_GC_YOUNG = 20_000
+
+
+def _tune_gc() -> None:
+    """Collect young objects less often; older generations as CPython does."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG, older, oldest)
+
+
 def _run(cfg: Config) -> int:
+    _tune_gc()
     use_uvloop = cfg.node.loop in ("auto", "uvloop")
     if use_uvloop:
         try:
