@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -27,11 +26,14 @@ from typing import Any
 import structlog
 
 from mta.envelope import Envelope
+from mta.jsonenc import encoder
 from mta.logs import describe
 
 __all__ = ["AccountingLog"]
 
 log = structlog.get_logger("mta.accounting")
+
+_dumps = encoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class AccountingLog:
@@ -70,7 +72,7 @@ class AccountingLog:
     def _line(self, kind: str, message_id: str, fields: dict[str, Any]) -> bytes:
         rec = {"type": kind, "time": round(time.time(), 6), "message_id": message_id,
                "node": self.node_id, **fields}
-        return json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        return _dumps(rec).encode() + b"\n"
 
     def line(self, kind: str, message_id: str, **fields: Any) -> bytes:
         """One line about a message, for the spool write that makes it true."""

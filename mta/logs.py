@@ -12,9 +12,12 @@ import re
 import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import structlog
+
+from mta.jsonenc import encoder
 
 __all__ = ["LineWriter", "configure_logging", "describe"]
 
@@ -92,6 +95,34 @@ class _Stamper:
         return event
 
 
+class _NodeId:
+    """Adds ``node_id`` (the key the events pass themselves: one node_id per line, never
+    node and node_id) unless the event has its own."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+
+    def __call__(self, _logger: object, _name: str, event: dict[str, object]
+                 ) -> dict[str, object]:
+        if self._node_id:
+            event.setdefault("node_id", self._node_id)
+        return event
+
+
+class _Dumps:
+    """``json.dumps`` for structlog's JSONRenderer, the encoder built once per ``default``
+    (the renderer passes its fallback for objects JSON cannot encode)."""
+
+    def __init__(self) -> None:
+        self._made: dict[Any, Callable[[Any], str]] = {}
+
+    def __call__(self, obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+        dumps = self._made.get(default)
+        if dumps is None:
+            dumps = self._made[default] = encoder(default=default)
+        return dumps(obj)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
     """Configure structlog (and stdlib logging of libraries) for the daemon."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -102,11 +133,13 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
         sys.stdout.reconfigure(line_buffering=True)
     writer = LineWriter(sys.stdout)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_out
+        structlog.processors.JSONRenderer(_Dumps()) if json_out
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
     processors: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
+        # The node id on every line, where structlog's contextvars would put it: one
+        # process serves one node, so one constant, not a walk of the context per line.
+        _NodeId(node_id),
         structlog.processors.add_log_level,
         _Stamper(),
         structlog.processors.format_exc_info if json_out else structlog.dev.set_exc_info,
@@ -118,9 +151,6 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
-    if node_id:
-        # The same key the events pass themselves: one node_id per line, never node and node_id.
-        structlog.contextvars.bind_contextvars(node_id=node_id)
     # aiosmtpd logs every command at INFO (and a deprecation warning per AUTH) through stdlib
     # logging: far too chatty for a production MTA; our own events cover what matters.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
