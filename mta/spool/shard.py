@@ -111,7 +111,7 @@ class Shard:
             report.side_recovered = missing.count(b"\n")
             log.warning("spool.side_lines_recovered", shard=self.number,
                         lines=report.side_recovered, bytes=len(missing))
-            await asyncio.shield(self._append(b"", None, missing))
+            await self._append(b"", None, missing)
         return report
 
     def _open_blocking(self) -> tuple[RecoveryReport, bytes]:
@@ -131,7 +131,7 @@ class Shard:
 
     async def start_term(self) -> None:
         """A bare COMMIT, now: the first write of this owner, in a segment of its own."""
-        await asyncio.shield(self._append(b"", None))
+        await self._append(b"", None)
 
     def _note_commit(self, seq: int, offset: int, size: int) -> None:
         self.index.note(seq, offset, size)
@@ -172,22 +172,33 @@ class Shard:
 
     # --- appends ---------------------------------------------------------------------------
 
-    def _append(self, data: bytes, on_durable: Any, side: bytes | None = None
-                ) -> asyncio.Future[Position]:
+    def _append(self, data: bytes, on_durable: Any, side: bytes | None = None,
+                pending: str | None = None) -> asyncio.Future[Position]:
+        """Queue ``data``; the future returned resolves once it is durable, and its awaiter
+        may be cancelled without touching the append. ``pending``: a message id marked
+        pending until the write ends (compaction must not move it meanwhile)."""
         if self.fenced:
             raise FencedError(self.number, "node is fenced (lease not provably held)")
         if self._closing or self._log is None:
             raise ShardClosed(f"shard {self.number} is not open for writing")
-        fut = self._writer.append(self._log, data, on_durable, side)
+        # The writer resolves the caller's future in the same step as its own: no shield
+        # (an outer future, two callbacks and a turn of the loop more per message).
+        waiter: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
+        fut = self._writer.append(self._log, data, on_durable, side, waiter)
         self._inflight += 1
         self._idle.clear()
         # Bookkeeping hangs off the writer's own future, which only the writer completes:
         # a cancelled caller must not mark the shard idle (close() would pull the fd from
         # under the writer) or drop the pending mark compaction relies on.
+        if pending is not None:
+            self._pending[pending] = self._pending.get(pending, 0) + 1
+            fut.add_done_callback(lambda _f: self._unpend(pending))
         fut.add_done_callback(self._append_done)
-        return fut
+        return waiter
 
-    def _append_done(self, _fut: asyncio.Future[Position]) -> None:
+    def _append_done(self, fut: asyncio.Future[Position]) -> None:
+        if not fut.cancelled():
+            fut.exception()  # the caller's own future carries it: this one is read, not lost
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
@@ -211,20 +222,13 @@ class Shard:
             if after is not None:
                 after()
 
-        pos = await asyncio.shield(self._append(data, durable, side))
+        pos = await self._append(data, durable, side)
         if self.replica is not None or self.awaiting_gate is not None:
             await self._replicated(pos, size, reception=True)
 
     async def _append_tracked(self, message_id: str, data: bytes, durable: Any,
                               side: bytes | None = None) -> None:
-        self._pending[message_id] = self._pending.get(message_id, 0) + 1
-        try:
-            fut = self._append(data, durable, side)
-        except BaseException:
-            self._unpend(message_id)
-            raise
-        fut.add_done_callback(lambda _f: self._unpend(message_id))
-        pos = await asyncio.shield(fut)
+        pos = await self._append(data, durable, side, pending=message_id)
         # A DONE counts only once every promotable copy has it: else a takeover by a copy
         # without it would deliver the recipient again.
         if self.replica is not None or self.awaiting_gate is not None:

@@ -70,7 +70,7 @@ class BatchObserver(Protocol):
 
 
 class _Item:
-    __slots__ = ("data", "future", "log", "on_durable", "side")
+    __slots__ = ("data", "future", "log", "on_durable", "side", "waiter")
 
     def __init__(
         self,
@@ -79,12 +79,14 @@ class _Item:
         future: asyncio.Future[Position],
         on_durable: Callable[[Position], None] | None,
         side: bytes | None,
+        waiter: asyncio.Future[Position] | None,
     ) -> None:
         self.log = log
         self.data = data
         self.future = future
         self.on_durable = on_durable
         self.side = side
+        self.waiter = waiter
 
 
 _Outcome = tuple[AppendLog, list[_Item], list[Position] | None, Extent | None,
@@ -120,15 +122,21 @@ class GroupCommitWriter:
         data: bytes,
         on_durable: Callable[[Position], None] | None = None,
         side: bytes | None = None,
+        waiter: asyncio.Future[Position] | None = None,
     ) -> asyncio.Future[Position]:
         """Queue ``data`` for ``log``; the future resolves once it is on disk (fdatasync).
         ``side`` goes to the side file if, and only if, ``data`` was written; ``data`` may
-        be empty when only ``side`` is to be written (lines recovery found missing)."""
+        be empty when only ``side`` is to be written (lines recovery found missing).
+        ``waiter``, if given, gets the same outcome in the same step (unless it is done
+        already: a cancelled caller's); only the returned future is the writer's own."""
         fut: asyncio.Future[Position] = self._loop.create_future()
         if self._stopping:
-            fut.set_exception(SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down"))
+            error = SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down")
+            fut.set_exception(error)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
             return fut
-        item = _Item(log, data, fut, on_durable, side)
+        item = _Item(log, data, fut, on_durable, side, waiter)
         with self._cond:
             self._pending.append(item)
             if len(self._pending) == 1:
@@ -226,9 +234,13 @@ class GroupCommitWriter:
                 if positions is not None:
                     if item.on_durable is not None:
                         item.on_durable(positions[i])
-                    if not item.future.done():
-                        item.future.set_result(positions[i])
-                elif not item.future.done():
-                    item.future.set_exception(exc or SpoolWriteError(errno.EIO))
+                    for fut in (item.future, item.waiter):
+                        if fut is not None and not fut.done():
+                            fut.set_result(positions[i])
+                else:
+                    error = exc or SpoolWriteError(errno.EIO)
+                    for fut in (item.future, item.waiter):
+                        if fut is not None and not fut.done():
+                            fut.set_exception(error)
         if self._on_batch is not None:
             self._on_batch()
