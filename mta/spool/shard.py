@@ -183,7 +183,7 @@ class Shard:
             raise ShardClosed(f"shard {self.number} is not open for writing")
         # The writer resolves the caller's future in the same step as its own: no shield
         # (an outer future, two callbacks and a turn of the loop more per message).
-        waiter: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
+        waiter = self._writer.create_future()
         fut = self._writer.append(self._log, data, on_durable, side, waiter)
         self._inflight += 1
         self._idle.clear()

@@ -116,6 +116,11 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
+    def create_future(self) -> asyncio.Future[Position]:
+        """A future of the writer's loop (no lookup of the running loop: that costs a
+        getpid() system call each time)."""
+        return self._loop.create_future()
+
     def append(
         self,
         log: AppendLog,

@@ -343,3 +343,20 @@ async def test_random_corruption_and_torn_tail_keep_every_intact_message(
         await spool.submit(env(999), b"the shard still takes mail")
     finally:
         await spool.close()
+
+
+def test_record_crc_in_pieces_equals_zlib_and_keeps_the_gil() -> None:
+    """Records are framed on the event loop: the crc goes in pieces small enough that zlib
+    keeps the GIL (it lets go above 5 KiB, and taking it back meant a thread switch)."""
+    import random
+    import zlib
+
+    from mta.spool.record import _CRC_PIECE, _crc32
+
+    assert _CRC_PIECE <= 5 * 1024  # CPython's zlib: GIL released only above 5 KiB
+    rng = random.Random(7)
+    for size in (0, 1, _CRC_PIECE - 1, _CRC_PIECE, _CRC_PIECE + 1, 3 * _CRC_PIECE,
+                 *(rng.randrange(1, 100_000) for _ in range(50))):
+        data = rng.randbytes(size)
+        start = rng.randrange(1 << 32)
+        assert _crc32(data, start) == zlib.crc32(data, start), size
