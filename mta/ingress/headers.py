@@ -26,47 +26,59 @@ def _now() -> str:
     return _date[1]
 
 
-def _split_headers(content: bytes) -> tuple[int, set[bytes]]:
-    """Where the header section ends (offset after its last CRLF) and the names it holds.
+# The rest of a header line: up to its CRLF (a bare CR or LF belongs to the line).
+_REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*(?:\r\n|\Z)"
+# A header section: fields (a name, a colon, the line; then folded continuation lines that
+# start with white space), from the start of the content. Matched in one call: walking it
+# line by line in Python was 2% of ingress.
+_SECTION_RE = re.compile(rb"(?:[!-9;-~]+[ \t]*:" + _REST + rb"(?:[ \t]" + _REST + rb")*)*")
+_AFTER_NAME_RE = re.compile(rb"[ \t]*:")
+
+
+def _header_end(content: bytes) -> int:
+    """Where the header section ends (offset after its last CRLF).
 
     The section ends at the first line that is neither a header field nor a folded
     continuation, so a message without headers gets new ones in front of its text.
     """
-    names: set[bytes] = set()
-    pos = 0
-    size = len(content)
-    while pos < size:
-        eol = content.find(b"\r\n", pos)
-        line_end = size if eol < 0 else eol + 2
-        line = content[pos:line_end]
-        if line[:1] in (b" ", b"\t") and names:
-            pos = line_end
-            continue
-        m = _NAME_RE.match(line)
-        if m is None:
-            break
-        names.add(m.group(1).lower())
-        pos = line_end
-    return pos, names
+    m = _SECTION_RE.match(content)
+    return m.end() if m is not None else 0
+
+
+def _has_field(section: bytes, name: bytes) -> bool:
+    """Does ``section`` (a header section, lower-cased) hold a field called ``name``
+    (lower case)? Fields start the section or follow a CRLF."""
+    start = 0
+    while True:
+        if section.startswith(name, start) and _AFTER_NAME_RE.match(section, start + len(name)):
+            return True
+        at = section.find(b"\r\n" + name, start)
+        if at < 0:
+            return False
+        start = at + 2
 
 
 @functools.lru_cache(maxsize=16)
-def _fields_re(names: tuple[str, ...]) -> re.Pattern[bytes]:
-    alternatives = b"|".join(re.escape(n.encode()) for n in names)
-    return re.compile(rb"(?im)^(?:" + alternatives + rb")[ \t]*:")
+def _wanted(names: tuple[str, ...]) -> frozenset[bytes]:
+    """The field names asked for, lower case, as bytes (empty ones left out)."""
+    return frozenset(n.lower().encode() for n in names if n)
 
 
 def take_fields(content: bytes, names: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
     """``content`` without the header fields ``names`` (every occurrence, continuation lines
     too; names compared ignoring case), and the first value found of each, unfolded and
     stripped, keyed by the lower-case name. Mail without them is returned as it is."""
-    names = tuple(n for n in names if n)
+    wanted = _wanted(names)
     blank = content.find(b"\r\n\r\n")
-    if not names or not _fields_re(names).search(content, 0, blank if blank >= 0 else
-                                                  len(content)):
-        return content, {}  # the common case: one search of the header section
-    wanted = {n.lower().encode() for n in names}
-    end, _ = _split_headers(content)
+    head = (content[:blank] if blank >= 0 else content).lower()
+    for name in wanted:
+        if _has_field(head, name):
+            break
+    else:
+        # The common case: none of them. (The walk below takes fields only at the start of
+        # a line, a CRLF before it, as _has_field finds them.)
+        return content, {}
+    end = _header_end(content)
     kept: list[bytes] = []
     found: dict[str, bytearray] = {}
     taking: bytearray | None = None  # the value being read (None: dropping a repeat)
@@ -112,11 +124,12 @@ def received_header(*, helo: str, ip: str, hostname: str, protocol: str, message
 
 def prepare_content(content: bytes, received: bytes, *, message_id: str, hostname: str) -> bytes:
     """Prepend ``received``; add ``Message-ID:`` and ``Date:`` when the client left them out."""
-    end, present = _split_headers(content)
+    end = _header_end(content)
+    section = content[:end].lower()
     extra = []
-    if b"message-id" not in present:
+    if not _has_field(section, b"message-id"):
         extra.append(f"Message-ID: <{message_id}@{hostname}>\r\n".encode())
-    if b"date" not in present:
+    if not _has_field(section, b"date"):
         extra.append(f"Date: {_now()}\r\n".encode())
     if not extra:
         return received + content
