@@ -12,7 +12,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -109,18 +108,36 @@ class _NodeId:
         return event
 
 
-class _Dumps:
-    """``json.dumps`` for structlog's JSONRenderer, the encoder built once per ``default``
-    (the renderer passes its fallback for objects JSON cannot encode)."""
+# structlog's add_log_level: the method name, but for two aliases.
+_LEVEL_OF = {"warn": "warning", "exception": "error"}
 
-    def __init__(self) -> None:
-        self._made: dict[Any, Callable[[Any], str]] = {}
 
-    def __call__(self, obj: Any, default: Callable[[Any], Any] | None = None) -> str:
-        dumps = self._made.get(default)
-        if dumps is None:
-            dumps = self._made[default] = encoder(default=default)
-        return dumps(obj)
+def _fallback(obj: Any) -> Any:
+    """What JSON cannot encode: its ``__structlog__()`` if it has one, else its repr."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+class _JsonLine:
+    """structlog's JSON chain (``node_id``, ``add_log_level``, the timestamp,
+    ``format_exc_info``, ``JSONRenderer``) as one processor: the same line, one call instead
+    of five per event, the JSON encoder built once."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+        self._stamp = _Stamper()
+        self._dumps = encoder(default=_fallback)
+
+    def __call__(self, logger: object, name: str, event: dict[str, Any]) -> str:
+        if self._node_id:
+            event.setdefault("node_id", self._node_id)
+        event["level"] = _LEVEL_OF.get(name, name)
+        self._stamp(logger, name, event)
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(logger, name, event)
+        return self._dumps(event)
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
@@ -132,18 +149,14 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     writer = LineWriter(sys.stdout)
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer(_Dumps()) if json_out
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
-    )
-    processors: list[structlog.types.Processor] = [
-        # The node id on every line, where structlog's contextvars would put it: one
-        # process serves one node, so one constant, not a walk of the context per line.
+    # The node id on every line, where structlog's contextvars would put it: one process
+    # serves one node, so one constant, not a walk of the context per line.
+    processors: list[structlog.types.Processor] = [_JsonLine(node_id)] if json_out else [
         _NodeId(node_id),
         structlog.processors.add_log_level,
         _Stamper(),
-        structlog.processors.format_exc_info if json_out else structlog.dev.set_exc_info,
-        renderer,
+        structlog.dev.set_exc_info,
+        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
     ]
     structlog.configure(
         processors=processors,
