@@ -153,6 +153,10 @@ class IngressSession(AuthExchange, DataReader):
     # This session's live-trace state (mta/ingress/trace.py), made when it first reports
     # while somebody watches; a class default, so __init__ stays aiosmtpd's attributes.
     _trace: SessionTrace | None = None
+    # The command loop waits for its next command line (data_received may answer MAIL and
+    # RCPT meanwhile), and data_received has more complete lines after the one it answers.
+    _waiting_command: bool = False
+    _more_lines: bool = False
 
     def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
                  hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
@@ -250,12 +254,16 @@ class IngressSession(AuthExchange, DataReader):
         reader._maybe_resume_transport()
         return line
 
-    async def _read_line(self) -> bytes | None:
+    async def _read_line(self, command: bool = False) -> bytes | None:
         """One line from the client; None (the whole line discarded) if it is too long.
-        Raises IncompleteReadError when the client has closed its side."""
+        Raises IncompleteReadError when the client has closed its side. ``command``: the
+        command loop waits for its next command (MAIL and RCPT may be answered meanwhile,
+        see :meth:`data_received`)."""
+        self._waiting_command = command
         try:
             return await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
+            self._waiting_command = False
             consumed = exc.consumed
             while True:
                 await self._reader.readexactly(consumed)
@@ -264,6 +272,50 @@ class IngressSession(AuthExchange, DataReader):
                     return None
                 except asyncio.LimitOverrunError as more:
                     consumed = more.consumed
+        finally:
+            self._waiting_command = False
+
+    def data_received(self, data: bytes) -> None:
+        # While the command loop waits for a command with nothing buffered, the MAIL and RCPT
+        # lines that arrive are answered here, without waking it: a client that waits for
+        # each reply (no PIPELINING) costs a wake-up of the session per command otherwise.
+        # Anything else, and all that follows it, goes to the reader as before.
+        if self._waiting_command and not self._reader._buffer:  # type: ignore[attr-defined]
+            data = self._answer_at_once(data)
+            if not data:
+                return
+        super().data_received(data)
+
+    def _answer_at_once(self, data: bytes) -> bytes:
+        """Answer the MAIL and RCPT lines at the start of ``data``; return the rest."""
+        limit = self._reader._limit  # type: ignore[attr-defined]
+        start, size = 0, len(data)
+        while start < size:
+            end = data.find(b"\n", start)
+            answer = _ANSWERED_AT_ONCE_LINES.get(data[start:start + 5].upper())
+            if (answer is None or end < 0 or end - start > limit or self._paused
+                    or self.transport is None or self.transport.is_closing()):
+                break
+            raw, start = data[start:end + 1], end + 1
+            # Replies wait while further complete lines are still to be answered (RFC 2920).
+            self._more_lines = data.find(b"\n", start) >= 0
+            try:
+                parsed = self._parse_command(raw)
+                if isinstance(parsed, str):
+                    self._reply(parsed)
+                else:
+                    self._reset_timeout()
+                    self._reply(answer(self, parsed[1]))
+            except ConnectionError:
+                return b""  # the transport is gone: the command loop learns it from the reader
+            except Exception as exc:
+                log.exception("smtp.command_failed", client_ip=self._client_ip,
+                              command=raw[:4].decode("ascii", "replace").upper(),
+                              error=describe(exc))
+                self._reply("451 4.3.0 Internal error, try again later")
+            finally:
+                self._more_lines = False
+        return data[start:] if start else data
 
     async def _command_loop(self) -> None:
         """aiosmtpd's command loop, owned here so that: unknown commands are not echoed
@@ -274,7 +326,7 @@ class IngressSession(AuthExchange, DataReader):
         bogus = 0
         while self.transport is not None and not self.transport.is_closing():
             try:
-                raw = self._buffered_line() or await self._read_line()
+                raw = self._buffered_line() or await self._read_line(command=True)
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
             parsed = self._parse_command(raw)
@@ -586,7 +638,7 @@ class IngressSession(AuthExchange, DataReader):
         if data[3:4] == b"-" and code == "250":
             return False
         buffered = getattr(self._reader, "_buffer", None)
-        if code in _DEFERRABLE and buffered and b"\n" in buffered:
+        if code in _DEFERRABLE and (self._more_lines or (buffered and b"\n" in buffered)):
             return False
         return self._send_out()
 
@@ -682,3 +734,6 @@ class IngressSession(AuthExchange, DataReader):
 
 # The commands the loop answers with a plain function (reply text, rewritten by _reply).
 _ANSWERED_AT_ONCE: dict[str, Any] = {"MAIL": IngressSession._mail, "RCPT": IngressSession._rcpt}
+# The same, by the first five bytes of a line (upper-cased), for data_received.
+_ANSWERED_AT_ONCE_LINES: dict[bytes, Any] = {
+    f"{verb} ".encode(): answer for verb, answer in _ANSWERED_AT_ONCE.items()}
