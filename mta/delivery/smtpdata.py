@@ -22,6 +22,9 @@ __all__ = ["install", "normalize_line_endings", "stuff_periods"]
 
 _original_normalize = _protocol.normalize_message_line_endings
 _ORIGINAL_PERIOD = _protocol.PERIOD_REGEX
+# A line that starts with a dot. re finds it about twice as fast as ``in`` (bytes' search
+# for a short pattern with a common first byte is slow).
+_LINE_DOT = re.compile(rb"\n\.")
 
 
 def normalize_line_endings(message: bytes) -> bytes:
@@ -39,7 +42,7 @@ class _PeriodStuffer:
     pattern: re.Pattern[bytes] = _ORIGINAL_PERIOD
 
     def sub(self, repl: bytes, message: bytes, *args: Any) -> bytes:
-        if not message.startswith(b".") and b"\n." not in message:
+        if not message.startswith(b".") and _LINE_DOT.search(message) is None:
             return message
         return _ORIGINAL_PERIOD.sub(repl, message, *args)
 
