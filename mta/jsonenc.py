@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,15 +26,25 @@ def encoder(*, ensure_ascii: bool = True, separators: tuple[str, str] = (", ", "
     if make is None:  # no C accelerator in this Python: json's own pure-Python path
         return python.encode
     item_separator, key_separator = separators
-    markers: dict[int, Any] = {}
     strings = json.encoder.encode_basestring_ascii if ensure_ascii \
         else json.encoder.encode_basestring
-    encode = make(markers, python.default, strings, None, key_separator, item_separator,
-                  False, False, True)
+    # The C encoder keeps the containers it is inside in ``markers`` (circular references):
+    # one per thread (every thread logs: the loop, the spool writer, workers), so a line
+    # half encoded in one (while ``default`` runs Python code) is not another's state.
+    local = threading.local()
 
     def dumps(obj: Any) -> str:
         if isinstance(obj, (str, int, float)) or obj is None:
             return python.encode(obj)  # a bare scalar: the C encoder wants a container
+        try:
+            markers, encode = local.state
+        except AttributeError:
+            markers = {}
+            encode = make(markers, python.default, strings, None, key_separator,
+                          item_separator, False, False, True)
+            local.state = (markers, encode)
+        if markers:
+            return python.encode(obj)  # re-entered from ``default`` in this thread
         try:
             return "".join(encode(obj, 0))
         except BaseException:
