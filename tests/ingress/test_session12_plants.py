@@ -101,6 +101,8 @@ async def test_replies_after_ehlo(start_node: Any, path: str) -> None:
         (f"MAIL FROM:<a@example.com> SIZE={limit + 1}",
          "552 5.3.4 Message size exceeds fixed limit"),
         ("MAIL FROM:<a@example.com> FOO=1", "555 5.5.4 MAIL FROM parameters not recognized"),
+        # Over the command's limit, under the reader's: refused once read, not discarded.
+        (f"MAIL FROM:<{'a' * 600}@example.com>", "500 5.5.2 Command line too long"),
         ("DATA now", "503 5.5.1 Need RCPT command first"),  # before its argument
         # Parameters upper-cased; a SIZE of the limit itself is allowed.
         (f"MAIL FROM:<a@example.com> body=8bitmime SIZE={limit}", "250 2.1.0 Sender OK"),
@@ -276,4 +278,22 @@ async def test_an_auth_answer_like_mail_is_the_auth_answer(start_node: Any,
     assert reply[:1] in "45", reply
     assert session.envelope is not None and not session.envelope.mail_from
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
+    await raw.close()
+
+
+async def test_a_packet_that_ends_a_started_line_is_not_a_new_command(start_node: Any) -> None:
+    """A packet that starts like RCPT but completes a line already begun is that line (an
+    unknown command here), not an RCPT answered as it arrives."""
+    node = await start_node()
+    raw = await Raw.connect(port(node))
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd("EHLO c.example")).startswith("250")
+    session = await _waiting(node)
+    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
+    raw.writer.write(b"X-")
+    reader: Any = session._reader
+    await wait_until(lambda: bytes(reader._buffer) == b"X-", what="the line begun")
+    raw.writer.write(b"RCPT TO:<b@example.org>\r\n")
+    assert await raw.reply() == "500 5.5.1 Command not recognized"
+    assert session.envelope is not None and session.envelope.rcpt_tos == []
     await raw.close()
