@@ -34,8 +34,6 @@ def encoder(*, ensure_ascii: bool = True, separators: tuple[str, str] = (", ", "
     local = threading.local()
 
     def dumps(obj: Any) -> str:
-        if isinstance(obj, (str, int, float)) or obj is None:
-            return python.encode(obj)  # a bare scalar: the C encoder wants a container
         try:
             markers, encode = local.state
         except AttributeError:
