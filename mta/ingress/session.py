@@ -450,13 +450,10 @@ class IngressSession(AuthExchange, DataReader):
                 return "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
         if not session.host_name:
             return "503 Error: send HELO first"
-        if arg is None or (arg := self._strip_command_keyword("FROM:", arg)) is None:
-            return syntaxerr
-        address, addrparams = self._getaddr(arg)
-        if address is None:
-            return "553 5.1.3 Error: malformed address"
-        if not address or (addrparams and not session.extended_smtp):
-            return syntaxerr
+        parsed = self._address_arg(arg, "FROM:", syntaxerr)
+        if isinstance(parsed, str):
+            return parsed
+        address, addrparams = parsed
         if envelope.mail_from:
             return "503 Error: nested MAIL command"
         mail_options = addrparams.upper().split() if addrparams else []
@@ -464,6 +461,20 @@ class IngressSession(AuthExchange, DataReader):
         if refusal is not None:
             return refusal
         return self.event_handler.mail(self, session, envelope, address, mail_options)
+
+    def _address_arg(self, arg: str | None, keyword: str, syntaxerr: str
+                     ) -> tuple[str, str] | str:
+        """The address and parameters after MAIL's ``FROM:`` or RCPT's ``TO:``, or the
+        reply refusing them (aiosmtpd's checks, in its order)."""
+        assert self.session is not None
+        if arg is None or (arg := self._strip_command_keyword(keyword, arg)) is None:
+            return syntaxerr
+        address, params = self._getaddr(arg)
+        if address is None:
+            return "553 5.1.3 Error: malformed address"
+        if not address or (params and not self.session.extended_smtp):
+            return syntaxerr
+        return address, params or ""
 
     def _mail_params(self, mail_options: list[str], syntaxerr: str) -> str | None:
         """aiosmtpd's checks of MAIL's parameters: the reply refusing them, or None (and
@@ -498,13 +509,10 @@ class IngressSession(AuthExchange, DataReader):
             return "503 Error: need MAIL command"
         syntaxerr = ("501 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
                      if session.extended_smtp else "501 Syntax: RCPT TO: <address>")
-        if arg is None or (arg := self._strip_command_keyword("TO:", arg)) is None:
-            return syntaxerr
-        address, params = self._getaddr(arg)
-        if address is None:
-            return "553 5.1.3 Error: malformed address"
-        if not address or (params and not session.extended_smtp):
-            return syntaxerr
+        parsed = self._address_arg(arg, "TO:", syntaxerr)
+        if isinstance(parsed, str):
+            return parsed
+        address, params = parsed
         rcpt_options = params.upper().split() if params else []
         options = self._getparams(rcpt_options)
         if options is None:

@@ -27,6 +27,15 @@ async def _waiting(node: Any) -> IngressSession:
     return session
 
 
+async def _greeted(node: Any, helo: str = "EHLO c.example") -> tuple[Raw, IngressSession]:
+    """A connection to ``node`` past its greeting and ``helo``, and the node's session of
+    it once the command loop waits for a command."""
+    raw = await Raw.connect(port(node))
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd(helo)).startswith("250")
+    return raw, await _waiting(node)
+
+
 async def _ask(raw: Raw, line: str, path: str) -> str:
     """``line``'s reply: answered as it arrives (``at_once``: the loop waits with nothing
     read), or by the command loop (``loop``: a NOOP in the same packet sends it there)."""
@@ -62,10 +71,7 @@ async def test_refusals_before_helo(start_node: Any, path: str) -> None:
 async def test_replies_after_plain_helo(start_node: Any, path: str) -> None:
     """HELO: no parameters, and the syntax replies without them."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("HELO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node, "HELO c.example")
     await _transcript(raw, path, [
         ("MAIL TO:<a@example.com>", _MAIL_SYNTAX),
         ("MAIL FROM:<a@example.com> BODY=8BITMIME", _MAIL_SYNTAX),
@@ -86,10 +92,7 @@ async def test_replies_after_plain_helo(start_node: Any, path: str) -> None:
 async def test_replies_after_ehlo(start_node: Any, path: str) -> None:
     """EHLO: each check of MAIL's and RCPT's parameters, in aiosmtpd's order."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node)
     limit = session.data_size_limit
     assert limit
     await _transcript(raw, path, [
@@ -127,10 +130,7 @@ async def test_mail_answered_at_once_moves_the_idle_deadline(start_node: Any) ->
     """A MAIL or RCPT answered as it arrives is activity: the session's timeout starts
     again, as for any command the loop answers."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node)
     loop = asyncio.get_running_loop()
     for line in ("MAIL FROM:<a@example.com>", "RCPT TO:<b@example.org>"):
         last_reset = session._deadline - session._timeout_duration
@@ -142,14 +142,13 @@ async def test_mail_answered_at_once_moves_the_idle_deadline(start_node: Any) ->
     await raw.close()
 
 
-async def test_a_client_that_reads_no_replies_is_not_read_either(start_node: Any) -> None:
-    """Replies a client does not read pause the session: it stops answering and reading
-    (its reader pauses the socket) instead of queueing replies without end; every reply
-    still comes, in order, once the client reads."""
-    node = await start_node()
+async def _small_buffers(node: Any) -> tuple[Raw, IngressSession]:
+    """A connection past EHLO whose socket buffers are small on both sides (4 KiB), so a
+    client that does not read fills them fast; and the node's session of it."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port(node)))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port(node)))
     raw = Raw(*await _open(sock))
     assert (await raw.reply()).startswith("220")
     assert (await raw.cmd("EHLO c.example")).startswith("250")
@@ -157,6 +156,16 @@ async def test_a_client_that_reads_no_replies_is_not_read_either(start_node: Any
     assert session.transport is not None
     session.transport.get_extra_info("socket").setsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return raw, session
+
+
+async def test_a_client_that_reads_no_replies_is_not_read_either(start_node: Any) -> None:
+    """Replies a client does not read pause the session: it stops answering and reading
+    (its reader pauses the socket) instead of queueing replies without end; every reply
+    still comes, in order, once the client reads."""
+    node = await start_node()
+    raw, session = await _small_buffers(node)
+    assert session.transport is not None
     count = 40_000
     # Each answered as it arrives while the server's transport takes writes.
     raw.writer.write(b"RCPT TO:<b@example.org>\r\n" * count)
@@ -176,16 +185,9 @@ async def test_lines_are_not_answered_at_once_while_replies_wait(start_node: Any
     answered as they arrive (each would add a reply to the queue nobody reads): they go to
     the command loop, which waits for the client, and then the session stops reading."""
     node = await start_node()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port(node)))
-    raw = Raw(*await _open(sock))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _small_buffers(node)
     transport = session.transport
     assert transport is not None
-    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     written = [0]
     write = session._writer.write
 
@@ -222,10 +224,7 @@ async def test_a_body_line_like_mail_is_body(start_node: Any) -> None:
     """Once DATA is read, the session does not wait for a command: a body packet that
     starts with "MAIL " is message text, not a command answered as it arrives."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    await _waiting(node)
+    raw, _ = await _greeted(node)
     assert (await raw.cmd("MAIL FROM:<a@example.com>")).startswith("250")
     assert (await raw.cmd("RCPT TO:<b@example.org>")).startswith("250")
     assert (await raw.cmd("DATA")).startswith("354")
@@ -241,10 +240,7 @@ async def test_the_rest_of_a_long_line_is_not_a_command(start_node: Any) -> None
     """A command line over the limit is discarded up to its end: what arrives after the
     session began discarding it is still that line, whatever it looks like."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node)
     reader: Any = session._reader
     discarded: list[int] = []
     real = reader.readexactly
@@ -269,10 +265,7 @@ async def test_an_auth_answer_like_mail_is_the_auth_answer(start_node: Any,
     """While AUTH waits for the client's answer to its challenge, no line is a command:
     one that reads like MAIL is that answer (and a bad one)."""
     node = await start_node(smtp={"users_file": users_file, "relay_networks": []})
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node)
     assert (await raw.cmd("AUTH LOGIN")).startswith("334 ")
     reply = await raw.cmd("MAIL FROM:<a@example.com>")
     assert reply[:1] in "45", reply
@@ -285,10 +278,7 @@ async def test_a_packet_that_ends_a_started_line_is_not_a_new_command(start_node
     """A packet that starts like RCPT but completes a line already begun is that line (an
     unknown command here), not an RCPT answered as it arrives."""
     node = await start_node()
-    raw = await Raw.connect(port(node))
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    session = await _waiting(node)
+    raw, session = await _greeted(node)
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
     raw.writer.write(b"X-")
     reader: Any = session._reader

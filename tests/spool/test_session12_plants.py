@@ -10,7 +10,6 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,9 +18,8 @@ from mta.spool import SpoolWriteError
 from mta.spool.ownership import OwnerToken
 from mta.spool.shard import Shard
 from mta.spool.writer import GroupCommitWriter
+from tests.spool.conftest import ENVELOPE
 from tests.support import wait_until
-
-ENVELOPE = {"from": "a@x.org", "to": ["r@y.org"]}
 
 
 class SyncGates:
@@ -43,18 +41,6 @@ class SyncGates:
             real(fd)
 
         monkeypatch.setattr(os, "fdatasync", held)
-
-
-@pytest.fixture
-async def shard(tmp_path: Path) -> Any:
-    writer = GroupCommitWriter(asyncio.get_running_loop())
-    shard = Shard(0, tmp_path, writer, OwnerToken("n1", 1), segment_size=1 << 20)
-    await shard.open()
-    await shard.add("M0", ENVELOPE, b"body")
-    yield shard
-    # Bounded: a write the writer never settled must fail the test, not hang it.
-    await asyncio.wait_for(shard.close(), 10)
-    await asyncio.wait_for(writer.close(), 10)
 
 
 @pytest.fixture

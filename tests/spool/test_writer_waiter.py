@@ -9,18 +9,13 @@ import gc
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mta.spool import SpoolWriteError
-from mta.spool.ownership import OwnerToken
 from mta.spool.shard import Shard
-from mta.spool.writer import GroupCommitWriter
 from tests.support import wait_until
-
-ENVELOPE = {"from": "a@x.org", "to": ["r@y.org"]}
 
 
 class HeldSync:
@@ -46,17 +41,6 @@ class HeldSync:
             real(fd)
 
         monkeypatch.setattr(os, "fdatasync", held)
-
-
-@pytest.fixture
-async def shard(tmp_path: Path) -> Any:
-    writer = GroupCommitWriter(asyncio.get_running_loop())
-    shard = Shard(0, tmp_path, writer, OwnerToken("n1", 1), segment_size=1 << 20)
-    await shard.open()
-    await shard.add("M0", ENVELOPE, b"body")
-    yield shard
-    await shard.close()
-    await writer.close()
 
 
 @pytest.fixture
