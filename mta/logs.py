@@ -126,13 +126,12 @@ class _JsonLine:
     of five per event, the JSON encoder built once."""
 
     def __init__(self, node_id: str) -> None:
-        self._node_id = node_id
+        self._node_id = _NodeId(node_id)
         self._stamp = _Stamper()
         self._dumps = encoder(default=_fallback)
 
     def __call__(self, logger: object, name: str, event: dict[str, Any]) -> str:
-        if self._node_id:
-            event.setdefault("node_id", self._node_id)
+        self._node_id(logger, name, event)
         event["level"] = _LEVEL_OF.get(name, name)
         self._stamp(logger, name, event)
         if "exc_info" in event:

@@ -11,7 +11,9 @@ from mta.text import escape_controls
 
 __all__ = ["prepare_content", "received_header", "take_fields"]
 
-_NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# A field name and its colon (RFC 5322 2.2; blanks before the colon tolerated, RFC 5322 4.5).
+_FIELD = rb"([!-9;-~]+)[ \t]*:"
+_NAME_RE = re.compile(_FIELD)
 # An escape cut in two by the length limit: dropped rather than left half-written.
 _PARTIAL_ESCAPE_RE = re.compile(r"\\(?:x(?:\{[0-9A-F]{0,2})?)?$")
 _date: tuple[int, str] = (0, "")
@@ -31,9 +33,8 @@ _REST = rb"[^\r]*(?:\r(?!\n)[^\r]*)*(?:\r\n|\Z)"
 # A header section: fields (a name, a colon, the line; then folded continuation lines that
 # start with white space), from the start of the content. Matched in one call: walking it
 # line by line in Python was 2% of ingress.
-_SECTION_RE = re.compile(rb"(?:[!-9;-~]+[ \t]*:" + _REST + rb"(?:[ \t]" + _REST + rb")*)*")
+_SECTION_RE = re.compile(rb"(?:" + _FIELD + _REST + rb"(?:[ \t]" + _REST + rb")*)*")
 _AFTER_NAME_RE = re.compile(rb"[ \t]*:")
-_FIELD_START_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 def _header_end(content: bytes) -> int:
@@ -59,7 +60,7 @@ def _walk_end(content: bytes) -> int:
         eol = content.find(b"\r\n", pos)
         line_end = size if eol < 0 else eol + 2
         if not (fields and content[pos:pos + 1] in (b" ", b"\t")):
-            if _FIELD_START_RE.match(content, pos, line_end) is None:
+            if _NAME_RE.match(content, pos, line_end) is None:
                 break
             fields += 1
         pos = line_end

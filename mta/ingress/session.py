@@ -309,10 +309,7 @@ class IngressSession(AuthExchange, DataReader):
             except ConnectionError:
                 return b""  # the transport is gone: the command loop learns it from the reader
             except Exception as exc:
-                log.exception("smtp.command_failed", client_ip=self._client_ip,
-                              command=raw[:4].decode("ascii", "replace").upper(),
-                              error=describe(exc))
-                self._reply("451 4.3.0 Internal error, try again later")
+                self._reply(self._failed(raw[:4].decode("ascii", "replace").upper(), exc))
             finally:
                 self._more_lines = False
         return data[start:] if start else data
@@ -359,10 +356,14 @@ class IngressSession(AuthExchange, DataReader):
                     self.transport.close()
                 return
             except Exception as exc:
-                log.exception("smtp.command_failed", client_ip=self._client_ip,
-                              command=command, error=describe(exc))
-                await self.push("451 4.3.0 Internal error, try again later")
+                await self.push(self._failed(command, exc))
         await self._close_after_replies()
+
+    def _failed(self, command: str, exc: Exception) -> str:
+        """Log a command that failed inside (a bug); the reply to it: 451, not the text."""
+        log.exception("smtp.command_failed", client_ip=self._client_ip, command=command,
+                      error=describe(exc))
+        return "451 4.3.0 Internal error, try again later"
 
     def _parse_command(self, raw: bytes | None) -> tuple[str, str | None] | str:
         """A command line as (verb, argument), or the reply refusing it before its verb is
@@ -429,13 +430,11 @@ class IngressSession(AuthExchange, DataReader):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if self._reply(self._mail(arg)):
-            await self._writer.drain()
+        await self.push(self._mail(arg))
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if self._reply(self._rcpt(arg)):
-            await self._writer.drain()
+        await self.push(self._rcpt(arg))
 
     def _mail(self, arg: str | None) -> str:
         """The reply to ``MAIL``; the envelope takes the sender if it is accepted."""
