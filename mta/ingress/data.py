@@ -17,9 +17,10 @@ from aiosmtpd.smtp import SMTP
 if TYPE_CHECKING:
     from mta.ingress.server import IngressServer
 
-__all__ = ["DataReader"]
+__all__ = ["Body", "DataReader"]
 
 _DOT_LINE = b".\r\n"
+_END_OF_DATA = b"\r\n.\r\n"
 _STUFFED = re.compile(rb"\r\n\.")
 # The reader's limit while in DATA: the body is taken in pieces of at most this much, so the
 # reader's own buffer (asyncio pauses the socket at twice its limit) stays small per session.
@@ -93,6 +94,94 @@ def _keep(parts: list[bytes], stage: bytearray, piece: bytes, last: bool) -> byt
     return stage
 
 
+class Body:
+    """A body in the making: each piece of the stream checked for line length, unstuffed,
+    held in the session's in-flight budget and kept, whichever way the pieces come (the
+    reader's ``readuntil`` or ``data_received``)."""
+
+    __slots__ = ("_carry", "_fault", "_limit", "_max_line", "_owner", "_parts", "_size",
+                 "_stage", "held", "prev")
+
+    def __init__(self, owner: DataReader) -> None:
+        self._owner = owner
+        self._limit = owner.data_size_limit or (1 << 30)
+        self._max_line = owner.line_length_limit - 2
+        self._parts: list[bytes] = []
+        self._stage = bytearray()
+        self._size = 0  # unstuffed bytes so far
+        self._carry = 0  # length of the line still open
+        # The stream's last two bytes taken: a "." as the very first line ends the body.
+        self.prev = b"\r\n"
+        self._fault = _FINE
+        # For data_received: the stream's last bytes, not taken yet: they may begin the end
+        # of DATA.
+        self.held = b""
+
+    def take(self, data: bytes, ended: bool) -> None:
+        """The next piece of the stream; ``ended``: the end-of-data line came right after."""
+        if data:
+            self._carry, long = _scan_lines(data, self.prev, self._carry, self._max_line)
+            piece = _unstuff(data, self.prev)
+            self.prev = data[-2:] if len(data) >= 2 else (self.prev + data)[-2:]
+            size = self._size = self._size + len(piece)
+            fault = self._fault
+            if long or size > self._limit:
+                fault = max(fault, _TOO_BIG if size > self._limit else _LONG_LINE)
+            # Only bytes that arrived are held: a SIZE= declaration held up front would let
+            # a few idle sessions that declare the maximum shut everyone out of the budget.
+            owner = self._owner
+            if not fault and size > owner._inflight and not owner._hold(size, self._limit):
+                fault = _OVER_BUDGET
+            self._fault = fault
+            if not fault:
+                self._stage = _keep(self._parts, self._stage, piece, ended)
+            elif self._parts or self._stage or owner._inflight:  # refused: let go of it
+                self._parts, self._stage = [], bytearray()
+                owner._release_inflight()
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Bytes as they arrived: None while the body goes on, else what follows its end
+        (the next commands). Each arrival is taken whole (no copy) unless it ends in what
+        may begin the end-of-data line ("." or ".\\r" at a line start): those bytes wait
+        for the next arrival to tell."""
+        if self.held:
+            held = self.held
+            joint = held + data[:3 - len(held)]
+            if len(joint) < 3:
+                self.held = joint
+                return None
+            self.held = b""
+            if joint == _DOT_LINE:
+                return data[3 - len(held):]
+            self.take(held, False)
+        prev = self.prev
+        # The end of DATA right at the start of the arrival, its CRLF already taken.
+        if prev == b"\r\n" and data[:3] == _DOT_LINE:
+            return data[3:]
+        if prev[-1:] == b"\r" and data[:4] == b"\n.\r\n":
+            self.take(data[:1], True)
+            return data[4:]
+        end = data.find(_END_OF_DATA)
+        if end >= 0:
+            self.take(data[:end + 2], True)
+            return data[end + len(_END_OF_DATA):]
+        tail = data[-4:] if len(data) >= 4 else (prev + data)[-4:]
+        keep = 2 if tail.endswith(b"\r\n.\r") else 1 if tail[-3:] == b"\r\n." else 0
+        if keep:
+            self.held = data[-keep:]
+            data = data[:-keep]
+        self.take(data, False)
+        return None
+
+    def result(self) -> tuple[bytes, str | None]:
+        """(unstuffed body, None), or (b"", the reply refusing it)."""
+        if self._fault:
+            return b"", self._owner._refusal(self._fault, self._size)
+        if self._stage:
+            self._parts.append(bytes(self._stage))
+        return b"".join(self._parts), None
+
+
 class DataReader(SMTP):
     """The body of a DATA command and the share of the in-flight budget it holds; mixed
     into the ingress session, whose ``smtp_DATA`` calls :meth:`_read_body`."""
@@ -111,18 +200,11 @@ class DataReader(SMTP):
         session stays in step with the client) and the reply says why.
         """
         reader = self._reader
-        limit = self.data_size_limit or (1 << 30)
-        max_line = self.line_length_limit - 2
         # asyncio keeps the limit in ``_limit`` (aiosmtpd's own STARTTLS code relies on
         # ``_buffer``); lowered or raised here, it is restored below.
         saved = reader._limit  # type: ignore[attr-defined]
         reader._limit = _BODY_CHUNK  # type: ignore[attr-defined]
-        parts: list[bytes] = []
-        stage = bytearray()
-        size = 0  # unstuffed bytes so far
-        carry = 0  # length of the line still open
-        prev = b"\r\n"  # the stream's last two bytes: a "." as the very first line ends it
-        fault = _FINE
+        body = Body(self)
         try:
             while True:
                 try:
@@ -130,35 +212,15 @@ class DataReader(SMTP):
                 except asyncio.LimitOverrunError as exc:
                     data, ended = await reader.readexactly(exc.consumed), False
                 else:
-                    before = chunk[-5:-3] if len(chunk) >= 5 else (prev + chunk)[-5:-3]
+                    before = chunk[-5:-3] if len(chunk) >= 5 else (body.prev + chunk)[-5:-3]
                     ended = before == b"\r\n"  # ".\r\n" starts a line: the end of DATA
                     data = chunk[:-3] if ended else chunk
-                if data:
-                    carry, long = _scan_lines(data, prev, carry, max_line)
-                    piece = _unstuff(data, prev)
-                    prev = data[-2:] if len(data) >= 2 else (prev + data)[-2:]
-                    size += len(piece)
-                    if long or size > limit:
-                        fault = max(fault, _TOO_BIG if size > limit else _LONG_LINE)
-                    # Only bytes that arrived are held: a SIZE= declaration held up front
-                    # would let a few idle sessions that declare the maximum shut everyone
-                    # out of the budget for free.
-                    if not fault and size > self._inflight and not self._hold(size, limit):
-                        fault = _OVER_BUDGET
-                    if not fault:
-                        stage = _keep(parts, stage, piece, ended)
-                    elif parts or stage or self._inflight:  # refused: let go of the body
-                        parts, stage = [], bytearray()
-                        self._release_inflight()
+                body.take(data, ended)
                 if ended:
                     break
         finally:
             reader._limit = saved  # type: ignore[attr-defined]
-        if fault:
-            return b"", self._refusal(fault, size)
-        if stage:
-            parts.append(bytes(stage))
-        return b"".join(parts), None
+        return body.result()
 
     def _refusal(self, fault: int, size: int) -> str:
         """The reply to a body refused for ``fault`` after ``size`` bytes."""

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import (
 )
 
 from mta.ingress.auth_exchange import AuthExchange
-from mta.ingress.data import DataReader
+from mta.ingress.data import Body, DataReader
 from mta.ingress.policy import in_networks
 from mta.ingress.trace import SessionTrace, printable, redact_command
 from mta.logs import describe
@@ -153,10 +153,14 @@ class IngressSession(AuthExchange, DataReader):
     # This session's live-trace state (mta/ingress/trace.py), made when it first reports
     # while somebody watches; a class default, so __init__ stays aiosmtpd's attributes.
     _trace: SessionTrace | None = None
-    # The command loop waits for its next command line (data_received may answer MAIL and
-    # RCPT meanwhile), and data_received has more complete lines after the one it answers.
-    _waiting_command: bool = False
+    # What the command loop waits on while nothing is buffered (data_received answers MAIL,
+    # RCPT and DATA meanwhile), set to what ends the wait: None (the reader has something)
+    # or a body data_received read whole. data_received has more complete lines after the
+    # one it answers. The body of a DATA answered at once, while it arrives.
+    _wake: asyncio.Future[tuple[bytes, str | None] | None] | None = None
     _more_lines: bool = False
+    _arriving: Body | None = None
+    _bogus: int = 0  # unrecognised commands so far
 
     def __init__(self, handler: Any, server: IngressServer, *, data_size_limit: int,
                  hostname: str, tls_context: ssl.SSLContext | None, timeout: float,
@@ -254,16 +258,12 @@ class IngressSession(AuthExchange, DataReader):
         reader._maybe_resume_transport()
         return line
 
-    async def _read_line(self, command: bool = False) -> bytes | None:
+    async def _read_line(self) -> bytes | None:
         """One line from the client; None (the whole line discarded) if it is too long.
-        Raises IncompleteReadError when the client has closed its side. ``command``: the
-        command loop waits for its next command (MAIL and RCPT may be answered meanwhile,
-        see :meth:`data_received`)."""
-        self._waiting_command = command
+        Raises IncompleteReadError when the client has closed its side."""
         try:
             return await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
-            self._waiting_command = False
             consumed = exc.consumed
             while True:
                 await self._reader.readexactly(consumed)
@@ -272,19 +272,63 @@ class IngressSession(AuthExchange, DataReader):
                     return None
                 except asyncio.LimitOverrunError as more:
                     consumed = more.consumed
-        finally:
-            self._waiting_command = False
+
+    async def _next_command(self) -> bytes | tuple[bytes, str | None] | None:
+        """The command loop's next line (as :meth:`_read_line`), or the (body, refusal) of a
+        DATA that :meth:`data_received` answered and read whole meanwhile."""
+        reader: Any = self._reader
+        if not reader._buffer and not reader._eof and reader._exception is None:
+            wake = self._wake = self.loop.create_future()
+            try:
+                taken = await wake
+            finally:
+                self._wake = None
+            if taken is not None:
+                return taken
+        return await self._read_line()
+
+    @property
+    def _waiting_command(self) -> bool:
+        """The command loop waits for its next command, and nothing has ended the wait."""
+        wake = self._wake
+        return wake is not None and not wake.done() and self._arriving is None
+
+    def _wake_loop(self, taken: tuple[bytes, str | None] | None) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(taken)
 
     def data_received(self, data: bytes) -> None:
-        # While the command loop waits for a command with nothing buffered, the MAIL and RCPT
-        # lines that arrive are answered here, without waking it: a client that waits for
-        # each reply (no PIPELINING) costs a wake-up of the session per command otherwise.
-        # Anything else, and all that follows it, goes to the reader as before.
-        if self._waiting_command and not self._reader._buffer:  # type: ignore[attr-defined]
+        # While the command loop waits for a command with nothing buffered, the MAIL, RCPT
+        # and DATA lines that arrive are answered here, and a DATA's body read, without
+        # waking it: a client that waits for each reply (no PIPELINING) costs a wake-up of
+        # the session, and a trip through the stream reader, per command otherwise. Anything
+        # else, and all that follows it, goes to the reader as before, and wakes the loop.
+        if self._arriving is not None:
+            data = self._body_arrives(data)
+        elif self._waiting_command and not self._reader._buffer:  # type: ignore[attr-defined]
             data = self._answer_at_once(data)
-            if not data:
-                return
-        super().data_received(data)
+        if data:
+            super().data_received(data)
+            self._wake_loop(None)
+
+    def _body_arrives(self, data: bytes) -> bytes:
+        """Feed the body of a DATA answered at once; once it has ended, wake the command loop
+        with it and return what follows it."""
+        assert self._arriving is not None
+        after = self._arriving.feed(data)
+        if after is None:
+            return b""
+        body, self._arriving = self._arriving, None
+        self._wake_loop(body.result())
+        return after
+
+    def _abandon_body(self) -> None:
+        """The client went away while the body of a DATA answered at once arrived."""
+        if self._arriving is not None:
+            self._arriving = None
+            self._release_inflight()
+            self.in_data = False
 
     def _answer_at_once(self, data: bytes) -> bytes:
         """Answer the MAIL and RCPT lines at the start of ``data``; return the rest."""
@@ -292,10 +336,17 @@ class IngressSession(AuthExchange, DataReader):
         start, size = 0, len(data)
         while start < size:
             end = data.find(b"\n", start)
-            answer = _ANSWERED_AT_ONCE_LINES.get(data[start:start + 5].upper())
-            if (answer is None or end < 0 or end - start > limit or self._paused
-                    or self.transport is None or self.transport.is_closing()):
+            head = data[start:start + 6].upper()
+            answer = _ANSWERED_AT_ONCE_LINES.get(head[:5])
+            is_data = answer is None and head == b"DATA\r\n"
+            if ((answer is None and not is_data) or end < 0 or end - start > limit
+                    or self._paused or self.transport is None or self.transport.is_closing()):
                 break
+            if is_data:
+                if not self._begin_body(data[start:end + 1]):
+                    break  # refused: the command loop answers it, as ever
+                rest = data[end + 1:]
+                return self._body_arrives(rest) if rest else b""
             raw, start = data[start:end + 1], end + 1
             # Replies wait while further complete lines are still to be answered (RFC 2920).
             self._more_lines = data.find(b"\n", start) >= 0
@@ -320,27 +371,25 @@ class IngressSession(AuthExchange, DataReader):
         valid UTF-8 (501) instead of failing later; a client that half-closes still gets
         every reply it is owed (and its 250); an internal error answers 451, not a 500
         carrying the exception text."""
-        bogus = 0
         while self.transport is not None and not self.transport.is_closing():
             try:
-                raw = self._buffered_line() or await self._read_line(command=True)
+                raw = self._buffered_line() or await self._next_command()
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the client closed its side: send what it is owed, then close
-            parsed = self._parse_command(raw)
-            if isinstance(parsed, str):
-                await self.push(parsed)
-                continue
-            command, arg = parsed
-            method = self._smtp_methods.get(command)
-            if method is None:
-                bogus += 1
-                if bogus > _BOGUS_LIMIT:
-                    await self.push("421 4.7.0 Too many unrecognized commands, closing "
-                                    "connection")
-                    break
-                await self.push("500 5.5.1 Command not recognized")
-                continue
-            self._reset_timeout()
+            method: Any
+            if isinstance(raw, tuple):  # a DATA answered, and its body read, at once
+                command, arg, method = "DATA", raw, self._data_taken
+            else:
+                parsed = self._parse_command(raw)
+                if isinstance(parsed, str):
+                    await self.push(parsed)
+                    continue
+                command, arg = parsed
+                method = self._smtp_methods.get(command)
+                if method is None:
+                    await self._unrecognized()
+                    continue
+                self._reset_timeout()
             try:
                 answer = _ANSWERED_AT_ONCE.get(command)
                 if answer is None:
@@ -358,6 +407,16 @@ class IngressSession(AuthExchange, DataReader):
             except Exception as exc:
                 await self.push(self._failed(command, exc))
         await self._close_after_replies()
+
+    async def _unrecognized(self) -> None:
+        """500 to a command we do not know; 421, and the end, after too many of them."""
+        self._bogus += 1
+        if self._bogus <= _BOGUS_LIMIT:
+            await self.push("500 5.5.1 Command not recognized")
+            return
+        await self.push("421 4.7.0 Too many unrecognized commands, closing connection")
+        if self.transport is not None:
+            self.transport.close()
 
     def _failed(self, command: str, exc: Exception) -> str:
         """Log a command that failed inside (a bug); the reply to it: 451, not the text."""
@@ -414,7 +473,9 @@ class IngressSession(AuthExchange, DataReader):
         # already stored) a half-closing client is owed. Only tell the reader instead: the
         # command loop answers what was read, then closes.
         assert self.session is not None
+        self._abandon_body()
         asyncio.StreamReaderProtocol.eof_received(self)
+        self._wake_loop(None)
         return self.session.ssl is None
 
     @syntax("EHLO hostname")
@@ -534,6 +595,7 @@ class IngressSession(AuthExchange, DataReader):
             self._admitted = False
             self._server.release(self, self._client_ip)
         self._gone = True
+        self._abandon_body()
         super().connection_lost(error)
 
     def close_for_shutdown(self, reply: str) -> None:
@@ -548,35 +610,70 @@ class IngressSession(AuthExchange, DataReader):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        # aiosmtpd resets its idle timer per command only, so this bounds the whole DATA phase
-        # (slow-drip clients) instead of each line.
-        self.in_data = True
-        self._reset_timeout(self._server.cfg.data_timeout)
+        self._enter_data()
         try:
             await self._data(arg)
         finally:
-            # The body has reached the spool (or was refused) and the envelope let go of it.
-            self._release_inflight()
-            self.in_data = False
-            self._reset_timeout()
-            if self._server.draining and self.transport is not None:
-                await self._flush()
-                self.close_for_shutdown(self._server.closing_reply)
+            await self._leave_data()
+
+    async def _data_taken(self, taken: tuple[bytes, str | None]) -> None:
+        """A DATA that data_received answered (:meth:`_begin_body`) and read whole: the rest
+        of ``smtp_DATA``."""
+        try:
+            await self._data_done(*taken)
+        finally:
+            await self._leave_data()
+
+    def _enter_data(self) -> None:
+        self.in_data = True
+        # aiosmtpd resets its idle timer per command only, so this bounds the whole DATA
+        # phase (slow-drip clients) instead of each line.
+        self._reset_timeout(self._server.cfg.data_timeout)
+
+    async def _leave_data(self) -> None:
+        # The body has reached the spool (or was refused) and the envelope let go of it.
+        self._release_inflight()
+        self.in_data = False
+        self._reset_timeout()
+        if self._server.draining and self.transport is not None:
+            await self._flush()
+            self.close_for_shutdown(self._server.closing_reply)
+
+    def _data_refusal(self, arg: str | None) -> str | None:
+        """aiosmtpd's reply refusing a DATA command, or None."""
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        return ("503 Error: send HELO first" if not session.host_name
+                else "503 Error: need RCPT command" if not envelope.rcpt_tos
+                else "501 5.5.4 Syntax: DATA" if arg else None)
+
+    def _begin_body(self, raw: bytes) -> bool:
+        """Answer a DATA line in data_received (the command loop waits): 354, and its body
+        read by :meth:`_body_arrives`. False, nothing done, if it is to be refused."""
+        if not self._tls_handshake_okay or self._data_refusal(None) is not None:
+            return False
+        if self._server.trace.active and self._traced().wanted:
+            self._trace_command(raw)
+        self._enter_data()
+        self._arriving = Body(self)
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        return True
 
     async def _data(self, arg: str) -> None:
         """DATA with the same replies as aiosmtpd's; the body is read by ``DataReader``
         (mta/ingress/data.py), in pieces instead of line by line."""
-        session, envelope = self.session, self.envelope
-        assert session is not None and envelope is not None
-        refusal = ("503 Error: send HELO first" if not session.host_name
-                   else "503 Error: need RCPT command" if not envelope.rcpt_tos
-                   else "501 5.5.4 Syntax: DATA" if arg else None)
+        refusal = self._data_refusal(arg)
         if refusal is not None:
             await self.push(refusal)
             return
         if self._reply("354 End data with <CR><LF>.<CR><LF>"):
             await self._writer.drain()
-        content, error = await self._read_body()
+        await self._data_done(*await self._read_body())
+
+    async def _data_done(self, content: bytes, error: str | None) -> None:
+        """Store a body read whole, or refuse it; the reply."""
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
         if error is not None:
             if self._server.trace.active and self._traced().wanted:
                 self._traced().emit("data", size=None, accepted=False, queue_id=None)
