@@ -250,6 +250,8 @@ class LoopCounter(Collector):
         registry.register(self)
 
     def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
         self.value += amount
 
     def describe(self) -> Iterable[Metric]:

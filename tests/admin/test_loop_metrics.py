@@ -54,6 +54,15 @@ def test_they_scrape_as_prometheus_clients_own_fed_the_same() -> None:
     assert "t_things_created T\n" in text and "t_seconds_created T\n" in text
 
 
+def test_a_counter_refuses_to_go_down_as_prometheus_clients_does() -> None:
+    counter = LoopCounter("t_down", "Never down", registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="non-negative"):
+        Counter("t_down", "Never down", registry=None).inc(-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.inc(-1)
+    assert counter.value == 0
+
+
 @pytest.mark.skipif(bool(os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES")),
                     reason="the library already leaves _created out")
 def test_they_leave_created_out_when_the_library_does() -> None:
