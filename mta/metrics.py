@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from itertools import accumulate
 
-__all__ = ["SUBMIT_BUCKETS", "NodeMetrics", "ReplicationCounters"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["SUBMIT_BUCKETS", "LoopCounter", "LoopHistogram", "NodeMetrics",
+           "ReplicationCounters"]
 
 SUBMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -16,10 +24,11 @@ class NodeMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.received = Counter("mta_received_messages", "Messages accepted (250 sent)",
-                                registry=r)
-        self.received_bytes = Counter("mta_received_bytes", "Bytes of accepted messages",
-                                      registry=r)
+        # Counted once per accepted message, on the loop (store_submission): lock-free.
+        self.received = LoopCounter("mta_received_messages", "Messages accepted (250 sent)",
+                                    registry=r)
+        self.received_bytes = LoopCounter("mta_received_bytes", "Bytes of accepted messages",
+                                          registry=r)
         self.rejected = Counter("mta_smtp_rejections", "SMTP commands refused, by reply code",
                                 ["code"], registry=r)
         self.spool_errors = Counter("mta_spool_write_errors",
@@ -45,7 +54,7 @@ class NodeMetrics:
         self.stressed = Gauge("mta_smtp_stress",
                               "1 while sessions exceed 80% of max_connections (short "
                               "timeouts)", registry=r)
-        self.submit_latency = Histogram(
+        self.submit_latency = LoopHistogram(
             "mta_submit_seconds", "End of DATA to durable, per message",
             buckets=SUBMIT_BUCKETS, registry=r)
         self.batch_records = Histogram(
@@ -221,3 +230,74 @@ class ReplicationCounters:
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
+
+
+class LoopCounter(Collector):
+    """A counter without labels that only the event loop's thread adds to: ``inc()`` is a
+    plain ``+=`` where prometheus_client's Counter takes a lock (store_submission's three
+    updates per accepted message cost the loop 1.2 us with locks, 0.2 us without). Not for a
+    counter another thread touches: two threads' ``+=`` can lose a count.
+
+    Scraped as prometheus_client's Counter of that name and help: one such Counter, never
+    incremented and in no registry, renders the family (``_created`` too, unless the library
+    is told to leave it out) and this value is put in its ``_total``."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.value = 0.0
+        self._shape = Counter(name, documentation, registry=None)
+        [family] = self._shape.describe()
+        self._total = f"{family.name}_total"
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+    def describe(self) -> Iterable[Metric]:
+        return self._shape.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._shape.collect():
+            family.samples = [s._replace(value=self.value) if s.name == self._total else s
+                              for s in family.samples]
+            yield family
+
+
+class LoopHistogram(Collector):
+    """A histogram without labels that only the event loop's thread observes (see
+    :class:`LoopCounter`): a bucket count and the sum added to without a lock; scraped as
+    prometheus_client's Histogram of that name, help and buckets."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float],
+                 registry: CollectorRegistry) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)  # as prometheus_client adds it
+        self._bounds = tuple(bounds)
+        self._counts = [0] * len(bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+        self._shape = Histogram(name, documentation, buckets=bounds, registry=None)
+        [family] = self._shape.describe()
+        self._names = (f"{family.name}_bucket", f"{family.name}_count", f"{family.name}_sum")
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        # prometheus_client's bucket: the first whose bound is at least the amount.
+        self._counts[bisect_left(self._bounds, amount)] += 1
+
+    def describe(self) -> Iterable[Metric]:
+        return self._shape.describe()
+
+    def collect(self) -> Iterator[Metric]:
+        bucket, count, total = self._names
+        cumulative = [float(n) for n in accumulate(self._counts)]
+        values = {count: cumulative[-1], total: self._sum}
+        for family in self._shape.collect():
+            buckets = iter(cumulative)
+            family.samples = [
+                s._replace(value=next(buckets)) if s.name == bucket else
+                s._replace(value=values[s.name]) if s.name in values else s
+                for s in family.samples]
+            yield family
