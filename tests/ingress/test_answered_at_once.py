@@ -9,28 +9,7 @@ from typing import Any
 
 from mta.ingress.session import IngressSession
 from tests.support import Raw, message, port, stored, wait_until
-
-
-async def _session(node: Any, raw: Raw, helo: str = "EHLO c.example") -> IngressSession:
-    """The node's session of ``raw`` (the only one), after its greeting and ``helo``."""
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd(helo)).startswith("250")
-    [session] = node.ingress.sessions
-    await wait_until(lambda: session._waiting_command, what="the loop waiting for a command")
-    return session
-
-
-def _count_calls(session: IngressSession, name: str) -> list[int]:
-    """Count calls of the session's method ``name`` from now on (the real one still runs)."""
-    calls = [0]
-    real = getattr(session, name)
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    setattr(session, name, counted)
-    return calls
+from tests.support.smtp import count_calls, waiting_session
 
 
 def _record_writes(session: IngressSession) -> list[bytes]:
@@ -50,8 +29,8 @@ async def test_mail_and_rcpt_do_not_wake_the_command_loop(start_node: Any) -> No
     is not woken for MAIL or RCPT; DATA wakes it, and the message is stored."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _session(node, raw, helo="HELO c.example")
-    reads = _count_calls(session, "_read_line")
+    session = await waiting_session(node, raw, helo="HELO c.example")
+    reads = count_calls(session, "_read_line")
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
     assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
     assert await raw.cmd("RCPT TO:<c@example.org>") == "250 2.1.5 Recipient OK"
@@ -69,7 +48,7 @@ async def test_pipelined_commands_get_their_replies_in_one_write(start_node: Any
     three replies (RFC 2920), not one per command."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _session(node, raw)
+    session = await waiting_session(node, raw)
     writes = _record_writes(session)
     raw.writer.write(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nNOOP\r\n")
     replies = [await raw.reply() for _ in range(3)]
@@ -81,7 +60,7 @@ async def test_pipelined_commands_get_their_replies_in_one_write(start_node: Any
 async def test_a_command_in_two_packets_is_answered_once_whole(start_node: Any) -> None:
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _session(node, raw)
+    session = await waiting_session(node, raw)
     raw.writer.write(b"MAIL FROM:<a@exa")
     await raw.writer.drain()
     await wait_until(lambda: bool(session._reader._buffer),  # type: ignore[attr-defined]
@@ -98,7 +77,7 @@ async def test_a_failure_answering_at_once_is_a_451_and_the_session_goes_on(
         start_node: Any) -> None:
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _session(node, raw)
+    session = await waiting_session(node, raw)
     handler = session.event_handler
     real = handler.mail
 
@@ -118,7 +97,7 @@ async def test_refusals_answered_at_once_are_the_loops(start_node: Any) -> None:
     UTF-8, a line over the limit (left to the reader, which discards it)."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _session(node, raw)
+    session = await waiting_session(node, raw)
     assert (await raw.cmd("RCPT TO:<b@example.org>")).startswith("503 5.5.1")
     assert (await raw.cmd(b"MAIL FROM:<\xff@example.com>")).startswith("501")
     assert (await raw.cmd("MAIL FROM:<" + "a" * 2000 + "@example.com>")).startswith("500 5.5.2")
@@ -133,7 +112,7 @@ async def test_refusals_answered_at_once_are_the_loops(start_node: Any) -> None:
 async def test_a_client_that_half_closes_after_mail_gets_its_reply(start_node: Any) -> None:
     node = await start_node()
     raw = await Raw.connect(port(node))
-    await _session(node, raw)
+    await waiting_session(node, raw)
     raw.writer.write(b"MAIL FROM:<a@example.com>\r\n")
     raw.writer.write_eof()
     assert await raw.reply() == "250 2.1.0 Sender OK"

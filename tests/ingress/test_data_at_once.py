@@ -10,8 +10,8 @@ import random
 from typing import Any
 
 from mta.ingress.data import Body
-from mta.ingress.session import IngressSession
 from tests.support import Raw, message, port, stored, wait_until
+from tests.support.smtp import count_calls, waiting_session
 
 # --- Body.feed: the end of DATA found wherever the arrivals are cut -----------------------
 
@@ -102,24 +102,6 @@ def test_an_arrival_is_taken_without_a_copy() -> None:
 # --- a real node ----------------------------------------------------------------------------
 
 
-async def _ready(node: Any, raw: Raw) -> IngressSession:
-    assert (await raw.reply()).startswith("220")
-    assert (await raw.cmd("EHLO c.example")).startswith("250")
-    [session] = node.ingress.sessions
-    await wait_until(lambda: session._waiting_command, what="the loop waiting for a command")
-    return session
-
-
-def _count_calls(session: IngressSession, name: str) -> list[int]:
-    calls = [0]
-    real = getattr(session, name)
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    setattr(session, name, counted)
-    return calls
 
 
 async def test_a_message_wakes_the_command_loop_once(start_node: Any) -> None:
@@ -127,10 +109,10 @@ async def test_a_message_wakes_the_command_loop_once(start_node: Any) -> None:
     arrive; the loop wakes once, with the body, and stores it; the reader never reads."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _ready(node, raw)
-    reads = _count_calls(session, "_read_line")
-    bodies = _count_calls(session, "_read_body")
-    taken = _count_calls(session, "_data_taken")
+    session = await waiting_session(node, raw)
+    reads = count_calls(session, "_read_line")
+    bodies = count_calls(session, "_read_body")
+    taken = count_calls(session, "_data_taken")
     for n in range(3):
         assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
         assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
@@ -152,7 +134,7 @@ async def test_the_end_of_data_split_over_arrivals(start_node: Any) -> None:
     for what follows, and are not part of the body."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _ready(node, raw)
+    session = await waiting_session(node, raw)
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
     assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
     assert (await raw.cmd("DATA")).startswith("354 ")
@@ -175,8 +157,8 @@ async def test_pipelined_data_behind_a_command_the_loop_answers(start_node: Any)
     reader reads the body, with the same replies and the same stored body."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _ready(node, raw)
-    bodies = _count_calls(session, "_read_body")
+    session = await waiting_session(node, raw)
+    bodies = count_calls(session, "_read_body")
     raw.writer.write(b"RSET\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
                      b"DATA\r\n")
     assert [(await raw.reply())[:4] for _ in range(4)] == ["250 ", "250 ", "250 ", "354 "]
@@ -192,7 +174,7 @@ async def test_data_refused_at_once_is_answered_by_the_loop(start_node: Any) -> 
     """DATA before RCPT, or after a failed TLS: not taken at once; the loop's reply, once."""
     node = await start_node()
     raw = await Raw.connect(port(node))
-    session = await _ready(node, raw)
+    session = await waiting_session(node, raw)
     assert await raw.cmd("DATA") == "503 5.5.1 Need RCPT command first"
     assert not session.in_data and session._arriving is None
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
@@ -211,7 +193,7 @@ async def test_a_client_gone_mid_body_gives_everything_back(start_node: Any) -> 
     node = await start_node()
     ingress = node.ingress
     raw = await Raw.connect(port(node))
-    session = await _ready(node, raw)
+    session = await waiting_session(node, raw)
     assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
     assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
     assert (await raw.cmd("DATA")).startswith("354 ")
@@ -230,7 +212,7 @@ async def test_a_refused_body_taken_at_once_keeps_the_session_in_step(start_node
     the next message on the session goes through."""
     node = await start_node(smtp={"max_message_size": "64K"})
     raw = await Raw.connect(port(node))
-    await _ready(node, raw)
+    await waiting_session(node, raw)
     for n, size, want in ((1, 100_000, "552 5.3.4"), (2, 10_000, "250 2.0.0")):
         assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
         assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"

@@ -11,6 +11,7 @@ from harness.mail import message
 from harness.node import NodeProcess
 
 if TYPE_CHECKING:
+    from mta.ingress.session import IngressSession
     from mta.node import Node
 
 
@@ -87,3 +88,29 @@ class Raw:
             await self.writer.wait_closed()
         except OSError:
             pass
+
+
+async def waiting_session(node: Node, raw: Raw, helo: str = "EHLO c.example") -> IngressSession:
+    """The in-process node's session of ``raw`` (its only one), after its greeting and
+    ``helo``, once its command loop waits for a command (data_received answers then)."""
+    from harness.poll import wait_until
+
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd(helo)).startswith("250")
+    assert node.ingress is not None
+    [session] = node.ingress.sessions
+    await wait_until(lambda: session._waiting_command, what="the loop waiting for a command")
+    return session
+
+
+def count_calls(obj: Any, name: str) -> list[int]:
+    """Count calls of ``obj``'s method ``name`` from now on (the real one still runs)."""
+    calls = [0]
+    real = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
