@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import os
@@ -17,7 +16,8 @@ __all__ = ["Envelope", "InvalidMessageId", "domain_key", "new_message_id", "rece
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
 _ID_LEN = 26
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+_DIGIT_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits -> 2 digits
+_PAIR_SHIFTS = tuple(range(5 * (_ID_LEN - 2), -1, -10))
 
 
 class InvalidMessageId(ValueError):
@@ -49,11 +49,10 @@ def new_message_id(shard: int) -> str:
             _state.seq = int.from_bytes(os.urandom(8)) & ~0xFFFFFF
         low = _state.seq & 0xFFFFFFFFFFFFFFFF
     value = (now << 80) | ((shard & 0xFFFF) << 64) | low
-    # 26 base-32 digits are 130 bits: the value's 128 and two zeros on top. Shifted 30 bits
-    # up it fills 20 bytes, which the C base-32 encoder turns into 32 digits, the first 26
-    # of them the id's (then mapped from RFC 4648's alphabet to Crockford's).
-    digits = base64.b32encode((value << 30).to_bytes(20, "big"))[:_ID_LEN]
-    return digits.translate(_TO_CROCKFORD).decode("ascii")
+    # 26 base-32 digits are 130 bits: the value's 128 and two zeros on top, taken 10 bits
+    # (two digits) at a time from a table (half the cost of base64.b32encode, which is
+    # Python code in 3.11).
+    return "".join([_DIGIT_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 def _decode(message_id: str) -> int:

@@ -24,3 +24,21 @@ def test_ids_sort_in_the_order_they_were_made() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert {i[-1] for i in ids} == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def test_ids_are_the_base32_of_their_value() -> None:
+    """The digits are the value's 130 bits (two zeros on top), RFC 4648's base 32 in
+    Crockford's alphabet: what ids were when base64 encoded them, and what _decode reads."""
+    import base64
+
+    from mta.envelope import _decode
+
+    crockford = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+                                b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    for shard in (0, 1, 31, 32, 1023, 1 << 15, (1 << 16) - 1):
+        for _ in range(200):
+            made = new_message_id(shard)
+            value = _decode(made)
+            assert (value >> 64) & 0xFFFF == shard
+            want = base64.b32encode((value << 30).to_bytes(20, "big"))[:26].translate(crockford)
+            assert made == want.decode("ascii")
