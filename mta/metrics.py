@@ -284,8 +284,10 @@ class LoopHistogram(Collector):
 
     def observe(self, amount: float) -> None:
         self._sum += amount
-        # prometheus_client's bucket: the first whose bound is at least the amount.
-        self._counts[bisect_left(self._bounds, amount)] += 1
+        # prometheus_client's bucket: the first whose bound is at least the amount; none for
+        # NaN (bisect would put it first, with the fastest), which only the sum takes there.
+        if amount <= math.inf:
+            self._counts[bisect_left(self._bounds, amount)] += 1
 
     def describe(self) -> Iterable[Metric]:
         return self._shape.describe()
