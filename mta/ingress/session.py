@@ -281,6 +281,13 @@ class IngressSession(AuthExchange, DataReader):
             wake = self._wake = self.loop.create_future()
             try:
                 taken = await wake
+            except asyncio.CancelledError:
+                # Cancelled after a body was read whole, before the loop took it: nobody
+                # else will give its budget back.
+                if not wake.cancelled() and wake.done() and wake.result() is not None:
+                    self._release_inflight()
+                    self.in_data = False
+                raise
             finally:
                 self._wake = None
             if taken is not None:

@@ -222,3 +222,27 @@ async def test_a_refused_body_taken_at_once_keeps_the_session_in_step(start_node
     assert len(await stored(node)) == 1
     assert node.ingress.inflight_bytes == 0
     await raw.close()
+
+
+async def test_a_loop_cancelled_with_a_body_waiting_gives_its_budget_back(
+        start_node: Any) -> None:
+    """The body ends, and the session's task is cancelled before it runs (the node stops, a
+    connection is cut in the same turn): the budget and the in-DATA mark are given back."""
+    # A short grace: were the mark kept, the node's stop would wait all of it for the session.
+    node = await start_node(smtp={"shutdown_grace": "1s"})
+    ingress = node.ingress
+    raw = await Raw.connect(port(node))
+    session = await waiting_session(node, raw)
+    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
+    assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
+    assert (await raw.cmd("DATA")).startswith("354 ")
+    raw.writer.write(message(4, 100_000))
+    await wait_until(lambda: ingress.inflight_bytes >= 90_000, what="the body in flight")
+    # The end of data arrives, and in the same turn of the loop the task is cancelled.
+    session.data_received(b".\r\n")
+    assert session._wake is not None and session._wake.done()
+    session._handler_coroutine.cancel()
+    await wait_until(session._handler_coroutine.done, what="the task cancelled")
+    assert ingress.inflight_bytes == 0 and not session.in_data
+    assert await stored(node) == {}
+    await raw.close()
