@@ -86,8 +86,9 @@ class _Stamper:
     time of day formatted once per second instead of per line (a fifth of a line's cost)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # (second, its date and time): one attribute, replaced whole, so a thread never
+        # reads one second's prefix under another's (lines come from several threads).
+        self._this_second = (-1, "")
 
     def __call__(self, _logger: object, _name: str, event: dict[str, object]
                  ) -> dict[str, object]:
@@ -97,10 +98,11 @@ class _Stamper:
     def now(self) -> str:
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        cached, prefix = self._this_second
+        if second != cached:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._this_second = (second, prefix)
+        return f"{prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 class _NodeId:
