@@ -321,8 +321,15 @@ async def test_a_stopping_coordinator_claims_nothing_and_releases_what_it_was_cl
     b = world.coordinator("n2", shards)
     starting = asyncio.create_task(b.start(hb))
     await until(lambda: bool(hb.times("acquire_start")), 10, "n2 claiming shards")
-    began = time.monotonic()
-    stopping = asyncio.create_task(b.stop())
+    began = [0.0]
+
+    async def stop() -> None:
+        # Timed in the step that runs stop() up to its first await (where it closes claims):
+        # a claim that other tasks start before that step is not "after stop() began".
+        began[0] = time.monotonic()
+        await b.stop()
+
+    stopping = asyncio.create_task(stop())
     # Meanwhile a peer leaves: the leader hands its shards to n1 and to n2, still a member.
     await d.stop()
     await world.wait_state(lambda s: "n2" in s["assign"].values()
@@ -330,7 +337,7 @@ async def test_a_stopping_coordinator_claims_nothing_and_releases_what_it_was_cl
                            "n4's shards offered to n2 while it stops")
     await asyncio.wait_for(stopping, 20)
     await asyncio.wait_for(starting, 10)
-    late = [e for e in hb.events if e[1] == "acquire_start" and e[0] >= began]
+    late = [e for e in hb.events if e[1] == "acquire_start" and e[0] >= began[0]]
     assert not late, f"claimed after stop() began: {late}"
     for shard in {s for _, k, s in hb.events if k == "acquire_start"}:
         assert hb.times("acquire_end", {shard}), f"claim of {shard} cut off mid-way"
