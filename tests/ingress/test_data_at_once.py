@@ -11,7 +11,7 @@ from typing import Any
 
 from mta.ingress.data import Body
 from tests.support import Raw, message, port, stored, wait_until
-from tests.support.smtp import count_calls, waiting_session
+from tests.support.smtp import at_354, count_calls, end_in_three_arrivals, waiting_session
 
 # --- Body.feed: the end of DATA found wherever the arrivals are cut -----------------------
 
@@ -114,9 +114,7 @@ async def test_a_message_wakes_the_command_loop_once(start_node: Any) -> None:
     bodies = count_calls(session, "_read_body")
     taken = count_calls(session, "_data_taken")
     for n in range(3):
-        assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
-        assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
-        assert (await raw.cmd("DATA")).startswith("354 ")
+        await at_354(raw)
         assert session.in_data
         raw.writer.write(message(n, 3000) + b"..stuffed\r\n.\r\n")
         assert (await raw.reply()).startswith("250 2.0.0 Ok: queued as ")
@@ -135,16 +133,8 @@ async def test_the_end_of_data_split_over_arrivals(start_node: Any) -> None:
     node = await start_node()
     raw = await Raw.connect(port(node))
     session = await waiting_session(node, raw)
-    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
-    assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
-    assert (await raw.cmd("DATA")).startswith("354 ")
-    raw.writer.write(message(1, 500) + b"last line\r\n.")
-    await wait_until(lambda: session._arriving is not None and session._arriving.held == b".",
-                     what="the dot held back")
-    raw.writer.write(b"\r")
-    await wait_until(lambda: session._arriving is not None
-                     and session._arriving.held == b".\r", what="the dot and CR held back")
-    raw.writer.write(b"\nNOOP\r\n")
+    await at_354(raw)
+    await end_in_three_arrivals(raw, session, message(1, 500) + b"last line\r\n")
     assert (await raw.reply()).startswith("250 2.0.0 Ok: queued as ")
     assert await raw.reply() == "250 2.0.0 OK"  # the NOOP after it, answered by the loop
     [msg] = (await stored(node)).values()
@@ -194,9 +184,7 @@ async def test_a_client_gone_mid_body_gives_everything_back(start_node: Any) -> 
     ingress = node.ingress
     raw = await Raw.connect(port(node))
     session = await waiting_session(node, raw)
-    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
-    assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
-    assert (await raw.cmd("DATA")).startswith("354 ")
+    await at_354(raw)
     raw.writer.write(message(3, 200_000))
     await wait_until(lambda: ingress.inflight_bytes >= 150_000, what="the body in flight")
     raw.writer.write_eof()
@@ -214,9 +202,7 @@ async def test_a_refused_body_taken_at_once_keeps_the_session_in_step(start_node
     raw = await Raw.connect(port(node))
     await waiting_session(node, raw)
     for n, size, want in ((1, 100_000, "552 5.3.4"), (2, 10_000, "250 2.0.0")):
-        assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
-        assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
-        assert (await raw.cmd("DATA")).startswith("354 ")
+        await at_354(raw)
         raw.writer.write(message(n, size) + b".\r\n")
         assert (await raw.reply()).startswith(want)
     assert len(await stored(node)) == 1
@@ -233,9 +219,7 @@ async def test_a_loop_cancelled_with_a_body_waiting_gives_its_budget_back(
     ingress = node.ingress
     raw = await Raw.connect(port(node))
     session = await waiting_session(node, raw)
-    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
-    assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
-    assert (await raw.cmd("DATA")).startswith("354 ")
+    await at_354(raw)
     raw.writer.write(message(4, 100_000))
     await wait_until(lambda: ingress.inflight_bytes >= 90_000, what="the body in flight")
     # The end of data arrives, and in the same turn of the loop the task is cancelled.

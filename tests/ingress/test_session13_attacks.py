@@ -15,19 +15,12 @@ from typing import Any
 
 from mta.ingress.trace import TraceFilter
 from tests.support import Raw, message, port, stored, wait_until
-from tests.support.smtp import count_calls, waiting_session
+from tests.support.smtp import at_354, count_calls, end_in_three_arrivals, waiting_session
 
 _MAIL = b"MAIL FROM:<a@example.com>\r\n"
 _RCPT = b"RCPT TO:<b@example.org>\r\n"
 _DATE = re.compile(rb"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}")
 _HEAD = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: t\r\n\r\n"
-
-
-async def _at_354(raw: Raw) -> None:
-    """MAIL, RCPT and DATA, each waiting for its reply (all answered at once)."""
-    assert await raw.cmd(_MAIL.rstrip()) == "250 2.1.0 Sender OK"
-    assert await raw.cmd(_RCPT.rstrip()) == "250 2.1.5 Recipient OK"
-    assert (await raw.cmd("DATA")).startswith("354 ")
 
 
 async def _closed(raw: Raw) -> bytes:
@@ -55,17 +48,17 @@ async def test_the_budget_taken_by_another_body_meanwhile(start_node: Any) -> No
     await wait_until(lambda: len(ingress.sessions) == 2
                      and all(s._waiting_command for s in ingress.sessions),
                      what="both loops waiting")
-    await _at_354(first)
+    await at_354(first)
     first.writer.write(message(1, 700_000))
     await wait_until(lambda: ingress.inflight_bytes >= 690_000, what="the first body held")
-    await _at_354(second)
+    await at_354(second)
     second.writer.write(message(2, 500_000) + b".\r\n")
     assert await second.reply() == ("452 4.3.1 Insufficient system resources for this "
                                     "message now, try again later")
     first.writer.write(b"last\r\n.\r\n")
     assert (await first.reply()).startswith("250 2.0.0 Ok: queued as ")
     await wait_until(lambda: ingress.inflight_bytes == 0, what="the budget back")
-    await _at_354(second)
+    await at_354(second)
     second.writer.write(message(3, 100_000) + b".\r\n")
     assert (await second.reply()).startswith("250 2.0.0 Ok: queued as ")
     assert sorted(len(m.body) > 600_000 for m in (await stored(node)).values()) == [False, True]
@@ -88,7 +81,7 @@ async def test_a_drain_lets_a_body_taken_at_once_finish(start_node: Any) -> None
                      and all(s._waiting_command for s in ingress.sessions),
                      what="both loops waiting")
     assert await idle.cmd(_MAIL.rstrip()) == "250 2.1.0 Sender OK"
-    await _at_354(busy)
+    await at_354(busy)
     busy.writer.write(message(1, 50_000))
     await wait_until(lambda: ingress.inflight_bytes >= 40_000, what="the body arriving")
     drain = asyncio.create_task(ingress.drain(10))
@@ -115,7 +108,7 @@ async def test_the_data_timeout_ends_a_body_dripping_in_at_once(start_node: Any)
     raw.writer.transport.get_extra_info("socket").setsockopt(
         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     session = await waiting_session(node, raw)
-    await _at_354(raw)
+    await at_354(raw)
     body = _HEAD + b"x" * 100_000
     sent = 0
     async with asyncio.timeout(10):
@@ -146,7 +139,7 @@ async def test_a_reset_mid_body_gives_everything_back(start_node: Any) -> None:
     for tail in (b"more", b"\r\n.", b"\r\n.\r"):
         raw = await Raw.connect(port(node))
         session = await waiting_session(node, raw)
-        await _at_354(raw)
+        await at_354(raw)
         raw.writer.write(message(1, 300_000) + tail)
         await wait_until(lambda: node.ingress.inflight_bytes >= 290_000,
                          what="the body in flight")
@@ -179,14 +172,8 @@ async def test_starttls_then_a_body_taken_at_once(start_node: Any, tls_files: An
     assert (await raw.cmd("EHLO c.example")).startswith("250")
     await wait_until(lambda: session._waiting_command, what="the loop waiting")
     reads, taken = count_calls(session, "_read_body"), count_calls(session, "_data_taken")
-    await _at_354(raw)
-    raw.writer.write(message(1, 20_000) + b"..dot\r\n.")
-    await wait_until(lambda: session._arriving is not None and session._arriving.held == b".",
-                     what="the dot held back")
-    raw.writer.write(b"\r")
-    await wait_until(lambda: session._arriving is not None
-                     and session._arriving.held == b".\r", what="the CR held back")
-    raw.writer.write(b"\nNOOP\r\n")
+    await at_354(raw)
+    await end_in_three_arrivals(raw, session, message(1, 20_000) + b"..dot\r\n")
     assert (await raw.reply()).startswith("250 2.0.0 Ok: queued as ")
     assert await raw.reply() == "250 2.0.0 OK"
     assert (reads, taken) == ([0], [1])
@@ -278,7 +265,7 @@ async def test_a_stop_whose_grace_ends_mid_body_cuts_it_cleanly(start_node: Any)
     node = await start_node(smtp={"shutdown_grace": 0.3})
     raw = await Raw.connect(port(node))
     session = await waiting_session(node, raw)
-    await _at_354(raw)
+    await at_354(raw)
     raw.writer.write(message(1, 100_000) + b"\r\n.")
     await wait_until(lambda: session._arriving is not None and session._arriving.held == b".",
                      what="the body in flight, its last dot held back")
@@ -298,7 +285,7 @@ async def test_auth_then_a_message_taken_at_once(start_node: Any, users_file: st
     taken = count_calls(session, "_data_taken")
     assert (await raw.cmd("AUTH PLAIN AGFsaWNlAHMzY3JldA==")).startswith("235")
     await wait_until(lambda: session._waiting_command, what="the loop waiting again")
-    await _at_354(raw)
+    await at_354(raw)
     raw.writer.write(message(1, 3000) + b".\r\n")
     assert (await raw.reply()).startswith("250 2.0.0 Ok: queued as ")
     assert taken == [1]

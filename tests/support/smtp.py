@@ -114,3 +114,25 @@ def count_calls(obj: Any, name: str) -> list[int]:
 
     setattr(obj, name, counted)
     return calls
+
+
+async def at_354(raw: Raw) -> None:
+    """MAIL FROM:<a@example.com>, RCPT TO:<b@example.org> and DATA, each waiting for its
+    reply: the session then waits for the body."""
+    assert await raw.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 Sender OK"
+    assert await raw.cmd("RCPT TO:<b@example.org>") == "250 2.1.5 Recipient OK"
+    assert (await raw.cmd("DATA")).startswith("354 ")
+
+
+async def end_in_three_arrivals(raw: Raw, session: IngressSession, body: bytes) -> None:
+    """Send ``body`` (ending in CRLF) and the end of data in three arrivals, then NOOP: the
+    dot, then the dot and CR, held back by the session (each seen before the next is sent)."""
+    from harness.poll import wait_until
+
+    raw.writer.write(body + b".")
+    await wait_until(lambda: session._arriving is not None and session._arriving.held == b".",
+                     what="the dot held back")
+    raw.writer.write(b"\r")
+    await wait_until(lambda: session._arriving is not None
+                     and session._arriving.held == b".\r", what="the dot and CR held back")
+    raw.writer.write(b"\nNOOP\r\n")
