@@ -14,7 +14,13 @@ __all__ = ["Envelope", "InvalidMessageId", "domain_key", "new_message_id", "rece
            "shard_of"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DECODE = {c: i for i, c in enumerate(_CROCKFORD)}
+# Crockford's digits, either case, to int()'s base-32 digits; any other ASCII character to
+# one int() refuses (else it would take blanks, signs and underscores, or I, L, O and U).
+_TO_INT_DIGITS = str.maketrans(
+    {chr(c): "!" for c in range(128)}
+    | {c: d for c, d in zip(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv", strict=True)}
+    | {c.lower(): d for c, d in zip(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv",
+                                     strict=True)})
 _ID_LEN = 26
 _DIGIT_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits -> 2 digits
 _PAIR_SHIFTS = tuple(range(5 * (_ID_LEN - 2), -1, -10))
@@ -58,11 +64,12 @@ def new_message_id(shard: int) -> str:
 def _decode(message_id: str) -> int:
     if len(message_id) != _ID_LEN:
         raise InvalidMessageId(f"message id must be {_ID_LEN} characters, got {message_id!r}")
-    value = 0
     try:
-        for ch in message_id.upper():
-            value = (value << 5) | _DECODE[ch]
-    except KeyError:
+        if not message_id.isascii():
+            raise ValueError
+        # int() reads the digits in C (a Python loop over 26 showed in the ingress profile).
+        value = int(message_id.translate(_TO_INT_DIGITS), 32)
+    except ValueError:
         raise InvalidMessageId(f"not a message id: {message_id!r}") from None
     if value >> 128:
         raise InvalidMessageId(f"not a message id: {message_id!r}")

@@ -42,3 +42,42 @@ def test_ids_are_the_base32_of_their_value() -> None:
             assert (value >> 64) & 0xFFFF == shard
             want = base64.b32encode((value << 30).to_bytes(20, "big"))[:26].translate(crockford)
             assert made == want.decode("ascii")
+
+
+def test_ids_are_read_as_the_digit_by_digit_reading_did() -> None:
+    """_decode reads ids with int() now: every id it made, and every ASCII string that is not
+    one (other letters, blanks, signs, underscores, I L O U, lower case), reads as the former
+    digit-by-digit reading read it, or is refused as it refused it. Non-ASCII is refused: the
+    former reading upper-cased a long s to S and took it."""
+    import random
+
+    from mta.envelope import InvalidMessageId, _decode
+
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    digits = {c: i for i, c in enumerate(crockford)}
+
+    def former(text: str) -> int | None:
+        value = 0
+        for ch in text.upper():
+            if ch not in digits:
+                return None
+            value = (value << 5) | digits[ch]
+        return None if value >> 128 else value
+
+    def now(text: str) -> int | None:
+        try:
+            return _decode(text)
+        except InvalidMessageId:
+            return None
+
+    rng = random.Random(26)
+    alphabet = crockford + crockford.lower() + "ILOUilou _+-\t\n!~\u00df\u0131\u017f\u00e90"
+    cases = [new_message_id(rng.randrange(1 << 16)) for _ in range(500)]
+    cases += ["".join(rng.choice(alphabet) for _ in range(26)) for _ in range(5000)]
+    cases += ["".join(rng.choice(crockford) for _ in range(26)) for _ in range(500)]
+    cases += [c.lower() for c in cases[:500]] + ["7" + "Z" * 25, "0" * 26, " " * 26,
+                                                  "+" + "1" * 25, "1_" + "0" * 24]
+    for text in cases:
+        assert now(text) == (former(text) if text.isascii() else None), text
+    assert sum(now(c) is not None for c in cases) >= 1000  # not all refused
+    assert former("1" * 25 + "\u017f") is not None and now("1" * 25 + "\u017f") is None
