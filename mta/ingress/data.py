@@ -1,9 +1,11 @@
 """The DATA reader: a message body off the wire, checked, unstuffed, within the budget.
 
-The body is read in large pieces (``readuntil`` of the end marker, not line by line: the
-per-line loop was the top cost of ingress), each checked for line length and unstuffed on its
-own, and joined once at the end. Its bytes are held in the node's in-flight budget as they
-arrive, so many large bodies at once cannot exhaust memory.
+The body is taken in large pieces, not line by line (the per-line loop was the top cost of
+ingress): as they arrive, when the session answered DATA in ``data_received``
+(:meth:`Body.feed`), else by ``readuntil`` of the end marker. Each piece is checked for line
+length and unstuffed on its own, and the pieces are joined once at the end. Its bytes are held
+in the node's in-flight budget as they arrive, so many large bodies at once cannot exhaust
+memory.
 """
 
 from __future__ import annotations

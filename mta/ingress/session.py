@@ -338,7 +338,8 @@ class IngressSession(AuthExchange, DataReader):
             self.in_data = False
 
     def _answer_at_once(self, data: bytes) -> bytes:
-        """Answer the MAIL and RCPT lines at the start of ``data``; return the rest."""
+        """Answer the MAIL and RCPT lines at the start of ``data``, and a DATA line after them
+        (its body then read as it arrives); return the rest, for the reader."""
         limit = self._reader._limit  # type: ignore[attr-defined]
         start, size = 0, len(data)
         while start < size:
