@@ -97,10 +97,15 @@ def take_fields(content: bytes, names: tuple[str, ...]) -> tuple[bytes, dict[str
         if _has_field(head, name):
             break
     else:
-        # The common case: none of them. (The walk below takes fields only at the start of
+        # The common case: none of them. (_strip_fields takes fields only at the start of
         # a line, a CRLF before it, as _has_field finds them.)
         return content, {}
-    end = _header_end(content)
+    return _strip_fields(content, wanted, _header_end(content))
+
+
+def _strip_fields(content: bytes, wanted: frozenset[bytes], end: int
+                  ) -> tuple[bytes, dict[str, str]]:
+    """:func:`take_fields` of the header section that ends at ``end``, line by line."""
     kept: list[bytes] = []
     found: dict[str, bytearray] = {}
     taking: bytearray | None = None  # the value being read (None: dropping a repeat)

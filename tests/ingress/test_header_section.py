@@ -2,7 +2,7 @@
 ``_has_field``) answers exactly as the line-by-line walk it replaced, on content built to hit
 every branch: folded lines, bare CR and LF inside lines, a last line without CRLF, names
 that only start like the ones asked for, text with no header section at all. And
-``take_fields``, whose first look now uses them, returns what the walk alone returned."""
+``take_fields``, whose first look now uses them, returns what its line walk alone returns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 import re
 from typing import Any
 
-from mta.ingress.headers import _has_field, _header_end, take_fields
+from mta.ingress.headers import _has_field, _header_end, _strip_fields, take_fields
 
 _NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 
@@ -35,37 +35,10 @@ def _walk(content: bytes) -> tuple[int, set[bytes]]:
 
 
 def _take_by_walk(content: bytes, names: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
-    """take_fields without its first look: the walk over the whole section every time."""
-    wanted = {n.lower().encode() for n in names}
-    end, _ = _walk(content)
-    kept: list[bytes] = []
-    found: dict[str, bytearray] = {}
-    taking: bytearray | None = None
-    dropping = False
-    pos = 0
-    while pos < end:
-        eol = content.find(b"\r\n", pos)
-        line_end = end if eol < 0 or eol + 2 > end else eol + 2
-        line = content[pos:line_end]
-        pos = line_end
-        if line[:1] in (b" ", b"\t"):
-            if dropping:
-                if taking is not None:
-                    taking += b" " + line.strip()
-                continue
-            kept.append(line)
-            continue
-        m = _NAME_RE.match(line)
-        name = m.group(1).lower() if m is not None else b""
-        dropping = name in wanted
-        taking = None
-        if dropping and name.decode() not in found:
-            assert m is not None
-            taking = found[name.decode()] = bytearray(line[m.end():].strip())
-        elif not dropping:
-            kept.append(line)
-    values = {k: bytes(v).decode("utf-8", "replace").strip() for k, v in found.items()}
-    return b"".join(kept) + content[end:], values
+    """take_fields without its first look: the line walk over the whole section (as the
+    former walk found it) every time."""
+    wanted = frozenset(n.lower().encode() for n in names if n)
+    return _strip_fields(content, wanted, _walk(content)[0])
 
 
 _PIECES = [b"Date", b"date", b"DATE-X", b"Message-ID", b"message-id2", b"X-Tenant", b"x-tenant",
