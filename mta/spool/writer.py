@@ -69,6 +69,18 @@ class BatchObserver(Protocol):
     def __call__(self, records: int, nbytes: int, files: int, sync_seconds: float) -> None: ...
 
 
+def _settle(futures: tuple[asyncio.Future[Position] | None, ...], position: Position | None,
+            error: BaseException | None) -> None:
+    """Give each future not done yet (a cancelled caller's is) the position, or the error."""
+    for fut in futures:
+        if fut is None or fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(position)  # type: ignore[arg-type]
+
+
 class _Item:
     __slots__ = ("data", "future", "log", "on_durable", "side", "waiter")
 
@@ -136,10 +148,7 @@ class GroupCommitWriter:
         already: a cancelled caller's); only the returned future is the writer's own."""
         fut: asyncio.Future[Position] = self._loop.create_future()
         if self._stopping:
-            error = SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down")
-            fut.set_exception(error)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(error)
+            _settle((fut, waiter), None, SpoolWriteError(errno.ESHUTDOWN, "spool is shutting down"))
             return fut
         item = _Item(log, data, fut, on_durable, side, waiter)
         with self._cond:
@@ -239,13 +248,8 @@ class GroupCommitWriter:
                 if positions is not None:
                     if item.on_durable is not None:
                         item.on_durable(positions[i])
-                    for fut in (item.future, item.waiter):
-                        if fut is not None and not fut.done():
-                            fut.set_result(positions[i])
+                    _settle((item.future, item.waiter), positions[i], None)
                 else:
-                    error = exc or SpoolWriteError(errno.EIO)
-                    for fut in (item.future, item.waiter):
-                        if fut is not None and not fut.done():
-                            fut.set_exception(error)
+                    _settle((item.future, item.waiter), None, exc or SpoolWriteError(errno.EIO))
         if self._on_batch is not None:
             self._on_batch()
