@@ -103,6 +103,8 @@ _SIMPLE_ADDR_RE = re.compile(r"^\s*<([^<>()\[\]\\,;:\s@\"]+@[^<>()\[\]\\,;:\s@\"
 # Replies that may wait in our buffer while more pipelined commands are already read in;
 # anything else (greeting, 221, 421, 334 challenges, 220 before TLS) is flushed at once.
 # 354 is not among them: the client waits for it before sending the message.
+# DATA's go-ahead (aiosmtpd's text), whether the loop or data_received answers it.
+_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"
 _DEFERRABLE = frozenset({"250", "251", "252", "451", "452", "500", "501", "502",
                          "503", "550", "552", "553", "554", "555"})
 
@@ -285,8 +287,7 @@ class IngressSession(AuthExchange, DataReader):
                 # Cancelled after a body was read whole, before the loop took it: nobody
                 # else will give its budget back.
                 if not wake.cancelled() and wake.done() and wake.result() is not None:
-                    self._release_inflight()
-                    self.in_data = False
+                    self._out_of_data()
                 raise
             finally:
                 self._wake = None
@@ -334,8 +335,7 @@ class IngressSession(AuthExchange, DataReader):
         """The client went away while the body of a DATA answered at once arrived."""
         if self._arriving is not None:
             self._arriving = None
-            self._release_inflight()
-            self.in_data = False
+            self._out_of_data()
 
     def _answer_at_once(self, data: bytes) -> bytes:
         """Answer the MAIL and RCPT lines at the start of ``data``, and a DATA line after them
@@ -638,10 +638,14 @@ class IngressSession(AuthExchange, DataReader):
         # phase (slow-drip clients) instead of each line.
         self._reset_timeout(self._server.cfg.data_timeout)
 
-    async def _leave_data(self) -> None:
-        # The body has reached the spool (or was refused) and the envelope let go of it.
+    def _out_of_data(self) -> None:
+        """The body is stored, refused or abandoned: its budget and the in-DATA mark go."""
         self._release_inflight()
         self.in_data = False
+
+    async def _leave_data(self) -> None:
+        # The body has reached the spool (or was refused) and the envelope let go of it.
+        self._out_of_data()
         self._reset_timeout()
         if self._server.draining and self.transport is not None:
             await self._flush()
@@ -664,7 +668,7 @@ class IngressSession(AuthExchange, DataReader):
             self._trace_command(raw)
         self._enter_data()
         self._arriving = Body(self)
-        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._reply(_GO_AHEAD)
         return True
 
     async def _data(self, arg: str) -> None:
@@ -674,7 +678,7 @@ class IngressSession(AuthExchange, DataReader):
         if refusal is not None:
             await self.push(refusal)
             return
-        if self._reply("354 End data with <CR><LF>.<CR><LF>"):
+        if self._reply(_GO_AHEAD):
             await self._writer.drain()
         await self._data_done(*await self._read_body())
 
