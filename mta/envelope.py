@@ -18,9 +18,8 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # one int() refuses (else it would take blanks, signs and underscores, or I, L, O and U).
 _TO_INT_DIGITS = str.maketrans(
     {chr(c): "!" for c in range(128)}
-    | {c: d for c, d in zip(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv", strict=True)}
-    | {c.lower(): d for c, d in zip(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv",
-                                     strict=True)})
+    | {c: d for c, d in zip(_CROCKFORD + _CROCKFORD.lower(),
+                            "0123456789abcdefghijklmnopqrstuv" * 2, strict=True)})
 _ID_LEN = 26
 _DIGIT_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits -> 2 digits
 _PAIR_SHIFTS = tuple(range(5 * (_ID_LEN - 2), -1, -10))
