@@ -5,7 +5,6 @@ trace, command by command, each before its reply."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import Any
 
 from mta.ingress.trace import TraceEvent, TraceFilter, TraceSubscription
@@ -30,9 +29,7 @@ async def test_after_starttls_injected_plaintext_is_dropped_and_mail_is_answered
     # RFC 3207 5: a MAIL sent in the clear with STARTTLS must never count.
     raw.writer.write(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\n")
     assert (await raw.reply()).startswith("220")
-    ctx = ssl.create_default_context()
-    tls_ca.configure_trust(ctx)
-    await asyncio.wait_for(raw.writer.start_tls(ctx, server_hostname="127.0.0.1"), 10)
+    await raw.start_tls(tls_ca)
     [session] = node.ingress.sessions
     await wait_until(lambda: session._waiting_command, what="the loop waiting for a command")
     # Not greeted again after TLS: MAIL needs a new EHLO (RFC 3207 4.2).

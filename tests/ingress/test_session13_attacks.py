@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import ssl
 import struct
 from typing import Any
 
@@ -165,9 +164,7 @@ async def test_starttls_then_a_body_taken_at_once(start_node: Any, tls_files: An
     assert (await raw.reply()).startswith("220")
     assert (await raw.cmd("EHLO c.example")).startswith("250")
     assert (await raw.cmd("STARTTLS")).startswith("220")
-    ctx = ssl.create_default_context()
-    tls_ca.configure_trust(ctx)
-    await asyncio.wait_for(raw.writer.start_tls(ctx, server_hostname="127.0.0.1"), 10)
+    await raw.start_tls(tls_ca)
     [session] = node.ingress.sessions
     assert (await raw.cmd("EHLO c.example")).startswith("250")
     await wait_until(lambda: session._waiting_command, what="the loop waiting")
@@ -306,9 +303,7 @@ async def test_a_whole_message_injected_in_the_clear_with_starttls_is_dropped(
     assert (await raw.cmd("EHLO c.example")).startswith("250")
     raw.writer.write(b"STARTTLS\r\n" + _MAIL + _RCPT + b"DATA\r\n" + _HEAD + b"evil\r\n.\r\n")
     assert (await raw.reply()).startswith("220")
-    ctx = ssl.create_default_context()
-    tls_ca.configure_trust(ctx)
-    await asyncio.wait_for(raw.writer.start_tls(ctx, server_hostname="127.0.0.1"), 10)
+    await raw.start_tls(tls_ca)
     [session] = node.ingress.sessions
     await wait_until(lambda: session._waiting_command, what="the loop waiting")
     assert await raw.cmd("DATA") == "503 5.5.1 Send HELO/EHLO first"

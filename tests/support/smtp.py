@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from harness.mail import message
@@ -80,6 +81,13 @@ class Raw:
         self.writer.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
         await self.writer.drain()
         return await self.reply()
+
+    async def start_tls(self, ca: Any) -> None:
+        """Upgrade the connection to TLS (after the server's 220 to STARTTLS), trusting
+        ``ca`` (a trustme CA) for the node's certificate."""
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        await asyncio.wait_for(self.writer.start_tls(ctx, server_hostname="127.0.0.1"), 10)
 
     async def close(self) -> None:
         """Close the connection, ignoring a peer that already went."""
